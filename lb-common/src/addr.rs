@@ -1,0 +1,43 @@
+//! Addresses and interfaces the data path owns.
+
+/// Key of the `addrs` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AddrKey {
+    /// IPv4 address, network order.
+    pub addr: [u8; 4],
+}
+
+/// What an owned address is used for; packets to any other address pass untouched.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AddrInfo {
+    /// `ADDR_VIP` and/or `ADDR_SNAT`.
+    pub flags: u32,
+}
+
+/// `AddrInfo::flags`: a service VIP; clients send to it.
+pub const ADDR_VIP: u32 = 1;
+/// `AddrInfo::flags`: a source address for translated flows; backends reply to it.
+pub const ADDR_SNAT: u32 = 2;
+
+/// How to leave through an interface the kernel's FIB chose as egress.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IfaceInfo {
+    /// Source address for flows leaving through this interface, network order.
+    pub snat_ip: [u8; 4],
+    /// Device that transmits the frame: the interface itself, or the parent of a VLAN
+    /// interface (XDP cannot transmit on a VLAN device).
+    pub tx_ifindex: u32,
+    /// 802.1Q VLAN id to tag the frame with, zero for none.
+    pub vlan: u16,
+    /// Reserved, zero.
+    pub _pad: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<AddrKey>() == 4);
+const _: () = assert!(core::mem::size_of::<AddrInfo>() == 4);
+const _: () = assert!(core::mem::size_of::<IfaceInfo>() == 12);
+
+crate::pod!(AddrKey, AddrInfo, IfaceInfo);

@@ -1,0 +1,59 @@
+//! Load-time settings of the data path.
+
+/// Settings the agent writes into the program's read-only data before loading it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataplaneConfig {
+    /// Idle time after which an established TCP flow may be reassigned.
+    pub tcp_timeout_ns: u64,
+    /// Idle time after which a closed (FIN both ways, or RST) TCP flow is reclaimed.
+    pub tcp_closing_timeout_ns: u64,
+    /// Idle time after which a UDP flow is reassigned.
+    pub udp_timeout_ns: u64,
+    /// How often an established flow re-resolves its cached next hop.
+    pub l2_refresh_ns: u64,
+    /// Lowest SNAT source port (inclusive).
+    pub snat_port_min: u16,
+    /// Highest SNAT source port (inclusive).
+    pub snat_port_max: u16,
+    /// Index of the counters row for packets that belong to no service; equals the
+    /// number of service ids.
+    pub global_stats_index: u32,
+}
+
+impl DataplaneConfig {
+    /// The defaults: conntrack-like timeouts that keep long idle connections alive.
+    pub const DEFAULT: Self = Self {
+        tcp_timeout_ns: 3600 * 1_000_000_000,
+        tcp_closing_timeout_ns: 10 * 1_000_000_000,
+        udp_timeout_ns: 120 * 1_000_000_000,
+        l2_refresh_ns: 1_000_000_000,
+        snat_port_min: 10_000,
+        snat_port_max: 32_767,
+        global_stats_index: MAX_SERVICES,
+    };
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// Default number of service ids (`stats` and `rr` have one more row, for packets that
+/// belong to no service).
+pub const MAX_SERVICES: u32 = 8192;
+/// Default capacity of the `slots` map (two sets per service).
+pub const MAX_SLOTS: u32 = 262_144;
+/// Default number of backend ids.
+pub const MAX_BACKENDS: u32 = 65_536;
+/// Default capacity of the flow table (entries; each flow takes two).
+pub const MAX_FLOW_ENTRIES: u32 = 524_288;
+/// Default capacity of the `addrs` map.
+pub const MAX_ADDRS: u32 = 16_384;
+/// Default capacity of the `ifaces` map.
+pub const MAX_IFACES: u32 = 1024;
+
+const _: () = assert!(core::mem::size_of::<DataplaneConfig>() == 40);
+
+crate::pod!(DataplaneConfig);

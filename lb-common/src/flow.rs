@@ -1,0 +1,108 @@
+//! The flow table: one entry per direction of every translated flow.
+//!
+//! A client flow `c:cp → V:vp` sent to backend `B:bp` from SNAT address `S:sp` owns two
+//! entries:
+//!
+//! | key (as received)       | value (rewrite to)      | flags           |
+//! |-------------------------|-------------------------|-----------------|
+//! | `c:cp → V:vp`           | `S:sp → B:bp`           |                 |
+//! | `B:bp → S:sp`           | `V:vp → c:cp`           | `FLOW_REPLY`    |
+//!
+//! The key of one direction is always the swapped rewrite tuple of the other, which is how
+//! the data path finds an entry's peer and how ICMP errors are matched to flows.
+
+/// A packet's 5-tuple as received.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FlowKey {
+    /// Source address, network order.
+    pub src: [u8; 4],
+    /// Destination address, network order.
+    pub dst: [u8; 4],
+    /// Source port, host order.
+    pub sport: u16,
+    /// Destination port, host order.
+    pub dport: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// Always zero; keys are compared bytewise.
+    pub _pad: [u8; 3],
+}
+
+/// How to rewrite and forward the packets of one direction of a flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    /// New source address, network order.
+    pub src: [u8; 4],
+    /// New destination address, network order.
+    pub dst: [u8; 4],
+    /// New source port, host order.
+    pub sport: u16,
+    /// New destination port, host order.
+    pub dport: u16,
+    /// Service the flow belongs to (index into `stats`).
+    pub service_id: u32,
+    /// Backend the flow was assigned (index into `backends`).
+    pub backend_id: u32,
+    /// `Backend::generation` when the flow was created.
+    pub generation: u32,
+    /// `FLOW_*` bits.
+    pub flags: u32,
+    /// Creation time, `CLOCK_MONOTONIC` nanoseconds.
+    pub created_ns: u64,
+    /// Last packet seen in this direction, `CLOCK_MONOTONIC` ns (refreshed at most
+    /// once per second so established packets rarely write).
+    pub last_seen_ns: u64,
+    /// When the cached next hop below was last looked up in the FIB.
+    pub l2_checked_ns: u64,
+    /// Egress interface the FIB chose (a VLAN interface if the route says so).
+    pub oif: u32,
+    /// Device that transmits the frame (`IfaceInfo::tx_ifindex` of `oif`).
+    pub tx_ifindex: u32,
+    /// Source MAC of the rewritten frame.
+    pub smac: [u8; 6],
+    /// Destination MAC (next hop) of the rewritten frame.
+    pub dmac: [u8; 6],
+    /// VLAN id to transmit with, zero for none.
+    pub vlan: u16,
+    /// Reserved, zero.
+    pub _pad: u16,
+}
+
+/// This entry translates replies (backend → client).
+pub const FLOW_REPLY: u32 = 1 << 0;
+/// `oif`, `tx_ifindex`, `smac`, `dmac` and `vlan` hold a resolved next hop.
+pub const FLOW_L2_VALID: u32 = 1 << 1;
+/// A TCP FIN went through in this entry's direction.
+pub const FLOW_FIN: u32 = 1 << 2;
+/// A TCP FIN went through in the opposite direction.
+pub const FLOW_PEER_FIN: u32 = 1 << 3;
+/// A TCP RST went through in either direction.
+pub const FLOW_RST: u32 = 1 << 4;
+
+impl FlowValue {
+    /// The key under which the opposite direction of this flow is stored.
+    pub const fn peer_key(&self, proto: u8) -> FlowKey {
+        FlowKey {
+            src: self.dst,
+            dst: self.src,
+            sport: self.dport,
+            dport: self.sport,
+            proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// Whether the TCP connection is over (RST, or FIN in both directions): such
+    /// entries expire after the short closing timeout.
+    pub const fn is_closed(&self) -> bool {
+        self.flags & FLOW_RST != 0 || self.flags & (FLOW_FIN | FLOW_PEER_FIN) == FLOW_FIN | FLOW_PEER_FIN
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 80);
+const _: () = assert!(core::mem::offset_of!(FlowValue, created_ns) == 32);
+
+crate::pod!(FlowKey, FlowValue);

@@ -1,0 +1,79 @@
+//! Next-hop resolution with the kernel's FIB and neighbour table.
+
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup,
+    },
+    helpers::generated::bpf_fib_lookup as fib_lookup,
+};
+use lb_common::addr::IfaceInfo;
+
+use crate::maps::IFACES;
+
+const AF_INET: u8 = 2;
+
+/// Where to send a rewritten frame.
+#[derive(Clone, Copy)]
+pub struct NextHop {
+    /// Egress interface chosen by the FIB.
+    pub oif: u32,
+    /// Device that transmits the frame.
+    pub tx_ifindex: u32,
+    /// VLAN id to tag with, zero for none.
+    pub vlan: u16,
+    /// Frame source MAC.
+    pub smac: [u8; 6],
+    /// Frame destination MAC.
+    pub dmac: [u8; 6],
+    /// SNAT address of `oif`.
+    pub snat_ip: [u8; 4],
+}
+
+/// Outcome of a FIB lookup.
+pub enum Route {
+    /// Next hop resolved: XDP can transmit.
+    Ready(NextHop),
+    /// Route found, neighbour not resolved: the stack (TC companion) must transmit.
+    NoNeigh(NextHop),
+    /// The packet exceeds the egress MTU.
+    FragNeeded(u16),
+    /// No usable route (unreachable, blackhole, local destination, forwarding disabled).
+    Unreachable,
+    /// The egress interface is not managed (no SNAT address / transmit device known).
+    Unmanaged,
+}
+
+/// Looks up the route to `dst` as if the packet (IP length `ip_len`) had been received on
+/// the current ingress interface.
+#[inline(always)]
+pub fn route<C: EbpfContext>(ctx: &C, ingress_ifindex: u32, src: [u8; 4], dst: [u8; 4], ip_len: u16) -> Route {
+    // SAFETY: bpf_fib_lookup is a plain C struct; all-zero is a valid initial state.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.ifindex = ingress_ifindex;
+    p.__bindgen_anon_1.tot_len = ip_len;
+    p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
+    p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    // SAFETY: `p` is a valid, writable bpf_fib_lookup of the size passed.
+    let ret = unsafe {
+        fib_lookup(ctx.as_ptr(), &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
+    };
+    let ret = ret as u32;
+    if ret == BPF_FIB_LKUP_RET_FRAG_NEEDED {
+        // SAFETY: on FRAG_NEEDED the kernel stores the MTU in this union member.
+        return Route::FragNeeded(unsafe { p.__bindgen_anon_1.mtu_result });
+    }
+    if ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH {
+        return Route::Unreachable;
+    }
+    let oif = p.ifindex;
+    // SAFETY: shared lookup; the value is copied out immediately.
+    let Some(iface) = (unsafe { IFACES.get(oif) }).copied() else {
+        return Route::Unmanaged;
+    };
+    let IfaceInfo { snat_ip, tx_ifindex, vlan, .. } = iface;
+    let hop = NextHop { oif, tx_ifindex, vlan, smac: p.smac, dmac: p.dmac, snat_ip };
+    if ret == BPF_FIB_LKUP_RET_SUCCESS { Route::Ready(hop) } else { Route::NoNeigh(hop) }
+}

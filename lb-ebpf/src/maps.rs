@@ -1,0 +1,102 @@
+//! Maps and load-time configuration. Sizes here are defaults; the agent overrides them
+//! at load time (`EbpfLoader::set_max_entries`).
+
+use aya_ebpf::{
+    bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    addr::{AddrInfo, AddrKey, IfaceInfo},
+    backend::Backend,
+    config::{DataplaneConfig, MAX_ADDRS, MAX_BACKENDS, MAX_FLOW_ENTRIES, MAX_IFACES, MAX_SERVICES, MAX_SLOTS},
+    flow::{FlowKey, FlowValue},
+    service::{RoundRobin, ServiceKey, ServiceValue, Slot, SlotKey},
+    stats::{DropReason, ServiceStats},
+};
+
+const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
+
+/// Services by (VIP, port, protocol). Not preallocated: replaced elements are freed after
+/// an RCU grace period, so a packet holding the old value never reads reused memory.
+#[btf_map(name = "services")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }, NO_PREALLOC> =
+    HashMap::new();
+
+/// Ordered backend sets.
+#[btf_map(name = "slots")]
+pub static SLOTS: HashMap<SlotKey, Slot, { MAX_SLOTS as usize }, NO_PREALLOC> = HashMap::new();
+
+/// Backends by id.
+#[btf_map(name = "backends")]
+pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
+
+/// The flow table. LRU so a full table evicts the idlest flows instead of refusing new
+/// ones; per-CPU LRU lists so CPUs do not contend on one list lock.
+#[btf_map(name = "flows")]
+pub static FLOWS: LruHashMap<FlowKey, FlowValue, { MAX_FLOW_ENTRIES as usize }, { BPF_F_NO_COMMON_LRU as usize }> =
+    LruHashMap::new();
+
+/// Addresses this program owns: VIPs and SNAT addresses.
+#[btf_map(name = "addrs")]
+pub static ADDRS: HashMap<AddrKey, AddrInfo, { MAX_ADDRS as usize }> = HashMap::new();
+
+/// Egress interfaces: SNAT address and transmit device.
+#[btf_map(name = "ifaces")]
+pub static IFACES: HashMap<u32, IfaceInfo, { MAX_IFACES as usize }> = HashMap::new();
+
+/// Per-service counters; the last row counts packets that belong to no service.
+#[btf_map(name = "stats")]
+pub static STATS: PerCpuArray<ServiceStats, { MAX_SERVICES as usize + 1 }> = PerCpuArray::new();
+
+/// Per-service round-robin cursors.
+#[btf_map(name = "rr")]
+pub static RR: Array<RoundRobin, { MAX_SERVICES as usize }> = Array::new();
+
+/// Settings written by the agent before load (read-only data).
+#[unsafe(no_mangle)]
+pub static CONFIG: DataplaneConfig = DataplaneConfig::DEFAULT;
+
+/// Reads a field of `CONFIG`. Volatile so the compiler does not fold the default in.
+macro_rules! config {
+    ($field:ident) => {
+        // SAFETY: CONFIG is a valid static; the loader only rewrites its bytes before load.
+        unsafe { core::ptr::read_volatile(&raw const crate::maps::CONFIG.$field) }
+    };
+}
+pub(crate) use config;
+
+/// The counters row of service `id` on this CPU.
+#[inline(always)]
+pub fn stats(id: u32) -> Option<&'static mut ServiceStats> {
+    // SAFETY: per-CPU array values are only touched by this CPU while the program runs
+    // (preemption is disabled), and array slots are never freed.
+    STATS.get_ptr_mut(id).map(|p| unsafe { &mut *p })
+}
+
+/// The counters row for packets that belong to no service.
+#[inline(always)]
+pub fn global_stats() -> Option<&'static mut ServiceStats> {
+    stats(config!(global_stats_index))
+}
+
+/// Counts a drop or reject against service `id`.
+#[inline(always)]
+pub fn count_drop(id: u32, reason: DropReason) {
+    if let Some(s) = stats(id) {
+        *s.drops.get_mut(reason) += 1;
+    }
+}
+
+/// Counts a drop or reject that belongs to no service.
+#[inline(always)]
+pub fn count_global_drop(reason: DropReason) {
+    count_drop(config!(global_stats_index), reason);
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds, jiffy resolution: cheap enough for every packet.
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns() }
+}

@@ -1,0 +1,519 @@
+//! The XDP program: classify, translate, forward.
+//!
+//! Rules for packets addressed to an address in `addrs` (anything else passes untouched):
+//!
+//! | packet                                   | VIP                               | SNAT address only |
+//! |------------------------------------------|-----------------------------------|-------------------|
+//! | bad version/IHL, truncated, bad length    | drop, `malformed`                 | pass              |
+//! | IP options                               | drop, `ip_options`                | pass              |
+//! | fragment                                 | drop, `fragment`                  | pass              |
+//! | TCP/UDP of a known flow                  | translate, forward                | translate, forward|
+//! | TCP/UDP, new, served port with backends  | new flow, translate, forward      | pass              |
+//! | TCP/UDP, port without service/backends   | TCP RST / ICMP port unreachable   | pass              |
+//! | TTL ≤ 1 when it would be forwarded       | drop, `ttl_exceeded`              | same              |
+//! | ICMP echo request                        | echo reply                        | pass              |
+//! | ICMP error about a known flow            | translate, forward                | translate, forward|
+//! | other ICMP                               | drop, `icmp_unsupported`          | pass              |
+//! | other protocol                           | ICMP protocol unreachable         | pass              |
+
+use aya_ebpf::{
+    bindings::{
+        BPF_NOEXIST,
+        xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    },
+    helpers::generated::{bpf_redirect, bpf_xdp_adjust_head},
+    macros::xdp,
+    programs::XdpContext,
+};
+use lb_common::{
+    addr::{ADDR_VIP, AddrKey},
+    backend::BACKEND_IN_USE,
+    checksum::CsumDelta,
+    flow::{FLOW_L2_VALID, FLOW_REPLY, FlowKey, FlowValue},
+    proto,
+    service::{ServiceKey, SlotKey},
+    stats::DropReason,
+};
+
+use crate::{
+    atomic,
+    fib::{self, NextHop, Route},
+    hdr::*,
+    icmp,
+    maps::{
+        ADDRS, BACKENDS, FLOWS, RR, SERVICES, SLOTS, config, count_drop, count_global_drop,
+        now_ns, stats,
+    },
+    nat,
+};
+
+/// What the parser learned about a TCP or UDP packet to an owned address.
+pub struct L4Packet {
+    /// The packet's tuple as received.
+    pub key: FlowKey,
+    /// Offset of the IPv4 header (14, or 18 with a VLAN tag).
+    pub ip_off: usize,
+    /// The frame carries an 802.1Q tag.
+    pub tagged: bool,
+    /// TCP flags, zero for UDP.
+    pub tcp_flags: u8,
+    /// IP TTL as received.
+    pub ttl: u8,
+    /// IP total length.
+    pub ip_len: u16,
+    /// Don't Fragment is set.
+    pub df: bool,
+}
+
+/// Entry point.
+#[xdp]
+pub fn ballast_xdp(ctx: XdpContext) -> u32 {
+    process(&ctx)
+}
+
+#[inline(always)]
+fn process(ctx: &XdpContext) -> u32 {
+    let data = ctx.data();
+    let end = ctx.data_end();
+    let Some(eth) = ptr_at::<EthHdr>(data, end, 0) else {
+        return XDP_PASS;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let mut ethertype = be16(unsafe { (*eth).proto });
+    let tagged = ethertype == ETH_P_8021Q;
+    let mut ip_off = ETH_HLEN;
+    if tagged {
+        let Some(tag) = ptr_at::<VlanHdr>(data, end, ETH_HLEN) else {
+            return XDP_PASS;
+        };
+        // SAFETY: bounds checked by ptr_at.
+        ethertype = be16(unsafe { (*tag).proto });
+        ip_off = ETH_HLEN + VLAN_HLEN;
+    }
+    if ethertype != ETH_P_IP {
+        return XDP_PASS;
+    }
+    let Some(ip) = ptr_at::<Ipv4Hdr>(data, end, ip_off) else {
+        return XDP_PASS;
+    };
+    // SAFETY: bounds checked by ptr_at; the header is only read here.
+    let ip = unsafe { &*ip };
+    // SAFETY: the value is copied out immediately.
+    let Some(owned) = (unsafe { ADDRS.get(AddrKey { addr: ip.dst }) }).copied() else {
+        return XDP_PASS;
+    };
+    let vip = owned.flags & ADDR_VIP != 0;
+    let bad = |reason| {
+        if vip {
+            count_global_drop(reason);
+            XDP_DROP
+        } else {
+            XDP_PASS
+        }
+    };
+    let ihl = ip.vihl & 0x0f;
+    if ip.vihl >> 4 != 4 || ihl < 5 {
+        return bad(DropReason::Malformed);
+    }
+    if ihl != 5 {
+        return bad(DropReason::IpOptions);
+    }
+    let ip_len = be16(ip.tot_len) as usize;
+    if ip_len < IPV4_HLEN || data + ip_off + ip_len > end {
+        return bad(DropReason::Malformed);
+    }
+    if be16(ip.frag_off) & (IP_MF | IP_OFFMASK) != 0 {
+        return bad(DropReason::Fragment);
+    }
+    match ip.proto {
+        proto::TCP | proto::UDP => l4(ctx, ip_off, tagged, vip),
+        proto::ICMP => icmp::handle(ctx, ip_off, tagged, vip),
+        _ if vip => {
+            count_global_drop(DropReason::UnknownProtocol);
+            icmp::send_error(ctx, ip_off, tagged, ICMP_DEST_UNREACH, ICMP_PROT_UNREACH, 0)
+        }
+        _ => XDP_PASS,
+    }
+}
+
+#[inline(always)]
+fn l4(ctx: &XdpContext, ip_off: usize, tagged: bool, vip: bool) -> u32 {
+    let data = ctx.data();
+    let end = ctx.data_end();
+    let bad = || {
+        if vip {
+            count_global_drop(DropReason::Malformed);
+            XDP_DROP
+        } else {
+            XDP_PASS
+        }
+    };
+    let Some(ip) = ptr_at::<Ipv4Hdr>(data, end, ip_off) else {
+        return XDP_PASS;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let ip = unsafe { &*ip };
+    let l4_off = ip_off + IPV4_HLEN;
+    let mut tcp_flags = 0;
+    let (sport, dport) = if ip.proto == proto::TCP {
+        let Some(th) = ptr_at::<TcpHdr>(data, end, l4_off) else {
+            return bad();
+        };
+        // SAFETY: bounds checked by ptr_at.
+        let th = unsafe { &*th };
+        if th.doff >> 4 < 5 {
+            return bad();
+        }
+        tcp_flags = th.flags;
+        (be16(th.sport), be16(th.dport))
+    } else {
+        let Some(uh) = ptr_at::<UdpHdr>(data, end, l4_off) else {
+            return bad();
+        };
+        // SAFETY: bounds checked by ptr_at.
+        let uh = unsafe { &*uh };
+        (be16(uh.sport), be16(uh.dport))
+    };
+    let p = L4Packet {
+        key: FlowKey { src: ip.src, dst: ip.dst, sport, dport, proto: ip.proto, _pad: [0; 3] },
+        ip_off,
+        tagged,
+        tcp_flags,
+        ttl: ip.ttl,
+        ip_len: be16(ip.tot_len),
+        df: be16(ip.frag_off) & IP_DF != 0,
+    };
+    let now = now_ns();
+    if let Some(f) = FLOWS.get_ptr_mut(&p.key) {
+        if let Some(verdict) = established(ctx, &p, f, now) {
+            return verdict;
+        }
+    }
+    if !vip {
+        return XDP_PASS;
+    }
+    new_flow(ctx, &p, now)
+}
+
+/// Handles a packet of a known flow. `None` means the flow is over (backend removed,
+/// idle timeout, port reuse after close) and was deleted: treat the packet as new.
+#[inline(always)]
+fn established(ctx: &XdpContext, p: &L4Packet, fp: *mut FlowValue, now: u64) -> Option<u32> {
+    // SAFETY: `fp` points into a live LRU entry. Other CPUs may update `last_seen_ns`,
+    // the cached next hop and `flags` concurrently; every such race is benign (a stale
+    // timestamp or one packet using the previous next hop).
+    let f = unsafe { &mut *fp };
+    let reply = f.flags & FLOW_REPLY != 0;
+    if !nat::backend_alive(f) {
+        if reply {
+            count_drop(f.service_id, DropReason::StaleFlow);
+            return Some(XDP_DROP);
+        }
+        nat::end_flow(&p.key, f);
+        return None;
+    }
+    if !reply {
+        let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        let reused = p.key.proto == proto::TCP && syn && f.is_closed();
+        let expired = now.saturating_sub(f.last_seen_ns) > nat::timeout(p.key.proto, f)
+            && nat::both_idle(f, p.key.proto, now);
+        if reused || expired {
+            nat::end_flow(&p.key, f);
+            return None;
+        }
+    }
+    if p.ttl <= 1 {
+        count_drop(f.service_id, DropReason::TtlExceeded);
+        return Some(XDP_DROP);
+    }
+    if p.key.proto == proto::TCP && nat::is_close(p.tcp_flags) {
+        nat::mark_close(fp, p.key.proto, p.tcp_flags);
+    }
+    if now.saturating_sub(f.last_seen_ns) >= nat::TOUCH_INTERVAL_NS {
+        f.last_seen_ns = now;
+    }
+    let hop = if f.flags & FLOW_L2_VALID == 0 || now.saturating_sub(f.l2_checked_ns) >= config!(l2_refresh_ns) {
+        match fib::route(ctx, ctx.ingress_ifindex() as u32, f.src, f.dst, p.ip_len) {
+            Route::Ready(hop) => {
+                f.oif = hop.oif;
+                f.tx_ifindex = hop.tx_ifindex;
+                f.vlan = hop.vlan;
+                f.smac = hop.smac;
+                f.dmac = hop.dmac;
+                f.l2_checked_ns = now;
+                // SAFETY: see mark_close: flags is only modified atomically.
+                unsafe { atomic::or(&raw mut f.flags, FLOW_L2_VALID) };
+                hop
+            }
+            Route::NoNeigh(hop) => {
+                f.oif = hop.oif;
+                // SAFETY: as above.
+                unsafe { atomic::and(&raw mut f.flags, !FLOW_L2_VALID) };
+                // The TC companion translates this packet and has the kernel resolve the
+                // neighbour; the next packet finds it resolved.
+                return Some(XDP_PASS);
+            }
+            Route::FragNeeded(mtu) => return Some(frag_needed(ctx, p, f.service_id, mtu)),
+            Route::Unreachable => {
+                count_drop(f.service_id, DropReason::NoRoute);
+                return Some(XDP_DROP);
+            }
+            Route::Unmanaged => {
+                count_drop(f.service_id, DropReason::NoSnatAddress);
+                return Some(XDP_DROP);
+            }
+        }
+    } else {
+        NextHop { oif: f.oif, tx_ifindex: f.tx_ifindex, vlan: f.vlan, smac: f.smac, dmac: f.dmac, snat_ip: f.src }
+    };
+    let tuple = *f;
+    Some(forward(ctx, p, &tuple, &hop))
+}
+
+/// Assigns a backend to a new flow, records both directions and forwards the packet.
+#[inline(always)]
+fn new_flow(ctx: &XdpContext, p: &L4Packet, now: u64) -> u32 {
+    let skey = ServiceKey { vip: p.key.dst, port: p.key.dport, proto: p.key.proto, _pad: 0 };
+    // SAFETY: the value is copied out immediately (and the map is not preallocated).
+    let Some(svc) = (unsafe { SERVICES.get(&skey) }).copied() else {
+        count_global_drop(DropReason::NoService);
+        return reject(ctx, p);
+    };
+    if p.key.proto == proto::TCP && p.tcp_flags & TCP_RST != 0 {
+        // A reset for a flow we do not know: nothing to translate, nothing to answer.
+        return XDP_DROP;
+    }
+    if svc.count == 0 {
+        count_drop(svc.id, DropReason::NoBackends);
+        return reject(ctx, p);
+    }
+    if p.ttl <= 1 {
+        count_drop(svc.id, DropReason::TtlExceeded);
+        return XDP_DROP;
+    }
+    let Some(rr) = RR.get_ptr_mut(svc.id) else {
+        return XDP_DROP;
+    };
+    // SAFETY: array slots are never freed; `next` is only accessed atomically.
+    let n = unsafe { atomic::fetch_add(&raw mut (*rr).next, 1) };
+    let slot = SlotKey { set: svc.set, index: n % svc.count };
+    // SAFETY: the value is copied out immediately.
+    let Some(backend_id) = (unsafe { SLOTS.get(&slot) }).map(|s| s.backend_id) else {
+        count_drop(svc.id, DropReason::NoBackends);
+        return reject(ctx, p);
+    };
+    let Some(be) = BACKENDS.get(backend_id).copied() else {
+        count_drop(svc.id, DropReason::NoBackends);
+        return reject(ctx, p);
+    };
+    if be.flags & BACKEND_IN_USE == 0 {
+        count_drop(svc.id, DropReason::NoBackends);
+        return reject(ctx, p);
+    }
+    let (hop, resolved) = match fib::route(ctx, ctx.ingress_ifindex() as u32, [0; 4], be.ip, p.ip_len) {
+        Route::Ready(hop) => (hop, true),
+        Route::NoNeigh(hop) => (hop, false),
+        Route::FragNeeded(mtu) => return frag_needed(ctx, p, svc.id, mtu),
+        Route::Unreachable => {
+            count_drop(svc.id, DropReason::NoRoute);
+            return XDP_DROP;
+        }
+        Route::Unmanaged => {
+            count_drop(svc.id, DropReason::NoSnatAddress);
+            return XDP_DROP;
+        }
+    };
+
+    // The reply entry goes in first: inserting it with BPF_NOEXIST is what reserves the
+    // SNAT port atomically against every other CPU.
+    let mut v = FlowValue {
+        src: p.key.dst,
+        dst: p.key.src,
+        sport: p.key.dport,
+        dport: p.key.sport,
+        service_id: svc.id,
+        backend_id,
+        generation: be.generation,
+        flags: FLOW_REPLY,
+        created_ns: now,
+        last_seen_ns: now,
+        ..FlowValue::default()
+    };
+    let min = config!(snat_port_min) as u32;
+    let range = config!(snat_port_max) as u32 - min + 1;
+    let start = nat::flow_hash(&p.key);
+    let mut rkey = FlowKey { src: be.ip, dst: hop.snat_ip, sport: be.port, dport: 0, proto: p.key.proto, _pad: [0; 3] };
+    let mut port = 0u16;
+    for i in 0..nat::SNAT_TRIES {
+        rkey.dport = (min + start.wrapping_add(i.wrapping_mul(7919)) % range) as u16;
+        if FLOWS.insert(&rkey, &v, BPF_NOEXIST as u64).is_ok() {
+            port = rkey.dport;
+            break;
+        }
+    }
+    if port == 0 {
+        count_drop(svc.id, DropReason::SnatExhausted);
+        return XDP_DROP;
+    }
+
+    v.src = hop.snat_ip;
+    v.dst = be.ip;
+    v.sport = port;
+    v.dport = be.port;
+    v.flags = if resolved { FLOW_L2_VALID } else { 0 };
+    v.l2_checked_ns = now;
+    v.oif = hop.oif;
+    v.tx_ifindex = hop.tx_ifindex;
+    v.vlan = hop.vlan;
+    v.smac = hop.smac;
+    v.dmac = hop.dmac;
+    if FLOWS.insert(&p.key, &v, BPF_NOEXIST as u64).is_err() {
+        // Another CPU created this flow between our lookup and now: use its entry.
+        let _ = FLOWS.remove(&rkey);
+        return match FLOWS.get_ptr_mut(&p.key) {
+            Some(f) => established(ctx, p, f, now).unwrap_or(XDP_DROP),
+            None => XDP_DROP,
+        };
+    }
+    if let Some(s) = stats(svc.id) {
+        s.new_flows += 1;
+    }
+    if p.key.proto == proto::TCP && nat::is_close(p.tcp_flags) {
+        if let Some(f) = FLOWS.get_ptr_mut(&p.key) {
+            nat::mark_close(f, p.key.proto, p.tcp_flags);
+        }
+    }
+    if !resolved {
+        // The TC companion finishes this packet with bpf_redirect_neigh.
+        return XDP_PASS;
+    }
+    forward(ctx, p, &v, &hop)
+}
+
+/// Answers a packet no service takes: TCP RST, or ICMP port unreachable for UDP, as
+/// kube-proxy's REJECT rules do.
+#[inline(always)]
+fn reject(ctx: &XdpContext, p: &L4Packet) -> u32 {
+    if p.key.proto == proto::TCP {
+        icmp::tcp_reset(ctx, p.ip_off)
+    } else {
+        icmp::send_error(ctx, p.ip_off, p.tagged, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0)
+    }
+}
+
+/// The packet does not fit the egress MTU: tell the client (path MTU discovery) if it
+/// set DF; otherwise it cannot be forwarded (XDP does not fragment).
+#[inline(always)]
+fn frag_needed(ctx: &XdpContext, p: &L4Packet, service_id: u32, mtu: u16) -> u32 {
+    count_drop(service_id, DropReason::FragNeeded);
+    if p.df {
+        icmp::send_error(ctx, p.ip_off, p.tagged, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, mtu)
+    } else {
+        XDP_DROP
+    }
+}
+
+/// Counts, rewrites and transmits one packet of a flow.
+#[inline(always)]
+fn forward(ctx: &XdpContext, p: &L4Packet, t: &FlowValue, hop: &NextHop) -> u32 {
+    if let Some(s) = stats(t.service_id) {
+        if t.flags & FLOW_REPLY != 0 {
+            s.reply_packets += 1;
+            s.reply_bytes += p.ip_len as u64;
+        } else {
+            s.packets += 1;
+            s.bytes += p.ip_len as u64;
+        }
+    }
+    if rewrite(ctx, p, t).is_none() {
+        return XDP_DROP;
+    }
+    transmit(ctx, p.tagged, hop)
+}
+
+/// Rewrites addresses, ports and TTL in place, patching the IP and L4 checksums
+/// incrementally (XDP sees no checksum offload state, so every checksum must stay exact).
+#[inline(always)]
+fn rewrite(ctx: &XdpContext, p: &L4Packet, t: &FlowValue) -> Option<()> {
+    let data = ctx.data();
+    let end = ctx.data_end();
+    // SAFETY: bounds checked by ptr_at; no other reference to the packet is live.
+    let ip = unsafe { &mut *ptr_at::<Ipv4Hdr>(data, end, p.ip_off)? };
+    let addrs = CsumDelta::new().u32(w32(ip.src), w32(t.src)).u32(w32(ip.dst), w32(t.dst));
+    let ttl_word = w16([ip.ttl, ip.proto]);
+    let ttl = ip.ttl.wrapping_sub(1);
+    ip.check = addrs.u16(ttl_word, w16([ttl, ip.proto])).apply(w16(ip.check)).to_ne_bytes();
+    ip.ttl = ttl;
+    ip.src = t.src;
+    ip.dst = t.dst;
+    let sport = to_be16(t.sport);
+    let dport = to_be16(t.dport);
+    let l4_off = p.ip_off + IPV4_HLEN;
+    if p.key.proto == proto::TCP {
+        // SAFETY: as above.
+        let th = unsafe { &mut *ptr_at::<TcpHdr>(data, end, l4_off)? };
+        let ports = CsumDelta::new().u16(w16(th.sport), w16(sport)).u16(w16(th.dport), w16(dport));
+        th.check = addrs.merge(ports).apply(w16(th.check)).to_ne_bytes();
+        th.sport = sport;
+        th.dport = dport;
+    } else {
+        // SAFETY: as above.
+        let uh = unsafe { &mut *ptr_at::<UdpHdr>(data, end, l4_off)? };
+        let ports = CsumDelta::new().u16(w16(uh.sport), w16(sport)).u16(w16(uh.dport), w16(dport));
+        uh.check = addrs.merge(ports).apply_udp(w16(uh.check)).to_ne_bytes();
+        uh.sport = sport;
+        uh.dport = dport;
+    }
+    Some(())
+}
+
+/// Writes the next hop's Ethernet header (adding, changing or removing the VLAN tag) and
+/// sends the frame: back out of the ingress device (XDP_TX) or to another one.
+#[inline(always)]
+pub fn transmit(ctx: &XdpContext, tagged: bool, hop: &NextHop) -> u32 {
+    let want_tag = hop.vlan != 0;
+    let mut pcp = 0u16;
+    if tagged {
+        if let Some(tag) = ptr_at::<VlanHdr>(ctx.data(), ctx.data_end(), ETH_HLEN) {
+            // Keep the priority bits of the received tag.
+            // SAFETY: bounds checked by ptr_at.
+            pcp = be16(unsafe { (*tag).tci }) & 0xf000;
+        }
+    }
+    let delta: i32 = match (tagged, want_tag) {
+        (true, false) => VLAN_HLEN as i32,
+        (false, true) => -(VLAN_HLEN as i32),
+        _ => 0,
+    };
+    // SAFETY: ctx is the live XDP context; the helper validates the delta.
+    if delta != 0 && unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } != 0 {
+        return XDP_DROP;
+    }
+    let data = ctx.data();
+    let end = ctx.data_end();
+    let Some(eth) = ptr_at::<EthHdr>(data, end, 0) else {
+        return XDP_DROP;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let eth = unsafe { &mut *eth };
+    eth.dst = hop.dmac;
+    eth.src = hop.smac;
+    if want_tag {
+        let Some(tag) = ptr_at::<VlanHdr>(data, end, ETH_HLEN) else {
+            return XDP_DROP;
+        };
+        eth.proto = to_be16(ETH_P_8021Q);
+        // SAFETY: bounds checked by ptr_at.
+        let tag = unsafe { &mut *tag };
+        tag.tci = to_be16(pcp | (hop.vlan & 0x0fff));
+        tag.proto = to_be16(ETH_P_IP);
+    } else {
+        eth.proto = to_be16(ETH_P_IP);
+    }
+    if hop.tx_ifindex == ctx.ingress_ifindex() as u32 {
+        XDP_TX
+    } else {
+        // SAFETY: plain helper call; the kernel validates the ifindex.
+        unsafe { bpf_redirect(hop.tx_ifindex, 0) as u32 }
+    }
+}
