@@ -1,0 +1,215 @@
+//! Typed access to the pinned maps: read what they hold, apply plan operations.
+
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
+use lb_common::{
+    addr::{AddrInfo, AddrKey, IfaceInfo},
+    backend::Backend,
+    flow::{FlowKey, FlowValue},
+    map_names,
+    service::{RoundRobin, ServiceKey, ServiceValue, Slot, SlotKey},
+    stats::ServiceStats,
+};
+
+use super::{
+    plan::Limits,
+    state::{MapOp, ProgrammedState},
+};
+
+/// A map operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    /// A pinned map could not be opened.
+    #[error("cannot open pinned map {path}: {source}")]
+    Open {
+        /// Pin path.
+        path: PathBuf,
+        /// Cause.
+        source: MapError,
+    },
+    /// A map read or write failed.
+    #[error("{map}: {what}: {source}")]
+    Access {
+        /// Map name.
+        map: &'static str,
+        /// What was being done.
+        what: String,
+        /// Cause.
+        source: MapError,
+    },
+}
+
+fn access(map: &'static str, what: impl Into<String>) -> impl FnOnce(MapError) -> MapsError {
+    let what = what.into();
+    move |source| MapsError::Access { map, what, source }
+}
+
+/// The maps of one data path, opened from their pins.
+pub struct Maps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    slots: HashMap<MapData, SlotKey, Slot>,
+    backends: Array<MapData, Backend>,
+    flows: HashMap<MapData, FlowKey, FlowValue>,
+    addrs: HashMap<MapData, AddrKey, AddrInfo>,
+    ifaces: HashMap<MapData, u32, IfaceInfo>,
+    stats: PerCpuArray<MapData, ServiceStats>,
+    rr: Array<MapData, RoundRobin>,
+    services_max: u32,
+}
+
+fn open<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &'static str) -> Result<T, MapsError> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).map_err(|source| MapsError::Open { path: path.clone(), source })?;
+    let map = Map::from_map_data(data).map_err(|source| MapsError::Open { path: path.clone(), source })?;
+    T::try_from(map).map_err(|source| MapsError::Open { path, source })
+}
+
+impl Maps {
+    /// Opens the maps pinned in `dir` (the agent may or may not be running).
+    pub fn open(dir: &Path) -> Result<Self, MapsError> {
+        let rr: Array<MapData, RoundRobin> = open(dir, map_names::RR)?;
+        Ok(Self {
+            services: open(dir, map_names::SERVICES)?,
+            slots: open(dir, map_names::SLOTS)?,
+            backends: open(dir, map_names::BACKENDS)?,
+            flows: open(dir, map_names::FLOWS)?,
+            addrs: open(dir, map_names::ADDRS)?,
+            ifaces: open(dir, map_names::IFACES)?,
+            stats: open(dir, map_names::STATS)?,
+            services_max: rr.len(),
+            rr,
+        })
+    }
+
+    /// The id spaces the maps were created with.
+    pub fn limits(&self) -> Limits {
+        Limits { max_services: self.services_max, max_backends: self.backends.len() }
+    }
+
+    /// Reads everything the agent owns.
+    pub fn read_state(&self) -> Result<ProgrammedState, MapsError> {
+        let mut st = ProgrammedState::default();
+        for item in self.services.iter() {
+            let (k, v) = item.map_err(access(map_names::SERVICES, "iterate"))?;
+            st.services.insert(k, v);
+        }
+        for item in self.slots.iter() {
+            let (k, v) = item.map_err(access(map_names::SLOTS, "iterate"))?;
+            st.slots.insert(k, v.backend_id);
+        }
+        for (id, item) in self.backends.iter().enumerate() {
+            let b = item.map_err(access(map_names::BACKENDS, "read"))?;
+            if b != Backend::default() {
+                st.backends.insert(id as u32, b);
+            }
+        }
+        for item in self.addrs.iter() {
+            let (k, v) = item.map_err(access(map_names::ADDRS, "iterate"))?;
+            st.addrs.insert(k, v);
+        }
+        for item in self.ifaces.iter() {
+            let (k, v) = item.map_err(access(map_names::IFACES, "iterate"))?;
+            st.ifaces.insert(k, v);
+        }
+        Ok(st)
+    }
+
+    /// Applies one operation.
+    pub fn apply(&mut self, op: &MapOp) -> Result<(), MapsError> {
+        match op {
+            MapOp::ResetService(id) => {
+                let zero = PerCpuValues::try_from(vec![ServiceStats::default(); nr_cpus()])
+                    .map_err(|e| access(map_names::STATS, "build zero row")(MapError::IoError(e)))?;
+                self.stats.set(*id, zero, 0).map_err(access(map_names::STATS, format!("reset {id}")))?;
+                self.rr
+                    .set(*id, RoundRobin::default(), 0)
+                    .map_err(access(map_names::RR, format!("reset {id}")))
+            }
+            MapOp::SetBackend(id, b) => {
+                self.backends.set(*id, b, 0).map_err(access(map_names::BACKENDS, format!("set {id}")))
+            }
+            MapOp::SetSlot(k, id) => self
+                .slots
+                .insert(k, Slot { backend_id: *id }, 0)
+                .map_err(access(map_names::SLOTS, format!("set {k:?}"))),
+            MapOp::DeleteSlot(k) => ignore_missing(self.slots.remove(k)).map_err(access(map_names::SLOTS, format!("delete {k:?}"))),
+            MapOp::SetService(k, v) => {
+                self.services.insert(k, v, 0).map_err(access(map_names::SERVICES, format!("set {k:?}")))
+            }
+            MapOp::DeleteService(k) => ignore_missing(self.services.remove(k))
+                .map_err(access(map_names::SERVICES, format!("delete {k:?}"))),
+            MapOp::SetAddr(k, v) => self.addrs.insert(k, v, 0).map_err(access(map_names::ADDRS, format!("set {k:?}"))),
+            MapOp::DeleteAddr(k) => {
+                ignore_missing(self.addrs.remove(k)).map_err(access(map_names::ADDRS, format!("delete {k:?}")))
+            }
+            MapOp::SetIface(k, v) => self.ifaces.insert(k, v, 0).map_err(access(map_names::IFACES, format!("set {k}"))),
+            MapOp::DeleteIface(k) => {
+                ignore_missing(self.ifaces.remove(k)).map_err(access(map_names::IFACES, format!("delete {k}")))
+            }
+        }
+    }
+
+    /// Counters of service `id`, summed over CPUs.
+    pub fn service_stats(&self, id: u32) -> Result<ServiceStats, MapsError> {
+        let per_cpu = self.stats.get(&id, 0).map_err(access(map_names::STATS, format!("read {id}")))?;
+        let mut total = ServiceStats::default();
+        for s in per_cpu.iter() {
+            total.accumulate(s);
+        }
+        Ok(total)
+    }
+
+    /// Counters of packets that belong to no service.
+    pub fn global_stats(&self) -> Result<ServiceStats, MapsError> {
+        self.service_stats(self.services_max)
+    }
+
+    /// Every flow table entry.
+    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>, MapsError> {
+        let mut out = Vec::new();
+        for key in self.flows.keys() {
+            let key = key.map_err(access(map_names::FLOWS, "iterate"))?;
+            // An entry may be evicted between listing and reading it.
+            match self.flows.get(&key, 0) {
+                Ok(v) => out.push((key, v)),
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(access(map_names::FLOWS, "read")(e)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Looks up one flow table entry.
+    pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>, MapsError> {
+        match self.flows.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(access(map_names::FLOWS, "read")(e)),
+        }
+    }
+
+    /// Removes one flow table entry (missing is fine).
+    pub fn remove_flow(&mut self, key: &FlowKey) -> Result<(), MapsError> {
+        ignore_missing(self.flows.remove(key)).map_err(access(map_names::FLOWS, "delete"))
+    }
+
+    /// The backend entry with id `id`.
+    pub fn backend(&self, id: u32) -> Result<Backend, MapsError> {
+        self.backends.get(&id, 0).map_err(access(map_names::BACKENDS, format!("read {id}")))
+    }
+}
+
+/// Deleting what is already gone (evicted, or removed by the kernel program) is success.
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+/// Number of possible CPUs (the length of per-CPU values).
+pub fn nr_cpus() -> usize {
+    aya::util::nr_cpus().map_or(1, |n| n)
+}

@@ -1,0 +1,9 @@
+//! The data path: loading and attaching the kernel programs, and programming their maps.
+
+pub mod loader;
+pub mod maps;
+pub mod plan;
+pub mod state;
+
+pub use loader::{Dataplane, LoadError, LoadOptions, MapSizes, XdpAttachMode};
+pub use maps::{Maps, MapsError};

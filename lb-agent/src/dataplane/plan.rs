@@ -1,0 +1,428 @@
+//! The difference between what the maps hold and what is wanted, as an ordered list of
+//! map operations. Pure: no IO, unit-tested.
+//!
+//! Guarantees, for packets in flight while the plan is applied:
+//! * A service switches backend sets in one map update. Each service owns two set ids and
+//!   the new set is written into the one packets are not reading.
+//! * Backends keep their id (and so their flows) while they stay in the service; a new
+//!   backend gets a fresh id, so adding one never moves existing flows.
+//! * A removed backend's id gets a new generation only after the service stopped
+//!   pointing at it; flows that remember the old generation end, no others do.
+//! * Ids freed by this plan are not reused by it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddrV4,
+};
+
+use lb_common::{
+    addr::{AddrInfo, AddrKey, IfaceInfo},
+    backend::{BACKEND_IN_USE, Backend},
+    service::{ServiceKey, ServiceValue, SlotKey},
+};
+
+use super::state::{MapOp, ProgrammedState};
+use crate::model::ServiceSpec;
+
+/// Capacity of the id spaces (the sizes the maps were created with).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Number of service ids.
+    pub max_services: u32,
+    /// Number of backend ids.
+    pub max_backends: u32,
+}
+
+/// Everything the maps should hold.
+#[derive(Clone, Debug, Default)]
+pub struct DesiredState {
+    /// Services, each with its ordered backends.
+    pub services: Vec<ServiceSpec>,
+    /// Owned addresses (VIPs and SNAT addresses).
+    pub addrs: BTreeMap<AddrKey, AddrInfo>,
+    /// Egress interfaces.
+    pub ifaces: BTreeMap<u32, IfaceInfo>,
+}
+
+/// A service the plan could not (fully) program; everything else is programmed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    /// No service id left.
+    #[error("service {name}: all {max} service ids are in use (raise --max-services)")]
+    ServicesExhausted {
+        /// The service left out.
+        name: String,
+        /// The limit.
+        max: u32,
+    },
+    /// No backend id left.
+    #[error("service {name}: all {max} backend ids are in use (raise --max-backends); its backends were left unchanged")]
+    BackendsExhausted {
+        /// The service left unchanged.
+        name: String,
+        /// The limit.
+        max: u32,
+    },
+}
+
+/// The ordered operations, and what could not be done.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Operations, in the order they must be applied.
+    pub ops: Vec<MapOp>,
+    /// Services left out or unchanged, with the reason.
+    pub errors: Vec<PlanError>,
+}
+
+/// Lowest id below `max` not in `taken`; marks it taken.
+fn allocate(taken: &mut BTreeSet<u32>, max: u32) -> Option<u32> {
+    let id = (0..max).find(|i| !taken.contains(i))?;
+    taken.insert(id);
+    Some(id)
+}
+
+/// A backend entry freed (or never used): the next user gets a higher generation.
+fn next_generation(cur: &ProgrammedState, id: u32) -> u32 {
+    cur.backends.get(&id).map_or(1, |b| b.generation.wrapping_add(1).max(1))
+}
+
+/// Computes the operations that turn `cur` into `desired`.
+pub fn plan(cur: &ProgrammedState, desired: &DesiredState, limits: Limits) -> Plan {
+    let mut early = Vec::new();
+    let mut resets = Vec::new();
+    let mut new_backends = Vec::new();
+    let mut slots = Vec::new();
+    let mut switches = Vec::new();
+    let mut frees = Vec::new();
+    let mut deletes = Vec::new();
+    let mut late = Vec::new();
+    let mut errors = Vec::new();
+
+    // Ids in use now stay reserved for the whole plan, even those it frees.
+    let mut service_ids: BTreeSet<u32> = cur.services.values().map(|v| v.id).collect();
+    let mut backend_ids: BTreeSet<u32> =
+        cur.backends.iter().filter(|(_, b)| b.flags & BACKEND_IN_USE != 0).map(|(id, _)| *id).collect();
+
+    let mut wanted: Vec<&ServiceSpec> = desired.services.iter().collect();
+    wanted.sort_by_key(|s| s.key());
+    let wanted_keys: BTreeSet<ServiceKey> = wanted.iter().map(|s| s.key()).collect();
+
+    for spec in wanted {
+        let key = spec.key();
+        let existing = cur.services.get(&key).copied();
+        let id = match existing {
+            Some(v) => v.id,
+            None => match allocate(&mut service_ids, limits.max_services) {
+                Some(id) => id,
+                None => {
+                    errors.push(PlanError::ServicesExhausted { name: spec.name.clone(), max: limits.max_services });
+                    continue;
+                }
+            },
+        };
+
+        let known: BTreeMap<SocketAddrV4, u32> = cur
+            .backends_of(id)
+            .map(|(bid, b)| (SocketAddrV4::new(b.ip.into(), b.port), bid))
+            .collect();
+        let mut taken = backend_ids.clone();
+        let mut fresh = Vec::new();
+        let mut active = Vec::new();
+        let mut keep = BTreeSet::new();
+        let mut exhausted = false;
+        for b in &spec.backends {
+            let bid = match known.get(&b.addr) {
+                Some(bid) => *bid,
+                // A terminating backend we never sent flows to has nothing to keep.
+                None if b.terminating => continue,
+                None => match allocate(&mut taken, limits.max_backends) {
+                    Some(bid) => {
+                        let entry = Backend {
+                            ip: b.addr.ip().octets(),
+                            port: b.addr.port(),
+                            flags: BACKEND_IN_USE,
+                            generation: next_generation(cur, bid),
+                            service_id: id,
+                        };
+                        fresh.push(MapOp::SetBackend(bid, entry));
+                        bid
+                    }
+                    None => {
+                        exhausted = true;
+                        break;
+                    }
+                },
+            };
+            keep.insert(bid);
+            if !b.terminating {
+                active.push(bid);
+            }
+        }
+        if exhausted {
+            errors.push(PlanError::BackendsExhausted { name: spec.name.clone(), max: limits.max_backends });
+            if existing.is_none() {
+                service_ids.remove(&id);
+            }
+            continue;
+        }
+        backend_ids = taken;
+        if existing.is_none() {
+            resets.push(MapOp::ResetService(id));
+        }
+        new_backends.extend(fresh);
+
+        let count = active.len() as u32;
+        let unchanged = existing.is_some_and(|v| cur.active_set(&v) == active);
+        if !unchanged {
+            let [a, b] = SlotKey::sets_of(id);
+            let set = match existing {
+                Some(v) if v.set == a => b,
+                Some(_) => a,
+                None => a,
+            };
+            for (index, bid) in active.iter().enumerate() {
+                let slot = SlotKey { set, index: index as u32 };
+                if cur.slots.get(&slot) != Some(bid) {
+                    slots.push(MapOp::SetSlot(slot, *bid));
+                }
+            }
+            for stale in cur.slots.range(SlotKey { set, index: count }..=SlotKey { set, index: u32::MAX }) {
+                slots.push(MapOp::DeleteSlot(*stale.0));
+            }
+            switches.push(MapOp::SetService(key, ServiceValue { id, set, count, flags: 0 }));
+        }
+        for (bid, b) in cur.backends_of(id) {
+            if !keep.contains(&bid) {
+                frees.push(free(bid, b));
+            }
+        }
+    }
+
+    for (key, v) in &cur.services {
+        if wanted_keys.contains(key) {
+            continue;
+        }
+        // Removed first, so no new flow picks a backend that is being freed.
+        deletes.push(MapOp::DeleteService(*key));
+        for (bid, b) in cur.backends_of(v.id) {
+            late.push(free(bid, b));
+        }
+        for set in SlotKey::sets_of(v.id) {
+            for slot in cur.slots.range(SlotKey { set, index: 0 }..=SlotKey { set, index: u32::MAX }) {
+                late.push(MapOp::DeleteSlot(*slot.0));
+            }
+        }
+    }
+
+    diff(&cur.addrs, &desired.addrs, &mut early, &mut late, MapOp::SetAddr, MapOp::DeleteAddr);
+    diff(&cur.ifaces, &desired.ifaces, &mut early, &mut late, MapOp::SetIface, MapOp::DeleteIface);
+
+    let mut ops = early;
+    ops.extend(resets);
+    ops.extend(new_backends);
+    ops.extend(slots);
+    ops.extend(switches);
+    ops.extend(frees);
+    ops.extend(deletes);
+    ops.extend(late);
+    Plan { ops, errors }
+}
+
+/// Frees a backend id: a new generation ends the flows that still point at it.
+fn free(id: u32, b: &Backend) -> MapOp {
+    MapOp::SetBackend(
+        id,
+        Backend { ip: [0; 4], port: 0, flags: 0, generation: b.generation.wrapping_add(1).max(1), service_id: 0 },
+    )
+}
+
+/// Sets what differs, deletes what is no longer wanted.
+fn diff<K: Ord + Copy, V: PartialEq + Copy>(
+    cur: &BTreeMap<K, V>,
+    want: &BTreeMap<K, V>,
+    sets: &mut Vec<MapOp>,
+    deletes: &mut Vec<MapOp>,
+    set: impl Fn(K, V) -> MapOp,
+    delete: impl Fn(K) -> MapOp,
+) {
+    for (k, v) in want {
+        if cur.get(k) != Some(v) {
+            sets.push(set(*k, *v));
+        }
+    }
+    for k in cur.keys() {
+        if !want.contains_key(k) {
+            deletes.push(delete(*k));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::model::{BackendSpec, Protocol};
+
+    const LIMITS: Limits = Limits { max_services: 4, max_backends: 8 };
+
+    fn svc(name: &str, port: u16, backends: &[&str]) -> ServiceSpec {
+        ServiceSpec {
+            name: name.into(),
+            vip: Ipv4Addr::new(192, 0, 2, 10),
+            port,
+            protocol: Protocol::Tcp,
+            backends: backends.iter().map(|b| BackendSpec::active(b.parse().unwrap())).collect(),
+        }
+    }
+
+    fn desired(services: Vec<ServiceSpec>) -> DesiredState {
+        DesiredState { services, ..DesiredState::default() }
+    }
+
+    /// Applies a plan to a state, as the map writer does.
+    fn run(cur: &mut ProgrammedState, d: &DesiredState) -> Plan {
+        let p = plan(cur, d, LIMITS);
+        for op in &p.ops {
+            cur.apply(op);
+        }
+        p
+    }
+
+    fn set_of(st: &ProgrammedState, s: &ServiceSpec) -> Vec<SocketAddrV4> {
+        let v = st.services[&s.key()];
+        st.active_set(&v)
+            .iter()
+            .map(|id| {
+                let b = st.backends[id];
+                SocketAddrV4::new(b.ip.into(), b.port)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn new_service_gets_ids_a_set_and_fresh_counters() {
+        let mut st = ProgrammedState::default();
+        let web = svc("web", 80, &["10.0.0.1:8080", "10.0.0.2:8080"]);
+        let p = run(&mut st, &desired(vec![web.clone()]));
+        assert!(p.errors.is_empty());
+        assert_eq!(p.ops[0], MapOp::ResetService(0));
+        assert_eq!(*p.ops.last().unwrap(), MapOp::SetService(web.key(), ServiceValue { id: 0, set: 0, count: 2, flags: 0 }));
+        assert_eq!(set_of(&st, &web), vec!["10.0.0.1:8080".parse().unwrap(), "10.0.0.2:8080".parse().unwrap()]);
+        assert_eq!(st.backends[&0].generation, 1);
+    }
+
+    #[test]
+    fn unchanged_desired_state_plans_nothing() {
+        let mut st = ProgrammedState::default();
+        let d = desired(vec![svc("web", 80, &["10.0.0.1:8080", "10.0.0.2:8080"]), svc("api", 81, &[])]);
+        run(&mut st, &d);
+        assert_eq!(plan(&st, &d, LIMITS), Plan::default());
+    }
+
+    #[test]
+    fn adding_a_backend_keeps_existing_ids_and_switches_set_last() {
+        let mut st = ProgrammedState::default();
+        run(&mut st, &desired(vec![svc("web", 80, &["10.0.0.1:8080", "10.0.0.2:8080"])]));
+        let before = st.backends.clone();
+        let web = svc("web", 80, &["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"]);
+        let p = run(&mut st, &desired(vec![web.clone()]));
+        // Existing backends untouched (their flows stay), the new one gets id 2.
+        assert!(p.ops.iter().all(|op| !matches!(op, MapOp::SetBackend(0 | 1, _))));
+        assert_eq!(st.backends[&0], before[&0]);
+        assert_eq!(st.backends[&2].ip, [10, 0, 0, 3]);
+        // The new set is the other buffer, fully written before the switch.
+        let switch = p.ops.iter().position(|op| matches!(op, MapOp::SetService(..))).unwrap();
+        assert_eq!(switch, p.ops.len() - 1);
+        assert!(p.ops[..switch].iter().filter(|op| matches!(op, MapOp::SetSlot(k, _) if k.set == 1)).count() == 3);
+        assert_eq!(st.services[&web.key()].set, 1);
+        assert_eq!(set_of(&st, &web).len(), 3);
+    }
+
+    #[test]
+    fn removing_a_backend_frees_its_id_after_the_switch() {
+        let mut st = ProgrammedState::default();
+        run(&mut st, &desired(vec![svc("web", 80, &["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"])]));
+        let web = svc("web", 80, &["10.0.0.1:8080", "10.0.0.3:8080"]);
+        let p = run(&mut st, &desired(vec![web.clone()]));
+        let switch = p.ops.iter().position(|op| matches!(op, MapOp::SetService(..))).unwrap();
+        let freed = p.ops.iter().position(|op| matches!(op, MapOp::SetBackend(1, b) if b.flags == 0)).unwrap();
+        assert!(freed > switch);
+        assert_eq!(st.backends[&1].generation, 2, "generation bumped: the removed backend's flows end");
+        assert_eq!(st.backends[&0].generation, 1, "the others' flows continue");
+        assert_eq!(st.backends[&2].generation, 1);
+        assert_eq!(set_of(&st, &web), vec!["10.0.0.1:8080".parse().unwrap(), "10.0.0.3:8080".parse().unwrap()]);
+        // The next backend gets a fresh id, never the one just freed.
+        let p = run(&mut st, &desired(vec![svc("web", 80, &["10.0.0.1:8080", "10.0.0.3:8080", "10.0.0.4:8080"])]));
+        assert!(p.ops.iter().any(|op| matches!(op, MapOp::SetBackend(1, b) if b.generation == 3 && b.flags != 0)));
+    }
+
+    #[test]
+    fn shrinking_a_set_deletes_stale_slots_of_the_target_buffer() {
+        let mut st = ProgrammedState::default();
+        let three = &["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"];
+        run(&mut st, &desired(vec![svc("web", 80, three)])); // set 0
+        run(&mut st, &desired(vec![svc("web", 80, &three[..2])])); // set 1
+        run(&mut st, &desired(vec![svc("web", 80, &three[..1])])); // set 0 again: 3 → 1
+        assert!(!st.slots.contains_key(&SlotKey { set: 0, index: 1 }));
+        assert!(!st.slots.contains_key(&SlotKey { set: 0, index: 2 }));
+        assert_eq!(st.services.values().next().unwrap().count, 1);
+    }
+
+    #[test]
+    fn terminating_backends_keep_their_flows_but_take_no_new_ones() {
+        let mut st = ProgrammedState::default();
+        run(&mut st, &desired(vec![svc("web", 80, &["10.0.0.1:1", "10.0.0.2:1"])]));
+        let mut web = svc("web", 80, &["10.0.0.1:1", "10.0.0.2:1", "10.0.0.9:1"]);
+        web.backends[1].terminating = true;
+        web.backends[2].terminating = true; // unknown and terminating: ignored
+        run(&mut st, &desired(vec![web.clone()]));
+        assert_eq!(set_of(&st, &web), vec!["10.0.0.1:1".parse().unwrap()]);
+        assert_eq!(st.backends[&1].flags, BACKEND_IN_USE);
+        assert_eq!(st.backends[&1].generation, 1);
+        assert!(!st.backends.values().any(|b| b.ip == [10, 0, 0, 9]));
+    }
+
+    #[test]
+    fn deleting_a_service_removes_it_then_frees_backends_and_slots() {
+        let mut st = ProgrammedState::default();
+        run(&mut st, &desired(vec![svc("web", 80, &["10.0.0.1:1"]), svc("api", 81, &["10.0.0.2:1"])]));
+        let p = run(&mut st, &desired(vec![svc("api", 81, &["10.0.0.2:1"])]));
+        assert!(matches!(p.ops[0], MapOp::DeleteService(_)), "{:?}", p.ops);
+        assert!(p.ops[1..].iter().all(|op| matches!(op, MapOp::SetBackend(_, b) if b.flags == 0) || matches!(op, MapOp::DeleteSlot(_))));
+        assert_eq!(st.services.len(), 1);
+        assert!(st.slots.keys().all(|k| k.set / 2 == st.services.values().next().unwrap().id));
+        assert_eq!(st.backends.values().filter(|b| b.flags != 0).count(), 1);
+    }
+
+    #[test]
+    fn exhausted_ids_are_reported_and_do_not_disturb_other_services() {
+        let mut st = ProgrammedState::default();
+        let services: Vec<_> = (0..5).map(|i| svc(&format!("s{i}"), 80 + i, &[])).collect();
+        let p = run(&mut st, &desired(services));
+        assert_eq!(st.services.len(), 4);
+        assert_eq!(p.errors, vec![PlanError::ServicesExhausted { name: "s4".into(), max: 4 }]);
+
+        let mut st = ProgrammedState::default();
+        run(&mut st, &desired(vec![svc("a", 1, &["10.0.0.1:1", "10.0.0.2:1"])]));
+        let many: Vec<String> = (1..=9).map(|i| format!("10.0.1.{i}:1")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let before = st.clone();
+        let p = run(&mut st, &desired(vec![svc("a", 1, &["10.0.0.1:1", "10.0.0.2:1"]), svc("b", 2, &many)]));
+        assert_eq!(p.errors, vec![PlanError::BackendsExhausted { name: "b".into(), max: 8 }]);
+        assert_eq!(st, before, "service a untouched, nothing half-written for b");
+    }
+
+    #[test]
+    fn addresses_and_interfaces_are_diffed() {
+        let mut st = ProgrammedState::default();
+        let mut d = desired(vec![]);
+        d.addrs.insert(AddrKey { addr: [192, 0, 2, 10] }, AddrInfo { flags: 1 });
+        d.ifaces.insert(3, IfaceInfo { snat_ip: [10, 0, 0, 1], tx_ifindex: 3, vlan: 0, _pad: 0 });
+        let p = run(&mut st, &d);
+        assert_eq!(p.ops.len(), 2);
+        d.addrs.clear();
+        let p = run(&mut st, &d);
+        assert_eq!(p.ops, vec![MapOp::DeleteAddr(AddrKey { addr: [192, 0, 2, 10] })]);
+    }
+}
