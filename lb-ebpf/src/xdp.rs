@@ -1,6 +1,7 @@
 //! The XDP program: classify, translate, forward.
 //!
-//! Rules for packets addressed to an address in `addrs` (anything else passes untouched):
+//! Rules for packets addressed to an address in `addrs` (anything else passes untouched,
+//! including frames too short to show an IPv4 destination):
 //!
 //! | packet                                   | VIP                               | SNAT address only |
 //! |------------------------------------------|-----------------------------------|-------------------|

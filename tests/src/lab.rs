@@ -29,6 +29,7 @@ use lb_agent::{
 use lb_common::{
     addr::{ADDR_SNAT, ADDR_VIP, AddrInfo, AddrKey, IfaceInfo},
     config::DataplaneConfig,
+    stats::ServiceStats,
 };
 
 use crate::{
@@ -53,6 +54,10 @@ pub const VLAN_CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
 /// Backends with static neighbour entries.
 pub const BACKENDS: [Ipv4Addr; 3] =
     [Ipv4Addr::new(10, 2, 0, 11), Ipv4Addr::new(10, 2, 0, 12), Ipv4Addr::new(10, 2, 0, 13)];
+/// A backend on the client-side link (one-armed: same interface in and out).
+pub const ONE_ARM_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 50);
+/// MTU of `be`, so large packets to backends need fragmentation.
+pub const BE_MTU: u16 = 1400;
 /// A backend on the backend subnet without a neighbour entry.
 pub const UNRESOLVED_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 99);
 
@@ -68,6 +73,11 @@ pub const VLAN_GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 3, 2];
 /// MAC of backend `ip` (static neighbour entry).
 pub fn backend_mac(ip: Ipv4Addr) -> [u8; 6] {
     [0x02, 0, 0, 0, 2, ip.octets()[3]]
+}
+
+/// MAC of the one-armed backend.
+pub fn one_arm_mac() -> [u8; 6] {
+    [0x02, 0, 0, 0, 1, 50]
 }
 
 /// Verdict and output frame of one test run.
@@ -123,7 +133,10 @@ impl Lab {
         veth(&ns, "be", &peer, "p-be")?;
         ns.ip(&format!("link set cl address {}", mac_str(LB_CL_MAC)))?;
         ns.ip(&format!("link set be address {}", mac_str(LB_BE_MAC)))?;
+
         veth(&ns, "vl", &peer, "p-vl")?;
+        // A VLAN interface has its parent's MAC.
+        ns.ip(&format!("link set vl address {}", mac_str(LB_CL_MAC)))?;
         ns.ip(&format!("addr add {LB_CLIENT_IP}/24 dev cl"))?;
         ns.ip(&format!("addr add {LB_BACKEND_IP}/24 dev be"))?;
         ns.ip(&format!("addr add {LB_VLAN_IP}/24 dev vl"))?;
@@ -132,6 +145,8 @@ impl Lab {
         for b in BACKENDS {
             ns.ip(&format!("neigh replace {b} lladdr {} dev be nud permanent", mac_str(backend_mac(b))))?;
         }
+        ns.ip(&format!("neigh replace {ONE_ARM_BACKEND} lladdr {} dev cl nud permanent", mac_str(one_arm_mac())))?;
+        ns.ip(&format!("link set be mtu {BE_MTU}"))?;
         ns.ip("route add 198.51.100.0/24 via 10.1.0.2 dev cl")?;
         ns.ip("route add 203.0.113.0/24 via 10.3.0.2 dev vl")?;
         // bpf_fib_lookup does input-route lookups, which need forwarding on the ingress device.
@@ -166,6 +181,17 @@ impl Lab {
             self.state.apply(op);
         }
         Ok(())
+    }
+
+    /// Counters of a programmed service, summed over CPUs.
+    pub fn stats(&self, spec: &ServiceSpec) -> Result<ServiceStats> {
+        let id = self.state.services.get(&spec.key()).context("service not programmed")?.id;
+        Ok(self.dp.maps.service_stats(id)?)
+    }
+
+    /// Counters of packets that belong to no service.
+    pub fn global_stats(&self) -> Result<ServiceStats> {
+        Ok(self.dp.maps.global_stats()?)
     }
 
     /// Runs the XDP program on `frame` as if received on `ingress`.
