@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod config;
 pub mod dataplane;
+pub mod inspect;
 pub mod model;
 pub mod net;
 

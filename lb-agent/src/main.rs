@@ -1,1 +1,194 @@
-fn main() {}
+//! `lb-agent`: ballast's node agent.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use lb_agent::{
+    agent::{node::NodeOptions, static_mode},
+    dataplane::{Maps, MapSizes, XdpAttachMode},
+    inspect,
+};
+use lb_common::config::DataplaneConfig;
+use tracing_subscriber::EnvFilter;
+
+/// ballast: XDP load balancing for self-hosted Kubernetes and bare metal.
+#[derive(Parser)]
+#[command(name = "lb-agent", version)]
+struct Cli {
+    /// Log level (error, warn, info, debug, trace) or a tracing filter. `DEBUG=true` means debug.
+    #[arg(long, global = true, env = "LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum XdpModeArg {
+    /// Native (driver) mode, else generic.
+    Auto,
+    /// Native mode only.
+    Native,
+    /// Generic (skb) mode only.
+    Skb,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: load the data path, serve the services.
+    Run(Box<RunArgs>),
+    /// Show services, backends, counters (and flows) from the pinned maps.
+    Inspect {
+        /// bpffs directory of the pinned maps.
+        #[arg(long, default_value = "/sys/fs/bpf/ballast")]
+        bpffs: PathBuf,
+        /// Also list the flow table.
+        #[arg(long)]
+        flows: bool,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Interface that holds the VIPs and receives client traffic.
+    #[arg(long, env = "LINKDEVICE")]
+    interface: String,
+    /// Static configuration file (services without Kubernetes).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// bpffs directory the maps are pinned in.
+    #[arg(long, default_value = "/sys/fs/bpf/ballast")]
+    bpffs: PathBuf,
+    /// XDP attach mode.
+    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
+    xdp_mode: XdpModeArg,
+    /// Number of services the maps hold.
+    #[arg(long, default_value_t = lb_common::config::MAX_SERVICES)]
+    max_services: u32,
+    /// Number of backends (across services) the maps hold.
+    #[arg(long, default_value_t = lb_common::config::MAX_BACKENDS)]
+    max_backends: u32,
+    /// Number of concurrent flows the flow table holds (least recently used go first).
+    #[arg(long, default_value_t = lb_common::config::MAX_FLOW_ENTRIES / 2)]
+    max_flows: u32,
+    /// Source ports for translated flows, LOW-HIGH. Keep them outside
+    /// net.ipv4.ip_local_port_range so the node's own connections never collide.
+    #[arg(long, default_value = "10000-32767")]
+    snat_ports: String,
+    /// Seconds an established TCP flow may be idle before it can be reassigned.
+    #[arg(long, default_value_t = 3600)]
+    tcp_timeout: u64,
+    /// Seconds a closed TCP flow (FIN both ways or RST) is kept.
+    #[arg(long, default_value_t = 10)]
+    tcp_closing_timeout: u64,
+    /// Seconds a UDP flow may be idle before it can be reassigned.
+    #[arg(long, default_value_t = 120)]
+    udp_timeout: u64,
+}
+
+fn init_logging(level: &str, format: LogFormat) {
+    let level = if std::env::var("DEBUG").is_ok_and(|v| v == "true" || v == "1") { "debug" } else { level };
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+fn parse_ports(s: &str) -> Result<(u16, u16)> {
+    let (lo, hi) = s.split_once('-').context("--snat-ports must be LOW-HIGH, e.g. 10000-32767")?;
+    let lo: u16 = lo.trim().parse().context("--snat-ports: LOW is not a port")?;
+    let hi: u16 = hi.trim().parse().context("--snat-ports: HIGH is not a port")?;
+    if lo == 0 || lo > hi {
+        bail!("--snat-ports: need 1 <= LOW <= HIGH, got {lo}-{hi}");
+    }
+    Ok((lo, hi))
+}
+
+fn node_options(a: &RunArgs) -> Result<NodeOptions> {
+    let (lo, hi) = parse_ports(&a.snat_ports)?;
+    for (name, v) in [("--max-services", a.max_services), ("--max-backends", a.max_backends), ("--max-flows", a.max_flows)] {
+        if v == 0 {
+            bail!("{name} must be at least 1");
+        }
+    }
+    let s = 1_000_000_000;
+    Ok(NodeOptions {
+        interface: a.interface.clone(),
+        pin_dir: a.bpffs.clone(),
+        xdp_mode: match a.xdp_mode {
+            XdpModeArg::Auto => XdpAttachMode::Auto,
+            XdpModeArg::Native => XdpAttachMode::Native,
+            XdpModeArg::Skb => XdpAttachMode::Skb,
+        },
+        sizes: MapSizes {
+            services: a.max_services,
+            slots: a.max_services.saturating_mul(32).max(1024),
+            backends: a.max_backends,
+            flow_entries: a.max_flows.saturating_mul(2),
+            ..MapSizes::default()
+        },
+        config: DataplaneConfig {
+            tcp_timeout_ns: a.tcp_timeout * s,
+            tcp_closing_timeout_ns: a.tcp_closing_timeout * s,
+            udp_timeout_ns: a.udp_timeout * s,
+            snat_port_min: lo,
+            snat_port_max: hi,
+            ..DataplaneConfig::default()
+        },
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_level, cli.log_format);
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Run(args) => {
+            let opts = node_options(&args)?;
+            let Some(config) = args.config.clone() else {
+                bail!("Kubernetes mode is not available in this build yet: pass --config FILE to run in static mode");
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(static_mode::run(opts, config))
+        }
+        Command::Inspect { bpffs, flows, output } => {
+            let maps = Maps::open(&bpffs).with_context(|| format!("no ballast maps pinned in {}", bpffs.display()))?;
+            let snap = inspect::snapshot(&maps, flows)?;
+            match output {
+                Output::Table => print!("{}", inspect::render(&snap)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&snap)?),
+            }
+            Ok(())
+        }
+    }
+}

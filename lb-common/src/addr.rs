@@ -32,9 +32,15 @@ pub struct IfaceInfo {
     pub tx_ifindex: u32,
     /// 802.1Q VLAN id to tag the frame with, zero for none.
     pub vlan: u16,
-    /// Reserved, zero.
-    pub _pad: u16,
+    /// `IFACE_*` bits.
+    pub flags: u16,
 }
+
+/// `IfaceInfo::flags`: send frames back out of this device with `bpf_redirect` rather than
+/// `XDP_TX`. A veth delivers `XDP_TX` frames only when its peer runs an XDP program, while
+/// redirected frames also arrive when the peer merely has GRO on; on real NICs `XDP_TX`
+/// is the faster path.
+pub const IFACE_TX_REDIRECT: u16 = 1;
 
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 4);
 const _: () = assert!(core::mem::size_of::<AddrInfo>() == 4);

@@ -66,8 +66,8 @@ pub struct FlowValue {
     pub dmac: [u8; 6],
     /// VLAN id to transmit with, zero for none.
     pub vlan: u16,
-    /// Reserved, zero.
-    pub _pad: u16,
+    /// `IfaceInfo::flags` of `oif`.
+    pub tx_flags: u16,
 }
 
 /// This entry translates replies (backend → client).
@@ -91,6 +91,18 @@ impl FlowValue {
             dport: self.sport,
             proto,
             _pad: [0; 3],
+        }
+    }
+
+    /// Idle timeout of this entry: the closing timeout for a closed TCP connection, else
+    /// the protocol's. One rule for the kernel (reassigning idle flows) and the agent
+    /// (collecting them).
+    #[inline(always)]
+    pub const fn timeout_ns(&self, proto: u8, tcp: u64, tcp_closing: u64, udp: u64) -> u64 {
+        if proto == crate::proto::TCP {
+            if self.is_closed() { tcp_closing } else { tcp }
+        } else {
+            udp
         }
     }
 

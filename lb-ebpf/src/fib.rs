@@ -23,6 +23,8 @@ pub struct NextHop {
     pub tx_ifindex: u32,
     /// VLAN id to tag with, zero for none.
     pub vlan: u16,
+    /// `IfaceInfo::flags` of `oif`.
+    pub flags: u16,
     /// Frame source MAC.
     pub smac: [u8; 6],
     /// Frame destination MAC.
@@ -73,7 +75,7 @@ pub fn route<C: EbpfContext>(ctx: &C, ingress_ifindex: u32, src: [u8; 4], dst: [
     let Some(iface) = (unsafe { IFACES.get(oif) }).copied() else {
         return Route::Unmanaged;
     };
-    let IfaceInfo { snat_ip, tx_ifindex, vlan, .. } = iface;
-    let hop = NextHop { oif, tx_ifindex, vlan, smac: p.smac, dmac: p.dmac, snat_ip };
+    let IfaceInfo { snat_ip, tx_ifindex, vlan, flags } = iface;
+    let hop = NextHop { oif, tx_ifindex, vlan, flags, smac: p.smac, dmac: p.dmac, snat_ip };
     if ret == BPF_FIB_LKUP_RET_SUCCESS { Route::Ready(hop) } else { Route::NoNeigh(hop) }
 }

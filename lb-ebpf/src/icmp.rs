@@ -3,7 +3,7 @@
 //! sends itself, and TCP resets.
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
     helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
@@ -18,7 +18,7 @@ use crate::{
     fib::{self, NextHop, Route},
     hdr::*,
     maps::{FLOWS, count_drop, count_global_drop, stats},
-    xdp::transmit,
+    xdp::{send_back, transmit},
 };
 
 /// TTL of packets ballast originates.
@@ -72,7 +72,7 @@ fn echo_reply(ctx: &XdpContext, ip_off: usize) -> u32 {
     if let Some(s) = crate::maps::global_stats() {
         s.reply_packets += 1;
     }
-    XDP_TX
+    send_back(ctx)
 }
 
 /// Translates an ICMP error that quotes a packet of a translated flow: the outer header
@@ -128,7 +128,7 @@ fn translate_error(ctx: &XdpContext, ip_off: usize, tagged: bool, vip: bool) -> 
         return XDP_DROP;
     }
     let hop = if f.flags & FLOW_L2_VALID != 0 {
-        NextHop { oif: f.oif, tx_ifindex: f.tx_ifindex, vlan: f.vlan, smac: f.smac, dmac: f.dmac, snat_ip: f.src }
+        NextHop { oif: f.oif, tx_ifindex: f.tx_ifindex, vlan: f.vlan, flags: f.tx_flags, smac: f.smac, dmac: f.dmac, snat_ip: f.src }
     } else {
         match fib::route(ctx, ctx.ingress_ifindex() as u32, f.src, f.dst, be16(ip.tot_len)) {
             Route::Ready(hop) => hop,
@@ -291,7 +291,7 @@ pub fn send_error(ctx: &XdpContext, ip_off: usize, tagged: bool, kind: u8, code:
     put(b, 26, to_be16(mtu));
     let c = !fold(sum(b, IPV4_HLEN, ERR_LEN));
     put(b, 22, c.to_ne_bytes());
-    XDP_TX
+    send_back(ctx)
 }
 
 /// Answers a TCP segment with a reset (RFC 9293 §3.10.7.1), in place.
@@ -357,5 +357,5 @@ pub fn tcp_reset(ctx: &XdpContext, ip_off: usize) -> u32 {
     if len > keep && unsafe { bpf_xdp_adjust_tail(ctx.ctx, -((len - keep) as i32)) } != 0 {
         return XDP_DROP;
     }
-    XDP_TX
+    send_back(ctx)
 }

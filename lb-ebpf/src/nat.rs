@@ -2,7 +2,6 @@
 
 use lb_common::{
     flow::{FLOW_FIN, FLOW_PEER_FIN, FLOW_RST, FlowKey, FlowValue},
-    proto,
 };
 
 use crate::{
@@ -30,11 +29,7 @@ pub fn backend_alive(f: &FlowValue) -> bool {
 /// Idle timeout for an entry of protocol `proto`.
 #[inline(always)]
 pub fn timeout(proto: u8, f: &FlowValue) -> u64 {
-    if proto == proto::TCP {
-        if f.is_closed() { config!(tcp_closing_timeout_ns) } else { config!(tcp_timeout_ns) }
-    } else {
-        config!(udp_timeout_ns)
-    }
+    f.timeout_ns(proto, config!(tcp_timeout_ns), config!(tcp_closing_timeout_ns), config!(udp_timeout_ns))
 }
 
 /// Whether both directions of a flow have been idle longer than their timeout. Only

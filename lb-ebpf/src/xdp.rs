@@ -27,7 +27,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    addr::{ADDR_VIP, AddrKey},
+    addr::{ADDR_VIP, AddrKey, IFACE_TX_REDIRECT},
     backend::BACKEND_IN_USE,
     checksum::CsumDelta,
     flow::{FLOW_L2_VALID, FLOW_REPLY, FlowKey, FlowValue},
@@ -42,7 +42,7 @@ use crate::{
     hdr::*,
     icmp,
     maps::{
-        ADDRS, BACKENDS, FLOWS, RR, SERVICES, SLOTS, config, count_drop, count_global_drop,
+        ADDRS, BACKENDS, FLOWS, IFACES, RR, SERVICES, SLOTS, config, count_drop, count_global_drop,
         now_ns, stats,
     },
     nat,
@@ -239,6 +239,7 @@ fn established(ctx: &XdpContext, p: &L4Packet, fp: *mut FlowValue, now: u64) -> 
                 f.oif = hop.oif;
                 f.tx_ifindex = hop.tx_ifindex;
                 f.vlan = hop.vlan;
+                f.tx_flags = hop.flags;
                 f.smac = hop.smac;
                 f.dmac = hop.dmac;
                 f.l2_checked_ns = now;
@@ -265,7 +266,7 @@ fn established(ctx: &XdpContext, p: &L4Packet, fp: *mut FlowValue, now: u64) -> 
             }
         }
     } else {
-        NextHop { oif: f.oif, tx_ifindex: f.tx_ifindex, vlan: f.vlan, smac: f.smac, dmac: f.dmac, snat_ip: f.src }
+        NextHop { oif: f.oif, tx_ifindex: f.tx_ifindex, vlan: f.vlan, flags: f.tx_flags, smac: f.smac, dmac: f.dmac, snat_ip: f.src }
     };
     let tuple = *f;
     Some(forward(ctx, p, &tuple, &hop))
@@ -325,6 +326,12 @@ fn new_flow(ctx: &XdpContext, p: &L4Packet, now: u64) -> u32 {
         }
     };
 
+    if hop.snat_ip == [0; 4] {
+        // The egress interface has no address of its own to translate from.
+        count_drop(svc.id, DropReason::NoSnatAddress);
+        return XDP_DROP;
+    }
+
     // The reply entry goes in first: inserting it with BPF_NOEXIST is what reserves the
     // SNAT port atomically against every other CPU.
     let mut v = FlowValue {
@@ -366,6 +373,7 @@ fn new_flow(ctx: &XdpContext, p: &L4Packet, now: u64) -> u32 {
     v.oif = hop.oif;
     v.tx_ifindex = hop.tx_ifindex;
     v.vlan = hop.vlan;
+    v.tx_flags = hop.flags;
     v.smac = hop.smac;
     v.dmac = hop.dmac;
     if FLOWS.insert(&p.key, &v, BPF_NOEXIST as u64).is_err() {
@@ -511,10 +519,24 @@ pub fn transmit(ctx: &XdpContext, tagged: bool, hop: &NextHop) -> u32 {
     } else {
         eth.proto = to_be16(ETH_P_IP);
     }
-    if hop.tx_ifindex == ctx.ingress_ifindex() as u32 {
+    if hop.tx_ifindex == ctx.ingress_ifindex() as u32 && hop.flags & IFACE_TX_REDIRECT == 0 {
         XDP_TX
     } else {
         // SAFETY: plain helper call; the kernel validates the ifindex.
         unsafe { bpf_redirect(hop.tx_ifindex, 0) as u32 }
+    }
+}
+
+/// Sends a frame ballast answered in place back out of the device it came in on.
+#[inline(always)]
+pub fn send_back(ctx: &XdpContext) -> u32 {
+    let ingress = ctx.ingress_ifindex() as u32;
+    // SAFETY: the value is read once.
+    let redirect = unsafe { IFACES.get(ingress) }.is_some_and(|i| i.flags & IFACE_TX_REDIRECT != 0);
+    if redirect {
+        // SAFETY: plain helper call on the ingress device.
+        unsafe { bpf_redirect(ingress, 0) as u32 }
+    } else {
+        XDP_TX
     }
 }

@@ -116,6 +116,8 @@ pub struct Lab {
     pub be: u32,
     /// ifindex of `vl` (the modelled VLAN interface).
     pub vlan: u32,
+    /// `IfaceInfo::flags` written for `cl` by [`Lab::program`].
+    pub cl_flags: u16,
 }
 
 impl Lab {
@@ -156,7 +158,7 @@ impl Lab {
         let dp = Dataplane::load(&LoadOptions { pin_dir: pins.path().to_path_buf(), sizes, config })
             .context("loading the data path (verifier)")?;
         let state = dp.maps.read_state()?;
-        Ok(Self { ns, _peer: peer, _pins: pins, dp, state, cl, be, vlan })
+        Ok(Self { ns, _peer: peer, _pins: pins, dp, state, cl, be, vlan, cl_flags: 0 })
     }
 
     /// Programs `services`, with every LB address as SNAT address and the three interfaces.
@@ -169,9 +171,9 @@ impl Lab {
             addrs.insert(AddrKey { addr: ip.octets() }, AddrInfo { flags: ADDR_SNAT });
         }
         let mut ifaces = BTreeMap::new();
-        ifaces.insert(self.cl, IfaceInfo { snat_ip: LB_CLIENT_IP.octets(), tx_ifindex: self.cl, vlan: 0, _pad: 0 });
-        ifaces.insert(self.be, IfaceInfo { snat_ip: LB_BACKEND_IP.octets(), tx_ifindex: self.be, vlan: 0, _pad: 0 });
-        ifaces.insert(self.vlan, IfaceInfo { snat_ip: LB_VLAN_IP.octets(), tx_ifindex: self.cl, vlan: VLAN_ID, _pad: 0 });
+        ifaces.insert(self.cl, IfaceInfo { snat_ip: LB_CLIENT_IP.octets(), tx_ifindex: self.cl, vlan: 0, flags: self.cl_flags });
+        ifaces.insert(self.be, IfaceInfo { snat_ip: LB_BACKEND_IP.octets(), tx_ifindex: self.be, vlan: 0, flags: 0 });
+        ifaces.insert(self.vlan, IfaceInfo { snat_ip: LB_VLAN_IP.octets(), tx_ifindex: self.cl, vlan: VLAN_ID, flags: 0 });
         let p = plan(&self.state, &DesiredState { services, addrs, ifaces }, self.dp.maps.limits());
         if !p.errors.is_empty() {
             bail!("plan errors: {:?}", p.errors);

@@ -17,6 +17,7 @@ use lb_agent::{
     model::{BackendSpec, Protocol, ServiceSpec},
 };
 use lb_common::{
+    addr::IFACE_TX_REDIRECT,
     config::DataplaneConfig,
     flow::{FLOW_L2_VALID, FLOW_REPLY, FlowKey},
     proto,
@@ -448,6 +449,23 @@ fn one_armed_flows_leave_through_the_ingress_interface() {
     let out = lab.xdp(&reply.bytes(), lab.cl).unwrap();
     assert_eq!(out.verdict, xdp::TX);
     assert_frame(&out.frame, &reply.clone().macs(LB_CL_MAC, GW_MAC).tuple(vip(80), client(49000)).ttl(63).bytes());
+}
+
+#[test]
+fn veth_uplinks_send_back_with_redirect_instead_of_xdp_tx() {
+    let mut lab = Lab::new().unwrap();
+    lab.cl_flags = IFACE_TX_REDIRECT;
+    let b = SocketAddrV4::new(ONE_ARM_BACKEND, 8080);
+    lab.program(vec![svc(80, Protocol::Tcp, &[b])]).unwrap();
+    let syn = Frame::tcp(client(49100), vip(80)).macs(GW_MAC, LB_CL_MAC);
+    let out = lab.xdp(&syn.bytes(), lab.cl).unwrap();
+    assert_eq!(out.verdict, xdp::REDIRECT, "same frame as XDP_TX, sent with bpf_redirect");
+    let snat = snat_of(&lab, key(client(49100), vip(80), proto::TCP));
+    assert_frame(&out.frame, &syn.clone().macs(LB_CL_MAC, one_arm_mac()).tuple(snat, b).ttl(63).bytes());
+    // Answers built in place (here a reset) leave the same way.
+    let out = lab.xdp(&Frame::tcp(client(49101), vip(99)).macs(GW_MAC, LB_CL_MAC).bytes(), lab.cl).unwrap();
+    assert_eq!(out.verdict, xdp::REDIRECT);
+    assert!(matches!(parse(&out.frame).unwrap().l4, Some(etherparse::TransportHeader::Tcp(t)) if t.rst));
 }
 
 #[test]

@@ -1,1 +1,5 @@
-//! Agent loops.
+//! The agent's loops: a [`node::Node`] applies desired services; [`static_mode`] gets them
+//! from a file.
+
+pub mod node;
+pub mod static_mode;

@@ -1,5 +1,6 @@
 //! The data path: loading and attaching the kernel programs, and programming their maps.
 
+pub mod flows;
 pub mod loader;
 pub mod maps;
 pub mod plan;

@@ -1,1 +1,51 @@
-//! Netlink.
+//! The node's network configuration: interfaces, addresses and routes (netlink), and the
+//! forwarding sysctl. [`addresses`] and [`ifaces`] are pure; [`netlink`] and [`sysctl`]
+//! do the IO.
+
+pub mod addresses;
+pub mod ifaces;
+pub mod netlink;
+pub mod sysctl;
+
+use std::net::Ipv4Addr;
+
+/// An interface, as netlink reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    /// ifindex.
+    pub index: u32,
+    /// Name.
+    pub name: String,
+    /// For a VLAN interface: its parent's ifindex and the VLAN id.
+    pub vlan: Option<(u32, u16)>,
+    /// Administratively up.
+    pub up: bool,
+    /// The loopback device.
+    pub loopback: bool,
+    /// A veth device.
+    pub veth: bool,
+}
+
+/// An IPv4 address on an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IfAddr {
+    /// ifindex of the interface holding it.
+    pub index: u32,
+    /// The address.
+    pub addr: Ipv4Addr,
+    /// Prefix length.
+    pub prefix: u8,
+    /// Added by ballast (carries [`netlink::ADDRESS_PROTOCOL`]).
+    pub ours: bool,
+    /// A secondary address of its subnet.
+    pub secondary: bool,
+}
+
+/// The route the kernel would use to reach a destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteTo {
+    /// Egress interface.
+    pub oif: u32,
+    /// Preferred source address, if the route names one.
+    pub prefsrc: Option<Ipv4Addr>,
+}

@@ -1,0 +1,213 @@
+//! One node's data path and addresses, driven by desired services from any source.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::PathBuf,
+};
+
+use lb_common::{
+    addr::{ADDR_SNAT, ADDR_VIP, AddrInfo, AddrKey},
+    config::DataplaneConfig,
+};
+use tracing::{info, warn};
+
+use crate::{
+    dataplane::{
+        Dataplane, LoadError, LoadOptions, MapSizes, MapsError, XdpAttachMode,
+        flows::{self, GcReport},
+        plan::{DesiredState, PlanError, plan},
+        state::ProgrammedState,
+    },
+    model::ServiceSpec,
+    net::{
+        Link,
+        addresses::{address_changes, vip_users},
+        ifaces::{iface_table, xdp_device},
+        netlink::{NetError, Netlink},
+        sysctl,
+    },
+};
+
+/// Settings of a node.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    /// Interface that holds the VIPs and receives client traffic.
+    pub interface: String,
+    /// bpffs directory for the pinned maps.
+    pub pin_dir: PathBuf,
+    /// XDP attach mode.
+    pub xdp_mode: XdpAttachMode,
+    /// Map capacities.
+    pub sizes: MapSizes,
+    /// Data path settings.
+    pub config: DataplaneConfig,
+}
+
+/// Why the node could not start or apply.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Netlink failed (includes a missing interface).
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// Loading or attaching failed.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// A map operation failed.
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+}
+
+/// What one apply did.
+#[derive(Debug, Default)]
+pub struct ApplyReport {
+    /// Map operations applied.
+    pub map_ops: usize,
+    /// VIPs added to the interface.
+    pub added: Vec<Ipv4Addr>,
+    /// VIPs removed from the interface.
+    pub removed: Vec<Ipv4Addr>,
+    /// Services the maps could not take.
+    pub errors: Vec<PlanError>,
+    /// Things worth an operator's attention that did not stop the apply.
+    pub warnings: Vec<String>,
+}
+
+/// The node: the loaded data path plus the interfaces and addresses it manages.
+pub struct Node {
+    opts: NodeOptions,
+    nl: Netlink,
+    dp: Dataplane,
+    state: ProgrammedState,
+    iface: Link,
+    /// Forwarding settings changed, to restore: interface → old value.
+    forwarding: BTreeMap<String, String>,
+}
+
+impl Node {
+    /// Loads the data path (reusing pinned maps) and attaches it to the interface.
+    pub async fn start(opts: NodeOptions) -> Result<Self, NodeError> {
+        let nl = Netlink::connect()?;
+        let iface = nl.link_by_name(&opts.interface).await?;
+        let links = nl.links().await?;
+        let dp = Dataplane::load(&LoadOptions { pin_dir: opts.pin_dir.clone(), sizes: opts.sizes, config: opts.config })?;
+        let state = dp.maps.read_state()?;
+        if !state.services.is_empty() {
+            info!(services = state.services.len(), "found programmed services in the pinned maps; adopting them");
+        }
+        let mut node = Self { opts, nl, dp, state, iface, forwarding: BTreeMap::new() };
+        node.attach(&links, node.iface.index)?;
+        Ok(node)
+    }
+
+    /// Attaches to the device carrying interface `index`'s traffic and enables forwarding
+    /// on the interface.
+    fn attach(&mut self, links: &[Link], index: u32) -> Result<(), NodeError> {
+        let Some(dev) = xdp_device(links, index) else { return Ok(()) };
+        if !self.dp.attached().any(|(i, _)| i == dev.index) {
+            self.dp.attach(&dev.name, dev.index, self.opts.xdp_mode)?;
+        }
+        for name in [Some(dev.name.clone()), links.iter().find(|l| l.index == index).map(|l| l.name.clone())].into_iter().flatten() {
+            if self.forwarding.contains_key(&name) {
+                continue;
+            }
+            match sysctl::enable_forwarding(&name) {
+                Ok(Some(old)) => {
+                    info!(iface = name, "enabled IPv4 forwarding (bpf_fib_lookup needs it on the receiving interface)");
+                    self.forwarding.insert(name, old);
+                }
+                Ok(None) => {}
+                Err(e) => warn!(iface = name, error = %e, "cannot enable IPv4 forwarding; forwarding lookups will fail"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the data path serve exactly `services`: maps, attachments and VIPs.
+    pub async fn apply(&mut self, services: &[ServiceSpec]) -> Result<ApplyReport, NodeError> {
+        let mut report = ApplyReport::default();
+        let links = self.nl.links().await?;
+        let addrs = self.nl.addresses().await?;
+
+        // Where do backends live? Every interface a backend is routed through needs the
+        // programs (replies come back there) and its address is a SNAT source.
+        let backends: BTreeSet<Ipv4Addr> = services.iter().flat_map(|s| s.backends.iter().map(|b| *b.addr.ip())).collect();
+        let mut egress = BTreeSet::new();
+        for b in backends {
+            match self.nl.route_to(b).await? {
+                Some(r) => {
+                    egress.insert(r.oif);
+                }
+                None => report.warnings.push(format!("backend {b} is unreachable (no route); flows to it are dropped")),
+            }
+        }
+        for oif in &egress {
+            self.attach(&links, *oif)?;
+        }
+
+        let ifaces = iface_table(&links, &addrs);
+        let mut owned: BTreeMap<AddrKey, AddrInfo> = BTreeMap::new();
+        for s in services {
+            owned.entry(AddrKey { addr: s.vip.octets() }).or_default().flags |= ADDR_VIP;
+        }
+        for oif in &egress {
+            match ifaces.get(oif) {
+                Some(i) if i.snat_ip != [0; 4] => owned.entry(AddrKey { addr: i.snat_ip }).or_default().flags |= ADDR_SNAT,
+                _ => report.warnings.push(format!(
+                    "interface {} leads to backends but has no IPv4 address to use as SNAT source; flows through it are dropped",
+                    links.iter().find(|l| l.index == *oif).map_or("?", |l| l.name.as_str())
+                )),
+            }
+        }
+
+        let desired = DesiredState { services: services.to_vec(), addrs: owned, ifaces };
+        let p = plan(&self.state, &desired, self.dp.maps.limits());
+        for op in &p.ops {
+            self.dp.maps.apply(op)?;
+            self.state.apply(op);
+        }
+        report.map_ops = p.ops.len();
+        report.errors = p.errors;
+
+        let changes = address_changes(self.iface.index, &vip_users(services.iter().map(|s| &s.vip)), &addrs);
+        for vip in &changes.foreign {
+            report.warnings.push(format!("VIP {vip} is already configured on this node by someone else; using it as is"));
+        }
+        for vip in changes.add {
+            self.nl.add_address(self.iface.index, vip).await?;
+            report.added.push(vip);
+        }
+        for (index, vip, prefix) in changes.remove {
+            self.nl.del_address(index, vip, prefix).await?;
+            report.removed.push(vip);
+        }
+        Ok(report)
+    }
+
+    /// Removes idle and stale flows.
+    pub fn collect_flows(&mut self) -> Result<GcReport, NodeError> {
+        Ok(flows::collect(&mut self.dp.maps, &self.opts.config, flows::monotonic_ns())?)
+    }
+
+    /// Detaches the programs, removes the addresses ballast added and restores forwarding
+    /// settings. Maps stay pinned so a restarted agent continues established flows.
+    pub async fn shutdown(mut self) {
+        self.dp.detach_all();
+        match self.nl.addresses().await {
+            Ok(addrs) => {
+                for a in addrs.iter().filter(|a| a.ours) {
+                    match self.nl.del_address(a.index, a.addr, a.prefix).await {
+                        Ok(()) => info!(vip = %a.addr, "removed VIP"),
+                        Err(e) => warn!(vip = %a.addr, error = %e, "cannot remove VIP"),
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot list addresses to remove the VIPs"),
+        }
+        for (iface, old) in std::mem::take(&mut self.forwarding) {
+            if let Err(e) = sysctl::restore_forwarding(&iface, &old) {
+                warn!(iface, error = %e, "cannot restore the forwarding setting");
+            }
+        }
+    }
+}

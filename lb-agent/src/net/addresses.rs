@@ -1,0 +1,111 @@
+//! Which VIPs to add to and remove from the interface. Pure.
+//!
+//! Ownership lives in the kernel: every address ballast adds carries its address protocol
+//! marker, so a restarted agent recognises its own addresses, adopts the ones still wanted,
+//! removes the ones no longer wanted, and never touches anyone else's. The reference count of
+//! a VIP is the number of services using it; the address goes with its last user.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use super::IfAddr;
+
+/// Changes to make on the interface.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AddressChanges {
+    /// VIPs to add (as /32, marked as ballast's) to the interface.
+    pub add: Vec<Ipv4Addr>,
+    /// ballast's addresses to remove: (ifindex, address, prefix).
+    pub remove: Vec<(u32, Ipv4Addr, u8)>,
+    /// Wanted VIPs that some other software already put on an interface: used as they
+    /// are, never removed.
+    pub foreign: Vec<Ipv4Addr>,
+}
+
+/// Computes the changes that make `iface` hold exactly the VIPs in `users` (VIP → number
+/// of services using it), given every IPv4 address on the node.
+pub fn address_changes(iface: u32, users: &BTreeMap<Ipv4Addr, usize>, present: &[IfAddr]) -> AddressChanges {
+    let mut out = AddressChanges::default();
+    for (vip, n) in users {
+        if *n == 0 {
+            continue;
+        }
+        let here = present.iter().filter(|a| a.addr == *vip);
+        let mut ours_on_iface = false;
+        let mut foreign = false;
+        for a in here {
+            if a.ours && a.index == iface {
+                ours_on_iface = true;
+            } else if !a.ours {
+                foreign = true;
+            }
+        }
+        if foreign {
+            out.foreign.push(*vip);
+        } else if !ours_on_iface {
+            out.add.push(*vip);
+        }
+    }
+    for a in present {
+        let wanted = users.get(&a.addr).is_some_and(|n| *n > 0) && a.index == iface && !out.foreign.contains(&a.addr);
+        if a.ours && !wanted {
+            out.remove.push((a.index, a.addr, a.prefix));
+        }
+    }
+    out
+}
+
+/// Number of services per VIP.
+pub fn vip_users<'a>(vips: impl IntoIterator<Item = &'a Ipv4Addr>) -> BTreeMap<Ipv4Addr, usize> {
+    let mut users = BTreeMap::new();
+    for v in vips {
+        *users.entry(*v).or_insert(0) += 1;
+    }
+    users
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(index: u32, a: [u8; 4], ours: bool) -> IfAddr {
+        IfAddr { index, addr: a.into(), prefix: 32, ours, secondary: false }
+    }
+
+    const V1: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+    const V2: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+
+    #[test]
+    fn shared_vip_is_added_once_and_removed_with_its_last_user() {
+        let users = vip_users(&[V1, V1, V2]);
+        assert_eq!(users[&V1], 2);
+        let c = address_changes(3, &users, &[]);
+        assert_eq!(c.add, vec![V1, V2]);
+        let present = [addr(3, V1.octets(), true), addr(3, V2.octets(), true)];
+        // One of V1's two services goes: nothing changes.
+        let c = address_changes(3, &vip_users(&[V1, V2]), &present);
+        assert_eq!(c, AddressChanges::default());
+        // Its last user goes: removed.
+        let c = address_changes(3, &vip_users(&[V2]), &present);
+        assert_eq!(c.remove, vec![(3, V1, 32)]);
+    }
+
+    #[test]
+    fn addresses_of_others_are_used_but_never_removed() {
+        let present = [addr(3, V1.octets(), false), addr(2, [10, 0, 0, 1], false)];
+        let c = address_changes(3, &vip_users(&[V1]), &present);
+        assert_eq!(c.foreign, vec![V1]);
+        assert!(c.add.is_empty() && c.remove.is_empty());
+        let c = address_changes(3, &vip_users(&[]), &present);
+        assert!(c.remove.is_empty(), "not ours: left alone");
+    }
+
+    #[test]
+    fn our_leftovers_are_removed_and_wanted_ones_adopted() {
+        // A previous run left V1 (still wanted) and V2 (not wanted) on the interface, and V1
+        // on another interface (the interface changed).
+        let present = [addr(3, V1.octets(), true), addr(3, V2.octets(), true), addr(4, V1.octets(), true)];
+        let c = address_changes(3, &vip_users(&[V1]), &present);
+        assert!(c.add.is_empty());
+        assert_eq!(c.remove, vec![(3, V2, 32), (4, V1, 32)]);
+    }
+}

@@ -1,0 +1,73 @@
+//! The `ifaces` table: how to transmit through each interface, and which source address
+//! translated flows use when they leave through it. Pure.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use lb_common::addr::{IFACE_TX_REDIRECT, IfaceInfo};
+
+use super::{IfAddr, Link};
+
+/// One entry per interface that is up (loopback excluded). The SNAT address is the
+/// interface's primary IPv4 address that ballast did not add (never a VIP); an interface
+/// without one gets `0.0.0.0`, which the data path refuses as a SNAT source. Frames sent
+/// back out of a veth use `bpf_redirect` (see `IFACE_TX_REDIRECT`).
+pub fn iface_table(links: &[Link], addrs: &[IfAddr]) -> BTreeMap<u32, IfaceInfo> {
+    let mut table = BTreeMap::new();
+    for l in links.iter().filter(|l| l.up && !l.loopback) {
+        let snat = primary_address(l.index, addrs).unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let (tx_ifindex, vlan) = l.vlan.unwrap_or((l.index, 0));
+        let tx_is_veth = links.iter().find(|t| t.index == tx_ifindex).is_some_and(|t| t.veth);
+        let flags = if tx_is_veth { IFACE_TX_REDIRECT } else { 0 };
+        table.insert(l.index, IfaceInfo { snat_ip: snat.octets(), tx_ifindex, vlan, flags });
+    }
+    table
+}
+
+/// The first primary, non-ballast IPv4 address of interface `index`.
+pub fn primary_address(index: u32, addrs: &[IfAddr]) -> Option<Ipv4Addr> {
+    addrs.iter().find(|a| a.index == index && !a.ours && !a.secondary).map(|a| a.addr)
+}
+
+/// The interface XDP must be attached to for traffic of `index`: a VLAN interface's frames
+/// are seen (tagged) by XDP on its parent.
+pub fn xdp_device(links: &[Link], index: u32) -> Option<&Link> {
+    let l = links.iter().find(|l| l.index == index)?;
+    match l.vlan {
+        Some((parent, _)) => links.iter().find(|p| p.index == parent),
+        None => Some(l),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(index: u32, name: &str, vlan: Option<(u32, u16)>) -> Link {
+        Link { index, name: name.into(), vlan, up: true, loopback: false, veth: false }
+    }
+
+    #[test]
+    fn table_uses_primary_addresses_and_vlan_parents() {
+        let links = vec![
+            Link { loopback: true, ..link(1, "lo", None) },
+            link(2, "eth0", None),
+            link(3, "eth0.100", Some((2, 100))),
+            link(4, "dummy", None),
+            Link { veth: true, ..link(5, "veth0", None) },
+        ];
+        let addrs = vec![
+            IfAddr { index: 2, addr: [192, 0, 2, 10].into(), prefix: 32, ours: true, secondary: false },
+            IfAddr { index: 2, addr: [10, 0, 0, 1].into(), prefix: 24, ours: false, secondary: false },
+            IfAddr { index: 2, addr: [10, 0, 0, 2].into(), prefix: 24, ours: false, secondary: true },
+            IfAddr { index: 3, addr: [10, 1, 0, 1].into(), prefix: 24, ours: false, secondary: false },
+        ];
+        let t = iface_table(&links, &addrs);
+        assert!(!t.contains_key(&1));
+        assert_eq!(t[&2], IfaceInfo { snat_ip: [10, 0, 0, 1], tx_ifindex: 2, vlan: 0, flags: 0 });
+        assert_eq!(t[&3], IfaceInfo { snat_ip: [10, 1, 0, 1], tx_ifindex: 2, vlan: 100, flags: 0 });
+        assert_eq!(t[&4].snat_ip, [0, 0, 0, 0]);
+        assert_eq!(t[&5].flags, IFACE_TX_REDIRECT);
+        assert_eq!(t[&2].flags, 0);
+        assert_eq!(xdp_device(&links, 3).map(|l| l.name.as_str()), Some("eth0"));
+    }
+}
