@@ -1,7 +1,11 @@
 //! `lb-agent inspect`: what the pinned maps say, readable by people (table) and scripts
 //! (JSON). Works whether the agent runs or not.
 
-use std::{collections::BTreeMap, fmt::Write as _, net::{Ipv4Addr, SocketAddrV4}};
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+};
 
 use lb_common::{
     flow::{FLOW_L2_VALID, FLOW_REPLY},
@@ -92,7 +96,11 @@ pub struct Snapshot {
 }
 
 fn drops(s: &ServiceStats) -> BTreeMap<&'static str, u64> {
-    DropReason::ALL.iter().map(|r| (r.name(), s.drops.get(*r))).filter(|(_, n)| *n > 0).collect()
+    DropReason::ALL
+        .iter()
+        .map(|r| (r.name(), s.drops.get(*r)))
+        .filter(|(_, n)| *n > 0)
+        .collect()
 }
 
 fn proto_name(p: u8) -> String {
@@ -174,12 +182,23 @@ pub fn snapshot(maps: &Maps, with_flows: bool) -> Result<Snapshot, MapsError> {
 /// Renders a snapshot as text tables.
 pub fn render(s: &Snapshot) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "{:<24} {:<5} {:>9} {:>11} {:>9} {:>11} {:>9}  BACKENDS (flows)", "SERVICE", "PROTO", "PACKETS", "BYTES", "REPLIES", "REPLY-BYTES", "NEW-FLOWS");
+    let _ = writeln!(
+        out,
+        "{:<24} {:<5} {:>9} {:>11} {:>9} {:>11} {:>9}  BACKENDS (flows)",
+        "SERVICE", "PROTO", "PACKETS", "BYTES", "REPLIES", "REPLY-BYTES", "NEW-FLOWS"
+    );
     for v in &s.services {
         let backends: Vec<String> = v
             .backends
             .iter()
-            .map(|b| format!("{}{} ({})", b.addr, if b.active { "" } else { " terminating" }, b.flows))
+            .map(|b| {
+                format!(
+                    "{}{} ({})",
+                    b.addr,
+                    if b.active { "" } else { " terminating" },
+                    b.flows
+                )
+            })
             .collect();
         let _ = writeln!(
             out,
@@ -191,18 +210,35 @@ pub fn render(s: &Snapshot) -> String {
             v.reply_packets,
             v.reply_bytes,
             v.new_flows,
-            if backends.is_empty() { "none (new flows are rejected)".to_string() } else { backends.join(", ") }
+            if backends.is_empty() {
+                "none (new flows are rejected)".to_string()
+            } else {
+                backends.join(", ")
+            }
         );
         if !v.drops.is_empty() {
             let _ = writeln!(out, "{:<24} drops: {}", "", fmt_drops(&v.drops));
         }
     }
     if !s.unattributed_drops.is_empty() {
-        let _ = writeln!(out, "drops without a service: {}", fmt_drops(&s.unattributed_drops));
+        let _ = writeln!(
+            out,
+            "drops without a service: {}",
+            fmt_drops(&s.unattributed_drops)
+        );
     }
-    let _ = writeln!(out, "flow table: {} entries ({} flows)", s.flow_entries, s.flow_entries / 2);
+    let _ = writeln!(
+        out,
+        "flow table: {} entries ({} flows)",
+        s.flow_entries,
+        s.flow_entries / 2
+    );
     if let Some(flows) = &s.flows {
-        let _ = writeln!(out, "\n{:<5} {:<22} {:<22} {:<22} {:<22} {:>6} {:>6}  STATE", "PROTO", "CLIENT", "SERVICE", "SNAT", "BACKEND", "IDLE", "AGE");
+        let _ = writeln!(
+            out,
+            "\n{:<5} {:<22} {:<22} {:<22} {:<22} {:>6} {:>6}  STATE",
+            "PROTO", "CLIENT", "SERVICE", "SNAT", "BACKEND", "IDLE", "AGE"
+        );
         for f in flows {
             let state = match (f.closed, f.next_hop_resolved) {
                 (true, _) => "closed",
@@ -226,5 +262,8 @@ pub fn render(s: &Snapshot) -> String {
 }
 
 fn fmt_drops(d: &BTreeMap<&'static str, u64>) -> String {
-    d.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+    d.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }

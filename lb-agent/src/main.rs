@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_agent::{
     agent::{node::NodeOptions, static_mode},
-    dataplane::{Maps, MapSizes, XdpAttachMode},
+    dataplane::{MapSizes, Maps, XdpAttachMode},
     inspect,
 };
 use lb_common::config::DataplaneConfig;
@@ -105,9 +105,15 @@ struct RunArgs {
 }
 
 fn init_logging(level: &str, format: LogFormat) {
-    let level = if std::env::var("DEBUG").is_ok_and(|v| v == "true" || v == "1") { "debug" } else { level };
+    let level = if std::env::var("DEBUG").is_ok_and(|v| v == "true" || v == "1") {
+        "debug"
+    } else {
+        level
+    };
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().init(),
@@ -115,9 +121,17 @@ fn init_logging(level: &str, format: LogFormat) {
 }
 
 fn parse_ports(s: &str) -> Result<(u16, u16)> {
-    let (lo, hi) = s.split_once('-').context("--snat-ports must be LOW-HIGH, e.g. 10000-32767")?;
-    let lo: u16 = lo.trim().parse().context("--snat-ports: LOW is not a port")?;
-    let hi: u16 = hi.trim().parse().context("--snat-ports: HIGH is not a port")?;
+    let (lo, hi) = s
+        .split_once('-')
+        .context("--snat-ports must be LOW-HIGH, e.g. 10000-32767")?;
+    let lo: u16 = lo
+        .trim()
+        .parse()
+        .context("--snat-ports: LOW is not a port")?;
+    let hi: u16 = hi
+        .trim()
+        .parse()
+        .context("--snat-ports: HIGH is not a port")?;
     if lo == 0 || lo > hi {
         bail!("--snat-ports: need 1 <= LOW <= HIGH, got {lo}-{hi}");
     }
@@ -126,7 +140,11 @@ fn parse_ports(s: &str) -> Result<(u16, u16)> {
 
 fn node_options(a: &RunArgs) -> Result<NodeOptions> {
     let (lo, hi) = parse_ports(&a.snat_ports)?;
-    for (name, v) in [("--max-services", a.max_services), ("--max-backends", a.max_backends), ("--max-flows", a.max_flows)] {
+    for (name, v) in [
+        ("--max-services", a.max_services),
+        ("--max-backends", a.max_backends),
+        ("--max-flows", a.max_flows),
+    ] {
         if v == 0 {
             bail!("{name} must be at least 1");
         }
@@ -176,13 +194,22 @@ fn run(command: Command) -> Result<()> {
         Command::Run(args) => {
             let opts = node_options(&args)?;
             let Some(config) = args.config.clone() else {
-                bail!("Kubernetes mode is not available in this build yet: pass --config FILE to run in static mode");
+                bail!(
+                    "Kubernetes mode is not available in this build yet: pass --config FILE to run in static mode"
+                );
             };
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(static_mode::run(opts, config))
         }
-        Command::Inspect { bpffs, flows, output } => {
-            let maps = Maps::open(&bpffs).with_context(|| format!("no ballast maps pinned in {}", bpffs.display()))?;
+        Command::Inspect {
+            bpffs,
+            flows,
+            output,
+        } => {
+            let maps = Maps::open(&bpffs)
+                .with_context(|| format!("no ballast maps pinned in {}", bpffs.display()))?;
             let snap = inspect::snapshot(&maps, flows)?;
             match output {
                 Output::Table => print!("{}", inspect::render(&snap)),

@@ -109,7 +109,8 @@ impl FlowValue {
     /// Whether the TCP connection is over (RST, or FIN in both directions): such
     /// entries expire after the short closing timeout.
     pub const fn is_closed(&self) -> bool {
-        self.flags & FLOW_RST != 0 || self.flags & (FLOW_FIN | FLOW_PEER_FIN) == FLOW_FIN | FLOW_PEER_FIN
+        self.flags & FLOW_RST != 0
+            || self.flags & (FLOW_FIN | FLOW_PEER_FIN) == FLOW_FIN | FLOW_PEER_FIN
     }
 }
 

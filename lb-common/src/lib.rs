@@ -45,6 +45,8 @@ pub mod program_names {
     pub const XDP: &str = "ballast_xdp";
     /// The TC ingress companion: finishes packets whose next hop needs neighbour resolution.
     pub const TC: &str = "ballast_tc";
+    /// A program that passes everything, measured by the benchmarks as the floor.
+    pub const BASELINE: &str = "xdp_pass_baseline";
 }
 
 /// IP protocol numbers the data path understands.

@@ -50,7 +50,13 @@ pub enum Route {
 /// Looks up the route to `dst` as if the packet (IP length `ip_len`) had been received on
 /// the current ingress interface.
 #[inline(always)]
-pub fn route<C: EbpfContext>(ctx: &C, ingress_ifindex: u32, src: [u8; 4], dst: [u8; 4], ip_len: u16) -> Route {
+pub fn route<C: EbpfContext>(
+    ctx: &C,
+    ingress_ifindex: u32,
+    src: [u8; 4],
+    dst: [u8; 4],
+    ip_len: u16,
+) -> Route {
     // SAFETY: bpf_fib_lookup is a plain C struct; all-zero is a valid initial state.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
@@ -60,7 +66,12 @@ pub fn route<C: EbpfContext>(ctx: &C, ingress_ifindex: u32, src: [u8; 4], dst: [
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
     // SAFETY: `p` is a valid, writable bpf_fib_lookup of the size passed.
     let ret = unsafe {
-        fib_lookup(ctx.as_ptr(), &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
+        fib_lookup(
+            ctx.as_ptr(),
+            &mut p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
     };
     let ret = ret as u32;
     if ret == BPF_FIB_LKUP_RET_FRAG_NEEDED {
@@ -75,7 +86,24 @@ pub fn route<C: EbpfContext>(ctx: &C, ingress_ifindex: u32, src: [u8; 4], dst: [
     let Some(iface) = (unsafe { IFACES.get(oif) }).copied() else {
         return Route::Unmanaged;
     };
-    let IfaceInfo { snat_ip, tx_ifindex, vlan, flags } = iface;
-    let hop = NextHop { oif, tx_ifindex, vlan, flags, smac: p.smac, dmac: p.dmac, snat_ip };
-    if ret == BPF_FIB_LKUP_RET_SUCCESS { Route::Ready(hop) } else { Route::NoNeigh(hop) }
+    let IfaceInfo {
+        snat_ip,
+        tx_ifindex,
+        vlan,
+        flags,
+    } = iface;
+    let hop = NextHop {
+        oif,
+        tx_ifindex,
+        vlan,
+        flags,
+        smac: p.smac,
+        dmac: p.dmac,
+        snat_ip,
+    };
+    if ret == BPF_FIB_LKUP_RET_SUCCESS {
+        Route::Ready(hop)
+    } else {
+        Route::NoNeigh(hop)
+    }
 }

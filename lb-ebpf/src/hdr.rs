@@ -69,12 +69,10 @@ pub const ETH_HLEN: usize = 14;
 pub const VLAN_HLEN: usize = 4;
 pub const IPV4_HLEN: usize = 20;
 pub const TCP_HLEN: usize = 20;
-pub const UDP_HLEN: usize = 8;
 pub const ICMP_HLEN: usize = 8;
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_8021Q: u16 = 0x8100;
-pub const ETH_P_8021AD: u16 = 0x88a8;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;

@@ -9,7 +9,10 @@ use aya_ebpf::{
 use lb_common::{
     addr::{AddrInfo, AddrKey, IfaceInfo},
     backend::Backend,
-    config::{DataplaneConfig, MAX_ADDRS, MAX_BACKENDS, MAX_FLOW_ENTRIES, MAX_IFACES, MAX_SERVICES, MAX_SLOTS},
+    config::{
+        DataplaneConfig, MAX_ADDRS, MAX_BACKENDS, MAX_FLOW_ENTRIES, MAX_IFACES, MAX_SERVICES,
+        MAX_SLOTS,
+    },
     flow::{FlowKey, FlowValue},
     service::{RoundRobin, ServiceKey, ServiceValue, Slot, SlotKey},
     stats::{DropReason, ServiceStats},
@@ -34,8 +37,12 @@ pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 /// The flow table. LRU so a full table evicts the idlest flows instead of refusing new
 /// ones; per-CPU LRU lists so CPUs do not contend on one list lock.
 #[btf_map(name = "flows")]
-pub static FLOWS: LruHashMap<FlowKey, FlowValue, { MAX_FLOW_ENTRIES as usize }, { BPF_F_NO_COMMON_LRU as usize }> =
-    LruHashMap::new();
+pub static FLOWS: LruHashMap<
+    FlowKey,
+    FlowValue,
+    { MAX_FLOW_ENTRIES as usize },
+    { BPF_F_NO_COMMON_LRU as usize },
+> = LruHashMap::new();
 
 /// Addresses this program owns: VIPs and SNAT addresses.
 #[btf_map(name = "addrs")]

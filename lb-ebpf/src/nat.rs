@@ -1,8 +1,6 @@
 //! Flow table operations shared by the XDP and TC programs.
 
-use lb_common::{
-    flow::{FLOW_FIN, FLOW_PEER_FIN, FLOW_RST, FlowKey, FlowValue},
-};
+use lb_common::flow::{FLOW_FIN, FLOW_PEER_FIN, FLOW_RST, FlowKey, FlowValue};
 
 use crate::{
     atomic,
@@ -29,7 +27,12 @@ pub fn backend_alive(f: &FlowValue) -> bool {
 /// Idle timeout for an entry of protocol `proto`.
 #[inline(always)]
 pub fn timeout(proto: u8, f: &FlowValue) -> u64 {
-    f.timeout_ns(proto, config!(tcp_timeout_ns), config!(tcp_closing_timeout_ns), config!(udp_timeout_ns))
+    f.timeout_ns(
+        proto,
+        config!(tcp_timeout_ns),
+        config!(tcp_closing_timeout_ns),
+        config!(udp_timeout_ns),
+    )
 }
 
 /// Whether both directions of a flow have been idle longer than their timeout. Only
@@ -38,7 +41,7 @@ pub fn timeout(proto: u8, f: &FlowValue) -> u64 {
 pub fn both_idle(f: &FlowValue, proto: u8, now: u64) -> bool {
     let key = f.peer_key(proto);
     // SAFETY: shared lookup; fields are read once.
-    match unsafe { FLOWS.get(&key) } {
+    match unsafe { FLOWS.get(key) } {
         Some(peer) => now.saturating_sub(peer.last_seen_ns) > timeout(proto, peer),
         None => true,
     }
@@ -47,7 +50,7 @@ pub fn both_idle(f: &FlowValue, proto: u8, now: u64) -> bool {
 /// Removes both entries of a flow.
 #[inline(always)]
 pub fn end_flow(key: &FlowKey, f: &FlowValue) {
-    let _ = FLOWS.remove(&f.peer_key(key.proto));
+    let _ = FLOWS.remove(f.peer_key(key.proto));
     let _ = FLOWS.remove(key);
 }
 
@@ -55,14 +58,18 @@ pub fn end_flow(key: &FlowKey, f: &FlowValue) {
 /// connection is closed and switch to the short timeout.
 #[inline(always)]
 pub fn mark_close(f: *mut FlowValue, proto: u8, tcp_flags: u8) {
-    let (own, peer) = if tcp_flags & TCP_RST != 0 { (FLOW_RST, FLOW_RST) } else { (FLOW_FIN, FLOW_PEER_FIN) };
+    let (own, peer) = if tcp_flags & TCP_RST != 0 {
+        (FLOW_RST, FLOW_RST)
+    } else {
+        (FLOW_FIN, FLOW_PEER_FIN)
+    };
     // SAFETY: `f` points into a live flow entry; `flags` is 4-byte aligned (map values are
     // 8-byte aligned, offset 28) and only ever accessed atomically or by plain reads.
     let peer_key = unsafe {
         atomic::or(&raw mut (*f).flags, own);
         (*f).peer_key(proto)
     };
-    if let Some(p) = FLOWS.get_ptr_mut(&peer_key) {
+    if let Some(p) = FLOWS.get_ptr_mut(peer_key) {
         // SAFETY: as above, for the peer entry.
         unsafe { atomic::or(&raw mut (*p).flags, peer) };
     }

@@ -24,7 +24,10 @@ pub fn agent_bin() -> Result<PathBuf> {
             return Ok(candidate);
         }
     }
-    bail!("lb-agent binary not found near {}: build it first (`cargo build -p lb-agent`, which `cargo xtask test` does) or set LB_AGENT_BIN", exe.display())
+    bail!(
+        "lb-agent binary not found near {}: build it first (`cargo build -p lb-agent`, which `cargo xtask test` does) or set LB_AGENT_BIN",
+        exe.display()
+    )
 }
 
 /// A running agent; terminated (SIGTERM, then SIGKILL) on drop.
@@ -48,7 +51,10 @@ impl Agent {
             .stdin(Stdio::null())
             .spawn()
             .context("spawning lb-agent through nsenter")?;
-        let mut agent = Self { child: Some(child), log };
+        let mut agent = Self {
+            child: Some(child),
+            log,
+        };
         agent.wait_for("ready", Duration::from_secs(20))?;
         Ok(agent)
     }
@@ -66,10 +72,10 @@ impl Agent {
             if text.matches(needle).count() >= n {
                 return Ok(());
             }
-            if let Some(child) = self.child.as_mut() {
-                if let Some(status) = child.try_wait()? {
-                    bail!("lb-agent exited ({status}) before logging {needle:?}:\n{text}");
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("lb-agent exited ({status}) before logging {needle:?}:\n{text}");
             }
             if start.elapsed() > timeout {
                 bail!("lb-agent did not log {needle:?} within {timeout:?}:\n{text}");
@@ -103,7 +109,9 @@ impl Agent {
     }
 
     fn terminate(&mut self) -> Result<std::process::ExitStatus> {
-        let Some(mut child) = self.child.take() else { bail!("already stopped") };
+        let Some(mut child) = self.child.take() else {
+            bail!("already stopped")
+        };
         // SAFETY: plain kill(2) on our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let start = Instant::now();

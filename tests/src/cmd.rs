@@ -6,12 +6,19 @@ use anyhow::{Context, Result, bail};
 
 /// Runs `program args...`, returns stdout; fails with the command line and stderr.
 pub fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run {program} (is it installed? `cargo xtask setup` installs the test tools)"))?;
+    let out = Command::new(program).args(args).output().with_context(|| {
+        format!(
+            "cannot run {program} (is it installed? `cargo xtask setup` installs the test tools)"
+        )
+    })?;
     if !out.status.success() {
-        bail!("`{} {}` failed ({}): {}", program, args.join(" "), out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`{} {}` failed ({}): {}",
+            program,
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

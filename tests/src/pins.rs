@@ -12,7 +12,9 @@ pub struct PinDir {
 impl PinDir {
     /// A fresh, not yet created, directory path.
     pub fn new(tag: &str) -> Self {
-        Self { path: Path::new("/sys/fs/bpf").join(unique_name(&format!("ballast-{tag}"))) }
+        Self {
+            path: Path::new("/sys/fs/bpf").join(unique_name(&format!("ballast-{tag}"))),
+        }
     }
 
     /// The directory.

@@ -8,18 +8,24 @@ use std::path::Path;
 pub fn require() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        panic!("these tests load eBPF programs and create network namespaces: run them as root (`cargo xtask test` as root)");
+        panic!(
+            "these tests load eBPF programs and create network namespaces: run them as root (`cargo xtask test` as root)"
+        );
     }
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     let path = c"/sys/fs/bpf";
     // SAFETY: valid C string and writable buffer.
     let rc = unsafe { libc::statfs(path.as_ptr(), &mut st) };
     if rc != 0 || st.f_type as i64 != 0xcafe_4a11 {
-        panic!("no bpf filesystem at /sys/fs/bpf: mount it with `mount -t bpf bpf /sys/fs/bpf` (`cargo xtask setup` does)");
+        panic!(
+            "no bpf filesystem at /sys/fs/bpf: mount it with `mount -t bpf bpf /sys/fs/bpf` (`cargo xtask setup` does)"
+        );
     }
     for tool in ["/usr/sbin/ip", "/usr/sbin/ethtool", "/usr/bin/nsenter"] {
         if !Path::new(tool).exists() && !Path::new(&tool.replace("/usr", "")).exists() {
-            panic!("{tool} is missing: install iproute2, ethtool and util-linux (`cargo xtask setup` does)");
+            panic!(
+                "{tool} is missing: install iproute2, ethtool and util-linux (`cargo xtask setup` does)"
+            );
         }
     }
 }

@@ -1,1 +1,60 @@
-fn main() {}
+//! `cargo xtask <command>`: everything a developer or CI runs.
+
+mod setup;
+mod tasks;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "ballast developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what building and testing need (idempotent): the pinned nightly with
+    /// rust-src, bpf-linker, Debian packages, and the bpf filesystem mount.
+    Setup,
+    /// Build the agent (the eBPF object is embedded in it).
+    Build {
+        /// Optimised build.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build and run the agent: `cargo xtask run -- --interface eth0 --config services.yaml`.
+    Run {
+        /// Arguments after `lb-agent run`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build a namespace topology, balance requests through it, print who answered.
+    Demo,
+    /// Run formatting and lint checks and the whole test suite (needs root).
+    Test {
+        /// Only tests whose name contains this (passed to cargo test).
+        filter: Option<String>,
+    },
+    /// Run the benchmarks (needs root).
+    Bench {
+        /// A short run.
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Setup => setup::ensure(true),
+        Command::Build { release } => {
+            setup::ensure(false)?;
+            tasks::cargo(&["build", "-p", "lb-agent"], release)
+        }
+        Command::Run { args } => tasks::run(&args),
+        Command::Demo => tasks::demo(),
+        Command::Test { filter } => tasks::test(filter.as_deref()),
+        Command::Bench { quick } => tasks::bench(quick),
+    }
+}

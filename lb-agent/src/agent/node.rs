@@ -52,10 +52,16 @@ pub enum NodeError {
     Net(#[from] NetError),
     /// Loading or attaching failed.
     #[error(transparent)]
-    Load(#[from] LoadError),
+    Load(Box<LoadError>),
     /// A map operation failed.
     #[error(transparent)]
     Maps(#[from] MapsError),
+}
+
+impl From<LoadError> for NodeError {
+    fn from(e: LoadError) -> Self {
+        Self::Load(Box::new(e))
+    }
 }
 
 /// What one apply did.
@@ -90,12 +96,26 @@ impl Node {
         let nl = Netlink::connect()?;
         let iface = nl.link_by_name(&opts.interface).await?;
         let links = nl.links().await?;
-        let dp = Dataplane::load(&LoadOptions { pin_dir: opts.pin_dir.clone(), sizes: opts.sizes, config: opts.config })?;
+        let dp = Dataplane::load(&LoadOptions {
+            pin_dir: opts.pin_dir.clone(),
+            sizes: opts.sizes,
+            config: opts.config,
+        })?;
         let state = dp.maps.read_state()?;
         if !state.services.is_empty() {
-            info!(services = state.services.len(), "found programmed services in the pinned maps; adopting them");
+            info!(
+                services = state.services.len(),
+                "found programmed services in the pinned maps; adopting them"
+            );
         }
-        let mut node = Self { opts, nl, dp, state, iface, forwarding: BTreeMap::new() };
+        let mut node = Self {
+            opts,
+            nl,
+            dp,
+            state,
+            iface,
+            forwarding: BTreeMap::new(),
+        };
         node.attach(&links, node.iface.index)?;
         Ok(node)
     }
@@ -103,21 +123,37 @@ impl Node {
     /// Attaches to the device carrying interface `index`'s traffic and enables forwarding
     /// on the interface.
     fn attach(&mut self, links: &[Link], index: u32) -> Result<(), NodeError> {
-        let Some(dev) = xdp_device(links, index) else { return Ok(()) };
+        let Some(dev) = xdp_device(links, index) else {
+            return Ok(());
+        };
         if !self.dp.attached().any(|(i, _)| i == dev.index) {
             self.dp.attach(&dev.name, dev.index, self.opts.xdp_mode)?;
         }
-        for name in [Some(dev.name.clone()), links.iter().find(|l| l.index == index).map(|l| l.name.clone())].into_iter().flatten() {
+        for name in [
+            Some(dev.name.clone()),
+            links
+                .iter()
+                .find(|l| l.index == index)
+                .map(|l| l.name.clone()),
+        ]
+        .into_iter()
+        .flatten()
+        {
             if self.forwarding.contains_key(&name) {
                 continue;
             }
             match sysctl::enable_forwarding(&name) {
                 Ok(Some(old)) => {
-                    info!(iface = name, "enabled IPv4 forwarding (bpf_fib_lookup needs it on the receiving interface)");
+                    info!(
+                        iface = name,
+                        "enabled IPv4 forwarding (bpf_fib_lookup needs it on the receiving interface)"
+                    );
                     self.forwarding.insert(name, old);
                 }
                 Ok(None) => {}
-                Err(e) => warn!(iface = name, error = %e, "cannot enable IPv4 forwarding; forwarding lookups will fail"),
+                Err(e) => {
+                    warn!(iface = name, error = %e, "cannot enable IPv4 forwarding; forwarding lookups will fail")
+                }
             }
         }
         Ok(())
@@ -131,14 +167,19 @@ impl Node {
 
         // Where do backends live? Every interface a backend is routed through needs the
         // programs (replies come back there) and its address is a SNAT source.
-        let backends: BTreeSet<Ipv4Addr> = services.iter().flat_map(|s| s.backends.iter().map(|b| *b.addr.ip())).collect();
+        let backends: BTreeSet<Ipv4Addr> = services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| *b.addr.ip()))
+            .collect();
         let mut egress = BTreeSet::new();
         for b in backends {
             match self.nl.route_to(b).await? {
                 Some(r) => {
                     egress.insert(r.oif);
                 }
-                None => report.warnings.push(format!("backend {b} is unreachable (no route); flows to it are dropped")),
+                None => report.warnings.push(format!(
+                    "backend {b} is unreachable (no route); flows to it are dropped"
+                )),
             }
         }
         for oif in &egress {
@@ -148,7 +189,12 @@ impl Node {
         let ifaces = iface_table(&links, &addrs);
         let mut owned: BTreeMap<AddrKey, AddrInfo> = BTreeMap::new();
         for s in services {
-            owned.entry(AddrKey { addr: s.vip.octets() }).or_default().flags |= ADDR_VIP;
+            owned
+                .entry(AddrKey {
+                    addr: s.vip.octets(),
+                })
+                .or_default()
+                .flags |= ADDR_VIP;
         }
         for oif in &egress {
             match ifaces.get(oif) {
@@ -160,7 +206,11 @@ impl Node {
             }
         }
 
-        let desired = DesiredState { services: services.to_vec(), addrs: owned, ifaces };
+        let desired = DesiredState {
+            services: services.to_vec(),
+            addrs: owned,
+            ifaces,
+        };
         let p = plan(&self.state, &desired, self.dp.maps.limits());
         for op in &p.ops {
             self.dp.maps.apply(op)?;
@@ -169,9 +219,15 @@ impl Node {
         report.map_ops = p.ops.len();
         report.errors = p.errors;
 
-        let changes = address_changes(self.iface.index, &vip_users(services.iter().map(|s| &s.vip)), &addrs);
+        let changes = address_changes(
+            self.iface.index,
+            &vip_users(services.iter().map(|s| &s.vip)),
+            &addrs,
+        );
         for vip in &changes.foreign {
-            report.warnings.push(format!("VIP {vip} is already configured on this node by someone else; using it as is"));
+            report.warnings.push(format!(
+                "VIP {vip} is already configured on this node by someone else; using it as is"
+            ));
         }
         for vip in changes.add {
             self.nl.add_address(self.iface.index, vip).await?;
@@ -186,7 +242,11 @@ impl Node {
 
     /// Removes idle and stale flows.
     pub fn collect_flows(&mut self) -> Result<GcReport, NodeError> {
-        Ok(flows::collect(&mut self.dp.maps, &self.opts.config, flows::monotonic_ns())?)
+        Ok(flows::collect(
+            &mut self.dp.maps,
+            &self.opts.config,
+            flows::monotonic_ns(),
+        )?)
     }
 
     /// Detaches the programs, removes the addresses ballast added and restores forwarding

@@ -21,15 +21,28 @@ const RESYNC_INTERVAL: Duration = Duration::from_secs(30);
 pub async fn run(node: NodeOptions, path: PathBuf) -> anyhow::Result<()> {
     let mut services = config::load(&path).context("invalid configuration")?;
     let mut text = std::fs::read_to_string(&path).unwrap_or_default();
-    let mut node = Node::start(node).await.context("cannot start the data path")?;
+    let mut node = Node::start(node)
+        .await
+        .context("cannot start the data path")?;
     let result = serve(&mut node, &path, &mut services, &mut text).await;
     node.shutdown().await;
     info!("stopped");
     result
 }
 
-async fn serve(node: &mut Node, path: &PathBuf, services: &mut Vec<ServiceSpec>, text: &mut String) -> anyhow::Result<()> {
-    log_report(&node.apply(services).await.context("applying the configuration")?, services.len());
+async fn serve(
+    node: &mut Node,
+    path: &PathBuf,
+    services: &mut Vec<ServiceSpec>,
+    text: &mut String,
+) -> anyhow::Result<()> {
+    log_report(
+        &node
+            .apply(services)
+            .await
+            .context("applying the configuration")?,
+        services.len(),
+    );
     info!(config = %path.display(), services = services.len(), "ready");
 
     let mut hup = signal(SignalKind::hangup())?;
@@ -73,9 +86,13 @@ async fn serve(node: &mut Node, path: &PathBuf, services: &mut Vec<ServiceSpec>,
                     *services = new;
                     log_report(&r, services.len());
                 }
-                Err(e) => error!(error = %e, "applying the new configuration failed; will retry at the next change or re-sync"),
+                Err(e) => {
+                    error!(error = %e, "applying the new configuration failed; will retry at the next change or re-sync")
+                }
             },
-            Err(e) => error!("configuration refused, the running configuration stays in force: {e}"),
+            Err(e) => {
+                error!("configuration refused, the running configuration stays in force: {e}")
+            }
         }
     }
 }

@@ -11,8 +11,8 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::MapInfo,
     programs::{
-        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
-        tc::SchedClassifierLinkId, xdp::XdpLinkId,
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId,
+        xdp::XdpLinkId,
     },
 };
 use lb_common::{
@@ -166,13 +166,38 @@ fn expected_shapes(sizes: &MapSizes) -> [(&'static str, usize, usize, u32); 8] {
     // Per-CPU LRU lists make the kernel round the capacity up to a multiple of the CPUs.
     let flows = sizes.flow_entries.div_ceil(cpus) * cpus;
     [
-        (map_names::SERVICES, size_of::<ServiceKey>(), size_of::<ServiceValue>(), sizes.services),
-        (map_names::SLOTS, size_of::<SlotKey>(), size_of::<Slot>(), sizes.slots),
+        (
+            map_names::SERVICES,
+            size_of::<ServiceKey>(),
+            size_of::<ServiceValue>(),
+            sizes.services,
+        ),
+        (
+            map_names::SLOTS,
+            size_of::<SlotKey>(),
+            size_of::<Slot>(),
+            sizes.slots,
+        ),
         (map_names::BACKENDS, 4, size_of::<Backend>(), sizes.backends),
-        (map_names::FLOWS, size_of::<FlowKey>(), size_of::<FlowValue>(), flows),
-        (map_names::ADDRS, size_of::<AddrKey>(), size_of::<AddrInfo>(), sizes.addrs),
+        (
+            map_names::FLOWS,
+            size_of::<FlowKey>(),
+            size_of::<FlowValue>(),
+            flows,
+        ),
+        (
+            map_names::ADDRS,
+            size_of::<AddrKey>(),
+            size_of::<AddrInfo>(),
+            sizes.addrs,
+        ),
         (map_names::IFACES, 4, size_of::<IfaceInfo>(), sizes.ifaces),
-        (map_names::STATS, 4, size_of::<ServiceStats>(), sizes.services + 1),
+        (
+            map_names::STATS,
+            4,
+            size_of::<ServiceStats>(),
+            sizes.services + 1,
+        ),
         (map_names::RR, 4, size_of::<RoundRobin>(), sizes.services),
     ]
 }
@@ -188,13 +213,18 @@ fn drop_incompatible_pins(dir: &Path, sizes: &MapSizes) -> Result<(), LoadError>
         }
         let fits = match MapInfo::from_pin(&path) {
             Ok(info) => {
-                info.key_size() as usize == key && info.value_size() as usize == value && info.max_entries() == max
+                info.key_size() as usize == key
+                    && info.value_size() as usize == value
+                    && info.max_entries() == max
             }
             Err(_) => false,
         };
         if !fits {
             warn!(map = name, path = %path.display(), "pinned map has a different layout or size; recreating it (its entries are lost)");
-            std::fs::remove_file(&path).map_err(|source| LoadError::PinDir { path: path.clone(), source })?;
+            std::fs::remove_file(&path).map_err(|source| LoadError::PinDir {
+                path: path.clone(),
+                source,
+            })?;
         }
     }
     Ok(())
@@ -210,15 +240,24 @@ impl Dataplane {
         match on_bpffs(probe) {
             Ok(true) => {}
             Ok(false) => return Err(LoadError::NotBpffs(probe.to_path_buf())),
-            Err(source) => return Err(LoadError::PinDir { path: probe.to_path_buf(), source }),
+            Err(source) => {
+                return Err(LoadError::PinDir {
+                    path: probe.to_path_buf(),
+                    source,
+                });
+            }
         }
-        std::fs::create_dir_all(dir).map_err(|source| LoadError::PinDir { path: dir.clone(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| LoadError::PinDir {
+            path: dir.clone(),
+            source,
+        })?;
         drop_incompatible_pins(dir, &opts.sizes)?;
 
         let mut cfg = opts.config;
         cfg.global_stats_index = opts.sizes.services;
         let s = opts.sizes;
-        let pins: Vec<(&'static str, PathBuf)> = map_names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
+        let pins: Vec<(&'static str, PathBuf)> =
+            map_names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
@@ -236,13 +275,24 @@ impl Dataplane {
         let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
 
         let xdp: &mut Xdp = program(&mut ebpf, program_names::XDP)?;
-        xdp.load().map_err(|source| LoadError::Program { name: program_names::XDP, source })?;
+        xdp.load().map_err(|source| LoadError::Program {
+            name: program_names::XDP,
+            source,
+        })?;
         let tc: &mut SchedClassifier = program(&mut ebpf, program_names::TC)?;
-        tc.load().map_err(|source| LoadError::Program { name: program_names::TC, source })?;
+        tc.load().map_err(|source| LoadError::Program {
+            name: program_names::TC,
+            source,
+        })?;
 
         let maps = Maps::open(dir)?;
         info!(pin_dir = %dir.display(), "data path loaded");
-        Ok(Self { ebpf, maps, pin_dir: dir.clone(), attached: BTreeMap::new() })
+        Ok(Self {
+            ebpf,
+            maps,
+            pin_dir: dir.clone(),
+            attached: BTreeMap::new(),
+        })
     }
 
     /// The bpffs directory holding the maps.
@@ -252,7 +302,12 @@ impl Dataplane {
 
     /// Attaches XDP (and the TC ingress companion) to an interface. Returns the XDP mode
     /// in use. Attaching twice is a no-op.
-    pub fn attach(&mut self, iface: &str, ifindex: u32, mode: XdpAttachMode) -> Result<&'static str, LoadError> {
+    pub fn attach(
+        &mut self,
+        iface: &str,
+        ifindex: u32,
+        mode: XdpAttachMode,
+    ) -> Result<&'static str, LoadError> {
         if self.attached.contains_key(&ifindex) {
             return Ok("already attached");
         }
@@ -280,7 +335,13 @@ impl Dataplane {
         }
         let (xdp_link, label) = match (used, last) {
             (Some(u), _) => u,
-            (None, Some((source, mode))) => return Err(LoadError::AttachXdp { iface: iface.into(), mode, source }),
+            (None, Some((source, mode))) => {
+                return Err(LoadError::AttachXdp {
+                    iface: iface.into(),
+                    mode,
+                    source,
+                });
+            }
             (None, None) => unreachable!("at least one attach mode is always tried"),
         };
         let tc: &mut SchedClassifier = program(&mut self.ebpf, program_names::TC)?;
@@ -289,11 +350,26 @@ impl Dataplane {
             Err(source) => {
                 let xdp: &mut Xdp = program(&mut self.ebpf, program_names::XDP)?;
                 let _ = xdp.detach(xdp_link);
-                return Err(LoadError::AttachTc { iface: iface.into(), source });
+                return Err(LoadError::AttachTc {
+                    iface: iface.into(),
+                    source,
+                });
             }
         };
-        info!(iface, ifindex, xdp_mode = label, "attached XDP and TC ingress");
-        self.attached.insert(ifindex, Attachment { name: iface.into(), xdp: xdp_link, tc: tc_link });
+        info!(
+            iface,
+            ifindex,
+            xdp_mode = label,
+            "attached XDP and TC ingress"
+        );
+        self.attached.insert(
+            ifindex,
+            Attachment {
+                name: iface.into(),
+                xdp: xdp_link,
+                tc: tc_link,
+            },
+        );
         Ok(label)
     }
 
@@ -306,15 +382,15 @@ impl Dataplane {
     pub fn detach_all(&mut self) {
         let attached = std::mem::take(&mut self.attached);
         for (_, a) in attached {
-            if let Ok(xdp) = program::<Xdp>(&mut self.ebpf, program_names::XDP) {
-                if let Err(e) = xdp.detach(a.xdp) {
-                    warn!(iface = a.name, error = %e, "XDP detach failed");
-                }
+            if let Ok(xdp) = program::<Xdp>(&mut self.ebpf, program_names::XDP)
+                && let Err(e) = xdp.detach(a.xdp)
+            {
+                warn!(iface = a.name, error = %e, "XDP detach failed");
             }
-            if let Ok(tc) = program::<SchedClassifier>(&mut self.ebpf, program_names::TC) {
-                if let Err(e) = tc.detach(a.tc) {
-                    warn!(iface = a.name, error = %e, "TC detach failed");
-                }
+            if let Ok(tc) = program::<SchedClassifier>(&mut self.ebpf, program_names::TC)
+                && let Err(e) = tc.detach(a.tc)
+            {
+                warn!(iface = a.name, error = %e, "TC detach failed");
             }
             info!(iface = a.name, "detached");
         }
@@ -323,6 +399,18 @@ impl Dataplane {
     /// The XDP program (for `BPF_PROG_TEST_RUN` in tests and benchmarks).
     pub fn xdp(&mut self) -> Result<&mut Xdp, LoadError> {
         program(&mut self.ebpf, program_names::XDP)
+    }
+
+    /// The XDP_PASS baseline program, loaded on first use (benchmarks only).
+    pub fn baseline(&mut self) -> Result<&mut Xdp, LoadError> {
+        let p: &mut Xdp = program(&mut self.ebpf, program_names::BASELINE)?;
+        if p.fd().is_err() {
+            p.load().map_err(|source| LoadError::Program {
+                name: program_names::BASELINE,
+                source,
+            })?;
+        }
+        Ok(p)
     }
 
     /// The TC program (for `BPF_PROG_TEST_RUN` in tests and benchmarks).
@@ -341,6 +429,10 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, L
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
-    let p = ebpf.program_mut(name).ok_or(LoadError::Program { name, source: ProgramError::NotLoaded })?;
-    p.try_into().map_err(|source| LoadError::Program { name, source })
+    let p = ebpf.program_mut(name).ok_or(LoadError::Program {
+        name,
+        source: ProgramError::NotLoaded,
+    })?;
+    p.try_into()
+        .map_err(|source| LoadError::Program { name, source })
 }

@@ -58,7 +58,10 @@ pub struct BackendSpec {
 impl BackendSpec {
     /// A backend that takes new flows.
     pub const fn active(addr: SocketAddrV4) -> Self {
-        Self { addr, terminating: false }
+        Self {
+            addr,
+            terminating: false,
+        }
     }
 }
 
@@ -80,6 +83,11 @@ pub struct ServiceSpec {
 impl ServiceSpec {
     /// The data path's key for this service.
     pub const fn key(&self) -> ServiceKey {
-        ServiceKey { vip: self.vip.octets(), port: self.port, proto: self.protocol.number(), _pad: 0 }
+        ServiceKey {
+            vip: self.vip.octets(),
+            port: self.port,
+            proto: self.protocol.number(),
+            _pad: 0,
+        }
     }
 }

@@ -23,7 +23,11 @@ pub struct AddressChanges {
 
 /// Computes the changes that make `iface` hold exactly the VIPs in `users` (VIP → number
 /// of services using it), given every IPv4 address on the node.
-pub fn address_changes(iface: u32, users: &BTreeMap<Ipv4Addr, usize>, present: &[IfAddr]) -> AddressChanges {
+pub fn address_changes(
+    iface: u32,
+    users: &BTreeMap<Ipv4Addr, usize>,
+    present: &[IfAddr],
+) -> AddressChanges {
     let mut out = AddressChanges::default();
     for (vip, n) in users {
         if *n == 0 {
@@ -46,7 +50,9 @@ pub fn address_changes(iface: u32, users: &BTreeMap<Ipv4Addr, usize>, present: &
         }
     }
     for a in present {
-        let wanted = users.get(&a.addr).is_some_and(|n| *n > 0) && a.index == iface && !out.foreign.contains(&a.addr);
+        let wanted = users.get(&a.addr).is_some_and(|n| *n > 0)
+            && a.index == iface
+            && !out.foreign.contains(&a.addr);
         if a.ours && !wanted {
             out.remove.push((a.index, a.addr, a.prefix));
         }
@@ -68,7 +74,13 @@ mod tests {
     use super::*;
 
     fn addr(index: u32, a: [u8; 4], ours: bool) -> IfAddr {
-        IfAddr { index, addr: a.into(), prefix: 32, ours, secondary: false }
+        IfAddr {
+            index,
+            addr: a.into(),
+            prefix: 32,
+            ours,
+            secondary: false,
+        }
     }
 
     const V1: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -103,7 +115,11 @@ mod tests {
     fn our_leftovers_are_removed_and_wanted_ones_adopted() {
         // A previous run left V1 (still wanted) and V2 (not wanted) on the interface, and V1
         // on another interface (the interface changed).
-        let present = [addr(3, V1.octets(), true), addr(3, V2.octets(), true), addr(4, V1.octets(), true)];
+        let present = [
+            addr(3, V1.octets(), true),
+            addr(3, V2.octets(), true),
+            addr(4, V1.octets(), true),
+        ];
         let c = address_changes(3, &vip_users(&[V1]), &present);
         assert!(c.add.is_empty());
         assert_eq!(c.remove, vec![(3, V2, 32), (4, V1, 32)]);

@@ -1,0 +1,205 @@
+//! `cargo xtask bench`: measurements, printed as markdown.
+//!
+//! Per-packet cost of the XDP program through `BPF_PROG_TEST_RUN`, next to a minimal
+//! XDP_PASS program measured the same way. Each run is `repeat = 1` on a fresh copy of the
+//! frame: with `repeat > 1` the kernel re-runs the program on the buffer it already
+//! rewrote, so a NAT program would measure its own output. The kernel's own accounting
+//! (`kernel.bpf_stats_enabled`: run_time_ns / run_cnt) is reported alongside as a check.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
+
+use anyhow::{Result, bail};
+use aya::programs::Xdp;
+use ballast_tests::{
+    frames::Frame,
+    lab::{BACKENDS, GW_MAC, LB_CL_MAC, Lab, VIP, xdp},
+};
+use lb_agent::{
+    dataplane::MapSizes,
+    model::{BackendSpec, Protocol, ServiceSpec},
+};
+use lb_common::config::DataplaneConfig;
+
+struct Row {
+    case: &'static str,
+    samples: Vec<u64>,
+    stats_ns: Option<f64>,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Runs `f` `n` times, collecting the kernel-measured duration of each run and the
+/// program's bpf_stats run time per run over the same window.
+fn measure(
+    lab: &mut Lab,
+    n: usize,
+    baseline: bool,
+    mut frame: impl FnMut(usize) -> Vec<u8>,
+    expect: u32,
+) -> Result<(Vec<u64>, Option<f64>)> {
+    // Warm caches and branch predictors; these runs are discarded.
+    for i in 0..n / 10 {
+        let f = frame(usize::MAX - i);
+        if baseline {
+            lab.baseline(&f, lab.cl)?
+        } else {
+            lab.xdp(&f, lab.cl)?
+        };
+    }
+    let before = stats(lab, baseline);
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n {
+        let f = frame(i);
+        let out = if baseline {
+            lab.baseline(&f, lab.cl)?
+        } else {
+            lab.xdp(&f, lab.cl)?
+        };
+        if out.verdict != expect {
+            bail!("run {i}: verdict {} instead of {expect}", out.verdict);
+        }
+        samples.push(out.duration.as_nanos() as u64);
+    }
+    let after = stats(lab, baseline);
+    let per_run = match (before, after) {
+        (Some((t0, c0)), Some((t1, c1))) if c1 > c0 => {
+            Some((t1 - t0).as_nanos() as f64 / (c1 - c0) as f64)
+        }
+        _ => None,
+    };
+    samples.sort_unstable();
+    Ok((samples, per_run))
+}
+
+fn stats(lab: &mut Lab, baseline: bool) -> Option<(Duration, u64)> {
+    let prog: &mut Xdp = if baseline {
+        lab.dp.baseline().ok()?
+    } else {
+        lab.dp.xdp().ok()?
+    };
+    let info = prog.info().ok()?;
+    Some((info.run_time(), info.run_count()))
+}
+
+fn main() -> Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let n = if quick { 2_000 } else { 20_000 };
+    ballast_tests::preflight::require();
+    // Keep the kernel's per-program accounting on while measuring.
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
+    let sizes = MapSizes {
+        flow_entries: (4 * n as u32).max(8192),
+        ..MapSizes::default()
+    };
+    let mut lab = Lab::with_config(DataplaneConfig::default(), sizes)?;
+    let backends = BACKENDS
+        .iter()
+        .map(|b| BackendSpec::active(SocketAddrV4::new(*b, 8080)))
+        .collect();
+    lab.program(vec![ServiceSpec {
+        name: "bench".into(),
+        vip: VIP,
+        port: 80,
+        protocol: Protocol::Tcp,
+        backends,
+    }])?;
+
+    // Distinct client tuples; warm-up runs use indexes from usize::MAX down.
+    let client = |i: usize| {
+        let i = i % 3_000_000;
+        SocketAddrV4::new(
+            Ipv4Addr::new(
+                198,
+                51,
+                (100 + i / 60000 / 250) as u8,
+                1 + (i / 60000 % 250) as u8,
+            ),
+            1024 + (i % 60000) as u16,
+        )
+    };
+    let vip = SocketAddrV4::new(VIP, 80);
+    let non_vip = Frame::tcp(
+        client(0),
+        SocketAddrV4::new(Ipv4Addr::new(10, 2, 0, 77), 80),
+    )
+    .macs(GW_MAC, LB_CL_MAC)
+    .bytes();
+    let established = Frame::tcp(
+        SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 250), 5555),
+        vip,
+    )
+    .macs(GW_MAC, LB_CL_MAC)
+    .tcp_header(|h| {
+        h.syn = false;
+        h.ack = true;
+    })
+    .payload(&[0x42; 64])
+    .bytes();
+    // Create the established flow once.
+    if lab.xdp(&established, lab.cl)?.verdict != xdp::REDIRECT {
+        bail!("the established-flow frame was not forwarded");
+    }
+
+    let mut rows = Vec::new();
+    let (s, st) = measure(&mut lab, n, true, |_| non_vip.clone(), xdp::PASS)?;
+    rows.push(Row {
+        case: "XDP_PASS baseline program",
+        samples: s,
+        stats_ns: st,
+    });
+    let (s, st) = measure(&mut lab, n, false, |_| non_vip.clone(), xdp::PASS)?;
+    rows.push(Row {
+        case: "ballast: packet not for a VIP",
+        samples: s,
+        stats_ns: st,
+    });
+    let (s, st) = measure(&mut lab, n, false, |_| established.clone(), xdp::REDIRECT)?;
+    rows.push(Row {
+        case: "ballast: established flow",
+        samples: s,
+        stats_ns: st,
+    });
+    let (s, st) = measure(
+        &mut lab,
+        n,
+        false,
+        |i| Frame::tcp(client(i), vip).macs(GW_MAC, LB_CL_MAC).bytes(),
+        xdp::REDIRECT,
+    )?;
+    rows.push(Row {
+        case: "ballast: new flow (SYN)",
+        samples: s,
+        stats_ns: st,
+    });
+
+    let base = percentile(&rows[0].samples, 0.5);
+    println!("### Per-packet cost, BPF_PROG_TEST_RUN ({n} runs each, repeat=1)\n");
+    println!("| case | p50 ns | p99 ns | mean ns | p50 minus baseline ns | bpf_stats ns/run |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        let mean = r.samples.iter().sum::<u64>() as f64 / r.samples.len() as f64;
+        let p50 = percentile(&r.samples, 0.5);
+        println!(
+            "| {} | {} | {} | {:.0} | {} | {} |",
+            r.case,
+            p50,
+            percentile(&r.samples, 0.99),
+            mean,
+            p50.saturating_sub(base),
+            r.stats_ns.map_or("-".to_string(), |v| format!("{v:.0}"))
+        );
+    }
+    println!(
+        "\nMachine: {} CPUs, kernel {}. Each run's duration is the kernel's own measurement around one program run (timer overhead included; the baseline row shows it).",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    );
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! The commands built on cargo.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context, Result, bail};
+
+use crate::setup;
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if !setup::is_root() {
+        bail!(
+            "{what} needs root (it loads eBPF programs and creates network namespaces): run it with sudo or as root"
+        );
+    }
+    Ok(())
+}
+
+/// Runs `cargo <args>` in the workspace.
+pub fn cargo(args: &[&str], release: bool) -> Result<()> {
+    let mut all: Vec<&str> = args.to_vec();
+    if release {
+        all.push("--release");
+    }
+    eprintln!("+ cargo {}", all.join(" "));
+    let status = Command::new(env!("CARGO"))
+        .args(&all)
+        .current_dir(root())
+        .status()?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", all.join(" "));
+    }
+    Ok(())
+}
+
+/// Runs a built program, ignoring Ctrl-C in xtask itself so the child can clean up first.
+fn exec(program: PathBuf, args: &[String]) -> Result<()> {
+    // SAFETY: ignoring SIGINT in this process; the child resets it on exec.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    let status = Command::new(&program)
+        .args(args)
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("cannot run {}", program.display()))?;
+    if !status.success() {
+        bail!("{} failed ({status})", program.display());
+    }
+    Ok(())
+}
+
+fn bin(name: &str, release: bool) -> PathBuf {
+    root()
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join(name)
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    setup::ensure(false)?;
+    cargo(&["build", "-p", "lb-agent"], false)?;
+    let mut all = vec!["run".to_string()];
+    all.extend(args.iter().cloned());
+    exec(bin("lb-agent", false), &all)
+}
+
+pub fn demo() -> Result<()> {
+    require_root("the demo")?;
+    setup::ensure(false)?;
+    cargo(
+        &["build", "-p", "lb-agent", "-p", "ballast-tests", "--bins"],
+        false,
+    )?;
+    exec(bin("ballast-demo", false), &[])
+}
+
+pub fn test(filter: Option<&str>) -> Result<()> {
+    require_root("the test suite")?;
+    setup::ensure(false)?;
+    cargo(&["fmt", "--all", "--", "--check"], false)?;
+    cargo(
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        false,
+    )?;
+    clippy_ebpf()?;
+    // The agent binary must exist before the end-to-end tests start it.
+    cargo(&["build", "--workspace", "--bins"], false)?;
+    let mut args = vec!["test", "--workspace", "--no-fail-fast"];
+    if let Some(f) = filter {
+        args.push(f);
+    }
+    // SAFETY: single-threaded at this point; the variable is read by the test processes.
+    unsafe { std::env::set_var("LB_AGENT_BIN", bin("lb-agent", false)) };
+    cargo(&args, false)
+}
+
+/// Lints the kernel programs, which only compile for the BPF target.
+fn clippy_ebpf() -> Result<()> {
+    let flags = ["--cfg=bpf_target_arch=\"x86_64\"", "-Ctarget-cpu=v3"].join("\x1f");
+    let target_dir = root().join("target").join("ebpf");
+    let args = [
+        "run",
+        setup::NIGHTLY,
+        "cargo",
+        "clippy",
+        "-p",
+        "lb-ebpf",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--release",
+        "--target-dir",
+    ];
+    eprintln!(
+        "+ rustup {} {} -- -D warnings",
+        args.join(" "),
+        target_dir.display()
+    );
+    let status = Command::new("rustup")
+        .args(args)
+        .arg(&target_dir)
+        .args(["--", "-D", "warnings"])
+        .env("CARGO_ENCODED_RUSTFLAGS", flags)
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .env_remove("RUSTC")
+        .current_dir(root())
+        .status()?;
+    if !status.success() {
+        bail!("clippy on lb-ebpf failed ({status})");
+    }
+    Ok(())
+}
+
+pub fn bench(quick: bool) -> Result<()> {
+    require_root("the benchmarks")?;
+    setup::ensure(false)?;
+    cargo(
+        &["build", "-p", "lb-agent", "-p", "ballast-tests", "--bins"],
+        false,
+    )?;
+    let args: Vec<String> = if quick {
+        vec!["--quick".into()]
+    } else {
+        vec![]
+    };
+    exec(bin("ballast-bench", false), &args)
+}
