@@ -1004,3 +1004,56 @@ fn snat_ports_are_unique_and_exhaustion_is_counted() {
     assert_eq!(lab.stats(&web).unwrap().drops.snat_exhausted, dropped);
     assert_eq!(ports.len() as u64 + dropped, 12);
 }
+
+#[test]
+fn bpftool_dumps_pinned_maps_with_field_names() {
+    let mut lab = Lab::new().unwrap();
+    lab.program(vec![
+        svc(80, Protocol::Tcp, &[be(0, 80)]),
+        svc(81, Protocol::Tcp, &[]),
+    ])
+    .unwrap();
+    syn_to(&mut lab, 56000, 80);
+    lab.xdp(
+        &Frame::tcp(client(56001), vip(81))
+            .macs(GW_MAC, LB_CL_MAC)
+            .bytes(),
+        lab.cl,
+    )
+    .unwrap();
+    let dump = |map: &str| {
+        let path = lab.dp.pin_dir().join(map);
+        ballast_tests::cmd::run(
+            "bpftool",
+            &["map", "dump", "pinned", &path.display().to_string()],
+        )
+        .unwrap()
+    };
+    let services = dump("services");
+    for field in [
+        "\"vip\"",
+        "\"port\": 80",
+        "\"proto\": 6",
+        "\"set\"",
+        "\"count\": 1",
+    ] {
+        assert!(
+            services.contains(field),
+            "{field} missing from:\n{services}"
+        );
+    }
+    let flows = dump("flows");
+    for field in [
+        "\"sport\": 56000",
+        "\"backend_id\"",
+        "\"last_seen_ns\"",
+        "\"smac\"",
+    ] {
+        assert!(flows.contains(field), "{field} missing from:\n{flows}");
+    }
+    let stats = dump("stats");
+    for field in ["\"new_flows\": 1", "\"no_backends\": 1", "\"drops\""] {
+        assert!(stats.contains(field), "{field} missing from:\n{stats}");
+    }
+    assert!(dump("backends").contains("\"generation\": 1"));
+}
