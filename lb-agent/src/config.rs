@@ -17,6 +17,7 @@ use std::{
 };
 
 use serde::Deserialize;
+use serde_saphyr::Spanned;
 
 use crate::model::{BackendSpec, Protocol, ServiceSpec};
 
@@ -62,7 +63,7 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 struct RawFile {
     #[serde(default)]
-    services: Vec<RawService>,
+    services: Vec<Spanned<RawService>>,
 }
 
 #[derive(Deserialize)]
@@ -85,26 +86,47 @@ pub fn load(path: &Path) -> Result<Vec<ServiceSpec>, ConfigError> {
     parse(&text, &path.display().to_string())
 }
 
+/// Parses YAML, naming the field path (`services[0].vip`) and the position of any error.
+fn deserialize(text: &str, origin: &str) -> Result<RawFile, ConfigError> {
+    let mut at = String::new();
+    let result = serde_saphyr::with_deserializer_from_str(text, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            // `Spanned` adds a `value` level that means nothing to the user.
+            at = e.path().to_string().replace(".value", "");
+            e.into_inner()
+        })
+    });
+    result.map_err(|e| {
+        let message = if at.is_empty() || at == "." {
+            e.to_string()
+        } else {
+            format!("{at}: {e}")
+        };
+        ConfigError::Syntax {
+            path: origin.to_string(),
+            message,
+        }
+    })
+}
+
 /// Parses and validates configuration text; `origin` names it in errors.
 pub fn parse(text: &str, origin: &str) -> Result<Vec<ServiceSpec>, ConfigError> {
-    let raw: RawFile = if text.trim().is_empty() {
+    let raw = if text.trim().is_empty() {
         RawFile {
             services: Vec::new(),
         }
     } else {
-        serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Syntax {
-            path: origin.to_string(),
-            message: e.to_string(),
-        })?
+        deserialize(text, origin)?
     };
-    let lines = item_lines(text);
     let mut names = HashMap::new();
     let mut keys = HashMap::new();
     let mut services = Vec::with_capacity(raw.services.len());
-    for (index, s) in raw.services.into_iter().enumerate() {
+    for (index, spanned) in raw.services.into_iter().enumerate() {
+        let line = spanned.defined.line() as usize;
+        let s = spanned.value;
         let invalid = |field, message: String| ConfigError::Invalid {
             path: origin.to_string(),
-            line: lines.get(index).copied().unwrap_or(0),
+            line,
             index,
             name: s.name.clone(),
             field,
@@ -163,35 +185,6 @@ pub fn parse(text: &str, origin: &str) -> Result<Vec<ServiceSpec>, ConfigError> 
 /// An address the data path can use as a VIP or a backend.
 fn usable_unicast(ip: Ipv4Addr) -> bool {
     !(ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback())
-}
-
-/// Line numbers (1-based) of the items of the top-level `services` sequence, found by a
-/// light scan of the text: the parser has already accepted the file, so every item is a
-/// line whose first non-blank characters are `- ` at the sequence's indentation.
-fn item_lines(text: &str) -> Vec<usize> {
-    let mut lines = Vec::new();
-    let mut in_services = false;
-    let mut indent = None;
-    for (n, line) in text.lines().enumerate() {
-        let trimmed = line.trim_start();
-        if trimmed.is_empty() || trimmed.starts_with('#') {
-            continue;
-        }
-        let depth = line.len() - trimmed.len();
-        if depth == 0 && !trimmed.starts_with('-') {
-            in_services = trimmed.starts_with("services:");
-            continue;
-        }
-        if in_services && (trimmed.starts_with("- ") || trimmed == "-") {
-            match indent {
-                None => indent = Some(depth),
-                Some(i) if i != depth => continue,
-                Some(_) => {}
-            }
-            lines.push(n + 1);
-        }
-    }
-    lines
 }
 
 #[cfg(test)]
