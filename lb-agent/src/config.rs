@@ -177,6 +177,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Vec<ServiceSpec>, ConfigError> 
             port: s.port,
             protocol: s.protocol,
             backends: s.backends.into_iter().map(BackendSpec::active).collect(),
+            interface: None,
         });
     }
     Ok(services)

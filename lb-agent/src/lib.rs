@@ -6,6 +6,7 @@
 //! interfaces through netlink; [`agent`] runs the loop.
 
 pub mod agent;
+pub mod cluster;
 pub mod config;
 pub mod dataplane;
 pub mod inspect;

@@ -36,6 +36,7 @@ fn svc(port: u16, protocol: Protocol, backends: &[SocketAddrV4]) -> ServiceSpec 
         port,
         protocol,
         backends: backends.iter().copied().map(BackendSpec::active).collect(),
+        interface: None,
     }
 }
 

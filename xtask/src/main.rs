@@ -1,5 +1,6 @@
 //! `cargo xtask <command>`: everything a developer or CI runs.
 
+mod controlplane;
 mod setup;
 mod tasks;
 
@@ -37,12 +38,25 @@ enum Command {
         /// Only tests whose name contains this (passed to cargo test).
         filter: Option<String>,
     },
+    /// Start or stop the test control plane (etcd + kube-apiserver on 127.0.0.1).
+    Controlplane {
+        #[command(subcommand)]
+        action: ControlplaneAction,
+    },
     /// Run the benchmarks (needs root).
     Bench {
         /// A short run.
         #[arg(long)]
         quick: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum ControlplaneAction {
+    /// Build (first time), start, wait until ready, write target/controlplane/admin.kubeconfig.
+    Up,
+    /// Stop and remove its data.
+    Down,
 }
 
 fn main() -> Result<()> {
@@ -56,5 +70,11 @@ fn main() -> Result<()> {
         Command::Demo => tasks::demo(),
         Command::Test { filter } => tasks::test(filter.as_deref()),
         Command::Bench { quick } => tasks::bench(quick),
+        Command::Controlplane {
+            action: ControlplaneAction::Up,
+        } => controlplane::up(),
+        Command::Controlplane {
+            action: ControlplaneAction::Down,
+        } => controlplane::down(),
     }
 }

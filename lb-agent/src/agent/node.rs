@@ -22,7 +22,7 @@ use crate::{
     model::ServiceSpec,
     net::{
         Link,
-        addresses::{address_changes, vip_users},
+        addresses::address_changes,
         ifaces::{iface_table, xdp_device},
         netlink::{NetError, Netlink},
         sysctl,
@@ -75,6 +75,8 @@ pub struct ApplyReport {
     pub removed: Vec<Ipv4Addr>,
     /// Services the maps could not take.
     pub errors: Vec<PlanError>,
+    /// Services not (fully) programmed, by name, with the reason.
+    pub failed: BTreeMap<String, String>,
     /// Things worth an operator's attention that did not stop the apply.
     pub warnings: Vec<String>,
 }
@@ -159,15 +161,52 @@ impl Node {
         Ok(())
     }
 
-    /// Makes the data path serve exactly `services`: maps, attachments and VIPs.
+    /// Makes the data path serve exactly `services`: maps, attachments and VIPs. A service
+    /// that cannot be served (missing interface, exhausted ids, address refused) is named in
+    /// the report; the others are served regardless.
     pub async fn apply(&mut self, services: &[ServiceSpec]) -> Result<ApplyReport, NodeError> {
         let mut report = ApplyReport::default();
         let links = self.nl.links().await?;
         let addrs = self.nl.addresses().await?;
 
+        // Which interface holds each VIP.
+        let mut vip_iface: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
+        let mut usable: Vec<ServiceSpec> = Vec::with_capacity(services.len());
+        let default_iface = self.opts.interface.clone();
+        for s in services {
+            let name = s.interface.as_deref().unwrap_or(&default_iface);
+            let Some(link) = links.iter().find(|l| l.name == name) else {
+                report
+                    .failed
+                    .insert(s.name.clone(), format!("interface {name:?} does not exist"));
+                continue;
+            };
+            match vip_iface.get(&s.vip) {
+                Some(i) if *i != link.index => {
+                    report.failed.insert(
+                        s.name.clone(),
+                        format!(
+                            "VIP {} is already held on another interface than {name}",
+                            s.vip
+                        ),
+                    );
+                    continue;
+                }
+                _ => {}
+            }
+            if let Err(e) = self.attach(&links, link.index) {
+                report
+                    .failed
+                    .insert(s.name.clone(), format!("cannot attach to {name}: {e}"));
+                continue;
+            }
+            vip_iface.insert(s.vip, link.index);
+            usable.push(s.clone());
+        }
+
         // Where do backends live? Every interface a backend is routed through needs the
         // programs (replies come back there) and its address is a SNAT source.
-        let backends: BTreeSet<Ipv4Addr> = services
+        let backends: BTreeSet<Ipv4Addr> = usable
             .iter()
             .flat_map(|s| s.backends.iter().map(|b| *b.addr.ip()))
             .collect();
@@ -183,12 +222,16 @@ impl Node {
             }
         }
         for oif in &egress {
-            self.attach(&links, *oif)?;
+            if let Err(e) = self.attach(&links, *oif) {
+                report.warnings.push(format!(
+                    "cannot attach to the interface towards backends (ifindex {oif}): {e}"
+                ));
+            }
         }
 
         let ifaces = iface_table(&links, &addrs);
         let mut owned: BTreeMap<AddrKey, AddrInfo> = BTreeMap::new();
-        for s in services {
+        for s in &usable {
             owned
                 .entry(AddrKey {
                     addr: s.vip.octets(),
@@ -207,7 +250,7 @@ impl Node {
         }
 
         let desired = DesiredState {
-            services: services.to_vec(),
+            services: usable.clone(),
             addrs: owned,
             ifaces,
         };
@@ -217,25 +260,35 @@ impl Node {
             self.state.apply(op);
         }
         report.map_ops = p.ops.len();
+        for e in &p.errors {
+            report.failed.insert(e.service().to_string(), e.to_string());
+        }
         report.errors = p.errors;
 
-        let changes = address_changes(
-            self.iface.index,
-            &vip_users(services.iter().map(|s| &s.vip)),
-            &addrs,
-        );
+        let changes = address_changes(&vip_iface, &addrs);
         for vip in &changes.foreign {
             report.warnings.push(format!(
                 "VIP {vip} is already configured on this node by someone else; using it as is"
             ));
         }
-        for vip in changes.add {
-            self.nl.add_address(self.iface.index, vip).await?;
-            report.added.push(vip);
+        for (index, vip) in changes.add {
+            match self.nl.add_address(index, vip).await {
+                Ok(()) => report.added.push(vip),
+                Err(e) => {
+                    for s in usable.iter().filter(|s| s.vip == vip) {
+                        report.failed.insert(
+                            s.name.clone(),
+                            format!("cannot add {vip} to the interface: {e}"),
+                        );
+                    }
+                }
+            }
         }
         for (index, vip, prefix) in changes.remove {
-            self.nl.del_address(index, vip, prefix).await?;
-            report.removed.push(vip);
+            match self.nl.del_address(index, vip, prefix).await {
+                Ok(()) => report.removed.push(vip),
+                Err(e) => report.warnings.push(format!("cannot remove {vip}: {e}")),
+            }
         }
         Ok(report)
     }

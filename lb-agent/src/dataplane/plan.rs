@@ -67,6 +67,15 @@ pub enum PlanError {
     },
 }
 
+impl PlanError {
+    /// Name of the service concerned.
+    pub fn service(&self) -> &str {
+        match self {
+            Self::ServicesExhausted { name, .. } | Self::BackendsExhausted { name, .. } => name,
+        }
+    }
+}
+
 /// The ordered operations, and what could not be done.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
@@ -334,6 +343,7 @@ mod tests {
                 .iter()
                 .map(|b| BackendSpec::active(b.parse().unwrap()))
                 .collect(),
+            interface: None,
         }
     }
 

@@ -78,6 +78,8 @@ pub struct ServiceSpec {
     pub protocol: Protocol,
     /// Backends in round-robin order.
     pub backends: Vec<BackendSpec>,
+    /// Interface that holds the VIP; `None` means the agent's `--interface`.
+    pub interface: Option<String>,
 }
 
 impl ServiceSpec {

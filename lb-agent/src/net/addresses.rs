@@ -9,11 +9,11 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use super::IfAddr;
 
-/// Changes to make on the interface.
+/// Changes to make.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AddressChanges {
-    /// VIPs to add (as /32, marked as ballast's) to the interface.
-    pub add: Vec<Ipv4Addr>,
+    /// VIPs to add (as /32, marked as ballast's): (ifindex, address).
+    pub add: Vec<(u32, Ipv4Addr)>,
     /// ballast's addresses to remove: (ifindex, address, prefix).
     pub remove: Vec<(u32, Ipv4Addr, u8)>,
     /// Wanted VIPs that some other software already put on an interface: used as they
@@ -21,46 +21,28 @@ pub struct AddressChanges {
     pub foreign: Vec<Ipv4Addr>,
 }
 
-/// Computes the changes that make `iface` hold exactly the VIPs in `users` (VIP → number
-/// of services using it), given every IPv4 address on the node.
-pub fn address_changes(
-    iface: u32,
-    users: &BTreeMap<Ipv4Addr, usize>,
-    present: &[IfAddr],
-) -> AddressChanges {
+/// Computes the changes that make the node hold exactly `wanted` (VIP → ifindex of the
+/// interface that should hold it), given every IPv4 address on the node.
+pub fn address_changes(wanted: &BTreeMap<Ipv4Addr, u32>, present: &[IfAddr]) -> AddressChanges {
     let mut out = AddressChanges::default();
-    for (vip, n) in users {
-        if *n == 0 {
-            continue;
-        }
-        let here = present.iter().filter(|a| a.addr == *vip);
-        let mut ours_on_iface = false;
-        let mut foreign = false;
-        for a in here {
-            if a.ours && a.index == iface {
-                ours_on_iface = true;
-            } else if !a.ours {
-                foreign = true;
-            }
-        }
-        if foreign {
+    for (vip, index) in wanted {
+        let here: Vec<&IfAddr> = present.iter().filter(|a| a.addr == *vip).collect();
+        if here.iter().any(|a| !a.ours) {
             out.foreign.push(*vip);
-        } else if !ours_on_iface {
-            out.add.push(*vip);
+        } else if !here.iter().any(|a| a.ours && a.index == *index) {
+            out.add.push((*index, *vip));
         }
     }
-    for a in present {
-        let wanted = users.get(&a.addr).is_some_and(|n| *n > 0)
-            && a.index == iface
-            && !out.foreign.contains(&a.addr);
-        if a.ours && !wanted {
+    for a in present.iter().filter(|a| a.ours) {
+        let keep = wanted.get(&a.addr) == Some(&a.index) && !out.foreign.contains(&a.addr);
+        if !keep {
             out.remove.push((a.index, a.addr, a.prefix));
         }
     }
     out
 }
 
-/// Number of services per VIP.
+/// Number of services per VIP (its reference count).
 pub fn vip_users<'a>(vips: impl IntoIterator<Item = &'a Ipv4Addr>) -> BTreeMap<Ipv4Addr, usize> {
     let mut users = BTreeMap::new();
     for v in vips {
@@ -86,28 +68,33 @@ mod tests {
     const V1: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
     const V2: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 
+    /// VIP → ifindex 3 for every VIP with at least one user.
+    fn on3(vips: &[Ipv4Addr]) -> BTreeMap<Ipv4Addr, u32> {
+        vip_users(vips).into_keys().map(|v| (v, 3)).collect()
+    }
+
     #[test]
     fn shared_vip_is_added_once_and_removed_with_its_last_user() {
         let users = vip_users(&[V1, V1, V2]);
         assert_eq!(users[&V1], 2);
-        let c = address_changes(3, &users, &[]);
-        assert_eq!(c.add, vec![V1, V2]);
+        let c = address_changes(&on3(&[V1, V1, V2]), &[]);
+        assert_eq!(c.add, vec![(3, V1), (3, V2)]);
         let present = [addr(3, V1.octets(), true), addr(3, V2.octets(), true)];
         // One of V1's two services goes: nothing changes.
-        let c = address_changes(3, &vip_users(&[V1, V2]), &present);
+        let c = address_changes(&on3(&[V1, V2]), &present);
         assert_eq!(c, AddressChanges::default());
         // Its last user goes: removed.
-        let c = address_changes(3, &vip_users(&[V2]), &present);
+        let c = address_changes(&on3(&[V2]), &present);
         assert_eq!(c.remove, vec![(3, V1, 32)]);
     }
 
     #[test]
     fn addresses_of_others_are_used_but_never_removed() {
         let present = [addr(3, V1.octets(), false), addr(2, [10, 0, 0, 1], false)];
-        let c = address_changes(3, &vip_users(&[V1]), &present);
+        let c = address_changes(&on3(&[V1]), &present);
         assert_eq!(c.foreign, vec![V1]);
         assert!(c.add.is_empty() && c.remove.is_empty());
-        let c = address_changes(3, &vip_users(&[]), &present);
+        let c = address_changes(&on3(&[]), &present);
         assert!(c.remove.is_empty(), "not ours: left alone");
     }
 
@@ -120,8 +107,15 @@ mod tests {
             addr(3, V2.octets(), true),
             addr(4, V1.octets(), true),
         ];
-        let c = address_changes(3, &vip_users(&[V1]), &present);
+        let c = address_changes(&on3(&[V1]), &present);
         assert!(c.add.is_empty());
         assert_eq!(c.remove, vec![(3, V2, 32), (4, V1, 32)]);
+    }
+
+    #[test]
+    fn a_vip_moves_when_its_interface_changes() {
+        let present = [addr(3, V1.octets(), true)];
+        let c = address_changes(&BTreeMap::from([(V1, 4)]), &present);
+        assert_eq!((c.add, c.remove), (vec![(4, V1)], vec![(3, V1, 32)]));
     }
 }

@@ -107,6 +107,7 @@ fn main() -> Result<()> {
         port: 80,
         protocol: Protocol::Tcp,
         backends,
+        interface: None,
     }])?;
 
     // Distinct client tuples; warm-up runs use indexes from usize::MAX down.

@@ -1,0 +1,206 @@
+//! The `ballast.dev/v1alpha1` API, defined once here; `deploy/crds.yaml` is generated from
+//! these types (`cargo xtask codegen`). Schemas validate what they can (address syntax,
+//! port bounds, enums, `low <= high`); the rest is reported on status conditions.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of ballast's resources.
+pub const GROUP: &str = "ballast.dev";
+/// The `loadBalancerClass` ballast serves.
+pub const CLASS: &str = "ballast.dev/xdp";
+/// Annotation: name of the `LoadBalancerConfig` to allocate from.
+pub const CONFIG_ANNOTATION: &str = "ballast.dev/config-name";
+/// Annotation: the address this service asks for.
+pub const IP_ANNOTATION: &str = "ballast.dev/load-balancer-ip";
+/// Annotation: services with the same value may share an address.
+pub const SHARING_ANNOTATION: &str = "ballast.dev/allow-shared-ip";
+/// Finalizer on services ballast serves: their address, map entries and interface address
+/// are released before the service goes, even if the agent was down when it was deleted.
+pub const FINALIZER: &str = "ballast.dev/service";
+/// Field manager of everything the agent writes.
+pub const MANAGER: &str = "ballast-agent";
+
+/// An IPv4 octet, for the schema patterns.
+const OCTET: &str = "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])";
+
+fn address_pattern() -> String {
+    let ip = format!("{OCTET}(\\.{OCT}){{3}}", OCT = OCTET);
+    format!("^({ip}/(3[0-2]|[12]?[0-9])|{ip}-{ip}|{ip})$")
+}
+
+fn addresses_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "minItems": 1,
+        "description": "Addresses the agent may hand out: CIDRs (192.0.2.0/28), ranges (192.0.2.10-192.0.2.20) or single addresses.",
+        "items": { "type": "string", "pattern": address_pattern() }
+    })
+}
+
+/// How services of a config reach their pods.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum BackendMode {
+    /// Straight to the pods: the service's ready EndpointSlice endpoints.
+    #[default]
+    Endpoints,
+    /// Through kube-proxy: the Ready nodes' InternalIP and the service's nodePort, for
+    /// clusters whose pod IPs the edge node cannot route to.
+    NodePort,
+}
+
+/// What `status.loadBalancer.ingress[].ipMode` says.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum IpMode {
+    /// kube-proxy short-cuts in-cluster traffic to the VIP straight to the endpoints.
+    #[default]
+    VIP,
+    /// In-cluster clients go through the load balancer too.
+    Proxy,
+}
+
+/// A port range for shared-address mode.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[x_kube(validation = Rule::new("self.low <= self.high").message("low must not exceed high"))]
+pub struct PortRange {
+    /// First port (inclusive).
+    #[schemars(range(min = 1, max = 65535))]
+    pub low: u16,
+    /// Last port (inclusive).
+    #[schemars(range(min = 1, max = 65535))]
+    pub high: u16,
+}
+
+/// Where services get their addresses (cluster-scoped).
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "ballast.dev",
+    version = "v1alpha1",
+    kind = "LoadBalancerConfig",
+    shortname = "lbconfig",
+    status = "LoadBalancerConfigStatus",
+    printcolumn = r#"{"name":"DEFAULT","type":"boolean","jsonPath":".spec.default"}"#,
+    printcolumn = r#"{"name":"MODE","type":"string","jsonPath":".spec.backendMode"}"#,
+    printcolumn = r#"{"name":"IN-USE","type":"integer","jsonPath":".status.addressesInUse"}"#,
+    printcolumn = r#"{"name":"FREE","type":"integer","jsonPath":".status.addressesFree"}"#,
+    printcolumn = r#"{"name":"VALID","type":"string","jsonPath":".status.conditions[?(@.type==\"Valid\")].status"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancerConfigSpec {
+    /// Services without a `ballast.dev/config-name` annotation use the default config. At
+    /// most one config may be the default; with two, neither is used and both say why.
+    #[serde(default)]
+    pub default: bool,
+    /// Addresses the agent may hand out.
+    #[schemars(schema_with = "addresses_schema")]
+    pub addresses: Vec<String>,
+    /// Shared-address mode: services share the config's addresses and each service port
+    /// gets its own external port from this range.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_range: Option<PortRange>,
+    /// Interface that holds the addresses (default: the agent's `--interface`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// How traffic reaches the pods.
+    #[serde(default)]
+    pub backend_mode: BackendMode,
+    /// `ipMode` reported in the services' status.
+    #[serde(default)]
+    pub ip_mode: IpMode,
+}
+
+/// Observed state of a config.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancerConfigStatus {
+    /// Addresses the config can hand out.
+    pub addresses_total: u64,
+    /// Addresses allocated to services.
+    pub addresses_in_use: u64,
+    /// Addresses still free.
+    pub addresses_free: u64,
+    /// `Valid` (addresses parse, ranges are ordered) and `Default` (no competing default).
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+/// One service port as served.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PortMapping {
+    /// Port clients connect to.
+    pub port: u16,
+    /// `TCP` or `UDP`.
+    pub protocol: String,
+    /// The service's own port.
+    pub service_port: u16,
+    /// Backends serving it.
+    pub target_count: u32,
+}
+
+/// Lifecycle of a service's load balancer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Phase {
+    /// Waiting for something (see the conditions).
+    #[default]
+    Pending,
+    /// Serving.
+    Ready,
+    /// Refused (see the conditions).
+    Error,
+}
+
+/// The load balancer of one Service (same namespace and name, owned by it). Written by
+/// the agent; `kubectl get loadbalancers` shows where and how each service is served.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "ballast.dev",
+    version = "v1alpha1",
+    kind = "LoadBalancer",
+    namespaced,
+    shortname = "lb",
+    status = "LoadBalancerStatus",
+    printcolumn = r#"{"name":"HOST","type":"string","jsonPath":".status.host"}"#,
+    printcolumn = r#"{"name":"PORT","type":"string","jsonPath":".status.port"}"#,
+    printcolumn = r#"{"name":"PROTOCOL","type":"string","jsonPath":".status.protocol"}"#,
+    printcolumn = r#"{"name":"TARGETCOUNT","type":"integer","jsonPath":".status.targetCount"}"#,
+    printcolumn = r#"{"name":"STATUS","type":"string","jsonPath":".status.phase"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancerSpec {
+    /// The service served (same namespace).
+    pub service: String,
+    /// The config its address comes from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+}
+
+/// Where and how the service is served.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancerStatus {
+    /// The external address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// External ports, comma separated (for `kubectl get`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<String>,
+    /// Protocols, comma separated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// Every port.
+    #[serde(default)]
+    pub ports: Vec<PortMapping>,
+    /// Backends (`ip:port`) taking new flows.
+    #[serde(default)]
+    pub targets: Vec<String>,
+    /// Number of backends taking new flows.
+    pub target_count: u32,
+    /// Pending, Ready or Error.
+    pub phase: Phase,
+    /// The same conditions as on the Service.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}

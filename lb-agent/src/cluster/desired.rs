@@ -1,0 +1,1094 @@
+//! What the cluster asks of ballast, computed from observed objects by one pure function:
+//! for every Service of type LoadBalancer, whether ballast serves it, from which config,
+//! at which address and ports, with which backends, or why not; and every config's status.
+//!
+//! The whole cluster is decided at once, so a service waiting for an address gets one as
+//! soon as another releases it, and the outcome does not depend on event order:
+//! 1. addresses services already hold (their status) are kept, oldest service first;
+//! 2. then requested addresses (annotation or `spec.loadBalancerIP`) are granted if free;
+//! 3. then the rest get an address shared under their `allow-shared-ip` key, or the
+//!    lowest free one.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+
+use super::{
+    crd::{
+        BackendMode, CONFIG_ANNOTATION, IP_ANNOTATION, IpMode, LoadBalancerConfig,
+        SHARING_ANNOTATION,
+    },
+    endpoints,
+    pool::AddressPool,
+};
+use crate::model::{BackendSpec, Protocol, ServiceSpec};
+
+/// How the agent selects services.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The `loadBalancerClass` served.
+    pub class: String,
+    /// Leave services without a class to other implementations.
+    pub ignore_unclassed: bool,
+    /// Interface for VIPs of configs that name none.
+    pub default_interface: String,
+}
+
+/// Everything observed.
+#[derive(Default)]
+pub struct Inputs<'a> {
+    /// All Services.
+    pub services: Vec<&'a Service>,
+    /// All EndpointSlices.
+    pub slices: Vec<&'a EndpointSlice>,
+    /// All Nodes.
+    pub nodes: Vec<&'a Node>,
+    /// All LoadBalancerConfigs the agent considers.
+    pub configs: Vec<&'a LoadBalancerConfig>,
+}
+
+/// A Service's namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceRef {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl std::fmt::Display for ServiceRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl ServiceRef {
+    /// The reference of a Service.
+    pub fn of(s: &Service) -> Self {
+        Self {
+            namespace: s.metadata.namespace.clone().unwrap_or_default(),
+            name: s.metadata.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// Why a service is not (fully) served. `reason` is a condition reason and an Event reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// CamelCase reason.
+    pub reason: &'static str,
+    /// What to do about it.
+    pub message: String,
+}
+
+fn problem(reason: &'static str, message: impl Into<String>) -> Problem {
+    Problem {
+        reason,
+        message: message.into(),
+    }
+}
+
+/// One served port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortPlan {
+    /// Port clients connect to (the service port, or one from the config's range).
+    pub external_port: u16,
+    /// The service's port.
+    pub service_port: u16,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Backends, in round-robin order.
+    pub backends: Vec<BackendSpec>,
+}
+
+impl PortPlan {
+    /// Backends that take new flows.
+    pub fn ready(&self) -> usize {
+        self.backends.iter().filter(|b| !b.terminating).count()
+    }
+}
+
+/// A service ballast serves (or tries to).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Served {
+    /// The config chosen.
+    pub config: Result<String, Problem>,
+    /// The address, or why there is none.
+    pub address: Result<Ipv4Addr, Problem>,
+    /// Ports served (empty without an address).
+    pub ports: Vec<PortPlan>,
+    /// Ports that cannot be served (e.g. SCTP), with the reason.
+    pub unsupported_ports: Vec<String>,
+    /// `ipMode` to report.
+    pub ip_mode: IpMode,
+    /// Interface for the VIP.
+    pub interface: String,
+}
+
+impl Served {
+    /// The first problem, if any: refusal before readiness.
+    pub fn problem(&self) -> Option<&Problem> {
+        self.config.as_ref().err().or(self.address.as_ref().err())
+    }
+}
+
+/// What to do with one Service of type LoadBalancer (or one that used to be ours).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Not ballast's (another class, or no class with `--ignore-unclassed`, or no longer a
+    /// LoadBalancer): anything ballast did for it is undone.
+    NotOurs(Problem),
+    /// Being deleted: released now, then its finalizer is removed.
+    Deleting,
+    /// Served.
+    Serve(Served),
+}
+
+/// Status of a config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigDesired {
+    /// Addresses in the pool.
+    pub total: u64,
+    /// Addresses allocated.
+    pub in_use: u64,
+    /// `Valid` condition: None if valid, else the problem.
+    pub invalid: Option<Problem>,
+    /// `Default` condition: None unless the config is a default competing with another.
+    pub default_conflict: Option<Problem>,
+}
+
+/// The whole decision.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// Per service.
+    pub services: BTreeMap<ServiceRef, Decision>,
+    /// Per config name.
+    pub configs: BTreeMap<String, ConfigDesired>,
+}
+
+impl Desired {
+    /// What the data path must serve: one entry per served port with an address. Names are
+    /// `namespace/name:port/PROTO`.
+    pub fn dataplane(&self) -> Vec<ServiceSpec> {
+        let mut out = Vec::new();
+        for (r, d) in &self.services {
+            let Decision::Serve(s) = d else { continue };
+            let Ok(vip) = s.address else { continue };
+            for p in &s.ports {
+                out.push(ServiceSpec {
+                    name: format!("{r}:{}/{}", p.service_port, p.protocol),
+                    vip,
+                    port: p.external_port,
+                    protocol: p.protocol,
+                    backends: p.backends.clone(),
+                    interface: Some(s.interface.clone()),
+                });
+            }
+        }
+        out
+    }
+}
+
+struct ConfigInfo<'a> {
+    cfg: &'a LoadBalancerConfig,
+    pool: Result<AddressPool, Problem>,
+}
+
+/// One candidate service being allocated.
+struct Candidate<'a> {
+    r: ServiceRef,
+    svc: &'a Service,
+    config: Result<String, Problem>,
+    requested: Result<Option<Ipv4Addr>, Problem>,
+    current: Option<Ipv4Addr>,
+    current_ports: Vec<(u16, String)>,
+    key: Option<String>,
+    ports: Vec<(u16, Protocol, Option<u16>)>,
+    unsupported: Vec<String>,
+}
+
+/// Holders of addresses during allocation.
+#[derive(Default)]
+struct Holders {
+    by_addr: BTreeMap<Ipv4Addr, Vec<(Option<String>, BTreeSet<(u16, Protocol)>)>>,
+}
+
+impl Holders {
+    fn taken(&self) -> BTreeSet<Ipv4Addr> {
+        self.by_addr.keys().copied().collect()
+    }
+
+    /// Whether a service with sharing key `key` and external ports `ports` may use `addr`
+    /// alongside its current holders.
+    fn shareable(
+        &self,
+        addr: Ipv4Addr,
+        key: Option<&String>,
+        ports: &BTreeSet<(u16, Protocol)>,
+    ) -> bool {
+        match self.by_addr.get(&addr) {
+            None => true,
+            Some(hs) => hs
+                .iter()
+                .all(|(k, ps)| k.is_some() && k.as_ref() == key && ps.is_disjoint(ports)),
+        }
+    }
+
+    fn ports_on(&self, addr: Ipv4Addr) -> BTreeSet<(u16, Protocol)> {
+        self.by_addr
+            .get(&addr)
+            .into_iter()
+            .flatten()
+            .flat_map(|(_, ps)| ps.iter().copied())
+            .collect()
+    }
+
+    fn add(&mut self, addr: Ipv4Addr, key: Option<String>, ports: BTreeSet<(u16, Protocol)>) {
+        self.by_addr.entry(addr).or_default().push((key, ports));
+    }
+}
+
+fn annotation<'a>(s: &'a Service, key: &str) -> Option<&'a str> {
+    s.metadata
+        .annotations
+        .as_ref()?
+        .get(key)
+        .map(String::as_str)
+}
+
+/// Decides the whole cluster.
+pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
+    let mut out = Desired::default();
+
+    // Configs.
+    let configs: BTreeMap<String, ConfigInfo<'_>> = inputs
+        .configs
+        .iter()
+        .filter_map(|c| {
+            let name = c.metadata.name.clone()?;
+            let pool = AddressPool::parse(&c.spec.addresses)
+                .map_err(|e| problem("InvalidAddresses", e.to_string()));
+            let pool = pool.and_then(|p| {
+                if p.size() == 0 {
+                    Err(problem(
+                        "InvalidAddresses",
+                        "the addresses leave no usable address",
+                    ))
+                } else {
+                    Ok(p)
+                }
+            });
+            let pool = match (&pool, &c.spec.port_range) {
+                (Ok(_), Some(r)) if r.low == 0 || r.low > r.high => Err(problem(
+                    "InvalidPortRange",
+                    format!("portRange {}-{} is empty", r.low, r.high),
+                )),
+                _ => pool,
+            };
+            Some((name, ConfigInfo { cfg: c, pool }))
+        })
+        .collect();
+    let defaults: Vec<&String> = configs
+        .iter()
+        .filter(|(_, c)| c.cfg.spec.default)
+        .map(|(n, _)| n)
+        .collect();
+
+    // Services, oldest first: older services win conflicts.
+    let mut services: Vec<&Service> = inputs.services.clone();
+    services.sort_by(|a, b| {
+        let key = |s: &Service| {
+            (
+                s.metadata.creation_timestamp.clone().map(|t| t.0),
+                ServiceRef::of(s),
+            )
+        };
+        key(a).cmp(&key(b))
+    });
+
+    let mut candidates: Vec<Candidate<'_>> = Vec::new();
+    for svc in services {
+        let r = ServiceRef::of(svc);
+        let Some(spec) = svc.spec.as_ref() else {
+            continue;
+        };
+        if spec.type_.as_deref() != Some("LoadBalancer") {
+            out.services.insert(
+                r,
+                Decision::NotOurs(problem(
+                    "NotLoadBalancer",
+                    "the service is not of type LoadBalancer",
+                )),
+            );
+            continue;
+        }
+        match spec.load_balancer_class.as_deref() {
+            Some(c) if c != settings.class => {
+                out.services.insert(
+                    r,
+                    Decision::NotOurs(problem(
+                        "ClassMismatch",
+                        format!("loadBalancerClass {c} is not {}", settings.class),
+                    )),
+                );
+                continue;
+            }
+            None if settings.ignore_unclassed => {
+                out.services.insert(
+                    r,
+                    Decision::NotOurs(problem(
+                        "ClassMismatch",
+                        format!(
+                            "no loadBalancerClass, and the agent only serves {}",
+                            settings.class
+                        ),
+                    )),
+                );
+                continue;
+            }
+            _ => {}
+        }
+        if svc.metadata.deletion_timestamp.is_some() {
+            out.services.insert(r, Decision::Deleting);
+            continue;
+        }
+
+        let config = match annotation(svc, CONFIG_ANNOTATION) {
+            Some(name) => match configs.get(name) {
+                Some(c) => match &c.pool {
+                    Ok(_) => Ok(name.to_string()),
+                    Err(p) => Err(problem(
+                        "InvalidConfig",
+                        format!("config {name} is invalid: {}", p.message),
+                    )),
+                },
+                None => Err(problem(
+                    "ConfigNotFound",
+                    format!("annotation {CONFIG_ANNOTATION}: no LoadBalancerConfig named {name:?}"),
+                )),
+            },
+            None => match defaults.as_slice() {
+                [one] => match &configs[*one].pool {
+                    Ok(_) => Ok((*one).clone()),
+                    Err(p) => Err(problem(
+                        "InvalidConfig",
+                        format!("default config {one} is invalid: {}", p.message),
+                    )),
+                },
+                [] => Err(problem(
+                    "NoDefaultConfig",
+                    format!(
+                        "no LoadBalancerConfig is the default; mark one `default: true` or annotate the service with {CONFIG_ANNOTATION}"
+                    ),
+                )),
+                many => Err(problem(
+                    "MultipleDefaultConfigs",
+                    format!(
+                        "configs {} are all marked default; keep one",
+                        many.iter()
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )),
+            },
+        };
+        let requested = match annotation(svc, IP_ANNOTATION)
+            .or(spec.load_balancer_ip.as_deref().filter(|s| !s.is_empty()))
+        {
+            None => Ok(None),
+            Some(s) => s.trim().parse::<Ipv4Addr>().map(Some).map_err(|_| {
+                problem(
+                    "InvalidRequestedAddress",
+                    format!("requested address {s:?} is not an IPv4 address"),
+                )
+            }),
+        };
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .and_then(|i| i.first());
+        let current = ingress
+            .and_then(|i| i.ip.as_deref())
+            .and_then(|ip| ip.parse().ok());
+        let current_ports = ingress
+            .and_then(|i| i.ports.as_ref())
+            .map(|ps| {
+                ps.iter()
+                    .filter_map(|p| Some((u16::try_from(p.port).ok()?, p.protocol.clone())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut ports = Vec::new();
+        let mut unsupported = Vec::new();
+        for p in spec.ports.iter().flatten() {
+            let proto = p.protocol.as_deref().unwrap_or("TCP");
+            match (proto, u16::try_from(p.port)) {
+                ("TCP", Ok(port)) => ports.push((
+                    port,
+                    Protocol::Tcp,
+                    p.node_port.and_then(|n| u16::try_from(n).ok()),
+                )),
+                ("UDP", Ok(port)) => ports.push((
+                    port,
+                    Protocol::Udp,
+                    p.node_port.and_then(|n| u16::try_from(n).ok()),
+                )),
+                _ => unsupported.push(format!("{}/{proto}", p.port)),
+            }
+        }
+        let key = annotation(svc, SHARING_ANNOTATION)
+            .map(str::to_string)
+            .filter(|k| !k.is_empty());
+        candidates.push(Candidate {
+            r,
+            svc,
+            config,
+            requested,
+            current,
+            current_ports,
+            key,
+            ports,
+            unsupported,
+        });
+    }
+
+    // Allocation. `held` records every (address, ports) decided so far.
+    let mut holders = Holders::default();
+    let mut assigned: BTreeMap<ServiceRef, Result<(Ipv4Addr, Vec<u16>), Problem>> = BTreeMap::new();
+    let pool_of = |c: &Candidate<'_>| -> Option<(&AddressPool, Option<(u16, u16)>)> {
+        let name = c.config.as_ref().ok()?;
+        let info = configs.get(name)?;
+        Some((
+            info.pool.as_ref().ok()?,
+            info.cfg.spec.port_range.as_ref().map(|r| (r.low, r.high)),
+        ))
+    };
+    // External ports for `c` on `addr`: the service ports, or ports from the range (kept
+    // from the status where still free).
+    let external = |c: &Candidate<'_>,
+                    addr: Ipv4Addr,
+                    range: Option<(u16, u16)>,
+                    holders: &Holders|
+     -> Option<Vec<u16>> {
+        let Some((lo, hi)) = range else {
+            return Some(c.ports.iter().map(|p| p.0).collect());
+        };
+        let mut used = holders.ports_on(addr);
+        let mut out = Vec::new();
+        for (i, (_, proto, _)) in c.ports.iter().enumerate() {
+            let kept = (c.current == Some(addr))
+                .then(|| c.current_ports.get(i))
+                .flatten()
+                .filter(|(p, pr)| {
+                    pr == &proto.to_string()
+                        && (lo..=hi).contains(p)
+                        && !used.contains(&(*p, *proto))
+                })
+                .map(|(p, _)| *p);
+            let port = kept.or_else(|| (lo..=hi).find(|p| !used.contains(&(*p, *proto))))?;
+            used.insert((port, *proto));
+            out.push(port);
+        }
+        Some(out)
+    };
+    let port_set = |c: &Candidate<'_>, ext: &[u16]| -> BTreeSet<(u16, Protocol)> {
+        ext.iter()
+            .zip(&c.ports)
+            .map(|(e, (_, proto, _))| (*e, *proto))
+            .collect()
+    };
+
+    // 1. Keep current addresses.
+    for c in &candidates {
+        let (Some(cur), Some((pool, range))) = (c.current, pool_of(c)) else {
+            continue;
+        };
+        if !pool.contains(cur) || matches!(c.requested, Ok(Some(r)) if r != cur) {
+            continue;
+        }
+        let Some(ext) = external(c, cur, range, &holders) else {
+            continue;
+        };
+        let ps = port_set(c, &ext);
+        if range.is_some() || holders.shareable(cur, c.key.as_ref(), &ps) {
+            holders.add(
+                cur,
+                if range.is_some() {
+                    Some(String::new())
+                } else {
+                    c.key.clone()
+                },
+                ps,
+            );
+            assigned.insert(c.r.clone(), Ok((cur, ext)));
+        }
+    }
+    // 2. Requested addresses.
+    for c in &candidates {
+        if assigned.contains_key(&c.r) {
+            continue;
+        }
+        let wanted = match &c.requested {
+            Ok(Some(ip)) => *ip,
+            Ok(None) => continue,
+            Err(p) => {
+                assigned.insert(c.r.clone(), Err(p.clone()));
+                continue;
+            }
+        };
+        let Some((pool, range)) = pool_of(c) else {
+            continue;
+        };
+        let result = if !pool.contains(wanted) {
+            Err(problem(
+                "RequestedAddressOutsidePool",
+                format!(
+                    "requested {wanted} is not in config {}'s addresses",
+                    c.config.as_ref().map_or("?", |s| s.as_str())
+                ),
+            ))
+        } else {
+            match external(c, wanted, range, &holders) {
+                Some(ext)
+                    if range.is_some()
+                        || holders.shareable(wanted, c.key.as_ref(), &port_set(c, &ext)) =>
+                {
+                    holders.add(
+                        wanted,
+                        if range.is_some() {
+                            Some(String::new())
+                        } else {
+                            c.key.clone()
+                        },
+                        port_set(c, &ext),
+                    );
+                    Ok((wanted, ext))
+                }
+                _ => Err(problem(
+                    "AddressInUse",
+                    format!(
+                        "requested {wanted} is already used by another service (share it with the same {SHARING_ANNOTATION} key and distinct ports)"
+                    ),
+                )),
+            }
+        };
+        assigned.insert(c.r.clone(), result);
+    }
+    // 3. Everyone else: join a sharing group, or take the lowest free address.
+    for c in &candidates {
+        if assigned.contains_key(&c.r) {
+            continue;
+        }
+        let Some((pool, range)) = pool_of(c) else {
+            continue;
+        };
+        let mut choice = None;
+        if range.is_some() {
+            choice = pool
+                .addresses()
+                .find_map(|a| external(c, a, range, &holders).map(|e| (a, e)));
+        } else {
+            if c.key.is_some() {
+                choice = pool
+                    .addresses()
+                    .filter(|a| holders.by_addr.contains_key(a))
+                    .find_map(|a| {
+                        let ext = external(c, a, range, &holders)?;
+                        holders
+                            .shareable(a, c.key.as_ref(), &port_set(c, &ext))
+                            .then_some((a, ext))
+                    });
+            }
+            if choice.is_none() {
+                choice = pool
+                    .first_free(&holders.taken())
+                    .and_then(|a| external(c, a, range, &holders).map(|e| (a, e)));
+            }
+        }
+        let result = match choice {
+            Some((a, ext)) => {
+                holders.add(
+                    a,
+                    if range.is_some() {
+                        Some(String::new())
+                    } else {
+                        c.key.clone()
+                    },
+                    port_set(c, &ext),
+                );
+                Ok((a, ext))
+            }
+            None => Err(problem(
+                "PoolExhausted",
+                format!(
+                    "config {} has no free address{}; the service gets one as soon as one is released",
+                    c.config.as_ref().map_or("?", |s| s.as_str()),
+                    if range.is_some() { " or port" } else { "" }
+                ),
+            )),
+        };
+        assigned.insert(c.r.clone(), result);
+    }
+
+    // Outcomes.
+    for c in candidates {
+        let info = c.config.as_ref().ok().and_then(|n| configs.get(n));
+        let mode = info.map_or(BackendMode::Endpoints, |i| i.cfg.spec.backend_mode);
+        let address = match (&c.config, assigned.remove(&c.r)) {
+            (Err(p), _) => Err(p.clone()),
+            (Ok(_), Some(Ok((a, ext)))) => Ok((a, ext)),
+            (Ok(_), Some(Err(p))) => Err(p),
+            (Ok(_), None) => Err(problem(
+                "InvalidConfig",
+                "the config cannot hand out addresses",
+            )),
+        };
+        let ports = match &address {
+            Ok((_, ext)) => c
+                .svc
+                .spec
+                .iter()
+                .flat_map(|s| s.ports.iter().flatten())
+                .filter(|p| matches!(p.protocol.as_deref().unwrap_or("TCP"), "TCP" | "UDP"))
+                .zip(ext)
+                .zip(&c.ports)
+                .map(|((sp, ext), (port, proto, _))| PortPlan {
+                    external_port: *ext,
+                    service_port: *port,
+                    protocol: *proto,
+                    backends: match mode {
+                        BackendMode::Endpoints => {
+                            endpoints::from_slices(c.svc, sp, inputs.slices.iter().copied())
+                        }
+                        BackendMode::NodePort => {
+                            endpoints::from_nodes(sp, inputs.nodes.iter().copied())
+                        }
+                    },
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let served = Served {
+            address: address.map(|(a, _)| a),
+            config: c.config,
+            ports,
+            unsupported_ports: c.unsupported,
+            ip_mode: info.map_or(IpMode::VIP, |i| i.cfg.spec.ip_mode),
+            interface: info
+                .and_then(|i| i.cfg.spec.interface.clone())
+                .unwrap_or_else(|| settings.default_interface.clone()),
+        };
+        out.services.insert(c.r, Decision::Serve(served));
+    }
+
+    // Config statuses.
+    for (name, info) in &configs {
+        let (total, in_use) = match &info.pool {
+            Ok(p) => (
+                p.size(),
+                holders.by_addr.keys().filter(|a| p.contains(**a)).count() as u64,
+            ),
+            Err(_) => (0, 0),
+        };
+        let default_conflict = (info.cfg.spec.default && defaults.len() > 1).then(|| {
+            problem(
+                "MultipleDefaultConfigs",
+                format!("{} configs are marked default ({}); services without {CONFIG_ANNOTATION} are not served until one remains", defaults.len(), defaults.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")),
+            )
+        });
+        out.configs.insert(
+            name.clone(),
+            ConfigDesired {
+                total,
+                in_use,
+                invalid: info.pool.as_ref().err().cloned(),
+                default_conflict,
+            },
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::{
+        api::core::v1::{
+            LoadBalancerIngress, LoadBalancerStatus, PortStatus, ServicePort,
+            ServiceSpec as K8sServiceSpec, ServiceStatus,
+        },
+        apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
+        jiff::Timestamp,
+    };
+
+    use super::*;
+    use crate::cluster::crd::{LoadBalancerConfigSpec, PortRange};
+
+    fn settings() -> Settings {
+        Settings {
+            class: "ballast.dev/xdp".into(),
+            ignore_unclassed: false,
+            default_interface: "eth0".into(),
+        }
+    }
+
+    fn config(name: &str, default: bool, addresses: &[&str]) -> LoadBalancerConfig {
+        LoadBalancerConfig::new(
+            name,
+            LoadBalancerConfigSpec {
+                default,
+                addresses: addresses.iter().map(|s| s.to_string()).collect(),
+                port_range: None,
+                interface: None,
+                backend_mode: BackendMode::Endpoints,
+                ip_mode: IpMode::VIP,
+            },
+        )
+    }
+
+    /// A LoadBalancer service created `age` seconds after the epoch with TCP `ports`.
+    fn svc(name: &str, age: i64, ports: &[(i32, &str)]) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                creation_timestamp: Some(Time(
+                    Timestamp::from_second(1_700_000_000 + age).unwrap(),
+                )),
+                annotations: Some(Default::default()),
+                ..Default::default()
+            },
+            spec: Some(K8sServiceSpec {
+                type_: Some("LoadBalancer".into()),
+                ports: Some(
+                    ports
+                        .iter()
+                        .map(|(p, proto)| ServicePort {
+                            port: *p,
+                            protocol: Some(proto.to_string()),
+                            node_port: Some(30000 + *p),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            status: None,
+        }
+    }
+
+    fn annotate(mut s: Service, k: &str, v: &str) -> Service {
+        s.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(k.into(), v.into());
+        s
+    }
+
+    fn with_status(mut s: Service, ip: &str, ports: &[(i32, &str)]) -> Service {
+        s.status = Some(ServiceStatus {
+            load_balancer: Some(LoadBalancerStatus {
+                ingress: Some(vec![LoadBalancerIngress {
+                    ip: Some(ip.into()),
+                    ports: Some(
+                        ports
+                            .iter()
+                            .map(|(p, pr)| PortStatus {
+                                port: *p,
+                                protocol: pr.to_string(),
+                                error: None,
+                            })
+                            .collect(),
+                    ),
+                    ..Default::default()
+                }]),
+            }),
+            conditions: None,
+        });
+        s
+    }
+
+    fn run(services: &[Service], configs: &[LoadBalancerConfig]) -> Desired {
+        let inputs = Inputs {
+            services: services.iter().collect(),
+            configs: configs.iter().collect(),
+            ..Inputs::default()
+        };
+        desired(&inputs, &settings())
+    }
+
+    fn served<'a>(d: &'a Desired, name: &str) -> &'a Served {
+        match &d.services[&ServiceRef {
+            namespace: "ns".into(),
+            name: name.into(),
+        }] {
+            Decision::Serve(s) => s,
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+
+    fn addr(d: &Desired, name: &str) -> Result<String, &'static str> {
+        served(d, name)
+            .address
+            .as_ref()
+            .map(|a| a.to_string())
+            .map_err(|p| p.reason)
+    }
+
+    const POOL: &[&str] = &["192.0.2.10-192.0.2.12"];
+
+    #[test]
+    fn oldest_services_get_the_lowest_addresses_and_keep_them() {
+        let cfg = [config("pool", true, POOL)];
+        let d = run(
+            &[svc("b", 2, &[(80, "TCP")]), svc("a", 1, &[(80, "TCP")])],
+            &cfg,
+        );
+        assert_eq!(addr(&d, "a"), Ok("192.0.2.10".into()));
+        assert_eq!(addr(&d, "b"), Ok("192.0.2.11".into()));
+        // A held address stays even when a lower one is free.
+        let d = run(
+            &[with_status(
+                svc("b", 2, &[(80, "TCP")]),
+                "192.0.2.12",
+                &[(80, "TCP")],
+            )],
+            &cfg,
+        );
+        assert_eq!(addr(&d, "b"), Ok("192.0.2.12".into()));
+        assert_eq!(d.configs["pool"].in_use, 1);
+        assert_eq!(d.configs["pool"].total, 3);
+    }
+
+    #[test]
+    fn exhaustion_is_reported_and_a_released_address_goes_to_the_waiting_service() {
+        let cfg = [config("pool", true, POOL)];
+        let s: Vec<Service> = (0..4)
+            .map(|i| svc(&format!("s{i}"), i, &[(80, "TCP")]))
+            .collect();
+        let d = run(&s, &cfg);
+        assert_eq!(addr(&d, "s3"), Err("PoolExhausted"));
+        // s1 goes away: s3 gets its address.
+        let held: Vec<Service> = [0, 2, 3]
+            .iter()
+            .map(|i| {
+                let ip = ["192.0.2.10", "192.0.2.11", "192.0.2.12"];
+                if *i < 3 {
+                    with_status(s[*i].clone(), ip[*i], &[(80, "TCP")])
+                } else {
+                    s[*i].clone()
+                }
+            })
+            .collect();
+        let d = run(&held, &cfg);
+        assert_eq!(addr(&d, "s3"), Ok("192.0.2.11".into()));
+    }
+
+    #[test]
+    fn requested_addresses_are_granted_or_refused_with_a_reason() {
+        let cfg = [config("pool", true, POOL)];
+        let a = annotate(svc("a", 1, &[(80, "TCP")]), IP_ANNOTATION, "192.0.2.12");
+        let mut b = svc("b", 2, &[(80, "TCP")]);
+        b.spec.as_mut().unwrap().load_balancer_ip = Some("192.0.2.12".into());
+        let c = annotate(svc("c", 3, &[(80, "TCP")]), IP_ANNOTATION, "203.0.113.1");
+        let e = annotate(svc("e", 4, &[(80, "TCP")]), IP_ANNOTATION, "not-an-ip");
+        let d = run(&[a, b, c, e], &cfg);
+        assert_eq!(addr(&d, "a"), Ok("192.0.2.12".into()));
+        assert_eq!(addr(&d, "b"), Err("AddressInUse"));
+        assert_eq!(addr(&d, "c"), Err("RequestedAddressOutsidePool"));
+        assert_eq!(addr(&d, "e"), Err("InvalidRequestedAddress"));
+    }
+
+    #[test]
+    fn services_with_the_same_sharing_key_share_when_ports_differ() {
+        let cfg = [config("pool", true, POOL)];
+        let a = annotate(svc("a", 1, &[(80, "TCP")]), SHARING_ANNOTATION, "k");
+        let b = annotate(
+            svc("b", 2, &[(53, "UDP"), (53, "TCP")]),
+            SHARING_ANNOTATION,
+            "k",
+        );
+        let c = annotate(svc("c", 3, &[(80, "TCP")]), SHARING_ANNOTATION, "k");
+        let e = svc("e", 4, &[(443, "TCP")]);
+        let d = run(&[a, b, c, e], &cfg);
+        assert_eq!(addr(&d, "a"), Ok("192.0.2.10".into()));
+        assert_eq!(
+            addr(&d, "b"),
+            Ok("192.0.2.10".into()),
+            "same key, other ports: shared"
+        );
+        assert_eq!(
+            addr(&d, "c"),
+            Ok("192.0.2.11".into()),
+            "port 80 collides: its own address"
+        );
+        assert_eq!(
+            addr(&d, "e"),
+            Ok("192.0.2.12".into()),
+            "no key: never shares"
+        );
+        assert_eq!(d.configs["pool"].in_use, 3);
+        // A requested address held by a sharing group is granted to a member with free ports.
+        let f = annotate(
+            annotate(svc("f", 5, &[(8080, "TCP")]), SHARING_ANNOTATION, "k"),
+            IP_ANNOTATION,
+            "192.0.2.10",
+        );
+        let a = annotate(svc("a", 1, &[(80, "TCP")]), SHARING_ANNOTATION, "k");
+        let d = run(&[a, f], &cfg);
+        assert_eq!(addr(&d, "f"), Ok("192.0.2.10".into()));
+    }
+
+    #[test]
+    fn config_choice_by_annotation_or_the_single_default() {
+        let cfgs = [
+            config("pool", true, POOL),
+            config("other", false, &["198.51.100.1"]),
+        ];
+        let a = annotate(svc("a", 1, &[(80, "TCP")]), CONFIG_ANNOTATION, "other");
+        let b = annotate(svc("b", 2, &[(80, "TCP")]), CONFIG_ANNOTATION, "nope");
+        let c = svc("c", 3, &[(80, "TCP")]);
+        let d = run(&[a, b, c], &cfgs);
+        assert_eq!(addr(&d, "a"), Ok("198.51.100.1".into()));
+        assert_eq!(addr(&d, "b"), Err("ConfigNotFound"));
+        assert_eq!(addr(&d, "c"), Ok("192.0.2.10".into()));
+
+        let d = run(
+            &[svc("c", 3, &[(80, "TCP")])],
+            &[config("other", false, &["198.51.100.1"])],
+        );
+        assert_eq!(addr(&d, "c"), Err("NoDefaultConfig"));
+        let two = [
+            config("p1", true, POOL),
+            config("p2", true, &["198.51.100.1"]),
+        ];
+        let d = run(&[svc("c", 3, &[(80, "TCP")])], &two);
+        assert_eq!(addr(&d, "c"), Err("MultipleDefaultConfigs"));
+        assert!(
+            d.configs["p1"].default_conflict.is_some()
+                && d.configs["p2"].default_conflict.is_some()
+        );
+    }
+
+    #[test]
+    fn invalid_configs_are_reported_and_not_used() {
+        let d = run(
+            &[svc("a", 1, &[(80, "TCP")])],
+            &[config("bad", true, &["192.0.2.9-192.0.2.1"])],
+        );
+        assert_eq!(addr(&d, "a"), Err("InvalidConfig"));
+        assert_eq!(
+            d.configs["bad"].invalid.as_ref().map(|p| p.reason),
+            Some("InvalidAddresses")
+        );
+    }
+
+    #[test]
+    fn class_decides_whose_service_it_is() {
+        let cfg = [config("pool", true, POOL)];
+        let mut other = svc("other", 1, &[(80, "TCP")]);
+        other.spec.as_mut().unwrap().load_balancer_class = Some("example.com/lb".into());
+        let mut ours = svc("ours", 2, &[(80, "TCP")]);
+        ours.spec.as_mut().unwrap().load_balancer_class = Some("ballast.dev/xdp".into());
+        let plain = svc("plain", 3, &[(80, "TCP")]);
+        let mut cluster_ip = svc("cip", 4, &[(80, "TCP")]);
+        cluster_ip.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
+        let inputs = Inputs {
+            services: vec![&other, &ours, &plain, &cluster_ip],
+            configs: cfg.iter().collect(),
+            ..Inputs::default()
+        };
+        let d = desired(&inputs, &settings());
+        let r = |n: &str| ServiceRef {
+            namespace: "ns".into(),
+            name: n.into(),
+        };
+        assert!(
+            matches!(&d.services[&r("other")], Decision::NotOurs(p) if p.reason == "ClassMismatch")
+        );
+        assert!(matches!(&d.services[&r("ours")], Decision::Serve(_)));
+        assert!(matches!(&d.services[&r("plain")], Decision::Serve(_)));
+        assert!(
+            matches!(&d.services[&r("cip")], Decision::NotOurs(p) if p.reason == "NotLoadBalancer")
+        );
+        let strict = Settings {
+            ignore_unclassed: true,
+            ..settings()
+        };
+        let d = desired(&inputs, &strict);
+        assert!(
+            matches!(&d.services[&r("plain")], Decision::NotOurs(p) if p.reason == "ClassMismatch")
+        );
+    }
+
+    #[test]
+    fn port_range_mode_shares_an_address_with_distinct_ports() {
+        let mut cfg = config("shared", true, &["192.0.2.50"]);
+        cfg.spec.port_range = Some(PortRange {
+            low: 40000,
+            high: 40002,
+        });
+        let a = svc("a", 1, &[(80, "TCP"), (53, "UDP")]);
+        let b = with_status(svc("b", 2, &[(80, "TCP")]), "192.0.2.50", &[(40002, "TCP")]);
+        let c = svc("c", 3, &[(80, "TCP"), (81, "TCP")]);
+        let d = run(&[a, b, c], &[cfg]);
+        let ports = |n: &str| {
+            served(&d, n)
+                .ports
+                .iter()
+                .map(|p| (p.external_port, p.protocol))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            ports("a"),
+            vec![(40000, Protocol::Tcp), (40000, Protocol::Udp)]
+        );
+        assert_eq!(
+            ports("b"),
+            vec![(40002, Protocol::Tcp)],
+            "kept from the status"
+        );
+        assert_eq!(
+            addr(&d, "c"),
+            Err("PoolExhausted"),
+            "only one TCP port is left"
+        );
+        assert_eq!(served(&d, "a").ports[0].service_port, 80);
+    }
+
+    #[test]
+    fn mixed_protocols_become_one_data_path_service_per_port() {
+        let d = run(
+            &[svc("dns", 1, &[(53, "UDP"), (53, "TCP"), (9, "SCTP")])],
+            &[config("pool", true, POOL)],
+        );
+        let specs = d.dataplane();
+        assert_eq!(
+            specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+            vec!["ns/dns:53/UDP", "ns/dns:53/TCP"]
+        );
+        assert_eq!(
+            served(&d, "dns").unsupported_ports,
+            vec!["9/SCTP".to_string()]
+        );
+        assert!(specs.iter().all(|s| s.interface.as_deref() == Some("eth0")));
+    }
+
+    #[test]
+    fn deleting_services_are_released() {
+        let mut s = svc("a", 1, &[(80, "TCP")]);
+        s.metadata.deletion_timestamp = Some(Time(Timestamp::from_second(1_800_000_000).unwrap()));
+        let d = run(&[s], &[config("pool", true, POOL)]);
+        assert_eq!(d.services.values().next(), Some(&Decision::Deleting));
+        assert!(d.dataplane().is_empty());
+        assert_eq!(d.configs["pool"].in_use, 0);
+    }
+}
