@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod config;
 pub mod dataplane;
 pub mod inspect;
+pub mod manifests;
 pub mod model;
 pub mod net;
 

@@ -6,8 +6,12 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_agent::{
     agent::{node::NodeOptions, static_mode},
+    cluster::{
+        controller::{self, ControllerOptions},
+        desired::Settings,
+    },
     dataplane::{MapSizes, Maps, XdpAttachMode},
-    inspect,
+    inspect, manifests,
 };
 use lb_common::config::DataplaneConfig;
 use tracing_subscriber::EnvFilter;
@@ -52,6 +56,13 @@ enum Output {
 enum Command {
     /// Run the agent: load the data path, serve the services.
     Run(Box<RunArgs>),
+    /// Write the generated manifests (CRDs, RBAC) into a directory (`cargo xtask codegen`).
+    #[command(hide = true)]
+    Manifests {
+        /// Directory to write into.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Show services, backends, counters (and flows) from the pinned maps.
     Inspect {
         /// bpffs directory of the pinned maps.
@@ -71,9 +82,25 @@ struct RunArgs {
     /// Interface that holds the VIPs and receives client traffic.
     #[arg(long, env = "LINKDEVICE")]
     interface: String,
-    /// Static configuration file (services without Kubernetes).
+    /// Static configuration file (services without Kubernetes). Without it the agent
+    /// serves the cluster of the current kubeconfig context (or the in-cluster config).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Kubeconfig file (default: KUBECONFIG, ~/.kube/config, in-cluster).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// The loadBalancerClass served.
+    #[arg(long, default_value = lb_agent::cluster::crd::CLASS)]
+    class: String,
+    /// Leave Services without a loadBalancerClass to other implementations.
+    #[arg(long)]
+    ignore_unclassed: bool,
+    /// Label selector limiting the LoadBalancerConfigs this agent uses.
+    #[arg(long)]
+    config_selector: Option<String>,
+    /// This node's name (source of Events).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
     /// bpffs directory the maps are pinned in.
     #[arg(long, default_value = "/sys/fs/bpf/ballast")]
     bpffs: PathBuf,
@@ -176,6 +203,12 @@ fn node_options(a: &RunArgs) -> Result<NodeOptions> {
     })
 }
 
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_level, cli.log_format);
@@ -193,15 +226,33 @@ fn run(command: Command) -> Result<()> {
     match command {
         Command::Run(args) => {
             let opts = node_options(&args)?;
-            let Some(config) = args.config.clone() else {
-                bail!(
-                    "Kubernetes mode is not available in this build yet: pass --config FILE to run in static mode"
-                );
-            };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(static_mode::run(opts, config))
+            match args.config.clone() {
+                Some(config) => rt.block_on(static_mode::run(opts, config)),
+                None => {
+                    let copts = ControllerOptions {
+                        settings: Settings {
+                            class: args.class.clone(),
+                            ignore_unclassed: args.ignore_unclassed,
+                            default_interface: args.interface.clone(),
+                        },
+                        config_selector: args.config_selector.clone(),
+                        kubeconfig: args.kubeconfig.clone(),
+                        instance: args.node_name.clone().unwrap_or_else(hostname),
+                    };
+                    rt.block_on(controller::run(opts, copts))
+                }
+            }
+        }
+        Command::Manifests { out } => {
+            std::fs::create_dir_all(&out)?;
+            for (name, content) in manifests::all() {
+                std::fs::write(out.join(name), content)
+                    .with_context(|| format!("writing {name}"))?;
+            }
+            Ok(())
         }
         Command::Inspect {
             bpffs,

@@ -7,8 +7,11 @@
 //! tests run concurrently and clean up after failures.
 
 pub mod agent;
+pub mod cluster;
 pub mod cmd;
+pub mod forward;
 pub mod frames;
+pub mod k8sbed;
 pub mod lab;
 pub mod netns;
 pub mod pins;

@@ -31,6 +31,8 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Regenerate deploy/ (CRDs, RBAC) from lb-agent's types.
+    Codegen,
     /// Build a namespace topology, balance requests through it, print who answered.
     Demo,
     /// Run formatting and lint checks and the whole test suite (needs root).
@@ -67,6 +69,7 @@ fn main() -> Result<()> {
             tasks::cargo(&["build", "-p", "lb-agent"], release)
         }
         Command::Run { args } => tasks::run(&args),
+        Command::Codegen => tasks::codegen(),
         Command::Demo => tasks::demo(),
         Command::Test { filter } => tasks::test(filter.as_deref()),
         Command::Bench { quick } => tasks::bench(quick),

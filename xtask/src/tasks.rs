@@ -70,6 +70,20 @@ pub fn run(args: &[String]) -> Result<()> {
     exec(bin("lb-agent", false), &all)
 }
 
+pub fn codegen() -> Result<()> {
+    setup::ensure(false)?;
+    cargo(&["build", "-p", "lb-agent"], false)?;
+    let out = root().join("deploy");
+    exec(
+        bin("lb-agent", false),
+        &[
+            "manifests".into(),
+            "--out".into(),
+            out.display().to_string(),
+        ],
+    )
+}
+
 pub fn demo() -> Result<()> {
     require_root("the demo")?;
     setup::ensure(false)?;

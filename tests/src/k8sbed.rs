@@ -1,0 +1,384 @@
+//! A test bed for Kubernetes mode: the namespace topology, the real control plane, and the
+//! agent running in the LB namespace as the `ballast-agent` ServiceAccount. Each bed has its
+//! own loadBalancerClass, config label and namespace, so beds run concurrently without
+//! seeing each other's objects.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result};
+use k8s_openapi::{
+    api::{
+        core::v1::{Service, ServicePort, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::{
+    Api,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+};
+use lb_agent::cluster::crd::{LoadBalancer, LoadBalancerConfig, LoadBalancerConfigSpec};
+
+use crate::{
+    agent::{Agent, agent_bin},
+    cluster::{TestCluster, wait_for},
+    forward::Forward,
+    netns::unique_name,
+    testbed::{Arms, LB_IFACE, Testbed},
+};
+
+/// Label put on this bed's configs; the agent only sees configs carrying its value.
+pub const CONFIG_LABEL: &str = "ballast.dev/test-bed";
+
+/// The bed.
+pub struct K8sBed {
+    /// The topology.
+    pub tb: Testbed,
+    /// The control plane.
+    pub cluster: TestCluster,
+    /// Namespace for this bed's services.
+    pub ns: String,
+    /// loadBalancerClass of this bed.
+    pub class: String,
+    /// Value of [`CONFIG_LABEL`] on this bed's configs.
+    pub bed: String,
+    /// The API forward into the LB namespace.
+    pub forward: Option<Forward>,
+    /// The agent, once started.
+    pub agent: Option<Agent>,
+    kubeconfig: PathBuf,
+}
+
+impl K8sBed {
+    /// Builds the topology (two-armed, `backends` backend hosts) and connects to the API.
+    pub async fn new(tag: &str, backends: usize) -> Result<Self> {
+        let tb = tokio::task::block_in_place(|| Testbed::new(Arms::Two, backends))?;
+        let cluster = TestCluster::connect().await?;
+        let ns = cluster.namespace(tag).await?;
+        let bed = unique_name(tag).to_lowercase();
+        let forward =
+            tokio::task::block_in_place(|| Forward::start(&tb.lb, 0, cluster.server_addr()?))?;
+        let kubeconfig = cluster
+            .agent_kubeconfig(&format!("https://127.0.0.1:{}", forward.port))
+            .await?;
+        Ok(Self {
+            tb,
+            cluster,
+            ns,
+            class: format!("ballast.dev/test-{bed}"),
+            bed,
+            forward: Some(forward),
+            agent: None,
+            kubeconfig,
+        })
+    }
+
+    /// Agent arguments for this bed.
+    pub fn agent_args(&self) -> Vec<String> {
+        [
+            "run",
+            "--interface",
+            LB_IFACE,
+            "--kubeconfig",
+            &self.kubeconfig.display().to_string(),
+            "--bpffs",
+            &self.tb.pins.path().display().to_string(),
+            "--class",
+            &self.class,
+            "--ignore-unclassed",
+            "--config-selector",
+            &format!("{CONFIG_LABEL}={}", self.bed),
+            "--node-name",
+            "edge-1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// Starts the agent and waits for its first pass.
+    pub fn start_agent(&mut self) -> Result<()> {
+        let args = self.agent_args();
+        let agent = tokio::task::block_in_place(|| {
+            Agent::start(
+                &self.tb.lb,
+                &args.iter().map(String::as_str).collect::<Vec<_>>(),
+            )
+        })?;
+        self.agent = Some(agent);
+        Ok(())
+    }
+
+    /// Stops the agent (SIGTERM) and returns its log.
+    pub fn stop_agent(&mut self) -> Result<String> {
+        let agent = self.agent.take().context("no agent")?;
+        let (status, log) = tokio::task::block_in_place(|| agent.stop())?;
+        anyhow::ensure!(status.success(), "agent exited with {status}:\n{log}");
+        Ok(log)
+    }
+
+    /// Creates a LoadBalancerConfig visible to this bed's agent; returns its (unique) name.
+    pub async fn config(&self, tag: &str, spec: LoadBalancerConfigSpec) -> Result<String> {
+        let name = format!("{}-{tag}", self.bed);
+        let mut c = LoadBalancerConfig::new(&name, spec);
+        c.metadata.labels = Some(BTreeMap::from([(
+            CONFIG_LABEL.to_string(),
+            self.bed.clone(),
+        )]));
+        Api::<LoadBalancerConfig>::all(self.cluster.admin.clone())
+            .create(&PostParams::default(), &c)
+            .await?;
+        Ok(name)
+    }
+
+    /// A config spec with `addresses`.
+    pub fn pool(default: bool, addresses: &[&str]) -> LoadBalancerConfigSpec {
+        LoadBalancerConfigSpec {
+            default,
+            addresses: addresses.iter().map(|s| s.to_string()).collect(),
+            port_range: None,
+            interface: None,
+            backend_mode: Default::default(),
+            ip_mode: Default::default(),
+        }
+    }
+
+    /// Services API in this bed's namespace.
+    pub fn services(&self) -> Api<Service> {
+        Api::namespaced(self.cluster.admin.clone(), &self.ns)
+    }
+
+    /// Creates a LoadBalancer Service of this bed's class with `ports` (port, protocol,
+    /// name) and annotations.
+    pub async fn service(
+        &self,
+        name: &str,
+        ports: &[(i32, &str, &str)],
+        annotations: &[(&str, &str)],
+    ) -> Result<Service> {
+        let svc = Service {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                type_: Some("LoadBalancer".into()),
+                load_balancer_class: Some(self.class.clone()),
+                ports: Some(
+                    ports
+                        .iter()
+                        .map(|(p, proto, n)| ServicePort {
+                            name: Some(n.to_string()),
+                            port: *p,
+                            protocol: Some(proto.to_string()),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                selector: Some(BTreeMap::from([("app".to_string(), name.to_string())])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        Ok(self.services().create(&PostParams::default(), &svc).await?)
+    }
+
+    /// Creates or replaces the EndpointSlice of service `svc`: `endpoints` are (ip, ready,
+    /// serving, terminating); every port (name, protocol, target port).
+    pub async fn slice(
+        &self,
+        svc: &str,
+        ports: &[(&str, &str, i32)],
+        endpoints: &[(&str, bool, bool, bool)],
+    ) -> Result<()> {
+        let slice = EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(format!("{svc}-slice")),
+                labels: Some(BTreeMap::from([(
+                    "kubernetes.io/service-name".to_string(),
+                    svc.to_string(),
+                )])),
+                ..Default::default()
+            },
+            address_type: "IPv4".into(),
+            endpoints: endpoints
+                .iter()
+                .map(|(ip, ready, serving, terminating)| Endpoint {
+                    addresses: vec![ip.to_string()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(*ready),
+                        serving: Some(*serving),
+                        terminating: Some(*terminating),
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(n, proto, p)| EndpointPort {
+                        name: Some(n.to_string()),
+                        protocol: Some(proto.to_string()),
+                        port: Some(*p),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+        };
+        let api: Api<EndpointSlice> = Api::namespaced(self.cluster.admin.clone(), &self.ns);
+        api.patch(
+            &format!("{svc}-slice"),
+            &PatchParams::apply("ballast-tests").force(),
+            &Patch::Apply(&with_types(slice, "discovery.k8s.io/v1", "EndpointSlice")?),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Waits until the service's status names an address, and returns it.
+    pub async fn wait_ip(&self, name: &str) -> Result<Ipv4Addr> {
+        let api = self.services();
+        wait_for(Duration::from_secs(15), || async {
+            ingress_ip(&api.get(name).await.ok()?)
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "service {name} got no address; agent log:\n{}",
+                self.agent_log()
+            )
+        })
+    }
+
+    /// Waits until `f` holds for the service.
+    pub async fn wait_service(
+        &self,
+        name: &str,
+        what: &str,
+        f: impl Fn(&Service) -> bool,
+    ) -> Result<Service> {
+        let api = self.services();
+        wait_for(Duration::from_secs(15), || async {
+            api.get(name).await.ok().filter(|s| f(s))
+        })
+        .await
+        .with_context(|| format!("service {name}: {what}; agent log:\n{}", self.agent_log()))
+    }
+
+    /// Deletes a service.
+    pub async fn delete_service(&self, name: &str) -> Result<()> {
+        self.services()
+            .delete(name, &DeleteParams::default())
+            .await?;
+        Ok(())
+    }
+
+    /// The LoadBalancer object of a service, if any.
+    pub async fn balancer(&self, name: &str) -> Option<LoadBalancer> {
+        Api::<LoadBalancer>::namespaced(self.cluster.admin.clone(), &self.ns)
+            .get(name)
+            .await
+            .ok()
+    }
+
+    /// `lb-agent inspect --output json` of this bed's maps.
+    pub fn inspect(&self) -> Result<serde_json::Value> {
+        let out = std::process::Command::new(agent_bin()?)
+            .args([
+                "inspect",
+                "--output",
+                "json",
+                "--bpffs",
+                &self.tb.pins.path().display().to_string(),
+            ])
+            .output()?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Backends (`ip:port`, active only) of the data path service at `vip:port`.
+    pub fn backends(&self, vip: Ipv4Addr, port: u16) -> Result<Vec<String>> {
+        let snap = self.inspect()?;
+        let svc = snap["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["vip"] == vip.to_string() && s["port"] == port);
+        Ok(svc
+            .map(|s| {
+                s["backends"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|b| b["active"] == true)
+                    .filter_map(|b| b["addr"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Whether the LB interface holds `ip`.
+    pub fn vip_on_interface(&self, ip: Ipv4Addr) -> bool {
+        self.tb
+            .lb
+            .ip(&format!("addr show dev {LB_IFACE}"))
+            .map(|s| s.contains(&format!("{ip}/32")))
+            .unwrap_or(false)
+    }
+
+    /// The agent's log so far.
+    pub fn agent_log(&self) -> String {
+        self.agent
+            .as_ref()
+            .map(|a| a.log_text())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for K8sBed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.kubeconfig);
+    }
+}
+
+/// The first ingress IP in a Service's status.
+pub fn ingress_ip(s: &Service) -> Option<Ipv4Addr> {
+    s.status
+        .as_ref()?
+        .load_balancer
+        .as_ref()?
+        .ingress
+        .as_ref()?
+        .first()?
+        .ip
+        .as_ref()?
+        .parse()
+        .ok()
+}
+
+/// A condition of a Service: (status, reason, message).
+pub fn condition(s: &Service, type_: &str) -> Option<(String, String, String)> {
+    s.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+fn with_types<T: serde::Serialize>(
+    o: T,
+    api_version: &str,
+    kind: &str,
+) -> Result<serde_json::Value> {
+    let mut v = serde_json::to_value(o)?;
+    v["apiVersion"] = api_version.into();
+    v["kind"] = kind.into();
+    Ok(v)
+}
