@@ -116,9 +116,19 @@ pub fn test(filter: Option<&str>) -> Result<()> {
     if let Some(f) = filter {
         args.push(f);
     }
-    // SAFETY: single-threaded at this point; the variable is read by the test processes.
-    unsafe { std::env::set_var("LB_AGENT_BIN", bin("lb-agent", false)) };
-    cargo(&args, false)
+    // The controller tests talk to a real kube-apiserver; start one unless running.
+    let started = !crate::controlplane::running();
+    crate::controlplane::up()?;
+    // SAFETY: single-threaded at this point; the variables are read by the test processes.
+    unsafe {
+        std::env::set_var("LB_AGENT_BIN", bin("lb-agent", false));
+        std::env::set_var("KUBECONFIG", crate::controlplane::kubeconfig());
+    }
+    let result = cargo(&args, false);
+    if started {
+        crate::controlplane::down()?;
+    }
+    result
 }
 
 /// Lints the kernel programs, which only compile for the BPF target.

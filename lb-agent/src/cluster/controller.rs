@@ -352,6 +352,7 @@ impl Controller {
         for (r, d) in &decided.services {
             let Some(svc) = by_ref.get(r) else { continue };
             let failure = failures.get(&r.to_string()).map(String::as_str);
+            let balancer = balancers.get(r).map(Arc::as_ref);
             let result = match d {
                 Decision::Serve(s) => {
                     let conditions = status::carry_transition_times(
@@ -361,19 +362,28 @@ impl Controller {
                     let phase = status::phase(s, failure);
                     let r1 = self
                         .write_service_status(svc, &status::ingress(s), &conditions)
-                        .await;
-                    let (spec, st) = status::load_balancer(&r.name, s, conditions, phase);
+                        .await
+                        .map_err(|e| ("service status", e));
+                    let (spec, st) =
+                        status::load_balancer(&r.name, &self.settings.class, s, conditions, phase);
                     let r2 = self
-                        .write_load_balancer(svc, balancers.get(r).map(Arc::as_ref), spec, st)
-                        .await;
+                        .write_load_balancer(svc, balancer, spec, st)
+                        .await
+                        .map_err(|e| ("LoadBalancer object", e));
                     r1.and(r2)
                 }
-                Decision::NotOurs(_) | Decision::Deleting => {
-                    self.release(svc, balancers.get(r).map(Arc::as_ref)).await
-                }
+                Decision::Deleting => self
+                    .release(svc, balancer)
+                    .await
+                    .map_err(|e| ("release", e)),
+                Decision::NotOurs(_) if self.served_before(svc, balancer) => self
+                    .release(svc, balancer)
+                    .await
+                    .map_err(|e| ("release", e)),
+                Decision::NotOurs(_) => Ok(()),
             };
-            if let Err(e) = result {
-                warn!(service = %r, error = %e, "writing to the API failed; retrying");
+            if let Err((what, e)) = result {
+                warn!(service = %r, what, error = %e, "writing to the API failed; retrying");
                 errors += 1;
             }
             next.insert(r.clone(), Summary::of(d, failure));
@@ -423,13 +433,20 @@ impl Controller {
         }
 
         // Events for what changed.
+        // A class mismatch is worth an Event when the service looks meant for ballast (it
+        // carries a ballast annotation) and is not simply another ballast deployment's.
         let wants = |r: &ServiceRef| {
             by_ref.get(r).is_some_and(|s| {
-                s.metadata.annotations.as_ref().is_some_and(|a| {
+                let class = s
+                    .spec
+                    .as_ref()
+                    .and_then(|sp| sp.load_balancer_class.as_deref());
+                let annotated = s.metadata.annotations.as_ref().is_some_and(|a| {
                     [CONFIG_ANNOTATION, IP_ANNOTATION, SHARING_ANNOTATION]
                         .iter()
                         .any(|k| a.contains_key(*k))
-                })
+                });
+                annotated && !class.is_some_and(|c| c.starts_with("ballast.dev/"))
             })
         };
         for ev in events::transitions(&self.prev, &next, wants) {
@@ -483,6 +500,27 @@ impl Controller {
             info!(services = served, map_ops = report.map_ops, vips_added = ?report.added, vips_removed = ?report.removed, "data path updated");
         }
         errors
+    }
+
+    /// Whether this agent's class served a service it no longer serves. Another ballast
+    /// deployment (another class) may serve it: its LoadBalancer object names that class,
+    /// and such services are never touched.
+    fn served_before(&self, svc: &Service, balancer: Option<&LoadBalancer>) -> bool {
+        match balancer {
+            // Objects from agents that did not record a class are this deployment's.
+            Some(b) => b.spec.class == self.settings.class || b.spec.class.is_empty(),
+            None => {
+                let class_ours = match svc
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.load_balancer_class.as_deref())
+                {
+                    Some(c) => c == self.settings.class,
+                    None => !self.settings.ignore_unclassed,
+                };
+                has_finalizer(svc) && class_ours
+            }
+        }
     }
 
     /// Adds or removes ballast's finalizer (merge patch guarded by the resourceVersion).
@@ -578,9 +616,28 @@ impl Controller {
     }
 
     /// Undoes what ballast wrote for a service it no longer serves (or that is being
-    /// deleted; its address and map entries are already gone at this point).
+    /// deleted; its address and map entries are already gone at this point). The
+    /// LoadBalancer object goes last: while it exists, a failed step is retried.
     async fn release(&self, svc: &Service, balancer: Option<&LoadBalancer>) -> kube::Result<()> {
         let ns = svc.namespace().unwrap_or_default();
+        let api = Api::<Service>::namespaced(self.client.clone(), &ns);
+        let mut current = std::borrow::Cow::Borrowed(svc);
+        if svc.metadata.deletion_timestamp.is_none() && !ours_conditions(svc).is_empty() {
+            // Applying an empty status as ballast's field manager drops every field it owns:
+            // the ingress and its conditions.
+            let patch = json!({"apiVersion": "v1", "kind": "Service", "status": {}});
+            let updated = api
+                .patch_status(
+                    &svc.name_any(),
+                    &PatchParams::apply(MANAGER).force(),
+                    &Patch::Apply(patch),
+                )
+                .await?;
+            current = std::borrow::Cow::Owned(updated);
+        }
+        if has_finalizer(current.as_ref()) {
+            self.set_finalizer(current.as_ref(), false).await?;
+        }
         if let Some(b) = balancer {
             match Api::<LoadBalancer>::namespaced(self.client.clone(), &ns)
                 .delete(&b.name_any(), &DeleteParams::default())
@@ -590,21 +647,6 @@ impl Controller {
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => return Err(e),
             }
-        }
-        if svc.metadata.deletion_timestamp.is_none() && !ours_conditions(svc).is_empty() {
-            // Applying an empty status as ballast's field manager drops every field it owns:
-            // the ingress and its conditions.
-            let patch = json!({"apiVersion": "v1", "kind": "Service", "status": {}});
-            Api::<Service>::namespaced(self.client.clone(), &ns)
-                .patch_status(
-                    &svc.name_any(),
-                    &PatchParams::apply(MANAGER).force(),
-                    &Patch::Apply(patch),
-                )
-                .await?;
-        }
-        if has_finalizer(svc) {
-            self.set_finalizer(svc, false).await?;
         }
         Ok(())
     }

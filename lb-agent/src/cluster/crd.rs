@@ -171,7 +171,14 @@ pub enum Phase {
 #[serde(rename_all = "camelCase")]
 pub struct LoadBalancerSpec {
     /// The service served (same namespace).
+    #[serde(default)]
     pub service: String,
+    /// The loadBalancerClass of the agent serving it: an agent only ever releases services
+    /// its own class served, so several ballast deployments can share a cluster. Every field
+    /// here has a default so objects written by older agents still deserialize (one object
+    /// that does not would stall the whole watch).
+    #[serde(default)]
+    pub class: String,
     /// The config its address comes from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<String>,
@@ -193,10 +200,10 @@ pub struct LoadBalancerStatus {
     /// Every port.
     #[serde(default)]
     pub ports: Vec<PortMapping>,
-    /// Backends (`ip:port`) taking new flows.
+    /// Backend addresses taking new flows.
     #[serde(default)]
     pub targets: Vec<String>,
-    /// Number of backends taking new flows.
+    /// Number of backend addresses taking new flows.
     pub target_count: u32,
     /// Pending, Ready or Error.
     pub phase: Phase,

@@ -257,6 +257,7 @@ pub fn phase(s: &Served, node_failure: Option<&str>) -> Phase {
 /// Spec and status of the service's `LoadBalancer` object.
 pub fn load_balancer(
     service: &str,
+    class: &str,
     s: &Served,
     conditions: Vec<Condition>,
     phase: Phase,
@@ -269,27 +270,25 @@ pub fn load_balancer(
         }
     };
     let mut protocols: Vec<String> = s.ports.iter().map(|p| p.protocol.to_string()).collect();
-    protocols.dedup();
     protocols.sort();
     protocols.dedup();
-    let targets: Vec<String> = {
-        let mut t: Vec<String> = s
-            .ports
-            .iter()
-            .flat_map(|p| {
-                p.backends
-                    .iter()
-                    .filter(|b| !b.terminating)
-                    .map(|b| b.addr.to_string())
-            })
-            .collect();
-        t.sort();
-        t.dedup();
-        t
-    };
+    // Distinct backend addresses taking new flows (per-port counts are in `ports`).
+    let mut targets: Vec<String> = s
+        .ports
+        .iter()
+        .flat_map(|p| {
+            p.backends
+                .iter()
+                .filter(|b| !b.terminating)
+                .map(|b| b.addr.ip().to_string())
+        })
+        .collect();
+    targets.sort();
+    targets.dedup();
     (
         LoadBalancerSpec {
             service: service.into(),
+            class: class.into(),
             config: s.config.as_ref().ok().cloned(),
         },
         LoadBalancerStatus {
