@@ -1,6 +1,9 @@
 //! Typed access to the pinned maps: read what they hold, apply plan operations.
 
-use std::path::{Path, PathBuf};
+use std::{
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+};
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use lb_common::{
@@ -168,6 +171,29 @@ impl Maps {
             MapOp::DeleteIface(k) => ignore_missing(self.ifaces.remove(k))
                 .map_err(access(map_names::IFACES, format!("delete {k}"))),
         }
+    }
+
+    /// Backends of the active set of one service, in round-robin order (a few lookups,
+    /// unlike [`Self::read_state`]). `None` if the service is not programmed.
+    pub fn active_backends(
+        &self,
+        key: &ServiceKey,
+    ) -> Result<Option<Vec<SocketAddrV4>>, MapsError> {
+        let v = match self.services.get(key, 0) {
+            Ok(v) => v,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(access(map_names::SERVICES, "read")(e)),
+        };
+        let mut out = Vec::with_capacity(v.count as usize);
+        for index in 0..v.count {
+            let slot = self
+                .slots
+                .get(&SlotKey { set: v.set, index }, 0)
+                .map_err(access(map_names::SLOTS, "read"))?;
+            let b = self.backend(slot.backend_id)?;
+            out.push(SocketAddrV4::new(b.ip.into(), b.port));
+        }
+        Ok(Some(out))
     }
 
     /// Counters of service `id`, summed over CPUs.

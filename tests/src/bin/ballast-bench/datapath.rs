@@ -1,5 +1,3 @@
-//! `cargo xtask bench`: measurements, printed as markdown.
-//!
 //! Per-packet cost of the XDP program through `BPF_PROG_TEST_RUN`, next to a minimal
 //! XDP_PASS program measured the same way. Each run is `repeat = 1` on a fresh copy of the
 //! frame: with `repeat > 1` the kernel re-runs the program on the buffer it already
@@ -86,8 +84,9 @@ fn stats(lab: &mut Lab, baseline: bool) -> Option<(Duration, u64)> {
     Some((info.run_time(), info.run_count()))
 }
 
-fn main() -> Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
+/// Measures and returns a markdown section.
+pub fn run(quick: bool) -> Result<String> {
+    use std::fmt::Write as _;
     let n = if quick { 2_000 } else { 20_000 };
     ballast_tests::preflight::require();
     // Keep the kernel's per-program accounting on while measuring.
@@ -179,13 +178,21 @@ fn main() -> Result<()> {
     });
 
     let base = percentile(&rows[0].samples, 0.5);
-    println!("### Per-packet cost, BPF_PROG_TEST_RUN ({n} runs each, repeat=1)\n");
-    println!("| case | p50 ns | p99 ns | mean ns | p50 minus baseline ns | bpf_stats ns/run |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    let mut out = String::new();
+    writeln!(
+        out,
+        "### Per-packet cost, BPF_PROG_TEST_RUN ({n} runs each, repeat=1)\n"
+    )?;
+    writeln!(
+        out,
+        "| case | p50 ns | p99 ns | mean ns | p50 minus baseline ns | bpf_stats ns/run |"
+    )?;
+    writeln!(out, "|---|---:|---:|---:|---:|---:|")?;
     for r in &rows {
         let mean = r.samples.iter().sum::<u64>() as f64 / r.samples.len() as f64;
         let p50 = percentile(&r.samples, 0.5);
-        println!(
+        writeln!(
+            out,
             "| {} | {} | {} | {:.0} | {} | {} |",
             r.case,
             p50,
@@ -193,14 +200,15 @@ fn main() -> Result<()> {
             mean,
             p50.saturating_sub(base),
             r.stats_ns.map_or("-".to_string(), |v| format!("{v:.0}"))
-        );
+        )?;
     }
-    println!(
+    writeln!(
+        out,
         "\nMachine: {} CPUs, kernel {}. Each run's duration is the kernel's own measurement around one program run (timer overhead included; the baseline row shows it).",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
             .trim()
-    );
-    Ok(())
+    )?;
+    Ok(out)
 }
