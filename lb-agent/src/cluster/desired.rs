@@ -213,10 +213,14 @@ struct Candidate<'a> {
     unsupported: Vec<String>,
 }
 
-/// Holders of addresses during allocation.
+/// External ports (port, protocol) a service uses on an address.
+type PortSet = BTreeSet<(u16, Protocol)>;
+
+/// Holders of addresses during allocation: per address, each holder's sharing key and
+/// ports.
 #[derive(Default)]
 struct Holders {
-    by_addr: BTreeMap<Ipv4Addr, Vec<(Option<String>, BTreeSet<(u16, Protocol)>)>>,
+    by_addr: BTreeMap<Ipv4Addr, Vec<(Option<String>, PortSet)>>,
 }
 
 impl Holders {

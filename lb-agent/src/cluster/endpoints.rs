@@ -68,7 +68,7 @@ pub fn from_slices<'a>(
             let serving = c.and_then(|c| c.serving).unwrap_or(ready);
             let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
             let active = ready && !terminating;
-            if !active && !(serving && terminating) {
+            if !(active || serving && terminating) {
                 continue;
             }
             for a in &ep.addresses {
@@ -112,7 +112,7 @@ pub fn from_nodes<'a>(
                 .is_some_and(|l| l.contains_key(EXCLUDE_LABEL))
         })
         .filter(|n| node_ready(n))
-        .filter_map(|n| internal_ip(n))
+        .filter_map(internal_ip)
         .map(|ip| BackendSpec::active(SocketAddrV4::new(ip, node_port)))
         .collect();
     out.sort();
