@@ -12,29 +12,18 @@ const TOOLCHAIN: &str = "nightly-2026-05-20";
 const TARGET: &str = "bpfel-unknown-none";
 
 fn main() {
-    let manifest =
-        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let root = manifest
-        .parent()
-        .expect("lb-agent lives in the workspace")
-        .to_path_buf();
-    for dir in [
-        "lb-ebpf/src",
-        "lb-ebpf/Cargo.toml",
-        "lb-ebpf/build.rs",
-        "lb-common/src",
-        "lb-common/Cargo.toml",
-        "Cargo.lock",
-    ] {
+    let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let root = manifest.parent().expect("lb-agent lives in the workspace").to_path_buf();
+    for dir in
+        ["lb-ebpf/src", "lb-ebpf/Cargo.toml", "lb-ebpf/build.rs", "lb-common/src", "lb-common/Cargo.toml", "Cargo.lock"]
+    {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
     println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("lb-ebpf");
 
     // One eBPF build shared by every profile of the agent, beside the host target dirs.
-    let target_dir = env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| root.join("target"), PathBuf::from)
-        .join("ebpf");
+    let target_dir = env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from).join("ebpf");
     let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_else(|_| "x86_64".into());
     let rustflags = [
         format!("--cfg=bpf_target_arch=\"{arch}\""),
@@ -45,31 +34,15 @@ fn main() {
     .join("\x1f");
 
     let mut cmd = Command::new("rustup");
-    cmd.args([
-        "run",
-        TOOLCHAIN,
-        "cargo",
-        "build",
-        "--package",
-        "lb-ebpf",
-        "--bins",
-        "--release",
-    ])
-    .args(["--target", TARGET, "-Z", "build-std=core"])
-    .arg("--target-dir")
-    .arg(&target_dir)
-    .current_dir(&root)
-    .env("CARGO_ENCODED_RUSTFLAGS", rustflags);
+    cmd.args(["run", TOOLCHAIN, "cargo", "build", "--package", "lb-ebpf", "--bins", "--release"])
+        .args(["--target", TARGET, "-Z", "build-std=core"])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .current_dir(&root)
+        .env("CARGO_ENCODED_RUSTFLAGS", rustflags);
     // The outer cargo's settings point at the stable toolchain; the nested build must not
     // inherit them.
-    for key in [
-        "RUSTC",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "RUSTUP_TOOLCHAIN",
-        "CARGO",
-        "RUSTDOC",
-        "CARGO_MAKEFLAGS",
-    ] {
+    for key in ["RUSTC", "RUSTC_WORKSPACE_WRAPPER", "RUSTUP_TOOLCHAIN", "CARGO", "RUSTDOC", "CARGO_MAKEFLAGS"] {
         cmd.env_remove(key);
     }
     let status = match cmd.status() {
@@ -81,11 +54,7 @@ fn main() {
     }
     let built = target_dir.join(TARGET).join("release").join("lb-ebpf");
     if let Err(err) = std::fs::copy(&built, &out) {
-        fail(&format!(
-            "cannot copy {} to {}: {err}",
-            built.display(),
-            out.display()
-        ));
+        fail(&format!("cannot copy {} to {}: {err}", built.display(), out.display()));
     }
 }
 

@@ -79,10 +79,8 @@ struct RawService {
 
 /// Reads and validates a configuration file.
 pub fn load(path: &Path) -> Result<Vec<ServiceSpec>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
     parse(&text, &path.display().to_string())
 }
 
@@ -97,27 +95,14 @@ fn deserialize(text: &str, origin: &str) -> Result<RawFile, ConfigError> {
         })
     });
     result.map_err(|e| {
-        let message = if at.is_empty() || at == "." {
-            e.to_string()
-        } else {
-            format!("{at}: {e}")
-        };
-        ConfigError::Syntax {
-            path: origin.to_string(),
-            message,
-        }
+        let message = if at.is_empty() || at == "." { e.to_string() } else { format!("{at}: {e}") };
+        ConfigError::Syntax { path: origin.to_string(), message }
     })
 }
 
 /// Parses and validates configuration text; `origin` names it in errors.
 pub fn parse(text: &str, origin: &str) -> Result<Vec<ServiceSpec>, ConfigError> {
-    let raw = if text.trim().is_empty() {
-        RawFile {
-            services: Vec::new(),
-        }
-    } else {
-        deserialize(text, origin)?
-    };
+    let raw = if text.trim().is_empty() { RawFile { services: Vec::new() } } else { deserialize(text, origin)? };
     let mut names = HashMap::new();
     let mut keys = HashMap::new();
     let mut services = Vec::with_capacity(raw.services.len());
@@ -136,16 +121,10 @@ pub fn parse(text: &str, origin: &str) -> Result<Vec<ServiceSpec>, ConfigError> 
             return Err(invalid("name", "must not be empty".into()));
         }
         if let Some(first) = names.insert(s.name.clone(), index) {
-            return Err(invalid(
-                "name",
-                format!("duplicate: services[{first}] has the same name"),
-            ));
+            return Err(invalid("name", format!("duplicate: services[{first}] has the same name")));
         }
         if !usable_unicast(s.vip) {
-            return Err(invalid(
-                "vip",
-                format!("{} is not a usable unicast address", s.vip),
-            ));
+            return Err(invalid("vip", format!("{} is not a usable unicast address", s.vip)));
         }
         if s.port == 0 {
             return Err(invalid("port", "must be 1-65535".into()));
@@ -153,19 +132,13 @@ pub fn parse(text: &str, origin: &str) -> Result<Vec<ServiceSpec>, ConfigError> 
         if let Some(first) = keys.insert((s.vip, s.port, s.protocol), index) {
             return Err(invalid(
                 "port",
-                format!(
-                    "{}:{}/{} is already served by services[{first}]",
-                    s.vip, s.port, s.protocol
-                ),
+                format!("{}:{}/{} is already served by services[{first}]", s.vip, s.port, s.protocol),
             ));
         }
         let mut seen = std::collections::HashSet::new();
         for b in &s.backends {
             if !usable_unicast(*b.ip()) || b.port() == 0 {
-                return Err(invalid(
-                    "backends",
-                    format!("{b} is not a usable address and port"),
-                ));
+                return Err(invalid("backends", format!("{b} is not a usable address and port")));
             }
             if !seen.insert(*b) {
                 return Err(invalid("backends", format!("{b} is listed twice")));
@@ -229,20 +202,12 @@ services:
 
     #[test]
     fn syntax_errors_name_line_and_field() {
-        let e = err(
-            "services:\n  - name: web\n    vip: 192.0.2.300\n    port: 80\n    protocol: TCP\n",
-        );
+        let e = err("services:\n  - name: web\n    vip: 192.0.2.300\n    port: 80\n    protocol: TCP\n");
         assert!(e.contains("services[0].vip"), "{e}");
         assert!(e.contains("line 3"), "{e}");
-        let e =
-            err("services:\n  - name: web\n    vip: 192.0.2.1\n    port: 80\n    protocol: SCTP\n");
-        assert!(
-            e.contains("services[0].protocol") && e.contains("SCTP"),
-            "{e}"
-        );
-        let e = err(
-            "services:\n  - name: web\n    vip: 192.0.2.1\n    port: 70000\n    protocol: TCP\n",
-        );
+        let e = err("services:\n  - name: web\n    vip: 192.0.2.1\n    port: 80\n    protocol: SCTP\n");
+        assert!(e.contains("services[0].protocol") && e.contains("SCTP"), "{e}");
+        let e = err("services:\n  - name: web\n    vip: 192.0.2.1\n    port: 70000\n    protocol: TCP\n");
         assert!(e.contains("services[0].port"), "{e}");
         let e = err("services:\n  - name: web\n    vip: 192.0.2.1\n    prot: 80\n");
         assert!(e.contains("unknown field `prot`"), "{e}");
@@ -254,18 +219,14 @@ services:
 
     #[test]
     fn semantic_errors_name_line_service_and_field() {
-        let dup =
-            format!("{GOOD}  - name: web\n    vip: 192.0.2.11\n    port: 80\n    protocol: TCP\n");
+        let dup = format!("{GOOD}  - name: web\n    vip: 192.0.2.11\n    port: 80\n    protocol: TCP\n");
         let e = err(&dup);
-        assert_eq!(
-            e,
-            "t.yaml: line 13: services[2] (web): name: duplicate: services[0] has the same name"
+        assert_eq!(e, "t.yaml: line 13: services[2] (web): name: duplicate: services[0] has the same name");
+        let clash = format!("{GOOD}  - name: web2\n    vip: 192.0.2.10\n    port: 80\n    protocol: TCP\n");
+        assert!(
+            err(&clash)
+                .contains("line 13: services[2] (web2): port: 192.0.2.10:80/TCP is already served by services[0]")
         );
-        let clash =
-            format!("{GOOD}  - name: web2\n    vip: 192.0.2.10\n    port: 80\n    protocol: TCP\n");
-        assert!(err(&clash).contains(
-            "line 13: services[2] (web2): port: 192.0.2.10:80/TCP is already served by services[0]"
-        ));
         let e = err("services:\n  - name: a\n    vip: 0.0.0.0\n    port: 80\n    protocol: TCP\n");
         assert!(e.contains("line 2: services[0] (a): vip"), "{e}");
         let e = err("services:\n  - name: a\n    vip: 192.0.2.1\n    port: 0\n    protocol: TCP\n");

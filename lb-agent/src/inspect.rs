@@ -96,11 +96,7 @@ pub struct Snapshot {
 }
 
 fn drops(s: &ServiceStats) -> BTreeMap<&'static str, u64> {
-    DropReason::ALL
-        .iter()
-        .map(|r| (r.name(), s.drops.get(*r)))
-        .filter(|(_, n)| *n > 0)
-        .collect()
+    DropReason::ALL.iter().map(|r| (r.name(), s.drops.get(*r))).filter(|(_, n)| *n > 0).collect()
 }
 
 fn proto_name(p: u8) -> String {
@@ -191,14 +187,7 @@ pub fn render(s: &Snapshot) -> String {
         let backends: Vec<String> = v
             .backends
             .iter()
-            .map(|b| {
-                format!(
-                    "{}{} ({})",
-                    b.addr,
-                    if b.active { "" } else { " terminating" },
-                    b.flows
-                )
-            })
+            .map(|b| format!("{}{} ({})", b.addr, if b.active { "" } else { " terminating" }, b.flows))
             .collect();
         let _ = writeln!(
             out,
@@ -210,29 +199,16 @@ pub fn render(s: &Snapshot) -> String {
             v.reply_packets,
             v.reply_bytes,
             v.new_flows,
-            if backends.is_empty() {
-                "none (new flows are rejected)".to_string()
-            } else {
-                backends.join(", ")
-            }
+            if backends.is_empty() { "none (new flows are rejected)".to_string() } else { backends.join(", ") }
         );
         if !v.drops.is_empty() {
             let _ = writeln!(out, "{:<24} drops: {}", "", fmt_drops(&v.drops));
         }
     }
     if !s.unattributed_drops.is_empty() {
-        let _ = writeln!(
-            out,
-            "drops without a service: {}",
-            fmt_drops(&s.unattributed_drops)
-        );
+        let _ = writeln!(out, "drops without a service: {}", fmt_drops(&s.unattributed_drops));
     }
-    let _ = writeln!(
-        out,
-        "flow table: {} entries ({} flows)",
-        s.flow_entries,
-        s.flow_entries / 2
-    );
+    let _ = writeln!(out, "flow table: {} entries ({} flows)", s.flow_entries, s.flow_entries / 2);
     if let Some(flows) = &s.flows {
         let _ = writeln!(
             out,
@@ -262,8 +238,5 @@ pub fn render(s: &Snapshot) -> String {
 }
 
 fn fmt_drops(d: &BTreeMap<&'static str, u64>) -> String {
-    d.iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(" ")
+    d.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
 }

@@ -13,6 +13,7 @@ pub mod inspect;
 pub mod manifests;
 pub mod model;
 pub mod net;
+pub mod telemetry;
 
 /// The kernel object built from `lb-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

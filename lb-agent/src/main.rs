@@ -1,17 +1,22 @@
 //! `lb-agent`: ballast's node agent.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_agent::{
-    agent::{node::NodeOptions, static_mode},
+    agent::{
+        cleanup,
+        node::{NodeOptions, OnExit},
+        static_mode,
+    },
     cluster::{
         controller::{self, ControllerOptions},
         desired::Settings,
     },
     dataplane::{MapSizes, Maps, XdpAttachMode},
     inspect, manifests,
+    telemetry::{self, Telemetry},
 };
 use lb_common::config::DataplaneConfig;
 use tracing_subscriber::EnvFilter;
@@ -47,6 +52,14 @@ enum XdpModeArg {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum OnExitArg {
+    /// Leave programs, VIPs and maps in place.
+    Keep,
+    /// Detach programs, remove VIPs.
+    Detach,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum Output {
     Table,
     Json,
@@ -56,6 +69,13 @@ enum Output {
 enum Command {
     /// Run the agent: load the data path, serve the services.
     Run(Box<RunArgs>),
+    /// Remove everything ballast installed on this node: programs, links, pinned maps and
+    /// the addresses it added. Refused while an agent runs.
+    Cleanup {
+        /// bpffs directory of the pinned maps.
+        #[arg(long, default_value = "/sys/fs/bpf/ballast")]
+        bpffs: PathBuf,
+    },
     /// Write the generated manifests (CRDs, RBAC) into a directory (`cargo xtask codegen`).
     #[command(hide = true)]
     Manifests {
@@ -82,6 +102,12 @@ struct RunArgs {
     /// Interface that holds the VIPs and receives client traffic.
     #[arg(long, env = "LINKDEVICE")]
     interface: String,
+    /// What stopping (SIGINT/SIGTERM) leaves behind. `keep` leaves programs, VIPs and maps
+    /// in place so traffic flows while no agent runs and the next agent takes over
+    /// atomically; `detach` removes programs and VIPs. Default: keep with Kubernetes,
+    /// detach in static mode.
+    #[arg(long, value_enum)]
+    on_exit: Option<OnExitArg>,
     /// Static configuration file (services without Kubernetes). Without it the agent
     /// serves the cluster of the current kubeconfig context (or the in-cluster config).
     #[arg(long)]
@@ -101,6 +127,12 @@ struct RunArgs {
     /// This node's name (source of Events).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
+    /// Serve Prometheus metrics, /healthz and /readyz on this address (e.g. 0.0.0.0:9477).
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Seconds between full re-syncs: drift repair (maps, addresses, attachments), routes.
+    #[arg(long, default_value_t = 30)]
+    resync_interval: u64,
     /// bpffs directory the maps are pinned in.
     #[arg(long, default_value = "/sys/fs/bpf/ballast")]
     bpffs: PathBuf,
@@ -132,15 +164,12 @@ struct RunArgs {
 }
 
 fn init_logging(level: &str, format: LogFormat) {
-    let level = if std::env::var("DEBUG").is_ok_and(|v| v == "true" || v == "1") {
-        "debug"
-    } else {
-        level
-    };
+    let level = if std::env::var("DEBUG").is_ok_and(|v| v == "true" || v == "1") { "debug" } else { level };
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().init(),
@@ -148,17 +177,9 @@ fn init_logging(level: &str, format: LogFormat) {
 }
 
 fn parse_ports(s: &str) -> Result<(u16, u16)> {
-    let (lo, hi) = s
-        .split_once('-')
-        .context("--snat-ports must be LOW-HIGH, e.g. 10000-32767")?;
-    let lo: u16 = lo
-        .trim()
-        .parse()
-        .context("--snat-ports: LOW is not a port")?;
-    let hi: u16 = hi
-        .trim()
-        .parse()
-        .context("--snat-ports: HIGH is not a port")?;
+    let (lo, hi) = s.split_once('-').context("--snat-ports must be LOW-HIGH, e.g. 10000-32767")?;
+    let lo: u16 = lo.trim().parse().context("--snat-ports: LOW is not a port")?;
+    let hi: u16 = hi.trim().parse().context("--snat-ports: HIGH is not a port")?;
     if lo == 0 || lo > hi {
         bail!("--snat-ports: need 1 <= LOW <= HIGH, got {lo}-{hi}");
     }
@@ -167,17 +188,20 @@ fn parse_ports(s: &str) -> Result<(u16, u16)> {
 
 fn node_options(a: &RunArgs) -> Result<NodeOptions> {
     let (lo, hi) = parse_ports(&a.snat_ports)?;
-    for (name, v) in [
-        ("--max-services", a.max_services),
-        ("--max-backends", a.max_backends),
-        ("--max-flows", a.max_flows),
-    ] {
+    for (name, v) in
+        [("--max-services", a.max_services), ("--max-backends", a.max_backends), ("--max-flows", a.max_flows)]
+    {
         if v == 0 {
             bail!("{name} must be at least 1");
         }
     }
     let s = 1_000_000_000;
+    let on_exit = match (a.on_exit, a.config.is_some()) {
+        (Some(OnExitArg::Keep), _) | (None, false) => OnExit::Keep,
+        (Some(OnExitArg::Detach), _) | (None, true) => OnExit::Detach,
+    };
     Ok(NodeOptions {
+        on_exit,
         interface: a.interface.clone(),
         pin_dir: a.bpffs.clone(),
         xdp_mode: match a.xdp_mode {
@@ -226,11 +250,15 @@ fn run(command: Command) -> Result<()> {
     match command {
         Command::Run(args) => {
             let opts = node_options(&args)?;
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let telemetry = Arc::new(Telemetry::default());
+            if let Some(addr) = args.metrics_addr {
+                rt.block_on(telemetry::server::serve(addr, telemetry.clone()))
+                    .with_context(|| format!("cannot serve metrics on {addr}"))?;
+            }
+            let resync = Duration::from_secs(args.resync_interval.max(1));
             match args.config.clone() {
-                Some(config) => rt.block_on(static_mode::run(opts, config)),
+                Some(config) => rt.block_on(static_mode::run(opts, config, telemetry, resync)),
                 None => {
                     let copts = ControllerOptions {
                         settings: Settings {
@@ -241,26 +269,32 @@ fn run(command: Command) -> Result<()> {
                         config_selector: args.config_selector.clone(),
                         kubeconfig: args.kubeconfig.clone(),
                         instance: args.node_name.clone().unwrap_or_else(hostname),
+                        resync,
                     };
-                    rt.block_on(controller::run(opts, copts))
+                    rt.block_on(controller::run(opts, copts, telemetry))
                 }
             }
+        }
+        Command::Cleanup { bpffs } => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let done = rt.block_on(cleanup::cleanup(&bpffs))?;
+            if done.is_empty() {
+                println!("nothing to clean up");
+            }
+            for line in done {
+                println!("{line}");
+            }
+            Ok(())
         }
         Command::Manifests { out } => {
             std::fs::create_dir_all(&out)?;
             for (name, content) in manifests::all() {
-                std::fs::write(out.join(name), content)
-                    .with_context(|| format!("writing {name}"))?;
+                std::fs::write(out.join(name), content).with_context(|| format!("writing {name}"))?;
             }
             Ok(())
         }
-        Command::Inspect {
-            bpffs,
-            flows,
-            output,
-        } => {
-            let maps = Maps::open(&bpffs)
-                .with_context(|| format!("no ballast maps pinned in {}", bpffs.display()))?;
+        Command::Inspect { bpffs, flows, output } => {
+            let maps = Maps::open(&bpffs).with_context(|| format!("no ballast maps pinned in {}", bpffs.display()))?;
             let snap = inspect::snapshot(&maps, flows)?;
             match output {
                 Output::Table => print!("{}", inspect::render(&snap)),

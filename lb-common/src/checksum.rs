@@ -37,8 +37,7 @@ impl CsumDelta {
     /// Records that a 32-bit field (two words) changed from `old` to `new`.
     #[inline(always)]
     pub const fn u32(self, old: u32, new: u32) -> Self {
-        self.u16(old as u16, new as u16)
-            .u16((old >> 16) as u16, (new >> 16) as u16)
+        self.u16(old as u16, new as u16).u16((old >> 16) as u16, (new >> 16) as u16)
     }
 
     /// Adds another delta (e.g. the pseudo-header part shared by IP and L4 checksums).
@@ -93,10 +92,7 @@ mod tests {
     use std::vec::Vec;
 
     fn words(bytes: &[u8]) -> Vec<u16> {
-        bytes
-            .chunks(2)
-            .map(|c| u16::from_ne_bytes([c[0], *c.get(1).unwrap_or(&0)]))
-            .collect()
+        bytes.chunks(2).map(|c| u16::from_ne_bytes([c[0], *c.get(1).unwrap_or(&0)])).collect()
     }
 
     fn full(bytes: &[u8]) -> u16 {
@@ -106,9 +102,7 @@ mod tests {
     #[test]
     fn incremental_update_matches_recomputation() {
         // An IPv4 header with a correct checksum, then every address rewritten.
-        let mut hdr: [u8; 20] = [
-            0x45, 0, 0, 60, 0x1c, 0x46, 0x40, 0, 0x40, 6, 0, 0, 10, 0, 0, 1, 192, 0, 2, 10,
-        ];
+        let mut hdr: [u8; 20] = [0x45, 0, 0, 60, 0x1c, 0x46, 0x40, 0, 0x40, 6, 0, 0, 10, 0, 0, 1, 192, 0, 2, 10];
         let c = full(&hdr);
         hdr[10..12].copy_from_slice(&c.to_ne_bytes());
         assert_eq!(full(&hdr), 0);
@@ -122,10 +116,7 @@ mod tests {
         let new_ttl = u16::from_ne_bytes([hdr[8], hdr[9]]);
         hdr[12..16].copy_from_slice(&new_src.to_ne_bytes());
         hdr[16..20].copy_from_slice(&new_dst.to_ne_bytes());
-        let delta = CsumDelta::new()
-            .u32(old_src, new_src)
-            .u32(old_dst, new_dst)
-            .u16(old_ttl, new_ttl);
+        let delta = CsumDelta::new().u32(old_src, new_src).u32(old_dst, new_dst).u16(old_ttl, new_ttl);
         let patched = delta.apply(c);
         hdr[10..12].copy_from_slice(&[0, 0]);
         assert_eq!(patched, full(&hdr));

@@ -84,14 +84,7 @@ pub const FLOW_RST: u32 = 1 << 4;
 impl FlowValue {
     /// The key under which the opposite direction of this flow is stored.
     pub const fn peer_key(&self, proto: u8) -> FlowKey {
-        FlowKey {
-            src: self.dst,
-            dst: self.src,
-            sport: self.dport,
-            dport: self.sport,
-            proto,
-            _pad: [0; 3],
-        }
+        FlowKey { src: self.dst, dst: self.src, sport: self.dport, dport: self.sport, proto, _pad: [0; 3] }
     }
 
     /// Idle timeout of this entry: the closing timeout for a closed TCP connection, else
@@ -99,18 +92,13 @@ impl FlowValue {
     /// (collecting them).
     #[inline(always)]
     pub const fn timeout_ns(&self, proto: u8, tcp: u64, tcp_closing: u64, udp: u64) -> u64 {
-        if proto == crate::proto::TCP {
-            if self.is_closed() { tcp_closing } else { tcp }
-        } else {
-            udp
-        }
+        if proto == crate::proto::TCP { if self.is_closed() { tcp_closing } else { tcp } } else { udp }
     }
 
     /// Whether the TCP connection is over (RST, or FIN in both directions): such
     /// entries expire after the short closing timeout.
     pub const fn is_closed(&self) -> bool {
-        self.flags & FLOW_RST != 0
-            || self.flags & (FLOW_FIN | FLOW_PEER_FIN) == FLOW_FIN | FLOW_PEER_FIN
+        self.flags & FLOW_RST != 0 || self.flags & (FLOW_FIN | FLOW_PEER_FIN) == FLOW_FIN | FLOW_PEER_FIN
     }
 }
 

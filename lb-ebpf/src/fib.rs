@@ -2,10 +2,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        bpf_fib_lookup,
-    },
+    bindings::{BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup},
     helpers::generated::bpf_fib_lookup as fib_lookup,
 };
 use lb_common::addr::IfaceInfo;
@@ -50,13 +47,7 @@ pub enum Route {
 /// Looks up the route to `dst` as if the packet (IP length `ip_len`) had been received on
 /// the current ingress interface.
 #[inline(always)]
-pub fn route<C: EbpfContext>(
-    ctx: &C,
-    ingress_ifindex: u32,
-    src: [u8; 4],
-    dst: [u8; 4],
-    ip_len: u16,
-) -> Route {
+pub fn route<C: EbpfContext>(ctx: &C, ingress_ifindex: u32, src: [u8; 4], dst: [u8; 4], ip_len: u16) -> Route {
     // SAFETY: bpf_fib_lookup is a plain C struct; all-zero is a valid initial state.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
@@ -65,14 +56,7 @@ pub fn route<C: EbpfContext>(
     p.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
     p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
     // SAFETY: `p` is a valid, writable bpf_fib_lookup of the size passed.
-    let ret = unsafe {
-        fib_lookup(
-            ctx.as_ptr(),
-            &mut p,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
+    let ret = unsafe { fib_lookup(ctx.as_ptr(), &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) };
     let ret = ret as u32;
     if ret == BPF_FIB_LKUP_RET_FRAG_NEEDED {
         // SAFETY: on FRAG_NEEDED the kernel stores the MTU in this union member.
@@ -86,24 +70,7 @@ pub fn route<C: EbpfContext>(
     let Some(iface) = (unsafe { IFACES.get(oif) }).copied() else {
         return Route::Unmanaged;
     };
-    let IfaceInfo {
-        snat_ip,
-        tx_ifindex,
-        vlan,
-        flags,
-    } = iface;
-    let hop = NextHop {
-        oif,
-        tx_ifindex,
-        vlan,
-        flags,
-        smac: p.smac,
-        dmac: p.dmac,
-        snat_ip,
-    };
-    if ret == BPF_FIB_LKUP_RET_SUCCESS {
-        Route::Ready(hop)
-    } else {
-        Route::NoNeigh(hop)
-    }
+    let IfaceInfo { snat_ip, tx_ifindex, vlan, flags } = iface;
+    let hop = NextHop { oif, tx_ifindex, vlan, flags, smac: p.smac, dmac: p.dmac, snat_ip };
+    if ret == BPF_FIB_LKUP_RET_SUCCESS { Route::Ready(hop) } else { Route::NoNeigh(hop) }
 }

@@ -38,9 +38,7 @@ pub fn handle(ctx: &XdpContext, ip_off: usize, tagged: bool, vip: bool) -> u32 {
     let kind = unsafe { (*ic).kind };
     match kind {
         ICMP_ECHO if vip => echo_reply(ctx, ip_off),
-        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROB => {
-            translate_error(ctx, ip_off, tagged, vip)
-        }
+        ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROB => translate_error(ctx, ip_off, tagged, vip),
         _ if vip => {
             count_global_drop(DropReason::IcmpUnsupported);
             XDP_DROP
@@ -67,16 +65,10 @@ fn echo_reply(ctx: &XdpContext, ip_off: usize) -> u32 {
     core::mem::swap(&mut ip.src, &mut ip.dst);
     let old = w16([ip.ttl, ip.proto]);
     ip.ttl = TTL;
-    ip.check = CsumDelta::new()
-        .u16(old, w16([ip.ttl, ip.proto]))
-        .apply(w16(ip.check))
-        .to_ne_bytes();
+    ip.check = CsumDelta::new().u16(old, w16([ip.ttl, ip.proto])).apply(w16(ip.check)).to_ne_bytes();
     let old = w16([ic.kind, ic.code]);
     ic.kind = ICMP_ECHO_REPLY;
-    ic.check = CsumDelta::new()
-        .u16(old, w16([ic.kind, ic.code]))
-        .apply(w16(ic.check))
-        .to_ne_bytes();
+    ic.check = CsumDelta::new().u16(old, w16([ic.kind, ic.code])).apply(w16(ic.check)).to_ne_bytes();
     if let Some(s) = crate::maps::global_stats() {
         s.reply_packets += 1;
     }
@@ -146,13 +138,7 @@ fn translate_error(ctx: &XdpContext, ip_off: usize, tagged: bool, vip: bool) -> 
             snat_ip: f.src,
         }
     } else {
-        match fib::route(
-            ctx,
-            ctx.ingress_ifindex() as u32,
-            f.src,
-            f.dst,
-            be16(ip.tot_len),
-        ) {
+        match fib::route(ctx, ctx.ingress_ifindex() as u32, f.src, f.dst, be16(ip.tot_len)) {
             Route::Ready(hop) => hop,
             _ => {
                 count_drop(f.service_id, DropReason::NoRoute);
@@ -164,12 +150,8 @@ fn translate_error(ctx: &XdpContext, ip_off: usize, tagged: bool, vip: bool) -> 
     // Quoted packet: src ← peer's destination, dst ← peer's source, ports likewise.
     let (q_src, q_dst) = (f.dst, f.src);
     let (q_sport, q_dport) = (to_be16(f.dport), to_be16(f.sport));
-    let q_addrs = CsumDelta::new()
-        .u32(w32(iip.src), w32(q_src))
-        .u32(w32(iip.dst), w32(q_dst));
-    let q_ports = CsumDelta::new()
-        .u16(w16(l4_sport), w16(q_sport))
-        .u16(w16(l4_dport), w16(q_dport));
+    let q_addrs = CsumDelta::new().u32(w32(iip.src), w32(q_src)).u32(w32(iip.dst), w32(q_dst));
+    let q_ports = CsumDelta::new().u16(w16(l4_sport), w16(q_sport)).u16(w16(l4_dport), w16(q_dport));
     // Everything the ICMP checksum covers that changes.
     let mut icmp_delta = q_addrs.merge(q_ports);
     let old = w16(iip.check);
@@ -250,20 +232,10 @@ const ERR_LEN: usize = IPV4_HLEN + ICMP_HLEN + IPV4_HLEN + 8;
 /// Answers the packet with an ICMP error from its destination (the VIP) to its source:
 /// the frame is trimmed to the part ICMP quotes and a new IP + ICMP header is prepended.
 #[inline(always)]
-pub fn send_error(
-    ctx: &XdpContext,
-    ip_off: usize,
-    tagged: bool,
-    kind: u8,
-    code: u8,
-    mtu: u16,
-) -> u32 {
+pub fn send_error(ctx: &XdpContext, ip_off: usize, tagged: bool, kind: u8, code: u8, mtu: u16) -> u32 {
     let data = ctx.data();
     let end = ctx.data_end();
-    let (Some(eth), Some(ip)) = (
-        ptr_at::<EthHdr>(data, end, 0),
-        ptr_at::<Ipv4Hdr>(data, end, ip_off),
-    ) else {
+    let (Some(eth), Some(ip)) = (ptr_at::<EthHdr>(data, end, 0), ptr_at::<Ipv4Hdr>(data, end, ip_off)) else {
         return XDP_DROP;
     };
     // SAFETY: bounds checked by ptr_at; copied out before the frame is resized.
@@ -290,10 +262,7 @@ pub fn send_error(
     }
     let data = ctx.data();
     let end = ctx.data_end();
-    let (Some(eth), Some(b)) = (
-        ptr_at::<EthHdr>(data, end, 0),
-        ptr_at::<[u8; ERR_LEN]>(data, end, ip_off),
-    ) else {
+    let (Some(eth), Some(b)) = (ptr_at::<EthHdr>(data, end, 0), ptr_at::<[u8; ERR_LEN]>(data, end, ip_off)) else {
         return XDP_DROP;
     };
     // SAFETY: bounds checked by ptr_at; `eth` and `b` do not overlap (b starts at ip_off).
@@ -348,8 +317,7 @@ pub fn tcp_reset(ctx: &XdpContext, ip_off: usize) -> u32 {
     if th.flags & TCP_RST != 0 {
         return XDP_DROP;
     }
-    let payload =
-        (be16(ip.tot_len) as u32).saturating_sub(IPV4_HLEN as u32 + ((th.doff >> 4) as u32) * 4);
+    let payload = (be16(ip.tot_len) as u32).saturating_sub(IPV4_HLEN as u32 + ((th.doff >> 4) as u32) * 4);
     let (seq, ack, flags) = if th.flags & TCP_ACK != 0 {
         (u32::from_be_bytes(th.ack), 0, TCP_RST)
     } else {
@@ -360,11 +328,7 @@ pub fn tcp_reset(ctx: &XdpContext, ip_off: usize) -> u32 {
         if th.flags & TCP_FIN != 0 {
             len += 1;
         }
-        (
-            0,
-            u32::from_be_bytes(th.seq).wrapping_add(len),
-            TCP_RST | TCP_ACK,
-        )
+        (0, u32::from_be_bytes(th.seq).wrapping_add(len), TCP_RST | TCP_ACK)
     };
     core::mem::swap(&mut eth.src, &mut eth.dst);
     core::mem::swap(&mut ip.src, &mut ip.dst);
@@ -390,8 +354,7 @@ pub fn tcp_reset(ctx: &XdpContext, ip_off: usize) -> u32 {
     let c = !fold(sum(b, 0, IPV4_HLEN));
     put(b, 10, c.to_ne_bytes());
     // TCP checksum: pseudo header (addresses, protocol, length) + the 20-byte header.
-    let pseudo =
-        sum(b, 12, 20) + w16([0, proto::TCP]) as u32 + w16(to_be16(TCP_HLEN as u16)) as u32;
+    let pseudo = sum(b, 12, 20) + w16([0, proto::TCP]) as u32 + w16(to_be16(TCP_HLEN as u16)) as u32;
     let c = !fold(pseudo + sum(b, IPV4_HLEN, IPV4_HLEN + TCP_HLEN));
     put(b, IPV4_HLEN + 16, c.to_ne_bytes());
     let len = end - data;

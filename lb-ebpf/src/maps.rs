@@ -9,10 +9,7 @@ use aya_ebpf::{
 use lb_common::{
     addr::{AddrInfo, AddrKey, IfaceInfo},
     backend::Backend,
-    config::{
-        DataplaneConfig, MAX_ADDRS, MAX_BACKENDS, MAX_FLOW_ENTRIES, MAX_IFACES, MAX_SERVICES,
-        MAX_SLOTS,
-    },
+    config::{DataplaneConfig, MAX_ADDRS, MAX_BACKENDS, MAX_FLOW_ENTRIES, MAX_IFACES, MAX_SERVICES, MAX_SLOTS},
     flow::{FlowKey, FlowValue},
     service::{RoundRobin, ServiceKey, ServiceValue, Slot, SlotKey},
     stats::{DropReason, ServiceStats},
@@ -23,8 +20,7 @@ const NO_PREALLOC: usize = BPF_F_NO_PREALLOC as usize;
 /// Services by (VIP, port, protocol). Not preallocated: replaced elements are freed after
 /// an RCU grace period, so a packet holding the old value never reads reused memory.
 #[btf_map(name = "services")]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }, NO_PREALLOC> =
-    HashMap::new();
+pub static SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }, NO_PREALLOC> = HashMap::new();
 
 /// Ordered backend sets.
 #[btf_map(name = "slots")]
@@ -37,12 +33,8 @@ pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 /// The flow table. LRU so a full table evicts the idlest flows instead of refusing new
 /// ones; per-CPU LRU lists so CPUs do not contend on one list lock.
 #[btf_map(name = "flows")]
-pub static FLOWS: LruHashMap<
-    FlowKey,
-    FlowValue,
-    { MAX_FLOW_ENTRIES as usize },
-    { BPF_F_NO_COMMON_LRU as usize },
-> = LruHashMap::new();
+pub static FLOWS: LruHashMap<FlowKey, FlowValue, { MAX_FLOW_ENTRIES as usize }, { BPF_F_NO_COMMON_LRU as usize }> =
+    LruHashMap::new();
 
 /// Addresses this program owns: VIPs and SNAT addresses.
 #[btf_map(name = "addrs")]

@@ -29,12 +29,7 @@ pub fn backend_alive(f: &FlowValue) -> bool {
 /// Idle timeout for an entry of protocol `proto`.
 #[inline(always)]
 pub fn timeout(proto: u8, f: &FlowValue) -> u64 {
-    f.timeout_ns(
-        proto,
-        config!(tcp_timeout_ns),
-        config!(tcp_closing_timeout_ns),
-        config!(udp_timeout_ns),
-    )
+    f.timeout_ns(proto, config!(tcp_timeout_ns), config!(tcp_closing_timeout_ns), config!(udp_timeout_ns))
 }
 
 /// Whether both directions of a flow have been idle longer than their timeout. Only
@@ -60,11 +55,7 @@ pub fn end_flow(key: &FlowKey, f: &FlowValue) {
 /// connection is closed and switch to the short timeout.
 #[inline(always)]
 pub fn mark_close(f: *mut FlowValue, proto: u8, tcp_flags: u8) {
-    let (own, peer) = if tcp_flags & TCP_RST != 0 {
-        (FLOW_RST, FLOW_RST)
-    } else {
-        (FLOW_FIN, FLOW_PEER_FIN)
-    };
+    let (own, peer) = if tcp_flags & TCP_RST != 0 { (FLOW_RST, FLOW_RST) } else { (FLOW_FIN, FLOW_PEER_FIN) };
     // SAFETY: `f` points into a live flow entry; `flags` is 4-byte aligned (map values are
     // 8-byte aligned, offset 28) and only ever accessed atomically or by plain reads.
     let peer_key = unsafe {

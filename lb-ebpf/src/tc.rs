@@ -83,33 +83,13 @@ fn process(ctx: &TcContext) -> Option<i32> {
     let ttl = ip.ttl - 1;
     // The helpers keep the checksum right whether it is complete or only a
     // pseudo-header sum (CHECKSUM_PARTIAL), which XDP cannot tell apart.
-    ctx.l4_csum_replace(check_off, old_src, new_src, pseudo)
-        .ok()?;
-    ctx.l4_csum_replace(check_off, old_dst, new_dst, pseudo)
-        .ok()?;
-    ctx.l4_csum_replace(
-        check_off,
-        w16(ports.sport) as u64,
-        w16(new_sport) as u64,
-        mangled | 2,
-    )
-    .ok()?;
-    ctx.l4_csum_replace(
-        check_off,
-        w16(ports.dport) as u64,
-        w16(new_dport) as u64,
-        mangled | 2,
-    )
-    .ok()?;
+    ctx.l4_csum_replace(check_off, old_src, new_src, pseudo).ok()?;
+    ctx.l4_csum_replace(check_off, old_dst, new_dst, pseudo).ok()?;
+    ctx.l4_csum_replace(check_off, w16(ports.sport) as u64, w16(new_sport) as u64, mangled | 2).ok()?;
+    ctx.l4_csum_replace(check_off, w16(ports.dport) as u64, w16(new_dport) as u64, mangled | 2).ok()?;
     ctx.l3_csum_replace(IP_OFF + 10, old_src, new_src, 4).ok()?;
     ctx.l3_csum_replace(IP_OFF + 10, old_dst, new_dst, 4).ok()?;
-    ctx.l3_csum_replace(
-        IP_OFF + 10,
-        w16([ip.ttl, ip.proto]) as u64,
-        w16([ttl, ip.proto]) as u64,
-        2,
-    )
-    .ok()?;
+    ctx.l3_csum_replace(IP_OFF + 10, w16([ip.ttl, ip.proto]) as u64, w16([ttl, ip.proto]) as u64, 2).ok()?;
     ctx.store(IP_OFF + 8, &ttl, 0).ok()?;
     ctx.store(IP_OFF + 12, &f.src, 0).ok()?;
     ctx.store(IP_OFF + 16, &f.dst, 0).ok()?;

@@ -41,10 +41,7 @@ use crate::{
     fib::{self, NextHop, Route},
     hdr::*,
     icmp,
-    maps::{
-        ADDRS, BACKENDS, FLOWS, IFACES, RR, SERVICES, SLOTS, config, count_drop, count_global_drop,
-        now_ns, stats,
-    },
+    maps::{ADDRS, BACKENDS, FLOWS, IFACES, RR, SERVICES, SLOTS, config, count_drop, count_global_drop, now_ns, stats},
     nat,
 };
 
@@ -176,14 +173,7 @@ fn l4(ctx: &XdpContext, ip_off: usize, tagged: bool, vip: bool) -> u32 {
         (be16(uh.sport), be16(uh.dport))
     };
     let p = L4Packet {
-        key: FlowKey {
-            src: ip.src,
-            dst: ip.dst,
-            sport,
-            dport,
-            proto: ip.proto,
-            _pad: [0; 3],
-        },
+        key: FlowKey { src: ip.src, dst: ip.dst, sport, dport, proto: ip.proto, _pad: [0; 3] },
         ip_off,
         tagged,
         tcp_flags,
@@ -223,8 +213,8 @@ fn established(ctx: &XdpContext, p: &L4Packet, fp: *mut FlowValue, now: u64) -> 
     if !reply {
         let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         let reused = p.key.proto == proto::TCP && syn && f.is_closed();
-        let expired = now.saturating_sub(f.last_seen_ns) > nat::timeout(p.key.proto, f)
-            && nat::both_idle(f, p.key.proto, now);
+        let expired =
+            now.saturating_sub(f.last_seen_ns) > nat::timeout(p.key.proto, f) && nat::both_idle(f, p.key.proto, now);
         if reused || expired {
             nat::end_flow(&p.key, f);
             return None;
@@ -240,9 +230,7 @@ fn established(ctx: &XdpContext, p: &L4Packet, fp: *mut FlowValue, now: u64) -> 
     if now.saturating_sub(f.last_seen_ns) >= nat::TOUCH_INTERVAL_NS {
         f.last_seen_ns = now;
     }
-    let hop = if f.flags & FLOW_L2_VALID == 0
-        || now.saturating_sub(f.l2_checked_ns) >= config!(l2_refresh_ns)
-    {
+    let hop = if f.flags & FLOW_L2_VALID == 0 || now.saturating_sub(f.l2_checked_ns) >= config!(l2_refresh_ns) {
         match fib::route(ctx, ctx.ingress_ifindex() as u32, f.src, f.dst, p.ip_len) {
             Route::Ready(hop) => {
                 f.oif = hop.oif;
@@ -292,12 +280,7 @@ fn established(ctx: &XdpContext, p: &L4Packet, fp: *mut FlowValue, now: u64) -> 
 /// Assigns a backend to a new flow, records both directions and forwards the packet.
 #[inline(always)]
 fn new_flow(ctx: &XdpContext, p: &L4Packet, now: u64) -> u32 {
-    let skey = ServiceKey {
-        vip: p.key.dst,
-        port: p.key.dport,
-        proto: p.key.proto,
-        _pad: 0,
-    };
+    let skey = ServiceKey { vip: p.key.dst, port: p.key.dport, proto: p.key.proto, _pad: 0 };
     // SAFETY: the value is copied out immediately (and the map is not preallocated).
     let Some(svc) = (unsafe { SERVICES.get(skey) }).copied() else {
         count_global_drop(DropReason::NoService);
@@ -320,10 +303,7 @@ fn new_flow(ctx: &XdpContext, p: &L4Packet, now: u64) -> u32 {
     };
     // SAFETY: array slots are never freed; `next` is only accessed atomically.
     let n = unsafe { atomic::fetch_add(&raw mut (*rr).next, 1) };
-    let slot = SlotKey {
-        set: svc.set,
-        index: n % svc.count,
-    };
+    let slot = SlotKey { set: svc.set, index: n % svc.count };
     // SAFETY: the value is copied out immediately.
     let Some(backend_id) = (unsafe { SLOTS.get(slot) }).map(|s| s.backend_id) else {
         count_drop(svc.id, DropReason::NoBackends);
@@ -337,20 +317,19 @@ fn new_flow(ctx: &XdpContext, p: &L4Packet, now: u64) -> u32 {
         count_drop(svc.id, DropReason::NoBackends);
         return reject(ctx, p);
     }
-    let (hop, resolved) =
-        match fib::route(ctx, ctx.ingress_ifindex() as u32, [0; 4], be.ip, p.ip_len) {
-            Route::Ready(hop) => (hop, true),
-            Route::NoNeigh(hop) => (hop, false),
-            Route::FragNeeded(mtu) => return frag_needed(ctx, p, svc.id, mtu),
-            Route::Unreachable => {
-                count_drop(svc.id, DropReason::NoRoute);
-                return XDP_DROP;
-            }
-            Route::Unmanaged => {
-                count_drop(svc.id, DropReason::NoSnatAddress);
-                return XDP_DROP;
-            }
-        };
+    let (hop, resolved) = match fib::route(ctx, ctx.ingress_ifindex() as u32, [0; 4], be.ip, p.ip_len) {
+        Route::Ready(hop) => (hop, true),
+        Route::NoNeigh(hop) => (hop, false),
+        Route::FragNeeded(mtu) => return frag_needed(ctx, p, svc.id, mtu),
+        Route::Unreachable => {
+            count_drop(svc.id, DropReason::NoRoute);
+            return XDP_DROP;
+        }
+        Route::Unmanaged => {
+            count_drop(svc.id, DropReason::NoSnatAddress);
+            return XDP_DROP;
+        }
+    };
 
     if hop.snat_ip == [0; 4] {
         // The egress interface has no address of its own to translate from.
@@ -376,14 +355,7 @@ fn new_flow(ctx: &XdpContext, p: &L4Packet, now: u64) -> u32 {
     let min = config!(snat_port_min) as u32;
     let range = config!(snat_port_max) as u32 - min + 1;
     let start = nat::flow_hash(&p.key);
-    let mut rkey = FlowKey {
-        src: be.ip,
-        dst: hop.snat_ip,
-        sport: be.port,
-        dport: 0,
-        proto: p.key.proto,
-        _pad: [0; 3],
-    };
+    let mut rkey = FlowKey { src: be.ip, dst: hop.snat_ip, sport: be.port, dport: 0, proto: p.key.proto, _pad: [0; 3] };
     let mut port = 0u16;
     for i in 0..nat::SNAT_TRIES {
         rkey.dport = (min + start.wrapping_add(i.wrapping_mul(7919)) % range) as u16;
@@ -440,14 +412,7 @@ fn reject(ctx: &XdpContext, p: &L4Packet) -> u32 {
     if p.key.proto == proto::TCP {
         icmp::tcp_reset(ctx, p.ip_off)
     } else {
-        icmp::send_error(
-            ctx,
-            p.ip_off,
-            p.tagged,
-            ICMP_DEST_UNREACH,
-            ICMP_PORT_UNREACH,
-            0,
-        )
+        icmp::send_error(ctx, p.ip_off, p.tagged, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0)
     }
 }
 
@@ -456,18 +421,7 @@ fn reject(ctx: &XdpContext, p: &L4Packet) -> u32 {
 #[inline(always)]
 fn frag_needed(ctx: &XdpContext, p: &L4Packet, service_id: u32, mtu: u16) -> u32 {
     count_drop(service_id, DropReason::FragNeeded);
-    if p.df {
-        icmp::send_error(
-            ctx,
-            p.ip_off,
-            p.tagged,
-            ICMP_DEST_UNREACH,
-            ICMP_FRAG_NEEDED,
-            mtu,
-        )
-    } else {
-        XDP_DROP
-    }
+    if p.df { icmp::send_error(ctx, p.ip_off, p.tagged, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, mtu) } else { XDP_DROP }
 }
 
 /// Counts, rewrites and transmits one packet of a flow.
@@ -496,15 +450,10 @@ fn rewrite(ctx: &XdpContext, p: &L4Packet, t: &FlowValue) -> Option<()> {
     let end = ctx.data_end();
     // SAFETY: bounds checked by ptr_at; no other reference to the packet is live.
     let ip = unsafe { &mut *ptr_at::<Ipv4Hdr>(data, end, p.ip_off)? };
-    let addrs = CsumDelta::new()
-        .u32(w32(ip.src), w32(t.src))
-        .u32(w32(ip.dst), w32(t.dst));
+    let addrs = CsumDelta::new().u32(w32(ip.src), w32(t.src)).u32(w32(ip.dst), w32(t.dst));
     let ttl_word = w16([ip.ttl, ip.proto]);
     let ttl = ip.ttl.wrapping_sub(1);
-    ip.check = addrs
-        .u16(ttl_word, w16([ttl, ip.proto]))
-        .apply(w16(ip.check))
-        .to_ne_bytes();
+    ip.check = addrs.u16(ttl_word, w16([ttl, ip.proto])).apply(w16(ip.check)).to_ne_bytes();
     ip.ttl = ttl;
     ip.src = t.src;
     ip.dst = t.dst;
@@ -514,18 +463,14 @@ fn rewrite(ctx: &XdpContext, p: &L4Packet, t: &FlowValue) -> Option<()> {
     if p.key.proto == proto::TCP {
         // SAFETY: as above.
         let th = unsafe { &mut *ptr_at::<TcpHdr>(data, end, l4_off)? };
-        let ports = CsumDelta::new()
-            .u16(w16(th.sport), w16(sport))
-            .u16(w16(th.dport), w16(dport));
+        let ports = CsumDelta::new().u16(w16(th.sport), w16(sport)).u16(w16(th.dport), w16(dport));
         th.check = addrs.merge(ports).apply(w16(th.check)).to_ne_bytes();
         th.sport = sport;
         th.dport = dport;
     } else {
         // SAFETY: as above.
         let uh = unsafe { &mut *ptr_at::<UdpHdr>(data, end, l4_off)? };
-        let ports = CsumDelta::new()
-            .u16(w16(uh.sport), w16(sport))
-            .u16(w16(uh.dport), w16(dport));
+        let ports = CsumDelta::new().u16(w16(uh.sport), w16(sport)).u16(w16(uh.dport), w16(dport));
         uh.check = addrs.merge(ports).apply_udp(w16(uh.check)).to_ne_bytes();
         uh.sport = sport;
         uh.dport = dport;

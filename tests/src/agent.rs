@@ -51,11 +51,9 @@ impl Agent {
             .stdin(Stdio::null())
             .spawn()
             .context("spawning lb-agent through nsenter")?;
-        let mut agent = Self {
-            child: Some(child),
-            log,
-        };
-        agent.wait_for("ready", Duration::from_secs(20))?;
+        let mut agent = Self { child: Some(child), log };
+        // The message itself, not "ready" inside another line (e.g. "/readyz").
+        agent.wait_for(": ready", Duration::from_secs(20))?;
         Ok(agent)
     }
 
@@ -109,9 +107,7 @@ impl Agent {
     }
 
     fn terminate(&mut self) -> Result<std::process::ExitStatus> {
-        let Some(mut child) = self.child.take() else {
-            bail!("already stopped")
-        };
+        let Some(mut child) = self.child.take() else { bail!("already stopped") };
         // SAFETY: plain kill(2) on our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let start = Instant::now();

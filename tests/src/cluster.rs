@@ -42,26 +42,16 @@ impl TestCluster {
     /// Connects as admin and installs `deploy/crds.yaml` and `deploy/rbac.yaml` (idempotent).
     pub async fn connect() -> Result<Self> {
         let path = admin_kubeconfig();
-        let kubeconfig =
-            Kubeconfig::read_from(&path).with_context(|| format!("reading {}", path.display()))?;
-        let config =
-            Config::from_custom_kubeconfig(kubeconfig.clone(), &KubeConfigOptions::default())
-                .await?;
+        let kubeconfig = Kubeconfig::read_from(&path).with_context(|| format!("reading {}", path.display()))?;
+        let config = Config::from_custom_kubeconfig(kubeconfig.clone(), &KubeConfigOptions::default()).await?;
         let admin = Client::try_from(config)?;
         let c = Self { admin, kubeconfig };
         c.apply_file("crds.yaml").await?;
         let crds: Api<CustomResourceDefinition> = Api::all(c.admin.clone());
-        for name in [
-            "loadbalancerconfigs.ballast.dev",
-            "loadbalancers.ballast.dev",
-        ] {
+        for name in ["loadbalancerconfigs.ballast.dev", "loadbalancers.ballast.dev"] {
             wait_for(Duration::from_secs(30), || async {
                 let crd = crds.get(name).await.ok()?;
-                crd.status?
-                    .conditions?
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True")
-                    .then_some(())
+                crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True").then_some(())
             })
             .await
             .with_context(|| format!("CRD {name} not established"))?;
@@ -72,9 +62,7 @@ impl TestCluster {
 
     /// Server-side applies every document of a file under `deploy/`.
     pub async fn apply_file(&self, name: &str) -> Result<()> {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../deploy")
-            .join(name);
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(name);
         let text = std::fs::read_to_string(&path)?;
         self.apply_yaml(&text, false).await
     }
@@ -82,21 +70,14 @@ impl TestCluster {
     /// Server-side applies YAML documents (`dry_run` for validation only).
     pub async fn apply_yaml(&self, text: &str, dry_run: bool) -> Result<()> {
         let discovery = Discovery::new(self.admin.clone()).run().await?;
-        for doc in text
-            .split("\n---")
-            .map(str::trim)
-            .filter(|d| !d.is_empty() && !d.lines().all(|l| l.starts_with('#')))
+        for doc in
+            text.split("\n---").map(str::trim).filter(|d| !d.is_empty() && !d.lines().all(|l| l.starts_with('#')))
         {
-            let obj: DynamicObject =
-                serde_saphyr::from_str(doc).with_context(|| format!("parsing\n{doc}"))?;
-            let gvk = obj
-                .types
-                .as_ref()
-                .context("document without apiVersion/kind")?;
+            let obj: DynamicObject = serde_saphyr::from_str(doc).with_context(|| format!("parsing\n{doc}"))?;
+            let gvk = obj.types.as_ref().context("document without apiVersion/kind")?;
             let gvk = kube::api::GroupVersionKind::try_from(gvk)?;
-            let (ar, caps): (ApiResource, ApiCapabilities) = discovery
-                .resolve_gvk(&gvk)
-                .with_context(|| format!("unknown kind {gvk:?}"))?;
+            let (ar, caps): (ApiResource, ApiCapabilities) =
+                discovery.resolve_gvk(&gvk).with_context(|| format!("unknown kind {gvk:?}"))?;
             let api: Api<DynamicObject> = match caps.scope {
                 Scope::Cluster => Api::all_with(self.admin.clone(), &ar),
                 Scope::Namespaced => Api::namespaced_with(
@@ -105,11 +86,7 @@ impl TestCluster {
                     &ar,
                 ),
             };
-            let name = obj
-                .metadata
-                .name
-                .clone()
-                .context("document without a name")?;
+            let name = obj.metadata.name.clone().context("document without a name")?;
             let mut params = PatchParams::apply("ballast-tests").force();
             params.dry_run = dry_run;
             api.patch(&name, &params, &Patch::Apply(&obj))
@@ -123,15 +100,10 @@ impl TestCluster {
     pub async fn namespace(&self, tag: &str) -> Result<String> {
         let name = unique_name(&format!("t-{tag}")).to_lowercase();
         let ns = Namespace {
-            metadata: kube::api::ObjectMeta {
-                name: Some(name.clone()),
-                ..Default::default()
-            },
+            metadata: kube::api::ObjectMeta { name: Some(name.clone()), ..Default::default() },
             ..Default::default()
         };
-        Api::<Namespace>::all(self.admin.clone())
-            .create(&PostParams::default(), &ns)
-            .await?;
+        Api::<Namespace>::all(self.admin.clone()).create(&PostParams::default(), &ns).await?;
         Ok(name)
     }
 
@@ -140,11 +112,7 @@ impl TestCluster {
     pub async fn agent_kubeconfig(&self, server: &str) -> Result<PathBuf> {
         let sas: Api<ServiceAccount> = Api::namespaced(self.admin.clone(), "ballast-system");
         let tr = TokenRequest {
-            spec: TokenRequestSpec {
-                audiences: vec![],
-                expiration_seconds: Some(3600),
-                ..Default::default()
-            },
+            spec: TokenRequestSpec { audiences: vec![], expiration_seconds: Some(3600), ..Default::default() },
             ..Default::default()
         };
         let tr = sas

@@ -7,9 +7,7 @@ use anyhow::{Context, Result, bail};
 /// Runs `program args...`, returns stdout; fails with the command line and stderr.
 pub fn run(program: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(program).args(args).output().with_context(|| {
-        format!(
-            "cannot run {program} (is it installed? `cargo xtask setup` installs the test tools)"
-        )
+        format!("cannot run {program} (is it installed? `cargo xtask setup` installs the test tools)")
     })?;
     if !out.status.success() {
         bail!(

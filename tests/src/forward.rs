@@ -37,8 +37,7 @@ impl Forward {
             let conns = conns.clone();
             std::thread::spawn(move || {
                 for inbound in rx {
-                    let Ok(outbound) = TcpStream::connect_timeout(&target, Duration::from_secs(2))
-                    else {
+                    let Ok(outbound) = TcpStream::connect_timeout(&target, Duration::from_secs(2)) else {
                         continue;
                     };
                     for s in [&inbound, &outbound] {
@@ -58,9 +57,7 @@ impl Forward {
             let listener = (|| -> Result<TcpListener> {
                 let f = std::fs::File::open(&path)?;
                 // SAFETY: setns on this thread only.
-                if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) }
-                    != 0
-                {
+                if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
                     anyhow::bail!("setns: {}", std::io::Error::last_os_error());
                 }
                 let l = TcpListener::bind(("127.0.0.1", port))?;
@@ -69,11 +66,7 @@ impl Forward {
             })();
             let listener = match listener {
                 Ok(l) => {
-                    let _ = ptx.send(
-                        l.local_addr()
-                            .map(|a| a.port())
-                            .map_err(anyhow::Error::from),
-                    );
+                    let _ = ptx.send(l.local_addr().map(|a| a.port()).map_err(anyhow::Error::from));
                     l
                 }
                 Err(e) => {
@@ -92,12 +85,7 @@ impl Forward {
             }
         });
         let port = prx.recv().context("forwarder thread died")??;
-        Ok(Self {
-            port,
-            stop,
-            accept: Some(accept),
-            conns,
-        })
+        Ok(Self { port, stop, accept: Some(accept), conns })
     }
 }
 

@@ -6,9 +6,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use anyhow::{Context, Result, bail};
 use etherparse::{
-    EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpNumber, Ipv4Header, LinkExtHeader,
-    NetHeaders, PacketHeaders, SingleVlanHeader, TcpHeader, TransportHeader, UdpHeader, VlanId,
-    VlanPcp,
+    EtherType, Ethernet2Header, Icmpv4Header, Icmpv4Type, IpNumber, Ipv4Header, LinkExtHeader, NetHeaders,
+    PacketHeaders, SingleVlanHeader, TcpHeader, TransportHeader, UdpHeader, VlanId, VlanPcp,
 };
 
 /// The transport part of a frame.
@@ -50,8 +49,7 @@ pub struct Frame {
 
 impl Frame {
     fn base(src: Ipv4Addr, dst: Ipv4Addr, l4: L4) -> Self {
-        let mut ip = Ipv4Header::new(0, 64, IpNumber::TCP, src.octets(), dst.octets())
-            .expect("valid header");
+        let mut ip = Ipv4Header::new(0, 64, IpNumber::TCP, src.octets(), dst.octets()).expect("valid header");
         ip.identification = 0x1234;
         ip.dont_fragment = true;
         Self {
@@ -73,15 +71,7 @@ impl Frame {
 
     /// A UDP datagram.
     pub fn udp(src: SocketAddrV4, dst: SocketAddrV4) -> Self {
-        Self::base(
-            *src.ip(),
-            *dst.ip(),
-            L4::Udp {
-                sport: src.port(),
-                dport: dst.port(),
-                no_checksum: false,
-            },
-        )
+        Self::base(*src.ip(), *dst.ip(), L4::Udp { sport: src.port(), dport: dst.port(), no_checksum: false })
     }
 
     /// An ICMP message.
@@ -148,48 +138,29 @@ impl Frame {
                 let mut ip_tmp = ip.clone();
                 ip_tmp.protocol = IpNumber::TCP;
                 let mut h = h.clone();
-                h.checksum = h
-                    .calc_checksum_ipv4(&ip_tmp, &self.payload)
-                    .expect("checksum");
+                h.checksum = h.calc_checksum_ipv4(&ip_tmp, &self.payload).expect("checksum");
                 (h.to_bytes().to_vec(), IpNumber::TCP)
             }
-            L4::Udp {
-                sport,
-                dport,
-                no_checksum,
-            } => {
+            L4::Udp { sport, dport, no_checksum } => {
                 let h = if *no_checksum {
-                    UdpHeader::without_ipv4_checksum(*sport, *dport, self.payload.len())
-                        .expect("udp")
+                    UdpHeader::without_ipv4_checksum(*sport, *dport, self.payload.len()).expect("udp")
                 } else {
                     let mut ip_tmp = ip.clone();
                     ip_tmp.protocol = IpNumber::UDP;
-                    UdpHeader::with_ipv4_checksum(*sport, *dport, &ip_tmp, &self.payload)
-                        .expect("udp")
+                    UdpHeader::with_ipv4_checksum(*sport, *dport, &ip_tmp, &self.payload).expect("udp")
                 };
                 (h.to_bytes().to_vec(), IpNumber::UDP)
             }
-            L4::Icmp(t) => (
-                Icmpv4Header::with_checksum(t.clone(), &self.payload)
-                    .to_bytes()
-                    .to_vec(),
-                IpNumber::ICMP,
-            ),
+            L4::Icmp(t) => (Icmpv4Header::with_checksum(t.clone(), &self.payload).to_bytes().to_vec(), IpNumber::ICMP),
             L4::Other(p) => (Vec::new(), IpNumber(*p)),
         };
         ip.protocol = proto;
-        ip.set_payload_len(l4_bytes.len() + self.payload.len())
-            .expect("length");
+        ip.set_payload_len(l4_bytes.len() + self.payload.len()).expect("length");
         ip.header_checksum = ip.calc_header_checksum();
         let mut out = Vec::new();
         match self.vlan {
             None => out.extend(
-                Ethernet2Header {
-                    source: self.smac,
-                    destination: self.dmac,
-                    ether_type: EtherType::IPV4,
-                }
-                .to_bytes(),
+                Ethernet2Header { source: self.smac, destination: self.dmac, ether_type: EtherType::IPV4 }.to_bytes(),
             ),
             Some(id) => {
                 out.extend(
@@ -238,25 +209,15 @@ pub struct Parsed {
 /// Parses a frame with etherparse and verifies every checksum it carries.
 pub fn parse(bytes: &[u8]) -> Result<Parsed> {
     let h = PacketHeaders::from_ethernet_slice(bytes).context("etherparse rejected the frame")?;
-    let eth = h
-        .link
-        .clone()
-        .and_then(|l| l.ethernet2())
-        .context("no Ethernet header")?;
+    let eth = h.link.clone().and_then(|l| l.ethernet2()).context("no Ethernet header")?;
     let vlan = h.link_exts.iter().find_map(|e| match e {
         LinkExtHeader::Vlan(v) => Some(v.vlan_id.value()),
         _ => None,
     });
-    let Some(NetHeaders::Ipv4(ip, _)) = h.net.clone() else {
-        bail!("not IPv4")
-    };
+    let Some(NetHeaders::Ipv4(ip, _)) = h.net.clone() else { bail!("not IPv4") };
     let payload = h.payload.slice().to_vec();
     if ip.header_checksum != ip.calc_header_checksum() {
-        bail!(
-            "bad IPv4 header checksum {:#06x}, expected {:#06x}",
-            ip.header_checksum,
-            ip.calc_header_checksum()
-        );
+        bail!("bad IPv4 header checksum {:#06x}, expected {:#06x}", ip.header_checksum, ip.calc_header_checksum());
     }
     match &h.transport {
         Some(TransportHeader::Tcp(t)) => {
@@ -275,23 +236,12 @@ pub fn parse(bytes: &[u8]) -> Result<Parsed> {
             let mut copy = i.clone();
             copy.update_checksum(&payload);
             if copy.checksum != i.checksum {
-                bail!(
-                    "bad ICMP checksum {:#06x}, expected {:#06x}",
-                    i.checksum,
-                    copy.checksum
-                );
+                bail!("bad ICMP checksum {:#06x}, expected {:#06x}", i.checksum, copy.checksum);
             }
         }
         _ => {}
     }
-    Ok(Parsed {
-        smac: eth.source,
-        dmac: eth.destination,
-        vlan,
-        ip,
-        l4: h.transport,
-        payload,
-    })
+    Ok(Parsed { smac: eth.source, dmac: eth.destination, vlan, ip, l4: h.transport, payload })
 }
 
 /// Asserts two frames are byte-identical, showing both parsed on failure.

@@ -56,11 +56,8 @@ impl K8sBed {
         let cluster = TestCluster::connect().await?;
         let ns = cluster.namespace(tag).await?;
         let bed = unique_name(tag).to_lowercase();
-        let forward =
-            tokio::task::block_in_place(|| Forward::start(&tb.lb, 0, cluster.server_addr()?))?;
-        let kubeconfig = cluster
-            .agent_kubeconfig(&format!("https://127.0.0.1:{}", forward.port))
-            .await?;
+        let forward = tokio::task::block_in_place(|| Forward::start(&tb.lb, 0, cluster.server_addr()?))?;
+        let kubeconfig = cluster.agent_kubeconfig(&format!("https://127.0.0.1:{}", forward.port)).await?;
         Ok(Self {
             tb,
             cluster,
@@ -100,10 +97,7 @@ impl K8sBed {
     pub fn start_agent(&mut self) -> Result<()> {
         let args = self.agent_args();
         let agent = tokio::task::block_in_place(|| {
-            Agent::start(
-                &self.tb.lb,
-                &args.iter().map(String::as_str).collect::<Vec<_>>(),
-            )
+            Agent::start(&self.tb.lb, &args.iter().map(String::as_str).collect::<Vec<_>>())
         })?;
         self.agent = Some(agent);
         Ok(())
@@ -121,13 +115,8 @@ impl K8sBed {
     pub async fn config(&self, tag: &str, spec: LoadBalancerConfigSpec) -> Result<String> {
         let name = format!("{}-{tag}", self.bed);
         let mut c = LoadBalancerConfig::new(&name, spec);
-        c.metadata.labels = Some(BTreeMap::from([(
-            CONFIG_LABEL.to_string(),
-            self.bed.clone(),
-        )]));
-        Api::<LoadBalancerConfig>::all(self.cluster.admin.clone())
-            .create(&PostParams::default(), &c)
-            .await?;
+        c.metadata.labels = Some(BTreeMap::from([(CONFIG_LABEL.to_string(), self.bed.clone())]));
+        Api::<LoadBalancerConfig>::all(self.cluster.admin.clone()).create(&PostParams::default(), &c).await?;
         Ok(name)
     }
 
@@ -159,12 +148,7 @@ impl K8sBed {
         let svc = Service {
             metadata: ObjectMeta {
                 name: Some(name.into()),
-                annotations: Some(
-                    annotations
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect(),
-                ),
+                annotations: Some(annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
                 ..Default::default()
             },
             spec: Some(ServiceSpec {
@@ -200,10 +184,7 @@ impl K8sBed {
         let slice = EndpointSlice {
             metadata: ObjectMeta {
                 name: Some(format!("{svc}-slice")),
-                labels: Some(BTreeMap::from([(
-                    "kubernetes.io/service-name".to_string(),
-                    svc.to_string(),
-                )])),
+                labels: Some(BTreeMap::from([("kubernetes.io/service-name".to_string(), svc.to_string())])),
                 ..Default::default()
             },
             address_type: "IPv4".into(),
@@ -244,59 +225,34 @@ impl K8sBed {
     /// Waits until the service's status names an address, and returns it.
     pub async fn wait_ip(&self, name: &str) -> Result<Ipv4Addr> {
         let api = self.services();
-        wait_for(Duration::from_secs(15), || async {
-            ingress_ip(&api.get(name).await.ok()?)
-        })
-        .await
-        .with_context(|| {
-            format!(
-                "service {name} got no address; agent log:\n{}",
-                self.agent_log()
-            )
-        })
+        wait_for(Duration::from_secs(15), || async { ingress_ip(&api.get(name).await.ok()?) })
+            .await
+            .with_context(|| format!("service {name} got no address; agent log:\n{}", self.agent_log()))
     }
 
     /// Waits until `f` holds for the service.
-    pub async fn wait_service(
-        &self,
-        name: &str,
-        what: &str,
-        f: impl Fn(&Service) -> bool,
-    ) -> Result<Service> {
+    pub async fn wait_service(&self, name: &str, what: &str, f: impl Fn(&Service) -> bool) -> Result<Service> {
         let api = self.services();
-        wait_for(Duration::from_secs(15), || async {
-            api.get(name).await.ok().filter(|s| f(s))
-        })
-        .await
-        .with_context(|| format!("service {name}: {what}; agent log:\n{}", self.agent_log()))
+        wait_for(Duration::from_secs(15), || async { api.get(name).await.ok().filter(|s| f(s)) })
+            .await
+            .with_context(|| format!("service {name}: {what}; agent log:\n{}", self.agent_log()))
     }
 
     /// Deletes a service.
     pub async fn delete_service(&self, name: &str) -> Result<()> {
-        self.services()
-            .delete(name, &DeleteParams::default())
-            .await?;
+        self.services().delete(name, &DeleteParams::default()).await?;
         Ok(())
     }
 
     /// The LoadBalancer object of a service, if any.
     pub async fn balancer(&self, name: &str) -> Option<LoadBalancer> {
-        Api::<LoadBalancer>::namespaced(self.cluster.admin.clone(), &self.ns)
-            .get(name)
-            .await
-            .ok()
+        Api::<LoadBalancer>::namespaced(self.cluster.admin.clone(), &self.ns).get(name).await.ok()
     }
 
     /// `lb-agent inspect --output json` of this bed's maps.
     pub fn inspect(&self) -> Result<serde_json::Value> {
         let out = std::process::Command::new(agent_bin()?)
-            .args([
-                "inspect",
-                "--output",
-                "json",
-                "--bpffs",
-                &self.tb.pins.path().display().to_string(),
-            ])
+            .args(["inspect", "--output", "json", "--bpffs", &self.tb.pins.path().display().to_string()])
             .output()?;
         Ok(serde_json::from_slice(&out.stdout)?)
     }
@@ -324,19 +280,12 @@ impl K8sBed {
 
     /// Whether the LB interface holds `ip`.
     pub fn vip_on_interface(&self, ip: Ipv4Addr) -> bool {
-        self.tb
-            .lb
-            .ip(&format!("addr show dev {LB_IFACE}"))
-            .map(|s| s.contains(&format!("{ip}/32")))
-            .unwrap_or(false)
+        self.tb.lb.ip(&format!("addr show dev {LB_IFACE}")).map(|s| s.contains(&format!("{ip}/32"))).unwrap_or(false)
     }
 
     /// The agent's log so far.
     pub fn agent_log(&self) -> String {
-        self.agent
-            .as_ref()
-            .map(|a| a.log_text())
-            .unwrap_or_default()
+        self.agent.as_ref().map(|a| a.log_text()).unwrap_or_default()
     }
 }
 
@@ -348,17 +297,7 @@ impl Drop for K8sBed {
 
 /// The first ingress IP in a Service's status.
 pub fn ingress_ip(s: &Service) -> Option<Ipv4Addr> {
-    s.status
-        .as_ref()?
-        .load_balancer
-        .as_ref()?
-        .ingress
-        .as_ref()?
-        .first()?
-        .ip
-        .as_ref()?
-        .parse()
-        .ok()
+    s.status.as_ref()?.load_balancer.as_ref()?.ingress.as_ref()?.first()?.ip.as_ref()?.parse().ok()
 }
 
 /// A condition of a Service: (status, reason, message).
@@ -372,11 +311,7 @@ pub fn condition(s: &Service, type_: &str) -> Option<(String, String, String)> {
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
-fn with_types<T: serde::Serialize>(
-    o: T,
-    api_version: &str,
-    kind: &str,
-) -> Result<serde_json::Value> {
+fn with_types<T: serde::Serialize>(o: T, api_version: &str, kind: &str) -> Result<serde_json::Value> {
     let mut v = serde_json::to_value(o)?;
     v["apiVersion"] = api_version.into();
     v["kind"] = kind.into();

@@ -49,11 +49,8 @@ pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 /// A client routed through the VLAN gateway.
 pub const VLAN_CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 9);
 /// Backends with static neighbour entries.
-pub const BACKENDS: [Ipv4Addr; 3] = [
-    Ipv4Addr::new(10, 2, 0, 11),
-    Ipv4Addr::new(10, 2, 0, 12),
-    Ipv4Addr::new(10, 2, 0, 13),
-];
+pub const BACKENDS: [Ipv4Addr; 3] =
+    [Ipv4Addr::new(10, 2, 0, 11), Ipv4Addr::new(10, 2, 0, 12), Ipv4Addr::new(10, 2, 0, 13)];
 /// A backend on the client-side link (one-armed: same interface in and out).
 pub const ONE_ARM_BACKEND: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 50);
 /// MTU of `be`, so large packets to backends need fragmentation.
@@ -125,13 +122,7 @@ pub struct Lab {
 impl Lab {
     /// Builds the namespace and loads the data path with default settings.
     pub fn new() -> Result<Self> {
-        Self::with_config(
-            DataplaneConfig::default(),
-            MapSizes {
-                flow_entries: 4096,
-                ..MapSizes::default()
-            },
-        )
+        Self::with_config(DataplaneConfig::default(), MapSizes { flow_entries: 4096, ..MapSizes::default() })
     }
 
     /// Builds the namespace and loads the data path.
@@ -150,24 +141,12 @@ impl Lab {
         ns.ip(&format!("addr add {LB_CLIENT_IP}/24 dev cl"))?;
         ns.ip(&format!("addr add {LB_BACKEND_IP}/24 dev be"))?;
         ns.ip(&format!("addr add {LB_VLAN_IP}/24 dev vl"))?;
-        ns.ip(&format!(
-            "neigh replace 10.1.0.2 lladdr {} dev cl nud permanent",
-            mac_str(GW_MAC)
-        ))?;
-        ns.ip(&format!(
-            "neigh replace 10.3.0.2 lladdr {} dev vl nud permanent",
-            mac_str(VLAN_GW_MAC)
-        ))?;
+        ns.ip(&format!("neigh replace 10.1.0.2 lladdr {} dev cl nud permanent", mac_str(GW_MAC)))?;
+        ns.ip(&format!("neigh replace 10.3.0.2 lladdr {} dev vl nud permanent", mac_str(VLAN_GW_MAC)))?;
         for b in BACKENDS {
-            ns.ip(&format!(
-                "neigh replace {b} lladdr {} dev be nud permanent",
-                mac_str(backend_mac(b))
-            ))?;
+            ns.ip(&format!("neigh replace {b} lladdr {} dev be nud permanent", mac_str(backend_mac(b))))?;
         }
-        ns.ip(&format!(
-            "neigh replace {ONE_ARM_BACKEND} lladdr {} dev cl nud permanent",
-            mac_str(one_arm_mac())
-        ))?;
+        ns.ip(&format!("neigh replace {ONE_ARM_BACKEND} lladdr {} dev cl nud permanent", mac_str(one_arm_mac())))?;
         ns.ip(&format!("link set be mtu {BE_MTU}"))?;
         ns.ip("route add 198.51.100.0/24 via 10.1.0.2 dev cl")?;
         ns.ip("route add 203.0.113.0/24 via 10.3.0.2 dev vl")?;
@@ -175,36 +154,17 @@ impl Lab {
         ns.sysctl("net.ipv4.conf.all.forwarding", "1")?;
         let (cl, be, vlan) = (ns.ifindex("cl")?, ns.ifindex("be")?, ns.ifindex("vl")?);
         let pins = PinDir::new("lab");
-        let dp = Dataplane::load(&LoadOptions {
-            pin_dir: pins.path().to_path_buf(),
-            sizes,
-            config,
-        })
-        .context("loading the data path (verifier)")?;
+        let dp = Dataplane::load(&LoadOptions { pin_dir: pins.path().to_path_buf(), sizes, config })
+            .context("loading the data path (verifier)")?;
         let state = dp.maps.read_state()?;
-        Ok(Self {
-            ns,
-            _peer: peer,
-            _pins: pins,
-            dp,
-            state,
-            cl,
-            be,
-            vlan,
-            cl_flags: 0,
-        })
+        Ok(Self { ns, _peer: peer, _pins: pins, dp, state, cl, be, vlan, cl_flags: 0 })
     }
 
     /// Programs `services`, with every LB address as SNAT address and the three interfaces.
     pub fn program(&mut self, services: Vec<ServiceSpec>) -> Result<()> {
         let mut addrs = BTreeMap::new();
         for s in &services {
-            addrs.insert(
-                AddrKey {
-                    addr: s.vip.octets(),
-                },
-                AddrInfo { flags: ADDR_VIP },
-            );
+            addrs.insert(AddrKey { addr: s.vip.octets() }, AddrInfo { flags: ADDR_VIP });
         }
         for ip in [LB_CLIENT_IP, LB_BACKEND_IP, LB_VLAN_IP] {
             addrs.insert(AddrKey { addr: ip.octets() }, AddrInfo { flags: ADDR_SNAT });
@@ -212,40 +172,14 @@ impl Lab {
         let mut ifaces = BTreeMap::new();
         ifaces.insert(
             self.cl,
-            IfaceInfo {
-                snat_ip: LB_CLIENT_IP.octets(),
-                tx_ifindex: self.cl,
-                vlan: 0,
-                flags: self.cl_flags,
-            },
+            IfaceInfo { snat_ip: LB_CLIENT_IP.octets(), tx_ifindex: self.cl, vlan: 0, flags: self.cl_flags },
         );
-        ifaces.insert(
-            self.be,
-            IfaceInfo {
-                snat_ip: LB_BACKEND_IP.octets(),
-                tx_ifindex: self.be,
-                vlan: 0,
-                flags: 0,
-            },
-        );
+        ifaces.insert(self.be, IfaceInfo { snat_ip: LB_BACKEND_IP.octets(), tx_ifindex: self.be, vlan: 0, flags: 0 });
         ifaces.insert(
             self.vlan,
-            IfaceInfo {
-                snat_ip: LB_VLAN_IP.octets(),
-                tx_ifindex: self.cl,
-                vlan: VLAN_ID,
-                flags: 0,
-            },
+            IfaceInfo { snat_ip: LB_VLAN_IP.octets(), tx_ifindex: self.cl, vlan: VLAN_ID, flags: 0 },
         );
-        let p = plan(
-            &self.state,
-            &DesiredState {
-                services,
-                addrs,
-                ifaces,
-            },
-            self.dp.maps.limits(),
-        );
+        let p = plan(&self.state, &DesiredState { services, addrs, ifaces }, self.dp.maps.limits());
         if !p.errors.is_empty() {
             bail!("plan errors: {:?}", p.errors);
         }
@@ -258,12 +192,7 @@ impl Lab {
 
     /// Counters of a programmed service, summed over CPUs.
     pub fn stats(&self, spec: &ServiceSpec) -> Result<ServiceStats> {
-        let id = self
-            .state
-            .services
-            .get(&spec.key())
-            .context("service not programmed")?
-            .id;
+        let id = self.state.services.get(&spec.key()).context("service not programmed")?.id;
         Ok(self.dp.maps.service_stats(id)?)
     }
 
@@ -299,22 +228,13 @@ impl Lab {
                 ..TestRunOptions::default()
             })?;
             out.truncate(r.data_size_out as usize);
-            Ok(Outcome {
-                verdict: r.return_value,
-                frame: out,
-                duration: r.duration,
-            })
+            Ok(Outcome { verdict: r.return_value, frame: out, duration: r.duration })
         })?
     }
 }
 
 /// One `BPF_PROG_TEST_RUN` of an XDP program inside `ns` (the namespace its FIB lookups see).
-fn run_xdp(
-    ns: &Netns,
-    prog: &mut aya::programs::Xdp,
-    frame: &[u8],
-    ingress: u32,
-) -> Result<Outcome> {
+fn run_xdp(ns: &Netns, prog: &mut aya::programs::Xdp, frame: &[u8], ingress: u32) -> Result<Outcome> {
     // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
     let mut ctx = [0u8; 24];
     ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
@@ -328,18 +248,11 @@ fn run_xdp(
             ..TestRunOptions::default()
         })?;
         out.truncate(r.data_size_out as usize);
-        Ok(Outcome {
-            verdict: r.return_value,
-            frame: out,
-            duration: r.duration,
-        })
+        Ok(Outcome { verdict: r.return_value, frame: out, duration: r.duration })
     })?
 }
 
 /// `aa:bb:cc:dd:ee:ff`.
 pub fn mac_str(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }

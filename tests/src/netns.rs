@@ -14,11 +14,7 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A name unique to this process and call: `<tag>-<pid>-<n>`.
 pub fn unique_name(tag: &str) -> String {
-    format!(
-        "{tag}-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{tag}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
 /// A network namespace, deleted on drop.
@@ -91,19 +87,14 @@ impl Netns {
     pub fn ifindex(&self, dev: &str) -> Result<u32> {
         let out = self.ip(&format!("-j link show dev {dev}"))?;
         let v: serde_json::Value = serde_json::from_str(&out)?;
-        v[0]["ifindex"]
-            .as_u64()
-            .map(|i| i as u32)
-            .with_context(|| format!("no ifindex for {dev} in {}", self.name))
+        v[0]["ifindex"].as_u64().map(|i| i as u32).with_context(|| format!("no ifindex for {dev} in {}", self.name))
     }
 
     /// MAC address of `dev` in this namespace.
     pub fn mac(&self, dev: &str) -> Result<[u8; 6]> {
         let out = self.ip(&format!("-j link show dev {dev}"))?;
         let v: serde_json::Value = serde_json::from_str(&out)?;
-        let s = v[0]["address"]
-            .as_str()
-            .with_context(|| format!("no MAC for {dev}"))?;
+        let s = v[0]["address"].as_str().with_context(|| format!("no MAC for {dev}"))?;
         let mut mac = [0u8; 6];
         for (i, part) in s.split(':').enumerate().take(6) {
             mac[i] = u8::from_str_radix(part, 16)?;
@@ -121,23 +112,7 @@ impl Drop for Netns {
 /// Creates a veth pair with one end in each namespace (names are per namespace, so short
 /// fixed names never collide between concurrent tests).
 pub fn veth(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> Result<()> {
-    run(
-        "ip",
-        &[
-            "link",
-            "add",
-            a_dev,
-            "netns",
-            a.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            b_dev,
-            "netns",
-            b.name(),
-        ],
-    )?;
+    run("ip", &["link", "add", a_dev, "netns", a.name(), "type", "veth", "peer", "name", b_dev, "netns", b.name()])?;
     a.ip(&format!("link set {a_dev} up"))?;
     b.ip(&format!("link set {b_dev} up"))?;
     Ok(())

@@ -12,9 +12,7 @@ pub struct PinDir {
 impl PinDir {
     /// A fresh, not yet created, directory path.
     pub fn new(tag: &str) -> Self {
-        Self {
-            path: Path::new("/sys/fs/bpf").join(unique_name(&format!("ballast-{tag}"))),
-        }
+        Self { path: Path::new("/sys/fs/bpf").join(unique_name(&format!("ballast-{tag}"))) }
     }
 
     /// The directory.
@@ -26,11 +24,18 @@ impl PinDir {
 impl Drop for PinDir {
     fn drop(&mut self) {
         // bpffs supports unlink and rmdir but not recursive removal in one call.
-        if let Ok(entries) = std::fs::read_dir(&self.path) {
-            for e in entries.flatten() {
-                let _ = std::fs::remove_file(e.path());
+        fn remove(dir: &Path) {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                for e in entries.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        remove(&e.path());
+                    } else {
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
             }
+            let _ = std::fs::remove_dir(dir);
         }
-        let _ = std::fs::remove_dir(&self.path);
+        remove(&self.path);
     }
 }

@@ -23,9 +23,7 @@ pub fn require() {
     }
     for tool in ["/usr/sbin/ip", "/usr/sbin/ethtool", "/usr/bin/nsenter"] {
         if !Path::new(tool).exists() && !Path::new(&tool.replace("/usr", "")).exists() {
-            panic!(
-                "{tool} is missing: install iproute2, ethtool and util-linux (`cargo xtask setup` does)"
-            );
+            panic!("{tool} is missing: install iproute2, ethtool and util-linux (`cargo xtask setup` does)");
         }
     }
 }

@@ -26,18 +26,12 @@ impl Servers {
     /// Starts a TCP server on each of `tcp` and a UDP server on each of `udp` (addresses
     /// inside `ns`). TCP: every line received is answered with `"<name> <line>"`. UDP: every
     /// datagram is answered with `"<name> <datagram>"`.
-    pub fn start(
-        ns: &Netns,
-        name: &str,
-        tcp: &[SocketAddrV4],
-        udp: &[SocketAddrV4],
-    ) -> Result<Self> {
+    pub fn start(ns: &Netns, name: &str, tcp: &[SocketAddrV4], udp: &[SocketAddrV4]) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
         for addr in tcp.iter().copied() {
-            let (stop, name, tx, path) =
-                (stop.clone(), name.to_string(), ready_tx.clone(), ns.path());
+            let (stop, name, tx, path) = (stop.clone(), name.to_string(), ready_tx.clone(), ns.path());
             threads.push(std::thread::spawn(move || {
                 let listener = match enter(&path).and_then(|()| bind_tcp(addr)) {
                     Ok(l) => {
@@ -64,8 +58,7 @@ impl Servers {
             }));
         }
         for addr in udp.iter().copied() {
-            let (stop, name, tx, path) =
-                (stop.clone(), name.to_string(), ready_tx.clone(), ns.path());
+            let (stop, name, tx, path) = (stop.clone(), name.to_string(), ready_tx.clone(), ns.path());
             threads.push(std::thread::spawn(move || {
                 let sock = match enter(&path).and_then(|()| {
                     let s = UdpSocket::bind(addr).with_context(|| format!("bind udp {addr}"))?;
@@ -95,9 +88,7 @@ impl Servers {
         let servers = Self { stop, threads };
         // One readiness report per server (the threads keep their senders while they run).
         for _ in 0..tcp.len() + udp.len() {
-            ready_rx
-                .recv()
-                .context("a server thread died before binding")??;
+            ready_rx.recv().context("a server thread died before binding")??;
         }
         Ok(servers)
     }
@@ -148,13 +139,10 @@ pub struct LineClient {
 impl LineClient {
     /// Connects (2 s timeout).
     pub fn connect(to: SocketAddrV4) -> Result<Self> {
-        let s = TcpStream::connect_timeout(&to.into(), Duration::from_secs(2))
-            .with_context(|| format!("connect {to}"))?;
+        let s =
+            TcpStream::connect_timeout(&to.into(), Duration::from_secs(2)).with_context(|| format!("connect {to}"))?;
         s.set_read_timeout(Some(Duration::from_secs(3)))?;
-        Ok(Self {
-            r: BufReader::new(s.try_clone()?),
-            w: s,
-        })
+        Ok(Self { r: BufReader::new(s.try_clone()?), w: s })
     }
 
     /// Sends a line, returns the answer (without newline).
@@ -185,8 +173,6 @@ pub fn udp_ask(to: SocketAddrV4, msg: &str) -> Result<(String, std::net::SocketA
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
     s.send_to(msg.as_bytes(), to)?;
     let mut buf = [0u8; 2048];
-    let (n, from) = s
-        .recv_from(&mut buf)
-        .with_context(|| format!("no UDP answer from {to}"))?;
+    let (n, from) = s.recv_from(&mut buf).with_context(|| format!("no UDP answer from {to}"))?;
     Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
 }

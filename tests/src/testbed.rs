@@ -92,11 +92,7 @@ impl Testbed {
                 veth(&lb, "lb1", &switch, "s-lb")?;
                 lb.ip("addr add 10.10.2.1/24 dev lb1")?;
                 port("s-lb")?;
-                (
-                    Ipv4Addr::new(10, 10, 100, 10),
-                    Ipv4Addr::new(10, 10, 1, 2),
-                    Ipv4Addr::new(10, 10, 1, 1),
-                )
+                (Ipv4Addr::new(10, 10, 100, 10), Ipv4Addr::new(10, 10, 1, 2), Ipv4Addr::new(10, 10, 1, 1))
             }
             Arms::One => {
                 veth(&client, "c0", &switch, "s-c")?;
@@ -105,11 +101,7 @@ impl Testbed {
                 veth(&lb, "lb0", &switch, "s-lb")?;
                 lb.ip("addr add 10.10.2.1/24 dev lb0")?;
                 port("s-lb")?;
-                (
-                    Ipv4Addr::new(10, 10, 2, 200),
-                    Ipv4Addr::new(10, 10, 2, 100),
-                    Ipv4Addr::new(10, 10, 2, 1),
-                )
+                (Ipv4Addr::new(10, 10, 2, 200), Ipv4Addr::new(10, 10, 2, 100), Ipv4Addr::new(10, 10, 2, 1))
             }
         };
         // Peers of LB interfaces receive XDP-transmitted frames: they need GRO.
@@ -129,23 +121,9 @@ impl Testbed {
             ns.ip(&format!("addr add {ip}/24 dev b0"))?;
             ns.ip("route add default via 10.10.2.1")?;
             ns.exec("ethtool -K b0 tx off")?;
-            backends.push(BackendHost {
-                ns,
-                ip,
-                name: format!("backend-{i}"),
-            });
+            backends.push(BackendHost { ns, ip, name: format!("backend-{i}") });
         }
-        Ok(Self {
-            client,
-            lb,
-            switch,
-            backends,
-            vip,
-            client_ip,
-            lb_ip,
-            pins: PinDir::new("e2e"),
-            files: Vec::new(),
-        })
+        Ok(Self { client, lb, switch, backends, vip, client_ip, lb_ip, pins: PinDir::new("e2e"), files: Vec::new() })
     }
 
     /// Backend `i` at `port`.
@@ -160,15 +138,11 @@ impl Testbed {
 
     /// Writes a static configuration file and returns its path. `services` are
     /// (name, port, protocol, backends).
-    pub fn write_config(
-        &mut self,
-        services: &[(&str, u16, &str, Vec<SocketAddrV4>)],
-    ) -> Result<PathBuf> {
+    pub fn write_config(&mut self, services: &[(&str, u16, &str, Vec<SocketAddrV4>)]) -> Result<PathBuf> {
         let path = match self.files.first() {
             Some(p) => p.clone(),
             None => {
-                let p =
-                    std::env::temp_dir().join(format!("{}.yaml", unique_name("ballast-config")));
+                let p = std::env::temp_dir().join(format!("{}.yaml", unique_name("ballast-config")));
                 self.files.push(p.clone());
                 p
             }
@@ -181,18 +155,10 @@ impl Testbed {
     /// netlink (iproute2 before 6.3 does not print address protocols).
     pub fn marked_addresses(&self) -> Result<Vec<Ipv4Addr>> {
         self.lb.run(|| -> Result<Vec<Ipv4Addr>> {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(async {
                 let nl = lb_agent::net::netlink::Netlink::connect()?;
-                Ok(nl
-                    .addresses()
-                    .await?
-                    .into_iter()
-                    .filter(|a| a.ours)
-                    .map(|a| a.addr)
-                    .collect())
+                Ok(nl.addresses().await?.into_iter().filter(|a| a.ours).map(|a| a.addr).collect())
             })
         })?
     }

@@ -20,13 +20,7 @@ async fn events_of(bed: &K8sBed, svc: &str) -> Vec<(String, String, String)> {
             l.items
                 .into_iter()
                 .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(svc))
-                .map(|e| {
-                    (
-                        e.type_.unwrap_or_default(),
-                        e.reason.unwrap_or_default(),
-                        e.note.unwrap_or_default(),
-                    )
-                })
+                .map(|e| (e.type_.unwrap_or_default(), e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
                 .collect()
         })
         .unwrap_or_default()
@@ -35,13 +29,9 @@ async fn events_of(bed: &K8sBed, svc: &str) -> Vec<(String, String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_service_gets_an_address_and_deleting_it_releases_everything() {
     let mut bed = K8sBed::new("create", 1).await.unwrap();
-    bed.config("pool", K8sBed::pool(true, &["10.10.100.10-10.10.100.12"]))
-        .await
-        .unwrap();
+    bed.config("pool", K8sBed::pool(true, &["10.10.100.10-10.10.100.12"])).await.unwrap();
     bed.start_agent().unwrap();
-    bed.service("web", &[(80, "TCP", "http")], &[])
-        .await
-        .unwrap();
+    bed.service("web", &[(80, "TCP", "http")], &[]).await.unwrap();
     let ip = bed.wait_ip("web").await.unwrap();
     assert_eq!(ip.to_string(), "10.10.100.10");
     assert!(bed.vip_on_interface(ip), "VIP on the interface");
@@ -55,22 +45,11 @@ async fn a_service_gets_an_address_and_deleting_it_releases_everything() {
         .await
         .unwrap();
     let (st, reason, msg) = condition(&svc, "EndpointsReady").unwrap();
-    assert_eq!(
-        (st.as_str(), reason.as_str()),
-        ("False", "NoReadyEndpoints"),
-        "{msg}"
-    );
-    assert!(
-        svc.metadata
-            .finalizers
-            .unwrap_or_default()
-            .contains(&"ballast.dev/service".to_string())
-    );
-    let lb = wait_for(Duration::from_secs(10), || async {
-        bed.balancer("web").await.filter(|b| b.status.is_some())
-    })
-    .await
-    .unwrap();
+    assert_eq!((st.as_str(), reason.as_str()), ("False", "NoReadyEndpoints"), "{msg}");
+    assert!(svc.metadata.finalizers.unwrap_or_default().contains(&"ballast.dev/service".to_string()));
+    let lb = wait_for(Duration::from_secs(10), || async { bed.balancer("web").await.filter(|b| b.status.is_some()) })
+        .await
+        .unwrap();
     let lbs = lb.status.unwrap();
     assert_eq!(lbs.host.as_deref(), Some("10.10.100.10"));
     assert_eq!(lbs.port.as_deref(), Some("80"));
@@ -78,40 +57,21 @@ async fn a_service_gets_an_address_and_deleting_it_releases_everything() {
     assert_eq!(lbs.phase, Phase::Pending, "no ready endpoints yet");
     let ev = wait_for(Duration::from_secs(10), || async {
         let e = events_of(&bed, "web").await;
-        e.iter()
-            .any(|(_, r, _)| r == "AddressAllocated")
-            .then_some(e)
+        e.iter().any(|(_, r, _)| r == "AddressAllocated").then_some(e)
     })
     .await
     .unwrap();
-    assert!(
-        ev.iter()
-            .any(|(t, _, n)| t == "Normal" && n.contains("10.10.100.10")),
-        "{ev:?}"
-    );
+    assert!(ev.iter().any(|(t, _, n)| t == "Normal" && n.contains("10.10.100.10")), "{ev:?}");
 
     bed.delete_service("web").await.unwrap();
     let api = bed.services();
-    wait_for(Duration::from_secs(15), || async {
-        api.get_opt("web")
-            .await
-            .ok()
-            .flatten()
-            .is_none()
-            .then_some(())
-    })
-    .await
-    .unwrap_or_else(|_| {
-        panic!(
-            "the finalizer was not released; agent log:\n{}",
-            bed.agent_log()
-        )
-    });
+    wait_for(Duration::from_secs(15), || async { api.get_opt("web").await.ok().flatten().is_none().then_some(()) })
+        .await
+        .unwrap_or_else(|_| panic!("the finalizer was not released; agent log:\n{}", bed.agent_log()));
     assert!(!bed.vip_on_interface(ip), "VIP removed with its last user");
-    assert!(
-        bed.balancer("web").await.is_none(),
-        "LoadBalancer object deleted"
-    );
+    wait_for(Duration::from_secs(10), || async { bed.balancer("web").await.is_none().then_some(()) })
+        .await
+        .expect("LoadBalancer object deleted");
     assert!(bed.backends(ip, 80).unwrap().is_empty());
     let _ = ingress_ip;
 }
@@ -127,10 +87,7 @@ use serde_json::json;
 const LONG: Duration = Duration::from_secs(15);
 
 async fn patch_service(bed: &K8sBed, name: &str, patch: serde_json::Value) {
-    bed.services()
-        .patch(name, &PatchParams::default(), &Patch::Merge(patch))
-        .await
-        .unwrap();
+    bed.services().patch(name, &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
 }
 
 async fn cond_is(bed: &K8sBed, svc: &str, type_: &str, status: &str, reason: &str) -> Service {
@@ -142,45 +99,23 @@ async fn cond_is(bed: &K8sBed, svc: &str, type_: &str, status: &str, reason: &st
 }
 
 async fn wait_event(bed: &K8sBed, svc: &str, reason: &str) -> (String, String, String) {
-    match wait_for(LONG, || async {
-        events_of(bed, svc)
-            .await
-            .into_iter()
-            .find(|(_, r, _)| r == reason)
-    })
-    .await
-    {
+    match wait_for(LONG, || async { events_of(bed, svc).await.into_iter().find(|(_, r, _)| r == reason) }).await {
         Ok(e) => e,
-        Err(_) => panic!(
-            "no {reason} event on {svc}: {:?}",
-            events_of(bed, svc).await
-        ),
+        Err(_) => panic!("no {reason} event on {svc}: {:?}", events_of(bed, svc).await),
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn port_and_protocol_changes_reach_status_and_maps() {
     let mut bed = K8sBed::new("ports", 1).await.unwrap();
-    bed.config("pool", K8sBed::pool(true, &["10.10.100.20"]))
-        .await
-        .unwrap();
+    bed.config("pool", K8sBed::pool(true, &["10.10.100.20"])).await.unwrap();
     bed.start_agent().unwrap();
-    bed.service("dns", &[(53, "UDP", "dns")], &[])
+    bed.service("dns", &[(53, "UDP", "dns")], &[]).await.unwrap();
+    let ip = bed.wait_ip("dns").await.unwrap();
+    bed.slice("dns", &[("dns", "UDP", 5353), ("dns-tcp", "TCP", 5353)], &[("10.10.2.11", true, true, false)])
         .await
         .unwrap();
-    let ip = bed.wait_ip("dns").await.unwrap();
-    bed.slice(
-        "dns",
-        &[("dns", "UDP", 5353), ("dns-tcp", "TCP", 5353)],
-        &[("10.10.2.11", true, true, false)],
-    )
-    .await
-    .unwrap();
-    wait_for(LONG, || async {
-        (bed.backends(ip, 53).ok()? == vec!["10.10.2.11:5353"]).then_some(())
-    })
-    .await
-    .unwrap();
+    wait_for(LONG, || async { (bed.backends(ip, 53).ok()? == vec!["10.10.2.11:5353"]).then_some(()) }).await.unwrap();
     // Add a TCP port and move the UDP one: both reach the maps and the status.
     patch_service(
         &bed,
@@ -218,131 +153,56 @@ async fn port_and_protocol_changes_reach_status_and_maps() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| {
-            (
-                s["port"].as_u64().unwrap(),
-                s["protocol"].as_str().unwrap().to_string(),
-            )
-        })
+        .map(|s| (s["port"].as_u64().unwrap(), s["protocol"].as_str().unwrap().to_string()))
         .collect();
-    assert_eq!(
-        keys,
-        BTreeSet::from([(5300, "UDP".into()), (53, "TCP".into())]),
-        "the old 53/UDP entry is gone"
-    );
+    assert_eq!(keys, BTreeSet::from([(5300, "UDP".into()), (53, "TCP".into())]), "the old 53/UDP entry is gone");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_exhausted_pool_is_reported_and_recovers_when_an_address_frees_up() {
     let mut bed = K8sBed::new("exhaust", 1).await.unwrap();
-    bed.config("pool", K8sBed::pool(true, &["10.10.100.30"]))
-        .await
-        .unwrap();
+    bed.config("pool", K8sBed::pool(true, &["10.10.100.30"])).await.unwrap();
     bed.start_agent().unwrap();
-    bed.service("first", &[(80, "TCP", "http")], &[])
-        .await
-        .unwrap();
+    bed.service("first", &[(80, "TCP", "http")], &[]).await.unwrap();
     let ip = bed.wait_ip("first").await.unwrap();
-    bed.service("second", &[(80, "TCP", "http")], &[])
-        .await
-        .unwrap();
+    bed.service("second", &[(80, "TCP", "http")], &[]).await.unwrap();
     let s = cond_is(&bed, "second", "AddressAllocated", "False", "PoolExhausted").await;
-    assert!(
-        condition(&s, "AddressAllocated")
-            .unwrap()
-            .2
-            .contains("as soon as one is released")
-    );
+    assert!(condition(&s, "AddressAllocated").unwrap().2.contains("as soon as one is released"));
     assert!(ingress_ip(&s).is_none());
     let (t, _, _) = wait_event(&bed, "second", "PoolExhausted").await;
     assert_eq!(t, "Warning");
     let lb = wait_for(LONG, || async {
-        bed.balancer("second")
-            .await
-            .and_then(|b| b.status)
-            .filter(|s| s.phase == Phase::Pending)
+        bed.balancer("second").await.and_then(|b| b.status).filter(|s| s.phase == Phase::Pending)
     })
     .await;
     assert!(lb.is_ok(), "LoadBalancer of a waiting service is Pending");
     bed.delete_service("first").await.unwrap();
-    assert_eq!(
-        bed.wait_ip("second").await.unwrap(),
-        ip,
-        "the freed address goes to the waiting service"
-    );
+    assert_eq!(bed.wait_ip("second").await.unwrap(), ip, "the freed address goes to the waiting service");
     wait_event(&bed, "second", "AddressAllocated").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requested_addresses_are_granted_or_refused_with_reasons() {
     let mut bed = K8sBed::new("request", 1).await.unwrap();
-    bed.config("pool", K8sBed::pool(true, &["10.10.100.40-10.10.100.45"]))
-        .await
-        .unwrap();
+    bed.config("pool", K8sBed::pool(true, &["10.10.100.40-10.10.100.45"])).await.unwrap();
     bed.start_agent().unwrap();
-    bed.service(
-        "a",
-        &[(80, "TCP", "http")],
-        &[("ballast.dev/load-balancer-ip", "10.10.100.44")],
-    )
-    .await
-    .unwrap();
+    bed.service("a", &[(80, "TCP", "http")], &[("ballast.dev/load-balancer-ip", "10.10.100.44")]).await.unwrap();
     assert_eq!(bed.wait_ip("a").await.unwrap().to_string(), "10.10.100.44");
-    bed.service(
-        "b",
-        &[(80, "TCP", "http")],
-        &[("ballast.dev/load-balancer-ip", "10.10.100.44")],
-    )
-    .await
-    .unwrap();
+    bed.service("b", &[(80, "TCP", "http")], &[("ballast.dev/load-balancer-ip", "10.10.100.44")]).await.unwrap();
     cond_is(&bed, "b", "AddressAllocated", "False", "AddressInUse").await;
     assert_eq!(wait_event(&bed, "b", "AddressInUse").await.0, "Warning");
-    bed.service(
-        "c",
-        &[(80, "TCP", "http")],
-        &[("ballast.dev/load-balancer-ip", "192.0.2.1")],
-    )
-    .await
-    .unwrap();
-    cond_is(
-        &bed,
-        "c",
-        "AddressAllocated",
-        "False",
-        "RequestedAddressOutsidePool",
-    )
-    .await;
-    bed.service(
-        "d",
-        &[(80, "TCP", "http")],
-        &[("ballast.dev/load-balancer-ip", "ten.ten")],
-    )
-    .await
-    .unwrap();
-    let d = cond_is(
-        &bed,
-        "d",
-        "AddressAllocated",
-        "False",
-        "InvalidRequestedAddress",
-    )
-    .await;
-    assert!(
-        condition(&d, "AddressAllocated")
-            .unwrap()
-            .2
-            .contains("ten.ten")
-    );
+    bed.service("c", &[(80, "TCP", "http")], &[("ballast.dev/load-balancer-ip", "192.0.2.1")]).await.unwrap();
+    cond_is(&bed, "c", "AddressAllocated", "False", "RequestedAddressOutsidePool").await;
+    bed.service("d", &[(80, "TCP", "http")], &[("ballast.dev/load-balancer-ip", "ten.ten")]).await.unwrap();
+    let d = cond_is(&bed, "d", "AddressAllocated", "False", "InvalidRequestedAddress").await;
+    assert!(condition(&d, "AddressAllocated").unwrap().2.contains("ten.ten"));
     // spec.loadBalancerIP is honoured too.
     let svc: Service = serde_json::from_value(json!({
         "metadata": {"name": "e"},
         "spec": {"type": "LoadBalancer", "loadBalancerClass": bed.class, "loadBalancerIP": "10.10.100.41", "ports": [{"port": 80}]}
     }))
     .unwrap();
-    bed.services()
-        .create(&PostParams::default(), &svc)
-        .await
-        .unwrap();
+    bed.services().create(&PostParams::default(), &svc).await.unwrap();
     assert_eq!(bed.wait_ip("e").await.unwrap().to_string(), "10.10.100.41");
     // Refusals disturb nobody: a is still served.
     assert_eq!(bed.wait_ip("a").await.unwrap().to_string(), "10.10.100.44");
@@ -351,39 +211,22 @@ async fn requested_addresses_are_granted_or_refused_with_reasons() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn services_share_an_address_and_the_interface_address_goes_with_its_last_user() {
     let mut bed = K8sBed::new("share", 1).await.unwrap();
-    bed.config("pool", K8sBed::pool(true, &["10.10.100.50-10.10.100.52"]))
-        .await
-        .unwrap();
+    bed.config("pool", K8sBed::pool(true, &["10.10.100.50-10.10.100.52"])).await.unwrap();
     bed.start_agent().unwrap();
     let key = [("ballast.dev/allow-shared-ip", "team-a")];
-    bed.service("web", &[(80, "TCP", "http")], &key)
-        .await
-        .unwrap();
-    bed.service("dns", &[(53, "UDP", "dns")], &key)
-        .await
-        .unwrap();
-    bed.service("web2", &[(80, "TCP", "http")], &key)
-        .await
-        .unwrap();
-    let (a, b, c) = (
-        bed.wait_ip("web").await.unwrap(),
-        bed.wait_ip("dns").await.unwrap(),
-        bed.wait_ip("web2").await.unwrap(),
-    );
+    bed.service("web", &[(80, "TCP", "http")], &key).await.unwrap();
+    bed.service("dns", &[(53, "UDP", "dns")], &key).await.unwrap();
+    bed.service("web2", &[(80, "TCP", "http")], &key).await.unwrap();
+    let (a, b, c) =
+        (bed.wait_ip("web").await.unwrap(), bed.wait_ip("dns").await.unwrap(), bed.wait_ip("web2").await.unwrap());
     assert_eq!(a, b, "same key, distinct ports: shared");
     assert_ne!(a, c, "port 80 collides: another address");
     bed.delete_service("web").await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(bed.vip_on_interface(a), "still used by dns");
     bed.delete_service("dns").await.unwrap();
-    if wait_for(LONG, || async { (!bed.vip_on_interface(a)).then_some(()) })
-        .await
-        .is_err()
-    {
-        panic!(
-            "VIP {a} not removed with its last user; agent log:\n{}",
-            bed.agent_log()
-        );
+    if wait_for(LONG, || async { (!bed.vip_on_interface(a)).then_some(()) }).await.is_err() {
+        panic!("VIP {a} not removed with its last user; agent log:\n{}", bed.agent_log());
     }
     assert!(bed.vip_on_interface(c));
 }
@@ -391,64 +234,27 @@ async fn services_share_an_address_and_the_interface_address_goes_with_its_last_
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_config_annotation_switches_pools_and_default_rules_hold() {
     let mut bed = K8sBed::new("cfgs", 1).await.unwrap();
-    let def = bed
-        .config("def", K8sBed::pool(true, &["10.10.100.60"]))
-        .await
-        .unwrap();
-    let other = bed
-        .config("other", K8sBed::pool(false, &["10.10.100.70"]))
-        .await
-        .unwrap();
+    let def = bed.config("def", K8sBed::pool(true, &["10.10.100.60"])).await.unwrap();
+    let other = bed.config("other", K8sBed::pool(false, &["10.10.100.70"])).await.unwrap();
     bed.start_agent().unwrap();
-    bed.service("web", &[(80, "TCP", "http")], &[])
-        .await
-        .unwrap();
+    bed.service("web", &[(80, "TCP", "http")], &[]).await.unwrap();
     let ip = bed.wait_ip("web").await.unwrap();
     assert_eq!(ip.to_string(), "10.10.100.60");
-    patch_service(
-        &bed,
-        "web",
-        json!({"metadata": {"annotations": {"ballast.dev/config-name": other}}}),
-    )
-    .await;
+    patch_service(&bed, "web", json!({"metadata": {"annotations": {"ballast.dev/config-name": other}}})).await;
     bed.wait_service("web", "address from the other config", |s| {
         ingress_ip(s).map(|i| i.to_string()) == Some("10.10.100.70".into())
     })
     .await
     .unwrap();
-    wait_for(LONG, || async { (!bed.vip_on_interface(ip)).then_some(()) })
-        .await
-        .expect("old VIP released");
+    wait_for(LONG, || async { (!bed.vip_on_interface(ip)).then_some(()) }).await.expect("old VIP released");
     // A missing config is named.
-    patch_service(
-        &bed,
-        "web",
-        json!({"metadata": {"annotations": {"ballast.dev/config-name": "nope"}}}),
-    )
-    .await;
+    patch_service(&bed, "web", json!({"metadata": {"annotations": {"ballast.dev/config-name": "nope"}}})).await;
     let s = cond_is(&bed, "web", "AddressAllocated", "False", "ConfigNotFound").await;
-    assert!(
-        condition(&s, "AddressAllocated")
-            .unwrap()
-            .2
-            .contains("nope")
-    );
+    assert!(condition(&s, "AddressAllocated").unwrap().2.contains("nope"));
     // Two defaults: neither is picked, both configs say why.
-    let second = bed
-        .config("def2", K8sBed::pool(true, &["10.10.100.80"]))
-        .await
-        .unwrap();
-    bed.service("plain", &[(80, "TCP", "http")], &[])
-        .await
-        .unwrap();
-    cond_is(
-        &bed,
-        "plain",
-        "AddressAllocated",
-        "False",
-        "MultipleDefaultConfigs",
-    )
-    .await;
+    let second = bed.config("def2", K8sBed::pool(true, &["10.10.100.80"])).await.unwrap();
+    bed.service("plain", &[(80, "TCP", "http")], &[]).await.unwrap();
+    cond_is(&bed, "plain", "AddressAllocated", "False", "MultipleDefaultConfigs").await;
     let cfgs: Api<LoadBalancerConfig> = Api::all(bed.cluster.admin.clone());
     for name in [&def, &second] {
         let c = wait_for(LONG, || async {
@@ -464,26 +270,11 @@ async fn the_config_annotation_switches_pools_and_default_rules_hold() {
         .unwrap();
         assert_eq!(c.reason, "MultipleDefaultConfigs");
     }
-    cfgs.patch(
-        &second,
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"default": false}})),
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        bed.wait_ip("plain").await.unwrap().to_string(),
-        "10.10.100.60"
-    );
-    let c = wait_for(LONG, || async {
-        cfgs.get(&def)
-            .await
-            .ok()?
-            .status
-            .filter(|s| s.addresses_in_use == 1)
-    })
-    .await
-    .unwrap();
+    cfgs.patch(&second, &PatchParams::default(), &Patch::Merge(json!({"spec": {"default": false}}))).await.unwrap();
+    assert_eq!(bed.wait_ip("plain").await.unwrap().to_string(), "10.10.100.60");
+    let c = wait_for(LONG, || async { cfgs.get(&def).await.ok()?.status.filter(|s| s.addresses_in_use == 1) })
+        .await
+        .unwrap();
     assert_eq!((c.addresses_total, c.addresses_free), (1, 0));
 }
 
@@ -504,27 +295,15 @@ async fn the_api_server_validates_configs_and_the_agent_reports_the_rest() {
         (json!(["10.0.0.0/33"]), json!({}), "spec.addresses[0]"),
         (json!(["not-an-address"]), json!({}), "spec.addresses[0]"),
         (json!([]), json!({}), "spec.addresses"),
-        (
-            json!(["10.0.0.1"]),
-            json!({"portRange": {"low": 2000, "high": 1000}}),
-            "low must not exceed high",
-        ),
-        (
-            json!(["10.0.0.1"]),
-            json!({"backendMode": "Magic"}),
-            "spec.backendMode",
-        ),
+        (json!(["10.0.0.1"]), json!({"portRange": {"low": 2000, "high": 1000}}), "low must not exceed high"),
+        (json!(["10.0.0.1"]), json!({"backendMode": "Magic"}), "spec.backendMode"),
     ] {
         let obj = match bad(addresses.clone(), extra.clone()) {
             Ok(o) => o,
             // The enum case cannot even be expressed through the typed client: send raw JSON.
             Err(_) => {
                 let raw = json!({"apiVersion": "ballast.dev/v1alpha1", "kind": "LoadBalancerConfig", "metadata": {"name": format!("{}-bad", bed.bed)}, "spec": {"addresses": addresses, "backendMode": "Magic"}});
-                let err = bed
-                    .cluster
-                    .apply_yaml(&serde_json::to_string(&raw).unwrap(), true)
-                    .await
-                    .unwrap_err();
+                let err = bed.cluster.apply_yaml(&serde_json::to_string(&raw).unwrap(), true).await.unwrap_err();
                 assert!(format!("{err:#}").contains(needle), "{err:#}");
                 continue;
             }
@@ -533,84 +312,42 @@ async fn the_api_server_validates_configs_and_the_agent_reports_the_rest() {
         assert!(err.to_string().contains(needle), "{needle}: {err}");
     }
     // What the schema cannot see (a reversed range) is reported on the config's status.
-    let name = bed
-        .config(
-            "reversed",
-            K8sBed::pool(true, &["10.10.100.99-10.10.100.90"]),
-        )
-        .await
-        .unwrap();
+    let name = bed.config("reversed", K8sBed::pool(true, &["10.10.100.99-10.10.100.90"])).await.unwrap();
     bed.start_agent().unwrap();
     let c = wait_for(LONG, || async {
-        cfgs.get(&name)
-            .await
-            .ok()?
-            .status?
-            .conditions
-            .into_iter()
-            .find(|c| c.type_ == "Valid")
+        cfgs.get(&name).await.ok()?.status?.conditions.into_iter().find(|c| c.type_ == "Valid")
     })
     .await
     .unwrap();
-    assert_eq!(
-        (c.status.as_str(), c.reason.as_str()),
-        ("False", "InvalidAddresses")
-    );
-    assert!(
-        c.message.contains("10.10.100.99-10.10.100.90"),
-        "{}",
-        c.message
-    );
-    bed.service("web", &[(80, "TCP", "http")], &[])
-        .await
-        .unwrap();
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "InvalidAddresses"));
+    assert!(c.message.contains("10.10.100.99-10.10.100.90"), "{}", c.message);
+    bed.service("web", &[(80, "TCP", "http")], &[]).await.unwrap();
     cond_is(&bed, "web", "AddressAllocated", "False", "InvalidConfig").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn endpoint_slice_churn_reaches_the_maps() {
     let mut bed = K8sBed::new("churn", 1).await.unwrap();
-    bed.config("pool", K8sBed::pool(true, &["10.10.100.90"]))
-        .await
-        .unwrap();
+    bed.config("pool", K8sBed::pool(true, &["10.10.100.90"])).await.unwrap();
     bed.start_agent().unwrap();
-    bed.service("web", &[(80, "TCP", "http")], &[])
-        .await
-        .unwrap();
+    bed.service("web", &[(80, "TCP", "http")], &[]).await.unwrap();
     let ip = bed.wait_ip("web").await.unwrap();
     let ports = [("http", "TCP", 8080)];
     let wait_backends = |want: Vec<&'static str>| {
         let bed = &bed;
         async move {
-            wait_for(LONG, || async {
-                (bed.backends(ip, 80).ok()? == want).then_some(())
-            })
-            .await
-            .unwrap_or_else(|_| {
-                panic!("backends never became {want:?}: {:?}", bed.backends(ip, 80))
-            });
+            wait_for(LONG, || async { (bed.backends(ip, 80).ok()? == want).then_some(()) })
+                .await
+                .unwrap_or_else(|_| panic!("backends never became {want:?}: {:?}", bed.backends(ip, 80)));
         }
     };
-    bed.slice(
-        "web",
-        &ports,
-        &[
-            ("10.1.0.1", true, true, false),
-            ("10.1.0.2", true, true, false),
-        ],
-    )
-    .await
-    .unwrap();
+    bed.slice("web", &ports, &[("10.1.0.1", true, true, false), ("10.1.0.2", true, true, false)]).await.unwrap();
     wait_backends(vec!["10.1.0.1:8080", "10.1.0.2:8080"]).await;
     cond_is(&bed, "web", "EndpointsReady", "True", "EndpointsReady").await;
     bed.slice(
         "web",
         &ports,
-        &[
-            ("10.1.0.1", true, true, false),
-            ("10.1.0.2", true, true, false),
-            ("10.1.0.3", true, true, false),
-        ],
+        &[("10.1.0.1", true, true, false), ("10.1.0.2", true, true, false), ("10.1.0.3", true, true, false)],
     )
     .await
     .unwrap();
@@ -619,29 +356,15 @@ async fn endpoint_slice_churn_reaches_the_maps() {
     bed.slice(
         "web",
         &ports,
-        &[
-            ("10.1.0.1", true, true, false),
-            ("10.1.0.2", false, true, true),
-            ("10.1.0.3", true, true, false),
-        ],
+        &[("10.1.0.1", true, true, false), ("10.1.0.2", false, true, true), ("10.1.0.3", true, true, false)],
     )
     .await
     .unwrap();
     wait_backends(vec!["10.1.0.1:8080", "10.1.0.3:8080"]).await;
     let snap = bed.inspect().unwrap();
-    let svc = snap["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["port"] == 80)
-        .unwrap()
-        .clone();
+    let svc = snap["services"].as_array().unwrap().iter().find(|s| s["port"] == 80).unwrap().clone();
     assert!(
-        svc["backends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|b| b["addr"] == "10.1.0.2:8080" && b["active"] == false),
+        svc["backends"].as_array().unwrap().iter().any(|b| b["addr"] == "10.1.0.2:8080" && b["active"] == false),
         "{svc}"
     );
     bed.slice("web", &ports, &[]).await.unwrap();
@@ -652,20 +375,14 @@ async fn endpoint_slice_churn_reaches_the_maps() {
 async fn node(bed: &K8sBed, name: &str, ip: &str, ready: bool) {
     let api: Api<Node> = Api::all(bed.cluster.admin.clone());
     let n = Node {
-        metadata: kube::api::ObjectMeta {
-            name: Some(name.into()),
-            ..Default::default()
-        },
+        metadata: kube::api::ObjectMeta { name: Some(name.into()), ..Default::default() },
         ..Default::default()
     };
     if api.get_opt(name).await.unwrap().is_none() {
         api.create(&PostParams::default(), &n).await.unwrap();
     }
     let status = NodeStatus {
-        addresses: Some(vec![NodeAddress {
-            type_: "InternalIP".into(),
-            address: ip.into(),
-        }]),
+        addresses: Some(vec![NodeAddress { type_: "InternalIP".into(), address: ip.into() }]),
         conditions: Some(vec![NodeCondition {
             type_: "Ready".into(),
             status: if ready { "True" } else { "False" }.into(),
@@ -673,13 +390,7 @@ async fn node(bed: &K8sBed, name: &str, ip: &str, ready: bool) {
         }]),
         ..Default::default()
     };
-    api.patch_status(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": status})),
-    )
-    .await
-    .unwrap();
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(json!({"status": status}))).await.unwrap();
 }
 
 /// Deletes test Nodes however the test ends (Nodes are cluster-wide and would otherwise
@@ -715,25 +426,15 @@ async fn node_port_mode_follows_ready_nodes() {
     node(&bed, &n1, &ip1, true).await;
     node(&bed, &n2, &ip2, false).await;
     bed.start_agent().unwrap();
-    let svc = bed
-        .service("web", &[(80, "TCP", "http")], &[])
-        .await
-        .unwrap();
-    let node_port = svc.spec.unwrap().ports.unwrap()[0]
-        .node_port
-        .expect("the API server allocates a nodePort");
+    let svc = bed.service("web", &[(80, "TCP", "http")], &[]).await.unwrap();
+    let node_port = svc.spec.unwrap().ports.unwrap()[0].node_port.expect("the API server allocates a nodePort");
     let ip = bed.wait_ip("web").await.unwrap();
     let mine = |v: Vec<String>| -> Vec<String> {
-        v.into_iter()
-            .filter(|b| b.starts_with(&ip1) || b.starts_with(&ip2))
-            .collect()
+        v.into_iter().filter(|b| b.starts_with(&ip1) || b.starts_with(&ip2)).collect()
     };
     for (step, want) in [
         (0, vec![format!("{ip1}:{node_port}")]),
-        (
-            1,
-            vec![format!("{ip1}:{node_port}"), format!("{ip2}:{node_port}")],
-        ),
+        (1, vec![format!("{ip1}:{node_port}"), format!("{ip2}:{node_port}")]),
         (2, vec![format!("{ip2}:{node_port}")]),
     ] {
         match step {
@@ -741,17 +442,8 @@ async fn node_port_mode_follows_ready_nodes() {
             2 => node(&bed, &n1, &ip1, false).await,
             _ => {}
         }
-        if wait_for(LONG, || async {
-            (mine(bed.backends(ip, 80).ok()?) == want).then_some(())
-        })
-        .await
-        .is_err()
-        {
-            panic!(
-                "step {step}: backends {:?}, want {want:?}; agent log:\n{}",
-                bed.backends(ip, 80),
-                bed.agent_log()
-            );
+        if wait_for(LONG, || async { (mine(bed.backends(ip, 80).ok()?) == want).then_some(()) }).await.is_err() {
+            panic!("step {step}: backends {:?}, want {want:?}; agent log:\n{}", bed.backends(ip, 80), bed.agent_log());
         }
     }
 }
@@ -763,31 +455,14 @@ async fn serve_traffic(bed: &K8sBed) -> (Vec<Servers>, std::net::Ipv4Addr) {
         .backends
         .iter()
         .map(|b| {
-            Servers::start(
-                &b.ns,
-                &b.name,
-                &[SocketAddrV4::new(b.ip, 8080)],
-                &[SocketAddrV4::new(b.ip, 5353)],
-            )
-            .unwrap()
+            Servers::start(&b.ns, &b.name, &[SocketAddrV4::new(b.ip, 8080)], &[SocketAddrV4::new(b.ip, 5353)]).unwrap()
         })
         .collect();
-    bed.service("app", &[(80, "TCP", "http"), (53, "UDP", "dns")], &[])
-        .await
-        .unwrap();
-    let eps: Vec<(String, bool, bool, bool)> = bed
-        .tb
-        .backends
-        .iter()
-        .map(|b| (b.ip.to_string(), true, true, false))
-        .collect();
-    let eps: Vec<(&str, bool, bool, bool)> = eps
-        .iter()
-        .map(|(a, r, s, t)| (a.as_str(), *r, *s, *t))
-        .collect();
-    bed.slice("app", &[("http", "TCP", 8080), ("dns", "UDP", 5353)], &eps)
-        .await
-        .unwrap();
+    bed.service("app", &[(80, "TCP", "http"), (53, "UDP", "dns")], &[]).await.unwrap();
+    let eps: Vec<(String, bool, bool, bool)> =
+        bed.tb.backends.iter().map(|b| (b.ip.to_string(), true, true, false)).collect();
+    let eps: Vec<(&str, bool, bool, bool)> = eps.iter().map(|(a, r, s, t)| (a.as_str(), *r, *s, *t)).collect();
+    bed.slice("app", &[("http", "TCP", 8080), ("dns", "UDP", 5353)], &eps).await.unwrap();
     let ip = bed.wait_ip("app").await.unwrap();
     cond_is(bed, "app", "EndpointsReady", "True", "EndpointsReady").await;
     (servers, ip)
@@ -796,59 +471,31 @@ async fn serve_traffic(bed: &K8sBed) -> (Vec<Servers>, std::net::Ipv4Addr) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_service_and_its_endpoint_slice_carry_real_tcp_and_udp_traffic() {
     let mut bed = K8sBed::new("traffic", 3).await.unwrap();
-    bed.config("pool", K8sBed::pool(true, &["10.10.100.110"]))
-        .await
-        .unwrap();
+    bed.config("pool", K8sBed::pool(true, &["10.10.100.110"])).await.unwrap();
     bed.start_agent().unwrap();
     let (_servers, ip) = serve_traffic(&bed).await;
     let web = SocketAddrV4::new(ip, 80);
     let dns = SocketAddrV4::new(ip, 53);
-    let tcp: Vec<String> = (0..6)
-        .map(|i| {
-            bed.tb
-                .client
-                .run(move || tcp_ask(web, &format!("r{i}")))
-                .unwrap()
-                .unwrap()
-        })
-        .collect();
+    let tcp: Vec<String> =
+        (0..6).map(|i| bed.tb.client.run(move || tcp_ask(web, &format!("r{i}"))).unwrap().unwrap()).collect();
     let names: BTreeSet<&str> = tcp.iter().map(|a| a.split(' ').next().unwrap()).collect();
     assert_eq!(names.len(), 3, "{tcp:?}");
-    assert_eq!(
-        tcp[0].split(' ').next(),
-        tcp[3].split(' ').next(),
-        "round robin: {tcp:?}"
-    );
+    assert_eq!(tcp[0].split(' ').next(), tcp[3].split(' ').next(), "round robin: {tcp:?}");
     for i in 0..3 {
-        let (answer, from) = bed
-            .tb
-            .client
-            .run(move || udp_ask(dns, &format!("q{i}")))
-            .unwrap()
-            .unwrap();
+        let (answer, from) = bed.tb.client.run(move || udp_ask(dns, &format!("q{i}"))).unwrap().unwrap();
         assert!(answer.starts_with("backend-"), "{answer}");
         assert_eq!(from, std::net::SocketAddr::V4(dns));
     }
-    let lb = wait_for(LONG, || async {
-        bed.balancer("app")
-            .await?
-            .status
-            .filter(|s| s.phase == Phase::Ready)
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        (lb.target_count, lb.protocol.as_deref()),
-        (3, Some("TCP,UDP"))
-    );
+    let lb = wait_for(LONG, || async { bed.balancer("app").await?.status.filter(|s| s.phase == Phase::Ready) })
+        .await
+        .unwrap();
+    assert_eq!((lb.target_count, lb.protocol.as_deref()), (3, Some("TCP,UDP")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_agent_restart_changes_nothing_visible() {
     let mut bed = K8sBed::new("restart", 2).await.unwrap();
-    bed.config("pool", K8sBed::pool(true, &["10.10.100.120-10.10.100.121"]))
-        .await
-        .unwrap();
+    bed.config("pool", K8sBed::pool(true, &["10.10.100.120-10.10.100.121"])).await.unwrap();
     bed.start_agent().unwrap();
     let (_servers, ip) = serve_traffic(&bed).await;
     let web = SocketAddrV4::new(ip, 80);
@@ -869,34 +516,17 @@ async fn an_agent_restart_changes_nothing_visible() {
     let held = back_rx.recv().unwrap().unwrap();
     bed.stop_agent().unwrap();
     bed.start_agent().unwrap();
-    assert_eq!(
-        bed.wait_ip("app").await.unwrap(),
-        ip,
-        "same address after the restart"
-    );
-    wait_for(LONG, || async { bed.vip_on_interface(ip).then_some(()) })
-        .await
-        .unwrap();
+    assert_eq!(bed.wait_ip("app").await.unwrap(), ip, "same address after the restart");
+    wait_for(LONG, || async { bed.vip_on_interface(ip).then_some(()) }).await.unwrap();
     tx.send("after".into()).unwrap();
-    let after = back_rx
-        .recv_timeout(Duration::from_secs(20))
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        held.split(' ').next(),
-        after.split(' ').next(),
-        "the established connection continued on its backend"
-    );
+    let after = back_rx.recv_timeout(Duration::from_secs(20)).unwrap().unwrap();
+    assert_eq!(held.split(' ').next(), after.split(' ').next(), "the established connection continued on its backend");
     let s = bed.services().get("app").await.unwrap();
-    let strip = |st: &Option<k8s_openapi::api::core::v1::ServiceStatus>| {
-        st.as_ref().and_then(|s| s.load_balancer.clone())
-    };
+    let strip =
+        |st: &Option<k8s_openapi::api::core::v1::ServiceStatus>| st.as_ref().and_then(|s| s.load_balancer.clone());
     assert_eq!(strip(&before), strip(&s.status), "status unchanged");
     let log = bed.agent_log();
-    assert!(
-        !log.contains("AddressAllocated"),
-        "no new allocation event after a restart:\n{log}"
-    );
+    assert!(!log.contains("AddressAllocated"), "no new allocation event after a restart:\n{log}");
     drop(tx);
     holder.join().unwrap();
 }
@@ -904,50 +534,30 @@ async fn an_agent_restart_changes_nothing_visible() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn while_the_api_server_is_unreachable_traffic_flows_and_changes_apply_on_return() {
     let mut bed = K8sBed::new("outage", 2).await.unwrap();
-    bed.config("pool", K8sBed::pool(true, &["10.10.100.130-10.10.100.131"]))
-        .await
-        .unwrap();
+    bed.config("pool", K8sBed::pool(true, &["10.10.100.130-10.10.100.131"])).await.unwrap();
     bed.start_agent().unwrap();
     let (_servers, ip) = serve_traffic(&bed).await;
     let web = SocketAddrV4::new(ip, 80);
     // Cut the agent off from the API server.
     let port = bed.forward.as_ref().unwrap().port;
     bed.forward = None;
-    bed.service("later", &[(8080, "TCP", "http")], &[])
-        .await
-        .unwrap();
+    bed.service("later", &[(8080, "TCP", "http")], &[]).await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     for i in 0..4 {
-        let a = bed
-            .tb
-            .client
-            .run(move || tcp_ask(web, &format!("during outage {i}")))
-            .unwrap()
-            .unwrap();
+        let a = bed.tb.client.run(move || tcp_ask(web, &format!("during outage {i}"))).unwrap().unwrap();
         assert!(a.starts_with("backend-"), "served during the outage: {a}");
     }
     // The API comes back on the same address: the agent catches up.
     bed.forward = Some(
         tokio::task::block_in_place(|| {
-            ballast_tests::forward::Forward::start(
-                &bed.tb.lb,
-                port,
-                bed.cluster.server_addr().unwrap(),
-            )
+            ballast_tests::forward::Forward::start(&bed.tb.lb, port, bed.cluster.server_addr().unwrap())
         })
         .unwrap(),
     );
     let api = bed.services();
-    let later = wait_for(Duration::from_secs(60), || async {
-        ingress_ip(&api.get("later").await.ok()?)
-    })
-    .await
-    .unwrap_or_else(|_| {
-        panic!(
-            "no address after reconnecting; agent log:\n{}",
-            bed.agent_log()
-        )
-    });
+    let later = wait_for(Duration::from_secs(60), || async { ingress_ip(&api.get("later").await.ok()?) })
+        .await
+        .unwrap_or_else(|_| panic!("no address after reconnecting; agent log:\n{}", bed.agent_log()));
     assert_ne!(later, ip);
 }
 
@@ -963,16 +573,11 @@ async fn other_classes_are_left_alone_and_proxy_ip_mode_is_reported() {
         "spec": {"type": "LoadBalancer", "loadBalancerClass": "example.com/other", "ports": [{"port": 80}]}
     }))
     .unwrap();
-    bed.services()
-        .create(&PostParams::default(), &other)
-        .await
-        .unwrap();
+    bed.services().create(&PostParams::default(), &other).await.unwrap();
     let (t, _, note) = wait_event(&bed, "theirs", "ClassMismatch").await;
     assert_eq!(t, "Warning", "{note}");
     assert!(ingress_ip(&bed.services().get("theirs").await.unwrap()).is_none());
-    bed.service("ours", &[(80, "TCP", "http")], &[])
-        .await
-        .unwrap();
+    bed.service("ours", &[(80, "TCP", "http")], &[]).await.unwrap();
     let s = bed
         .wait_service("ours", "ipMode Proxy", |s| {
             s.status
@@ -987,47 +592,29 @@ async fn other_classes_are_left_alone_and_proxy_ip_mode_is_reported() {
         .unwrap();
     assert!(ingress_ip(&s).is_some());
     // Switching the service to another class releases it.
-    patch_service(
-        &bed,
-        "ours",
-        json!({"spec": {"type": "ClusterIP", "loadBalancerClass": null}}),
-    )
-    .await;
+    patch_service(&bed, "ours", json!({"spec": {"type": "ClusterIP", "loadBalancerClass": null}})).await;
     bed.wait_service("ours", "status cleared and finalizer removed", |s| {
         ingress_ip(s).is_none()
             && condition(s, "AddressAllocated").is_none()
-            && !s
-                .metadata
-                .finalizers
-                .clone()
-                .unwrap_or_default()
-                .contains(&"ballast.dev/service".to_string())
+            && !s.metadata.finalizers.clone().unwrap_or_default().contains(&"ballast.dev/service".to_string())
     })
     .await
     .unwrap();
-    wait_for(LONG, || async {
-        bed.balancer("ours").await.is_none().then_some(())
-    })
-    .await
-    .expect("LoadBalancer object deleted");
+    wait_for(LONG, || async { bed.balancer("ours").await.is_none().then_some(()) })
+        .await
+        .expect("LoadBalancer object deleted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn port_range_mode_shares_one_address_with_distinct_ports() {
     let mut bed = K8sBed::new("prange", 1).await.unwrap();
     let mut spec = K8sBed::pool(true, &["10.10.100.150"]);
-    spec.port_range = Some(PortRange {
-        low: 30500,
-        high: 30600,
-    });
+    spec.port_range = Some(PortRange { low: 30500, high: 30600 });
     bed.config("shared", spec).await.unwrap();
     bed.start_agent().unwrap();
     bed.service("a", &[(80, "TCP", "http")], &[]).await.unwrap();
     bed.service("b", &[(80, "TCP", "http")], &[]).await.unwrap();
-    let (ia, ib) = (
-        bed.wait_ip("a").await.unwrap(),
-        bed.wait_ip("b").await.unwrap(),
-    );
+    let (ia, ib) = (bed.wait_ip("a").await.unwrap(), bed.wait_ip("b").await.unwrap());
     assert_eq!(ia, ib);
     let port = |s: &Service| {
         s.status
@@ -1043,10 +630,6 @@ async fn port_range_mode_shares_one_address_with_distinct_ports() {
     let pb = port(&bed.services().get("b").await.unwrap()).unwrap();
     assert_ne!(pa, pb);
     assert!((30500..=30600).contains(&pa) && (30500..=30600).contains(&pb));
-    let lb = wait_for(LONG, || async {
-        bed.balancer("b").await?.status.filter(|s| s.port.is_some())
-    })
-    .await
-    .unwrap();
+    let lb = wait_for(LONG, || async { bed.balancer("b").await?.status.filter(|s| s.port.is_some()) }).await.unwrap();
     assert_eq!(lb.port, Some(pb.to_string()));
 }

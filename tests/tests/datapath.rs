@@ -7,9 +7,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use ballast_tests::{
     frames::{Frame, L4, assert_frame, parse},
     lab::{
-        self, BACKENDS, BE_MTU, CLIENT, GW_MAC, LB_BACKEND_IP, LB_BE_MAC, LB_CL_MAC, Lab,
-        ONE_ARM_BACKEND, UNRESOLVED_BACKEND, VIP, VLAN_CLIENT, VLAN_GW_MAC, VLAN_ID, backend_mac,
-        one_arm_mac, xdp,
+        self, BACKENDS, BE_MTU, CLIENT, GW_MAC, LB_BACKEND_IP, LB_BE_MAC, LB_CL_MAC, Lab, ONE_ARM_BACKEND,
+        UNRESOLVED_BACKEND, VIP, VLAN_CLIENT, VLAN_GW_MAC, VLAN_ID, backend_mac, one_arm_mac, xdp,
     },
 };
 use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
@@ -77,19 +76,10 @@ fn backend_of(lab: &Lab, k: FlowKey) -> SocketAddrV4 {
 
 /// Sends a client SYN and returns the backend the output frame is addressed to.
 fn syn_to(lab: &mut Lab, cport: u16, vport: u16) -> SocketAddrV4 {
-    let out = lab
-        .xdp(
-            &Frame::tcp(client(cport), vip(vport))
-                .macs(GW_MAC, LB_CL_MAC)
-                .bytes(),
-            lab.cl,
-        )
-        .unwrap();
+    let out = lab.xdp(&Frame::tcp(client(cport), vip(vport)).macs(GW_MAC, LB_CL_MAC).bytes(), lab.cl).unwrap();
     assert_eq!(out.verdict, xdp::REDIRECT, "{:?}", parse(&out.frame));
     let p = parse(&out.frame).unwrap();
-    let Some(etherparse::TransportHeader::Tcp(t)) = p.l4 else {
-        panic!("not TCP")
-    };
+    let Some(etherparse::TransportHeader::Tcp(t)) = p.l4 else { panic!("not TCP") };
     SocketAddrV4::new(Ipv4Addr::from(p.ip.destination), t.destination_port)
 }
 
@@ -116,11 +106,7 @@ fn tcp_flow_is_translated_both_ways_with_exact_checksums() {
     assert_eq!(out.verdict, xdp::REDIRECT, "{:?}", parse(&out.frame));
     let snat = snat_of(&lab, key(client(40000), vip(80), proto::TCP));
     assert_eq!(*snat.ip(), LB_BACKEND_IP);
-    let expected = syn
-        .clone()
-        .macs(LB_BE_MAC, backend_mac(BACKENDS[0]))
-        .tuple(snat, be(0, 8080))
-        .ttl(63);
+    let expected = syn.clone().macs(LB_BE_MAC, backend_mac(BACKENDS[0])).tuple(snat, be(0, 8080)).ttl(63);
     assert_frame(&out.frame, &expected.bytes());
 
     // The backend's SYN-ACK comes back to the SNAT address and leaves towards the client
@@ -134,19 +120,10 @@ fn tcp_flow_is_translated_both_ways_with_exact_checksums() {
         .payload(b"hello");
     let out = lab.xdp(&synack.bytes(), lab.be).unwrap();
     assert_eq!(out.verdict, xdp::REDIRECT);
-    let expected = synack
-        .clone()
-        .macs(LB_CL_MAC, GW_MAC)
-        .tuple(vip(80), client(40000))
-        .ttl(63);
+    let expected = synack.clone().macs(LB_CL_MAC, GW_MAC).tuple(vip(80), client(40000)).ttl(63);
     assert_frame(&out.frame, &expected.bytes());
 
-    let rev = lab
-        .dp
-        .maps
-        .flow(&key(be(0, 8080), snat, proto::TCP))
-        .unwrap()
-        .unwrap();
+    let rev = lab.dp.maps.flow(&key(be(0, 8080), snat, proto::TCP)).unwrap().unwrap();
     assert_ne!(rev.flags & FLOW_REPLY, 0);
     let s = lab.stats(&web).unwrap();
     assert_eq!((s.packets, s.reply_packets, s.new_flows), (1, 1, 1));
@@ -157,25 +134,9 @@ fn tcp_flow_is_translated_both_ways_with_exact_checksums() {
 #[test]
 fn new_flows_rotate_over_backends_and_flows_stick() {
     let mut lab = Lab::new().unwrap();
-    lab.program(vec![svc(
-        80,
-        Protocol::Tcp,
-        &[be(0, 80), be(1, 80), be(2, 80)],
-    )])
-    .unwrap();
+    lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 80), be(1, 80), be(2, 80)])]).unwrap();
     let chosen: Vec<_> = (0..7).map(|i| syn_to(&mut lab, 41000 + i, 80)).collect();
-    assert_eq!(
-        chosen,
-        vec![
-            be(0, 80),
-            be(1, 80),
-            be(2, 80),
-            be(0, 80),
-            be(1, 80),
-            be(2, 80),
-            be(0, 80)
-        ]
-    );
+    assert_eq!(chosen, vec![be(0, 80), be(1, 80), be(2, 80), be(0, 80), be(1, 80), be(2, 80), be(0, 80)]);
     // Later packets of each flow stay on its backend, whatever the cursor says.
     for i in (0..7).rev() {
         let data = Frame::tcp(client(41000 + i), vip(80))
@@ -194,22 +155,12 @@ fn new_flows_rotate_over_backends_and_flows_stick() {
 #[test]
 fn flows_are_keyed_by_the_whole_five_tuple() {
     let mut lab = Lab::new().unwrap();
-    lab.program(vec![
-        svc(80, Protocol::Tcp, &[be(0, 80)]),
-        svc(81, Protocol::Tcp, &[be(1, 81)]),
-    ])
-    .unwrap();
+    lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 80)]), svc(81, Protocol::Tcp, &[be(1, 81)])]).unwrap();
     // Same client address and port, two services: two independent flows.
     assert_eq!(syn_to(&mut lab, 42000, 80), be(0, 80));
     assert_eq!(syn_to(&mut lab, 42000, 81), be(1, 81));
-    assert_eq!(
-        backend_of(&lab, key(client(42000), vip(80), proto::TCP)),
-        be(0, 80)
-    );
-    assert_eq!(
-        backend_of(&lab, key(client(42000), vip(81), proto::TCP)),
-        be(1, 81)
-    );
+    assert_eq!(backend_of(&lab, key(client(42000), vip(80), proto::TCP)), be(0, 80));
+    assert_eq!(backend_of(&lab, key(client(42000), vip(81), proto::TCP)), be(1, 81));
 }
 
 #[test]
@@ -218,60 +169,35 @@ fn udp_is_translated_and_a_zero_checksum_stays_zero() {
     let dns = svc(53, Protocol::Udp, &[be(0, 5353)]);
     lab.program(vec![dns.clone()]).unwrap();
     for (cport, no_checksum) in [(43000, false), (43001, true)] {
-        let mut q = Frame::udp(client(cport), vip(53))
-            .macs(GW_MAC, LB_CL_MAC)
-            .payload(b"query");
+        let mut q = Frame::udp(client(cport), vip(53)).macs(GW_MAC, LB_CL_MAC).payload(b"query");
         if let L4::Udp { no_checksum: n, .. } = &mut q.l4 {
             *n = no_checksum;
         }
         let out = lab.xdp(&q.bytes(), lab.cl).unwrap();
         assert_eq!(out.verdict, xdp::REDIRECT);
         let snat = snat_of(&lab, key(client(cport), vip(53), proto::UDP));
-        let expected = q
-            .clone()
-            .macs(LB_BE_MAC, backend_mac(BACKENDS[0]))
-            .tuple(snat, be(0, 5353))
-            .ttl(63);
+        let expected = q.clone().macs(LB_BE_MAC, backend_mac(BACKENDS[0])).tuple(snat, be(0, 5353)).ttl(63);
         assert_frame(&out.frame, &expected.bytes());
         if no_checksum {
-            assert_eq!(
-                &out.frame[40..42],
-                &[0, 0],
-                "UDP checksum 0 means none and must stay 0"
-            );
+            assert_eq!(&out.frame[40..42], &[0, 0], "UDP checksum 0 means none and must stay 0");
         }
-        let mut answer = Frame::udp(be(0, 5353), snat)
-            .macs(backend_mac(BACKENDS[0]), LB_BE_MAC)
-            .payload(b"answer!");
+        let mut answer = Frame::udp(be(0, 5353), snat).macs(backend_mac(BACKENDS[0]), LB_BE_MAC).payload(b"answer!");
         if let L4::Udp { no_checksum: n, .. } = &mut answer.l4 {
             *n = no_checksum;
         }
         let out = lab.xdp(&answer.bytes(), lab.be).unwrap();
         assert_eq!(out.verdict, xdp::REDIRECT);
-        assert_frame(
-            &out.frame,
-            &answer
-                .clone()
-                .macs(LB_CL_MAC, GW_MAC)
-                .tuple(vip(53), client(cport))
-                .ttl(63)
-                .bytes(),
-        );
+        assert_frame(&out.frame, &answer.clone().macs(LB_CL_MAC, GW_MAC).tuple(vip(53), client(cport)).ttl(63).bytes());
     }
 }
 
 #[test]
 fn traffic_not_for_a_vip_passes_untouched() {
     let mut lab = Lab::new().unwrap();
-    lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 80)])])
-        .unwrap();
+    lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 80)])]).unwrap();
     let frames = [
         // To another host.
-        Frame::tcp(
-            client(1),
-            SocketAddrV4::new(Ipv4Addr::new(10, 2, 0, 77), 80),
-        )
-        .bytes(),
+        Frame::tcp(client(1), SocketAddrV4::new(Ipv4Addr::new(10, 2, 0, 77), 80)).bytes(),
         // To the node's own (SNAT) address without a flow: the host's own traffic.
         Frame::tcp(be(0, 22), SocketAddrV4::new(LB_BACKEND_IP, 33000)).bytes(),
         Frame::tcp(client(1), SocketAddrV4::new(lab::LB_CLIENT_IP, 22)).bytes(),
@@ -306,11 +232,7 @@ fn traffic_not_for_a_vip_passes_untouched() {
 #[test]
 fn malformed_packets_to_a_vip_are_dropped_and_counted_by_reason() {
     let mut lab = Lab::new().unwrap();
-    lab.program(vec![
-        svc(80, Protocol::Tcp, &[be(0, 80)]),
-        svc(53, Protocol::Udp, &[be(0, 53)]),
-    ])
-    .unwrap();
+    lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 80)]), svc(53, Protocol::Udp, &[be(0, 53)])]).unwrap();
     let syn = Frame::tcp(client(44000), vip(80)).macs(GW_MAC, LB_CL_MAC);
     let good = syn.bytes();
     // An IPv4 header cut short hides its destination: it cannot be told from others'
@@ -334,9 +256,7 @@ fn malformed_packets_to_a_vip_are_dropped_and_counted_by_reason() {
     let mut frag = syn.clone();
     frag.ip.more_fragments = true;
     cases.push(("fragment", frag.bytes()));
-    let mut later = Frame::udp(client(44001), vip(53))
-        .macs(GW_MAC, LB_CL_MAC)
-        .payload(&[7; 64]);
+    let mut later = Frame::udp(client(44001), vip(53)).macs(GW_MAC, LB_CL_MAC).payload(&[7; 64]);
     later.ip.fragment_offset = 8u16.try_into().unwrap();
     cases.push(("fragment", later.bytes()));
     for (reason, f) in &cases {
@@ -345,10 +265,7 @@ fn malformed_packets_to_a_vip_are_dropped_and_counted_by_reason() {
     }
     let g = lab.global_stats().unwrap().drops;
     assert_eq!((g.malformed, g.ip_options, g.fragment), (4, 1, 2));
-    assert!(
-        lab.dp.maps.flows().unwrap().is_empty(),
-        "no flow was created from bad input"
-    );
+    assert!(lab.dp.maps.flows().unwrap().is_empty(), "no flow was created from bad input");
     // And the good packet still goes through.
     assert_eq!(lab.xdp(&good, lab.cl).unwrap().verdict, xdp::REDIRECT);
 }
@@ -359,23 +276,12 @@ fn ttl_that_would_expire_is_dropped_and_counted() {
     let web = svc(80, Protocol::Tcp, &[be(0, 80)]);
     lab.program(vec![web.clone()]).unwrap();
     for ttl in [0, 1] {
-        let out = lab
-            .xdp(
-                &Frame::tcp(client(45000), vip(80))
-                    .macs(GW_MAC, LB_CL_MAC)
-                    .ttl(ttl)
-                    .bytes(),
-                lab.cl,
-            )
-            .unwrap();
+        let out =
+            lab.xdp(&Frame::tcp(client(45000), vip(80)).macs(GW_MAC, LB_CL_MAC).ttl(ttl).bytes(), lab.cl).unwrap();
         assert_eq!(out.verdict, xdp::DROP);
     }
     assert_eq!(lab.stats(&web).unwrap().drops.ttl_exceeded, 2);
-    assert_eq!(
-        syn_to(&mut lab, 45000, 80),
-        be(0, 80),
-        "TTL 2 is forwarded with TTL 1"
-    );
+    assert_eq!(syn_to(&mut lab, 45000, 80), be(0, 80), "TTL 2 is forwarded with TTL 1");
 }
 
 #[test]
@@ -383,72 +289,51 @@ fn ports_without_service_or_backends_are_rejected_like_kube_proxy() {
     let mut lab = Lab::new().unwrap();
     let empty = svc(81, Protocol::Tcp, &[]);
     let empty_udp = svc(54, Protocol::Udp, &[]);
-    lab.program(vec![
-        svc(80, Protocol::Tcp, &[be(0, 80)]),
-        empty.clone(),
-        empty_udp.clone(),
-    ])
-    .unwrap();
+    lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 80)]), empty.clone(), empty_udp.clone()]).unwrap();
 
     // TCP: a reset from VIP:port, acknowledging the SYN.
     for port in [81, 9999] {
-        let syn = Frame::tcp(client(46000), vip(port))
-            .macs(GW_MAC, LB_CL_MAC)
-            .payload(b"x");
+        let syn = Frame::tcp(client(46000), vip(port)).macs(GW_MAC, LB_CL_MAC).payload(b"x");
         let out = lab.xdp(&syn.bytes(), lab.cl).unwrap();
         assert_eq!(out.verdict, xdp::TX);
         let rst = originated(
-            Frame::tcp(vip(port), client(46000))
-                .macs(LB_CL_MAC, GW_MAC)
-                .tcp_header(|h| {
-                    *h = etherparse::TcpHeader::new(port, 46000, 0, 0);
-                    h.rst = true;
-                    h.ack = true;
-                    h.acknowledgment_number = 1000 + 1 + 1;
-                }),
+            Frame::tcp(vip(port), client(46000)).macs(LB_CL_MAC, GW_MAC).tcp_header(|h| {
+                *h = etherparse::TcpHeader::new(port, 46000, 0, 0);
+                h.rst = true;
+                h.ack = true;
+                h.acknowledgment_number = 1000 + 1 + 1;
+            }),
             true,
         );
         assert_frame(&out.frame, &rst.bytes());
     }
     // A segment with ACK gets a reset with seq = its ack number.
-    let ack = Frame::tcp(client(46001), vip(81))
-        .macs(GW_MAC, LB_CL_MAC)
-        .tcp_header(|h| {
-            h.syn = false;
-            h.ack = true;
-            h.acknowledgment_number = 777;
-        });
+    let ack = Frame::tcp(client(46001), vip(81)).macs(GW_MAC, LB_CL_MAC).tcp_header(|h| {
+        h.syn = false;
+        h.ack = true;
+        h.acknowledgment_number = 777;
+    });
     let out = lab.xdp(&ack.bytes(), lab.cl).unwrap();
     let p = parse(&out.frame).unwrap();
-    let Some(etherparse::TransportHeader::Tcp(t)) = p.l4 else {
-        panic!()
-    };
+    let Some(etherparse::TransportHeader::Tcp(t)) = p.l4 else { panic!() };
     assert!(t.rst && !t.ack && t.sequence_number == 777);
     // A reset is never answered.
-    let rst = Frame::tcp(client(46002), vip(81))
-        .macs(GW_MAC, LB_CL_MAC)
-        .tcp_header(|h| {
-            h.syn = false;
-            h.rst = true;
-        });
+    let rst = Frame::tcp(client(46002), vip(81)).macs(GW_MAC, LB_CL_MAC).tcp_header(|h| {
+        h.syn = false;
+        h.rst = true;
+    });
     assert_eq!(lab.xdp(&rst.bytes(), lab.cl).unwrap().verdict, xdp::DROP);
 
     // UDP: ICMP port unreachable quoting the IP header and 8 bytes.
     for port in [54, 9999] {
-        let q = Frame::udp(client(46003), vip(port))
-            .macs(GW_MAC, LB_CL_MAC)
-            .payload(b"a long question");
+        let q = Frame::udp(client(46003), vip(port)).macs(GW_MAC, LB_CL_MAC).payload(b"a long question");
         let sent = q.bytes();
         let out = lab.xdp(&sent, lab.cl).unwrap();
         assert_eq!(out.verdict, xdp::TX);
         let unreach = originated(
-            Frame::icmp(
-                VIP,
-                CLIENT,
-                Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
-            )
-            .macs(LB_CL_MAC, GW_MAC)
-            .payload(&sent[14..14 + 28]),
+            Frame::icmp(VIP, CLIENT, Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port))
+                .macs(LB_CL_MAC, GW_MAC)
+                .payload(&sent[14..14 + 28]),
             false,
         );
         assert_frame(&out.frame, &unreach.bytes());
@@ -461,23 +346,16 @@ fn ports_without_service_or_backends_are_rejected_like_kube_proxy() {
 #[test]
 fn other_protocols_to_a_vip_get_protocol_unreachable() {
     let mut lab = Lab::new().unwrap();
-    lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 80)])])
-        .unwrap();
-    let mut gre = Frame::udp(client(1), vip(1))
-        .macs(GW_MAC, LB_CL_MAC)
-        .payload(&[0xab; 24]);
+    lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 80)])]).unwrap();
+    let mut gre = Frame::udp(client(1), vip(1)).macs(GW_MAC, LB_CL_MAC).payload(&[0xab; 24]);
     gre.l4 = L4::Other(47);
     let sent = gre.bytes();
     let out = lab.xdp(&sent, lab.cl).unwrap();
     assert_eq!(out.verdict, xdp::TX);
     let expected = originated(
-        Frame::icmp(
-            VIP,
-            CLIENT,
-            Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Protocol),
-        )
-        .macs(LB_CL_MAC, GW_MAC)
-        .payload(&sent[14..14 + 28]),
+        Frame::icmp(VIP, CLIENT, Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Protocol))
+            .macs(LB_CL_MAC, GW_MAC)
+            .payload(&sent[14..14 + 28]),
         false,
     );
     assert_frame(&out.frame, &expected.bytes());
@@ -487,8 +365,7 @@ fn other_protocols_to_a_vip_get_protocol_unreachable() {
 #[test]
 fn ping_to_a_vip_is_answered() {
     let mut lab = Lab::new().unwrap();
-    lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 80)])])
-        .unwrap();
+    lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 80)])]).unwrap();
     let echo = etherparse::IcmpEchoHeader { id: 0x4242, seq: 7 };
     let req = Frame::icmp(CLIENT, VIP, Icmpv4Type::EchoRequest(echo))
         .macs(GW_MAC, LB_CL_MAC)
@@ -496,22 +373,13 @@ fn ping_to_a_vip_is_answered() {
         .payload(b"ping payload");
     let out = lab.xdp(&req.bytes(), lab.cl).unwrap();
     assert_eq!(out.verdict, xdp::TX);
-    let mut reply = Frame::icmp(VIP, CLIENT, Icmpv4Type::EchoReply(echo))
-        .macs(LB_CL_MAC, GW_MAC)
-        .payload(b"ping payload");
+    let mut reply =
+        Frame::icmp(VIP, CLIENT, Icmpv4Type::EchoReply(echo)).macs(LB_CL_MAC, GW_MAC).payload(b"ping payload");
     reply.ip.identification = req.ip.identification;
     assert_frame(&out.frame, &reply.ttl(64).bytes());
     // Other ICMP to a VIP is dropped and counted.
-    let ts = Frame::icmp(
-        CLIENT,
-        VIP,
-        Icmpv4Type::Unknown {
-            type_u8: 13,
-            code_u8: 0,
-            bytes5to8: [0; 4],
-        },
-    )
-    .macs(GW_MAC, LB_CL_MAC);
+    let ts = Frame::icmp(CLIENT, VIP, Icmpv4Type::Unknown { type_u8: 13, code_u8: 0, bytes5to8: [0; 4] })
+        .macs(GW_MAC, LB_CL_MAC);
     assert_eq!(lab.xdp(&ts.bytes(), lab.cl).unwrap().verdict, xdp::DROP);
     assert_eq!(lab.global_stats().unwrap().drops.icmp_unsupported, 1);
 }
@@ -519,17 +387,10 @@ fn ping_to_a_vip_is_answered() {
 #[test]
 fn icmp_errors_about_a_flow_are_translated_back_to_the_client() {
     let mut lab = Lab::new().unwrap();
-    lab.program(vec![
-        svc(80, Protocol::Tcp, &[be(0, 8080)]),
-        svc(53, Protocol::Udp, &[be(1, 5353)]),
-    ])
-    .unwrap();
+    lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 8080)]), svc(53, Protocol::Udp, &[be(1, 5353)])]).unwrap();
     for udp in [false, true] {
         let (orig, backend) = if udp {
-            (
-                Frame::udp(client(47001), vip(53)).payload(b"q"),
-                be(1, 5353),
-            )
+            (Frame::udp(client(47001), vip(53)).payload(b"q"), be(1, 5353))
         } else {
             (Frame::tcp(client(47000), vip(80)), be(0, 8080))
         };
@@ -550,20 +411,14 @@ fn icmp_errors_about_a_flow_are_translated_back_to_the_client() {
         let err = Frame::icmp(
             router,
             *snat.ip(),
-            Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
-                next_hop_mtu: 1300,
-            }),
+            Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1300 }),
         )
         .macs(backend_mac(BACKENDS[0]), LB_BE_MAC)
         .payload(&quoted);
         let got = lab.xdp(&err.bytes(), lab.be).unwrap();
         assert_eq!(got.verdict, xdp::REDIRECT, "{:?}", parse(&got.frame));
         // The client receives it from the VIP, quoting its own packet (as forwarded).
-        let mut expected = err
-            .clone()
-            .macs(LB_CL_MAC, GW_MAC)
-            .payload(&ip_part(&orig.clone().ttl(63).bytes()))
-            .ttl(63);
+        let mut expected = err.clone().macs(LB_CL_MAC, GW_MAC).payload(&ip_part(&orig.clone().ttl(63).bytes())).ttl(63);
         expected.ip.source = VIP.octets();
         expected.ip.destination = CLIENT.octets();
         assert_frame(&got.frame, &expected.bytes());
@@ -571,12 +426,8 @@ fn icmp_errors_about_a_flow_are_translated_back_to_the_client() {
     }
     // An error quoting a packet of no known flow is not ours: passed to the host.
     let stray = Frame::tcp(SocketAddrV4::new(LB_BACKEND_IP, 50000), be(2, 9)).bytes();
-    let err = Frame::icmp(
-        BACKENDS[2],
-        LB_BACKEND_IP,
-        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port),
-    )
-    .payload(&stray[14..]);
+    let err = Frame::icmp(BACKENDS[2], LB_BACKEND_IP, Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port))
+        .payload(&stray[14..]);
     assert_eq!(lab.xdp(&err.bytes(), lab.be).unwrap().verdict, xdp::PASS);
 }
 
@@ -585,9 +436,7 @@ fn too_big_packets_get_fragmentation_needed_for_path_mtu_discovery() {
     let mut lab = Lab::new().unwrap();
     let web = svc(80, Protocol::Tcp, &[be(0, 80)]);
     lab.program(vec![web.clone()]).unwrap();
-    let big = Frame::tcp(client(48000), vip(80))
-        .macs(GW_MAC, LB_CL_MAC)
-        .payload(&vec![0x5a; BE_MTU as usize]);
+    let big = Frame::tcp(client(48000), vip(80)).macs(GW_MAC, LB_CL_MAC).payload(&vec![0x5a; BE_MTU as usize]);
     let sent = big.bytes();
     let out = lab.xdp(&sent, lab.cl).unwrap();
     assert_eq!(out.verdict, xdp::TX);
@@ -595,9 +444,7 @@ fn too_big_packets_get_fragmentation_needed_for_path_mtu_discovery() {
         Frame::icmp(
             VIP,
             CLIENT,
-            Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
-                next_hop_mtu: BE_MTU,
-            }),
+            Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: BE_MTU }),
         )
         .macs(LB_CL_MAC, GW_MAC)
         .payload(&sent[14..14 + 28]),
@@ -622,28 +469,11 @@ fn one_armed_flows_leave_through_the_ingress_interface() {
     assert_eq!(out.verdict, xdp::TX);
     let snat = snat_of(&lab, key(client(49000), vip(80), proto::TCP));
     assert_eq!(*snat.ip(), lab::LB_CLIENT_IP);
-    assert_frame(
-        &out.frame,
-        &syn.clone()
-            .macs(LB_CL_MAC, one_arm_mac())
-            .tuple(snat, b)
-            .ttl(63)
-            .bytes(),
-    );
-    let reply = Frame::tcp(b, snat)
-        .macs(one_arm_mac(), LB_CL_MAC)
-        .tcp_header(|h| h.ack = true);
+    assert_frame(&out.frame, &syn.clone().macs(LB_CL_MAC, one_arm_mac()).tuple(snat, b).ttl(63).bytes());
+    let reply = Frame::tcp(b, snat).macs(one_arm_mac(), LB_CL_MAC).tcp_header(|h| h.ack = true);
     let out = lab.xdp(&reply.bytes(), lab.cl).unwrap();
     assert_eq!(out.verdict, xdp::TX);
-    assert_frame(
-        &out.frame,
-        &reply
-            .clone()
-            .macs(LB_CL_MAC, GW_MAC)
-            .tuple(vip(80), client(49000))
-            .ttl(63)
-            .bytes(),
-    );
+    assert_frame(&out.frame, &reply.clone().macs(LB_CL_MAC, GW_MAC).tuple(vip(80), client(49000)).ttl(63).bytes());
 }
 
 #[test]
@@ -654,33 +484,13 @@ fn veth_uplinks_send_back_with_redirect_instead_of_xdp_tx() {
     lab.program(vec![svc(80, Protocol::Tcp, &[b])]).unwrap();
     let syn = Frame::tcp(client(49100), vip(80)).macs(GW_MAC, LB_CL_MAC);
     let out = lab.xdp(&syn.bytes(), lab.cl).unwrap();
-    assert_eq!(
-        out.verdict,
-        xdp::REDIRECT,
-        "same frame as XDP_TX, sent with bpf_redirect"
-    );
+    assert_eq!(out.verdict, xdp::REDIRECT, "same frame as XDP_TX, sent with bpf_redirect");
     let snat = snat_of(&lab, key(client(49100), vip(80), proto::TCP));
-    assert_frame(
-        &out.frame,
-        &syn.clone()
-            .macs(LB_CL_MAC, one_arm_mac())
-            .tuple(snat, b)
-            .ttl(63)
-            .bytes(),
-    );
+    assert_frame(&out.frame, &syn.clone().macs(LB_CL_MAC, one_arm_mac()).tuple(snat, b).ttl(63).bytes());
     // Answers built in place (here a reset) leave the same way.
-    let out = lab
-        .xdp(
-            &Frame::tcp(client(49101), vip(99))
-                .macs(GW_MAC, LB_CL_MAC)
-                .bytes(),
-            lab.cl,
-        )
-        .unwrap();
+    let out = lab.xdp(&Frame::tcp(client(49101), vip(99)).macs(GW_MAC, LB_CL_MAC).bytes(), lab.cl).unwrap();
     assert_eq!(out.verdict, xdp::REDIRECT);
-    assert!(
-        matches!(parse(&out.frame).unwrap().l4, Some(etherparse::TransportHeader::Tcp(t)) if t.rst)
-    );
+    assert!(matches!(parse(&out.frame).unwrap().l4, Some(etherparse::TransportHeader::Tcp(t)) if t.rst));
 }
 
 #[test]
@@ -693,41 +503,25 @@ fn vlan_tags_are_removed_added_and_kept_as_the_egress_requires() {
     .unwrap();
     let vc = SocketAddrV4::new(VLAN_CLIENT, 50000);
     // Tagged in (VLAN 100 on cl), untagged out towards the backend.
-    let syn = Frame::tcp(vc, vip(80))
-        .macs(VLAN_GW_MAC, LB_CL_MAC)
-        .vlan(VLAN_ID);
+    let syn = Frame::tcp(vc, vip(80)).macs(VLAN_GW_MAC, LB_CL_MAC).vlan(VLAN_ID);
     let out = lab.xdp(&syn.bytes(), lab.cl).unwrap();
     assert_eq!(out.verdict, xdp::REDIRECT);
     let snat = snat_of(&lab, key(vc, vip(80), proto::TCP));
-    let mut expected = syn
-        .clone()
-        .macs(LB_BE_MAC, backend_mac(BACKENDS[0]))
-        .tuple(snat, be(0, 80))
-        .ttl(63);
+    let mut expected = syn.clone().macs(LB_BE_MAC, backend_mac(BACKENDS[0])).tuple(snat, be(0, 80)).ttl(63);
     expected.vlan = None;
     assert_frame(&out.frame, &expected.bytes());
     // The reply is routed to the VLAN interface: tag 100 added, sent on its parent.
-    let reply = Frame::tcp(be(0, 80), snat)
-        .macs(backend_mac(BACKENDS[0]), LB_BE_MAC)
-        .tcp_header(|h| h.ack = true);
+    let reply = Frame::tcp(be(0, 80), snat).macs(backend_mac(BACKENDS[0]), LB_BE_MAC).tcp_header(|h| h.ack = true);
     let out = lab.xdp(&reply.bytes(), lab.be).unwrap();
     assert_eq!(out.verdict, xdp::REDIRECT);
     let p = parse(&out.frame).unwrap();
     assert_eq!(p.vlan, Some(VLAN_ID));
     assert_frame(
         &out.frame,
-        &reply
-            .clone()
-            .macs(LB_CL_MAC, VLAN_GW_MAC)
-            .vlan(VLAN_ID)
-            .tuple(vip(80), vc)
-            .ttl(63)
-            .bytes(),
+        &reply.clone().macs(LB_CL_MAC, VLAN_GW_MAC).vlan(VLAN_ID).tuple(vip(80), vc).ttl(63).bytes(),
     );
     // Tagged in, untagged out on the same device (one-armed towards an untagged backend).
-    let syn = Frame::tcp(SocketAddrV4::new(VLAN_CLIENT, 50001), vip(81))
-        .macs(VLAN_GW_MAC, LB_CL_MAC)
-        .vlan(VLAN_ID);
+    let syn = Frame::tcp(SocketAddrV4::new(VLAN_CLIENT, 50001), vip(81)).macs(VLAN_GW_MAC, LB_CL_MAC).vlan(VLAN_ID);
     let out = lab.xdp(&syn.bytes(), lab.cl).unwrap();
     assert_eq!(out.verdict, xdp::TX);
     assert_eq!(parse(&out.frame).unwrap().vlan, None);
@@ -760,16 +554,10 @@ fn unresolved_neighbours_are_finished_by_the_tc_companion() {
 #[test]
 fn adding_a_backend_keeps_flows_and_removing_one_ends_only_its_flows() {
     let mut lab = Lab::new().unwrap();
-    lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 80), be(1, 80)])])
-        .unwrap();
+    lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 80), be(1, 80)])]).unwrap();
     assert_eq!(syn_to(&mut lab, 52000, 80), be(0, 80));
     assert_eq!(syn_to(&mut lab, 52001, 80), be(1, 80));
-    lab.program(vec![svc(
-        80,
-        Protocol::Tcp,
-        &[be(0, 80), be(1, 80), be(2, 80)],
-    )])
-    .unwrap();
+    lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 80), be(1, 80), be(2, 80)])]).unwrap();
     let data = |cport: u16| {
         Frame::tcp(client(cport), vip(80))
             .macs(GW_MAC, LB_CL_MAC)
@@ -783,23 +571,15 @@ fn adding_a_backend_keeps_flows_and_removing_one_ends_only_its_flows() {
         let out = lab.xdp(&data(cport), lab.cl).unwrap();
         Ipv4Addr::from(parse(&out.frame).unwrap().ip.destination)
     };
-    assert_eq!(
-        dst(&mut lab, 52000),
-        BACKENDS[0],
-        "adding a backend moves no flow"
-    );
+    assert_eq!(dst(&mut lab, 52000), BACKENDS[0], "adding a backend moves no flow");
     assert_eq!(dst(&mut lab, 52001), BACKENDS[1]);
     // Backend 1 goes away: its flow ends (its next packet is a new flow), the other stays.
-    lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 80), be(2, 80)])])
-        .unwrap();
+    lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 80), be(2, 80)])]).unwrap();
     assert_eq!(dst(&mut lab, 52000), BACKENDS[0]);
     assert_ne!(dst(&mut lab, 52001), BACKENDS[1]);
     // A late reply from the removed backend is dropped, not delivered.
     let flows = lab.dp.maps.flows().unwrap();
-    assert!(
-        flows.iter().all(|(k, _)| k.src != BACKENDS[1].octets()),
-        "the removed backend's flow entries are gone"
-    );
+    assert!(flows.iter().all(|(k, _)| k.src != BACKENDS[1].octets()), "the removed backend's flow entries are gone");
 }
 
 #[test]
@@ -825,11 +605,8 @@ fn backend_set_changes_are_atomic_for_packets() {
             let mut flips = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let next = if flips % 2 == 0 { &b } else { &a };
-                let desired = DesiredState {
-                    services: vec![next.clone()],
-                    addrs: st.addrs.clone(),
-                    ifaces: st.ifaces.clone(),
-                };
+                let desired =
+                    DesiredState { services: vec![next.clone()], addrs: st.addrs.clone(), ifaces: st.ifaces.clone() };
                 for op in plan(&st, &desired, maps.limits()).ops {
                     maps.apply(&op).unwrap();
                     st.apply(&op);
@@ -841,33 +618,17 @@ fn backend_set_changes_are_atomic_for_packets() {
         let guard = StopOnDrop(&stop);
         let verdicts: Vec<u32> = (0..3000u16)
             .map(|i| {
-                lab.xdp(
-                    &Frame::tcp(client(10000 + i), vip(80))
-                        .macs(GW_MAC, LB_CL_MAC)
-                        .bytes(),
-                    lab.cl,
-                )
-                .unwrap()
-                .verdict
+                lab.xdp(&Frame::tcp(client(10000 + i), vip(80)).macs(GW_MAC, LB_CL_MAC).bytes(), lab.cl)
+                    .unwrap()
+                    .verdict
             })
             .collect();
         drop(guard);
-        assert!(
-            writer.join().unwrap() > 10,
-            "the writer flipped the set while packets ran"
-        );
+        assert!(writer.join().unwrap() > 10, "the writer flipped the set while packets ran");
         verdicts
     });
-    let bad: Vec<(usize, u32)> = verdicts
-        .iter()
-        .copied()
-        .enumerate()
-        .filter(|(_, v)| *v != xdp::REDIRECT)
-        .collect();
-    assert!(
-        bad.is_empty(),
-        "packets that saw no usable backend set: {bad:?}"
-    );
+    let bad: Vec<(usize, u32)> = verdicts.iter().copied().enumerate().filter(|(_, v)| *v != xdp::REDIRECT).collect();
+    assert!(bad.is_empty(), "packets that saw no usable backend set: {bad:?}");
     assert_eq!(lab.stats(&a).unwrap().drops.no_backends, 0);
     assert_eq!(lab.stats(&a).unwrap().new_flows, 3000);
 }
@@ -875,130 +636,64 @@ fn backend_set_changes_are_atomic_for_packets() {
 #[test]
 fn closed_tcp_flows_are_reclaimed_and_the_port_can_be_reused() {
     let mut lab = Lab::new().unwrap();
-    lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 80), be(1, 80)])])
-        .unwrap();
+    lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 80), be(1, 80)])]).unwrap();
     assert_eq!(syn_to(&mut lab, 53000, 80), be(0, 80));
     let snat = snat_of(&lab, key(client(53000), vip(80), proto::TCP));
     // A SYN on an open flow (retransmission) stays on its backend.
     assert_eq!(syn_to(&mut lab, 53000, 80), be(0, 80));
     // FIN from the client, FIN from the backend: closed.
-    let fin = Frame::tcp(client(53000), vip(80))
-        .macs(GW_MAC, LB_CL_MAC)
-        .tcp_header(|h| {
-            h.syn = false;
-            h.fin = true;
-            h.ack = true;
-        });
-    assert_eq!(
-        lab.xdp(&fin.bytes(), lab.cl).unwrap().verdict,
-        xdp::REDIRECT
-    );
-    let fin_back = Frame::tcp(be(0, 80), snat)
-        .macs(backend_mac(BACKENDS[0]), LB_BE_MAC)
-        .tcp_header(|h| {
-            h.fin = true;
-            h.ack = true;
-        });
-    assert_eq!(
-        lab.xdp(&fin_back.bytes(), lab.be).unwrap().verdict,
-        xdp::REDIRECT
-    );
-    let f = lab
-        .dp
-        .maps
-        .flow(&key(client(53000), vip(80), proto::TCP))
-        .unwrap()
-        .unwrap();
+    let fin = Frame::tcp(client(53000), vip(80)).macs(GW_MAC, LB_CL_MAC).tcp_header(|h| {
+        h.syn = false;
+        h.fin = true;
+        h.ack = true;
+    });
+    assert_eq!(lab.xdp(&fin.bytes(), lab.cl).unwrap().verdict, xdp::REDIRECT);
+    let fin_back = Frame::tcp(be(0, 80), snat).macs(backend_mac(BACKENDS[0]), LB_BE_MAC).tcp_header(|h| {
+        h.fin = true;
+        h.ack = true;
+    });
+    assert_eq!(lab.xdp(&fin_back.bytes(), lab.be).unwrap().verdict, xdp::REDIRECT);
+    let f = lab.dp.maps.flow(&key(client(53000), vip(80), proto::TCP)).unwrap().unwrap();
     assert!(f.is_closed());
     // The client reuses its port: a new flow, the next backend.
     assert_eq!(syn_to(&mut lab, 53000, 80), be(1, 80));
     // RST closes a flow too.
-    let rst = Frame::tcp(client(53000), vip(80))
-        .macs(GW_MAC, LB_CL_MAC)
-        .tcp_header(|h| {
-            h.syn = false;
-            h.rst = true;
-        });
-    assert_eq!(
-        lab.xdp(&rst.bytes(), lab.cl).unwrap().verdict,
-        xdp::REDIRECT
-    );
+    let rst = Frame::tcp(client(53000), vip(80)).macs(GW_MAC, LB_CL_MAC).tcp_header(|h| {
+        h.syn = false;
+        h.rst = true;
+    });
+    assert_eq!(lab.xdp(&rst.bytes(), lab.cl).unwrap().verdict, xdp::REDIRECT);
     assert_eq!(syn_to(&mut lab, 53000, 80), be(0, 80));
 }
 
 #[test]
 fn idle_flows_expire() {
-    let config = DataplaneConfig {
-        udp_timeout_ns: 200_000_000,
-        ..DataplaneConfig::default()
-    };
-    let mut lab = Lab::with_config(
-        config,
-        MapSizes {
-            flow_entries: 4096,
-            ..MapSizes::default()
-        },
-    )
-    .unwrap();
-    lab.program(vec![svc(53, Protocol::Udp, &[be(0, 53), be(1, 53)])])
-        .unwrap();
-    let q = Frame::udp(client(54000), vip(53))
-        .macs(GW_MAC, LB_CL_MAC)
-        .bytes();
-    let dst = |lab: &mut Lab| {
-        Ipv4Addr::from(
-            parse(&lab.xdp(&q, lab.cl).unwrap().frame)
-                .unwrap()
-                .ip
-                .destination,
-        )
-    };
+    let config = DataplaneConfig { udp_timeout_ns: 200_000_000, ..DataplaneConfig::default() };
+    let mut lab = Lab::with_config(config, MapSizes { flow_entries: 4096, ..MapSizes::default() }).unwrap();
+    lab.program(vec![svc(53, Protocol::Udp, &[be(0, 53), be(1, 53)])]).unwrap();
+    let q = Frame::udp(client(54000), vip(53)).macs(GW_MAC, LB_CL_MAC).bytes();
+    let dst = |lab: &mut Lab| Ipv4Addr::from(parse(&lab.xdp(&q, lab.cl).unwrap().frame).unwrap().ip.destination);
     assert_eq!(dst(&mut lab), BACKENDS[0]);
     assert_eq!(dst(&mut lab), BACKENDS[0], "active flow stays");
     std::thread::sleep(std::time::Duration::from_millis(400));
-    assert_eq!(
-        dst(&mut lab),
-        BACKENDS[1],
-        "idle past the UDP timeout: a new flow"
-    );
+    assert_eq!(dst(&mut lab), BACKENDS[1], "idle past the UDP timeout: a new flow");
 }
 
 #[test]
 fn snat_ports_are_unique_and_exhaustion_is_counted() {
-    let config = DataplaneConfig {
-        snat_port_min: 20000,
-        snat_port_max: 20003,
-        ..DataplaneConfig::default()
-    };
-    let mut lab = Lab::with_config(
-        config,
-        MapSizes {
-            flow_entries: 4096,
-            ..MapSizes::default()
-        },
-    )
-    .unwrap();
+    let config = DataplaneConfig { snat_port_min: 20000, snat_port_max: 20003, ..DataplaneConfig::default() };
+    let mut lab = Lab::with_config(config, MapSizes { flow_entries: 4096, ..MapSizes::default() }).unwrap();
     let web = svc(80, Protocol::Tcp, &[be(0, 80)]);
     lab.program(vec![web.clone()]).unwrap();
     let mut ports = std::collections::BTreeSet::new();
     let mut dropped = 0;
     for i in 0..12 {
-        let out = lab
-            .xdp(
-                &Frame::tcp(client(55000 + i), vip(80))
-                    .macs(GW_MAC, LB_CL_MAC)
-                    .bytes(),
-                lab.cl,
-            )
-            .unwrap();
+        let out = lab.xdp(&Frame::tcp(client(55000 + i), vip(80)).macs(GW_MAC, LB_CL_MAC).bytes(), lab.cl).unwrap();
         if out.verdict == xdp::DROP {
             dropped += 1;
             continue;
         }
-        assert!(
-            ports.insert(snat_of(&lab, key(client(55000 + i), vip(80), proto::TCP)).port()),
-            "SNAT port reused"
-        );
+        assert!(ports.insert(snat_of(&lab, key(client(55000 + i), vip(80), proto::TCP)).port()), "SNAT port reused");
     }
     assert!(ports.iter().all(|p| (20000..=20003).contains(p)));
     assert!(ports.len() >= 3, "probing finds free ports: {ports:?}");
@@ -1009,47 +704,19 @@ fn snat_ports_are_unique_and_exhaustion_is_counted() {
 #[test]
 fn bpftool_dumps_pinned_maps_with_field_names() {
     let mut lab = Lab::new().unwrap();
-    lab.program(vec![
-        svc(80, Protocol::Tcp, &[be(0, 80)]),
-        svc(81, Protocol::Tcp, &[]),
-    ])
-    .unwrap();
+    lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 80)]), svc(81, Protocol::Tcp, &[])]).unwrap();
     syn_to(&mut lab, 56000, 80);
-    lab.xdp(
-        &Frame::tcp(client(56001), vip(81))
-            .macs(GW_MAC, LB_CL_MAC)
-            .bytes(),
-        lab.cl,
-    )
-    .unwrap();
+    lab.xdp(&Frame::tcp(client(56001), vip(81)).macs(GW_MAC, LB_CL_MAC).bytes(), lab.cl).unwrap();
     let dump = |map: &str| {
         let path = lab.dp.pin_dir().join(map);
-        ballast_tests::cmd::run(
-            "bpftool",
-            &["map", "dump", "pinned", &path.display().to_string()],
-        )
-        .unwrap()
+        ballast_tests::cmd::run("bpftool", &["map", "dump", "pinned", &path.display().to_string()]).unwrap()
     };
     let services = dump("services");
-    for field in [
-        "\"vip\"",
-        "\"port\": 80",
-        "\"proto\": 6",
-        "\"set\"",
-        "\"count\": 1",
-    ] {
-        assert!(
-            services.contains(field),
-            "{field} missing from:\n{services}"
-        );
+    for field in ["\"vip\"", "\"port\": 80", "\"proto\": 6", "\"set\"", "\"count\": 1"] {
+        assert!(services.contains(field), "{field} missing from:\n{services}");
     }
     let flows = dump("flows");
-    for field in [
-        "\"sport\": 56000",
-        "\"backend_id\"",
-        "\"last_seen_ns\"",
-        "\"smac\"",
-    ] {
+    for field in ["\"sport\": 56000", "\"backend_id\"", "\"last_seen_ns\"", "\"smac\""] {
         assert!(flows.contains(field), "{field} missing from:\n{flows}");
     }
     let stats = dump("stats");

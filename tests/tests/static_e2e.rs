@@ -18,54 +18,26 @@ fn servers(tb: &Testbed) -> Result<Vec<Servers>> {
     tb.backends
         .iter()
         .map(|b| {
-            Servers::start(
-                &b.ns,
-                &b.name,
-                &[SocketAddrV4::new(b.ip, TCP_PORT)],
-                &[SocketAddrV4::new(b.ip, UDP_PORT)],
-            )
+            Servers::start(&b.ns, &b.name, &[SocketAddrV4::new(b.ip, TCP_PORT)], &[SocketAddrV4::new(b.ip, UDP_PORT)])
         })
         .collect()
 }
 
-fn services(
-    tb: &Testbed,
-    backends: &[usize],
-) -> Vec<(&'static str, u16, &'static str, Vec<SocketAddrV4>)> {
+fn services(tb: &Testbed, backends: &[usize]) -> Vec<(&'static str, u16, &'static str, Vec<SocketAddrV4>)> {
     vec![
-        (
-            "web",
-            80,
-            "TCP",
-            backends.iter().map(|i| tb.backend(*i, TCP_PORT)).collect(),
-        ),
-        (
-            "dns",
-            53,
-            "UDP",
-            backends.iter().map(|i| tb.backend(*i, UDP_PORT)).collect(),
-        ),
+        ("web", 80, "TCP", backends.iter().map(|i| tb.backend(*i, TCP_PORT)).collect()),
+        ("dns", 53, "UDP", backends.iter().map(|i| tb.backend(*i, UDP_PORT)).collect()),
     ]
 }
 
 /// Name of the backend answering one new TCP connection to VIP:80.
 fn who_tcp(tb: &Testbed) -> String {
     let vip = tb.vip(80);
-    tb.client
-        .run(move || tcp_ask(vip, "hi"))
-        .unwrap()
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap()
-        .to_string()
+    tb.client.run(move || tcp_ask(vip, "hi")).unwrap().unwrap().split(' ').next().unwrap().to_string()
 }
 
 fn vip_on_lb0(tb: &Testbed) -> bool {
-    tb.lb
-        .ip("-d addr show dev lb0")
-        .unwrap()
-        .contains(&format!("{}/32", tb.vip))
+    tb.lb.ip("-d addr show dev lb0").unwrap().contains(&format!("{}/32", tb.vip))
 }
 
 /// Everything a user checks after `kubectl apply`-ing nothing: static mode, both topologies.
@@ -76,113 +48,62 @@ fn serves_and_balances(arms: Arms) {
     let args = tb.agent_args(&cfg);
     let agent = Agent::start(&tb.lb, &args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
     assert!(vip_on_lb0(&tb), "the VIP is on the interface");
-    assert_eq!(
-        tb.marked_addresses().unwrap(),
-        vec![tb.vip],
-        "the VIP, and only it, is marked as ballast's"
-    );
+    assert_eq!(tb.marked_addresses().unwrap(), vec![tb.vip], "the VIP, and only it, is marked as ballast's");
 
     // New TCP connections rotate over the backends in order.
     let order: Vec<String> = (0..9).map(|_| who_tcp(&tb)).collect();
     let first: Vec<&str> = order[..3].iter().map(String::as_str).collect();
     assert_eq!(order[3..6], order[..3], "{order:?}");
     assert_eq!(order[6..9], order[..3], "{order:?}");
-    assert_eq!(
-        first.iter().collect::<BTreeSet<_>>().len(),
-        3,
-        "all three backends serve: {order:?}"
-    );
-    assert_eq!(
-        order[0], "backend-0",
-        "round robin starts at the first backend"
-    );
+    assert_eq!(first.iter().collect::<BTreeSet<_>>().len(), 3, "all three backends serve: {order:?}");
+    assert_eq!(order[0], "backend-0", "round robin starts at the first backend");
 
     // A long connection stays on one backend; its replies come from VIP:80.
     let vip = tb.vip(80);
     let (names, peer) = tb
         .client
-        .run(
-            move || -> Result<(BTreeSet<String>, std::net::SocketAddr)> {
-                let mut c = LineClient::connect(vip)?;
-                let mut names = BTreeSet::new();
-                for i in 0..200 {
-                    let a = c.ask(&format!("message {i}"))?;
-                    assert!(a.ends_with(&format!("message {i}")), "{a}");
-                    names.insert(a.split(' ').next().unwrap_or_default().to_string());
-                }
-                Ok((names, c.local()?))
-            },
-        )
+        .run(move || -> Result<(BTreeSet<String>, std::net::SocketAddr)> {
+            let mut c = LineClient::connect(vip)?;
+            let mut names = BTreeSet::new();
+            for i in 0..200 {
+                let a = c.ask(&format!("message {i}"))?;
+                assert!(a.ends_with(&format!("message {i}")), "{a}");
+                names.insert(a.split(' ').next().unwrap_or_default().to_string());
+            }
+            Ok((names, c.local()?))
+        })
         .unwrap()
         .unwrap();
-    assert_eq!(
-        names.len(),
-        1,
-        "one backend for the whole connection: {names:?}"
-    );
+    assert_eq!(names.len(), 1, "one backend for the whole connection: {names:?}");
     assert_eq!(peer.ip(), std::net::IpAddr::V4(tb.client_ip));
 
     // UDP: new flows rotate; answers come from VIP:53.
     let uvip = tb.vip(53);
-    let udp: Vec<(String, std::net::SocketAddr)> = (0..6)
-        .map(|i| {
-            tb.client
-                .run(move || udp_ask(uvip, &format!("q{i}")))
-                .unwrap()
-                .unwrap()
-        })
-        .collect();
+    let udp: Vec<(String, std::net::SocketAddr)> =
+        (0..6).map(|i| tb.client.run(move || udp_ask(uvip, &format!("q{i}"))).unwrap().unwrap()).collect();
     for (answer, from) in &udp {
-        assert_eq!(
-            *from,
-            std::net::SocketAddr::V4(uvip),
-            "reply source is VIP:port"
-        );
+        assert_eq!(*from, std::net::SocketAddr::V4(uvip), "reply source is VIP:port");
         assert!(answer.starts_with("backend-"), "{answer}");
     }
-    let unames: Vec<&str> = udp
-        .iter()
-        .map(|(a, _)| a.split(' ').next().unwrap())
-        .collect();
+    let unames: Vec<&str> = udp.iter().map(|(a, _)| a.split(' ').next().unwrap()).collect();
     assert_eq!(unames[..3], unames[3..], "{unames:?}");
     assert_eq!(unames[..3].iter().collect::<BTreeSet<_>>().len(), 3);
 
     // Traffic not for a VIP is untouched: the client reaches a backend directly (two-armed:
     // routed by the LB's kernel) and a service on the LB's own address.
     let direct = tb.backend(2, TCP_PORT);
-    assert_eq!(
-        tb.client
-            .run(move || tcp_ask(direct, "direct"))
-            .unwrap()
-            .unwrap(),
-        "backend-2 direct"
-    );
+    assert_eq!(tb.client.run(move || tcp_ask(direct, "direct")).unwrap().unwrap(), "backend-2 direct");
     let own = SocketAddrV4::new(tb.lb_ip, 2222);
     let _lb_server = Servers::start(&tb.lb, "lb-host", &[own], &[]).unwrap();
-    assert_eq!(
-        tb.client.run(move || tcp_ask(own, "ssh")).unwrap().unwrap(),
-        "lb-host ssh"
-    );
+    assert_eq!(tb.client.run(move || tcp_ask(own, "ssh")).unwrap().unwrap(), "lb-host ssh");
 
     // The counters saw it all.
     let inspect = std::process::Command::new(agent_bin().unwrap())
-        .args([
-            "inspect",
-            "--output",
-            "json",
-            "--bpffs",
-            &tb.pins.path().display().to_string(),
-        ])
+        .args(["inspect", "--output", "json", "--bpffs", &tb.pins.path().display().to_string()])
         .output()
         .unwrap();
     let snap: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
-    let web = snap["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["port"] == 80)
-        .unwrap()
-        .clone();
+    let web = snap["services"].as_array().unwrap().iter().find(|s| s["port"] == 80).unwrap().clone();
     assert_eq!(web["new_flows"], 10, "{web}");
     assert!(web["packets"].as_u64().unwrap() > 400);
 
@@ -191,10 +112,7 @@ fn serves_and_balances(arms: Arms) {
     assert!(status.success(), "{log}");
     assert!(!vip_on_lb0(&tb), "VIP removed on shutdown");
     assert!(
-        tb.lb
-            .ip("addr show dev lb0")
-            .unwrap()
-            .contains(&tb.lb_ip.to_string()),
+        tb.lb.ip("addr show dev lb0").unwrap().contains(&tb.lb_ip.to_string()),
         "the interface's own address is untouched"
     );
 }
@@ -215,8 +133,7 @@ fn runtime_changes_keep_surviving_flows_and_end_removed_ones() {
     let _servers = servers(&tb).unwrap();
     let cfg = tb.write_config(&services(&tb, &[0, 1, 2])).unwrap();
     let args = tb.agent_args(&cfg);
-    let mut agent =
-        Agent::start(&tb.lb, &args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+    let mut agent = Agent::start(&tb.lb, &args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
     let vip = tb.vip(80);
 
     // A long-lived connection; find out which backend holds it.
@@ -243,9 +160,7 @@ fn runtime_changes_keep_surviving_flows_and_end_removed_ones() {
     // Remove another backend: the held connection is untouched, new flows avoid the removed one.
     let keep: Vec<usize> = (0..3).filter(|i| *i != other).collect();
     tb.write_config(&services(&tb, &keep)).unwrap();
-    agent
-        .wait_for_count("configuration applied", 2, Duration::from_secs(10))
-        .unwrap();
+    agent.wait_for_count("configuration applied", 2, Duration::from_secs(10)).unwrap();
     assert!(ask("still there").unwrap().starts_with(&held));
     let names: BTreeSet<String> = (0..6).map(|_| who_tcp(&tb)).collect();
     assert!(!names.contains(&format!("backend-{other}")), "{names:?}");
@@ -253,9 +168,7 @@ fn runtime_changes_keep_surviving_flows_and_end_removed_ones() {
 
     // Add one back: new flows reach it; the held connection still works.
     tb.write_config(&services(&tb, &[0, 1, 2])).unwrap();
-    agent
-        .wait_for_count("configuration applied", 3, Duration::from_secs(10))
-        .unwrap();
+    agent.wait_for_count("configuration applied", 3, Duration::from_secs(10)).unwrap();
     let names: BTreeSet<String> = (0..6).map(|_| who_tcp(&tb)).collect();
     assert_eq!(names.len(), 3, "{names:?}");
     assert!(ask("after add").unwrap().starts_with(&held));
@@ -264,13 +177,8 @@ fn runtime_changes_keep_surviving_flows_and_end_removed_ones() {
     // backend that never saw the connection, which resets it); other flows continue.
     let keep: Vec<usize> = (0..3).filter(|i| *i != held_idx).collect();
     tb.write_config(&services(&tb, &keep)).unwrap();
-    agent
-        .wait_for_count("configuration applied", 4, Duration::from_secs(10))
-        .unwrap();
-    assert!(
-        ask("are you there").is_err(),
-        "a flow to a removed backend ends"
-    );
+    agent.wait_for_count("configuration applied", 4, Duration::from_secs(10)).unwrap();
+    assert!(ask("are you there").is_err(), "a flow to a removed backend ends");
     let names: BTreeSet<String> = (0..4).map(|_| who_tcp(&tb)).collect();
     assert!(!names.contains(&held), "{names:?}");
     drop(tx);
@@ -283,37 +191,20 @@ fn an_invalid_file_is_refused_and_the_running_configuration_stays() {
     let _servers = servers(&tb).unwrap();
     let cfg = tb.write_config(&services(&tb, &[0, 1])).unwrap();
     let args = tb.agent_args(&cfg);
-    let mut agent =
-        Agent::start(&tb.lb, &args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+    let mut agent = Agent::start(&tb.lb, &args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
     assert!(who_tcp(&tb).starts_with("backend-"));
 
-    std::fs::write(
-        &cfg,
-        "services:\n  - name: web\n    vip: 10.10.100.10\n    port: 80\n    protocol: TCPX\n",
-    )
-    .unwrap();
-    agent
-        .wait_for("configuration refused", Duration::from_secs(10))
+    std::fs::write(&cfg, "services:\n  - name: web\n    vip: 10.10.100.10\n    port: 80\n    protocol: TCPX\n")
         .unwrap();
+    agent.wait_for("configuration refused", Duration::from_secs(10)).unwrap();
     let log = agent.log_text();
-    assert!(
-        log.contains("services[0].protocol") && log.contains("line 5"),
-        "the error names field and line:\n{log}"
-    );
+    assert!(log.contains("services[0].protocol") && log.contains("line 5"), "the error names field and line:\n{log}");
     assert!(who_tcp(&tb).starts_with("backend-"), "still serving");
 
     // A semantic error names the service too.
     std::fs::write(&cfg, "services:\n  - {name: a, vip: 10.10.100.10, port: 80, protocol: TCP}\n  - {name: a, vip: 10.10.100.10, port: 81, protocol: TCP}\n").unwrap();
-    agent
-        .wait_for_count("configuration refused", 2, Duration::from_secs(10))
-        .unwrap();
-    assert!(
-        agent
-            .log_text()
-            .contains("line 3: services[1] (a): name: duplicate"),
-        "{}",
-        agent.log_text()
-    );
+    agent.wait_for_count("configuration refused", 2, Duration::from_secs(10)).unwrap();
+    assert!(agent.log_text().contains("line 3: services[1] (a): name: duplicate"), "{}", agent.log_text());
     assert!(who_tcp(&tb).starts_with("backend-"), "still serving");
 
     // SIGHUP re-reads the file (here: fixed again, with one backend).
@@ -321,9 +212,7 @@ fn an_invalid_file_is_refused_and_the_running_configuration_stays() {
     let text = ballast_tests::testbed::config_yaml(tb.vip, &one);
     std::fs::write(&cfg, text).unwrap();
     agent.signal(libc::SIGHUP);
-    agent
-        .wait_for_count("configuration applied", 2, Duration::from_secs(10))
-        .unwrap();
+    agent.wait_for_count("configuration applied", 2, Duration::from_secs(10)).unwrap();
     assert_eq!(who_tcp(&tb), "backend-1");
     assert_eq!(who_tcp(&tb), "backend-1");
 }
@@ -366,8 +255,5 @@ fn a_missing_interface_or_invalid_file_stops_the_agent_with_a_clear_error() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("services[0].vip") && err.contains("line 3"),
-        "{err}"
-    );
+    assert!(err.contains("services[0].vip") && err.contains("line 3"), "{err}");
 }

@@ -48,28 +48,19 @@ pub fn build() -> Result<PathBuf> {
     let module = root().join("tests").join("controlplane");
     let (major, minor) = {
         let mut parts = KUBERNETES.trim_start_matches('v').split('.');
-        (
-            parts.next().unwrap_or("1").to_string(),
-            parts.next().unwrap_or("0").to_string(),
-        )
+        (parts.next().unwrap_or("1").to_string(), parts.next().unwrap_or("0").to_string())
     };
     let mut ldflags = String::new();
-    for pkg in [
-        "k8s.io/component-base/version",
-        "k8s.io/client-go/pkg/version",
-    ] {
+    for pkg in ["k8s.io/component-base/version", "k8s.io/client-go/pkg/version"] {
         ldflags.push_str(&format!(
             "-X {pkg}.gitVersion={KUBERNETES} -X {pkg}.gitMajor={major} -X {pkg}.gitMinor={minor} -X {pkg}.gitTreeState=clean "
         ));
     }
     fs::create_dir_all(&dir)?;
-    eprintln!(
-        "building kube-apiserver {KUBERNETES} and etcd {ETCD} with Go (first time only; several minutes)"
-    );
-    for (pkg, out) in [
-        ("k8s.io/kubernetes/cmd/kube-apiserver", "kube-apiserver"),
-        ("go.etcd.io/etcd/server/v3", "etcd"),
-    ] {
+    eprintln!("building kube-apiserver {KUBERNETES} and etcd {ETCD} with Go (first time only; several minutes)");
+    for (pkg, out) in
+        [("k8s.io/kubernetes/cmd/kube-apiserver", "kube-apiserver"), ("go.etcd.io/etcd/server/v3", "etcd")]
+    {
         let status = Command::new("go")
             .args(["build", "-trimpath", "-ldflags", &ldflags, "-o"])
             .arg(dir.join(out))
@@ -92,16 +83,9 @@ fn free_port() -> Result<u16> {
 }
 
 fn sh(program: &str, args: &[&str]) -> Result<()> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("cannot run {program}"))?;
+    let out = Command::new(program).args(args).output().with_context(|| format!("cannot run {program}"))?;
     if !out.status.success() {
-        bail!(
-            "{program} {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("{program} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
     }
     Ok(())
 }
@@ -198,10 +182,7 @@ pub fn up() -> Result<()> {
             &p("ca.crt"),
         ],
     )?;
-    fs::write(
-        pki.join("san.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )?;
+    fs::write(pki.join("san.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n")?;
     sh(
         "openssl",
         &[
@@ -237,10 +218,7 @@ pub fn up() -> Result<()> {
             &p("apiserver.crt"),
         ],
     )?;
-    fs::write(
-        run.join("tokens.csv"),
-        format!("{ADMIN_TOKEN},admin,admin-uid,system:masters\n"),
-    )?;
+    fs::write(run.join("tokens.csv"), format!("{ADMIN_TOKEN},admin,admin-uid,system:masters\n"))?;
 
     let etcd_log = run.join("etcd.log");
     let etcd_url = format!("http://127.0.0.1:{etcd_port}");
@@ -287,12 +265,7 @@ pub fn up() -> Result<()> {
     )?;
     fs::write(run.join("pids"), format!("{etcd_pid}\n{api_pid}\n"))?;
     fs::write(run.join("server"), &server)?;
-    wait_ready(
-        "kube-apiserver",
-        &format!("{server}/readyz"),
-        Some(ADMIN_TOKEN),
-        &api_log,
-    )?;
+    wait_ready("kube-apiserver", &format!("{server}/readyz"), Some(ADMIN_TOKEN), &api_log)?;
 
     let ca = fs::read(pki.join("ca.crt"))?;
     fs::write(
@@ -302,10 +275,7 @@ pub fn up() -> Result<()> {
             base64(&ca)
         ),
     )?;
-    eprintln!(
-        "control plane ready at {server} (logs in {})",
-        run.display()
-    );
+    eprintln!("control plane ready at {server} (logs in {})", run.display());
     println!("export KUBECONFIG={}", kubeconfig().display());
     Ok(())
 }
@@ -314,11 +284,7 @@ pub fn up() -> Result<()> {
 pub fn down() -> Result<()> {
     let run = run_dir();
     if let Ok(pids) = fs::read_to_string(run.join("pids")) {
-        for pid in pids
-            .lines()
-            .filter_map(|l| l.trim().parse::<i32>().ok())
-            .rev()
-        {
+        for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()).rev() {
             // SAFETY: kill(2) on a process group we started.
             unsafe { libc::kill(-pid, libc::SIGTERM) };
         }
@@ -339,11 +305,7 @@ fn base64(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {

@@ -73,11 +73,7 @@ fn main() -> Result<()> {
         Command::Demo => tasks::demo(),
         Command::Test { filter } => tasks::test(filter.as_deref()),
         Command::Bench { quick } => tasks::bench(quick),
-        Command::Controlplane {
-            action: ControlplaneAction::Up,
-        } => controlplane::up(),
-        Command::Controlplane {
-            action: ControlplaneAction::Down,
-        } => controlplane::down(),
+        Command::Controlplane { action: ControlplaneAction::Up } => controlplane::up(),
+        Command::Controlplane { action: ControlplaneAction::Down } => controlplane::down(),
     }
 }

@@ -10,23 +10,14 @@ pub const NIGHTLY: &str = "nightly-2026-05-20";
 /// bpf-linker release that works with that LLVM (0.11+ needs a system LLVM 23).
 pub const BPF_LINKER: &str = "0.10.3";
 /// Debian packages the tests, demo and benchmarks use.
-pub const PACKAGES: &[&str] = &[
-    "iproute2",
-    "ethtool",
-    "util-linux",
-    "bpftool",
-    "tcpdump",
-    "procps",
-];
+pub const PACKAGES: &[&str] = &["iproute2", "ethtool", "util-linux", "bpftool", "tcpdump", "procps"];
 
 fn ok(cmd: &mut Command) -> bool {
     cmd.output().map(|o| o.status.success()).unwrap_or(false)
 }
 
 fn stdout(cmd: &mut Command) -> String {
-    cmd.output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
+    cmd.output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
 }
 
 pub fn is_root() -> bool {
@@ -36,10 +27,7 @@ pub fn is_root() -> bool {
 
 fn run(program: &str, args: &[&str]) -> Result<()> {
     eprintln!("+ {program} {}", args.join(" "));
-    let status = Command::new(program)
-        .args(args)
-        .status()
-        .with_context(|| format!("cannot run {program}"))?;
+    let status = Command::new(program).args(args).status().with_context(|| format!("cannot run {program}"))?;
     if !status.success() {
         bail!("`{program} {}` failed ({status})", args.join(" "));
     }
@@ -60,24 +48,10 @@ pub fn ensure(verbose: bool) -> Result<()> {
     } else {
         run(
             "rustup",
-            &[
-                "toolchain",
-                "install",
-                NIGHTLY,
-                "--profile",
-                "minimal",
-                "--component",
-                "rust-src,clippy,rustfmt",
-            ],
+            &["toolchain", "install", NIGHTLY, "--profile", "minimal", "--component", "rust-src,clippy,rustfmt"],
         )?;
     }
-    let components = stdout(Command::new("rustup").args([
-        "component",
-        "list",
-        "--installed",
-        "--toolchain",
-        NIGHTLY,
-    ]));
+    let components = stdout(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY]));
     for c in ["rust-src", "clippy"] {
         if !components.lines().any(|l| l.starts_with(c)) {
             run("rustup", &["component", "add", c, "--toolchain", NIGHTLY])?;
@@ -94,24 +68,10 @@ pub fn ensure(verbose: bool) -> Result<()> {
     if linker.contains(BPF_LINKER) {
         say(&format!("bpf-linker {BPF_LINKER}"));
     } else {
-        run(
-            "cargo",
-            &[
-                "install",
-                "bpf-linker",
-                "--version",
-                BPF_LINKER,
-                "--locked",
-                "--force",
-            ],
-        )?;
+        run("cargo", &["install", "bpf-linker", "--version", BPF_LINKER, "--locked", "--force"])?;
     }
 
-    let missing: Vec<&str> = PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !ok(Command::new("dpkg").args(["-s", p])))
-        .collect();
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !ok(Command::new("dpkg").args(["-s", p]))).collect();
     if missing.is_empty() {
         say(&format!("Debian packages {}", PACKAGES.join(" ")));
     } else if is_root() {
@@ -120,10 +80,7 @@ pub fn ensure(verbose: bool) -> Result<()> {
         args.extend(&missing);
         run("apt-get", &args)?;
     } else {
-        bail!(
-            "missing Debian packages {}: run `cargo xtask setup` as root",
-            missing.join(" ")
-        );
+        bail!("missing Debian packages {}: run `cargo xtask setup` as root", missing.join(" "));
     }
 
     if bpffs_mounted() {
@@ -140,8 +97,7 @@ fn bpffs_mounted() -> bool {
     std::fs::read_to_string("/proc/mounts")
         .map(|m| {
             m.lines().any(|l| {
-                l.split_whitespace().nth(1) == Some("/sys/fs/bpf")
-                    && l.split_whitespace().nth(2) == Some("bpf")
+                l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.split_whitespace().nth(2) == Some("bpf")
             })
         })
         .unwrap_or(false)

@@ -8,17 +8,12 @@ use crate::setup;
 
 /// The workspace root (xtask lives one level below it).
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."))
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."))
 }
 
 fn require_root(what: &str) -> Result<()> {
     if !setup::is_root() {
-        bail!(
-            "{what} needs root (it loads eBPF programs and creates network namespaces): run it with sudo or as root"
-        );
+        bail!("{what} needs root (it loads eBPF programs and creates network namespaces): run it with sudo or as root");
     }
     Ok(())
 }
@@ -30,10 +25,7 @@ pub fn cargo(args: &[&str], release: bool) -> Result<()> {
         all.push("--release");
     }
     eprintln!("+ cargo {}", all.join(" "));
-    let status = Command::new(env!("CARGO"))
-        .args(&all)
-        .current_dir(root())
-        .status()?;
+    let status = Command::new(env!("CARGO")).args(&all).current_dir(root()).status()?;
     if !status.success() {
         bail!("`cargo {}` failed ({status})", all.join(" "));
     }
@@ -56,10 +48,7 @@ fn exec(program: PathBuf, args: &[String]) -> Result<()> {
 }
 
 fn bin(name: &str, release: bool) -> PathBuf {
-    root()
-        .join("target")
-        .join(if release { "release" } else { "debug" })
-        .join(name)
+    root().join("target").join(if release { "release" } else { "debug" }).join(name)
 }
 
 pub fn run(args: &[String]) -> Result<()> {
@@ -74,23 +63,13 @@ pub fn codegen() -> Result<()> {
     setup::ensure(false)?;
     cargo(&["build", "-p", "lb-agent"], false)?;
     let out = root().join("deploy");
-    exec(
-        bin("lb-agent", false),
-        &[
-            "manifests".into(),
-            "--out".into(),
-            out.display().to_string(),
-        ],
-    )
+    exec(bin("lb-agent", false), &["manifests".into(), "--out".into(), out.display().to_string()])
 }
 
 pub fn demo() -> Result<()> {
     require_root("the demo")?;
     setup::ensure(false)?;
-    cargo(
-        &["build", "-p", "lb-agent", "-p", "ballast-tests", "--bins"],
-        false,
-    )?;
+    cargo(&["build", "-p", "lb-agent", "-p", "ballast-tests", "--bins"], false)?;
     exec(bin("ballast-demo", false), &[])
 }
 
@@ -98,17 +77,7 @@ pub fn test(filter: Option<&str>) -> Result<()> {
     require_root("the test suite")?;
     setup::ensure(false)?;
     cargo(&["fmt", "--all", "--", "--check"], false)?;
-    cargo(
-        &[
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ],
-        false,
-    )?;
+    cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"], false)?;
     clippy_ebpf()?;
     // The agent binary must exist before the end-to-end tests start it.
     cargo(&["build", "--workspace", "--bins"], false)?;
@@ -149,11 +118,7 @@ fn clippy_ebpf() -> Result<()> {
         "--release",
         "--target-dir",
     ];
-    eprintln!(
-        "+ rustup {} {} -- -D warnings",
-        args.join(" "),
-        target_dir.display()
-    );
+    eprintln!("+ rustup {} {} -- -D warnings", args.join(" "), target_dir.display());
     let status = Command::new("rustup")
         .args(args)
         .arg(&target_dir)
@@ -173,14 +138,7 @@ fn clippy_ebpf() -> Result<()> {
 pub fn bench(quick: bool) -> Result<()> {
     require_root("the benchmarks")?;
     setup::ensure(false)?;
-    cargo(
-        &["build", "-p", "lb-agent", "-p", "ballast-tests", "--bins"],
-        false,
-    )?;
-    let args: Vec<String> = if quick {
-        vec!["--quick".into()]
-    } else {
-        vec![]
-    };
+    cargo(&["build", "-p", "lb-agent", "-p", "ballast-tests", "--bins"], false)?;
+    let args: Vec<String> = if quick { vec!["--quick".into()] } else { vec![] };
     exec(bin("ballast-bench", false), &args)
 }

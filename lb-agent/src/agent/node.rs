@@ -4,6 +4,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     path::PathBuf,
+    sync::Arc,
 };
 
 use lb_common::{
@@ -14,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::{
     dataplane::{
-        Dataplane, LoadError, LoadOptions, MapSizes, MapsError, XdpAttachMode,
+        Dataplane, LoadError, LoadOptions, MapSizes, Maps, MapsError, XdpAttachMode,
         flows::{self, GcReport},
         plan::{DesiredState, PlanError, plan},
         state::ProgrammedState,
@@ -27,7 +28,18 @@ use crate::{
         netlink::{NetError, Netlink},
         sysctl,
     },
+    telemetry::{ServiceLabels, Telemetry},
 };
+
+/// What the agent leaves behind when it stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnExit {
+    /// Detach the programs, remove the VIPs it added, restore forwarding settings.
+    Detach,
+    /// Leave programs (pinned links), VIPs and maps in place: traffic keeps flowing while
+    /// no agent runs, and the next agent replaces the programs atomically.
+    Keep,
+}
 
 /// Settings of a node.
 #[derive(Clone, Debug)]
@@ -42,6 +54,8 @@ pub struct NodeOptions {
     pub sizes: MapSizes,
     /// Data path settings.
     pub config: DataplaneConfig,
+    /// What stopping leaves behind.
+    pub on_exit: OnExit,
 }
 
 /// Why the node could not start or apply.
@@ -56,6 +70,9 @@ pub enum NodeError {
     /// A map operation failed.
     #[error(transparent)]
     Maps(#[from] MapsError),
+    /// Another agent runs in this network namespace.
+    #[error("another lb-agent is already running on this node (network namespace): {0}")]
+    AlreadyRunning(std::io::Error),
 }
 
 impl From<LoadError> for NodeError {
@@ -90,34 +107,43 @@ pub struct Node {
     iface: Link,
     /// Forwarding settings changed, to restore: interface → old value.
     forwarding: BTreeMap<String, String>,
+    /// Held for the agent's lifetime: see [`instance_lock`].
+    _lock: std::os::unix::net::UnixListener,
+    /// Metrics and health.
+    telemetry: Arc<Telemetry>,
+    /// VIPs this agent put on interfaces (to notice when someone removes one).
+    vips_added: BTreeSet<Ipv4Addr>,
+}
+
+/// Name of the abstract socket that marks a running agent. Abstract sockets belong to the
+/// network namespace and vanish with the process, so a crashed agent never blocks the next.
+pub const LOCK_NAME: &[u8] = b"ballast-lb-agent";
+
+/// Takes the node-wide (network namespace) agent lock; fails if another agent holds it.
+pub fn instance_lock() -> Result<std::os::unix::net::UnixListener, std::io::Error> {
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(LOCK_NAME)?;
+    std::os::unix::net::UnixListener::bind_addr(&addr)
 }
 
 impl Node {
     /// Loads the data path (reusing pinned maps) and attaches it to the interface.
-    pub async fn start(opts: NodeOptions) -> Result<Self, NodeError> {
+    pub async fn start(opts: NodeOptions, telemetry: Arc<Telemetry>) -> Result<Self, NodeError> {
+        let lock = instance_lock().map_err(NodeError::AlreadyRunning)?;
         let nl = Netlink::connect()?;
         let iface = nl.link_by_name(&opts.interface).await?;
         let links = nl.links().await?;
-        let dp = Dataplane::load(&LoadOptions {
-            pin_dir: opts.pin_dir.clone(),
-            sizes: opts.sizes,
-            config: opts.config,
-        })?;
+        let dp =
+            Dataplane::load(&LoadOptions { pin_dir: opts.pin_dir.clone(), sizes: opts.sizes, config: opts.config })?;
         let state = dp.maps.read_state()?;
         if !state.services.is_empty() {
-            info!(
-                services = state.services.len(),
-                "found programmed services in the pinned maps; adopting them"
-            );
+            info!(services = state.services.len(), "found programmed services in the pinned maps; adopting them");
         }
-        let mut node = Self {
-            opts,
-            nl,
-            dp,
-            state,
-            iface,
-            forwarding: BTreeMap::new(),
-        };
+        telemetry.set_maps(Maps::open(&opts.pin_dir)?);
+        // Addresses carrying our marker were put there by an earlier agent: they count as ours.
+        let vips_added = nl.addresses().await?.into_iter().filter(|a| a.ours).map(|a| a.addr).collect();
+        let mut node =
+            Self { opts, nl, dp, state, iface, forwarding: BTreeMap::new(), _lock: lock, telemetry, vips_added };
         node.attach(&links, node.iface.index)?;
         Ok(node)
     }
@@ -131,25 +157,16 @@ impl Node {
         if !self.dp.attached().any(|(i, _)| i == dev.index) {
             self.dp.attach(&dev.name, dev.index, self.opts.xdp_mode)?;
         }
-        for name in [
-            Some(dev.name.clone()),
-            links
-                .iter()
-                .find(|l| l.index == index)
-                .map(|l| l.name.clone()),
-        ]
-        .into_iter()
-        .flatten()
+        for name in [Some(dev.name.clone()), links.iter().find(|l| l.index == index).map(|l| l.name.clone())]
+            .into_iter()
+            .flatten()
         {
             if self.forwarding.contains_key(&name) {
                 continue;
             }
             match sysctl::enable_forwarding(&name) {
                 Ok(Some(old)) => {
-                    info!(
-                        iface = name,
-                        "enabled IPv4 forwarding (bpf_fib_lookup needs it on the receiving interface)"
-                    );
+                    info!(iface = name, "enabled IPv4 forwarding (bpf_fib_lookup needs it on the receiving interface)");
                     self.forwarding.insert(name, old);
                 }
                 Ok(None) => {}
@@ -176,28 +193,21 @@ impl Node {
         for s in services {
             let name = s.interface.as_deref().unwrap_or(&default_iface);
             let Some(link) = links.iter().find(|l| l.name == name) else {
-                report
-                    .failed
-                    .insert(s.name.clone(), format!("interface {name:?} does not exist"));
+                report.failed.insert(s.name.clone(), format!("interface {name:?} does not exist"));
                 continue;
             };
             match vip_iface.get(&s.vip) {
                 Some(i) if *i != link.index => {
                     report.failed.insert(
                         s.name.clone(),
-                        format!(
-                            "VIP {} is already held on another interface than {name}",
-                            s.vip
-                        ),
+                        format!("VIP {} is already held on another interface than {name}", s.vip),
                     );
                     continue;
                 }
                 _ => {}
             }
             if let Err(e) = self.attach(&links, link.index) {
-                report
-                    .failed
-                    .insert(s.name.clone(), format!("cannot attach to {name}: {e}"));
+                report.failed.insert(s.name.clone(), format!("cannot attach to {name}: {e}"));
                 continue;
             }
             vip_iface.insert(s.vip, link.index);
@@ -206,38 +216,27 @@ impl Node {
 
         // Where do backends live? Every interface a backend is routed through needs the
         // programs (replies come back there) and its address is a SNAT source.
-        let backends: BTreeSet<Ipv4Addr> = usable
-            .iter()
-            .flat_map(|s| s.backends.iter().map(|b| *b.addr.ip()))
-            .collect();
+        let backends: BTreeSet<Ipv4Addr> =
+            usable.iter().flat_map(|s| s.backends.iter().map(|b| *b.addr.ip())).collect();
         let mut egress = BTreeSet::new();
         for b in backends {
             match self.nl.route_to(b).await? {
                 Some(r) => {
                     egress.insert(r.oif);
                 }
-                None => report.warnings.push(format!(
-                    "backend {b} is unreachable (no route); flows to it are dropped"
-                )),
+                None => report.warnings.push(format!("backend {b} is unreachable (no route); flows to it are dropped")),
             }
         }
         for oif in &egress {
             if let Err(e) = self.attach(&links, *oif) {
-                report.warnings.push(format!(
-                    "cannot attach to the interface towards backends (ifindex {oif}): {e}"
-                ));
+                report.warnings.push(format!("cannot attach to the interface towards backends (ifindex {oif}): {e}"));
             }
         }
 
         let ifaces = iface_table(&links, &addrs);
         let mut owned: BTreeMap<AddrKey, AddrInfo> = BTreeMap::new();
         for s in &usable {
-            owned
-                .entry(AddrKey {
-                    addr: s.vip.octets(),
-                })
-                .or_default()
-                .flags |= ADDR_VIP;
+            owned.entry(AddrKey { addr: s.vip.octets() }).or_default().flags |= ADDR_VIP;
         }
         for oif in &egress {
             match ifaces.get(oif) {
@@ -249,11 +248,7 @@ impl Node {
             }
         }
 
-        let desired = DesiredState {
-            services: usable.clone(),
-            addrs: owned,
-            ifaces,
-        };
+        let desired = DesiredState { services: usable.clone(), addrs: owned, ifaces };
         let p = plan(&self.state, &desired, self.dp.maps.limits());
         for op in &p.ops {
             self.dp.maps.apply(op)?;
@@ -267,44 +262,108 @@ impl Node {
 
         let changes = address_changes(&vip_iface, &addrs);
         for vip in &changes.foreign {
-            report.warnings.push(format!(
-                "VIP {vip} is already configured on this node by someone else; using it as is"
-            ));
+            report
+                .warnings
+                .push(format!("VIP {vip} is already configured on this node by someone else; using it as is"));
         }
         for (index, vip) in changes.add {
+            if self.vips_added.contains(&vip) {
+                warn!(%vip, "a VIP this agent added was removed from its interface by someone else; adding it back");
+                self.telemetry.drift("address");
+            }
             match self.nl.add_address(index, vip).await {
-                Ok(()) => report.added.push(vip),
+                Ok(()) => {
+                    self.vips_added.insert(vip);
+                    report.added.push(vip);
+                }
                 Err(e) => {
                     for s in usable.iter().filter(|s| s.vip == vip) {
-                        report.failed.insert(
-                            s.name.clone(),
-                            format!("cannot add {vip} to the interface: {e}"),
-                        );
+                        report.failed.insert(s.name.clone(), format!("cannot add {vip} to the interface: {e}"));
                     }
                 }
             }
         }
         for (index, vip, prefix) in changes.remove {
             match self.nl.del_address(index, vip, prefix).await {
-                Ok(()) => report.removed.push(vip),
+                Ok(()) => {
+                    self.vips_added.remove(&vip);
+                    report.removed.push(vip);
+                }
                 Err(e) => report.warnings.push(format!("cannot remove {vip}: {e}")),
             }
         }
+        let labels = usable
+            .iter()
+            .filter_map(|s| {
+                let key = s.key();
+                let v = self.state.services.get(&key)?;
+                Some(ServiceLabels::new(&s.name, &key, v.id, v.count))
+            })
+            .collect();
+        self.telemetry.set_services(labels);
         Ok(report)
+    }
+
+    /// Compares the maps and attachments with what this agent programmed and repairs any
+    /// difference (someone deleted a map entry, detached a program, recreated an
+    /// interface). Returns what was repaired; the next [`Self::apply`] rewrites the maps.
+    pub async fn repair_drift(&mut self) -> Result<Vec<String>, NodeError> {
+        let mut repaired = Vec::new();
+        let actual = self.dp.maps.read_state()?;
+        if actual != self.state {
+            let differs = |a: usize, b: usize, what: &str| (a != b).then(|| format!("{what} {a}→{b}"));
+            let detail: Vec<String> = [
+                differs(self.state.services.len(), actual.services.len(), "services"),
+                differs(self.state.slots.len(), actual.slots.len(), "slots"),
+                differs(self.state.addrs.len(), actual.addrs.len(), "addrs"),
+                differs(self.state.ifaces.len(), actual.ifaces.len(), "ifaces"),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            let detail = if detail.is_empty() { "entries changed".to_string() } else { detail.join(", ") };
+            warn!(%detail, "the maps differ from what this agent wrote; repairing");
+            self.telemetry.drift("map");
+            repaired.push(format!("maps: {detail}"));
+            self.state = actual;
+        }
+        let links = self.nl.links().await?;
+        let attached: Vec<(u32, String)> = self.dp.attached().map(|(i, n)| (i, n.to_string())).collect();
+        for (index, name) in attached {
+            let live = links.iter().find(|l| l.index == index);
+            if live.is_none_or(|l| l.xdp_prog.is_none()) {
+                warn!(iface = name, "the XDP program is no longer attached; attaching again");
+                self.telemetry.drift("attachment");
+                self.dp.forget(index);
+                if let Some(l) = links.iter().find(|l| l.name == name) {
+                    self.attach(&links, l.index)?;
+                }
+                repaired.push(format!("attachment on {name}"));
+            }
+        }
+        Ok(repaired)
     }
 
     /// Removes idle and stale flows.
     pub fn collect_flows(&mut self) -> Result<GcReport, NodeError> {
-        Ok(flows::collect(
-            &mut self.dp.maps,
-            &self.opts.config,
-            flows::monotonic_ns(),
-        )?)
+        let r = flows::collect(&mut self.dp.maps, &self.opts.config, flows::monotonic_ns())?;
+        self.telemetry.set_flows(((r.scanned - r.expired - r.stale) / 2) as u64);
+        Ok(r)
     }
 
-    /// Detaches the programs, removes the addresses ballast added and restores forwarding
-    /// settings. Maps stay pinned so a restarted agent continues established flows.
+    /// Metrics and health of this node.
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.telemetry
+    }
+
+    /// Stops as `on_exit` says. Maps always stay pinned, so a restarted agent continues
+    /// established flows.
     pub async fn shutdown(mut self) {
+        if self.opts.on_exit == OnExit::Keep {
+            self.dp.keep_attached();
+            info!("programs, VIPs and maps left in place for the next agent (`lb-agent cleanup` removes them)");
+            return;
+        }
         self.dp.detach_all();
         match self.nl.addresses().await {
             Ok(addrs) => {

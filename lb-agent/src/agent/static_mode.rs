@@ -1,33 +1,42 @@
 //! Static mode: services from a YAML file, re-read on SIGHUP and when the file changes.
 
-use std::{path::PathBuf, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use super::node::{ApplyReport, Node, NodeOptions};
-use crate::{config, model::ServiceSpec};
+use crate::{config, model::ServiceSpec, telemetry::Telemetry};
 
 /// How often the file is checked for changes.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 /// How often idle flows are collected.
 const GC_INTERVAL: Duration = Duration::from_secs(10);
-/// How often routes and addresses are re-checked (backends' routes can change, someone
-/// can remove a VIP).
-const RESYNC_INTERVAL: Duration = Duration::from_secs(30);
 
-/// Runs until SIGINT or SIGTERM.
-pub async fn run(node: NodeOptions, path: PathBuf) -> anyhow::Result<()> {
+/// Runs until SIGINT or SIGTERM. Every `resync`, drift is repaired and routes and addresses
+/// are re-checked (backends' routes can change, someone can remove a VIP or a map entry).
+pub async fn run(node: NodeOptions, path: PathBuf, telemetry: Arc<Telemetry>, resync: Duration) -> anyhow::Result<()> {
     let mut services = config::load(&path).context("invalid configuration")?;
     let mut text = std::fs::read_to_string(&path).unwrap_or_default();
-    let mut node = Node::start(node)
-        .await
-        .context("cannot start the data path")?;
-    let result = serve(&mut node, &path, &mut services, &mut text).await;
+    let mut node = Node::start(node, telemetry).await.context("cannot start the data path")?;
+    let result = serve(&mut node, &path, &mut services, &mut text, resync).await;
     node.shutdown().await;
     info!("stopped");
     result
+}
+
+/// Applies `services`, recording the pass in the metrics.
+async fn apply(node: &mut Node, services: &[ServiceSpec]) -> Result<ApplyReport, super::node::NodeError> {
+    let t = node.telemetry().clone();
+    let started = std::time::Instant::now();
+    let r = node.apply(services).await;
+    t.reconciles.inc();
+    t.reconcile_seconds.observe(started.elapsed().as_secs_f64());
+    if r.is_err() {
+        t.reconcile_errors.inc();
+    }
+    r
 }
 
 async fn serve(
@@ -35,14 +44,10 @@ async fn serve(
     path: &PathBuf,
     services: &mut Vec<ServiceSpec>,
     text: &mut String,
+    resync_every: Duration,
 ) -> anyhow::Result<()> {
-    log_report(
-        &node
-            .apply(services)
-            .await
-            .context("applying the configuration")?,
-        services.len(),
-    );
+    log_report(&apply(node, services).await.context("applying the configuration")?, services.len());
+    node.telemetry().set_ready();
     info!(config = %path.display(), services = services.len(), "ready");
 
     let mut hup = signal(SignalKind::hangup())?;
@@ -50,8 +55,10 @@ async fn serve(
     let mut term = signal(SignalKind::terminate())?;
     let mut watch = tokio::time::interval(WATCH_INTERVAL);
     let mut gc = tokio::time::interval(GC_INTERVAL);
-    let mut resync = tokio::time::interval(RESYNC_INTERVAL);
+    let mut resync = tokio::time::interval(resync_every);
+    resync.tick().await;
     loop {
+        node.telemetry().beat();
         let reload = tokio::select! {
             _ = hup.recv() => { info!("SIGHUP: re-reading the configuration"); true }
             _ = watch.tick() => {
@@ -67,7 +74,10 @@ async fn serve(
                 false
             }
             _ = resync.tick() => {
-                match node.apply(services).await {
+                if let Err(e) = node.repair_drift().await {
+                    warn!(error = %e, "drift check failed");
+                }
+                match apply(node, services).await {
                     Ok(r) => if r.map_ops > 0 || !r.added.is_empty() || !r.removed.is_empty() { log_report(&r, services.len()) },
                     Err(e) => error!(error = %e, "re-sync failed; will retry"),
                 }
@@ -81,7 +91,7 @@ async fn serve(
         }
         match config::load(path) {
             Ok(new) if new == *services => info!("configuration unchanged"),
-            Ok(new) => match node.apply(&new).await {
+            Ok(new) => match apply(node, &new).await {
                 Ok(r) => {
                     *services = new;
                     log_report(&r, services.len());
@@ -90,9 +100,7 @@ async fn serve(
                     error!(error = %e, "applying the new configuration failed; will retry at the next change or re-sync")
                 }
             },
-            Err(e) => {
-                error!("configuration refused, the running configuration stays in force: {e}")
-            }
+            Err(e) => error!("configuration refused, the running configuration stays in force: {e}"),
         }
     }
 }
@@ -101,8 +109,8 @@ fn log_report(r: &ApplyReport, services: usize) {
     for w in &r.warnings {
         warn!("{w}");
     }
-    for e in &r.errors {
-        error!("{e}");
+    for (name, why) in &r.failed {
+        error!(service = name, "not served: {why}");
     }
     info!(services, map_ops = r.map_ops, vips_added = ?r.added, vips_removed = ?r.removed, "configuration applied");
 }

@@ -40,17 +40,18 @@ use tracing::{debug, info, warn};
 
 use super::{
     crd::{
-        CONFIG_ANNOTATION, FINALIZER, GROUP, IP_ANNOTATION, LoadBalancer, LoadBalancerConfig,
-        MANAGER, SHARING_ANNOTATION,
+        CONFIG_ANNOTATION, FINALIZER, GROUP, IP_ANNOTATION, LoadBalancer, LoadBalancerConfig, MANAGER,
+        SHARING_ANNOTATION,
     },
     desired::{Decision, Inputs, ServiceRef, Settings, desired},
     events::{self, Summary},
     status,
 };
-use crate::agent::node::{Node, NodeOptions};
+use crate::{
+    agent::node::{Node, NodeOptions},
+    telemetry::{Telemetry, metrics::PoolUsage},
+};
 
-/// How often everything is re-decided even without events (routes, drift).
-const RESYNC: Duration = Duration::from_secs(30);
 /// How soon a pass that hit API errors is retried.
 const RETRY: Duration = Duration::from_secs(2);
 /// How often idle flows are collected.
@@ -67,6 +68,8 @@ pub struct ControllerOptions {
     pub kubeconfig: Option<PathBuf>,
     /// Name reported as the source of Events (the node name in a DaemonSet).
     pub instance: String,
+    /// How often everything is re-decided without events, and drift repaired.
+    pub resync: Duration,
 }
 
 struct Caches {
@@ -104,8 +107,7 @@ where
 pub async fn client(opts: &ControllerOptions) -> anyhow::Result<Client> {
     let config = match &opts.kubeconfig {
         Some(path) => {
-            let kc = Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            let kc = Kubeconfig::read_from(path).with_context(|| format!("reading kubeconfig {}", path.display()))?;
             kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?
         }
         None => kube::Config::infer()
@@ -116,7 +118,7 @@ pub async fn client(opts: &ControllerOptions) -> anyhow::Result<Client> {
 }
 
 /// Runs until SIGINT or SIGTERM.
-pub async fn run(node: NodeOptions, opts: ControllerOptions) -> anyhow::Result<()> {
+pub async fn run(node: NodeOptions, opts: ControllerOptions, telemetry: Arc<Telemetry>) -> anyhow::Result<()> {
     let client = client(&opts).await?;
     let notify = Arc::new(Notify::new());
     let mut cfg_watch = watcher::Config::default();
@@ -124,35 +126,13 @@ pub async fn run(node: NodeOptions, opts: ControllerOptions) -> anyhow::Result<(
         cfg_watch = cfg_watch.labels(sel);
     }
     let caches = Caches {
-        services: reflect(
-            Api::<Service>::all(client.clone()),
-            watcher::Config::default(),
-            notify.clone(),
-        ),
-        slices: reflect(
-            Api::<EndpointSlice>::all(client.clone()),
-            watcher::Config::default(),
-            notify.clone(),
-        ),
-        nodes: reflect(
-            Api::<K8sNode>::all(client.clone()),
-            watcher::Config::default(),
-            notify.clone(),
-        ),
-        configs: reflect(
-            Api::<LoadBalancerConfig>::all(client.clone()),
-            cfg_watch,
-            notify.clone(),
-        ),
-        balancers: reflect(
-            Api::<LoadBalancer>::all(client.clone()),
-            watcher::Config::default(),
-            notify.clone(),
-        ),
+        services: reflect(Api::<Service>::all(client.clone()), watcher::Config::default(), notify.clone()),
+        slices: reflect(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default(), notify.clone()),
+        nodes: reflect(Api::<K8sNode>::all(client.clone()), watcher::Config::default(), notify.clone()),
+        configs: reflect(Api::<LoadBalancerConfig>::all(client.clone()), cfg_watch, notify.clone()),
+        balancers: reflect(Api::<LoadBalancer>::all(client.clone()), watcher::Config::default(), notify.clone()),
     };
-    let mut node = Node::start(node)
-        .await
-        .context("cannot start the data path")?;
+    let mut node = Node::start(node, telemetry.clone()).await.context("cannot start the data path")?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
 
@@ -170,10 +150,7 @@ pub async fn run(node: NodeOptions, opts: ControllerOptions) -> anyhow::Result<(
         _ = term.recv() => { node.shutdown().await; return Ok(()) }
     }
 
-    let reporter = Reporter {
-        controller: "ballast-agent".into(),
-        instance: Some(opts.instance.clone()),
-    };
+    let reporter = Reporter { controller: "ballast-agent".into(), instance: Some(opts.instance.clone()) };
     let mut ctl = Controller {
         client: client.clone(),
         recorder: Recorder::new(client, reporter),
@@ -181,10 +158,12 @@ pub async fn run(node: NodeOptions, opts: ControllerOptions) -> anyhow::Result<(
         prev: seed(&caches.services.state()),
         first: true,
     };
-    let mut resync = tokio::time::interval(RESYNC);
+    let mut resync = tokio::time::interval(opts.resync);
+    resync.tick().await;
     let mut gc = tokio::time::interval(GC_INTERVAL);
     let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
+        telemetry.beat();
         let retry = async {
             match retry_at {
                 Some(t) => tokio::time::sleep_until(t).await,
@@ -196,7 +175,13 @@ pub async fn run(node: NodeOptions, opts: ControllerOptions) -> anyhow::Result<(
                 // Let a burst of events settle into one pass.
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            _ = resync.tick() => {}
+            _ = resync.tick() => {
+                match node.repair_drift().await {
+                    Ok(r) if !r.is_empty() => info!(repaired = ?r, "repaired drift"),
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "drift check failed"),
+                }
+            }
             _ = retry => {}
             _ = gc.tick() => {
                 match node.collect_flows() {
@@ -209,12 +194,17 @@ pub async fn run(node: NodeOptions, opts: ControllerOptions) -> anyhow::Result<(
             _ = int.recv() => break,
             _ = term.recv() => break,
         }
+        let started = Instant::now();
         let errors = ctl.pass(&caches, &mut node).await;
+        telemetry.reconciles.inc();
+        telemetry.reconcile_seconds.observe(started.elapsed().as_secs_f64());
+        if errors > 0 {
+            telemetry.reconcile_errors.inc();
+        }
+        telemetry.set_ready();
         retry_at = (errors > 0).then(|| tokio::time::Instant::now() + RETRY);
     }
-    info!(
-        "shutting down: detaching, removing VIPs (status and finalizers stay for the next start)"
-    );
+    info!("shutting down (Service status and finalizers stay for the next agent)");
     node.shutdown().await;
     Ok(())
 }
@@ -233,8 +223,7 @@ fn seed(services: &[Arc<Service>]) -> BTreeMap<ServiceRef, Summary> {
     let mut out = BTreeMap::new();
     for s in services {
         let conds = s.status.as_ref().and_then(|st| st.conditions.as_ref());
-        let Some(alloc) = conds.and_then(|cs| cs.iter().find(|c| c.type_ == "AddressAllocated"))
-        else {
+        let Some(alloc) = conds.and_then(|cs| cs.iter().find(|c| c.type_ == "AddressAllocated")) else {
             continue;
         };
         let ip = s
@@ -245,17 +234,14 @@ fn seed(services: &[Arc<Service>]) -> BTreeMap<ServiceRef, Summary> {
             .and_then(|i| i.first())
             .and_then(|i| i.ip.as_ref())
             .and_then(|ip| ip.parse().ok());
-        let programmed = conds.and_then(|cs| {
-            cs.iter()
-                .find(|c| c.type_ == "DataplaneProgrammed" && c.reason == "ProgrammingFailed")
-        });
+        let programmed = conds
+            .and_then(|cs| cs.iter().find(|c| c.type_ == "DataplaneProgrammed" && c.reason == "ProgrammingFailed"));
         out.insert(
             ServiceRef::of(s),
             Summary {
                 address: if alloc.status == "True" { ip } else { None },
                 config: None,
-                problem: (alloc.status != "True")
-                    .then(|| (alloc.reason.clone(), alloc.message.clone())),
+                problem: (alloc.status != "True").then(|| (alloc.reason.clone(), alloc.message.clone())),
                 node_failure: programmed.map(|c| c.message.clone()),
                 not_ours: None,
             },
@@ -275,10 +261,7 @@ fn ours_conditions(s: &Service) -> Vec<Condition> {
 }
 
 fn has_finalizer<K: Resource>(o: &K) -> bool {
-    o.meta()
-        .finalizers
-        .as_ref()
-        .is_some_and(|f| f.iter().any(|x| x == FINALIZER))
+    o.meta().finalizers.as_ref().is_some_and(|f| f.iter().any(|x| x == FINALIZER))
 }
 
 impl Controller {
@@ -297,10 +280,7 @@ impl Controller {
         };
         let decided = desired(&inputs, &self.settings);
         let mut errors = 0;
-        let by_ref: BTreeMap<ServiceRef, &Service> = services
-            .iter()
-            .map(|s| (ServiceRef::of(s), s.as_ref()))
-            .collect();
+        let by_ref: BTreeMap<ServiceRef, &Service> = services.iter().map(|s| (ServiceRef::of(s), s.as_ref())).collect();
 
         // Finalizers first: a served service must not disappear before its release.
         for (r, d) in &decided.services {
@@ -327,9 +307,7 @@ impl Controller {
         let mut failures: BTreeMap<String, String> = BTreeMap::new();
         for (name, why) in &report.failed {
             let svc = name.rsplit_once(':').map_or(name.as_str(), |(s, _)| s);
-            failures
-                .entry(svc.to_string())
-                .or_insert_with(|| why.clone());
+            failures.entry(svc.to_string()).or_insert_with(|| why.clone());
         }
 
         // Status, LoadBalancer objects, finalizer removal.
@@ -338,15 +316,7 @@ impl Controller {
             .balancers
             .state()
             .into_iter()
-            .map(|b| {
-                (
-                    ServiceRef {
-                        namespace: b.namespace().unwrap_or_default(),
-                        name: b.name_any(),
-                    },
-                    b,
-                )
-            })
+            .map(|b| (ServiceRef { namespace: b.namespace().unwrap_or_default(), name: b.name_any() }, b))
             .collect();
         let mut next = BTreeMap::new();
         for (r, d) in &decided.services {
@@ -364,22 +334,15 @@ impl Controller {
                         .write_service_status(svc, &status::ingress(s), &conditions)
                         .await
                         .map_err(|e| ("service status", e));
-                    let (spec, st) =
-                        status::load_balancer(&r.name, &self.settings.class, s, conditions, phase);
-                    let r2 = self
-                        .write_load_balancer(svc, balancer, spec, st)
-                        .await
-                        .map_err(|e| ("LoadBalancer object", e));
+                    let (spec, st) = status::load_balancer(&r.name, &self.settings.class, s, conditions, phase);
+                    let r2 =
+                        self.write_load_balancer(svc, balancer, spec, st).await.map_err(|e| ("LoadBalancer object", e));
                     r1.and(r2)
                 }
-                Decision::Deleting => self
-                    .release(svc, balancer)
-                    .await
-                    .map_err(|e| ("release", e)),
-                Decision::NotOurs(_) if self.served_before(svc, balancer) => self
-                    .release(svc, balancer)
-                    .await
-                    .map_err(|e| ("release", e)),
+                Decision::Deleting => self.release(svc, balancer).await.map_err(|e| ("release", e)),
+                Decision::NotOurs(_) if self.served_before(svc, balancer) => {
+                    self.release(svc, balancer).await.map_err(|e| ("release", e))
+                }
                 Decision::NotOurs(_) => Ok(()),
             };
             if let Err((what, e)) = result {
@@ -419,13 +382,8 @@ impl Controller {
                 continue;
             }
             let patch = json!({"apiVersion": format!("{GROUP}/v1alpha1"), "kind": "LoadBalancerConfig", "status": st});
-            if let Err(e) = cfg_api
-                .patch_status(
-                    &name,
-                    &PatchParams::apply(MANAGER).force(),
-                    &Patch::Apply(patch),
-                )
-                .await
+            if let Err(e) =
+                cfg_api.patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(patch)).await
             {
                 warn!(config = name, error = %e, "cannot write config status");
                 errors += 1;
@@ -437,14 +395,9 @@ impl Controller {
         // carries a ballast annotation) and is not simply another ballast deployment's.
         let wants = |r: &ServiceRef| {
             by_ref.get(r).is_some_and(|s| {
-                let class = s
-                    .spec
-                    .as_ref()
-                    .and_then(|sp| sp.load_balancer_class.as_deref());
+                let class = s.spec.as_ref().and_then(|sp| sp.load_balancer_class.as_deref());
                 let annotated = s.metadata.annotations.as_ref().is_some_and(|a| {
-                    [CONFIG_ANNOTATION, IP_ANNOTATION, SHARING_ANNOTATION]
-                        .iter()
-                        .any(|k| a.contains_key(*k))
+                    [CONFIG_ANNOTATION, IP_ANNOTATION, SHARING_ANNOTATION].iter().any(|k| a.contains_key(*k))
                 });
                 annotated && !class.is_some_and(|c| c.starts_with("ballast.dev/"))
             })
@@ -454,11 +407,7 @@ impl Controller {
                 continue;
             };
             let event = Event {
-                type_: if ev.warning {
-                    EventType::Warning
-                } else {
-                    EventType::Normal
-                },
+                type_: if ev.warning { EventType::Warning } else { EventType::Normal },
                 reason: ev.reason.clone(),
                 note: Some(ev.note.clone()),
                 action: "Reconcile".into(),
@@ -475,11 +424,14 @@ impl Controller {
         }
         self.prev = next;
 
-        let served = decided
-            .services
-            .values()
-            .filter(|d| matches!(d, Decision::Serve(s) if s.address.is_ok()))
-            .count();
+        node.telemetry().set_pools(
+            decided
+                .configs
+                .iter()
+                .map(|(name, c)| PoolUsage { config: name.clone(), total: c.total, in_use: c.in_use })
+                .collect(),
+        );
+        let served = decided.services.values().filter(|d| matches!(d, Decision::Serve(s) if s.address.is_ok())).count();
         if self.first {
             info!(
                 services = served,
@@ -510,11 +462,7 @@ impl Controller {
             // Objects from agents that did not record a class are this deployment's.
             Some(b) => b.spec.class == self.settings.class || b.spec.class.is_empty(),
             None => {
-                let class_ours = match svc
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.load_balancer_class.as_deref())
-                {
+                let class_ours = match svc.spec.as_ref().and_then(|s| s.load_balancer_class.as_deref()) {
                     Some(c) => c == self.settings.class,
                     None => !self.settings.ignore_unclassed,
                 };
@@ -531,15 +479,8 @@ impl Controller {
             list.push(FINALIZER.to_string());
         }
         let patch = json!({"metadata": {"finalizers": list, "resourceVersion": svc.metadata.resource_version}});
-        let api =
-            Api::<Service>::namespaced(self.client.clone(), &svc.namespace().unwrap_or_default());
-        api.patch(
-            &svc.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(patch),
-        )
-        .await
-        .map(|_| ())
+        let api = Api::<Service>::namespaced(self.client.clone(), &svc.namespace().unwrap_or_default());
+        api.patch(&svc.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await.map(|_| ())
     }
 
     async fn write_service_status(
@@ -562,15 +503,8 @@ impl Controller {
             "kind": "Service",
             "status": { "loadBalancer": { "ingress": ingress }, "conditions": conditions },
         });
-        let api =
-            Api::<Service>::namespaced(self.client.clone(), &svc.namespace().unwrap_or_default());
-        api.patch_status(
-            &svc.name_any(),
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(patch),
-        )
-        .await
-        .map(|_| ())
+        let api = Api::<Service>::namespaced(self.client.clone(), &svc.namespace().unwrap_or_default());
+        api.patch_status(&svc.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(patch)).await.map(|_| ())
     }
 
     async fn write_load_balancer(
@@ -609,8 +543,7 @@ impl Controller {
         }
         if !same_status || !same_spec {
             let patch = json!({"apiVersion": format!("{GROUP}/v1alpha1"), "kind": "LoadBalancer", "status": st});
-            api.patch_status(&name, &params, &Patch::Apply(patch))
-                .await?;
+            api.patch_status(&name, &params, &Patch::Apply(patch)).await?;
         }
         Ok(())
     }
@@ -626,13 +559,8 @@ impl Controller {
             // Applying an empty status as ballast's field manager drops every field it owns:
             // the ingress and its conditions.
             let patch = json!({"apiVersion": "v1", "kind": "Service", "status": {}});
-            let updated = api
-                .patch_status(
-                    &svc.name_any(),
-                    &PatchParams::apply(MANAGER).force(),
-                    &Patch::Apply(patch),
-                )
-                .await?;
+            let updated =
+                api.patch_status(&svc.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(patch)).await?;
             current = std::borrow::Cow::Owned(updated);
         }
         if has_finalizer(current.as_ref()) {

@@ -20,10 +20,7 @@ use k8s_openapi::api::{
 };
 
 use super::{
-    crd::{
-        BackendMode, CONFIG_ANNOTATION, IP_ANNOTATION, IpMode, LoadBalancerConfig,
-        SHARING_ANNOTATION,
-    },
+    crd::{BackendMode, CONFIG_ANNOTATION, IP_ANNOTATION, IpMode, LoadBalancerConfig, SHARING_ANNOTATION},
     endpoints,
     pool::AddressPool,
 };
@@ -88,10 +85,7 @@ pub struct Problem {
 }
 
 fn problem(reason: &'static str, message: impl Into<String>) -> Problem {
-    Problem {
-        reason,
-        message: message.into(),
-    }
+    Problem { reason, message: message.into() }
 }
 
 /// One served port.
@@ -230,27 +224,15 @@ impl Holders {
 
     /// Whether a service with sharing key `key` and external ports `ports` may use `addr`
     /// alongside its current holders.
-    fn shareable(
-        &self,
-        addr: Ipv4Addr,
-        key: Option<&String>,
-        ports: &BTreeSet<(u16, Protocol)>,
-    ) -> bool {
+    fn shareable(&self, addr: Ipv4Addr, key: Option<&String>, ports: &BTreeSet<(u16, Protocol)>) -> bool {
         match self.by_addr.get(&addr) {
             None => true,
-            Some(hs) => hs
-                .iter()
-                .all(|(k, ps)| k.is_some() && k.as_ref() == key && ps.is_disjoint(ports)),
+            Some(hs) => hs.iter().all(|(k, ps)| k.is_some() && k.as_ref() == key && ps.is_disjoint(ports)),
         }
     }
 
     fn ports_on(&self, addr: Ipv4Addr) -> BTreeSet<(u16, Protocol)> {
-        self.by_addr
-            .get(&addr)
-            .into_iter()
-            .flatten()
-            .flat_map(|(_, ps)| ps.iter().copied())
-            .collect()
+        self.by_addr.get(&addr).into_iter().flatten().flat_map(|(_, ps)| ps.iter().copied()).collect()
     }
 
     fn add(&mut self, addr: Ipv4Addr, key: Option<String>, ports: BTreeSet<(u16, Protocol)>) {
@@ -259,11 +241,7 @@ impl Holders {
 }
 
 fn annotation<'a>(s: &'a Service, key: &str) -> Option<&'a str> {
-    s.metadata
-        .annotations
-        .as_ref()?
-        .get(key)
-        .map(String::as_str)
+    s.metadata.annotations.as_ref()?.get(key).map(String::as_str)
 }
 
 /// Decides the whole cluster.
@@ -276,43 +254,29 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
         .iter()
         .filter_map(|c| {
             let name = c.metadata.name.clone()?;
-            let pool = AddressPool::parse(&c.spec.addresses)
-                .map_err(|e| problem("InvalidAddresses", e.to_string()));
+            let pool = AddressPool::parse(&c.spec.addresses).map_err(|e| problem("InvalidAddresses", e.to_string()));
             let pool = pool.and_then(|p| {
                 if p.size() == 0 {
-                    Err(problem(
-                        "InvalidAddresses",
-                        "the addresses leave no usable address",
-                    ))
+                    Err(problem("InvalidAddresses", "the addresses leave no usable address"))
                 } else {
                     Ok(p)
                 }
             });
             let pool = match (&pool, &c.spec.port_range) {
-                (Ok(_), Some(r)) if r.low == 0 || r.low > r.high => Err(problem(
-                    "InvalidPortRange",
-                    format!("portRange {}-{} is empty", r.low, r.high),
-                )),
+                (Ok(_), Some(r)) if r.low == 0 || r.low > r.high => {
+                    Err(problem("InvalidPortRange", format!("portRange {}-{} is empty", r.low, r.high)))
+                }
                 _ => pool,
             };
             Some((name, ConfigInfo { cfg: c, pool }))
         })
         .collect();
-    let defaults: Vec<&String> = configs
-        .iter()
-        .filter(|(_, c)| c.cfg.spec.default)
-        .map(|(n, _)| n)
-        .collect();
+    let defaults: Vec<&String> = configs.iter().filter(|(_, c)| c.cfg.spec.default).map(|(n, _)| n).collect();
 
     // Services, oldest first: older services win conflicts.
     let mut services: Vec<&Service> = inputs.services.clone();
     services.sort_by(|a, b| {
-        let key = |s: &Service| {
-            (
-                s.metadata.creation_timestamp.clone().map(|t| t.0),
-                ServiceRef::of(s),
-            )
-        };
+        let key = |s: &Service| (s.metadata.creation_timestamp.clone().map(|t| t.0), ServiceRef::of(s));
         key(a).cmp(&key(b))
     });
 
@@ -323,13 +287,8 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
             continue;
         };
         if spec.type_.as_deref() != Some("LoadBalancer") {
-            out.services.insert(
-                r,
-                Decision::NotOurs(problem(
-                    "NotLoadBalancer",
-                    "the service is not of type LoadBalancer",
-                )),
-            );
+            out.services
+                .insert(r, Decision::NotOurs(problem("NotLoadBalancer", "the service is not of type LoadBalancer")));
             continue;
         }
         match spec.load_balancer_class.as_deref() {
@@ -348,10 +307,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
                     r,
                     Decision::NotOurs(problem(
                         "ClassMismatch",
-                        format!(
-                            "no loadBalancerClass, and the agent only serves {}",
-                            settings.class
-                        ),
+                        format!("no loadBalancerClass, and the agent only serves {}", settings.class),
                     )),
                 );
                 continue;
@@ -367,10 +323,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
             Some(name) => match configs.get(name) {
                 Some(c) => match &c.pool {
                     Ok(_) => Ok(name.to_string()),
-                    Err(p) => Err(problem(
-                        "InvalidConfig",
-                        format!("config {name} is invalid: {}", p.message),
-                    )),
+                    Err(p) => Err(problem("InvalidConfig", format!("config {name} is invalid: {}", p.message))),
                 },
                 None => Err(problem(
                     "ConfigNotFound",
@@ -380,10 +333,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
             None => match defaults.as_slice() {
                 [one] => match &configs[*one].pool {
                     Ok(_) => Ok((*one).clone()),
-                    Err(p) => Err(problem(
-                        "InvalidConfig",
-                        format!("default config {one} is invalid: {}", p.message),
-                    )),
+                    Err(p) => Err(problem("InvalidConfig", format!("default config {one} is invalid: {}", p.message))),
                 },
                 [] => Err(problem(
                     "NoDefaultConfig",
@@ -395,74 +345,41 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
                     "MultipleDefaultConfigs",
                     format!(
                         "configs {} are all marked default; keep one",
-                        many.iter()
-                            .map(|s| s.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        many.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
                     ),
                 )),
             },
         };
-        let requested = match annotation(svc, IP_ANNOTATION)
-            .or(spec.load_balancer_ip.as_deref().filter(|s| !s.is_empty()))
-        {
-            None => Ok(None),
-            Some(s) => s.trim().parse::<Ipv4Addr>().map(Some).map_err(|_| {
-                problem(
-                    "InvalidRequestedAddress",
-                    format!("requested address {s:?} is not an IPv4 address"),
-                )
-            }),
-        };
+        let requested =
+            match annotation(svc, IP_ANNOTATION).or(spec.load_balancer_ip.as_deref().filter(|s| !s.is_empty())) {
+                None => Ok(None),
+                Some(s) => s.trim().parse::<Ipv4Addr>().map(Some).map_err(|_| {
+                    problem("InvalidRequestedAddress", format!("requested address {s:?} is not an IPv4 address"))
+                }),
+            };
         let ingress = svc
             .status
             .as_ref()
             .and_then(|s| s.load_balancer.as_ref())
             .and_then(|lb| lb.ingress.as_ref())
             .and_then(|i| i.first());
-        let current = ingress
-            .and_then(|i| i.ip.as_deref())
-            .and_then(|ip| ip.parse().ok());
+        let current = ingress.and_then(|i| i.ip.as_deref()).and_then(|ip| ip.parse().ok());
         let current_ports = ingress
             .and_then(|i| i.ports.as_ref())
-            .map(|ps| {
-                ps.iter()
-                    .filter_map(|p| Some((u16::try_from(p.port).ok()?, p.protocol.clone())))
-                    .collect()
-            })
+            .map(|ps| ps.iter().filter_map(|p| Some((u16::try_from(p.port).ok()?, p.protocol.clone()))).collect())
             .unwrap_or_default();
         let mut ports = Vec::new();
         let mut unsupported = Vec::new();
         for p in spec.ports.iter().flatten() {
             let proto = p.protocol.as_deref().unwrap_or("TCP");
             match (proto, u16::try_from(p.port)) {
-                ("TCP", Ok(port)) => ports.push((
-                    port,
-                    Protocol::Tcp,
-                    p.node_port.and_then(|n| u16::try_from(n).ok()),
-                )),
-                ("UDP", Ok(port)) => ports.push((
-                    port,
-                    Protocol::Udp,
-                    p.node_port.and_then(|n| u16::try_from(n).ok()),
-                )),
+                ("TCP", Ok(port)) => ports.push((port, Protocol::Tcp, p.node_port.and_then(|n| u16::try_from(n).ok()))),
+                ("UDP", Ok(port)) => ports.push((port, Protocol::Udp, p.node_port.and_then(|n| u16::try_from(n).ok()))),
                 _ => unsupported.push(format!("{}/{proto}", p.port)),
             }
         }
-        let key = annotation(svc, SHARING_ANNOTATION)
-            .map(str::to_string)
-            .filter(|k| !k.is_empty());
-        candidates.push(Candidate {
-            r,
-            svc,
-            config,
-            requested,
-            current,
-            current_ports,
-            key,
-            ports,
-            unsupported,
-        });
+        let key = annotation(svc, SHARING_ANNOTATION).map(str::to_string).filter(|k| !k.is_empty());
+        candidates.push(Candidate { r, svc, config, requested, current, current_ports, key, ports, unsupported });
     }
 
     // Allocation. `held` records every (address, ports) decided so far.
@@ -471,44 +388,33 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
     let pool_of = |c: &Candidate<'_>| -> Option<(&AddressPool, Option<(u16, u16)>)> {
         let name = c.config.as_ref().ok()?;
         let info = configs.get(name)?;
-        Some((
-            info.pool.as_ref().ok()?,
-            info.cfg.spec.port_range.as_ref().map(|r| (r.low, r.high)),
-        ))
+        Some((info.pool.as_ref().ok()?, info.cfg.spec.port_range.as_ref().map(|r| (r.low, r.high))))
     };
     // External ports for `c` on `addr`: the service ports, or ports from the range (kept
     // from the status where still free).
-    let external = |c: &Candidate<'_>,
-                    addr: Ipv4Addr,
-                    range: Option<(u16, u16)>,
-                    holders: &Holders|
-     -> Option<Vec<u16>> {
-        let Some((lo, hi)) = range else {
-            return Some(c.ports.iter().map(|p| p.0).collect());
+    let external =
+        |c: &Candidate<'_>, addr: Ipv4Addr, range: Option<(u16, u16)>, holders: &Holders| -> Option<Vec<u16>> {
+            let Some((lo, hi)) = range else {
+                return Some(c.ports.iter().map(|p| p.0).collect());
+            };
+            let mut used = holders.ports_on(addr);
+            let mut out = Vec::new();
+            for (i, (_, proto, _)) in c.ports.iter().enumerate() {
+                let kept = (c.current == Some(addr))
+                    .then(|| c.current_ports.get(i))
+                    .flatten()
+                    .filter(|(p, pr)| {
+                        pr == &proto.to_string() && (lo..=hi).contains(p) && !used.contains(&(*p, *proto))
+                    })
+                    .map(|(p, _)| *p);
+                let port = kept.or_else(|| (lo..=hi).find(|p| !used.contains(&(*p, *proto))))?;
+                used.insert((port, *proto));
+                out.push(port);
+            }
+            Some(out)
         };
-        let mut used = holders.ports_on(addr);
-        let mut out = Vec::new();
-        for (i, (_, proto, _)) in c.ports.iter().enumerate() {
-            let kept = (c.current == Some(addr))
-                .then(|| c.current_ports.get(i))
-                .flatten()
-                .filter(|(p, pr)| {
-                    pr == &proto.to_string()
-                        && (lo..=hi).contains(p)
-                        && !used.contains(&(*p, *proto))
-                })
-                .map(|(p, _)| *p);
-            let port = kept.or_else(|| (lo..=hi).find(|p| !used.contains(&(*p, *proto))))?;
-            used.insert((port, *proto));
-            out.push(port);
-        }
-        Some(out)
-    };
     let port_set = |c: &Candidate<'_>, ext: &[u16]| -> BTreeSet<(u16, Protocol)> {
-        ext.iter()
-            .zip(&c.ports)
-            .map(|(e, (_, proto, _))| (*e, *proto))
-            .collect()
+        ext.iter().zip(&c.ports).map(|(e, (_, proto, _))| (*e, *proto)).collect()
     };
 
     // 1. Keep current addresses.
@@ -524,15 +430,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
         };
         let ps = port_set(c, &ext);
         if range.is_some() || holders.shareable(cur, c.key.as_ref(), &ps) {
-            holders.add(
-                cur,
-                if range.is_some() {
-                    Some(String::new())
-                } else {
-                    c.key.clone()
-                },
-                ps,
-            );
+            holders.add(cur, if range.is_some() { Some(String::new()) } else { c.key.clone() }, ps);
             assigned.insert(c.r.clone(), Ok((cur, ext)));
         }
     }
@@ -562,17 +460,10 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
             ))
         } else {
             match external(c, wanted, range, &holders) {
-                Some(ext)
-                    if range.is_some()
-                        || holders.shareable(wanted, c.key.as_ref(), &port_set(c, &ext)) =>
-                {
+                Some(ext) if range.is_some() || holders.shareable(wanted, c.key.as_ref(), &port_set(c, &ext)) => {
                     holders.add(
                         wanted,
-                        if range.is_some() {
-                            Some(String::new())
-                        } else {
-                            c.key.clone()
-                        },
+                        if range.is_some() { Some(String::new()) } else { c.key.clone() },
                         port_set(c, &ext),
                     );
                     Ok((wanted, ext))
@@ -597,38 +488,22 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
         };
         let mut choice = None;
         if range.is_some() {
-            choice = pool
-                .addresses()
-                .find_map(|a| external(c, a, range, &holders).map(|e| (a, e)));
+            choice = pool.addresses().find_map(|a| external(c, a, range, &holders).map(|e| (a, e)));
         } else {
             if c.key.is_some() {
-                choice = pool
-                    .addresses()
-                    .filter(|a| holders.by_addr.contains_key(a))
-                    .find_map(|a| {
-                        let ext = external(c, a, range, &holders)?;
-                        holders
-                            .shareable(a, c.key.as_ref(), &port_set(c, &ext))
-                            .then_some((a, ext))
-                    });
+                choice = pool.addresses().filter(|a| holders.by_addr.contains_key(a)).find_map(|a| {
+                    let ext = external(c, a, range, &holders)?;
+                    holders.shareable(a, c.key.as_ref(), &port_set(c, &ext)).then_some((a, ext))
+                });
             }
             if choice.is_none() {
-                choice = pool
-                    .first_free(&holders.taken())
-                    .and_then(|a| external(c, a, range, &holders).map(|e| (a, e)));
+                choice =
+                    pool.first_free(&holders.taken()).and_then(|a| external(c, a, range, &holders).map(|e| (a, e)));
             }
         }
         let result = match choice {
             Some((a, ext)) => {
-                holders.add(
-                    a,
-                    if range.is_some() {
-                        Some(String::new())
-                    } else {
-                        c.key.clone()
-                    },
-                    port_set(c, &ext),
-                );
+                holders.add(a, if range.is_some() { Some(String::new()) } else { c.key.clone() }, port_set(c, &ext));
                 Ok((a, ext))
             }
             None => Err(problem(
@@ -651,10 +526,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
             (Err(p), _) => Err(p.clone()),
             (Ok(_), Some(Ok((a, ext)))) => Ok((a, ext)),
             (Ok(_), Some(Err(p))) => Err(p),
-            (Ok(_), None) => Err(problem(
-                "InvalidConfig",
-                "the config cannot hand out addresses",
-            )),
+            (Ok(_), None) => Err(problem("InvalidConfig", "the config cannot hand out addresses")),
         };
         let ports = match &address {
             Ok((_, ext)) => c
@@ -670,12 +542,8 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
                     service_port: *port,
                     protocol: *proto,
                     backends: match mode {
-                        BackendMode::Endpoints => {
-                            endpoints::from_slices(c.svc, sp, inputs.slices.iter().copied())
-                        }
-                        BackendMode::NodePort => {
-                            endpoints::from_nodes(sp, inputs.nodes.iter().copied())
-                        }
+                        BackendMode::Endpoints => endpoints::from_slices(c.svc, sp, inputs.slices.iter().copied()),
+                        BackendMode::NodePort => endpoints::from_nodes(sp, inputs.nodes.iter().copied()),
                     },
                 })
                 .collect(),
@@ -697,10 +565,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
     // Config statuses.
     for (name, info) in &configs {
         let (total, in_use) = match &info.pool {
-            Ok(p) => (
-                p.size(),
-                holders.by_addr.keys().filter(|a| p.contains(**a)).count() as u64,
-            ),
+            Ok(p) => (p.size(), holders.by_addr.keys().filter(|a| p.contains(**a)).count() as u64),
             Err(_) => (0, 0),
         };
         let default_conflict = (info.cfg.spec.default && defaults.len() > 1).then(|| {
@@ -711,12 +576,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
         });
         out.configs.insert(
             name.clone(),
-            ConfigDesired {
-                total,
-                in_use,
-                invalid: info.pool.as_ref().err().cloned(),
-                default_conflict,
-            },
+            ConfigDesired { total, in_use, invalid: info.pool.as_ref().err().cloned(), default_conflict },
         );
     }
     out
@@ -726,8 +586,8 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
 mod tests {
     use k8s_openapi::{
         api::core::v1::{
-            LoadBalancerIngress, LoadBalancerStatus, PortStatus, ServicePort,
-            ServiceSpec as K8sServiceSpec, ServiceStatus,
+            LoadBalancerIngress, LoadBalancerStatus, PortStatus, ServicePort, ServiceSpec as K8sServiceSpec,
+            ServiceStatus,
         },
         apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
         jiff::Timestamp,
@@ -737,11 +597,7 @@ mod tests {
     use crate::cluster::crd::{LoadBalancerConfigSpec, PortRange};
 
     fn settings() -> Settings {
-        Settings {
-            class: "ballast.dev/xdp".into(),
-            ignore_unclassed: false,
-            default_interface: "eth0".into(),
-        }
+        Settings { class: "ballast.dev/xdp".into(), ignore_unclassed: false, default_interface: "eth0".into() }
     }
 
     fn config(name: &str, default: bool, addresses: &[&str]) -> LoadBalancerConfig {
@@ -764,9 +620,7 @@ mod tests {
             metadata: ObjectMeta {
                 name: Some(name.into()),
                 namespace: Some("ns".into()),
-                creation_timestamp: Some(Time(
-                    Timestamp::from_second(1_700_000_000 + age).unwrap(),
-                )),
+                creation_timestamp: Some(Time(Timestamp::from_second(1_700_000_000 + age).unwrap())),
                 annotations: Some(Default::default()),
                 ..Default::default()
             },
@@ -790,10 +644,7 @@ mod tests {
     }
 
     fn annotate(mut s: Service, k: &str, v: &str) -> Service {
-        s.metadata
-            .annotations
-            .get_or_insert_with(Default::default)
-            .insert(k.into(), v.into());
+        s.metadata.annotations.get_or_insert_with(Default::default).insert(k.into(), v.into());
         s
     }
 
@@ -805,11 +656,7 @@ mod tests {
                     ports: Some(
                         ports
                             .iter()
-                            .map(|(p, pr)| PortStatus {
-                                port: *p,
-                                protocol: pr.to_string(),
-                                error: None,
-                            })
+                            .map(|(p, pr)| PortStatus { port: *p, protocol: pr.to_string(), error: None })
                             .collect(),
                     ),
                     ..Default::default()
@@ -821,30 +668,20 @@ mod tests {
     }
 
     fn run(services: &[Service], configs: &[LoadBalancerConfig]) -> Desired {
-        let inputs = Inputs {
-            services: services.iter().collect(),
-            configs: configs.iter().collect(),
-            ..Inputs::default()
-        };
+        let inputs =
+            Inputs { services: services.iter().collect(), configs: configs.iter().collect(), ..Inputs::default() };
         desired(&inputs, &settings())
     }
 
     fn served<'a>(d: &'a Desired, name: &str) -> &'a Served {
-        match &d.services[&ServiceRef {
-            namespace: "ns".into(),
-            name: name.into(),
-        }] {
+        match &d.services[&ServiceRef { namespace: "ns".into(), name: name.into() }] {
             Decision::Serve(s) => s,
             other => panic!("{name}: {other:?}"),
         }
     }
 
     fn addr(d: &Desired, name: &str) -> Result<String, &'static str> {
-        served(d, name)
-            .address
-            .as_ref()
-            .map(|a| a.to_string())
-            .map_err(|p| p.reason)
+        served(d, name).address.as_ref().map(|a| a.to_string()).map_err(|p| p.reason)
     }
 
     const POOL: &[&str] = &["192.0.2.10-192.0.2.12"];
@@ -852,21 +689,11 @@ mod tests {
     #[test]
     fn oldest_services_get_the_lowest_addresses_and_keep_them() {
         let cfg = [config("pool", true, POOL)];
-        let d = run(
-            &[svc("b", 2, &[(80, "TCP")]), svc("a", 1, &[(80, "TCP")])],
-            &cfg,
-        );
+        let d = run(&[svc("b", 2, &[(80, "TCP")]), svc("a", 1, &[(80, "TCP")])], &cfg);
         assert_eq!(addr(&d, "a"), Ok("192.0.2.10".into()));
         assert_eq!(addr(&d, "b"), Ok("192.0.2.11".into()));
         // A held address stays even when a lower one is free.
-        let d = run(
-            &[with_status(
-                svc("b", 2, &[(80, "TCP")]),
-                "192.0.2.12",
-                &[(80, "TCP")],
-            )],
-            &cfg,
-        );
+        let d = run(&[with_status(svc("b", 2, &[(80, "TCP")]), "192.0.2.12", &[(80, "TCP")])], &cfg);
         assert_eq!(addr(&d, "b"), Ok("192.0.2.12".into()));
         assert_eq!(d.configs["pool"].in_use, 1);
         assert_eq!(d.configs["pool"].total, 3);
@@ -875,9 +702,7 @@ mod tests {
     #[test]
     fn exhaustion_is_reported_and_a_released_address_goes_to_the_waiting_service() {
         let cfg = [config("pool", true, POOL)];
-        let s: Vec<Service> = (0..4)
-            .map(|i| svc(&format!("s{i}"), i, &[(80, "TCP")]))
-            .collect();
+        let s: Vec<Service> = (0..4).map(|i| svc(&format!("s{i}"), i, &[(80, "TCP")])).collect();
         let d = run(&s, &cfg);
         assert_eq!(addr(&d, "s3"), Err("PoolExhausted"));
         // s1 goes away: s3 gets its address.
@@ -885,11 +710,7 @@ mod tests {
             .iter()
             .map(|i| {
                 let ip = ["192.0.2.10", "192.0.2.11", "192.0.2.12"];
-                if *i < 3 {
-                    with_status(s[*i].clone(), ip[*i], &[(80, "TCP")])
-                } else {
-                    s[*i].clone()
-                }
+                if *i < 3 { with_status(s[*i].clone(), ip[*i], &[(80, "TCP")]) } else { s[*i].clone() }
             })
             .collect();
         let d = run(&held, &cfg);
@@ -915,37 +736,17 @@ mod tests {
     fn services_with_the_same_sharing_key_share_when_ports_differ() {
         let cfg = [config("pool", true, POOL)];
         let a = annotate(svc("a", 1, &[(80, "TCP")]), SHARING_ANNOTATION, "k");
-        let b = annotate(
-            svc("b", 2, &[(53, "UDP"), (53, "TCP")]),
-            SHARING_ANNOTATION,
-            "k",
-        );
+        let b = annotate(svc("b", 2, &[(53, "UDP"), (53, "TCP")]), SHARING_ANNOTATION, "k");
         let c = annotate(svc("c", 3, &[(80, "TCP")]), SHARING_ANNOTATION, "k");
         let e = svc("e", 4, &[(443, "TCP")]);
         let d = run(&[a, b, c, e], &cfg);
         assert_eq!(addr(&d, "a"), Ok("192.0.2.10".into()));
-        assert_eq!(
-            addr(&d, "b"),
-            Ok("192.0.2.10".into()),
-            "same key, other ports: shared"
-        );
-        assert_eq!(
-            addr(&d, "c"),
-            Ok("192.0.2.11".into()),
-            "port 80 collides: its own address"
-        );
-        assert_eq!(
-            addr(&d, "e"),
-            Ok("192.0.2.12".into()),
-            "no key: never shares"
-        );
+        assert_eq!(addr(&d, "b"), Ok("192.0.2.10".into()), "same key, other ports: shared");
+        assert_eq!(addr(&d, "c"), Ok("192.0.2.11".into()), "port 80 collides: its own address");
+        assert_eq!(addr(&d, "e"), Ok("192.0.2.12".into()), "no key: never shares");
         assert_eq!(d.configs["pool"].in_use, 3);
         // A requested address held by a sharing group is granted to a member with free ports.
-        let f = annotate(
-            annotate(svc("f", 5, &[(8080, "TCP")]), SHARING_ANNOTATION, "k"),
-            IP_ANNOTATION,
-            "192.0.2.10",
-        );
+        let f = annotate(annotate(svc("f", 5, &[(8080, "TCP")]), SHARING_ANNOTATION, "k"), IP_ANNOTATION, "192.0.2.10");
         let a = annotate(svc("a", 1, &[(80, "TCP")]), SHARING_ANNOTATION, "k");
         let d = run(&[a, f], &cfg);
         assert_eq!(addr(&d, "f"), Ok("192.0.2.10".into()));
@@ -953,10 +754,7 @@ mod tests {
 
     #[test]
     fn config_choice_by_annotation_or_the_single_default() {
-        let cfgs = [
-            config("pool", true, POOL),
-            config("other", false, &["198.51.100.1"]),
-        ];
+        let cfgs = [config("pool", true, POOL), config("other", false, &["198.51.100.1"])];
         let a = annotate(svc("a", 1, &[(80, "TCP")]), CONFIG_ANNOTATION, "other");
         let b = annotate(svc("b", 2, &[(80, "TCP")]), CONFIG_ANNOTATION, "nope");
         let c = svc("c", 3, &[(80, "TCP")]);
@@ -965,34 +763,19 @@ mod tests {
         assert_eq!(addr(&d, "b"), Err("ConfigNotFound"));
         assert_eq!(addr(&d, "c"), Ok("192.0.2.10".into()));
 
-        let d = run(
-            &[svc("c", 3, &[(80, "TCP")])],
-            &[config("other", false, &["198.51.100.1"])],
-        );
+        let d = run(&[svc("c", 3, &[(80, "TCP")])], &[config("other", false, &["198.51.100.1"])]);
         assert_eq!(addr(&d, "c"), Err("NoDefaultConfig"));
-        let two = [
-            config("p1", true, POOL),
-            config("p2", true, &["198.51.100.1"]),
-        ];
+        let two = [config("p1", true, POOL), config("p2", true, &["198.51.100.1"])];
         let d = run(&[svc("c", 3, &[(80, "TCP")])], &two);
         assert_eq!(addr(&d, "c"), Err("MultipleDefaultConfigs"));
-        assert!(
-            d.configs["p1"].default_conflict.is_some()
-                && d.configs["p2"].default_conflict.is_some()
-        );
+        assert!(d.configs["p1"].default_conflict.is_some() && d.configs["p2"].default_conflict.is_some());
     }
 
     #[test]
     fn invalid_configs_are_reported_and_not_used() {
-        let d = run(
-            &[svc("a", 1, &[(80, "TCP")])],
-            &[config("bad", true, &["192.0.2.9-192.0.2.1"])],
-        );
+        let d = run(&[svc("a", 1, &[(80, "TCP")])], &[config("bad", true, &["192.0.2.9-192.0.2.1"])]);
         assert_eq!(addr(&d, "a"), Err("InvalidConfig"));
-        assert_eq!(
-            d.configs["bad"].invalid.as_ref().map(|p| p.reason),
-            Some("InvalidAddresses")
-        );
+        assert_eq!(d.configs["bad"].invalid.as_ref().map(|p| p.reason), Some("InvalidAddresses"));
     }
 
     #[test]
@@ -1011,78 +794,37 @@ mod tests {
             ..Inputs::default()
         };
         let d = desired(&inputs, &settings());
-        let r = |n: &str| ServiceRef {
-            namespace: "ns".into(),
-            name: n.into(),
-        };
-        assert!(
-            matches!(&d.services[&r("other")], Decision::NotOurs(p) if p.reason == "ClassMismatch")
-        );
+        let r = |n: &str| ServiceRef { namespace: "ns".into(), name: n.into() };
+        assert!(matches!(&d.services[&r("other")], Decision::NotOurs(p) if p.reason == "ClassMismatch"));
         assert!(matches!(&d.services[&r("ours")], Decision::Serve(_)));
         assert!(matches!(&d.services[&r("plain")], Decision::Serve(_)));
-        assert!(
-            matches!(&d.services[&r("cip")], Decision::NotOurs(p) if p.reason == "NotLoadBalancer")
-        );
-        let strict = Settings {
-            ignore_unclassed: true,
-            ..settings()
-        };
+        assert!(matches!(&d.services[&r("cip")], Decision::NotOurs(p) if p.reason == "NotLoadBalancer"));
+        let strict = Settings { ignore_unclassed: true, ..settings() };
         let d = desired(&inputs, &strict);
-        assert!(
-            matches!(&d.services[&r("plain")], Decision::NotOurs(p) if p.reason == "ClassMismatch")
-        );
+        assert!(matches!(&d.services[&r("plain")], Decision::NotOurs(p) if p.reason == "ClassMismatch"));
     }
 
     #[test]
     fn port_range_mode_shares_an_address_with_distinct_ports() {
         let mut cfg = config("shared", true, &["192.0.2.50"]);
-        cfg.spec.port_range = Some(PortRange {
-            low: 40000,
-            high: 40002,
-        });
+        cfg.spec.port_range = Some(PortRange { low: 40000, high: 40002 });
         let a = svc("a", 1, &[(80, "TCP"), (53, "UDP")]);
         let b = with_status(svc("b", 2, &[(80, "TCP")]), "192.0.2.50", &[(40002, "TCP")]);
         let c = svc("c", 3, &[(80, "TCP"), (81, "TCP")]);
         let d = run(&[a, b, c], &[cfg]);
-        let ports = |n: &str| {
-            served(&d, n)
-                .ports
-                .iter()
-                .map(|p| (p.external_port, p.protocol))
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(
-            ports("a"),
-            vec![(40000, Protocol::Tcp), (40000, Protocol::Udp)]
-        );
-        assert_eq!(
-            ports("b"),
-            vec![(40002, Protocol::Tcp)],
-            "kept from the status"
-        );
-        assert_eq!(
-            addr(&d, "c"),
-            Err("PoolExhausted"),
-            "only one TCP port is left"
-        );
+        let ports = |n: &str| served(&d, n).ports.iter().map(|p| (p.external_port, p.protocol)).collect::<Vec<_>>();
+        assert_eq!(ports("a"), vec![(40000, Protocol::Tcp), (40000, Protocol::Udp)]);
+        assert_eq!(ports("b"), vec![(40002, Protocol::Tcp)], "kept from the status");
+        assert_eq!(addr(&d, "c"), Err("PoolExhausted"), "only one TCP port is left");
         assert_eq!(served(&d, "a").ports[0].service_port, 80);
     }
 
     #[test]
     fn mixed_protocols_become_one_data_path_service_per_port() {
-        let d = run(
-            &[svc("dns", 1, &[(53, "UDP"), (53, "TCP"), (9, "SCTP")])],
-            &[config("pool", true, POOL)],
-        );
+        let d = run(&[svc("dns", 1, &[(53, "UDP"), (53, "TCP"), (9, "SCTP")])], &[config("pool", true, POOL)]);
         let specs = d.dataplane();
-        assert_eq!(
-            specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
-            vec!["ns/dns:53/UDP", "ns/dns:53/TCP"]
-        );
-        assert_eq!(
-            served(&d, "dns").unsupported_ports,
-            vec!["9/SCTP".to_string()]
-        );
+        assert_eq!(specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), vec!["ns/dns:53/UDP", "ns/dns:53/TCP"]);
+        assert_eq!(served(&d, "dns").unsupported_ports, vec!["9/SCTP".to_string()]);
         assert!(specs.iter().all(|s| s.interface.as_deref() == Some("eth0")));
     }
 

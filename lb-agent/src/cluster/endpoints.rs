@@ -37,28 +37,20 @@ pub fn from_slices<'a>(
     let mut out: BTreeMap<SocketAddrV4, bool> = BTreeMap::new();
     for slice in slices {
         if slice.metadata.namespace.as_deref() != ns
-            || slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                .map(String::as_str)
-                != name
+            || slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).map(String::as_str) != name
             || slice.address_type != "IPv4"
         {
             continue;
         }
-        let Some(target) = slice.ports.iter().flatten().find(|p| {
-            p.name.as_deref().unwrap_or("") == port_name
-                && protocol_of(p.protocol.as_ref()) == protocol
-        }) else {
+        let Some(target) = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref().unwrap_or("") == port_name && protocol_of(p.protocol.as_ref()) == protocol)
+        else {
             continue;
         };
-        let Some(target_port) = target
-            .port
-            .and_then(|p| u16::try_from(p).ok())
-            .filter(|p| *p != 0)
-        else {
+        let Some(target_port) = target.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) else {
             continue;
         };
         for ep in &slice.endpoints {
@@ -75,42 +67,23 @@ pub fn from_slices<'a>(
                 let Ok(ip) = a.parse::<Ipv4Addr>() else {
                     continue;
                 };
-                let e = out
-                    .entry(SocketAddrV4::new(ip, target_port))
-                    .or_insert(active);
+                let e = out.entry(SocketAddrV4::new(ip, target_port)).or_insert(active);
                 *e |= active;
             }
         }
     }
-    out.into_iter()
-        .map(|(addr, active)| BackendSpec {
-            addr,
-            terminating: !active,
-        })
-        .collect()
+    out.into_iter().map(|(addr, active)| BackendSpec { addr, terminating: !active }).collect()
 }
 
 /// Backends of `port` in NodePort mode: every Ready node's InternalIP with the port's
 /// nodePort (none if the service has no nodePort). Sorted by address.
-pub fn from_nodes<'a>(
-    port: &ServicePort,
-    nodes: impl IntoIterator<Item = &'a Node>,
-) -> Vec<BackendSpec> {
-    let Some(node_port) = port
-        .node_port
-        .and_then(|p| u16::try_from(p).ok())
-        .filter(|p| *p != 0)
-    else {
+pub fn from_nodes<'a>(port: &ServicePort, nodes: impl IntoIterator<Item = &'a Node>) -> Vec<BackendSpec> {
+    let Some(node_port) = port.node_port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) else {
         return Vec::new();
     };
     let mut out: Vec<BackendSpec> = nodes
         .into_iter()
-        .filter(|n| {
-            !n.metadata
-                .labels
-                .as_ref()
-                .is_some_and(|l| l.contains_key(EXCLUDE_LABEL))
-        })
+        .filter(|n| !n.metadata.labels.as_ref().is_some_and(|l| l.contains_key(EXCLUDE_LABEL)))
         .filter(|n| node_ready(n))
         .filter_map(internal_ip)
         .map(|ip| BackendSpec::active(SocketAddrV4::new(ip, node_port)))
@@ -153,11 +126,7 @@ mod tests {
 
     fn svc() -> Service {
         Service {
-            metadata: ObjectMeta {
-                name: Some("web".into()),
-                namespace: Some("ns".into()),
-                ..Default::default()
-            },
+            metadata: ObjectMeta { name: Some("web".into()), namespace: Some("ns".into()), ..Default::default() },
             spec: Some(ServiceSpec::default()),
             ..Default::default()
         }
@@ -173,30 +142,15 @@ mod tests {
         }
     }
 
-    fn ep(
-        ip: &str,
-        ready: Option<bool>,
-        serving: Option<bool>,
-        terminating: Option<bool>,
-    ) -> Endpoint {
+    fn ep(ip: &str, ready: Option<bool>, serving: Option<bool>, terminating: Option<bool>) -> Endpoint {
         Endpoint {
             addresses: vec![ip.into()],
-            conditions: Some(EndpointConditions {
-                ready,
-                serving,
-                terminating,
-            }),
+            conditions: Some(EndpointConditions { ready, serving, terminating }),
             ..Default::default()
         }
     }
 
-    fn slice(
-        svc_name: &str,
-        port_name: Option<&str>,
-        proto: &str,
-        target: i32,
-        eps: Vec<Endpoint>,
-    ) -> EndpointSlice {
+    fn slice(svc_name: &str, port_name: Option<&str>, proto: &str, target: i32, eps: Vec<Endpoint>) -> EndpointSlice {
         EndpointSlice {
             metadata: ObjectMeta {
                 name: Some(format!("{svc_name}-x")),
@@ -230,34 +184,15 @@ mod tests {
                 ep("10.0.0.5", Some(false), Some(false), Some(false)),
             ],
         );
-        let other = slice(
-            "api",
-            Some("http"),
-            "TCP",
-            9090,
-            vec![ep("10.0.0.9", None, None, None)],
-        );
+        let other = slice("api", Some("http"), "TCP", 9090, vec![ep("10.0.0.9", None, None, None)]);
         let b = from_slices(&svc(), &port(Some("http"), "TCP", None), [&s, &other]);
-        let addrs: Vec<(String, bool)> = b
-            .iter()
-            .map(|b| (b.addr.to_string(), b.terminating))
-            .collect();
+        let addrs: Vec<(String, bool)> = b.iter().map(|b| (b.addr.to_string(), b.terminating)).collect();
         assert_eq!(
             addrs,
-            vec![
-                ("10.0.0.1:8080".into(), false),
-                ("10.0.0.2:8080".into(), true),
-                ("10.0.0.3:8080".into(), false)
-            ]
+            vec![("10.0.0.1:8080".into(), false), ("10.0.0.2:8080".into(), true), ("10.0.0.3:8080".into(), false)]
         );
-        assert!(
-            from_slices(&svc(), &port(Some("http"), "UDP", None), [&s]).is_empty(),
-            "protocol must match"
-        );
-        assert!(
-            from_slices(&svc(), &port(Some("dns"), "TCP", None), [&s]).is_empty(),
-            "port name must match"
-        );
+        assert!(from_slices(&svc(), &port(Some("http"), "UDP", None), [&s]).is_empty(), "protocol must match");
+        assert!(from_slices(&svc(), &port(Some("dns"), "TCP", None), [&s]).is_empty(), "port name must match");
     }
 
     #[test]
@@ -270,14 +205,8 @@ mod tests {
             },
             status: Some(NodeStatus {
                 addresses: Some(vec![
-                    NodeAddress {
-                        type_: "Hostname".into(),
-                        address: name.into(),
-                    },
-                    NodeAddress {
-                        type_: "InternalIP".into(),
-                        address: ip.into(),
-                    },
+                    NodeAddress { type_: "Hostname".into(), address: name.into() },
+                    NodeAddress { type_: "InternalIP".into(), address: ip.into() },
                 ]),
                 conditions: Some(vec![NodeCondition {
                     type_: "Ready".into(),
@@ -295,10 +224,7 @@ mod tests {
             node("d", "10.1.0.4", "True", true),
         ];
         let b = from_nodes(&port(None, "TCP", Some(31000)), &nodes);
-        assert_eq!(
-            b.iter().map(|b| b.addr.to_string()).collect::<Vec<_>>(),
-            vec!["10.1.0.1:31000", "10.1.0.2:31000"]
-        );
+        assert_eq!(b.iter().map(|b| b.addr.to_string()).collect::<Vec<_>>(), vec!["10.1.0.1:31000", "10.1.0.2:31000"]);
         assert!(from_nodes(&port(None, "TCP", None), &nodes).is_empty());
     }
 }

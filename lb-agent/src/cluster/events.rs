@@ -27,16 +27,13 @@ impl Summary {
             Decision::Serve(s) => Self {
                 address: s.address.as_ref().ok().copied(),
                 config: s.config.as_ref().ok().cloned(),
-                problem: s
-                    .problem()
-                    .map(|p| (p.reason.to_string(), p.message.clone())),
+                problem: s.problem().map(|p| (p.reason.to_string(), p.message.clone())),
                 node_failure: node_failure.map(str::to_string),
                 not_ours: None,
             },
-            Decision::NotOurs(p) => Self {
-                not_ours: Some((p.reason.to_string(), p.message.clone())),
-                ..Self::default()
-            },
+            Decision::NotOurs(p) => {
+                Self { not_ours: Some((p.reason.to_string(), p.message.clone())), ..Self::default() }
+            }
             Decision::Deleting => Self::default(),
         }
     }
@@ -82,10 +79,7 @@ pub fn transitions(
                     r,
                     false,
                     "AddressAllocated",
-                    format!(
-                        "allocated {a} from LoadBalancerConfig {}",
-                        n.config.as_deref().unwrap_or("?")
-                    ),
+                    format!("allocated {a} from LoadBalancerConfig {}", n.config.as_deref().unwrap_or("?")),
                 ));
             }
         }
@@ -94,18 +88,11 @@ pub fn transitions(
             out.push(ev(r, true, &reason, msg));
         }
         if n.node_failure.is_some() && p.node_failure != n.node_failure {
-            out.push(ev(
-                r,
-                true,
-                "DataplaneFailed",
-                n.node_failure.clone().unwrap_or_default(),
-            ));
+            out.push(ev(r, true, "DataplaneFailed", n.node_failure.clone().unwrap_or_default()));
         }
         if let Some((reason, msg)) = &n.not_ours
             && p.not_ours.is_none()
-            && (p.address.is_some()
-                || p.problem.is_some()
-                || (reason == "ClassMismatch" && wants_ballast(r)))
+            && (p.address.is_some() || p.problem.is_some() || (reason == "ClassMismatch" && wants_ballast(r)))
         {
             out.push(ev(
                 r,
@@ -130,25 +117,15 @@ mod tests {
     use super::*;
 
     fn r(n: &str) -> ServiceRef {
-        ServiceRef {
-            namespace: "ns".into(),
-            name: n.into(),
-        }
+        ServiceRef { namespace: "ns".into(), name: n.into() }
     }
 
     fn with_addr(a: &str) -> Summary {
-        Summary {
-            address: Some(a.parse().unwrap()),
-            config: Some("pool".into()),
-            ..Summary::default()
-        }
+        Summary { address: Some(a.parse().unwrap()), config: Some("pool".into()), ..Summary::default() }
     }
 
     fn refused(reason: &str) -> Summary {
-        Summary {
-            problem: Some((reason.into(), "why".into())),
-            ..Summary::default()
-        }
+        Summary { problem: Some((reason.into(), "why".into())), ..Summary::default() }
     }
 
     #[test]
@@ -157,10 +134,7 @@ mod tests {
         assert!(transitions(&a, &a, |_| false).is_empty());
         let e = transitions(&BTreeMap::new(), &a, |_| false);
         assert_eq!(e.len(), 1);
-        assert_eq!(
-            (e[0].reason.as_str(), e[0].warning),
-            ("AddressAllocated", false)
-        );
+        assert_eq!((e[0].reason.as_str(), e[0].warning), ("AddressAllocated", false));
         assert!(e[0].note.contains("192.0.2.1 from LoadBalancerConfig pool"));
         let gone = transitions(&a, &BTreeMap::new(), |_| false);
         assert_eq!(gone[0].reason, "AddressReleased");
@@ -170,47 +144,21 @@ mod tests {
     fn refusals_are_warnings_once() {
         let p = BTreeMap::from([(r("s"), refused("PoolExhausted"))]);
         let e = transitions(&BTreeMap::new(), &p, |_| false);
-        assert_eq!(
-            (e[0].reason.as_str(), e[0].warning),
-            ("PoolExhausted", true)
-        );
+        assert_eq!((e[0].reason.as_str(), e[0].warning), ("PoolExhausted", true));
         assert!(transitions(&p, &p, |_| false).is_empty());
         // Recovery: the address arrives.
-        let e = transitions(
-            &p,
-            &BTreeMap::from([(r("s"), with_addr("192.0.2.2"))]),
-            |_| false,
-        );
-        assert_eq!(
-            e.iter().map(|e| e.reason.as_str()).collect::<Vec<_>>(),
-            vec!["AddressAllocated"]
-        );
+        let e = transitions(&p, &BTreeMap::from([(r("s"), with_addr("192.0.2.2"))]), |_| false);
+        assert_eq!(e.iter().map(|e| e.reason.as_str()).collect::<Vec<_>>(), vec!["AddressAllocated"]);
     }
 
     #[test]
     fn class_mismatch_is_reported_for_services_meant_for_ballast_or_previously_served() {
-        let other = Summary {
-            not_ours: Some(("ClassMismatch".into(), "class x".into())),
-            ..Summary::default()
-        };
+        let other = Summary { not_ours: Some(("ClassMismatch".into(), "class x".into())), ..Summary::default() };
         let next = BTreeMap::from([(r("s"), other.clone())]);
-        assert!(
-            transitions(&BTreeMap::new(), &next, |_| false).is_empty(),
-            "someone else's service: silence"
-        );
+        assert!(transitions(&BTreeMap::new(), &next, |_| false).is_empty(), "someone else's service: silence");
         let e = transitions(&BTreeMap::new(), &next, |_| true);
-        assert_eq!(
-            (e[0].reason.as_str(), e[0].warning),
-            ("ClassMismatch", true)
-        );
-        let e = transitions(
-            &BTreeMap::from([(r("s"), with_addr("192.0.2.1"))]),
-            &next,
-            |_| false,
-        );
-        assert_eq!(
-            e.iter().map(|e| e.reason.as_str()).collect::<Vec<_>>(),
-            vec!["AddressReleased", "ClassMismatch"]
-        );
+        assert_eq!((e[0].reason.as_str(), e[0].warning), ("ClassMismatch", true));
+        let e = transitions(&BTreeMap::from([(r("s"), with_addr("192.0.2.1"))]), &next, |_| false);
+        assert_eq!(e.iter().map(|e| e.reason.as_str()).collect::<Vec<_>>(), vec!["AddressReleased", "ClassMismatch"]);
     }
 }

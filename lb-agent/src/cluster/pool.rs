@@ -26,39 +26,20 @@ impl AddressPool {
         let mut ranges = Vec::new();
         for e in entries {
             let e = e.as_ref().trim();
-            let err = |reason: &str| PoolError {
-                entry: e.to_string(),
-                reason: reason.to_string(),
-            };
-            let ip = |s: &str| {
-                s.trim()
-                    .parse::<Ipv4Addr>()
-                    .map(u32::from)
-                    .map_err(|_| err("not an IPv4 address"))
-            };
+            let err = |reason: &str| PoolError { entry: e.to_string(), reason: reason.to_string() };
+            let ip = |s: &str| s.trim().parse::<Ipv4Addr>().map(u32::from).map_err(|_| err("not an IPv4 address"));
             let range = if let Some((a, p)) = e.split_once('/') {
-                let prefix: u32 = p
-                    .trim()
-                    .parse()
-                    .map_err(|_| err("prefix length is not a number"))?;
+                let prefix: u32 = p.trim().parse().map_err(|_| err("prefix length is not a number"))?;
                 if prefix > 32 {
                     return Err(err("prefix length exceeds 32"));
                 }
                 let a = ip(a)?;
-                let mask = if prefix == 0 {
-                    0
-                } else {
-                    u32::MAX << (32 - prefix)
-                };
+                let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
                 if a & !mask != 0 {
                     return Err(err("host bits are set (did you mean the network address?)"));
                 }
                 let (lo, hi) = (a, a | !mask);
-                if prefix <= 30 {
-                    (lo + 1, hi - 1)
-                } else {
-                    (lo, hi)
-                }
+                if prefix <= 30 { (lo + 1, hi - 1) } else { (lo, hi) }
             } else if let Some((a, b)) = e.split_once('-') {
                 let (a, b) = (ip(a)?, ip(b)?);
                 if a > b {
@@ -90,10 +71,7 @@ impl AddressPool {
 
     /// Number of addresses.
     pub fn size(&self) -> u64 {
-        self.ranges
-            .iter()
-            .map(|(lo, hi)| u64::from(hi - lo) + 1)
-            .sum()
+        self.ranges.iter().map(|(lo, hi)| u64::from(hi - lo) + 1).sum()
     }
 
     /// The lowest address not in `taken`.
@@ -103,9 +81,7 @@ impl AddressPool {
 
     /// Every address, lowest first (lazily).
     pub fn addresses(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
-        self.ranges
-            .iter()
-            .flat_map(|(lo, hi)| (*lo..=*hi).map(Ipv4Addr::from))
+        self.ranges.iter().flat_map(|(lo, hi)| (*lo..=*hi).map(Ipv4Addr::from))
     }
 }
 
@@ -115,13 +91,8 @@ mod tests {
 
     #[test]
     fn parses_cidrs_ranges_and_single_addresses() {
-        let p = AddressPool::parse(&[
-            "192.0.2.0/30",
-            "192.0.2.10-192.0.2.12",
-            "198.51.100.7",
-            "203.0.113.4/31",
-        ])
-        .unwrap();
+        let p =
+            AddressPool::parse(&["192.0.2.0/30", "192.0.2.10-192.0.2.12", "198.51.100.7", "203.0.113.4/31"]).unwrap();
         let all: Vec<Ipv4Addr> = p.addresses().collect();
         assert_eq!(
             all,
@@ -139,22 +110,15 @@ mod tests {
         );
         assert_eq!(p.size(), 8);
         assert!(p.contains("192.0.2.11".parse().unwrap()));
-        assert!(
-            !p.contains("192.0.2.3".parse().unwrap()),
-            "broadcast of a /30 is left out"
-        );
-        assert_eq!(
-            AddressPool::parse(&["10.0.0.0/8"]).unwrap().size(),
-            (1 << 24) - 2
-        );
+        assert!(!p.contains("192.0.2.3".parse().unwrap()), "broadcast of a /30 is left out");
+        assert_eq!(AddressPool::parse(&["10.0.0.0/8"]).unwrap().size(), (1 << 24) - 2);
     }
 
     #[test]
     fn overlapping_entries_merge_and_free_addresses_are_lowest_first() {
         let p = AddressPool::parse(&["192.0.2.10-192.0.2.20", "192.0.2.15-192.0.2.25"]).unwrap();
         assert_eq!(p.size(), 16);
-        let taken: BTreeSet<Ipv4Addr> =
-            ["192.0.2.10".parse().unwrap(), "192.0.2.11".parse().unwrap()].into();
+        let taken: BTreeSet<Ipv4Addr> = ["192.0.2.10".parse().unwrap(), "192.0.2.11".parse().unwrap()].into();
         assert_eq!(p.first_free(&taken), Some("192.0.2.12".parse().unwrap()));
         let full: BTreeSet<Ipv4Addr> = p.addresses().collect();
         assert_eq!(p.first_free(&full), None);

@@ -7,19 +7,12 @@ use k8s_openapi::{
 };
 
 use super::{
-    crd::{
-        IpMode, LoadBalancerConfigStatus, LoadBalancerSpec, LoadBalancerStatus, Phase, PortMapping,
-    },
+    crd::{IpMode, LoadBalancerConfigStatus, LoadBalancerSpec, LoadBalancerStatus, Phase, PortMapping},
     desired::{ConfigDesired, Problem, Served},
 };
 
 /// The condition types ballast owns on a Service.
-pub const CONDITION_TYPES: [&str; 4] = [
-    "AddressAllocated",
-    "AddressAssigned",
-    "DataplaneProgrammed",
-    "EndpointsReady",
-];
+pub const CONDITION_TYPES: [&str; 4] = ["AddressAllocated", "AddressAssigned", "DataplaneProgrammed", "EndpointsReady"];
 
 /// Reasons that wait for something to change rather than for the user to fix something.
 const WAITING: [&str; 1] = ["PoolExhausted"];
@@ -45,10 +38,7 @@ fn cond(
 /// Keeps `last_transition_time` of conditions whose status did not change.
 pub fn carry_transition_times(mut new: Vec<Condition>, existing: &[Condition]) -> Vec<Condition> {
     for c in &mut new {
-        if let Some(old) = existing
-            .iter()
-            .find(|o| o.type_ == c.type_ && o.status == c.status)
-        {
+        if let Some(old) = existing.iter().find(|o| o.type_ == c.type_ && o.status == c.status) {
             c.last_transition_time = old.last_transition_time.clone();
         }
     }
@@ -57,15 +47,8 @@ pub fn carry_transition_times(mut new: Vec<Condition>, existing: &[Condition]) -
 
 /// Whether two condition lists say the same (ignoring transition times).
 pub fn same_conditions(a: &[Condition], b: &[Condition]) -> bool {
-    let key = |c: &Condition| {
-        (
-            c.type_.clone(),
-            c.status.clone(),
-            c.reason.clone(),
-            c.message.clone(),
-            c.observed_generation,
-        )
-    };
+    let key =
+        |c: &Condition| (c.type_.clone(), c.status.clone(), c.reason.clone(), c.message.clone(), c.observed_generation);
     let mut a: Vec<_> = a.iter().map(key).collect();
     let mut b: Vec<_> = b.iter().map(key).collect();
     a.sort();
@@ -91,25 +74,12 @@ pub fn service_conditions(
             generation,
             now,
         )),
-        (Err(p), _) | (_, Err(p)) => out.push(cond(
-            "AddressAllocated",
-            false,
-            p.reason,
-            p.message.clone(),
-            generation,
-            now,
-        )),
+        (Err(p), _) | (_, Err(p)) => {
+            out.push(cond("AddressAllocated", false, p.reason, p.message.clone(), generation, now))
+        }
     }
-    let no_address = |t: &str| {
-        cond(
-            t,
-            false,
-            "NoAddress",
-            "waiting for an address (see AddressAllocated)",
-            generation,
-            now,
-        )
-    };
+    let no_address =
+        |t: &str| cond(t, false, "NoAddress", "waiting for an address (see AddressAllocated)", generation, now);
     match (&s.address, node_failure) {
         (Err(_), _) => {
             out.push(no_address("AddressAssigned"));
@@ -119,77 +89,31 @@ pub fn service_conditions(
             out.push(cond(
                 "AddressAssigned",
                 !f.contains(&a.to_string()),
-                if f.contains(&a.to_string()) {
-                    "AssignFailed"
-                } else {
-                    "Assigned"
-                },
-                if f.contains(&a.to_string()) {
-                    f.to_string()
-                } else {
-                    format!("{a} on {}", s.interface)
-                },
+                if f.contains(&a.to_string()) { "AssignFailed" } else { "Assigned" },
+                if f.contains(&a.to_string()) { f.to_string() } else { format!("{a} on {}", s.interface) },
                 generation,
                 now,
             ));
-            out.push(cond(
-                "DataplaneProgrammed",
-                false,
-                "ProgrammingFailed",
-                f,
-                generation,
-                now,
-            ));
+            out.push(cond("DataplaneProgrammed", false, "ProgrammingFailed", f, generation, now));
         }
         (Ok(a), None) => {
-            out.push(cond(
-                "AddressAssigned",
-                true,
-                "Assigned",
-                format!("{a} on {}", s.interface),
-                generation,
-                now,
-            ));
+            out.push(cond("AddressAssigned", true, "Assigned", format!("{a} on {}", s.interface), generation, now));
             let backends: usize = s.ports.iter().map(|p| p.backends.len()).sum();
-            let mut msg = format!(
-                "{} port(s), {backends} backend(s) in the XDP maps",
-                s.ports.len()
-            );
+            let mut msg = format!("{} port(s), {backends} backend(s) in the XDP maps", s.ports.len());
             if !s.unsupported_ports.is_empty() {
-                msg.push_str(&format!(
-                    "; not served (protocol unsupported): {}",
-                    s.unsupported_ports.join(", ")
-                ));
+                msg.push_str(&format!("; not served (protocol unsupported): {}", s.unsupported_ports.join(", ")));
             }
-            out.push(cond(
-                "DataplaneProgrammed",
-                true,
-                "Programmed",
-                msg,
-                generation,
-                now,
-            ));
+            out.push(cond("DataplaneProgrammed", true, "Programmed", msg, generation, now));
         }
     }
     if s.address.is_err() {
         out.push(no_address("EndpointsReady"));
     } else {
-        let empty: Vec<String> = s
-            .ports
-            .iter()
-            .filter(|p| p.ready() == 0)
-            .map(|p| format!("{}/{}", p.service_port, p.protocol))
-            .collect();
+        let empty: Vec<String> =
+            s.ports.iter().filter(|p| p.ready() == 0).map(|p| format!("{}/{}", p.service_port, p.protocol)).collect();
         let ready: usize = s.ports.iter().map(|p| p.ready()).sum();
         if s.ports.is_empty() {
-            out.push(cond(
-                "EndpointsReady",
-                false,
-                "NoPorts",
-                "the service has no TCP or UDP port",
-                generation,
-                now,
-            ));
+            out.push(cond("EndpointsReady", false, "NoPorts", "the service has no TCP or UDP port", generation, now));
         } else if empty.is_empty() {
             out.push(cond(
                 "EndpointsReady",
@@ -204,10 +128,7 @@ pub fn service_conditions(
                 "EndpointsReady",
                 false,
                 "NoReadyEndpoints",
-                format!(
-                    "no ready endpoint for {}; new connections there are rejected",
-                    empty.join(", ")
-                ),
+                format!("no ready endpoint for {}; new connections there are rejected", empty.join(", ")),
                 generation,
                 now,
             ));
@@ -231,11 +152,7 @@ pub fn ingress(s: &Served) -> Vec<LoadBalancerIngress> {
         ports: Some(
             s.ports
                 .iter()
-                .map(|p| PortStatus {
-                    port: i32::from(p.external_port),
-                    protocol: p.protocol.to_string(),
-                    error: None,
-                })
+                .map(|p| PortStatus { port: i32::from(p.external_port), protocol: p.protocol.to_string(), error: None })
                 .collect(),
         ),
         hostname: None,
@@ -247,9 +164,7 @@ pub fn phase(s: &Served, node_failure: Option<&str>) -> Phase {
     match (s.problem(), node_failure) {
         (Some(Problem { reason, .. }), _) if WAITING.contains(reason) => Phase::Pending,
         (Some(_), _) | (None, Some(_)) => Phase::Error,
-        (None, None) if s.ports.iter().all(|p| p.ready() > 0) && !s.ports.is_empty() => {
-            Phase::Ready
-        }
+        (None, None) if s.ports.iter().all(|p| p.ready() > 0) && !s.ports.is_empty() => Phase::Ready,
         (None, None) => Phase::Pending,
     }
 }
@@ -263,11 +178,7 @@ pub fn load_balancer(
     phase: Phase,
 ) -> (LoadBalancerSpec, LoadBalancerStatus) {
     let join = |v: Vec<String>| {
-        if v.is_empty() {
-            None
-        } else {
-            Some(v.join(","))
-        }
+        if v.is_empty() { None } else { Some(v.join(",")) }
     };
     let mut protocols: Vec<String> = s.ports.iter().map(|p| p.protocol.to_string()).collect();
     protocols.sort();
@@ -276,29 +187,15 @@ pub fn load_balancer(
     let mut targets: Vec<String> = s
         .ports
         .iter()
-        .flat_map(|p| {
-            p.backends
-                .iter()
-                .filter(|b| !b.terminating)
-                .map(|b| b.addr.ip().to_string())
-        })
+        .flat_map(|p| p.backends.iter().filter(|b| !b.terminating).map(|b| b.addr.ip().to_string()))
         .collect();
     targets.sort();
     targets.dedup();
     (
-        LoadBalancerSpec {
-            service: service.into(),
-            class: class.into(),
-            config: s.config.as_ref().ok().cloned(),
-        },
+        LoadBalancerSpec { service: service.into(), class: class.into(), config: s.config.as_ref().ok().cloned() },
         LoadBalancerStatus {
             host: s.address.as_ref().ok().map(|a| a.to_string()),
-            port: join(
-                s.ports
-                    .iter()
-                    .map(|p| p.external_port.to_string())
-                    .collect(),
-            ),
+            port: join(s.ports.iter().map(|p| p.external_port.to_string()).collect()),
             protocol: join(protocols),
             ports: s
                 .ports
@@ -319,39 +216,14 @@ pub fn load_balancer(
 }
 
 /// Status of a config.
-pub fn config_status(
-    c: &ConfigDesired,
-    generation: Option<i64>,
-    now: &Time,
-) -> LoadBalancerConfigStatus {
+pub fn config_status(c: &ConfigDesired, generation: Option<i64>, now: &Time) -> LoadBalancerConfigStatus {
     let valid = match &c.invalid {
-        None => cond(
-            "Valid",
-            true,
-            "Valid",
-            format!("{} address(es)", c.total),
-            generation,
-            now,
-        ),
+        None => cond("Valid", true, "Valid", format!("{} address(es)", c.total), generation, now),
         Some(p) => cond("Valid", false, p.reason, p.message.clone(), generation, now),
     };
     let default = match &c.default_conflict {
-        None => cond(
-            "Default",
-            true,
-            "NoConflict",
-            "no competing default config",
-            generation,
-            now,
-        ),
-        Some(p) => cond(
-            "Default",
-            false,
-            p.reason,
-            p.message.clone(),
-            generation,
-            now,
-        ),
+        None => cond("Default", true, "NoConflict", "no competing default config", generation, now),
+        Some(p) => cond("Default", false, p.reason, p.message.clone(), generation, now),
     };
     LoadBalancerConfigStatus {
         addresses_total: c.total,

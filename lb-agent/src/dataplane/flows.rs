@@ -13,10 +13,7 @@ use super::maps::{Maps, MapsError};
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of the data path's timestamps.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: `ts` is a valid, writable timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -25,12 +22,7 @@ pub fn monotonic_ns() -> u64 {
 /// Whether an entry has been idle past its timeout.
 pub fn idle(f: &FlowValue, proto: u8, now: u64, cfg: &DataplaneConfig) -> bool {
     now.saturating_sub(f.last_seen_ns)
-        > f.timeout_ns(
-            proto,
-            cfg.tcp_timeout_ns,
-            cfg.tcp_closing_timeout_ns,
-            cfg.udp_timeout_ns,
-        )
+        > f.timeout_ns(proto, cfg.tcp_timeout_ns, cfg.tcp_closing_timeout_ns, cfg.udp_timeout_ns)
 }
 
 /// What one collection did.
@@ -52,10 +44,7 @@ pub fn select(
     cfg: &DataplaneConfig,
 ) -> (Vec<FlowKey>, GcReport) {
     let mut remove = Vec::new();
-    let mut report = GcReport {
-        scanned: flows.len(),
-        ..GcReport::default()
-    };
+    let mut report = GcReport { scanned: flows.len(), ..GcReport::default() };
     for (k, v) in flows {
         let peer_key = v.peer_key(k.proto);
         let peer = flows.get(&peer_key);
@@ -91,8 +80,7 @@ pub fn collect(maps: &mut Maps, cfg: &DataplaneConfig, now: u64) -> Result<GcRep
             e.insert(maps.backend(v.backend_id).map(|b| b.generation).ok());
         }
     }
-    let alive =
-        |v: &FlowValue| generations.get(&v.backend_id).copied().flatten() == Some(v.generation);
+    let alive = |v: &FlowValue| generations.get(&v.backend_id).copied().flatten() == Some(v.generation);
     let (remove, report) = select(&flows, alive, now, cfg);
     for k in remove {
         maps.remove_flow(&k)?;
@@ -112,14 +100,8 @@ mod tests {
     const S: u64 = 1_000_000_000;
 
     fn pair(last_fwd: u64, last_rev: u64, flags: u32) -> BTreeMap<FlowKey, FlowValue> {
-        let fk = FlowKey {
-            src: [1, 1, 1, 1],
-            dst: [2, 2, 2, 2],
-            sport: 1000,
-            dport: 80,
-            proto: proto::TCP,
-            _pad: [0; 3],
-        };
+        let fk =
+            FlowKey { src: [1, 1, 1, 1], dst: [2, 2, 2, 2], sport: 1000, dport: 80, proto: proto::TCP, _pad: [0; 3] };
         let fv = FlowValue {
             src: [3, 3, 3, 3],
             dst: [4, 4, 4, 4],
@@ -148,12 +130,7 @@ mod tests {
         let now = 10_000 * S;
         let (r, _) = select(&pair(now - 4000 * S, now - 10 * S, 0), |_| true, now, &cfg);
         assert!(r.is_empty(), "replies still flowing");
-        let (r, rep) = select(
-            &pair(now - 4000 * S, now - 3700 * S, 0),
-            |_| true,
-            now,
-            &cfg,
-        );
+        let (r, rep) = select(&pair(now - 4000 * S, now - 3700 * S, 0), |_| true, now, &cfg);
         assert_eq!((r.len(), rep.expired), (2, 2));
     }
 
@@ -162,22 +139,8 @@ mod tests {
         let cfg = DataplaneConfig::default();
         let now = 10_000 * S;
         let closed = FLOW_FIN | FLOW_PEER_FIN;
-        assert_eq!(
-            select(
-                &pair(now - 11 * S, now - 11 * S, closed),
-                |_| true,
-                now,
-                &cfg
-            )
-            .0
-            .len(),
-            2
-        );
-        assert!(
-            select(&pair(now - 11 * S, now - 11 * S, 0), |_| true, now, &cfg)
-                .0
-                .is_empty()
-        );
+        assert_eq!(select(&pair(now - 11 * S, now - 11 * S, closed), |_| true, now, &cfg).0.len(), 2);
+        assert!(select(&pair(now - 11 * S, now - 11 * S, 0), |_| true, now, &cfg).0.is_empty());
         let (r, rep) = select(&pair(now, now, 0), |_| false, now, &cfg);
         assert_eq!((r.len(), rep.stale), (2, 2));
     }

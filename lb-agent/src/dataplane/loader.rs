@@ -11,8 +11,10 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::MapInfo,
     programs::{
-        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::SchedClassifierLinkId,
-        xdp::XdpLinkId,
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
     },
 };
 use lb_common::{
@@ -123,16 +125,54 @@ pub enum LoadError {
         /// Cause.
         source: ProgramError,
     },
+    /// A link could not be reused.
+    #[error("link {path}: {source}")]
+    Link {
+        /// Pin path.
+        path: PathBuf,
+        /// Cause.
+        source: LinkError,
+    },
+    /// A link could not be pinned.
+    #[error("cannot pin link at {path}: {source}")]
+    PinLink {
+        /// Pin path.
+        path: PathBuf,
+        /// Cause.
+        source: aya::pin::PinError,
+    },
     /// The pinned maps could not be opened.
     #[error(transparent)]
     Maps(#[from] MapsError),
 }
 
-/// Programs attached to one interface.
+/// Directory of the pinned links.
+pub fn links_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join("links")
+}
+
+fn link_path(pin_dir: &Path, kind: &str, iface: &str) -> PathBuf {
+    links_dir(pin_dir).join(format!("{kind}-{iface}"))
+}
+
+/// Programs attached to one interface, through links pinned under `<pin_dir>/links`: the
+/// pins keep the programs attached while no agent runs, and the next agent replaces the
+/// programs in those links atomically (`bpf_link_update`).
 struct Attachment {
     name: String,
-    xdp: XdpLinkId,
-    tc: SchedClassifierLinkId,
+    xdp: PinnedLink,
+    tc: PinnedLink,
+}
+
+/// How an attach went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// Already attached by this process.
+    Already,
+    /// A pinned link from a previous agent now runs this program (atomic replacement).
+    Replaced,
+    /// Newly attached in this XDP mode.
+    New(&'static str),
 }
 
 /// A loaded data path: programs (attached to zero or more interfaces) and pinned maps.
@@ -142,6 +182,7 @@ pub struct Dataplane {
     pub maps: Maps,
     pin_dir: PathBuf,
     attached: BTreeMap<u32, Attachment>,
+    last_mode: &'static str,
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -166,38 +207,13 @@ fn expected_shapes(sizes: &MapSizes) -> [(&'static str, usize, usize, u32); 8] {
     // Per-CPU LRU lists make the kernel round the capacity up to a multiple of the CPUs.
     let flows = sizes.flow_entries.div_ceil(cpus) * cpus;
     [
-        (
-            map_names::SERVICES,
-            size_of::<ServiceKey>(),
-            size_of::<ServiceValue>(),
-            sizes.services,
-        ),
-        (
-            map_names::SLOTS,
-            size_of::<SlotKey>(),
-            size_of::<Slot>(),
-            sizes.slots,
-        ),
+        (map_names::SERVICES, size_of::<ServiceKey>(), size_of::<ServiceValue>(), sizes.services),
+        (map_names::SLOTS, size_of::<SlotKey>(), size_of::<Slot>(), sizes.slots),
         (map_names::BACKENDS, 4, size_of::<Backend>(), sizes.backends),
-        (
-            map_names::FLOWS,
-            size_of::<FlowKey>(),
-            size_of::<FlowValue>(),
-            flows,
-        ),
-        (
-            map_names::ADDRS,
-            size_of::<AddrKey>(),
-            size_of::<AddrInfo>(),
-            sizes.addrs,
-        ),
+        (map_names::FLOWS, size_of::<FlowKey>(), size_of::<FlowValue>(), flows),
+        (map_names::ADDRS, size_of::<AddrKey>(), size_of::<AddrInfo>(), sizes.addrs),
         (map_names::IFACES, 4, size_of::<IfaceInfo>(), sizes.ifaces),
-        (
-            map_names::STATS,
-            4,
-            size_of::<ServiceStats>(),
-            sizes.services + 1,
-        ),
+        (map_names::STATS, 4, size_of::<ServiceStats>(), sizes.services + 1),
         (map_names::RR, 4, size_of::<RoundRobin>(), sizes.services),
     ]
 }
@@ -213,18 +229,13 @@ fn drop_incompatible_pins(dir: &Path, sizes: &MapSizes) -> Result<(), LoadError>
         }
         let fits = match MapInfo::from_pin(&path) {
             Ok(info) => {
-                info.key_size() as usize == key
-                    && info.value_size() as usize == value
-                    && info.max_entries() == max
+                info.key_size() as usize == key && info.value_size() as usize == value && info.max_entries() == max
             }
             Err(_) => false,
         };
         if !fits {
             warn!(map = name, path = %path.display(), "pinned map has a different layout or size; recreating it (its entries are lost)");
-            std::fs::remove_file(&path).map_err(|source| LoadError::PinDir {
-                path: path.clone(),
-                source,
-            })?;
+            std::fs::remove_file(&path).map_err(|source| LoadError::PinDir { path: path.clone(), source })?;
         }
     }
     Ok(())
@@ -241,23 +252,16 @@ impl Dataplane {
             Ok(true) => {}
             Ok(false) => return Err(LoadError::NotBpffs(probe.to_path_buf())),
             Err(source) => {
-                return Err(LoadError::PinDir {
-                    path: probe.to_path_buf(),
-                    source,
-                });
+                return Err(LoadError::PinDir { path: probe.to_path_buf(), source });
             }
         }
-        std::fs::create_dir_all(dir).map_err(|source| LoadError::PinDir {
-            path: dir.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(dir).map_err(|source| LoadError::PinDir { path: dir.clone(), source })?;
         drop_incompatible_pins(dir, &opts.sizes)?;
 
         let mut cfg = opts.config;
         cfg.global_stats_index = opts.sizes.services;
         let s = opts.sizes;
-        let pins: Vec<(&'static str, PathBuf)> =
-            map_names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
+        let pins: Vec<(&'static str, PathBuf)> = map_names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
@@ -275,24 +279,13 @@ impl Dataplane {
         let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
 
         let xdp: &mut Xdp = program(&mut ebpf, program_names::XDP)?;
-        xdp.load().map_err(|source| LoadError::Program {
-            name: program_names::XDP,
-            source,
-        })?;
+        xdp.load().map_err(|source| LoadError::Program { name: program_names::XDP, source })?;
         let tc: &mut SchedClassifier = program(&mut ebpf, program_names::TC)?;
-        tc.load().map_err(|source| LoadError::Program {
-            name: program_names::TC,
-            source,
-        })?;
+        tc.load().map_err(|source| LoadError::Program { name: program_names::TC, source })?;
 
         let maps = Maps::open(dir)?;
         info!(pin_dir = %dir.display(), "data path loaded");
-        Ok(Self {
-            ebpf,
-            maps,
-            pin_dir: dir.clone(),
-            attached: BTreeMap::new(),
-        })
+        Ok(Self { ebpf, maps, pin_dir: dir.clone(), attached: BTreeMap::new(), last_mode: "native" })
     }
 
     /// The bpffs directory holding the maps.
@@ -300,17 +293,87 @@ impl Dataplane {
         &self.pin_dir
     }
 
-    /// Attaches XDP (and the TC ingress companion) to an interface. Returns the XDP mode
-    /// in use. Attaching twice is a no-op.
-    pub fn attach(
+    /// Attaches XDP (and the TC ingress companion) to an interface. A link pinned by a
+    /// previous agent is reused: the new programs replace the old ones atomically, so no
+    /// packet goes unprocessed across a restart or upgrade.
+    pub fn attach(&mut self, iface: &str, ifindex: u32, mode: XdpAttachMode) -> Result<Attached, LoadError> {
+        if self.attached.contains_key(&ifindex) {
+            return Ok(Attached::Already);
+        }
+        std::fs::create_dir_all(links_dir(&self.pin_dir))
+            .map_err(|source| LoadError::PinDir { path: links_dir(&self.pin_dir), source })?;
+        let xdp_path = link_path(&self.pin_dir, "xdp", iface);
+        let tc_path = link_path(&self.pin_dir, "tc", iface);
+
+        let (xdp, replaced) = match self.replace_xdp(&xdp_path)? {
+            Some(p) => (p, true),
+            None => (self.attach_xdp(iface, ifindex, mode, &xdp_path)?, false),
+        };
+        let tc = match self.replace_tc(&tc_path)? {
+            Some(p) => p,
+            None => match self.attach_tc(iface, &tc_path) {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = xdp.unpin();
+                    return Err(e);
+                }
+            },
+        };
+        let how = if replaced { Attached::Replaced } else { Attached::New(self.last_mode) };
+        match how {
+            Attached::Replaced => info!(iface, ifindex, "replaced the programs in the pinned links atomically"),
+            _ => info!(iface, ifindex, xdp_mode = self.last_mode, "attached XDP and TC ingress (links pinned)"),
+        }
+        self.attached.insert(ifindex, Attachment { name: iface.into(), xdp, tc });
+        Ok(how)
+    }
+
+    /// Reuses a pinned XDP link: `Some` if it existed and now runs this program.
+    fn replace_xdp(&mut self, path: &Path) -> Result<Option<PinnedLink>, LoadError> {
+        let Some(fd) = open_pinned(path)? else { return Ok(None) };
+        let xdp: &mut Xdp = program(&mut self.ebpf, program_names::XDP)?;
+        let link = XdpLink::try_from(fd).map_err(|source| LoadError::Link { path: path.into(), source })?;
+        match xdp.attach_to_link(link) {
+            Ok(id) => {
+                let link =
+                    xdp.take_link(id).map_err(|source| LoadError::Program { name: program_names::XDP, source })?;
+                // The pin stays in place; keep a handle to it.
+                drop(link);
+                Ok(Some(PinnedLink::from_pin(path).map_err(|source| LoadError::Link { path: path.into(), source })?))
+            }
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "pinned XDP link is unusable (interface recreated?); attaching anew");
+                let _ = std::fs::remove_file(path);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Reuses a pinned TCX link.
+    fn replace_tc(&mut self, path: &Path) -> Result<Option<PinnedLink>, LoadError> {
+        let Some(fd) = open_pinned(path)? else { return Ok(None) };
+        let tc: &mut SchedClassifier = program(&mut self.ebpf, program_names::TC)?;
+        let link = SchedClassifierLink::try_from(fd).map_err(|source| LoadError::Link { path: path.into(), source })?;
+        match tc.attach_to_link(link) {
+            Ok(id) => {
+                drop(tc.take_link(id).map_err(|source| LoadError::Program { name: program_names::TC, source })?);
+                Ok(Some(PinnedLink::from_pin(path).map_err(|source| LoadError::Link { path: path.into(), source })?))
+            }
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "pinned TC link is unusable; attaching anew");
+                let _ = std::fs::remove_file(path);
+                Ok(None)
+            }
+        }
+    }
+
+    fn attach_xdp(
         &mut self,
         iface: &str,
         ifindex: u32,
         mode: XdpAttachMode,
-    ) -> Result<&'static str, LoadError> {
-        if self.attached.contains_key(&ifindex) {
-            return Ok("already attached");
-        }
+        path: &Path,
+    ) -> Result<PinnedLink, LoadError> {
         let xdp: &mut Xdp = program(&mut self.ebpf, program_names::XDP)?;
         let attempts: &[(XdpMode, &'static str)] = match mode {
             XdpAttachMode::Auto => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "skb")],
@@ -318,12 +381,15 @@ impl Dataplane {
             XdpAttachMode::Skb => &[(XdpMode::Skb, "skb")],
         };
         let mut last = None;
-        let mut used = None;
         for (m, label) in attempts {
             match xdp.attach_to_if_index(ifindex, *m) {
-                Ok(link) => {
-                    used = Some((link, *label));
-                    break;
+                Ok(id) => {
+                    let link =
+                        xdp.take_link(id).map_err(|source| LoadError::Program { name: program_names::XDP, source })?;
+                    let fd = FdLink::try_from(link).map_err(|source| LoadError::Link { path: path.into(), source })?;
+                    let pinned = fd.pin(path).map_err(|source| LoadError::PinLink { path: path.into(), source })?;
+                    self.last_mode = label;
+                    return Ok(pinned);
                 }
                 Err(e) => {
                     if attempts.len() > 1 {
@@ -333,44 +399,20 @@ impl Dataplane {
                 }
             }
         }
-        let (xdp_link, label) = match (used, last) {
-            (Some(u), _) => u,
-            (None, Some((source, mode))) => {
-                return Err(LoadError::AttachXdp {
-                    iface: iface.into(),
-                    mode,
-                    source,
-                });
-            }
-            (None, None) => unreachable!("at least one attach mode is always tried"),
-        };
+        match last {
+            Some((source, mode)) => Err(LoadError::AttachXdp { iface: iface.into(), mode, source }),
+            None => Err(LoadError::AttachXdp { iface: iface.into(), mode: "none", source: ProgramError::NotAttached }),
+        }
+    }
+
+    fn attach_tc(&mut self, iface: &str, path: &Path) -> Result<PinnedLink, LoadError> {
         let tc: &mut SchedClassifier = program(&mut self.ebpf, program_names::TC)?;
-        let tc_link = match tc.attach(iface, TcAttachType::Ingress) {
-            Ok(l) => l,
-            Err(source) => {
-                let xdp: &mut Xdp = program(&mut self.ebpf, program_names::XDP)?;
-                let _ = xdp.detach(xdp_link);
-                return Err(LoadError::AttachTc {
-                    iface: iface.into(),
-                    source,
-                });
-            }
-        };
-        info!(
-            iface,
-            ifindex,
-            xdp_mode = label,
-            "attached XDP and TC ingress"
-        );
-        self.attached.insert(
-            ifindex,
-            Attachment {
-                name: iface.into(),
-                xdp: xdp_link,
-                tc: tc_link,
-            },
-        );
-        Ok(label)
+        let id = tc
+            .attach(iface, TcAttachType::Ingress)
+            .map_err(|source| LoadError::AttachTc { iface: iface.into(), source })?;
+        let link = tc.take_link(id).map_err(|source| LoadError::AttachTc { iface: iface.into(), source })?;
+        let fd = FdLink::try_from(link).map_err(|source| LoadError::Link { path: path.into(), source })?;
+        fd.pin(path).map_err(|source| LoadError::PinLink { path: path.into(), source })
     }
 
     /// Interfaces the programs are attached to (ifindex → name).
@@ -378,21 +420,34 @@ impl Dataplane {
         self.attached.iter().map(|(i, a)| (*i, a.name.as_str()))
     }
 
-    /// Detaches from every interface. Maps stay pinned.
+    /// Detaches from every interface (unpins the links). Maps stay pinned.
     pub fn detach_all(&mut self) {
-        let attached = std::mem::take(&mut self.attached);
-        for (_, a) in attached {
-            if let Ok(xdp) = program::<Xdp>(&mut self.ebpf, program_names::XDP)
-                && let Err(e) = xdp.detach(a.xdp)
-            {
-                warn!(iface = a.name, error = %e, "XDP detach failed");
-            }
-            if let Ok(tc) = program::<SchedClassifier>(&mut self.ebpf, program_names::TC)
-                && let Err(e) = tc.detach(a.tc)
-            {
-                warn!(iface = a.name, error = %e, "TC detach failed");
+        for (_, a) in std::mem::take(&mut self.attached) {
+            for (kind, link) in [("XDP", a.xdp), ("TC", a.tc)] {
+                match link.unpin() {
+                    // Dropping the last reference destroys the link: the program detaches.
+                    Ok(fd) => drop(fd),
+                    Err(e) => warn!(iface = a.name, kind, error = %e, "cannot unpin link"),
+                }
             }
             info!(iface = a.name, "detached");
+        }
+    }
+
+    /// Forgets an attachment whose interface lost its program (interface recreated, link
+    /// detached by hand), so the next [`Self::attach`] attaches anew.
+    pub fn forget(&mut self, ifindex: u32) {
+        if let Some(a) = self.attached.remove(&ifindex) {
+            for link in [a.xdp, a.tc] {
+                let _ = link.unpin();
+            }
+        }
+    }
+
+    /// Leaves the programs attached (their links stay pinned) for the next agent.
+    pub fn keep_attached(&mut self) {
+        for (_, a) in std::mem::take(&mut self.attached) {
+            info!(iface = a.name, "leaving XDP and TC attached for the next agent");
         }
     }
 
@@ -405,10 +460,7 @@ impl Dataplane {
     pub fn baseline(&mut self) -> Result<&mut Xdp, LoadError> {
         let p: &mut Xdp = program(&mut self.ebpf, program_names::BASELINE)?;
         if p.fd().is_err() {
-            p.load().map_err(|source| LoadError::Program {
-                name: program_names::BASELINE,
-                source,
-            })?;
+            p.load().map_err(|source| LoadError::Program { name: program_names::BASELINE, source })?;
         }
         Ok(p)
     }
@@ -419,20 +471,20 @@ impl Dataplane {
     }
 }
 
-impl Drop for Dataplane {
-    fn drop(&mut self) {
-        self.detach_all();
+/// The link pinned at `path`, if any.
+fn open_pinned(path: &Path) -> Result<Option<FdLink>, LoadError> {
+    if !path.exists() {
+        return Ok(None);
     }
+    PinnedLink::from_pin(path)
+        .map(|p| Some(FdLink::from(p)))
+        .map_err(|source| LoadError::Link { path: path.into(), source })
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
-    let p = ebpf.program_mut(name).ok_or(LoadError::Program {
-        name,
-        source: ProgramError::NotLoaded,
-    })?;
-    p.try_into()
-        .map_err(|source| LoadError::Program { name, source })
+    let p = ebpf.program_mut(name).ok_or(LoadError::Program { name, source: ProgramError::NotLoaded })?;
+    p.try_into().map_err(|source| LoadError::Program { name, source })
 }

@@ -61,16 +61,16 @@ pub struct Maps {
     services_max: u32,
 }
 
+impl std::fmt::Debug for Maps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Maps").field("services_max", &self.services_max).finish_non_exhaustive()
+    }
+}
+
 fn open<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &'static str) -> Result<T, MapsError> {
     let path = dir.join(name);
-    let data = MapData::from_pin(&path).map_err(|source| MapsError::Open {
-        path: path.clone(),
-        source,
-    })?;
-    let map = Map::from_map_data(data).map_err(|source| MapsError::Open {
-        path: path.clone(),
-        source,
-    })?;
+    let data = MapData::from_pin(&path).map_err(|source| MapsError::Open { path: path.clone(), source })?;
+    let map = Map::from_map_data(data).map_err(|source| MapsError::Open { path: path.clone(), source })?;
     T::try_from(map).map_err(|source| MapsError::Open { path, source })
 }
 
@@ -93,10 +93,7 @@ impl Maps {
 
     /// The id spaces the maps were created with.
     pub fn limits(&self) -> Limits {
-        Limits {
-            max_services: self.services_max,
-            max_backends: self.backends.len(),
-        }
+        Limits { max_services: self.services_max, max_backends: self.backends.len() }
     }
 
     /// Reads everything the agent owns.
@@ -132,53 +129,40 @@ impl Maps {
         match op {
             MapOp::ResetService(id) => {
                 let zero = PerCpuValues::try_from(vec![ServiceStats::default(); nr_cpus()])
-                    .map_err(|e| {
-                        access(map_names::STATS, "build zero row")(MapError::IoError(e))
-                    })?;
-                self.stats
-                    .set(*id, zero, 0)
-                    .map_err(access(map_names::STATS, format!("reset {id}")))?;
-                self.rr
-                    .set(*id, RoundRobin::default(), 0)
-                    .map_err(access(map_names::RR, format!("reset {id}")))
+                    .map_err(|e| access(map_names::STATS, "build zero row")(MapError::IoError(e)))?;
+                self.stats.set(*id, zero, 0).map_err(access(map_names::STATS, format!("reset {id}")))?;
+                self.rr.set(*id, RoundRobin::default(), 0).map_err(access(map_names::RR, format!("reset {id}")))
             }
-            MapOp::SetBackend(id, b) => self
-                .backends
-                .set(*id, b, 0)
-                .map_err(access(map_names::BACKENDS, format!("set {id}"))),
+            MapOp::SetBackend(id, b) => {
+                self.backends.set(*id, b, 0).map_err(access(map_names::BACKENDS, format!("set {id}")))
+            }
             MapOp::SetSlot(k, id) => self
                 .slots
                 .insert(k, Slot { backend_id: *id }, 0)
                 .map_err(access(map_names::SLOTS, format!("set {k:?}"))),
-            MapOp::DeleteSlot(k) => ignore_missing(self.slots.remove(k))
-                .map_err(access(map_names::SLOTS, format!("delete {k:?}"))),
-            MapOp::SetService(k, v) => self
-                .services
-                .insert(k, v, 0)
-                .map_err(access(map_names::SERVICES, format!("set {k:?}"))),
-            MapOp::DeleteService(k) => ignore_missing(self.services.remove(k))
-                .map_err(access(map_names::SERVICES, format!("delete {k:?}"))),
-            MapOp::SetAddr(k, v) => self
-                .addrs
-                .insert(k, v, 0)
-                .map_err(access(map_names::ADDRS, format!("set {k:?}"))),
-            MapOp::DeleteAddr(k) => ignore_missing(self.addrs.remove(k))
-                .map_err(access(map_names::ADDRS, format!("delete {k:?}"))),
-            MapOp::SetIface(k, v) => self
-                .ifaces
-                .insert(k, v, 0)
-                .map_err(access(map_names::IFACES, format!("set {k}"))),
-            MapOp::DeleteIface(k) => ignore_missing(self.ifaces.remove(k))
-                .map_err(access(map_names::IFACES, format!("delete {k}"))),
+            MapOp::DeleteSlot(k) => {
+                ignore_missing(self.slots.remove(k)).map_err(access(map_names::SLOTS, format!("delete {k:?}")))
+            }
+            MapOp::SetService(k, v) => {
+                self.services.insert(k, v, 0).map_err(access(map_names::SERVICES, format!("set {k:?}")))
+            }
+            MapOp::DeleteService(k) => {
+                ignore_missing(self.services.remove(k)).map_err(access(map_names::SERVICES, format!("delete {k:?}")))
+            }
+            MapOp::SetAddr(k, v) => self.addrs.insert(k, v, 0).map_err(access(map_names::ADDRS, format!("set {k:?}"))),
+            MapOp::DeleteAddr(k) => {
+                ignore_missing(self.addrs.remove(k)).map_err(access(map_names::ADDRS, format!("delete {k:?}")))
+            }
+            MapOp::SetIface(k, v) => self.ifaces.insert(k, v, 0).map_err(access(map_names::IFACES, format!("set {k}"))),
+            MapOp::DeleteIface(k) => {
+                ignore_missing(self.ifaces.remove(k)).map_err(access(map_names::IFACES, format!("delete {k}")))
+            }
         }
     }
 
     /// Backends of the active set of one service, in round-robin order (a few lookups,
     /// unlike [`Self::read_state`]). `None` if the service is not programmed.
-    pub fn active_backends(
-        &self,
-        key: &ServiceKey,
-    ) -> Result<Option<Vec<SocketAddrV4>>, MapsError> {
+    pub fn active_backends(&self, key: &ServiceKey) -> Result<Option<Vec<SocketAddrV4>>, MapsError> {
         let v = match self.services.get(key, 0) {
             Ok(v) => v,
             Err(MapError::KeyNotFound) => return Ok(None),
@@ -186,10 +170,7 @@ impl Maps {
         };
         let mut out = Vec::with_capacity(v.count as usize);
         for index in 0..v.count {
-            let slot = self
-                .slots
-                .get(&SlotKey { set: v.set, index }, 0)
-                .map_err(access(map_names::SLOTS, "read"))?;
+            let slot = self.slots.get(&SlotKey { set: v.set, index }, 0).map_err(access(map_names::SLOTS, "read"))?;
             let b = self.backend(slot.backend_id)?;
             out.push(SocketAddrV4::new(b.ip.into(), b.port));
         }
@@ -198,10 +179,7 @@ impl Maps {
 
     /// Counters of service `id`, summed over CPUs.
     pub fn service_stats(&self, id: u32) -> Result<ServiceStats, MapsError> {
-        let per_cpu = self
-            .stats
-            .get(&id, 0)
-            .map_err(access(map_names::STATS, format!("read {id}")))?;
+        let per_cpu = self.stats.get(&id, 0).map_err(access(map_names::STATS, format!("read {id}")))?;
         let mut total = ServiceStats::default();
         for s in per_cpu.iter() {
             total.accumulate(s);
@@ -245,9 +223,7 @@ impl Maps {
 
     /// The backend entry with id `id`.
     pub fn backend(&self, id: u32) -> Result<Backend, MapsError> {
-        self.backends
-            .get(&id, 0)
-            .map_err(access(map_names::BACKENDS, format!("read {id}")))
+        self.backends.get(&id, 0).map_err(access(map_names::BACKENDS, format!("read {id}")))
     }
 }
 

@@ -94,9 +94,7 @@ fn allocate(taken: &mut BTreeSet<u32>, max: u32) -> Option<u32> {
 
 /// A backend entry freed (or never used): the next user gets a higher generation.
 fn next_generation(cur: &ProgrammedState, id: u32) -> u32 {
-    cur.backends
-        .get(&id)
-        .map_or(1, |b| b.generation.wrapping_add(1).max(1))
+    cur.backends.get(&id).map_or(1, |b| b.generation.wrapping_add(1).max(1))
 }
 
 /// Computes the operations that turn `cur` into `desired`.
@@ -113,12 +111,8 @@ pub fn plan(cur: &ProgrammedState, desired: &DesiredState, limits: Limits) -> Pl
 
     // Ids in use now stay reserved for the whole plan, even those it frees.
     let mut service_ids: BTreeSet<u32> = cur.services.values().map(|v| v.id).collect();
-    let mut backend_ids: BTreeSet<u32> = cur
-        .backends
-        .iter()
-        .filter(|(_, b)| b.flags & BACKEND_IN_USE != 0)
-        .map(|(id, _)| *id)
-        .collect();
+    let mut backend_ids: BTreeSet<u32> =
+        cur.backends.iter().filter(|(_, b)| b.flags & BACKEND_IN_USE != 0).map(|(id, _)| *id).collect();
 
     let mut wanted: Vec<&ServiceSpec> = desired.services.iter().collect();
     wanted.sort_by_key(|s| s.key());
@@ -132,19 +126,14 @@ pub fn plan(cur: &ProgrammedState, desired: &DesiredState, limits: Limits) -> Pl
             None => match allocate(&mut service_ids, limits.max_services) {
                 Some(id) => id,
                 None => {
-                    errors.push(PlanError::ServicesExhausted {
-                        name: spec.name.clone(),
-                        max: limits.max_services,
-                    });
+                    errors.push(PlanError::ServicesExhausted { name: spec.name.clone(), max: limits.max_services });
                     continue;
                 }
             },
         };
 
-        let known: BTreeMap<SocketAddrV4, u32> = cur
-            .backends_of(id)
-            .map(|(bid, b)| (SocketAddrV4::new(b.ip.into(), b.port), bid))
-            .collect();
+        let known: BTreeMap<SocketAddrV4, u32> =
+            cur.backends_of(id).map(|(bid, b)| (SocketAddrV4::new(b.ip.into(), b.port), bid)).collect();
         let mut taken = backend_ids.clone();
         let mut fresh = Vec::new();
         let mut active = Vec::new();
@@ -179,10 +168,7 @@ pub fn plan(cur: &ProgrammedState, desired: &DesiredState, limits: Limits) -> Pl
             }
         }
         if exhausted {
-            errors.push(PlanError::BackendsExhausted {
-                name: spec.name.clone(),
-                max: limits.max_backends,
-            });
+            errors.push(PlanError::BackendsExhausted { name: spec.name.clone(), max: limits.max_backends });
             if existing.is_none() {
                 service_ids.remove(&id);
             }
@@ -204,31 +190,15 @@ pub fn plan(cur: &ProgrammedState, desired: &DesiredState, limits: Limits) -> Pl
                 None => a,
             };
             for (index, bid) in active.iter().enumerate() {
-                let slot = SlotKey {
-                    set,
-                    index: index as u32,
-                };
+                let slot = SlotKey { set, index: index as u32 };
                 if cur.slots.get(&slot) != Some(bid) {
                     slots.push(MapOp::SetSlot(slot, *bid));
                 }
             }
-            for stale in cur.slots.range(
-                SlotKey { set, index: count }..=SlotKey {
-                    set,
-                    index: u32::MAX,
-                },
-            ) {
+            for stale in cur.slots.range(SlotKey { set, index: count }..=SlotKey { set, index: u32::MAX }) {
                 slots.push(MapOp::DeleteSlot(*stale.0));
             }
-            switches.push(MapOp::SetService(
-                key,
-                ServiceValue {
-                    id,
-                    set,
-                    count,
-                    flags: 0,
-                },
-            ));
+            switches.push(MapOp::SetService(key, ServiceValue { id, set, count, flags: 0 }));
         }
         for (bid, b) in cur.backends_of(id) {
             if !keep.contains(&bid) {
@@ -247,33 +217,14 @@ pub fn plan(cur: &ProgrammedState, desired: &DesiredState, limits: Limits) -> Pl
             late.push(free(bid, b));
         }
         for set in SlotKey::sets_of(v.id) {
-            for slot in cur.slots.range(
-                SlotKey { set, index: 0 }..=SlotKey {
-                    set,
-                    index: u32::MAX,
-                },
-            ) {
+            for slot in cur.slots.range(SlotKey { set, index: 0 }..=SlotKey { set, index: u32::MAX }) {
                 late.push(MapOp::DeleteSlot(*slot.0));
             }
         }
     }
 
-    diff(
-        &cur.addrs,
-        &desired.addrs,
-        &mut early,
-        &mut late,
-        MapOp::SetAddr,
-        MapOp::DeleteAddr,
-    );
-    diff(
-        &cur.ifaces,
-        &desired.ifaces,
-        &mut early,
-        &mut late,
-        MapOp::SetIface,
-        MapOp::DeleteIface,
-    );
+    diff(&cur.addrs, &desired.addrs, &mut early, &mut late, MapOp::SetAddr, MapOp::DeleteAddr);
+    diff(&cur.ifaces, &desired.ifaces, &mut early, &mut late, MapOp::SetIface, MapOp::DeleteIface);
 
     let mut ops = early;
     ops.extend(resets);
@@ -290,13 +241,7 @@ pub fn plan(cur: &ProgrammedState, desired: &DesiredState, limits: Limits) -> Pl
 fn free(id: u32, b: &Backend) -> MapOp {
     MapOp::SetBackend(
         id,
-        Backend {
-            ip: [0; 4],
-            port: 0,
-            flags: 0,
-            generation: b.generation.wrapping_add(1).max(1),
-            service_id: 0,
-        },
+        Backend { ip: [0; 4], port: 0, flags: 0, generation: b.generation.wrapping_add(1).max(1), service_id: 0 },
     )
 }
 
@@ -328,10 +273,7 @@ mod tests {
     use super::*;
     use crate::model::{BackendSpec, Protocol};
 
-    const LIMITS: Limits = Limits {
-        max_services: 4,
-        max_backends: 8,
-    };
+    const LIMITS: Limits = Limits { max_services: 4, max_backends: 8 };
 
     fn svc(name: &str, port: u16, backends: &[&str]) -> ServiceSpec {
         ServiceSpec {
@@ -339,19 +281,13 @@ mod tests {
             vip: Ipv4Addr::new(192, 0, 2, 10),
             port,
             protocol: Protocol::Tcp,
-            backends: backends
-                .iter()
-                .map(|b| BackendSpec::active(b.parse().unwrap()))
-                .collect(),
+            backends: backends.iter().map(|b| BackendSpec::active(b.parse().unwrap())).collect(),
             interface: None,
         }
     }
 
     fn desired(services: Vec<ServiceSpec>) -> DesiredState {
-        DesiredState {
-            services,
-            ..DesiredState::default()
-        }
+        DesiredState { services, ..DesiredState::default() }
     }
 
     /// Applies a plan to a state, as the map writer does.
@@ -383,33 +319,16 @@ mod tests {
         assert_eq!(p.ops[0], MapOp::ResetService(0));
         assert_eq!(
             *p.ops.last().unwrap(),
-            MapOp::SetService(
-                web.key(),
-                ServiceValue {
-                    id: 0,
-                    set: 0,
-                    count: 2,
-                    flags: 0
-                }
-            )
+            MapOp::SetService(web.key(), ServiceValue { id: 0, set: 0, count: 2, flags: 0 })
         );
-        assert_eq!(
-            set_of(&st, &web),
-            vec![
-                "10.0.0.1:8080".parse().unwrap(),
-                "10.0.0.2:8080".parse().unwrap()
-            ]
-        );
+        assert_eq!(set_of(&st, &web), vec!["10.0.0.1:8080".parse().unwrap(), "10.0.0.2:8080".parse().unwrap()]);
         assert_eq!(st.backends[&0].generation, 1);
     }
 
     #[test]
     fn unchanged_desired_state_plans_nothing() {
         let mut st = ProgrammedState::default();
-        let d = desired(vec![
-            svc("web", 80, &["10.0.0.1:8080", "10.0.0.2:8080"]),
-            svc("api", 81, &[]),
-        ]);
+        let d = desired(vec![svc("web", 80, &["10.0.0.1:8080", "10.0.0.2:8080"]), svc("api", 81, &[])]);
         run(&mut st, &d);
         assert_eq!(plan(&st, &d, LIMITS), Plan::default());
     }
@@ -417,39 +336,18 @@ mod tests {
     #[test]
     fn adding_a_backend_keeps_existing_ids_and_switches_set_last() {
         let mut st = ProgrammedState::default();
-        run(
-            &mut st,
-            &desired(vec![svc("web", 80, &["10.0.0.1:8080", "10.0.0.2:8080"])]),
-        );
+        run(&mut st, &desired(vec![svc("web", 80, &["10.0.0.1:8080", "10.0.0.2:8080"])]));
         let before = st.backends.clone();
-        let web = svc(
-            "web",
-            80,
-            &["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"],
-        );
+        let web = svc("web", 80, &["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"]);
         let p = run(&mut st, &desired(vec![web.clone()]));
         // Existing backends untouched (their flows stay), the new one gets id 2.
-        assert!(
-            p.ops
-                .iter()
-                .all(|op| !matches!(op, MapOp::SetBackend(0 | 1, _)))
-        );
+        assert!(p.ops.iter().all(|op| !matches!(op, MapOp::SetBackend(0 | 1, _))));
         assert_eq!(st.backends[&0], before[&0]);
         assert_eq!(st.backends[&2].ip, [10, 0, 0, 3]);
         // The new set is the other buffer, fully written before the switch.
-        let switch = p
-            .ops
-            .iter()
-            .position(|op| matches!(op, MapOp::SetService(..)))
-            .unwrap();
+        let switch = p.ops.iter().position(|op| matches!(op, MapOp::SetService(..))).unwrap();
         assert_eq!(switch, p.ops.len() - 1);
-        assert!(
-            p.ops[..switch]
-                .iter()
-                .filter(|op| matches!(op, MapOp::SetSlot(k, _) if k.set == 1))
-                .count()
-                == 3
-        );
+        assert!(p.ops[..switch].iter().filter(|op| matches!(op, MapOp::SetSlot(k, _) if k.set == 1)).count() == 3);
         assert_eq!(st.services[&web.key()].set, 1);
         assert_eq!(set_of(&st, &web).len(), 3);
     }
@@ -457,54 +355,19 @@ mod tests {
     #[test]
     fn removing_a_backend_frees_its_id_after_the_switch() {
         let mut st = ProgrammedState::default();
-        run(
-            &mut st,
-            &desired(vec![svc(
-                "web",
-                80,
-                &["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"],
-            )]),
-        );
+        run(&mut st, &desired(vec![svc("web", 80, &["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"])]));
         let web = svc("web", 80, &["10.0.0.1:8080", "10.0.0.3:8080"]);
         let p = run(&mut st, &desired(vec![web.clone()]));
-        let switch = p
-            .ops
-            .iter()
-            .position(|op| matches!(op, MapOp::SetService(..)))
-            .unwrap();
-        let freed = p
-            .ops
-            .iter()
-            .position(|op| matches!(op, MapOp::SetBackend(1, b) if b.flags == 0))
-            .unwrap();
+        let switch = p.ops.iter().position(|op| matches!(op, MapOp::SetService(..))).unwrap();
+        let freed = p.ops.iter().position(|op| matches!(op, MapOp::SetBackend(1, b) if b.flags == 0)).unwrap();
         assert!(freed > switch);
-        assert_eq!(
-            st.backends[&1].generation, 2,
-            "generation bumped: the removed backend's flows end"
-        );
+        assert_eq!(st.backends[&1].generation, 2, "generation bumped: the removed backend's flows end");
         assert_eq!(st.backends[&0].generation, 1, "the others' flows continue");
         assert_eq!(st.backends[&2].generation, 1);
-        assert_eq!(
-            set_of(&st, &web),
-            vec![
-                "10.0.0.1:8080".parse().unwrap(),
-                "10.0.0.3:8080".parse().unwrap()
-            ]
-        );
+        assert_eq!(set_of(&st, &web), vec!["10.0.0.1:8080".parse().unwrap(), "10.0.0.3:8080".parse().unwrap()]);
         // The next backend gets a fresh id, never the one just freed.
-        let p = run(
-            &mut st,
-            &desired(vec![svc(
-                "web",
-                80,
-                &["10.0.0.1:8080", "10.0.0.3:8080", "10.0.0.4:8080"],
-            )]),
-        );
-        assert!(
-            p.ops.iter().any(
-                |op| matches!(op, MapOp::SetBackend(1, b) if b.generation == 3 && b.flags != 0)
-            )
-        );
+        let p = run(&mut st, &desired(vec![svc("web", 80, &["10.0.0.1:8080", "10.0.0.3:8080", "10.0.0.4:8080"])]));
+        assert!(p.ops.iter().any(|op| matches!(op, MapOp::SetBackend(1, b) if b.generation == 3 && b.flags != 0)));
     }
 
     #[test]
@@ -522,10 +385,7 @@ mod tests {
     #[test]
     fn terminating_backends_keep_their_flows_but_take_no_new_ones() {
         let mut st = ProgrammedState::default();
-        run(
-            &mut st,
-            &desired(vec![svc("web", 80, &["10.0.0.1:1", "10.0.0.2:1"])]),
-        );
+        run(&mut st, &desired(vec![svc("web", 80, &["10.0.0.1:1", "10.0.0.2:1"])]));
         let mut web = svc("web", 80, &["10.0.0.1:1", "10.0.0.2:1", "10.0.0.9:1"]);
         web.backends[1].terminating = true;
         web.backends[2].terminating = true; // unknown and terminating: ignored
@@ -539,27 +399,16 @@ mod tests {
     #[test]
     fn deleting_a_service_removes_it_then_frees_backends_and_slots() {
         let mut st = ProgrammedState::default();
-        run(
-            &mut st,
-            &desired(vec![
-                svc("web", 80, &["10.0.0.1:1"]),
-                svc("api", 81, &["10.0.0.2:1"]),
-            ]),
-        );
+        run(&mut st, &desired(vec![svc("web", 80, &["10.0.0.1:1"]), svc("api", 81, &["10.0.0.2:1"])]));
         let p = run(&mut st, &desired(vec![svc("api", 81, &["10.0.0.2:1"])]));
         assert!(matches!(p.ops[0], MapOp::DeleteService(_)), "{:?}", p.ops);
         assert!(
             p.ops[1..]
                 .iter()
-                .all(|op| matches!(op, MapOp::SetBackend(_, b) if b.flags == 0)
-                    || matches!(op, MapOp::DeleteSlot(_)))
+                .all(|op| matches!(op, MapOp::SetBackend(_, b) if b.flags == 0) || matches!(op, MapOp::DeleteSlot(_)))
         );
         assert_eq!(st.services.len(), 1);
-        assert!(
-            st.slots
-                .keys()
-                .all(|k| k.set / 2 == st.services.values().next().unwrap().id)
-        );
+        assert!(st.slots.keys().all(|k| k.set / 2 == st.services.values().next().unwrap().id));
         assert_eq!(st.backends.values().filter(|b| b.flags != 0).count(), 1);
     }
 
@@ -569,70 +418,28 @@ mod tests {
         let services: Vec<_> = (0..5).map(|i| svc(&format!("s{i}"), 80 + i, &[])).collect();
         let p = run(&mut st, &desired(services));
         assert_eq!(st.services.len(), 4);
-        assert_eq!(
-            p.errors,
-            vec![PlanError::ServicesExhausted {
-                name: "s4".into(),
-                max: 4
-            }]
-        );
+        assert_eq!(p.errors, vec![PlanError::ServicesExhausted { name: "s4".into(), max: 4 }]);
 
         let mut st = ProgrammedState::default();
-        run(
-            &mut st,
-            &desired(vec![svc("a", 1, &["10.0.0.1:1", "10.0.0.2:1"])]),
-        );
+        run(&mut st, &desired(vec![svc("a", 1, &["10.0.0.1:1", "10.0.0.2:1"])]));
         let many: Vec<String> = (1..=9).map(|i| format!("10.0.1.{i}:1")).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
         let before = st.clone();
-        let p = run(
-            &mut st,
-            &desired(vec![
-                svc("a", 1, &["10.0.0.1:1", "10.0.0.2:1"]),
-                svc("b", 2, &many),
-            ]),
-        );
-        assert_eq!(
-            p.errors,
-            vec![PlanError::BackendsExhausted {
-                name: "b".into(),
-                max: 8
-            }]
-        );
-        assert_eq!(
-            st, before,
-            "service a untouched, nothing half-written for b"
-        );
+        let p = run(&mut st, &desired(vec![svc("a", 1, &["10.0.0.1:1", "10.0.0.2:1"]), svc("b", 2, &many)]));
+        assert_eq!(p.errors, vec![PlanError::BackendsExhausted { name: "b".into(), max: 8 }]);
+        assert_eq!(st, before, "service a untouched, nothing half-written for b");
     }
 
     #[test]
     fn addresses_and_interfaces_are_diffed() {
         let mut st = ProgrammedState::default();
         let mut d = desired(vec![]);
-        d.addrs.insert(
-            AddrKey {
-                addr: [192, 0, 2, 10],
-            },
-            AddrInfo { flags: 1 },
-        );
-        d.ifaces.insert(
-            3,
-            IfaceInfo {
-                snat_ip: [10, 0, 0, 1],
-                tx_ifindex: 3,
-                vlan: 0,
-                flags: 0,
-            },
-        );
+        d.addrs.insert(AddrKey { addr: [192, 0, 2, 10] }, AddrInfo { flags: 1 });
+        d.ifaces.insert(3, IfaceInfo { snat_ip: [10, 0, 0, 1], tx_ifindex: 3, vlan: 0, flags: 0 });
         let p = run(&mut st, &d);
         assert_eq!(p.ops.len(), 2);
         d.addrs.clear();
         let p = run(&mut st, &d);
-        assert_eq!(
-            p.ops,
-            vec![MapOp::DeleteAddr(AddrKey {
-                addr: [192, 0, 2, 10]
-            })]
-        );
+        assert_eq!(p.ops, vec![MapOp::DeleteAddr(AddrKey { addr: [192, 0, 2, 10] })]);
     }
 }

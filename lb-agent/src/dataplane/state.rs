@@ -88,15 +88,7 @@ impl ProgrammedState {
     /// Backend ids of a service's active set, in round-robin order.
     pub fn active_set(&self, svc: &ServiceValue) -> Vec<u32> {
         (0..svc.count)
-            .map(|index| {
-                self.slots
-                    .get(&SlotKey {
-                        set: svc.set,
-                        index,
-                    })
-                    .copied()
-                    .unwrap_or(u32::MAX)
-            })
+            .map(|index| self.slots.get(&SlotKey { set: svc.set, index }).copied().unwrap_or(u32::MAX))
             .collect()
     }
 

@@ -58,10 +58,7 @@ pub struct BackendSpec {
 impl BackendSpec {
     /// A backend that takes new flows.
     pub const fn active(addr: SocketAddrV4) -> Self {
-        Self {
-            addr,
-            terminating: false,
-        }
+        Self { addr, terminating: false }
     }
 }
 
@@ -85,11 +82,6 @@ pub struct ServiceSpec {
 impl ServiceSpec {
     /// The data path's key for this service.
     pub const fn key(&self) -> ServiceKey {
-        ServiceKey {
-            vip: self.vip.octets(),
-            port: self.port,
-            proto: self.protocol.number(),
-            _pad: 0,
-        }
+        ServiceKey { vip: self.vip.octets(), port: self.port, proto: self.protocol.number(), _pad: 0 }
     }
 }

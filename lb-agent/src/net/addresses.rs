@@ -56,13 +56,7 @@ mod tests {
     use super::*;
 
     fn addr(index: u32, a: [u8; 4], ours: bool) -> IfAddr {
-        IfAddr {
-            index,
-            addr: a.into(),
-            prefix: 32,
-            ours,
-            secondary: false,
-        }
+        IfAddr { index, addr: a.into(), prefix: 32, ours, secondary: false }
     }
 
     const V1: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -102,11 +96,7 @@ mod tests {
     fn our_leftovers_are_removed_and_wanted_ones_adopted() {
         // A previous run left V1 (still wanted) and V2 (not wanted) on the interface, and V1
         // on another interface (the interface changed).
-        let present = [
-            addr(3, V1.octets(), true),
-            addr(3, V2.octets(), true),
-            addr(4, V1.octets(), true),
-        ];
+        let present = [addr(3, V1.octets(), true), addr(3, V2.octets(), true), addr(4, V1.octets(), true)];
         let c = address_changes(&on3(&[V1]), &present);
         assert!(c.add.is_empty());
         assert_eq!(c.remove, vec![(3, V2, 32), (4, V1, 32)]);

@@ -16,30 +16,16 @@ pub fn iface_table(links: &[Link], addrs: &[IfAddr]) -> BTreeMap<u32, IfaceInfo>
     for l in links.iter().filter(|l| l.up && !l.loopback) {
         let snat = primary_address(l.index, addrs).unwrap_or(Ipv4Addr::UNSPECIFIED);
         let (tx_ifindex, vlan) = l.vlan.unwrap_or((l.index, 0));
-        let tx_is_veth = links
-            .iter()
-            .find(|t| t.index == tx_ifindex)
-            .is_some_and(|t| t.veth);
+        let tx_is_veth = links.iter().find(|t| t.index == tx_ifindex).is_some_and(|t| t.veth);
         let flags = if tx_is_veth { IFACE_TX_REDIRECT } else { 0 };
-        table.insert(
-            l.index,
-            IfaceInfo {
-                snat_ip: snat.octets(),
-                tx_ifindex,
-                vlan,
-                flags,
-            },
-        );
+        table.insert(l.index, IfaceInfo { snat_ip: snat.octets(), tx_ifindex, vlan, flags });
     }
     table
 }
 
 /// The first primary, non-ballast IPv4 address of interface `index`.
 pub fn primary_address(index: u32, addrs: &[IfAddr]) -> Option<Ipv4Addr> {
-    addrs
-        .iter()
-        .find(|a| a.index == index && !a.ours && !a.secondary)
-        .map(|a| a.addr)
+    addrs.iter().find(|a| a.index == index && !a.ours && !a.secondary).map(|a| a.addr)
 }
 
 /// The interface XDP must be attached to for traffic of `index`: a VLAN interface's frames
@@ -57,81 +43,28 @@ mod tests {
     use super::*;
 
     fn link(index: u32, name: &str, vlan: Option<(u32, u16)>) -> Link {
-        Link {
-            index,
-            name: name.into(),
-            vlan,
-            up: true,
-            loopback: false,
-            veth: false,
-        }
+        Link { index, name: name.into(), vlan, up: true, loopback: false, veth: false, xdp_prog: None }
     }
 
     #[test]
     fn table_uses_primary_addresses_and_vlan_parents() {
         let links = vec![
-            Link {
-                loopback: true,
-                ..link(1, "lo", None)
-            },
+            Link { loopback: true, ..link(1, "lo", None) },
             link(2, "eth0", None),
             link(3, "eth0.100", Some((2, 100))),
             link(4, "dummy", None),
-            Link {
-                veth: true,
-                ..link(5, "veth0", None)
-            },
+            Link { veth: true, ..link(5, "veth0", None) },
         ];
         let addrs = vec![
-            IfAddr {
-                index: 2,
-                addr: [192, 0, 2, 10].into(),
-                prefix: 32,
-                ours: true,
-                secondary: false,
-            },
-            IfAddr {
-                index: 2,
-                addr: [10, 0, 0, 1].into(),
-                prefix: 24,
-                ours: false,
-                secondary: false,
-            },
-            IfAddr {
-                index: 2,
-                addr: [10, 0, 0, 2].into(),
-                prefix: 24,
-                ours: false,
-                secondary: true,
-            },
-            IfAddr {
-                index: 3,
-                addr: [10, 1, 0, 1].into(),
-                prefix: 24,
-                ours: false,
-                secondary: false,
-            },
+            IfAddr { index: 2, addr: [192, 0, 2, 10].into(), prefix: 32, ours: true, secondary: false },
+            IfAddr { index: 2, addr: [10, 0, 0, 1].into(), prefix: 24, ours: false, secondary: false },
+            IfAddr { index: 2, addr: [10, 0, 0, 2].into(), prefix: 24, ours: false, secondary: true },
+            IfAddr { index: 3, addr: [10, 1, 0, 1].into(), prefix: 24, ours: false, secondary: false },
         ];
         let t = iface_table(&links, &addrs);
         assert!(!t.contains_key(&1));
-        assert_eq!(
-            t[&2],
-            IfaceInfo {
-                snat_ip: [10, 0, 0, 1],
-                tx_ifindex: 2,
-                vlan: 0,
-                flags: 0
-            }
-        );
-        assert_eq!(
-            t[&3],
-            IfaceInfo {
-                snat_ip: [10, 1, 0, 1],
-                tx_ifindex: 2,
-                vlan: 100,
-                flags: 0
-            }
-        );
+        assert_eq!(t[&2], IfaceInfo { snat_ip: [10, 0, 0, 1], tx_ifindex: 2, vlan: 0, flags: 0 });
+        assert_eq!(t[&3], IfaceInfo { snat_ip: [10, 1, 0, 1], tx_ifindex: 2, vlan: 100, flags: 0 });
         assert_eq!(t[&4].snat_ip, [0, 0, 0, 0]);
         assert_eq!(t[&5].flags, IFACE_TX_REDIRECT);
         assert_eq!(t[&2].flags, 0);

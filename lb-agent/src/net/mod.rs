@@ -24,6 +24,8 @@ pub struct Link {
     pub loopback: bool,
     /// A veth device.
     pub veth: bool,
+    /// Id of the XDP program attached, if any.
+    pub xdp_prog: Option<u32>,
 }
 
 /// An IPv4 address on an interface.

@@ -8,7 +8,7 @@ use rtnetlink::{
     packet_route::{
         AddressFamily,
         address::{AddressAttribute, AddressHeaderFlags, AddressMessage, AddressProtocol},
-        link::{InfoData, InfoKind, InfoVlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+        link::{InfoData, InfoKind, InfoVlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, LinkXdp},
         route::{RouteAddress, RouteAttribute},
     },
 };
@@ -59,25 +59,14 @@ impl Netlink {
 
     /// Every interface.
     pub async fn links(&self) -> Result<Vec<Link>, NetError> {
-        let msgs: Vec<LinkMessage> = self
-            .handle
-            .link()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(request("list links"))?;
+        let msgs: Vec<LinkMessage> =
+            self.handle.link().get().execute().try_collect().await.map_err(request("list links"))?;
         Ok(msgs.iter().map(to_link).collect())
     }
 
     /// The interface called `name`.
     pub async fn link_by_name(&self, name: &str) -> Result<Link, NetError> {
-        let mut stream = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
+        let mut stream = self.handle.link().get().match_name(name.to_string()).execute();
         match stream.try_next().await {
             Ok(Some(m)) => Ok(to_link(&m)),
             Ok(None) => Err(NetError::NoSuchInterface(name.into())),
@@ -91,69 +80,43 @@ impl Netlink {
 
     /// Every IPv4 address on the node.
     pub async fn addresses(&self) -> Result<Vec<IfAddr>, NetError> {
-        let msgs: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(request("list addresses"))?;
+        let msgs: Vec<AddressMessage> =
+            self.handle.address().get().execute().try_collect().await.map_err(request("list addresses"))?;
         Ok(msgs.iter().filter_map(to_ifaddr).collect())
     }
 
     /// Adds `addr/32` to interface `index`, marked as ballast's.
     pub async fn add_address(&self, index: u32, addr: Ipv4Addr) -> Result<(), NetError> {
         let mut req = self.handle.address().add(index, IpAddr::V4(addr), 32);
-        req.message_mut()
-            .attributes
-            .push(AddressAttribute::Protocol(AddressProtocol::from(
-                ADDRESS_PROTOCOL,
-            )));
-        req.execute()
-            .await
-            .map_err(request(format!("add {addr}/32 to ifindex {index}")))
+        req.message_mut().attributes.push(AddressAttribute::Protocol(AddressProtocol::from(ADDRESS_PROTOCOL)));
+        req.execute().await.map_err(request(format!("add {addr}/32 to ifindex {index}")))
     }
 
     /// Removes `addr/prefix` from interface `index`.
-    pub async fn del_address(
-        &self,
-        index: u32,
-        addr: Ipv4Addr,
-        prefix: u8,
-    ) -> Result<(), NetError> {
+    pub async fn del_address(&self, index: u32, addr: Ipv4Addr, prefix: u8) -> Result<(), NetError> {
         let mut msg = AddressMessage::default();
         msg.header.family = AddressFamily::Inet;
         msg.header.prefix_len = prefix;
         msg.header.index = index;
-        msg.attributes
-            .push(AddressAttribute::Local(IpAddr::V4(addr)));
-        msg.attributes
-            .push(AddressAttribute::Address(IpAddr::V4(addr)));
+        msg.attributes.push(AddressAttribute::Local(IpAddr::V4(addr)));
+        msg.attributes.push(AddressAttribute::Address(IpAddr::V4(addr)));
         match self.handle.address().del(msg).execute().await {
             Ok(()) => Ok(()),
             // Already gone (someone removed it): the goal is reached.
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EADDRNOTAVAIL => {
-                Ok(())
-            }
-            Err(e) => Err(request(format!(
-                "remove {addr}/{prefix} from ifindex {index}"
-            ))(e)),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EADDRNOTAVAIL => Ok(()),
+            Err(e) => Err(request(format!("remove {addr}/{prefix} from ifindex {index}"))(e)),
         }
     }
 
     /// The route the kernel uses to reach `dst` (`ip route get`), or `None` if unreachable.
     pub async fn route_to(&self, dst: Ipv4Addr) -> Result<Option<RouteTo>, NetError> {
-        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(dst, 32)
-            .build();
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(dst, 32).build();
         let mut stream = self.handle.route().get(msg).execute();
         let route = match stream.try_next().await {
             Ok(Some(r)) => r,
             Ok(None) => return Ok(None),
             Err(rtnetlink::Error::NetlinkError(e))
-                if [-libc::ENETUNREACH, -libc::EHOSTUNREACH, -libc::EINVAL]
-                    .contains(&e.raw_code()) =>
+                if [-libc::ENETUNREACH, -libc::EHOSTUNREACH, -libc::EINVAL].contains(&e.raw_code()) =>
             {
                 return Ok(None);
             }
@@ -178,23 +141,23 @@ fn to_link(m: &LinkMessage) -> Link {
     let mut vlan_id = None;
     let mut is_vlan = false;
     let mut veth = false;
+    let mut xdp_prog = None;
     for a in &m.attributes {
         match a {
             LinkAttribute::IfName(n) => name = n.clone(),
             LinkAttribute::Link(p) => parent = Some(*p),
+            LinkAttribute::Xdp(x) => {
+                xdp_prog = x
+                    .iter()
+                    .find_map(|a| if let LinkXdp::ProgId(id) = a { Some(*id).filter(|i| *i != 0) } else { None });
+            }
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
                     match i {
                         LinkInfo::Kind(InfoKind::Vlan) => is_vlan = true,
                         LinkInfo::Kind(InfoKind::Veth) => veth = true,
                         LinkInfo::Data(InfoData::Vlan(v)) => {
-                            vlan_id = v.iter().find_map(|x| {
-                                if let InfoVlan::Id(id) = x {
-                                    Some(*id)
-                                } else {
-                                    None
-                                }
-                            });
+                            vlan_id = v.iter().find_map(|x| if let InfoVlan::Id(id) = x { Some(*id) } else { None });
                         }
                         _ => {}
                     }
@@ -214,6 +177,7 @@ fn to_link(m: &LinkMessage) -> Link {
         up: m.header.flags.contains(LinkFlags::Up),
         loopback: m.header.flags.contains(LinkFlags::Loopback),
         veth,
+        xdp_prog,
     }
 }
 

@@ -40,52 +40,23 @@ fn main() -> Result<()> {
         Err(e) => eprintln!("demo failed: {e:#}"),
         Ok(()) => println!("\nDone; namespaces, links, pinned maps and the agent are gone."),
     }
-    r.map(|_| ()).or_else(|e| {
-        if INTERRUPTED.load(Ordering::SeqCst) {
-            Ok(())
-        } else {
-            Err(e)
-        }
-    })
+    r.map(|_| ()).or_else(|e| if INTERRUPTED.load(Ordering::SeqCst) { Ok(()) } else { Err(e) })
 }
 
 fn demo() -> Result<()> {
-    println!(
-        "Building: client ── [{LB_IFACE}] LB [lb1] ── switch ── 3 backends (network namespaces, veth)"
-    );
+    println!("Building: client ── [{LB_IFACE}] LB [lb1] ── switch ── 3 backends (network namespaces, veth)");
     let mut tb = Testbed::new(Arms::Two, 3)?;
     let _servers: Vec<Servers> = tb
         .backends
         .iter()
-        .map(|b| {
-            Servers::start(
-                &b.ns,
-                &b.name,
-                &[SocketAddrV4::new(b.ip, 8080)],
-                &[SocketAddrV4::new(b.ip, 5353)],
-            )
-        })
+        .map(|b| Servers::start(&b.ns, &b.name, &[SocketAddrV4::new(b.ip, 8080)], &[SocketAddrV4::new(b.ip, 5353)]))
         .collect::<Result<_>>()?;
     let services = vec![
-        (
-            "web",
-            80,
-            "TCP",
-            (0..3).map(|i| tb.backend(i, 8080)).collect(),
-        ),
-        (
-            "dns",
-            53,
-            "UDP",
-            (0..3).map(|i| tb.backend(i, 5353)).collect(),
-        ),
+        ("web", 80, "TCP", (0..3).map(|i| tb.backend(i, 8080)).collect()),
+        ("dns", 53, "UDP", (0..3).map(|i| tb.backend(i, 5353)).collect()),
     ];
     let cfg = tb.write_config(&services)?;
-    println!(
-        "\nStatic configuration ({}):\n{}",
-        cfg.display(),
-        std::fs::read_to_string(&cfg)?
-    );
+    println!("\nStatic configuration ({}):\n{}", cfg.display(), std::fs::read_to_string(&cfg)?);
     let args = tb.agent_args(&cfg);
     println!("Starting: lb-agent {}", args.join(" "));
     let agent = Agent::start(&tb.lb, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
@@ -96,13 +67,8 @@ fn demo() -> Result<()> {
     println!("TCP: six new connections to {web}");
     for i in 1..=6 {
         check()?;
-        let answer = tb
-            .client
-            .run(move || tcp_ask(web, &format!("request {i}")))??;
-        println!(
-            "  request {i} → answered by {}",
-            answer.split(' ').next().unwrap_or("?")
-        );
+        let answer = tb.client.run(move || tcp_ask(web, &format!("request {i}")))??;
+        println!("  request {i} → answered by {}", answer.split(' ').next().unwrap_or("?"));
     }
     println!("TCP: one connection, five messages");
     let answers = tb.client.run(move || -> Result<Vec<String>> {
@@ -116,28 +82,15 @@ fn demo() -> Result<()> {
     println!("UDP: three queries to {dns}");
     for i in 1..=3 {
         check()?;
-        let (answer, from) = tb
-            .client
-            .run(move || udp_ask(dns, &format!("query {i}")))??;
-        println!(
-            "  query {i} → answered by {} (reply source {from})",
-            answer.split(' ').next().unwrap_or("?")
-        );
+        let (answer, from) = tb.client.run(move || udp_ask(dns, &format!("query {i}")))??;
+        println!("  query {i} → answered by {} (reply source {from})", answer.split(' ').next().unwrap_or("?"));
     }
     check()?;
     let inspect = std::process::Command::new(agent_bin()?)
-        .args([
-            "inspect",
-            "--flows",
-            "--bpffs",
-            &tb.pins.path().display().to_string(),
-        ])
+        .args(["inspect", "--flows", "--bpffs", &tb.pins.path().display().to_string()])
         .output()
         .context("running lb-agent inspect")?;
-    println!(
-        "\n$ lb-agent inspect --flows\n{}",
-        String::from_utf8_lossy(&inspect.stdout)
-    );
+    println!("\n$ lb-agent inspect --flows\n{}", String::from_utf8_lossy(&inspect.stdout));
     std::thread::sleep(Duration::from_millis(100));
     let (status, _) = agent.stop()?;
     println!("Agent stopped ({status}); tearing down.");

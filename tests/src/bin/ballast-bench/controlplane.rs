@@ -38,8 +38,7 @@ pub async fn run(quick: bool) -> Result<String> {
         .iter()
         .map(|b| Servers::start(&b.ns, &b.name, &[SocketAddrV4::new(b.ip, 8080)], &[]))
         .collect::<Result<_>>()?;
-    bed.config("pool", K8sBed::pool(true, &["10.20.0.0/24"]))
-        .await?;
+    bed.config("pool", K8sBed::pool(true, &["10.20.0.0/24"])).await?;
     bed.start_agent()?;
 
     // When each service's status first names an address, as seen by a watch.
@@ -52,19 +51,14 @@ pub async fn run(quick: bool) -> Result<String> {
             while let Some(Ok(svc)) = stream.next().await {
                 let svc: Service = svc;
                 if let (Some(name), Some(ip)) = (svc.metadata.name.clone(), ingress_ip(&svc)) {
-                    seen.lock()
-                        .map(|mut m| m.entry(name).or_insert((Instant::now(), ip)).to_owned())
-                        .ok();
+                    seen.lock().map(|mut m| m.entry(name).or_insert((Instant::now(), ip)).to_owned()).ok();
                 }
             }
         });
     }
 
     let endpoints: Vec<String> = bed.tb.backends.iter().map(|b| b.ip.to_string()).collect();
-    let eps: Vec<(&str, bool, bool, bool)> = endpoints
-        .iter()
-        .map(|e| (e.as_str(), true, true, false))
-        .collect();
+    let eps: Vec<(&str, bool, bool, bool)> = endpoints.iter().map(|e| (e.as_str(), true, true, false)).collect();
     let mut to_status = Vec::new();
     let mut to_traffic = Vec::new();
     for i in 0..n {
@@ -100,30 +94,17 @@ pub async fn run(quick: bool) -> Result<String> {
     }
 
     // EndpointSlice change → map update, on the first service.
-    let ip = seen
-        .lock()
-        .ok()
-        .and_then(|m| m.get("svc-0").map(|v| v.1))
-        .context("svc-0 address")?;
+    let ip = seen.lock().ok().and_then(|m| m.get("svc-0").map(|v| v.1)).context("svc-0 address")?;
     let maps = Maps::open(bed.tb.pins.path())?;
-    let key = ServiceKey {
-        vip: ip.octets(),
-        port: 80,
-        proto: proto::TCP,
-        _pad: 0,
-    };
+    let key = ServiceKey { vip: ip.octets(), port: 80, proto: proto::TCP, _pad: 0 };
     let m = if quick { 10 } else { 50 };
     let mut to_map = Vec::new();
     for j in 0..m {
         let count = if j % 2 == 0 { 2 } else { 3 };
         let t0 = Instant::now();
-        bed.slice("svc-0", &[("http", "TCP", 8080)], &eps[..count])
-            .await?;
+        bed.slice("svc-0", &[("http", "TCP", 8080)], &eps[..count]).await?;
         loop {
-            if maps
-                .active_backends(&key)?
-                .is_some_and(|b| b.len() == count)
-            {
+            if maps.active_backends(&key)?.is_some_and(|b| b.len() == count) {
                 break;
             }
             if t0.elapsed() > Duration::from_secs(20) {
@@ -139,22 +120,13 @@ pub async fn run(quick: bool) -> Result<String> {
         v.sort();
     }
     let mut out = String::new();
-    writeln!(
-        out,
-        "### Controller latency against a real kube-apiserver ({n} Services, one at a time)\n"
-    )?;
+    writeln!(out, "### Controller latency against a real kube-apiserver ({n} Services, one at a time)\n")?;
     writeln!(out, "| interval | samples | p50 ms | p99 ms | max ms |")?;
     writeln!(out, "|---|---:|---:|---:|---:|")?;
     for (label, v) in [
         ("Service created → address in status (watch)", &to_status),
-        (
-            "Service created → first TCP answer through the VIP",
-            &to_traffic,
-        ),
-        (
-            "EndpointSlice changed → backend set in the BPF map",
-            &to_map,
-        ),
+        ("Service created → first TCP answer through the VIP", &to_traffic),
+        ("EndpointSlice changed → backend set in the BPF map", &to_map),
     ] {
         writeln!(
             out,

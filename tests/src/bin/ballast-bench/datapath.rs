@@ -53,11 +53,7 @@ fn measure(
     let mut samples = Vec::with_capacity(n);
     for i in 0..n {
         let f = frame(i);
-        let out = if baseline {
-            lab.baseline(&f, lab.cl)?
-        } else {
-            lab.xdp(&f, lab.cl)?
-        };
+        let out = if baseline { lab.baseline(&f, lab.cl)? } else { lab.xdp(&f, lab.cl)? };
         if out.verdict != expect {
             bail!("run {i}: verdict {} instead of {expect}", out.verdict);
         }
@@ -65,9 +61,7 @@ fn measure(
     }
     let after = stats(lab, baseline);
     let per_run = match (before, after) {
-        (Some((t0, c0)), Some((t1, c1))) if c1 > c0 => {
-            Some((t1 - t0).as_nanos() as f64 / (c1 - c0) as f64)
-        }
+        (Some((t0, c0)), Some((t1, c1))) if c1 > c0 => Some((t1 - t0).as_nanos() as f64 / (c1 - c0) as f64),
         _ => None,
     };
     samples.sort_unstable();
@@ -75,11 +69,7 @@ fn measure(
 }
 
 fn stats(lab: &mut Lab, baseline: bool) -> Option<(Duration, u64)> {
-    let prog: &mut Xdp = if baseline {
-        lab.dp.baseline().ok()?
-    } else {
-        lab.dp.xdp().ok()?
-    };
+    let prog: &mut Xdp = if baseline { lab.dp.baseline().ok()? } else { lab.dp.xdp().ok()? };
     let info = prog.info().ok()?;
     Some((info.run_time(), info.run_count()))
 }
@@ -91,15 +81,9 @@ pub fn run(quick: bool) -> Result<String> {
     ballast_tests::preflight::require();
     // Keep the kernel's per-program accounting on while measuring.
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
-    let sizes = MapSizes {
-        flow_entries: (4 * n as u32).max(8192),
-        ..MapSizes::default()
-    };
+    let sizes = MapSizes { flow_entries: (4 * n as u32).max(8192), ..MapSizes::default() };
     let mut lab = Lab::with_config(DataplaneConfig::default(), sizes)?;
-    let backends = BACKENDS
-        .iter()
-        .map(|b| BackendSpec::active(SocketAddrV4::new(*b, 8080)))
-        .collect();
+    let backends = BACKENDS.iter().map(|b| BackendSpec::active(SocketAddrV4::new(*b, 8080))).collect();
     lab.program(vec![ServiceSpec {
         name: "bench".into(),
         vip: VIP,
@@ -113,33 +97,21 @@ pub fn run(quick: bool) -> Result<String> {
     let client = |i: usize| {
         let i = i % 3_000_000;
         SocketAddrV4::new(
-            Ipv4Addr::new(
-                198,
-                51,
-                (100 + i / 60000 / 250) as u8,
-                1 + (i / 60000 % 250) as u8,
-            ),
+            Ipv4Addr::new(198, 51, (100 + i / 60000 / 250) as u8, 1 + (i / 60000 % 250) as u8),
             1024 + (i % 60000) as u16,
         )
     };
     let vip = SocketAddrV4::new(VIP, 80);
-    let non_vip = Frame::tcp(
-        client(0),
-        SocketAddrV4::new(Ipv4Addr::new(10, 2, 0, 77), 80),
-    )
-    .macs(GW_MAC, LB_CL_MAC)
-    .bytes();
-    let established = Frame::tcp(
-        SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 250), 5555),
-        vip,
-    )
-    .macs(GW_MAC, LB_CL_MAC)
-    .tcp_header(|h| {
-        h.syn = false;
-        h.ack = true;
-    })
-    .payload(&[0x42; 64])
-    .bytes();
+    let non_vip =
+        Frame::tcp(client(0), SocketAddrV4::new(Ipv4Addr::new(10, 2, 0, 77), 80)).macs(GW_MAC, LB_CL_MAC).bytes();
+    let established = Frame::tcp(SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 250), 5555), vip)
+        .macs(GW_MAC, LB_CL_MAC)
+        .tcp_header(|h| {
+            h.syn = false;
+            h.ack = true;
+        })
+        .payload(&[0x42; 64])
+        .bytes();
     // Create the established flow once.
     if lab.xdp(&established, lab.cl)?.verdict != xdp::REDIRECT {
         bail!("the established-flow frame was not forwarded");
@@ -147,46 +119,19 @@ pub fn run(quick: bool) -> Result<String> {
 
     let mut rows = Vec::new();
     let (s, st) = measure(&mut lab, n, true, |_| non_vip.clone(), xdp::PASS)?;
-    rows.push(Row {
-        case: "XDP_PASS baseline program",
-        samples: s,
-        stats_ns: st,
-    });
+    rows.push(Row { case: "XDP_PASS baseline program", samples: s, stats_ns: st });
     let (s, st) = measure(&mut lab, n, false, |_| non_vip.clone(), xdp::PASS)?;
-    rows.push(Row {
-        case: "ballast: packet not for a VIP",
-        samples: s,
-        stats_ns: st,
-    });
+    rows.push(Row { case: "ballast: packet not for a VIP", samples: s, stats_ns: st });
     let (s, st) = measure(&mut lab, n, false, |_| established.clone(), xdp::REDIRECT)?;
-    rows.push(Row {
-        case: "ballast: established flow",
-        samples: s,
-        stats_ns: st,
-    });
-    let (s, st) = measure(
-        &mut lab,
-        n,
-        false,
-        |i| Frame::tcp(client(i), vip).macs(GW_MAC, LB_CL_MAC).bytes(),
-        xdp::REDIRECT,
-    )?;
-    rows.push(Row {
-        case: "ballast: new flow (SYN)",
-        samples: s,
-        stats_ns: st,
-    });
+    rows.push(Row { case: "ballast: established flow", samples: s, stats_ns: st });
+    let (s, st) =
+        measure(&mut lab, n, false, |i| Frame::tcp(client(i), vip).macs(GW_MAC, LB_CL_MAC).bytes(), xdp::REDIRECT)?;
+    rows.push(Row { case: "ballast: new flow (SYN)", samples: s, stats_ns: st });
 
     let base = percentile(&rows[0].samples, 0.5);
     let mut out = String::new();
-    writeln!(
-        out,
-        "### Per-packet cost, BPF_PROG_TEST_RUN ({n} runs each, repeat=1)\n"
-    )?;
-    writeln!(
-        out,
-        "| case | p50 ns | p99 ns | mean ns | p50 minus baseline ns | bpf_stats ns/run |"
-    )?;
+    writeln!(out, "### Per-packet cost, BPF_PROG_TEST_RUN ({n} runs each, repeat=1)\n")?;
+    writeln!(out, "| case | p50 ns | p99 ns | mean ns | p50 minus baseline ns | bpf_stats ns/run |")?;
     writeln!(out, "|---|---:|---:|---:|---:|---:|")?;
     for r in &rows {
         let mean = r.samples.iter().sum::<u64>() as f64 / r.samples.len() as f64;
@@ -206,9 +151,7 @@ pub fn run(quick: bool) -> Result<String> {
         out,
         "\nMachine: {} CPUs, kernel {}. Each run's duration is the kernel's own measurement around one program run (timer overhead included; the baseline row shows it).",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim()
     )?;
     Ok(out)
 }
