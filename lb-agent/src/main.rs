@@ -106,7 +106,7 @@ struct RunArgs {
     /// in place so traffic flows while no agent runs and the next agent takes over
     /// atomically; `detach` removes programs and VIPs. Default: keep with Kubernetes,
     /// detach in static mode.
-    #[arg(long, value_enum)]
+    #[arg(long, env = "ON_EXIT", value_enum)]
     on_exit: Option<OnExitArg>,
     /// Static configuration file (services without Kubernetes). Without it the agent
     /// serves the cluster of the current kubeconfig context (or the in-cluster config).
@@ -116,19 +116,19 @@ struct RunArgs {
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
     /// The loadBalancerClass served.
-    #[arg(long, default_value = lb_agent::cluster::crd::CLASS)]
+    #[arg(long, env = "LB_CLASS", default_value = lb_agent::cluster::crd::CLASS)]
     class: String,
     /// Leave Services without a loadBalancerClass to other implementations.
-    #[arg(long)]
+    #[arg(long, env = "IGNORE_UNCLASSED")]
     ignore_unclassed: bool,
     /// Label selector limiting the LoadBalancerConfigs this agent uses.
-    #[arg(long)]
+    #[arg(long, env = "CONFIG_SELECTOR")]
     config_selector: Option<String>,
     /// This node's name (source of Events).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
     /// Serve Prometheus metrics, /healthz and /readyz on this address (e.g. 0.0.0.0:9477).
-    #[arg(long)]
+    #[arg(long, env = "METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
     /// Seconds between full re-syncs: drift repair (maps, addresses, attachments), routes.
     #[arg(long, default_value_t = 30)]

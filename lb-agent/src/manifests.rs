@@ -106,9 +106,111 @@ fn typed(v: serde_json::Value, api_version: &str, kind: &str) -> serde_json::Val
     serde_json::Value::Object(m)
 }
 
+/// Image of the agent, tagged with this version.
+pub fn image() -> String {
+    format!("ghcr.io/ballast-lb/lb-agent:{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Port of /metrics, /healthz and /readyz on every edge node.
+pub const METRICS_PORT: u16 = 9477;
+
+/// Agent settings an operator edits (the DaemonSet reads them as environment variables).
+pub fn config_map() -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": AGENT, "namespace": NAMESPACE},
+        "data": {
+            // Interface that holds the VIPs on every edge node.
+            "LINKDEVICE": "eth0",
+            // error, warn, info, debug, trace (DEBUG=true also means debug).
+            "LOG_LEVEL": "info",
+            // The loadBalancerClass served; IGNORE_UNCLASSED=true leaves class-less Services
+            // to another implementation.
+            "LB_CLASS": crate::cluster::crd::CLASS,
+            "IGNORE_UNCLASSED": "false",
+            "METRICS_ADDR": format!("0.0.0.0:{METRICS_PORT}"),
+            // keep: programs and VIPs stay while the pod restarts, so upgrades drop nothing.
+            "ON_EXIT": "keep",
+        },
+    })
+}
+
+/// The agent on every node labelled `ballast.dev/edge: "true"`.
+pub fn daemon_set() -> serde_json::Value {
+    let probe = |path: &str, delay: u32| {
+        serde_json::json!({
+            "httpGet": {"path": path, "port": METRICS_PORT, "host": "127.0.0.1"},
+            "initialDelaySeconds": delay,
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        })
+    };
+    serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {"name": AGENT, "namespace": NAMESPACE, "labels": {"app.kubernetes.io/name": AGENT}},
+        "spec": {
+            "selector": {"matchLabels": {"app.kubernetes.io/name": AGENT}},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
+            "template": {
+                "metadata": {"labels": {"app.kubernetes.io/name": AGENT}},
+                "spec": {
+                    "serviceAccountName": AGENT,
+                    "nodeSelector": {"ballast.dev/edge": "true"},
+                    "tolerations": [{"key": "ballast.dev/edge", "operator": "Exists", "effect": "NoSchedule"}],
+                    // XDP attaches to the node's interfaces and VIPs go on them.
+                    "hostNetwork": true,
+                    "dnsPolicy": "ClusterFirstWithHostNet",
+                    "priorityClassName": "system-node-critical",
+                    "terminationGracePeriodSeconds": 30,
+                    "containers": [{
+                        "name": "agent",
+                        "image": image(),
+                        "args": ["run"],
+                        "envFrom": [{"configMapRef": {"name": AGENT}}],
+                        "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+                        "securityContext": {
+                            "privileged": false,
+                            "readOnlyRootFilesystem": true,
+                            "allowPrivilegeEscalation": false,
+                            // BPF: load programs and maps; NET_ADMIN: attach XDP/TC, add
+                            // addresses; PERFMON: the verifier's pointer rules for packet
+                            // programs; SYS_RESOURCE: memlock on kernels before 5.11.
+                            "capabilities": {"drop": ["ALL"], "add": ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"]},
+                        },
+                        "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+                        "livenessProbe": probe("/healthz", 10),
+                        "readinessProbe": probe("/readyz", 2),
+                        // BPF maps are charged to the pod's memory cgroup (the flow table
+                        // is most of it: about 60 MiB for the default 262144 flows).
+                        "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+                        "volumeMounts": [{"name": "bpffs", "mountPath": "/sys/fs/bpf"}],
+                    }],
+                    "volumes": [{"name": "bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "Directory"}}],
+                },
+            },
+        },
+    })
+}
+
+/// The one file to install: namespace, CRDs, ServiceAccount, ClusterRole and binding,
+/// ConfigMap, DaemonSet.
+pub fn install() -> String {
+    let mut out =
+        String::from("# ballast: `kubectl apply -f install.yaml`, then label edge nodes `ballast.dev/edge=true`.\n");
+    for part in [crds(), rbac(), to_yaml(&[config_map(), daemon_set()])] {
+        out.push_str(
+            part.trim_start_matches("# Generated by `cargo xtask codegen` from lb-agent's types; do not edit.\n"),
+        );
+    }
+    out.insert_str(0, "# Generated by `cargo xtask codegen` from lb-agent's types; do not edit.\n");
+    out
+}
+
 /// Every generated file: (name under `deploy/`, content).
 pub fn all() -> Vec<(&'static str, String)> {
-    vec![("crds.yaml", crds()), ("rbac.yaml", rbac())]
+    vec![("crds.yaml", crds()), ("rbac.yaml", rbac()), ("install.yaml", install())]
 }
 
 #[cfg(test)]
