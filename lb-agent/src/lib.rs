@@ -9,6 +9,7 @@ pub mod agent;
 pub mod cluster;
 pub mod config;
 pub mod dataplane;
+pub mod explain;
 pub mod inspect;
 pub mod manifests;
 pub mod model;

@@ -12,10 +12,10 @@ use lb_agent::{
     },
     cluster::{
         controller::{self, ControllerOptions},
-        desired::Settings,
+        desired::{ServiceRef, Settings},
     },
     dataplane::{MapSizes, Maps, XdpAttachMode},
-    inspect, manifests,
+    explain, inspect, manifests,
     telemetry::{self, Telemetry},
 };
 use lb_common::config::DataplaneConfig;
@@ -76,6 +76,9 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/ballast")]
         bpffs: PathBuf,
     },
+    /// Say whether traffic to a Service is served on this node and, if not, why and what to
+    /// change. Exits 1 when it is not served.
+    Explain(Box<ExplainArgs>),
     /// Write the generated manifests (CRDs, RBAC) into a directory (`cargo xtask codegen`).
     #[command(hide = true)]
     Manifests {
@@ -95,6 +98,30 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+}
+
+#[derive(clap::Args)]
+struct ExplainArgs {
+    /// The Service, as NAMESPACE/NAME.
+    service: String,
+    /// Interface the agent manages on this node.
+    #[arg(long, env = "LINKDEVICE")]
+    interface: String,
+    /// Kubeconfig file (default: KUBECONFIG, ~/.kube/config, in-cluster).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// bpffs directory of the pinned maps.
+    #[arg(long, default_value = "/sys/fs/bpf/ballast")]
+    bpffs: PathBuf,
+    /// The loadBalancerClass the agent serves.
+    #[arg(long, env = "LB_CLASS", default_value = lb_agent::cluster::crd::CLASS)]
+    class: String,
+    /// The agent leaves Services without a class to others.
+    #[arg(long, env = "IGNORE_UNCLASSED")]
+    ignore_unclassed: bool,
+    /// Label selector of the LoadBalancerConfigs the agent uses.
+    #[arg(long, env = "CONFIG_SELECTOR")]
+    config_selector: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -274,6 +301,32 @@ fn run(command: Command) -> Result<()> {
                     rt.block_on(controller::run(opts, copts, telemetry))
                 }
             }
+        }
+        Command::Explain(a) => {
+            let (ns, name) = a.service.split_once('/').context("the Service must be given as NAMESPACE/NAME")?;
+            let r = ServiceRef { namespace: ns.into(), name: name.into() };
+            let settings = Settings {
+                class: a.class.clone(),
+                ignore_unclassed: a.ignore_unclassed,
+                default_interface: a.interface.clone(),
+            };
+            let copts = ControllerOptions {
+                settings: settings.clone(),
+                config_selector: a.config_selector.clone(),
+                kubeconfig: a.kubeconfig.clone(),
+                instance: hostname(),
+                resync: Duration::from_secs(30),
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let verdict = rt.block_on(async {
+                let client = controller::client(&copts).await?;
+                explain::explain(client, &r, &settings, a.config_selector.as_deref(), &a.bpffs).await
+            })?;
+            print!("{}", explain::render(&verdict));
+            if !verdict.served {
+                std::process::exit(1);
+            }
+            Ok(())
         }
         Command::Cleanup { bpffs } => {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

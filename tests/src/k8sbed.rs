@@ -283,6 +283,33 @@ impl K8sBed {
         self.tb.lb.ip(&format!("addr show dev {LB_IFACE}")).map(|s| s.contains(&format!("{ip}/32"))).unwrap_or(false)
     }
 
+    /// Runs `lb-agent explain NS/NAME` in the LB namespace as admin (through the API
+    /// forward): (served, output).
+    pub fn explain(&self, svc: &str) -> Result<(bool, String)> {
+        let admin = std::fs::read_to_string(crate::cluster::admin_kubeconfig())?;
+        let server = self.cluster.server_addr()?;
+        let port = self.forward.as_ref().context("no API forward")?.port;
+        let text = admin.replace(&format!("https://{server}"), &format!("https://127.0.0.1:{port}"));
+        let path = std::env::temp_dir().join(format!("{}.kubeconfig", unique_name("explain")));
+        std::fs::write(&path, text)?;
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", self.tb.lb.path()))
+            .arg("--")
+            .arg(agent_bin()?)
+            .args(["explain", &format!("{}/{svc}", self.ns), "--interface", LB_IFACE, "--kubeconfig"])
+            .arg(&path)
+            .args(["--bpffs", &self.tb.pins.path().display().to_string(), "--class", &self.class, "--ignore-unclassed"])
+            .args(["--config-selector", &format!("{CONFIG_LABEL}={}", self.bed)])
+            .output()?;
+        let _ = std::fs::remove_file(&path);
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        match out.status.code() {
+            Some(0) => Ok((true, text)),
+            Some(1) => Ok((false, text)),
+            _ => anyhow::bail!("explain failed: {text}"),
+        }
+    }
+
     /// The agent's log so far.
     pub fn agent_log(&self) -> String {
         self.agent.as_ref().map(|a| a.log_text()).unwrap_or_default()

@@ -633,3 +633,61 @@ async fn port_range_mode_shares_one_address_with_distinct_ports() {
     let lb = wait_for(LONG, || async { bed.balancer("b").await?.status.filter(|s| s.port.is_some()) }).await.unwrap();
     assert_eq!(lb.port, Some(pb.to_string()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn explain_names_every_reason_in_plain_words() {
+    let mut bed = K8sBed::new("explain", 1).await.unwrap();
+    bed.config("pool", K8sBed::pool(true, &["10.10.100.160-10.10.100.162"])).await.unwrap();
+    bed.start_agent().unwrap();
+    bed.service("ok", &[(80, "TCP", "http")], &[]).await.unwrap();
+    bed.slice("ok", &[("http", "TCP", 8080)], &[("10.10.2.11", true, true, false)]).await.unwrap();
+    let ip = bed.wait_ip("ok").await.unwrap();
+    cond_is(&bed, "ok", "EndpointsReady", "True", "EndpointsReady").await;
+    expect(&bed, "ok", true, &format!("is served at {ip} on lb0: 80/TCP → 1 backend(s)"));
+
+    bed.service("empty", &[(80, "TCP", "http")], &[]).await.unwrap();
+    bed.wait_ip("empty").await.unwrap();
+    expect(&bed, "empty", false, "no ready endpoints: port 80/TCP has no ready endpoint");
+
+    let other: Service = serde_json::from_value(json!({
+        "metadata": {"name": "other"},
+        "spec": {"type": "LoadBalancer", "loadBalancerClass": "example.com/x", "ports": [{"port": 80}]}
+    }))
+    .unwrap();
+    bed.services().create(&PostParams::default(), &other).await.unwrap();
+    expect(&bed, "other", false, "no class match");
+
+    bed.service("nopool", &[(80, "TCP", "http")], &[("ballast.dev/config-name", "missing")]).await.unwrap();
+    expect(&bed, "nopool", false, "no pool");
+
+    bed.service("third", &[(80, "TCP", "http")], &[]).await.unwrap();
+    bed.wait_ip("third").await.unwrap();
+    bed.service("fourth", &[(80, "TCP", "http")], &[]).await.unwrap();
+    cond_is(&bed, "fourth", "AddressAllocated", "False", "PoolExhausted").await;
+    expect(&bed, "fourth", false, "pool exhausted");
+
+    bed.service("taken", &[(80, "TCP", "http")], &[("ballast.dev/load-balancer-ip", &ip.to_string())]).await.unwrap();
+    expect(&bed, "taken", false, "address taken");
+
+    // With the agent stopped (programs left in place), break the node by hand.
+    bed.stop_agent().unwrap();
+    let o = ip.octets();
+    let key: Vec<String> = [o[0], o[1], o[2], o[3], 80, 0, 6, 0].iter().map(|b| b.to_string()).collect();
+    let path = bed.tb.pins.path().join("services").display().to_string();
+    let mut args = vec!["map", "delete", "pinned", path.as_str(), "key"];
+    args.extend(key.iter().map(String::as_str));
+    ballast_tests::cmd::run("bpftool", &args).unwrap();
+    expect(&bed, "ok", false, "map out of sync");
+    let link = bed.tb.pins.path().join("links/xdp-lb0").display().to_string();
+    let show = ballast_tests::cmd::run("bpftool", &["link", "show", "pinned", &link]).unwrap();
+    let id = show.split(':').next().unwrap().trim().to_string();
+    ballast_tests::cmd::run("bpftool", &["link", "detach", "id", &id]).unwrap();
+    expect(&bed, "ok", false, "program not attached");
+}
+
+/// Runs `lb-agent explain` on `svc` and checks its verdict and that `needle` appears in its words.
+fn expect(bed: &K8sBed, svc: &str, served: bool, needle: &str) {
+    let (ok, text) = bed.explain(svc).unwrap();
+    assert_eq!(ok, served, "{svc}: {text}");
+    assert!(text.contains(needle), "{svc}: {needle:?} not in:\n{text}");
+}
