@@ -51,6 +51,18 @@ enum XdpModeArg {
     Skb,
 }
 
+/// Level of the kernel program's own log (aya-log). Off by default: with it off the
+/// verifier prunes every log call, so it costs nothing.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum KernelLogArg {
+    Off,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum OnExitArg {
     /// Leave programs, VIPs and maps in place.
@@ -135,6 +147,10 @@ struct RunArgs {
     /// detach in static mode.
     #[arg(long, env = "ON_EXIT", value_enum)]
     on_exit: Option<OnExitArg>,
+    /// Kernel-side log level: `debug` logs every new flow with its backend and SNAT
+    /// port (as target `lb_ebpf`). For debugging only; it costs per-packet time.
+    #[arg(long, env = "KERNEL_LOG", value_enum, default_value = "off")]
+    kernel_log: KernelLogArg,
     /// Static configuration file (services without Kubernetes). Without it the agent
     /// serves the cluster of the current kubeconfig context (or the in-cluster config).
     #[arg(long)]
@@ -190,9 +206,16 @@ struct RunArgs {
     udp_timeout: u64,
 }
 
-fn init_logging(level: &str, format: LogFormat) {
+fn init_logging(level: &str, format: LogFormat, kernel_log: bool) {
     let level = if std::env::var("DEBUG").is_ok_and(|v| v == "true" || v == "1") { "debug" } else { level };
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    if kernel_log {
+        // The kernel's records carry the eBPF crate's module path; their level is chosen
+        // by --kernel-log, in the kernel.
+        if let Ok(d) = "lb_ebpf=trace".parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -243,6 +266,7 @@ fn node_options(a: &RunArgs) -> Result<NodeOptions> {
             flow_entries: a.max_flows.saturating_mul(2),
             ..MapSizes::default()
         },
+        kernel_log: a.kernel_log as u8,
         config: DataplaneConfig {
             tcp_timeout_ns: a.tcp_timeout * s,
             tcp_closing_timeout_ns: a.tcp_closing_timeout * s,
@@ -262,7 +286,8 @@ fn hostname() -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_level, cli.log_format);
+    let kernel_log = matches!(&cli.command, Command::Run(a) if a.kernel_log != KernelLogArg::Off);
+    init_logging(&cli.log_level, cli.log_format, kernel_log);
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

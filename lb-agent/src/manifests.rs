@@ -125,6 +125,9 @@ pub fn config_map() -> serde_json::Value {
             "LINKDEVICE": "eth0",
             // error, warn, info, debug, trace (DEBUG=true also means debug).
             "LOG_LEVEL": "info",
+            // The XDP program's own log (off, error, warn, info, debug, trace); debug logs
+            // every new flow and costs per-packet time.
+            "KERNEL_LOG": "off",
             // The loadBalancerClass served; IGNORE_UNCLASSED=true leaves class-less Services
             // to another implementation.
             "LB_CLASS": crate::cluster::crd::CLASS,

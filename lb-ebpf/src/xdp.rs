@@ -26,6 +26,7 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
+use aya_log_ebpf::debug;
 use lb_common::{
     addr::{ADDR_VIP, AddrKey, IFACE_TX_REDIRECT},
     backend::BACKEND_IN_USE,
@@ -392,6 +393,20 @@ fn new_flow(ctx: &XdpContext, p: &L4Packet, now: u64) -> u32 {
     if let Some(s) = stats(svc.id) {
         s.new_flows += 1;
     }
+    // Pruned by the verifier unless the agent runs with --kernel-log debug (AYA_LOG_LEVEL
+    // is read-only data, known at load time).
+    debug!(
+        ctx,
+        "new flow {:i}:{} -> {:i}:{} to backend {:i}:{} from {:i}:{}",
+        u32::from_be_bytes(p.key.src),
+        p.key.sport,
+        u32::from_be_bytes(p.key.dst),
+        p.key.dport,
+        u32::from_be_bytes(be.ip),
+        be.port,
+        u32::from_be_bytes(hop.snat_ip),
+        port
+    );
     if p.key.proto == proto::TCP
         && nat::is_close(p.tcp_flags)
         && let Some(f) = FLOWS.get_ptr_mut(p.key)

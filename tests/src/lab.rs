@@ -154,7 +154,7 @@ impl Lab {
         ns.sysctl("net.ipv4.conf.all.forwarding", "1")?;
         let (cl, be, vlan) = (ns.ifindex("cl")?, ns.ifindex("be")?, ns.ifindex("vl")?);
         let pins = PinDir::new("lab");
-        let dp = Dataplane::load(&LoadOptions { pin_dir: pins.path().to_path_buf(), sizes, config })
+        let dp = Dataplane::load(&LoadOptions { pin_dir: pins.path().to_path_buf(), sizes, config, kernel_log: 0 })
             .context("loading the data path (verifier)")?;
         let state = dp.maps.read_state()?;
         Ok(Self { ns, _peer: peer, _pins: pins, dp, state, cl, be, vlan, cl_flags: 0 })

@@ -257,3 +257,27 @@ fn a_missing_interface_or_invalid_file_stops_the_agent_with_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("services[0].vip") && err.contains("line 3"), "{err}");
 }
+
+#[test]
+fn kernel_log_is_off_by_default_and_names_each_new_flow_when_on() {
+    let mut tb = Testbed::new(Arms::Two, 2).unwrap();
+    let _servers = servers(&tb).unwrap();
+    let cfg = tb.write_config(&services(&tb, &[0, 1])).unwrap();
+    let args = tb.agent_args(&cfg);
+    let quiet = Agent::start(&tb.lb, &args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+    assert!(who_tcp(&tb).starts_with("backend-"));
+    let (_, log) = quiet.stop().unwrap();
+    assert!(!log.contains("new flow"), "kernel log is off by default:\n{log}");
+
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.extend(["--kernel-log", "debug"]);
+    let mut agent = Agent::start(&tb.lb, &args).unwrap();
+    let who = who_tcp(&tb);
+    agent.wait_for("new flow", Duration::from_secs(10)).unwrap();
+    let log = agent.log_text();
+    let backend = if who == "backend-0" { tb.backend(0, TCP_PORT) } else { tb.backend(1, TCP_PORT) };
+    let line = log.lines().find(|l| l.contains("new flow")).unwrap_or_default();
+    eprintln!("{line}");
+    let want = format!("-> {} to backend {backend} from ", tb.vip(80));
+    assert!(line.contains(&format!("new flow {}:", tb.client_ip)) && line.contains(&want), "{want:?} in:\n{line}");
+}

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::{
     dataplane::{
-        Dataplane, LoadError, LoadOptions, MapSizes, Maps, MapsError, XdpAttachMode,
+        Dataplane, KernelLogger, LoadError, LoadOptions, MapSizes, Maps, MapsError, XdpAttachMode,
         flows::{self, GcReport},
         plan::{DesiredState, PlanError, plan},
         state::ProgrammedState,
@@ -56,6 +56,8 @@ pub struct NodeOptions {
     pub config: DataplaneConfig,
     /// What stopping leaves behind.
     pub on_exit: OnExit,
+    /// Kernel-side log level (aya-log: 0 off, 1 error … 5 trace).
+    pub kernel_log: u8,
 }
 
 /// Why the node could not start or apply.
@@ -126,6 +128,29 @@ pub fn instance_lock() -> Result<std::os::unix::net::UnixListener, std::io::Erro
     std::os::unix::net::UnixListener::bind_addr(&addr)
 }
 
+/// Forwards the kernel program's log records (aya-log ring buffer) to `tracing` as they
+/// arrive.
+fn spawn_kernel_log(logger: KernelLogger) {
+    // SAFETY: the fd is the logger's ring buffer map, which the logger owns and keeps open
+    // (and unchanged) for as long as it lives; the AsyncFd owns the logger.
+    let fd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    match fd {
+        Ok(mut fd) => {
+            tokio::spawn(async move {
+                loop {
+                    let Ok(mut guard) = fd.readable_mut().await else {
+                        warn!("kernel log stream closed");
+                        return;
+                    };
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+            });
+        }
+        Err(e) => warn!(error = %e, "cannot read the kernel log"),
+    }
+}
+
 impl Node {
     /// Loads the data path (reusing pinned maps) and attaches it to the interface.
     pub async fn start(opts: NodeOptions, telemetry: Arc<Telemetry>) -> Result<Self, NodeError> {
@@ -133,8 +158,15 @@ impl Node {
         let nl = Netlink::connect()?;
         let iface = nl.link_by_name(&opts.interface).await?;
         let links = nl.links().await?;
-        let dp =
-            Dataplane::load(&LoadOptions { pin_dir: opts.pin_dir.clone(), sizes: opts.sizes, config: opts.config })?;
+        let mut dp = Dataplane::load(&LoadOptions {
+            pin_dir: opts.pin_dir.clone(),
+            sizes: opts.sizes,
+            config: opts.config,
+            kernel_log: opts.kernel_log,
+        })?;
+        if let Some(logger) = dp.take_kernel_logger() {
+            spawn_kernel_log(logger);
+        }
         let state = dp.maps.read_state()?;
         if !state.services.is_empty() {
             info!(services = state.services.len(), "found programmed services in the pinned maps; adopting them");

@@ -80,7 +80,14 @@ pub struct LoadOptions {
     pub sizes: MapSizes,
     /// Data path settings.
     pub config: DataplaneConfig,
+    /// Kernel-side log level (aya-log: 0 off, 1 error … 5 trace). It is read-only data,
+    /// so with 0 the verifier removes every log call.
+    pub kernel_log: u8,
 }
+
+/// Reads the kernel program's log records and hands them to the `log` facade (which
+/// `tracing` picks up).
+pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
 /// Why the data path could not be loaded or attached.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +103,9 @@ pub enum LoadError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The kernel log reader could not be set up.
+    #[error("cannot read the kernel program's log: {0}")]
+    KernelLog(String),
     /// The object could not be loaded (includes verifier rejections).
     #[error("loading the eBPF object failed: {0}")]
     Load(#[from] EbpfError),
@@ -183,6 +193,7 @@ pub struct Dataplane {
     pin_dir: PathBuf,
     attached: BTreeMap<u32, Attachment>,
     last_mode: &'static str,
+    kernel_logger: Option<KernelLogger>,
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -275,8 +286,14 @@ impl Dataplane {
             .map_max_entries(map_names::IFACES, s.ifaces)
             .map_max_entries(map_names::STATS, s.services + 1)
             .map_max_entries(map_names::RR, s.services)
-            .override_global("CONFIG", &cfg, true);
+            .override_global("CONFIG", &cfg, true)
+            .override_global("AYA_LOG_LEVEL", &opts.kernel_log, true);
         let mut ebpf = loader.load(crate::EBPF_OBJECT)?;
+        let kernel_logger = if opts.kernel_log > 0 {
+            Some(aya_log::EbpfLogger::init(&mut ebpf).map_err(|e| LoadError::KernelLog(e.to_string()))?)
+        } else {
+            None
+        };
 
         let xdp: &mut Xdp = program(&mut ebpf, program_names::XDP)?;
         xdp.load().map_err(|source| LoadError::Program { name: program_names::XDP, source })?;
@@ -285,7 +302,12 @@ impl Dataplane {
 
         let maps = Maps::open(dir)?;
         info!(pin_dir = %dir.display(), "data path loaded");
-        Ok(Self { ebpf, maps, pin_dir: dir.clone(), attached: BTreeMap::new(), last_mode: "native" })
+        Ok(Self { ebpf, maps, pin_dir: dir.clone(), attached: BTreeMap::new(), last_mode: "native", kernel_logger })
+    }
+
+    /// The reader of the kernel program's log, when it was loaded with logging on.
+    pub fn take_kernel_logger(&mut self) -> Option<KernelLogger> {
+        self.kernel_logger.take()
     }
 
     /// The bpffs directory holding the maps.
