@@ -287,12 +287,16 @@ fn hostname() -> String {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let kernel_log = matches!(&cli.command, Command::Run(a) if a.kernel_log != KernelLogArg::Off);
+    let json = matches!(cli.log_format, LogFormat::Json);
     init_logging(&cli.log_level, cli.log_format, kernel_log);
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
+            // Once, in the log's format: JSON for collectors, plain words for a terminal.
+            match json {
+                true => tracing::error!("{e:#}"),
+                false => eprintln!("error: {e:#}"),
+            }
             ExitCode::FAILURE
         }
     }

@@ -319,6 +319,19 @@ impl K8sBed {
 impl Drop for K8sBed {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.kubeconfig);
+        // Configs are cluster-scoped: remove this bed's, even after a failure, so a
+        // control plane that outlives the test holds nothing of it but its namespace.
+        drop(self.agent.take());
+        let api = Api::<LoadBalancerConfig>::all(self.cluster.admin.clone());
+        let selector = format!("{CONFIG_LABEL}={}", self.bed);
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            tokio::task::block_in_place(|| {
+                handle.block_on(async {
+                    let lp = kube::api::ListParams::default().labels(&selector);
+                    let _ = api.delete_collection(&DeleteParams::default(), &lp).await;
+                })
+            });
+        }
     }
 }
 

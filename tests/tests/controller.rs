@@ -688,6 +688,7 @@ async fn explain_names_every_reason_in_plain_words() {
 /// Runs `lb-agent explain` on `svc` and checks its verdict and that `needle` appears in its words.
 fn expect(bed: &K8sBed, svc: &str, served: bool, needle: &str) {
     let (ok, text) = bed.explain(svc).unwrap();
+    eprintln!("$ lb-agent explain {svc}\n{text}");
     assert_eq!(ok, served, "{svc}: {text}");
     assert!(text.contains(needle), "{svc}: {needle:?} not in:\n{text}");
 }

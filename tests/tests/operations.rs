@@ -203,6 +203,8 @@ fn metrics_health_and_drift_repair() {
     }
     let (code, body) = http_get(&tb, 9477, "/metrics");
     assert_eq!(code, 200);
+    // Shown with --nocapture: the README's metrics list is checked against it.
+    eprintln!("{body}");
     let labels = format!("namespace=\"\",name=\"web\",vip=\"{}\",port=\"80\",protocol=\"TCP\"", tb.vip);
     assert_eq!(metric(&body, &format!("ballast_service_new_flows_total{{{labels}}}")), Some(3.0), "{body}");
     assert!(

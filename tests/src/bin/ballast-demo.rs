@@ -91,6 +91,13 @@ fn demo() -> Result<()> {
         .output()
         .context("running lb-agent inspect")?;
     println!("\n$ lb-agent inspect --flows\n{}", String::from_utf8_lossy(&inspect.stdout));
+    let services = tb.pins.path().join("services");
+    let dump = std::process::Command::new("bpftool")
+        .args(["map", "dump", "pinned"])
+        .arg(&services)
+        .output()
+        .context("running bpftool")?;
+    println!("$ bpftool map dump pinned {}\n{}", services.display(), String::from_utf8_lossy(&dump.stdout));
     std::thread::sleep(Duration::from_millis(100));
     let (status, _) = agent.stop()?;
     println!("Agent stopped ({status}); tearing down.");
