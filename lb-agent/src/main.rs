@@ -119,19 +119,26 @@ struct ExplainArgs {
     /// Interface the agent manages on this node.
     #[arg(long, env = "LINKDEVICE")]
     interface: String,
-    /// Kubeconfig file (default: KUBECONFIG, ~/.kube/config, in-cluster).
-    #[arg(long)]
-    kubeconfig: Option<PathBuf>,
     /// bpffs directory of the pinned maps.
     #[arg(long, default_value = "/sys/fs/bpf/ballast")]
     bpffs: PathBuf,
-    /// The loadBalancerClass the agent serves.
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+/// Which cluster, and which of its Services and configs, the agent serves.
+#[derive(clap::Args)]
+struct ClusterArgs {
+    /// Kubeconfig file (default: KUBECONFIG, ~/.kube/config, in-cluster).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// The loadBalancerClass served.
     #[arg(long, env = "LB_CLASS", default_value = lb_agent::cluster::crd::CLASS)]
     class: String,
-    /// The agent leaves Services without a class to others.
+    /// Leave Services without a loadBalancerClass to other implementations.
     #[arg(long, env = "IGNORE_UNCLASSED")]
     ignore_unclassed: bool,
-    /// Label selector of the LoadBalancerConfigs the agent uses.
+    /// Label selector limiting the LoadBalancerConfigs this agent uses.
     #[arg(long, env = "CONFIG_SELECTOR")]
     config_selector: Option<String>,
 }
@@ -155,18 +162,8 @@ struct RunArgs {
     /// serves the cluster of the current kubeconfig context (or the in-cluster config).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Kubeconfig file (default: KUBECONFIG, ~/.kube/config, in-cluster).
-    #[arg(long)]
-    kubeconfig: Option<PathBuf>,
-    /// The loadBalancerClass served.
-    #[arg(long, env = "LB_CLASS", default_value = lb_agent::cluster::crd::CLASS)]
-    class: String,
-    /// Leave Services without a loadBalancerClass to other implementations.
-    #[arg(long, env = "IGNORE_UNCLASSED")]
-    ignore_unclassed: bool,
-    /// Label selector limiting the LoadBalancerConfigs this agent uses.
-    #[arg(long, env = "CONFIG_SELECTOR")]
-    config_selector: Option<String>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// This node's name (source of Events).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
@@ -318,12 +315,12 @@ fn run(command: Command) -> Result<()> {
                 None => {
                     let copts = ControllerOptions {
                         settings: Settings {
-                            class: args.class.clone(),
-                            ignore_unclassed: args.ignore_unclassed,
+                            class: args.cluster.class.clone(),
+                            ignore_unclassed: args.cluster.ignore_unclassed,
                             default_interface: args.interface.clone(),
                         },
-                        config_selector: args.config_selector.clone(),
-                        kubeconfig: args.kubeconfig.clone(),
+                        config_selector: args.cluster.config_selector.clone(),
+                        kubeconfig: args.cluster.kubeconfig.clone(),
                         instance: args.node_name.clone().unwrap_or_else(hostname),
                         resync,
                     };
@@ -335,21 +332,21 @@ fn run(command: Command) -> Result<()> {
             let (ns, name) = a.service.split_once('/').context("the Service must be given as NAMESPACE/NAME")?;
             let r = ServiceRef { namespace: ns.into(), name: name.into() };
             let settings = Settings {
-                class: a.class.clone(),
-                ignore_unclassed: a.ignore_unclassed,
+                class: a.cluster.class.clone(),
+                ignore_unclassed: a.cluster.ignore_unclassed,
                 default_interface: a.interface.clone(),
             };
             let copts = ControllerOptions {
                 settings: settings.clone(),
-                config_selector: a.config_selector.clone(),
-                kubeconfig: a.kubeconfig.clone(),
+                config_selector: a.cluster.config_selector.clone(),
+                kubeconfig: a.cluster.kubeconfig.clone(),
                 instance: hostname(),
                 resync: Duration::from_secs(30),
             };
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let verdict = rt.block_on(async {
                 let client = controller::client(&copts).await?;
-                explain::explain(client, &r, &settings, a.config_selector.as_deref(), &a.bpffs).await
+                explain::explain(client, &r, &settings, a.cluster.config_selector.as_deref(), &a.bpffs).await
             })?;
             print!("{}", explain::render(&verdict));
             if !verdict.served {
