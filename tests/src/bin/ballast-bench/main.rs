@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: measurements, printed as markdown.
 //!
-//! Sections: the data path's per-packet cost through `BPF_PROG_TEST_RUN`, and the
+//! Sections (`--only NAME`): `datapath`, the data path's per-packet cost through
+//! `BPF_PROG_TEST_RUN`; `scale`, the same as the tables grow; `controlplane`, the
 //! controller's latencies against the real control plane.
 
 mod controlplane;
@@ -14,6 +15,9 @@ fn main() -> anyhow::Result<()> {
     ballast_tests::preflight::require();
     if want("datapath") {
         println!("{}", datapath::run(quick)?);
+    }
+    if want("scale") {
+        println!("{}", datapath::scale(quick)?);
     }
     if want("controlplane") {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build()?;
