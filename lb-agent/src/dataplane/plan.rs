@@ -313,6 +313,32 @@ mod tests {
 
     const LIMITS: Limits = Limits { max_services: 4, max_backends: 8 };
 
+    #[test]
+    fn ids_are_the_lowest_free_ones_and_released_ids_are_reused_first() {
+        let mut ids = IdPool::new(BTreeSet::from([0, 2]), 6);
+        assert_eq!(ids.allocate(), Some(1));
+        assert_eq!(ids.allocate(), Some(3));
+        ids.release(1);
+        assert_eq!(ids.allocate(), Some(1));
+        assert_eq!((ids.allocate(), ids.allocate(), ids.allocate()), (Some(4), Some(5), None));
+    }
+
+    #[test]
+    fn a_large_sync_gets_dense_ids() {
+        let services: Vec<_> = (0..2000)
+            .map(|i| svc(&format!("s{i}"), 1000 + i as u16, &["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]))
+            .collect();
+        let p = plan(
+            &ProgrammedState::default(),
+            &DesiredState { services, ..Default::default() },
+            Limits { max_services: 2000, max_backends: 6000 },
+        );
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let backend_ids: BTreeSet<u32> =
+            p.ops.iter().filter_map(|op| if let MapOp::SetBackend(id, _) = op { Some(*id) } else { None }).collect();
+        assert_eq!(backend_ids, (0..6000).collect());
+    }
+
     fn svc(name: &str, port: u16, backends: &[&str]) -> ServiceSpec {
         ServiceSpec {
             name: name.into(),
