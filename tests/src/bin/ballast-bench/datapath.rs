@@ -74,6 +74,26 @@ fn stats(lab: &mut Lab, baseline: bool) -> Option<(Duration, u64)> {
     Some((info.run_time(), info.run_count()))
 }
 
+/// The frames measured besides new flows: one not for a VIP (from `client`) and one of an
+/// established flow to `target`, whose flow this creates (from a client address the
+/// new-flow frames never use).
+fn probe_frames(lab: &mut Lab, client: SocketAddrV4, target: SocketAddrV4) -> Result<(Vec<u8>, Vec<u8>)> {
+    let non_vip =
+        Frame::tcp(client, SocketAddrV4::new(Ipv4Addr::new(10, 2, 0, 77), 80)).macs(GW_MAC, LB_CL_MAC).bytes();
+    let established = Frame::tcp(SocketAddrV4::new(Ipv4Addr::new(198, 51, 250, 250), 5555), target)
+        .macs(GW_MAC, LB_CL_MAC)
+        .tcp_header(|h| {
+            h.syn = false;
+            h.ack = true;
+        })
+        .payload(&[0x42; 64])
+        .bytes();
+    if lab.xdp(&established, lab.cl)?.verdict != xdp::REDIRECT {
+        bail!("the established-flow frame to {target} was not forwarded");
+    }
+    Ok((non_vip, established))
+}
+
 /// Measures and returns a markdown section.
 pub fn run(quick: bool) -> Result<String> {
     use std::fmt::Write as _;
@@ -102,20 +122,7 @@ pub fn run(quick: bool) -> Result<String> {
         )
     };
     let vip = SocketAddrV4::new(VIP, 80);
-    let non_vip =
-        Frame::tcp(client(0), SocketAddrV4::new(Ipv4Addr::new(10, 2, 0, 77), 80)).macs(GW_MAC, LB_CL_MAC).bytes();
-    let established = Frame::tcp(SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 250), 5555), vip)
-        .macs(GW_MAC, LB_CL_MAC)
-        .tcp_header(|h| {
-            h.syn = false;
-            h.ack = true;
-        })
-        .payload(&[0x42; 64])
-        .bytes();
-    // Create the established flow once.
-    if lab.xdp(&established, lab.cl)?.verdict != xdp::REDIRECT {
-        bail!("the established-flow frame was not forwarded");
-    }
+    let (non_vip, established) = probe_frames(&mut lab, client(0), vip)?;
 
     let mut rows = Vec::new();
     let (s, st) = measure(&mut lab, n, true, |_| non_vip.clone(), xdp::PASS)?;
@@ -203,19 +210,7 @@ pub fn scale(quick: bool) -> Result<String> {
         let client = |i: usize| {
             SocketAddrV4::new(Ipv4Addr::new(198, 51, 100 + (i / 60000 % 100) as u8, 1), 1024 + (i % 60000) as u16)
         };
-        let non_vip =
-            Frame::tcp(client(0), SocketAddrV4::new(Ipv4Addr::new(10, 2, 0, 77), 80)).macs(GW_MAC, LB_CL_MAC).bytes();
-        let established = Frame::tcp(SocketAddrV4::new(Ipv4Addr::new(198, 51, 250, 250), 5555), target)
-            .macs(GW_MAC, LB_CL_MAC)
-            .tcp_header(|h| {
-                h.syn = false;
-                h.ack = true;
-            })
-            .payload(&[0x42; 64])
-            .bytes();
-        if lab.xdp(&established, lab.cl)?.verdict != xdp::REDIRECT {
-            bail!("{services} services × {backends}: the established-flow frame was not forwarded");
-        }
+        let (non_vip, established) = probe_frames(&mut lab, client(0), target)?;
         if baseline.is_none() {
             let (s, st) = measure(&mut lab, n, true, |_| non_vip.clone(), xdp::PASS)?;
             baseline = Some((percentile(&s, 0.5), st));
