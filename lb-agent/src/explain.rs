@@ -53,7 +53,7 @@ fn finding(reason: &'static str, what: impl Into<String>, fix: impl Into<String>
     Finding { reason, what: what.into(), fix: fix.into() }
 }
 
-/// Judges one Service. `node` is `None` when the node facts could not be gathered.
+/// Judges one Service from the cluster's decision and what this node has.
 pub fn judge(r: &ServiceRef, decided: &Desired, node: &NodeFacts) -> Verdict {
     let mut findings = Vec::new();
     let Some(d) = decided.services.get(r) else {
@@ -114,7 +114,7 @@ pub fn judge(r: &ServiceRef, decided: &Desired, node: &NodeFacts) -> Verdict {
         ));
     } else if !node.vip_on_interface {
         findings.push(finding(
-            "program not attached",
+            "address not assigned",
             format!("{vip} is not on {}: neighbours cannot reach it", s.interface),
             "check the agent's log; it adds the address at its next pass",
         ));
@@ -317,6 +317,8 @@ mod tests {
         assert_eq!(reason(&taken, &NodeFacts::default()), "address taken");
         assert_eq!(reason(&served(Ok(VIP), &[]), &healthy(&[])), "no ready endpoints");
         assert_eq!(reason(&served(Ok(VIP), &["10.0.0.1:8080"]), &NodeFacts::default()), "program not attached");
+        let no_vip = NodeFacts { vip_on_interface: false, ..healthy(&["10.0.0.1:8080"]) };
+        assert_eq!(reason(&served(Ok(VIP), &["10.0.0.1:8080"]), &no_vip), "address not assigned");
         let stale = healthy(&["10.0.0.9:8080"]);
         assert_eq!(reason(&served(Ok(VIP), &["10.0.0.1:8080"]), &stale), "map out of sync");
         let missing = NodeFacts { map_backends: BTreeMap::new(), ..healthy(&[]) };

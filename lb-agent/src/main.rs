@@ -143,6 +143,17 @@ struct ClusterArgs {
     config_selector: Option<String>,
 }
 
+impl ClusterArgs {
+    /// What the agent serves, with VIPs on `interface` unless a config says otherwise.
+    fn settings(&self, interface: &str) -> Settings {
+        Settings {
+            class: self.class.clone(),
+            ignore_unclassed: self.ignore_unclassed,
+            default_interface: interface.to_string(),
+        }
+    }
+}
+
 #[derive(clap::Args)]
 struct RunArgs {
     /// Interface that holds the VIPs and receives client traffic.
@@ -290,9 +301,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Once, in the log's format: JSON for collectors, plain words for a terminal.
-            match json {
-                true => tracing::error!("{e:#}"),
-                false => eprintln!("error: {e:#}"),
+            if json {
+                tracing::error!("{e:#}");
+            } else {
+                eprintln!("error: {e:#}");
             }
             ExitCode::FAILURE
         }
@@ -314,11 +326,7 @@ fn run(command: Command) -> Result<()> {
                 Some(config) => rt.block_on(static_mode::run(opts, config, telemetry, resync)),
                 None => {
                     let copts = ControllerOptions {
-                        settings: Settings {
-                            class: args.cluster.class.clone(),
-                            ignore_unclassed: args.cluster.ignore_unclassed,
-                            default_interface: args.interface.clone(),
-                        },
+                        settings: args.cluster.settings(&args.interface),
                         config_selector: args.cluster.config_selector.clone(),
                         kubeconfig: args.cluster.kubeconfig.clone(),
                         instance: args.node_name.clone().unwrap_or_else(hostname),
@@ -331,21 +339,10 @@ fn run(command: Command) -> Result<()> {
         Command::Explain(a) => {
             let (ns, name) = a.service.split_once('/').context("the Service must be given as NAMESPACE/NAME")?;
             let r = ServiceRef { namespace: ns.into(), name: name.into() };
-            let settings = Settings {
-                class: a.cluster.class.clone(),
-                ignore_unclassed: a.cluster.ignore_unclassed,
-                default_interface: a.interface.clone(),
-            };
-            let copts = ControllerOptions {
-                settings: settings.clone(),
-                config_selector: a.cluster.config_selector.clone(),
-                kubeconfig: a.cluster.kubeconfig.clone(),
-                instance: hostname(),
-                resync: Duration::from_secs(30),
-            };
+            let settings = a.cluster.settings(&a.interface);
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let verdict = rt.block_on(async {
-                let client = controller::client(&copts).await?;
+                let client = controller::client(a.cluster.kubeconfig.as_deref()).await?;
                 explain::explain(client, &r, &settings, a.cluster.config_selector.as_deref(), &a.bpffs).await
             })?;
             print!("{}", explain::render(&verdict));

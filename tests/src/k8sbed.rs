@@ -321,6 +321,7 @@ impl Drop for K8sBed {
         let _ = std::fs::remove_file(&self.kubeconfig);
         // Configs are cluster-scoped: remove this bed's, even after a failure, so a
         // control plane that outlives the test holds nothing of it but its namespace.
+        // The agent goes first, so it does not react to its configs disappearing.
         drop(self.agent.take());
         let api = Api::<LoadBalancerConfig>::all(self.cluster.admin.clone());
         let selector = format!("{CONFIG_LABEL}={}", self.bed);

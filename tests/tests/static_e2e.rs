@@ -275,9 +275,8 @@ fn kernel_log_is_off_by_default_and_names_each_new_flow_when_on() {
     let who = who_tcp(&tb);
     agent.wait_for("new flow", Duration::from_secs(10)).unwrap();
     let log = agent.log_text();
-    let backend = if who == "backend-0" { tb.backend(0, TCP_PORT) } else { tb.backend(1, TCP_PORT) };
+    let backend = tb.backend(who.trim_start_matches("backend-").parse().unwrap(), TCP_PORT);
     let line = log.lines().find(|l| l.contains("new flow")).unwrap_or_default();
-    eprintln!("{line}");
     let want = format!("-> {} to backend {backend} from ", tb.vip(80));
     assert!(line.contains(&format!("new flow {}:", tb.client_ip)) && line.contains(&want), "{want:?} in:\n{line}");
 }

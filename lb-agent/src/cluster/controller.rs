@@ -103,9 +103,9 @@ where
     store
 }
 
-/// Builds the API client from the options.
-pub async fn client(opts: &ControllerOptions) -> anyhow::Result<Client> {
-    let config = match &opts.kubeconfig {
+/// Builds the API client from `kubeconfig`, else KUBECONFIG, ~/.kube/config or the in-cluster configuration.
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Client> {
+    let config = match kubeconfig {
         Some(path) => {
             let kc = Kubeconfig::read_from(path).with_context(|| format!("reading kubeconfig {}", path.display()))?;
             kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?
@@ -119,7 +119,7 @@ pub async fn client(opts: &ControllerOptions) -> anyhow::Result<Client> {
 
 /// Runs until SIGINT or SIGTERM.
 pub async fn run(node: NodeOptions, opts: ControllerOptions, telemetry: Arc<Telemetry>) -> anyhow::Result<()> {
-    let client = client(&opts).await?;
+    let client = client(opts.kubeconfig.as_deref()).await?;
     let notify = Arc::new(Notify::new());
     let mut cfg_watch = watcher::Config::default();
     if let Some(sel) = &opts.config_selector {
