@@ -92,6 +92,11 @@ impl Agent {
         &self.log
     }
 
+    /// The agent's process id (nsenter execs the agent, so this is the agent itself).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Sends a signal.
     pub fn signal(&self, sig: i32) {
         if let Some(c) = &self.child {

@@ -1,21 +1,37 @@
 //! The benchmark program runs end to end with a tiny load, so `cargo xtask bench` cannot
-//! rot between benchmark runs. No figure is checked: timings are not test assertions.
+//! rot between benchmark runs. No figure is checked: timings are not test assertions;
+//! what is checked is that every contender and section produced numbers and that the
+//! report and its plots are written.
 
-use std::process::Command;
+use std::{path::PathBuf, process::Command};
 
-/// Runs one section of the benchmark in quick mode and returns its output.
-fn section(name: &str) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_ballast-bench"))
-        .args(["--quick", "--only", name])
-        .output()
-        .expect("ballast-bench starts");
+/// Runs ballast-bench with `args` and returns its output.
+fn bench(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_ballast-bench")).args(args).output().expect("ballast-bench starts");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
-        "ballast-bench --only {name} failed:\n{text}\n{}",
+        "ballast-bench {} failed:\n{text}\n{}",
+        args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
     text
+}
+
+/// Runs one section of the benchmark in quick mode and returns its output.
+fn section(name: &str) -> String {
+    bench(&["--quick", "--only", name])
+}
+
+/// The table row starting with `label`.
+fn row<'a>(text: &'a str, label: &str) -> &'a str {
+    text.lines().find(|l| l.starts_with(&format!("| {label} |"))).unwrap_or_else(|| panic!("no row {label:?}:\n{text}"))
+}
+
+/// Whether a table cell holds a measured number (digits, maybe a range in brackets).
+fn measured(cell: &str) -> bool {
+    let c = cell.trim();
+    !c.is_empty() && c.chars().next().is_some_and(|ch| ch.is_ascii_digit())
 }
 
 #[test]
@@ -31,5 +47,80 @@ fn the_scale_section_covers_every_table_size() {
     let text = section("scale");
     for row in ["| 1 | 3 |", "| 1000 | 3 |", "| 100000 | 3 |", "| 1 | 1000 |"] {
         assert!(text.contains(row), "{row:?} missing:\n{text}");
+    }
+}
+
+/// A directory for one run's report, removed afterwards.
+struct OutDir(PathBuf);
+
+impl Drop for OutDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn every_contender_is_measured_side_by_side_and_reported_with_plots() {
+    let dir = OutDir(std::env::temp_dir().join(format!("ballast-bench-smoke-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let report = dir.0.join("BENCHMARKS.md");
+    let plots = dir.0.join("plots");
+    let text = bench(&[
+        "--smoke",
+        "--only",
+        "contenders",
+        "--report",
+        report.to_str().unwrap(),
+        "--plots",
+        plots.to_str().unwrap(),
+    ]);
+    for label in [
+        "plain routing (no LB)",
+        "routing + XDP_PASS program",
+        "ballast (XDP)",
+        "iptables (kube-proxy)",
+        "nftables (kube-proxy)",
+        "tokio proxy",
+        "nginx stream",
+    ] {
+        let r = row(&text, label);
+        let cells: Vec<&str> = r.split('|').collect();
+        assert!(measured(cells[2]), "{label}: no connection rate: {r}");
+        assert!(measured(cells[5]) && measured(cells[6]), "{label}: no bulk or UDP figure: {r}");
+    }
+    // IPVS is measured where the kernel has it, and otherwise says why not.
+    let ipvs = row(&text, "IPVS (kube-proxy)");
+    assert!(measured(ipvs.split('|').nth(2).unwrap_or("")) || ipvs.contains("no IPVS"), "{ipvs}");
+    let md = std::fs::read_to_string(&report).expect("report written");
+    assert!(md.contains("## Machine") && md.contains("vCPUs") && md.contains("| ballast (XDP) |"), "{md}");
+    for png in ["contenders.png", "latency.png"] {
+        let bytes = std::fs::read(plots.join(png)).unwrap_or_else(|e| panic!("{png}: {e}"));
+        assert!(bytes.starts_with(b"\x89PNG"), "{png} is not a PNG");
+        assert!(md.contains(&format!("(plots/{png})")), "the report links {png}:\n{md}");
+    }
+}
+
+#[test]
+fn the_rules_section_grows_every_kernel_lb() {
+    let text = bench(&["--smoke", "--only", "rules"]);
+    for label in ["iptables (kube-proxy)", "nftables (kube-proxy)", "ballast (XDP)"] {
+        for n in ["1", "100"] {
+            let r = text
+                .lines()
+                .find(|l| l.starts_with(&format!("| {label} | {n} |")))
+                .unwrap_or_else(|| panic!("no row for {label} with {n}:\n{text}"));
+            let cells: Vec<&str> = r.split('|').collect();
+            assert!(measured(cells[3]) && measured(cells[4]), "{r}");
+        }
+    }
+}
+
+#[test]
+fn the_control_plane_sections_run_against_the_api_server() {
+    let text = bench(&["--smoke", "--only", "controlplane"]);
+    for needle in
+        ["Service created → address in status", "Full sync: 50 Services", "agent peak memory", "BPF map memory"]
+    {
+        assert!(text.contains(needle), "{needle:?} missing:\n{text}");
     }
 }

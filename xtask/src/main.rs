@@ -45,11 +45,15 @@ enum Command {
         #[command(subcommand)]
         action: ControlplaneAction,
     },
-    /// Run the benchmarks (needs root).
+    /// Run the benchmarks (needs root) and write BENCHMARKS.md with plots in
+    /// tests/benchkit/plots/.
     Bench {
-        /// A short run.
+        /// A short run (under five minutes).
         #[arg(long)]
         quick: bool,
+        /// More arguments for ballast-bench, e.g. `-- --only contenders --contenders ballast,nginx`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -72,7 +76,7 @@ fn main() -> Result<()> {
         Command::Codegen => tasks::codegen(),
         Command::Demo => tasks::demo(),
         Command::Test { filter } => tasks::test(filter.as_deref()),
-        Command::Bench { quick } => tasks::bench(quick),
+        Command::Bench { quick, args } => tasks::bench(quick, &args),
         Command::Controlplane { action: ControlplaneAction::Up } => controlplane::up(),
         Command::Controlplane { action: ControlplaneAction::Down } => controlplane::down(),
     }

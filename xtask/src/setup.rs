@@ -10,7 +10,21 @@ pub const NIGHTLY: &str = "nightly-2026-05-20";
 /// bpf-linker release that works with that LLVM (0.11+ needs a system LLVM 23).
 pub const BPF_LINKER: &str = "0.10.3";
 /// Debian packages the tests, demo and benchmarks use.
-pub const PACKAGES: &[&str] = &["iproute2", "ethtool", "util-linux", "bpftool", "tcpdump", "procps"];
+pub const PACKAGES: &[&str] = &[
+    "iproute2",
+    "ethtool",
+    "util-linux",
+    "bpftool",
+    "tcpdump",
+    "procps",
+    // The benchmark's contenders and its plots.
+    "iptables",
+    "nftables",
+    "ipvsadm",
+    "nginx-light",
+    "libnginx-mod-stream",
+    "python3-matplotlib",
+];
 
 fn ok(cmd: &mut Command) -> bool {
     cmd.output().map(|o| o.status.success()).unwrap_or(false)

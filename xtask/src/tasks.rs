@@ -135,10 +135,29 @@ fn clippy_ebpf() -> Result<()> {
     Ok(())
 }
 
-pub fn bench(quick: bool) -> Result<()> {
+pub fn bench(quick: bool, extra: &[String]) -> Result<()> {
     require_root("the benchmarks")?;
     setup::ensure(false)?;
     cargo(&["build", "-p", "lb-agent", "-p", "ballast-tests", "--bins"], false)?;
-    let args: Vec<String> = if quick { vec!["--quick".into()] } else { vec![] };
-    exec(bin("ballast-bench", false), &args)
+    // The load generator, backends and userspace proxy are measured or measure: optimised.
+    cargo(&["build", "-p", "ballast-benchkit"], true)?;
+    let mut args: Vec<String> = if quick { vec!["--quick".into()] } else { vec![] };
+    let report = root().join("BENCHMARKS.md");
+    let plots = root().join("tests").join("benchkit").join("plots");
+    args.extend(["--report".into(), report.display().to_string(), "--plots".into(), plots.display().to_string()]);
+    args.extend(extra.iter().cloned());
+    // The control-plane sections talk to a real kube-apiserver; start one unless running.
+    let started = !crate::controlplane::running();
+    crate::controlplane::up()?;
+    // SAFETY: single-threaded at this point; the variables are read by the benchmark.
+    unsafe {
+        std::env::set_var("LB_AGENT_BIN", bin("lb-agent", false));
+        std::env::set_var("KUBECONFIG", crate::controlplane::kubeconfig());
+        std::env::set_var("BALLAST_BENCHKIT", root().join("target").join("release"));
+    }
+    let result = exec(bin("ballast-bench", false), &args);
+    if started {
+        crate::controlplane::down()?;
+    }
+    result
 }

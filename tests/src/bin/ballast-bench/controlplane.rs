@@ -143,3 +143,145 @@ pub async fn run(quick: bool) -> Result<String> {
     )?;
     Ok(out)
 }
+
+/// A cold full sync: `n` Services with 10 ready endpoints each exist before the agent
+/// starts; measures the time until every one has an address in its status and until the
+/// BPF maps hold all of them, the agent's peak memory, and the maps' memory.
+pub async fn full_sync(quick: bool, smoke: bool) -> Result<String> {
+    use futures_util::{StreamExt as _, TryStreamExt as _, stream};
+    let n: usize = match (smoke, quick) {
+        (true, _) => 50,
+        (false, true) => 1_000,
+        (false, false) => 10_000,
+    };
+    const ENDPOINTS: u32 = 10;
+    let mut bed = K8sBed::new("sync", 1).await?;
+    bed.config("pool", K8sBed::pool(true, &["10.40.0.0/17"])).await?;
+
+    let t_create = Instant::now();
+    stream::iter(0..n)
+        .map(|i| {
+            let bed = &bed;
+            async move {
+                let base = u32::from(Ipv4Addr::new(10, 50, 0, 0)) + i as u32 * ENDPOINTS;
+                let ips: Vec<String> = (0..ENDPOINTS).map(|j| Ipv4Addr::from(base + j).to_string()).collect();
+                let eps: Vec<(&str, bool, bool, bool)> = ips.iter().map(|e| (e.as_str(), true, true, false)).collect();
+                let name = format!("sync-{i}");
+                bed.slice(&name, &[("http", "TCP", 8080)], &eps).await?;
+                bed.service(&name, &[(80, "TCP", "http")], &[]).await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(32)
+        .try_collect::<Vec<()>>()
+        .await?;
+    let created = t_create.elapsed();
+
+    let seen: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
+    {
+        let seen = seen.clone();
+        let stream = watcher(bed.services(), watcher::Config::default()).applied_objects();
+        tokio::spawn(async move {
+            futures_util::pin_mut!(stream);
+            while let Some(Ok(svc)) = stream.next().await {
+                let svc: Service = svc;
+                if let (Some(name), Some(_)) = (svc.metadata.name.clone(), ingress_ip(&svc)) {
+                    let _ = seen.lock().map(|mut s| s.insert(name));
+                }
+            }
+        });
+    }
+    let count = || seen.lock().map(|s| s.len()).unwrap_or(0);
+    let t0 = Instant::now();
+    bed.start_agent()?;
+    let pid = bed.agent.as_ref().and_then(|a| a.pid()).context("agent pid")?;
+    let maps = Maps::open(bed.tb.pins.path())?;
+    let (mut to_status, mut to_maps) = (None, None);
+    let mut last_map_check = Instant::now() - Duration::from_secs(1);
+    while to_status.is_none() || to_maps.is_none() {
+        if to_status.is_none() && count() >= n {
+            to_status = Some(t0.elapsed());
+        }
+        if to_maps.is_none() && last_map_check.elapsed() > Duration::from_millis(250) {
+            last_map_check = Instant::now();
+            if maps.read_state()?.services.len() >= n {
+                to_maps = Some(t0.elapsed());
+            }
+        }
+        if t0.elapsed() > Duration::from_secs(900) {
+            bail!(
+                "full sync of {n} services unfinished after 15 min ({} with status); agent log:\n{}",
+                count(),
+                bed.agent_log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    let (hwm, rss) = (field("VmHWM:"), field("VmRSS:"));
+    let map_mem = map_memory(bed.tb.pins.path());
+    let addresses = bed.tb.marked_addresses().map(|a| a.len()).unwrap_or(0);
+
+    // Delete while the agent runs, so it releases addresses and finalizers; then the slices.
+    let _ = bed.services().delete_collection(&kube::api::DeleteParams::default(), &Default::default()).await;
+    let t_del = Instant::now();
+    while bed.services().list(&Default::default()).await.map(|l| !l.items.is_empty()).unwrap_or(false) {
+        if t_del.elapsed() > Duration::from_secs(300) {
+            eprintln!("bench: services in {} still being deleted after 5 min", bed.ns);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let slices: kube::Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+        kube::Api::namespaced(bed.cluster.admin.clone(), &bed.ns);
+    let _ = slices.delete_collection(&kube::api::DeleteParams::default(), &Default::default()).await;
+    let _ = bed.stop_agent();
+
+    let secs = |d: Option<Duration>| d.map(|d| format!("{:.1}", d.as_secs_f64())).unwrap_or_default();
+    let mut out = String::new();
+    writeln!(out, "### Full sync: {n} Services × {ENDPOINTS} endpoints, agent started cold\n")?;
+    writeln!(out, "| measure | value |\n|---|---:|")?;
+    writeln!(
+        out,
+        "| creating the Services and EndpointSlices (32 in parallel, not the agent) | {:.1} s |",
+        created.as_secs_f64()
+    )?;
+    writeln!(out, "| agent start → every Service has its address in status | {} s |", secs(to_status))?;
+    writeln!(out, "| agent start → every Service in the BPF maps | {} s |", secs(to_maps))?;
+    writeln!(out, "| VIP addresses on the interface afterwards | {addresses} |")?;
+    writeln!(out, "| agent peak memory (VmHWM) | {hwm:.0} MiB (RSS now {rss:.0} MiB) |")?;
+    writeln!(
+        out,
+        "| BPF map memory (bytes_memlock of the pinned maps, sized for the defaults) | {:.0} MiB |",
+        map_mem / 1024.0 / 1024.0
+    )?;
+    writeln!(
+        out,
+        "\nThe agent runs as the ballast-agent ServiceAccount against the real kube-apiserver and etcd on this VM; start includes loading and verifying the XDP program. Time to address in status includes one status patch per Service."
+    )?;
+    Ok(out)
+}
+
+/// Sum of `bytes_memlock` over the maps pinned in `dir`.
+fn map_memory(dir: &std::path::Path) -> f64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0.0 };
+    let mut total = 0.0;
+    for e in entries.flatten() {
+        let p = e.path().display().to_string();
+        if let Ok(out) = ballast_tests::cmd::run("bpftool", &["-j", "map", "show", "pinned", &p])
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&out)
+        {
+            total += v["bytes_memlock"].as_f64().unwrap_or(0.0);
+        }
+    }
+    total
+}

@@ -1,27 +1,69 @@
-//! `cargo xtask bench`: measurements, printed as markdown.
+//! `cargo xtask bench`: measurements, printed as markdown and, with `--report FILE`,
+//! written to a report with plots.
 //!
 //! Sections (`--only NAME`): `datapath`, the data path's per-packet cost through
-//! `BPF_PROG_TEST_RUN`; `scale`, the same as the tables grow; `controlplane`, the
-//! controller's latencies against the real control plane.
+//! `BPF_PROG_TEST_RUN`; `scale`, the same as the tables grow; `contenders`, ballast side
+//! by side with kube-proxy's modes, a userspace proxy and nginx on real veths; `rules`, the
+//! kernel LBs as the number of services grows; `controlplane`,
+//! the controller's latencies against the real control plane.
 
+mod contenders;
 mod controlplane;
 mod datapath;
+mod kit;
+mod report;
+mod rules;
+mod sidebyside;
+mod stats;
+
+use anyhow::Context as _;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
+    // --smoke: the smallest load that still runs every step (the smoke test's).
+    let smoke = args.iter().any(|a| a == "--smoke");
+    let quick = smoke || args.iter().any(|a| a == "--quick");
+    let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    let only = value("--only");
     let want = |s: &str| only.as_deref().is_none_or(|o| o == s);
+    let kinds = match value("--contenders") {
+        Some(list) => list
+            .split(',')
+            .map(|s| contenders::Kind::parse(s).with_context(|| format!("--contenders: unknown {s:?}")))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        None => contenders::Kind::ALL.to_vec(),
+    };
     ballast_tests::preflight::require();
+    let mut data = serde_json::Map::new();
+    let mut sections = Vec::new();
+    let mut section = |md: String| {
+        println!("{md}");
+        sections.push(md);
+    };
+    if want("contenders") {
+        let (md, d) = sidebyside::run(&sidebyside::Opts::new(quick, smoke, kinds.clone()))?;
+        section(md);
+        data.insert("contenders".into(), d);
+    }
+    if want("rules") {
+        let (md, d) = rules::run(quick, smoke, &kinds)?;
+        section(md);
+        data.insert("rules".into(), d);
+    }
     if want("datapath") {
-        println!("{}", datapath::run(quick)?);
+        section(datapath::run(quick)?);
     }
     if want("scale") {
-        println!("{}", datapath::scale(quick)?);
+        section(datapath::scale(quick)?);
     }
     if want("controlplane") {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build()?;
-        println!("{}", rt.block_on(controlplane::run(quick))?);
+        section(rt.block_on(controlplane::run(quick))?);
+        section(rt.block_on(controlplane::full_sync(quick, smoke))?);
+    }
+    if let Some(path) = value("--report") {
+        let plots = value("--plots").context("--report needs --plots DIR")?;
+        report::write(path.as_ref(), plots.as_ref(), quick, &sections, &serde_json::Value::Object(data))?;
     }
     Ok(())
 }

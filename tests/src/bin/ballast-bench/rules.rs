@@ -1,0 +1,197 @@
+//! How each kernel LB grows with the number of services: the time to program N services
+//! (kube-proxy's full sync: one iptables-restore / nft -f / ipvsadm-restore; ballast: a
+//! configuration reload) and the connection rate to the last of them, on the same bed as
+//! the side-by-side section.
+
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+use ballast_tests::{
+    agent::Agent,
+    testbed::{Arms, Testbed},
+};
+use serde_json::{Value, json};
+
+use crate::{
+    contenders::{Kind, Svc, apply, iptables_rules, ipvs_available, ipvs_rules, nft_rules, sysctl},
+    kit::{self, LoadOpts, Proc},
+    stats::Series,
+};
+
+/// Service `i`'s VIP: 10.100.0.0/16 in order.
+fn vip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 1)) + i as u32)
+}
+
+struct Point {
+    services: usize,
+    sync: Result<Duration, String>,
+    crr: Series,
+    cpu_us: Series,
+}
+
+/// Measures and returns the markdown section and the plot data.
+pub fn run(quick: bool, smoke: bool, kinds: &[Kind]) -> Result<(String, Value)> {
+    let (sizes, runs, secs): (&[usize], usize, f64) = match (smoke, quick) {
+        (true, _) => (&[1, 100], 1, 0.3),
+        (false, true) => (&[1, 1000], 2, 1.0),
+        (false, false) => (&[1, 1000, 10_000], 3, 3.0),
+    };
+    let mut table = Vec::new();
+    for kind in [Kind::Iptables, Kind::Ipvs, Kind::Nftables, Kind::Ballast].into_iter().filter(|k| kinds.contains(k)) {
+        for &n in sizes {
+            eprintln!("bench: {} with {n} services", kind.label());
+            let p = match point(kind, n, runs, secs) {
+                Ok(p) => p,
+                Err(e) => Point {
+                    services: n,
+                    sync: Err(format!("{e:#}")),
+                    crr: Series::default(),
+                    cpu_us: Series::default(),
+                },
+            };
+            let unavailable = p.sync.is_err();
+            table.push((kind, p));
+            // One line says why a contender is missing; no need to repeat it per size.
+            if unavailable && kind == Kind::Ipvs {
+                break;
+            }
+        }
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "### Growing the number of services (kernel LBs)\n\nN services (TCP, 3 endpoints each, a VIP per service); *program* is the time to install all N from scratch the way each one does it (kube-proxy's full sync: one `iptables-restore` / `nft -f` / `ipvsadm-restore`; ballast: a configuration reload from 1 to N services, map writes and N VIP addresses through netlink included); then connections per second to the **last** service, {runs} runs of {secs} s, median (range).\n"
+    );
+    let _ = writeln!(out, "| LB | services | program s | conn/s to the last service | CPU µs per conn (machine) |");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+    let mut data = serde_json::Map::new();
+    for (kind, p) in &table {
+        match &p.sync {
+            Ok(d) => {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {:.3} | {} | {} |",
+                    kind.label(),
+                    p.services,
+                    d.as_secs_f64(),
+                    p.crr.cell(0),
+                    p.cpu_us.cell(1)
+                );
+            }
+            Err(e) => {
+                let _ =
+                    writeln!(out, "| {} | {} | not measured: {} | | |", kind.label(), p.services, e.replace('|', "/"));
+            }
+        }
+        let entry = data.entry(kind.short()).or_insert_with(|| json!([]));
+        if let (Some(list), Ok(d)) = (entry.as_array_mut(), &p.sync) {
+            list.push(json!({"services": p.services, "sync_s": d.as_secs_f64(), "crr": p.crr.0}));
+        }
+    }
+    Ok((out, Value::Object(data)))
+}
+
+fn point(kind: Kind, n: usize, runs: usize, secs: f64) -> Result<Point> {
+    let mut tb = Testbed::new(Arms::Two, 3)?;
+    sysctl(&tb.lb, "net.ipv4.ip_forward", "1")?;
+    for ns in [&tb.client, &tb.lb] {
+        sysctl(ns, "net.ipv4.tcp_tw_reuse", "1")?;
+        sysctl(ns, "net.ipv4.ip_local_port_range", "1024 65535")?;
+    }
+    let _backends: Vec<Proc> = tb
+        .backends
+        .iter()
+        .map(|b| {
+            let arg = |p: u16| format!("{}:{p}", b.ip);
+            Proc::start(
+                &b.ns,
+                "bench-server",
+                &[
+                    "--name".into(),
+                    b.name.clone(),
+                    "--tcp".into(),
+                    arg(8080),
+                    "--sink".into(),
+                    arg(9000),
+                    "--udp".into(),
+                    arg(5353),
+                ],
+            )
+        })
+        .collect::<Result<_>>()?;
+    let backends: Vec<SocketAddrV4> = tb.backends.iter().map(|b| SocketAddrV4::new(b.ip, 8080)).collect();
+    let svcs: Vec<Svc> =
+        (0..n).map(|i| Svc { vip: vip(i), port: 80, proto: "tcp", backends: backends.clone() }).collect();
+    let mut _agent = None;
+    let sync = match kind {
+        Kind::Iptables => apply(&tb.lb, &["iptables-restore"], &iptables_rules(&svcs))?,
+        Kind::Nftables => apply(&tb.lb, &["nft", "-f", "-"], &nft_rules(&svcs))?,
+        Kind::Ipvs => {
+            ipvs_available()?;
+            for s in &svcs {
+                tb.lb.ip(&format!("addr add {}/32 dev lo", s.vip))?;
+            }
+            apply(&tb.lb, &["ipvsadm-restore"], &ipvs_rules(&svcs))?
+        }
+        Kind::Ballast => {
+            let seed =
+                config(&[Svc { vip: Ipv4Addr::new(10, 99, 0, 1), port: 81, proto: "tcp", backends: backends.clone() }]);
+            let cfg = tb.write_config(&[])?;
+            std::fs::write(&cfg, seed)?;
+            let args = tb.agent_args(&cfg);
+            let agent = Agent::start(&tb.lb, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+            let applied = |a: &Agent| a.log_text().matches("configuration applied").count();
+            let before = applied(&agent);
+            std::fs::write(&cfg, config(&svcs))?;
+            let t0 = Instant::now();
+            agent.signal(libc::SIGHUP);
+            while applied(&agent) <= before {
+                if t0.elapsed() > Duration::from_secs(300) {
+                    bail!("the agent did not apply {n} services:\n{}", agent.log_text());
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let took = t0.elapsed();
+            _agent = Some(agent);
+            took
+        }
+        _ => bail!("{} has no rule set", kind.label()),
+    };
+    let target = [SocketAddr::from(SocketAddrV4::new(vip(n - 1), 80))];
+    let load = |s: f64| {
+        kit::load(&tb.client, &LoadOpts { mode: "crr", targets: &target, secs: s, threads: 8, rate: 0, pids: &[] })
+    };
+    load(secs.min(1.0))?;
+    let (mut crr, mut cpu_us) = (Series::default(), Series::default());
+    for _ in 0..runs {
+        let l = load(secs)?;
+        if l.ops == 0 {
+            bail!("no connection to {} succeeded ({} failed)", target[0], l.errors);
+        }
+        crr.push(l.ops as f64 / l.secs);
+        cpu_us.push(l.cpu_busy_s * 1e6 / l.ops as f64);
+    }
+    Ok(Point { services: n, sync: Ok(sync), crr, cpu_us })
+}
+
+/// A static configuration with a VIP per service.
+fn config(svcs: &[Svc]) -> String {
+    let mut y = String::from("services:\n");
+    for (i, s) in svcs.iter().enumerate() {
+        let list: Vec<String> = s.backends.iter().map(|b| format!("\"{b}\"")).collect();
+        let _ = writeln!(
+            y,
+            "  - {{name: svc-{i}, vip: {}, port: {}, protocol: {}, backends: [{}]}}",
+            s.vip,
+            s.port,
+            s.proto.to_uppercase(),
+            list.join(", ")
+        );
+    }
+    y
+}
