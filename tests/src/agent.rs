@@ -39,6 +39,11 @@ pub struct Agent {
 impl Agent {
     /// Starts `lb-agent <args>` inside `ns` and waits until it logs "ready".
     pub fn start(ns: &Netns, args: &[&str]) -> Result<Self> {
+        Self::start_within(ns, args, Duration::from_secs(20))
+    }
+
+    /// [`Agent::start`] with a longer wait for "ready" (a first pass over many objects).
+    pub fn start_within(ns: &Netns, args: &[&str], ready: Duration) -> Result<Self> {
         let log = std::env::temp_dir().join(format!("{}.log", unique_name("lb-agent")));
         let file = File::create(&log)?;
         let child = Command::new("nsenter")
@@ -53,7 +58,7 @@ impl Agent {
             .context("spawning lb-agent through nsenter")?;
         let mut agent = Self { child: Some(child), log };
         // The message itself, not "ready" inside another line (e.g. "/readyz").
-        agent.wait_for(": ready", Duration::from_secs(20))?;
+        agent.wait_for(": ready", ready)?;
         Ok(agent)
     }
 

@@ -95,9 +95,14 @@ impl K8sBed {
 
     /// Starts the agent and waits for its first pass.
     pub fn start_agent(&mut self) -> Result<()> {
+        self.start_agent_within(Duration::from_secs(20))
+    }
+
+    /// Starts the agent and waits up to `ready` for its first pass.
+    pub fn start_agent_within(&mut self, ready: Duration) -> Result<()> {
         let args = self.agent_args();
         let agent = tokio::task::block_in_place(|| {
-            Agent::start(&self.tb.lb, &args.iter().map(String::as_str).collect::<Vec<_>>())
+            Agent::start_within(&self.tb.lb, &args.iter().map(String::as_str).collect::<Vec<_>>(), ready)
         })?;
         self.agent = Some(agent);
         Ok(())
@@ -145,7 +150,13 @@ impl K8sBed {
         ports: &[(i32, &str, &str)],
         annotations: &[(&str, &str)],
     ) -> Result<Service> {
-        let svc = Service {
+        let svc = self.service_object(name, ports, annotations);
+        Ok(self.services().create(&PostParams::default(), &svc).await?)
+    }
+
+    /// The Service [`K8sBed::service`] creates, to adjust before creating it.
+    pub fn service_object(&self, name: &str, ports: &[(i32, &str, &str)], annotations: &[(&str, &str)]) -> Service {
+        Service {
             metadata: ObjectMeta {
                 name: Some(name.into()),
                 annotations: Some(annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
@@ -169,8 +180,7 @@ impl K8sBed {
                 ..Default::default()
             }),
             ..Default::default()
-        };
-        Ok(self.services().create(&PostParams::default(), &svc).await?)
+        }
     }
 
     /// Creates or replaces the EndpointSlice of service `svc`: `endpoints` are (ip, ready,

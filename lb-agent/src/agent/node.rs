@@ -1,10 +1,11 @@
 //! One node's data path and addresses, driven by desired services from any source.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
     path::PathBuf,
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use lb_common::{
@@ -22,7 +23,7 @@ use crate::{
     },
     model::ServiceSpec,
     net::{
-        Link,
+        IfAddr, Link,
         addresses::address_changes,
         ifaces::{iface_table, xdp_device},
         netlink::{NetError, Netlink},
@@ -115,6 +116,36 @@ pub struct Node {
     telemetry: Arc<Telemetry>,
     /// VIPs this agent put on interfaces (to notice when someone removes one).
     vips_added: BTreeSet<Ipv4Addr>,
+    /// Backends' egress interfaces, see [`RouteCache`].
+    routes: RouteCache,
+}
+
+/// How long a backend's route lookup is reused at most.
+const ROUTE_TTL: Duration = Duration::from_secs(10);
+
+/// The egress interface of each backend from `route get`, reused across passes while the
+/// node's interfaces and addresses (its own VIPs aside) stay the same, for at most
+/// [`ROUTE_TTL`]. A lookup is a netlink round trip; one per backend per pass made a pass
+/// over 10 000 Services × 10 endpoints take seconds, and every Service event causes a pass.
+struct RouteCache {
+    links: Vec<Link>,
+    addrs: Vec<IfAddr>,
+    since: Instant,
+    oifs: HashMap<Ipv4Addr, Option<u32>>,
+}
+
+impl RouteCache {
+    fn new() -> Self {
+        Self { links: Vec::new(), addrs: Vec::new(), since: Instant::now(), oifs: HashMap::new() }
+    }
+
+    /// Forgets everything when the interfaces or addresses changed or the entries are old.
+    fn refresh(&mut self, links: &[Link], addrs: &[IfAddr]) {
+        let addrs: Vec<IfAddr> = addrs.iter().filter(|a| !a.ours).copied().collect();
+        if self.links != links || self.addrs != addrs || self.since.elapsed() > ROUTE_TTL {
+            *self = Self { links: links.to_vec(), addrs, since: Instant::now(), oifs: HashMap::new() };
+        }
+    }
 }
 
 /// Name of the abstract socket that marks a running agent. Abstract sockets belong to the
@@ -174,8 +205,18 @@ impl Node {
         telemetry.set_maps(Maps::open(&opts.pin_dir)?);
         // Addresses carrying our marker were put there by an earlier agent: they count as ours.
         let vips_added = nl.addresses().await?.into_iter().filter(|a| a.ours).map(|a| a.addr).collect();
-        let mut node =
-            Self { opts, nl, dp, state, iface, forwarding: BTreeMap::new(), _lock: lock, telemetry, vips_added };
+        let mut node = Self {
+            opts,
+            nl,
+            dp,
+            state,
+            iface,
+            forwarding: BTreeMap::new(),
+            _lock: lock,
+            telemetry,
+            vips_added,
+            routes: RouteCache::new(),
+        };
         node.attach(&links, node.iface.index)?;
         Ok(node)
     }
@@ -251,13 +292,33 @@ impl Node {
         let backends: BTreeSet<Ipv4Addr> =
             usable.iter().flat_map(|s| s.backends.iter().map(|b| *b.addr.ip())).collect();
         let mut egress = BTreeSet::new();
+        self.routes.refresh(&links, &addrs);
+        self.routes.oifs.retain(|ip, _| backends.contains(ip));
+        let mut unreachable = Vec::new();
         for b in backends {
-            match self.nl.route_to(b).await? {
-                Some(r) => {
-                    egress.insert(r.oif);
+            let oif = match self.routes.oifs.get(&b) {
+                Some(oif) => *oif,
+                None => {
+                    let oif = self.nl.route_to(b).await?.map(|r| r.oif);
+                    self.routes.oifs.insert(b, oif);
+                    oif
                 }
-                None => report.warnings.push(format!("backend {b} is unreachable (no route); flows to it are dropped")),
+            };
+            match oif {
+                Some(oif) => {
+                    egress.insert(oif);
+                }
+                None => unreachable.push(b),
             }
+        }
+        // One line however many: thousands of pods behind a missing route are one problem.
+        match unreachable.as_slice() {
+            [] => {}
+            [b] => report.warnings.push(format!("backend {b} is unreachable (no route); flows to it are dropped")),
+            [first, ..] => report.warnings.push(format!(
+                "{} backends are unreachable (no route), {first} among them; flows to them are dropped",
+                unreachable.len()
+            )),
         }
         for oif in &egress {
             if let Err(e) = self.attach(&links, *oif) {
@@ -413,5 +474,40 @@ impl Node {
                 warn!(iface, error = %e, "cannot restore the forwarding setting");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(index: u32, up: bool) -> Link {
+        Link { index, name: format!("eth{index}"), vlan: None, up, loopback: false, veth: true, xdp_prog: None }
+    }
+
+    fn addr(a: [u8; 4], ours: bool) -> IfAddr {
+        IfAddr { index: 2, addr: Ipv4Addr::from(a), prefix: if ours { 32 } else { 24 }, ours, secondary: false }
+    }
+
+    #[test]
+    fn route_lookups_are_reused_until_interfaces_or_addresses_change() {
+        let backend = Ipv4Addr::new(10, 0, 0, 5);
+        let links = vec![link(2, true)];
+        let mut addrs = vec![addr([10, 0, 0, 1], false)];
+        let mut c = RouteCache::new();
+        c.refresh(&links, &addrs);
+        c.oifs.insert(backend, Some(2));
+        // A VIP of ours appearing changes no route to a backend.
+        addrs.push(addr([192, 0, 2, 10], true));
+        c.refresh(&links, &addrs);
+        assert_eq!(c.oifs.get(&backend), Some(&Some(2)));
+        // Another address (a new connected subnet) may.
+        addrs.push(addr([10, 9, 0, 1], false));
+        c.refresh(&links, &addrs);
+        assert!(c.oifs.is_empty());
+        c.oifs.insert(backend, Some(2));
+        // So may an interface going down.
+        c.refresh(&[link(2, false)], &addrs);
+        assert!(c.oifs.is_empty());
     }
 }

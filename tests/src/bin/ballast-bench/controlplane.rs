@@ -148,15 +148,40 @@ pub async fn run(quick: bool) -> Result<String> {
 /// starts; measures the time until every one has an address in its status and until the
 /// BPF maps hold all of them, the agent's peak memory, and the maps' memory.
 pub async fn full_sync(quick: bool, smoke: bool) -> Result<String> {
-    use futures_util::{StreamExt as _, TryStreamExt as _, stream};
     let n: usize = match (smoke, quick) {
         (true, _) => 50,
         (false, true) => 1_000,
         (false, false) => 10_000,
     };
-    const ENDPOINTS: u32 = 10;
     let mut bed = K8sBed::new("sync", 1).await?;
     bed.config("pool", K8sBed::pool(true, &["10.40.0.0/17"])).await?;
+    // The endpoints are pods behind the one backend host, as on a node with a pod route.
+    bed.tb.lb.ip("route add 10.50.0.0/15 via 10.10.2.11")?;
+    let result = measure_sync(&mut bed, n).await;
+    // Delete while the agent runs, so it releases addresses and finalizers; then the
+    // slices. Also after a failure: thousands of leftover Services would slow every
+    // later agent's start on this control plane.
+    let _ = bed.services().delete_collection(&kube::api::DeleteParams::default(), &Default::default()).await;
+    let t_del = Instant::now();
+    while bed.services().list(&Default::default()).await.map(|l| !l.items.is_empty()).unwrap_or(false) {
+        if t_del.elapsed() > Duration::from_secs(300) {
+            eprintln!("bench: services in {} still being deleted after 5 min", bed.ns);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let slices: kube::Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+        kube::Api::namespaced(bed.cluster.admin.clone(), &bed.ns);
+    let _ = slices.delete_collection(&kube::api::DeleteParams::default(), &Default::default()).await;
+    let _ = bed.stop_agent();
+    result
+}
+
+/// Endpoints per Service in the full sync.
+const ENDPOINTS: u32 = 10;
+
+async fn measure_sync(bed: &mut K8sBed, n: usize) -> Result<String> {
+    use futures_util::{StreamExt as _, TryStreamExt as _, stream};
 
     let t_create = Instant::now();
     stream::iter(0..n)
@@ -168,7 +193,12 @@ pub async fn full_sync(quick: bool, smoke: bool) -> Result<String> {
                 let eps: Vec<(&str, bool, bool, bool)> = ips.iter().map(|e| (e.as_str(), true, true, false)).collect();
                 let name = format!("sync-{i}");
                 bed.slice(&name, &[("http", "TCP", 8080)], &eps).await?;
-                bed.service(&name, &[(80, "TCP", "http")], &[]).await?;
+                // Without node ports: 10 000 Services would exhaust the NodePort range.
+                let mut svc = bed.service_object(&name, &[(80, "TCP", "http")], &[]);
+                if let Some(spec) = svc.spec.as_mut() {
+                    spec.allocate_load_balancer_node_ports = Some(false);
+                }
+                bed.services().create(&kube::api::PostParams::default(), &svc).await?;
                 anyhow::Ok(())
             }
         })
@@ -193,7 +223,8 @@ pub async fn full_sync(quick: bool, smoke: bool) -> Result<String> {
     }
     let count = || seen.lock().map(|s| s.len()).unwrap_or(0);
     let t0 = Instant::now();
-    bed.start_agent()?;
+    // "ready" comes after the first pass, which is part of what is measured here.
+    bed.start_agent_within(Duration::from_secs(900))?;
     let pid = bed.agent.as_ref().and_then(|a| a.pid()).context("agent pid")?;
     let maps = Maps::open(bed.tb.pins.path())?;
     let (mut to_status, mut to_maps) = (None, None);
@@ -230,21 +261,6 @@ pub async fn full_sync(quick: bool, smoke: bool) -> Result<String> {
     let (hwm, rss) = (field("VmHWM:"), field("VmRSS:"));
     let map_mem = map_memory(bed.tb.pins.path());
     let addresses = bed.tb.marked_addresses().map(|a| a.len()).unwrap_or(0);
-
-    // Delete while the agent runs, so it releases addresses and finalizers; then the slices.
-    let _ = bed.services().delete_collection(&kube::api::DeleteParams::default(), &Default::default()).await;
-    let t_del = Instant::now();
-    while bed.services().list(&Default::default()).await.map(|l| !l.items.is_empty()).unwrap_or(false) {
-        if t_del.elapsed() > Duration::from_secs(300) {
-            eprintln!("bench: services in {} still being deleted after 5 min", bed.ns);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let slices: kube::Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
-        kube::Api::namespaced(bed.cluster.admin.clone(), &bed.ns);
-    let _ = slices.delete_collection(&kube::api::DeleteParams::default(), &Default::default()).await;
-    let _ = bed.stop_agent();
 
     let secs = |d: Option<Duration>| d.map(|d| format!("{:.1}", d.as_secs_f64())).unwrap_or_default();
     let mut out = String::new();

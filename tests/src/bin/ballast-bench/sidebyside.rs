@@ -258,6 +258,7 @@ fn markdown(o: &Opts, rows: &[(Kind, Row)]) -> String {
             bottleneck(*k, r, o.crr_threads)
         );
     }
+    reference(&mut out, rows);
     let _ = writeln!(out, "\nSetups:\n");
     for (k, _) in rows {
         let _ = writeln!(out, "- **{}**: {}", k.label(), k.setup());
@@ -270,6 +271,25 @@ fn markdown(o: &Opts, rows: &[(Kind, Row)]) -> String {
         o.udp_flows
     );
     out
+}
+
+/// LoxiLB's published single-host comparison (loxilbdocs, docs/perf-single.md: client, LB
+/// and three endpoints as containers on one machine, wrk CPS), next to our ratios.
+fn reference(out: &mut String, rows: &[(Kind, Row)]) {
+    let crr = |k: Kind| rows.iter().find(|(x, r)| *x == k && r.error.is_none()).map(|(_, r)| r.crr.median());
+    let ratio = |a: Kind, b: Kind| match (crr(a), crr(b)) {
+        (Some(x), Some(y)) if y > 0.0 => format!("{:.2}", x / y),
+        _ => "not measured".into(),
+    };
+    let _ = writeln!(
+        out,
+        "\n**Reference point.** LoxiLB's published single-host comparison (client, LB and 3 endpoints as containers on one machine; wrk connections/s) found eBPF ÷ IPVS = 7020 ÷ 6048 = 1.16 on a 3-core i7 and 45064 ÷ 24400 = 1.85 (HAProxy: 22000, eBPF ÷ HAProxy = 2.05) on a 40-core Xeon. Here, on 2 vCPUs, connections/s: ballast ÷ IPVS = {}, ballast ÷ iptables = {}, ballast ÷ nftables = {}, ballast ÷ nginx = {}, ballast ÷ plain routing = {}.",
+        ratio(Kind::Ballast, Kind::Ipvs),
+        ratio(Kind::Ballast, Kind::Iptables),
+        ratio(Kind::Ballast, Kind::Nftables),
+        ratio(Kind::Ballast, Kind::Nginx),
+        ratio(Kind::Ballast, Kind::Routing)
+    );
 }
 
 /// Names the limit from the measurements: a userspace LB using most of a CPU per core
