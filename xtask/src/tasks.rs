@@ -146,18 +146,19 @@ pub fn bench(quick: bool, extra: &[String]) -> Result<()> {
     let plots = root().join("tests").join("benchkit").join("plots");
     args.extend(["--report".into(), report.display().to_string(), "--plots".into(), plots.display().to_string()]);
     args.extend(extra.iter().cloned());
-    // The control-plane sections talk to a real kube-apiserver; start one unless running.
-    let started = !crate::controlplane::running();
-    crate::controlplane::up()?;
+    // The control-plane sections talk to a real kube-apiserver. The benchmark starts one
+    // through this program (`BALLAST_XTASK controlplane up`) only for those sections: an
+    // idle API server and etcd would otherwise take CPU from the data path measurements.
+    // It stops it again afterwards unless one was already running.
     // SAFETY: single-threaded at this point; the variables are read by the benchmark.
     unsafe {
         std::env::set_var("LB_AGENT_BIN", bin("lb-agent", false));
         std::env::set_var("KUBECONFIG", crate::controlplane::kubeconfig());
         std::env::set_var("BALLAST_BENCHKIT", root().join("target").join("release"));
+        std::env::set_var("BALLAST_XTASK", std::env::current_exe()?);
+        if !crate::controlplane::running() {
+            std::env::set_var("BALLAST_CONTROLPLANE_STOP", "1");
+        }
     }
-    let result = exec(bin("ballast-bench", false), &args);
-    if started {
-        crate::controlplane::down()?;
-    }
-    result
+    exec(bin("ballast-bench", false), &args)
 }

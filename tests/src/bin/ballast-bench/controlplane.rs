@@ -20,6 +20,30 @@ use kube::runtime::{WatchStreamExt, watcher};
 use lb_agent::dataplane::Maps;
 use lb_common::{proto, service::ServiceKey};
 
+/// The test control plane, when `cargo xtask bench` lets this program start it (it sets
+/// `BALLAST_XTASK`); stopped on drop if it was not running before
+/// (`BALLAST_CONTROLPLANE_STOP`). Without `BALLAST_XTASK`, `KUBECONFIG` must point at a
+/// running one.
+pub struct Started(Option<String>);
+
+impl Started {
+    /// Starts it if this program may.
+    pub fn up() -> Result<Self> {
+        let Ok(xtask) = std::env::var("BALLAST_XTASK") else { return Ok(Self(None)) };
+        ballast_tests::cmd::run(&xtask, &["controlplane", "up"])?;
+        let stop = std::env::var_os("BALLAST_CONTROLPLANE_STOP").is_some();
+        Ok(Self(stop.then_some(xtask)))
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        if let Some(xtask) = &self.0 {
+            let _ = ballast_tests::cmd::run(xtask, &["controlplane", "down"]);
+        }
+    }
+}
+
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }

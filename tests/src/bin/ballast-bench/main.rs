@@ -57,6 +57,7 @@ fn main() -> anyhow::Result<()> {
         section(datapath::scale(quick)?);
     }
     if want("controlplane") {
+        let _cp = controlplane::Started::up()?;
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build()?;
         section(rt.block_on(controlplane::run(quick))?);
         section(rt.block_on(controlplane::full_sync(quick, smoke))?);

@@ -58,6 +58,7 @@ struct Row {
     lat_p50: Series,
     lat_p99: Series,
     lat_p999: Series,
+    lat_cpu_us: Series,
     bulk_gbps: Series,
     bulk_busy: Series,
     udp: Series,
@@ -72,6 +73,7 @@ pub fn run(o: &Opts) -> Result<(String, Value)> {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
     // The kernel's per-program accounting, for ballast's rows.
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
+    let idle = background_busy(cpus);
     let mut rows = Vec::new();
     for &kind in &o.kinds {
         eprintln!("bench: {}", kind.label());
@@ -81,7 +83,27 @@ pub fn run(o: &Opts) -> Result<(String, Value)> {
         };
         rows.push((kind, row));
     }
-    Ok((markdown(o, &rows), data(&rows)))
+    let mut md = markdown(o, &rows);
+    let _ = writeln!(
+        md,
+        "\nBefore the runs, with nothing under test, the machine was {:.1}% busy (background load).",
+        idle * 100.0
+    );
+    Ok((md, data(&rows)))
+}
+
+/// Share of all CPUs busy over one second with no load running.
+fn background_busy(cpus: f64) -> f64 {
+    fn busy() -> f64 {
+        let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let v: Vec<f64> =
+            text.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+        // user nice system [idle iowait] irq softirq steal, in clock ticks (USER_HZ = 100).
+        [0, 1, 2, 5, 6, 7].iter().filter_map(|i| v.get(*i)).sum::<f64>() / 100.0
+    }
+    let b0 = busy();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    (busy() - b0) / cpus
 }
 
 fn measure(kind: Kind, o: &Opts, cpus: f64) -> Result<Row> {
@@ -154,6 +176,7 @@ fn measure(kind: Kind, o: &Opts, cpus: f64) -> Result<Row> {
         r.lat_p50.push(l.p50_us);
         r.lat_p99.push(l.p99_us);
         r.lat_p999.push(l.p999_us);
+        r.lat_cpu_us.push(l.cpu_busy_s * 1e6 / l.ops.max(1) as f64);
         r.failed += l.errors;
 
         let (l, _) = run("bulk", &setup.bulk, 1, o.secs)?;
@@ -234,12 +257,32 @@ fn markdown(o: &Opts, rows: &[(Kind, Row)]) -> String {
         "\n**Latency of a short request on a fresh connection at {} requests/s offered** (16 pacing threads; measured from when each request was due):\n",
         o.rate
     );
-    let _ = writeln!(out, "| contender | p50 µs | p99 µs | p99.9 µs |");
-    let _ = writeln!(out, "|---|---:|---:|---:|");
+    let _ = writeln!(
+        out,
+        "| contender | p50 µs | p99 µs | p99.9 µs | machine CPU µs per request at this rate (Δ vs routing) |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+    let routing_lat_cpu =
+        rows.iter().find(|(k, r)| *k == Kind::Routing && r.error.is_none()).map(|(_, r)| r.lat_cpu_us.median());
     for (k, r) in rows.iter().filter(|(_, r)| r.error.is_none()) {
-        let _ =
-            writeln!(out, "| {} | {} | {} | {} |", k.label(), r.lat_p50.cell(0), r.lat_p99.cell(0), r.lat_p999.cell(0));
+        let delta = match routing_lat_cpu {
+            Some(base) if *k != Kind::Routing => format!(" ({:+.1})", r.lat_cpu_us.median() - base),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {}{delta} |",
+            k.label(),
+            r.lat_p50.cell(0),
+            r.lat_p99.cell(0),
+            r.lat_p999.cell(0),
+            r.lat_cpu_us.cell(1)
+        );
     }
+    let _ = writeln!(
+        out,
+        "\nAt this rate the machine is far from saturated, so the CPU per request here is the cleaner measure of what each LB hop costs; the conn/s table above is measured at saturation, where the contenders compete with the client and backends for the same two vCPUs."
+    );
     let _ = writeln!(out, "\n**Where the time went** (share of both vCPUs busy during each load; median):\n");
     let _ = writeln!(
         out,
@@ -332,6 +375,7 @@ fn data(rows: &[(Kind, Row)]) -> Value {
                 "lat_p50": r.lat_p50.0,
                 "lat_p99": r.lat_p99.0,
                 "lat_p999": r.lat_p999.0,
+                "lat_cpu_us": r.lat_cpu_us.0,
                 "bulk_gbps": r.bulk_gbps.0,
                 "udp": r.udp.0,
                 "udp_cpu_us": r.udp_cpu_us.0,
