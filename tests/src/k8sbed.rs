@@ -95,12 +95,13 @@ impl K8sBed {
 
     /// Starts the agent and waits for its first pass.
     pub fn start_agent(&mut self) -> Result<()> {
-        self.start_agent_within(Duration::from_secs(20))
+        self.start_agent_within(Duration::from_secs(20), &[])
     }
 
-    /// Starts the agent and waits up to `ready` for its first pass.
-    pub fn start_agent_within(&mut self, ready: Duration) -> Result<()> {
-        let args = self.agent_args();
+    /// Starts the agent with `extra` arguments and waits up to `ready` for its first pass.
+    pub fn start_agent_within(&mut self, ready: Duration, extra: &[&str]) -> Result<()> {
+        let mut args = self.agent_args();
+        args.extend(extra.iter().map(|s| s.to_string()));
         let agent = tokio::task::block_in_place(|| {
             Agent::start_within(&self.tb.lb, &args.iter().map(String::as_str).collect::<Vec<_>>(), ready)
         })?;

@@ -112,5 +112,6 @@ fn log_report(r: &ApplyReport, services: usize) {
     for (name, why) in &r.failed {
         error!(service = name, "not served: {why}");
     }
-    info!(services, map_ops = r.map_ops, vips_added = ?r.added, vips_removed = ?r.removed, "configuration applied");
+    let (added, removed) = (super::node::brief(&r.added), super::node::brief(&r.removed));
+    info!(services, map_ops = r.map_ops, vips_added = added, vips_removed = removed, "configuration applied");
 }

@@ -48,7 +48,7 @@ use super::{
     status,
 };
 use crate::{
-    agent::node::{Node, NodeOptions},
+    agent::node::{Node, NodeOptions, brief},
     telemetry::{Telemetry, metrics::PoolUsage},
 };
 
@@ -471,7 +471,14 @@ impl Controller {
             "pass done"
         );
         if report.map_ops > 0 || !report.added.is_empty() || !report.removed.is_empty() {
-            info!(services = served, map_ops = report.map_ops, vips_added = ?report.added, vips_removed = ?report.removed, "data path updated");
+            let (added, removed) = (brief(&report.added), brief(&report.removed));
+            info!(
+                services = served,
+                map_ops = report.map_ops,
+                vips_added = added,
+                vips_removed = removed,
+                "data path updated"
+            );
         }
         errors
     }

@@ -247,8 +247,10 @@ async fn measure_sync(bed: &mut K8sBed, n: usize) -> Result<String> {
     }
     let count = || seen.lock().map(|s| s.len()).unwrap_or(0);
     let t0 = Instant::now();
-    // "ready" comes after the first pass, which is part of what is measured here.
-    bed.start_agent_within(Duration::from_secs(900))?;
+    // "ready" comes after the first pass, which is part of what is measured here. The
+    // default maps hold 8 192 services and 65 536 backends: sized up, as an operator would.
+    let (services, backends) = ((n * 2).max(1024).to_string(), (n * ENDPOINTS as usize * 2).max(4096).to_string());
+    bed.start_agent_within(Duration::from_secs(900), &["--max-services", &services, "--max-backends", &backends])?;
     let pid = bed.agent.as_ref().and_then(|a| a.pid()).context("agent pid")?;
     let maps = Maps::open(bed.tb.pins.path())?;
     let (mut to_status, mut to_maps) = (None, None);

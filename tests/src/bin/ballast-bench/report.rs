@@ -66,14 +66,16 @@ fn machine() -> String {
             })
             .unwrap_or_else(|_| format!("{prog}: not installed"))
     };
+    let agent = ballast_tests::agent::agent_bin().map(|p| p.display().to_string()).unwrap_or_else(|e| e.to_string());
     format!(
-        "- {cpus} vCPUs ({}), {mem_gib:.0} GiB, Linux {} — a VM; client, LB and backends are network namespaces on it, joined by veth pairs, so they share these CPUs.\n- {}; {}; {}; {}.",
+        "- {cpus} vCPUs ({}), {mem_gib:.0} GiB, Linux {} — a VM; client, LB and backends are network namespaces on it, joined by veth pairs, so they share these CPUs.\n- {}; {}; {}; {}.\n- Agent binary: `{agent}`; load generator, backends and proxy: {} build.",
         model.unwrap_or("unknown CPU"),
         kernel.trim(),
         version("iptables", "--version"),
         version("nft", "--version"),
         version("nginx", "-v"),
         version("ipvsadm", "--version"),
+        crate::kit::profile(),
     )
 }
 

@@ -17,7 +17,7 @@ use ballast_tests::{
 use serde_json::{Value, json};
 
 use crate::{
-    contenders::{Kind, Svc, apply, iptables_rules, ipvs_available, ipvs_rules, nft_rules, sysctl},
+    contenders::{Kind, Svc, apply, iptables_rules, ipvs_available, ipvs_rules, nft_rules},
     kit::{self, LoadOpts, Proc},
     stats::Series,
 };
@@ -98,11 +98,7 @@ pub fn run(quick: bool, smoke: bool, kinds: &[Kind]) -> Result<(String, Value)> 
 
 fn point(kind: Kind, n: usize, runs: usize, secs: f64) -> Result<Point> {
     let mut tb = Testbed::new(Arms::Two, 3)?;
-    sysctl(&tb.lb, "net.ipv4.ip_forward", "1")?;
-    for ns in [&tb.client, &tb.lb] {
-        sysctl(ns, "net.ipv4.tcp_tw_reuse", "1")?;
-        sysctl(ns, "net.ipv4.ip_local_port_range", "1024 65535")?;
-    }
+    crate::sidebyside::tune(&tb)?;
     let _backends: Vec<Proc> = tb
         .backends
         .iter()
@@ -143,7 +139,9 @@ fn point(kind: Kind, n: usize, runs: usize, secs: f64) -> Result<Point> {
                 config(&[Svc { vip: Ipv4Addr::new(10, 99, 0, 1), port: 81, proto: "tcp", backends: backends.clone() }]);
             let cfg = tb.write_config(&[])?;
             std::fs::write(&cfg, seed)?;
-            let args = tb.agent_args(&cfg);
+            let mut args = tb.agent_args(&cfg);
+            // The default maps hold 8 192 services: sized up for N, as an operator would.
+            args.extend(["--max-services".to_string(), (2 * n).max(1024).to_string()]);
             let agent = Agent::start(&tb.lb, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
             let applied = |a: &Agent| a.log_text().matches("configuration applied").count();
             let before = applied(&agent);

@@ -94,28 +94,29 @@ pub fn run(o: &Opts) -> Result<(String, Value)> {
 
 /// Share of all CPUs busy over one second with no load running.
 fn background_busy(cpus: f64) -> f64 {
-    fn busy() -> f64 {
-        let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-        let v: Vec<f64> =
-            text.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
-        // user nice system [idle iowait] irq softirq steal, in clock ticks (USER_HZ = 100).
-        [0, 1, 2, 5, 6, 7].iter().filter_map(|i| v.get(*i)).sum::<f64>() / 100.0
-    }
-    let b0 = busy();
+    let b0 = ballast_benchkit::machine_busy();
     std::thread::sleep(std::time::Duration::from_secs(1));
-    (busy() - b0) / cpus
+    (ballast_benchkit::machine_busy() - b0) / cpus
 }
 
-fn measure(kind: Kind, o: &Opts, cpus: f64) -> Result<Row> {
-    let mut tb = Testbed::new(Arms::Two, 3)?;
-    // The same tuning for everyone: forwarding on, and TIME_WAIT ports reusable where
-    // connections start (client; proxies towards backends), so the connection-rate test
-    // measures the LB instead of running out of ports.
+/// The same tuning for every contender: forwarding on; where connections start (the
+/// client, and the proxies towards the backends) the whole port range, TIME_WAIT ports
+/// reusable and at most 4 096 TIME_WAIT sockets. Without the cap, tens of thousands of
+/// TIME_WAIT sockets from one connection-rate run make every connect() of the next run
+/// search the port range, which burned a whole CPU in some runs and not in others.
+pub fn tune(tb: &Testbed) -> Result<()> {
     sysctl(&tb.lb, "net.ipv4.ip_forward", "1")?;
     for ns in [&tb.client, &tb.lb] {
         sysctl(ns, "net.ipv4.tcp_tw_reuse", "1")?;
         sysctl(ns, "net.ipv4.ip_local_port_range", "1024 65535")?;
+        sysctl(ns, "net.ipv4.tcp_max_tw_buckets", "4096")?;
     }
+    Ok(())
+}
+
+fn measure(kind: Kind, o: &Opts, cpus: f64) -> Result<Row> {
+    let mut tb = Testbed::new(Arms::Two, 3)?;
+    tune(&tb)?;
     let _backends: Vec<Proc> = tb
         .backends
         .iter()
@@ -281,7 +282,7 @@ fn markdown(o: &Opts, rows: &[(Kind, Row)]) -> String {
     }
     let _ = writeln!(
         out,
-        "\nAt this rate the machine is far from saturated, so the CPU per request here is the cleaner measure of what each LB hop costs; the conn/s table above is measured at saturation, where the contenders compete with the client and backends for the same two vCPUs."
+        "\nAt this rate the machine is far from saturated, so the CPU per request here was meant as the cleaner measure of what each LB hop costs; on this VM, though, its range between runs is as wide as the differences between contenders, so read it with its range. The conn/s table above is measured at saturation, where the contenders compete with the client and backends for the same two vCPUs."
     );
     let _ = writeln!(out, "\n**Where the time went** (share of both vCPUs busy during each load; median):\n");
     let _ = writeln!(
