@@ -303,7 +303,7 @@ async fn measure_sync(bed: &mut K8sBed, n: usize) -> Result<String> {
     writeln!(out, "| agent peak memory (VmHWM) | {hwm:.0} MiB (RSS now {rss:.0} MiB) |")?;
     writeln!(
         out,
-        "| BPF map memory (bytes_memlock of the pinned maps, sized for the defaults) | {:.0} MiB |",
+        "| BPF map memory (bytes_memlock of the pinned maps, sized for {services} services and {backends} backends) | {:.0} MiB |",
         map_mem / 1024.0 / 1024.0
     )?;
     writeln!(
