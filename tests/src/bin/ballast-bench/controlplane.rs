@@ -44,6 +44,27 @@ impl Drop for Started {
     }
 }
 
+/// When each of the bed's Services first had an address in its status, and which, as a
+/// watch sees it.
+type Seen = Arc<Mutex<HashMap<String, (Instant, Ipv4Addr)>>>;
+
+/// Starts a watch that fills [`Seen`].
+fn addresses_seen(bed: &K8sBed) -> Seen {
+    let seen: Seen = Arc::default();
+    let out = seen.clone();
+    let stream = watcher(bed.services(), watcher::Config::default()).applied_objects();
+    tokio::spawn(async move {
+        futures_util::pin_mut!(stream);
+        while let Some(Ok(svc)) = stream.next().await {
+            let svc: Service = svc;
+            if let (Some(name), Some(ip)) = (svc.metadata.name.clone(), ingress_ip(&svc)) {
+                let _ = seen.lock().map(|mut m| m.entry(name).or_insert((Instant::now(), ip)).to_owned());
+            }
+        }
+    });
+    out
+}
+
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -65,21 +86,7 @@ pub async fn run(quick: bool) -> Result<String> {
     bed.config("pool", K8sBed::pool(true, &["10.20.0.0/24"])).await?;
     bed.start_agent()?;
 
-    // When each service's status first names an address, as seen by a watch.
-    let seen: Arc<Mutex<HashMap<String, (Instant, Ipv4Addr)>>> = Arc::default();
-    {
-        let seen = seen.clone();
-        let stream = watcher(bed.services(), watcher::Config::default()).applied_objects();
-        tokio::spawn(async move {
-            futures_util::pin_mut!(stream);
-            while let Some(Ok(svc)) = stream.next().await {
-                let svc: Service = svc;
-                if let (Some(name), Some(ip)) = (svc.metadata.name.clone(), ingress_ip(&svc)) {
-                    seen.lock().map(|mut m| m.entry(name).or_insert((Instant::now(), ip)).to_owned()).ok();
-                }
-            }
-        });
-    }
+    let seen = addresses_seen(&bed);
 
     let endpoints: Vec<String> = bed.tb.backends.iter().map(|b| b.ip.to_string()).collect();
     let eps: Vec<(&str, bool, bool, bool)> = endpoints.iter().map(|e| (e.as_str(), true, true, false)).collect();
@@ -231,20 +238,7 @@ async fn measure_sync(bed: &mut K8sBed, n: usize) -> Result<String> {
         .await?;
     let created = t_create.elapsed();
 
-    let seen: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
-    {
-        let seen = seen.clone();
-        let stream = watcher(bed.services(), watcher::Config::default()).applied_objects();
-        tokio::spawn(async move {
-            futures_util::pin_mut!(stream);
-            while let Some(Ok(svc)) = stream.next().await {
-                let svc: Service = svc;
-                if let (Some(name), Some(_)) = (svc.metadata.name.clone(), ingress_ip(&svc)) {
-                    let _ = seen.lock().map(|mut s| s.insert(name));
-                }
-            }
-        });
-    }
+    let seen = addresses_seen(bed);
     let count = || seen.lock().map(|s| s.len()).unwrap_or(0);
     let t0 = Instant::now();
     // "ready" comes after the first pass, which is part of what is measured here. The

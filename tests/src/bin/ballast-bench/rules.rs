@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 
 use crate::{
     contenders::{Kind, Svc, apply, iptables_rules, ipvs_available, ipvs_rules, nft_rules},
-    kit::{self, LoadOpts, Proc},
+    kit::{self, LoadOpts},
     stats::Series,
 };
 
@@ -99,28 +99,9 @@ pub fn run(quick: bool, smoke: bool, kinds: &[Kind]) -> Result<(String, Value)> 
 fn point(kind: Kind, n: usize, runs: usize, secs: f64) -> Result<Point> {
     let mut tb = Testbed::new(Arms::Two, 3)?;
     crate::sidebyside::tune(&tb)?;
-    let _backends: Vec<Proc> = tb
-        .backends
-        .iter()
-        .map(|b| {
-            let arg = |p: u16| format!("{}:{p}", b.ip);
-            Proc::start(
-                &b.ns,
-                "bench-server",
-                &[
-                    "--name".into(),
-                    b.name.clone(),
-                    "--tcp".into(),
-                    arg(8080),
-                    "--sink".into(),
-                    arg(9000),
-                    "--udp".into(),
-                    arg(5353),
-                ],
-            )
-        })
-        .collect::<Result<_>>()?;
-    let backends: Vec<SocketAddrV4> = tb.backends.iter().map(|b| SocketAddrV4::new(b.ip, 8080)).collect();
+    let _backends = crate::sidebyside::backends(&tb)?;
+    let backends: Vec<SocketAddrV4> =
+        tb.backends.iter().map(|b| SocketAddrV4::new(b.ip, crate::contenders::WEB.1)).collect();
     let svcs: Vec<Svc> =
         (0..n).map(|i| Svc { vip: vip(i), port: 80, proto: "tcp", backends: backends.clone() }).collect();
     let mut _agent = None;

@@ -114,30 +114,27 @@ pub fn tune(tb: &Testbed) -> Result<()> {
     Ok(())
 }
 
-fn measure(kind: Kind, o: &Opts, cpus: f64) -> Result<Row> {
-    let mut tb = Testbed::new(Arms::Two, 3)?;
-    tune(&tb)?;
-    let _backends: Vec<Proc> = tb
-        .backends
+/// The kit's backend server on every backend host: line service, sink and UDP echo.
+pub fn backends(tb: &Testbed) -> Result<Vec<Proc>> {
+    tb.backends
         .iter()
         .map(|b| {
             let arg = |p: u16| format!("{}:{p}", b.ip);
+            let args =
+                [("--name", b.name.clone()), ("--tcp", arg(WEB.1)), ("--sink", arg(BULK.1)), ("--udp", arg(DNS.1))];
             Proc::start(
                 &b.ns,
                 "bench-server",
-                &[
-                    "--name".into(),
-                    b.name.clone(),
-                    "--tcp".into(),
-                    arg(WEB.1),
-                    "--sink".into(),
-                    arg(BULK.1),
-                    "--udp".into(),
-                    arg(DNS.1),
-                ],
+                &args.into_iter().flat_map(|(k, v)| [k.to_string(), v]).collect::<Vec<_>>(),
             )
         })
-        .collect::<Result<_>>()?;
+        .collect()
+}
+
+fn measure(kind: Kind, o: &Opts, cpus: f64) -> Result<Row> {
+    let mut tb = Testbed::new(Arms::Two, 3)?;
+    tune(&tb)?;
+    let _backends = backends(&tb)?;
     let setup = contenders::start(kind, &mut tb)?;
     let ballast = matches!(kind, Kind::Ballast | Kind::XdpPass);
     let run = |mode: &str,
@@ -212,10 +209,19 @@ fn bpf_stats() -> Option<(f64, f64)> {
     Some(t)
 }
 
+/// " (+x.y<suffix>)": how far `kind`'s value lies from plain routing's; empty for routing
+/// itself or when routing was not measured.
+fn vs_routing(rows: &[(Kind, Row)], kind: Kind, value: impl Fn(&Row) -> f64, suffix: &str) -> String {
+    let base = rows.iter().find(|(k, r)| *k == Kind::Routing && r.error.is_none()).map(|(_, r)| value(r));
+    let this = rows.iter().find(|(k, _)| *k == kind).map(|(_, r)| value(r));
+    match (base, this) {
+        (Some(b), Some(v)) if kind != Kind::Routing => format!(" ({:+.1}{suffix})", v - b),
+        _ => String::new(),
+    }
+}
+
 fn markdown(o: &Opts, rows: &[(Kind, Row)]) -> String {
     let mut out = String::new();
-    let routing_cpu =
-        rows.iter().find(|(k, r)| *k == Kind::Routing && r.error.is_none()).map(|(_, r)| r.crr_cpu_us.median());
     let _ = writeln!(
         out,
         "### Side by side: the LB hop\n\n{} runs of {} s per measurement (after a discarded warm-up); each cell is the median, the range over the runs in brackets.\n",
@@ -236,10 +242,7 @@ fn markdown(o: &Opts, rows: &[(Kind, Row)]) -> String {
             );
             continue;
         }
-        let delta = match routing_cpu {
-            Some(base) if *k != Kind::Routing => format!(" ({:+.1} vs routing)", r.crr_cpu_us.median() - base),
-            _ => String::new(),
-        };
+        let delta = vs_routing(rows, *k, |r| r.crr_cpu_us.median(), " vs routing");
         let own = if r.crr_lb_us.is_empty() { "n/a (in softirq)".to_string() } else { r.crr_lb_us.cell(1) };
         let _ = writeln!(
             out,
@@ -263,13 +266,8 @@ fn markdown(o: &Opts, rows: &[(Kind, Row)]) -> String {
         "| contender | p50 µs | p99 µs | p99.9 µs | machine CPU µs per request at this rate (Δ vs routing) |"
     );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|");
-    let routing_lat_cpu =
-        rows.iter().find(|(k, r)| *k == Kind::Routing && r.error.is_none()).map(|(_, r)| r.lat_cpu_us.median());
     for (k, r) in rows.iter().filter(|(_, r)| r.error.is_none()) {
-        let delta = match routing_lat_cpu {
-            Some(base) if *k != Kind::Routing => format!(" ({:+.1})", r.lat_cpu_us.median() - base),
-            _ => String::new(),
-        };
+        let delta = vs_routing(rows, *k, |r| r.lat_cpu_us.median(), "");
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} | {}{delta} |",
