@@ -56,9 +56,11 @@ impl Netns {
         run("ip", &v)
     }
 
-    /// Sets a sysctl inside the namespace.
+    /// Sets a sysctl inside the namespace, through /proc/sys as seen from a thread in it (so
+    /// values may contain spaces, e.g. `ip_local_port_range`).
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
-        self.exec(&format!("sysctl -qw {key}={value}")).map(|_| ())
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        self.run(|| std::fs::write(&path, value))?.with_context(|| format!("sysctl {key}={value} in {}", self.name))
     }
 
     /// Moves the calling thread into the namespace (for threads that live there).

@@ -187,8 +187,15 @@ impl Drop for Testbed {
 
 /// The static configuration text for `services` on `vip`.
 pub fn config_yaml(vip: Ipv4Addr, services: &[(&str, u16, &str, Vec<SocketAddrV4>)]) -> String {
+    let with_vip: Vec<_> =
+        services.iter().map(|(n, port, proto, b)| (n.to_string(), vip, *port, *proto, b.clone())).collect();
+    config_yaml_vips(&with_vip)
+}
+
+/// The static configuration text for `services`, each (name, VIP, port, protocol, backends).
+pub fn config_yaml_vips(services: &[(String, Ipv4Addr, u16, &str, Vec<SocketAddrV4>)]) -> String {
     let mut y = String::from("services:\n");
-    for (name, port, proto, backends) in services {
+    for (name, vip, port, proto, backends) in services {
         let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
         y.push_str(&format!(
             "  - name: {name}\n    vip: {vip}\n    port: {port}\n    protocol: {proto}\n    backends: [{}]\n",

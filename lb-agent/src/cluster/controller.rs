@@ -328,7 +328,6 @@ impl Controller {
             .map(|b| (ServiceRef { namespace: b.namespace().unwrap_or_default(), name: b.name_any() }, b))
             .collect();
         let mut next = BTreeMap::new();
-        let this = &*self;
         let (failures_ref, balancers_ref, now_ref) = (&failures, &balancers, &now);
         // Services are independent: their writes go out API_CONCURRENCY at a time (a cold
         // start with 10 000 Services is 30 000 writes); each service's own writes stay in order.

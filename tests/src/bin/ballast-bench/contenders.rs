@@ -244,6 +244,18 @@ pub fn ipvs_available() -> Result<()> {
     bail!("this kernel has no IPVS (/proc/net/ip_vs is missing; CONFIG_IP_VS is not set here and there are no modules)")
 }
 
+/// ballast's static configuration for `services` (each with its own VIP).
+pub fn ballast_config(services: &[Svc]) -> String {
+    let named: Vec<(String, Ipv4Addr, u16, &str, Vec<SocketAddrV4>)> = services
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            (format!("svc-{i}"), s.vip, s.port, if s.proto == "udp" { "UDP" } else { "TCP" }, s.backends.clone())
+        })
+        .collect();
+    ballast_tests::testbed::config_yaml_vips(&named)
+}
+
 /// A file in the temp directory, removed on drop.
 pub struct TempFile(pub PathBuf);
 
@@ -260,12 +272,6 @@ impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0).or_else(|_| std::fs::remove_dir_all(&self.0));
     }
-}
-
-/// Writes a sysctl inside `ns` (values may contain spaces, unlike `Netns::sysctl`).
-pub fn sysctl(ns: &Netns, key: &str, value: &str) -> Result<()> {
-    let path = format!("/proc/sys/{}", key.replace('.', "/"));
-    ns.run(|| std::fs::write(&path, value))?.with_context(|| format!("sysctl {key}={value} in {}", ns.name()))
 }
 
 /// Applies `rules` with `program` (`iptables-restore`, `nft -f`, `ipvsadm-restore`) inside
@@ -358,12 +364,8 @@ pub fn start(kind: Kind, tb: &mut Testbed) -> Result<Setup> {
             s.xdp_pass = Some((dp, pins));
         }
         Kind::Ballast => {
-            let list = |(_, port): (u16, u16)| tb.backends.iter().map(|b| SocketAddrV4::new(b.ip, port)).collect();
-            let cfg = tb.write_config(&[
-                ("web", WEB.0, "TCP", list(WEB)),
-                ("bulk", BULK.0, "TCP", list(BULK)),
-                ("dns", DNS.0, "UDP", list(DNS)),
-            ])?;
+            let cfg = tb.write_config(&[])?;
+            std::fs::write(&cfg, ballast_config(&svcs))?;
             let args = tb.agent_args(&cfg);
             s.agent = Some(Agent::start(&tb.lb, &args.iter().map(String::as_str).collect::<Vec<_>>())?);
         }
@@ -372,7 +374,7 @@ pub fn start(kind: Kind, tb: &mut Testbed) -> Result<Setup> {
         }
         Kind::Ipvs => {
             ipvs_available()?;
-            sysctl(lb, "net.ipv4.vs.conntrack", "1")?;
+            lb.sysctl("net.ipv4.vs.conntrack", "1")?;
             lb.ip(&format!("addr add {vip}/32 dev {LB_IFACE}"))?;
             apply(lb, &["ipvsadm-restore"], &ipvs_rules(&svcs))?;
             let masq = format!(

@@ -17,7 +17,7 @@ use ballast_tests::{
 use serde_json::{Value, json};
 
 use crate::{
-    contenders::{Kind, Svc, apply, iptables_rules, ipvs_available, ipvs_rules, nft_rules},
+    contenders::{Kind, Svc, apply, ballast_config, iptables_rules, ipvs_available, ipvs_rules, nft_rules},
     kit::{self, LoadOpts},
     stats::Series,
 };
@@ -116,8 +116,12 @@ fn point(kind: Kind, n: usize, runs: usize, secs: f64) -> Result<Point> {
             apply(&tb.lb, &["ipvsadm-restore"], &ipvs_rules(&svcs))?
         }
         Kind::Ballast => {
-            let seed =
-                config(&[Svc { vip: Ipv4Addr::new(10, 99, 0, 1), port: 81, proto: "tcp", backends: backends.clone() }]);
+            let seed = ballast_config(&[Svc {
+                vip: Ipv4Addr::new(10, 99, 0, 1),
+                port: 81,
+                proto: "tcp",
+                backends: backends.clone(),
+            }]);
             let cfg = tb.write_config(&[])?;
             std::fs::write(&cfg, seed)?;
             let mut args = tb.agent_args(&cfg);
@@ -126,7 +130,7 @@ fn point(kind: Kind, n: usize, runs: usize, secs: f64) -> Result<Point> {
             let agent = Agent::start(&tb.lb, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
             let applied = |a: &Agent| a.log_text().matches("configuration applied").count();
             let before = applied(&agent);
-            std::fs::write(&cfg, config(&svcs))?;
+            std::fs::write(&cfg, ballast_config(&svcs))?;
             let t0 = Instant::now();
             agent.signal(libc::SIGHUP);
             while applied(&agent) <= before {
@@ -156,21 +160,4 @@ fn point(kind: Kind, n: usize, runs: usize, secs: f64) -> Result<Point> {
         cpu_us.push(l.cpu_busy_s * 1e6 / l.ops as f64);
     }
     Ok(Point { services: n, sync: Ok(sync), crr, cpu_us })
-}
-
-/// A static configuration with a VIP per service.
-fn config(svcs: &[Svc]) -> String {
-    let mut y = String::from("services:\n");
-    for (i, s) in svcs.iter().enumerate() {
-        let list: Vec<String> = s.backends.iter().map(|b| format!("\"{b}\"")).collect();
-        let _ = writeln!(
-            y,
-            "  - {{name: svc-{i}, vip: {}, port: {}, protocol: {}, backends: [{}]}}",
-            s.vip,
-            s.port,
-            s.proto.to_uppercase(),
-            list.join(", ")
-        );
-    }
-    y
 }

@@ -13,7 +13,7 @@ use ballast_tests::{
 use serde_json::{Value, json};
 
 use crate::{
-    contenders::{self, BULK, DNS, Kind, WEB, sysctl},
+    contenders::{self, BULK, DNS, Kind, WEB},
     kit::{self, Load, LoadOpts, Proc},
     stats::Series,
 };
@@ -105,11 +105,11 @@ fn background_busy(cpus: f64) -> f64 {
 /// TIME_WAIT sockets from one connection-rate run make every connect() of the next run
 /// search the port range, which burned a whole CPU in some runs and not in others.
 pub fn tune(tb: &Testbed) -> Result<()> {
-    sysctl(&tb.lb, "net.ipv4.ip_forward", "1")?;
+    tb.lb.sysctl("net.ipv4.ip_forward", "1")?;
     for ns in [&tb.client, &tb.lb] {
-        sysctl(ns, "net.ipv4.tcp_tw_reuse", "1")?;
-        sysctl(ns, "net.ipv4.ip_local_port_range", "1024 65535")?;
-        sysctl(ns, "net.ipv4.tcp_max_tw_buckets", "4096")?;
+        ns.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        ns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
+        ns.sysctl("net.ipv4.tcp_max_tw_buckets", "4096")?;
     }
     Ok(())
 }
