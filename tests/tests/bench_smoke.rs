@@ -28,10 +28,11 @@ fn row<'a>(text: &'a str, label: &str) -> &'a str {
     text.lines().find(|l| l.starts_with(&format!("| {label} |"))).unwrap_or_else(|| panic!("no row {label:?}:\n{text}"))
 }
 
-/// Whether a table cell holds a measured number (digits, maybe a range in brackets).
+/// Whether a table cell holds a measured, non-zero figure (its median, before any range in
+/// brackets): a contender that served nothing measures 0, which is not a measurement.
 fn measured(cell: &str) -> bool {
-    let c = cell.trim();
-    !c.is_empty() && c.chars().next().is_some_and(|ch| ch.is_ascii_digit())
+    let median: String = cell.trim().split('(').next().unwrap_or("").chars().filter(|c| !c.is_whitespace()).collect();
+    median.parse::<f64>().is_ok_and(|v| v > 0.0)
 }
 
 #[test]
