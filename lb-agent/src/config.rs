@@ -19,7 +19,7 @@ use std::{
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use crate::model::{BackendSpec, Protocol, ServiceSpec};
+use crate::model::{BackendSpec, Protocol, ServiceId, ServiceSpec};
 
 /// Why a configuration file was refused. Every message names the place (line, service,
 /// field) so the user can fix it; the running configuration stays in force.
@@ -145,7 +145,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Vec<ServiceSpec>, ConfigError> 
             }
         }
         services.push(ServiceSpec {
-            name: s.name,
+            id: ServiceId::Static(s.name),
             vip: s.vip,
             port: s.port,
             protocol: s.protocol,
@@ -184,7 +184,7 @@ services:
     fn parses_the_documented_format() {
         let s = parse(GOOD, "t.yaml").unwrap();
         assert_eq!(s.len(), 2);
-        assert_eq!(s[0].name, "web");
+        assert_eq!(s[0].id, ServiceId::Static("web".into()));
         assert_eq!(s[0].backends[1].addr, "10.0.1.3:8080".parse().unwrap());
         assert_eq!(s[1].protocol, Protocol::Udp);
         assert_eq!(s[1].key().port, 53);

@@ -1,21 +1,34 @@
-//! `lb-agent explain NAMESPACE/SERVICE`: is traffic to this Service served on this node,
-//! and if not, exactly why and what to change. The verdict is a pure function of the
-//! cluster's decision (the agent's own [`crate::cluster::desired`]) and facts gathered
-//! from this node (interface addresses, attached programs, pinned maps).
+//! `lb-agent explain NAMESPACE/SERVICE`: is traffic to this Service served, which node
+//! holds its address and why this node does or does not, and if something is wrong,
+//! exactly what and what to change. The verdict is a pure function ([`judge`]) of the
+//! cluster's decision (the allocator's own [`crate::cluster::desired`]), what the
+//! LoadBalancer object says about the address's owner, this node's eligibility, and facts
+//! gathered from this node (interface addresses, attached programs, pinned maps).
 
-use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddrV4, path::Path};
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    time::{Instant, SystemTime},
+};
 
 use crate::{
     cluster::{
-        crd::{CONFIG_ANNOTATION, LoadBalancerConfig},
-        desired::{Decision, Desired, Inputs, ServiceRef, Settings, desired},
+        crd::{AnnounceMode, CONFIG_ANNOTATION, LoadBalancer, LoadBalancerConfig},
+        desired::{Decision, Desired, Inputs, Settings, desired},
+        liveness::{LEASE_LABEL, Liveness, read_heartbeat},
+        ownership::{Ineligible, eligibility},
+        reason::Reason,
     },
-    model::Protocol,
+    model::{Protocol, ServiceRef},
 };
 
-/// What this node has, as far as one Service is concerned.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// What this node has and is, as far as one Service is concerned.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeFacts {
+    /// This node's name.
+    pub name: String,
     /// The agent's maps are pinned (the agent ran here).
     pub maps_pinned: bool,
     /// The VIP is on the interface it should be on.
@@ -25,6 +38,31 @@ pub struct NodeFacts {
     /// Active backends in the maps per (port, protocol); a missing entry means the maps
     /// have no such service.
     pub map_backends: BTreeMap<(u16, Protocol), Vec<SocketAddrV4>>,
+    /// How the config announces its addresses.
+    pub mode: AnnounceMode,
+    /// L2: the node the LoadBalancer object names as the address's owner.
+    pub owner: Option<String>,
+    /// Whether this node may hold the address, and why not.
+    pub eligible: Result<(), Ineligible>,
+    /// The interface the address goes on here.
+    pub interface: String,
+}
+
+impl NodeFacts {
+    /// A node that knows nothing yet (no agent ran here).
+    pub fn named(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            maps_pinned: false,
+            vip_on_interface: false,
+            program_attached: false,
+            map_backends: BTreeMap::new(),
+            mode: AnnounceMode::L2,
+            owner: None,
+            eligible: Err(Ineligible::NoAgent),
+            interface: String::new(),
+        }
+    }
 }
 
 /// One problem and its fix.
@@ -41,10 +79,12 @@ pub struct Finding {
 /// The verdict.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Verdict {
-    /// Traffic to every port is served.
+    /// Traffic to every port is served, and this node does its part.
     pub served: bool,
     /// Summary line.
     pub summary: String,
+    /// Where the address is held and why this node does or does not hold it.
+    pub holder: Option<String>,
     /// Problems found, most fundamental first.
     pub findings: Vec<Finding>,
 }
@@ -56,72 +96,112 @@ fn finding(reason: &'static str, what: impl Into<String>, fix: impl Into<String>
 /// Judges one Service from the cluster's decision and what this node has.
 pub fn judge(r: &ServiceRef, decided: &Desired, node: &NodeFacts) -> Verdict {
     let mut findings = Vec::new();
+    let verdict = |served, summary, holder, findings| Verdict { served, summary, holder, findings };
     let Some(d) = decided.services.get(r) else {
-        return Verdict { served: false, summary: format!("{r} does not exist"), findings };
+        return verdict(false, format!("{r} does not exist"), None, findings);
     };
     let s = match d {
         Decision::NotOurs(p) => {
-            let fix = if p.reason == "NotLoadBalancer" {
+            let fix = if p.reason == Reason::NotLoadBalancer {
                 "set spec.type: LoadBalancer".to_string()
             } else {
                 "set spec.loadBalancerClass to the class this agent serves (default ballast.dev/xdp), or run the agent without --ignore-unclassed".to_string()
             };
             findings.push(finding("no class match", p.message.clone(), fix));
-            return Verdict { served: false, summary: format!("{r} is not served by ballast"), findings };
+            return verdict(false, format!("{r} is not served by ballast"), None, findings);
         }
         Decision::Deleting => {
-            return Verdict {
-                served: false,
-                summary: format!("{r} is being deleted; its address is released"),
-                findings,
-            };
+            return verdict(false, format!("{r} is being deleted; its address is released"), None, findings);
         }
         Decision::Serve(s) => s,
     };
     if let Err(p) = &s.config {
         let fix = match p.reason {
-            "NoDefaultConfig" => format!(
+            Reason::NoDefaultConfig => format!(
                 "create a LoadBalancerConfig with `default: true`, or annotate the Service with {CONFIG_ANNOTATION}"
             ),
-            "MultipleDefaultConfigs" => "keep `default: true` on one LoadBalancerConfig only".to_string(),
-            "ConfigNotFound" => format!("fix the {CONFIG_ANNOTATION} annotation or create that LoadBalancerConfig"),
+            Reason::MultipleDefaultConfigs => "keep `default: true` on one LoadBalancerConfig only".to_string(),
+            Reason::ConfigNotFound => {
+                format!("fix the {CONFIG_ANNOTATION} annotation or create that LoadBalancerConfig")
+            }
             _ => "fix the LoadBalancerConfig (see its Valid condition)".to_string(),
         };
         findings.push(finding("no pool", p.message.clone(), fix));
     } else if let Err(p) = &s.address {
         let (reason, fix) = match p.reason {
-            "PoolExhausted" => (
+            Reason::PoolExhausted => (
                 "pool exhausted",
                 "add addresses to the config, or delete a Service that holds one; this one gets the next address released",
             ),
-            "AddressInUse" => (
+            Reason::AddressInUse => (
                 "address taken",
                 "request another address, or give both Services the same ballast.dev/allow-shared-ip key with distinct ports",
             ),
-            "RequestedAddressOutsidePool" => ("address taken", "request an address from the config's addresses"),
+            Reason::RequestedAddressOutsidePool => ("address taken", "request an address from the config's addresses"),
             _ => ("bad annotation", "fix the requested address"),
         };
         findings.push(finding(reason, p.message.clone(), fix));
     }
     let Ok(vip) = s.address else {
-        return Verdict { served: false, summary: format!("{r} has no address"), findings };
+        return verdict(false, format!("{r} has no address"), None, findings);
     };
-    if !node.maps_pinned || !node.program_attached {
+    let me = &node.name;
+    let iface = &node.interface;
+    // Where the address is held, and whether this node should hold it.
+    let (holds_here, holder) = match (node.mode, &node.owner, &node.eligible) {
+        (AnnounceMode::L2, Some(o), _) if o == me => {
+            (true, format!("{vip} is held by this node ({me}) on {iface} (L2)"))
+        }
+        (AnnounceMode::L2, Some(o), Ok(())) => {
+            (false, format!("{vip} is held by {o} (L2); this node ({me}) stands by to take over if {o} fails"))
+        }
+        (AnnounceMode::L2, Some(o), Err(why)) => {
+            (false, format!("{vip} is held by {o} (L2); this node ({me}) may not hold it: {why}"))
+        }
+        (AnnounceMode::L2, None, _) => {
+            findings.push(finding(
+                "no eligible node",
+                format!("no node holds {vip}: none is eligible (see the Service's AddressAssigned condition)"),
+                "start the agent on a Ready node that the config's announce.nodeSelector selects, without the exclude-from-external-load-balancers label, with its interface up",
+            ));
+            (false, format!("{vip} is held by no node"))
+        }
+        (AnnounceMode::None, _, Ok(())) => {
+            (true, format!("{vip} is held by every eligible node (announce mode None), this node ({me}) among them"))
+        }
+        (AnnounceMode::None, _, Err(why)) => (
+            false,
+            format!(
+                "{vip} is held by every eligible node (announce mode None); this node ({me}) may not hold it: {why}"
+            ),
+        ),
+    };
+    let programs_here = node.eligible.is_ok() || holds_here;
+    if programs_here && (!node.maps_pinned || !node.program_attached) {
         findings.push(finding(
             "program not attached",
-            format!("the XDP program is not attached to {} on this node", s.interface),
+            format!("the XDP program is not attached to {iface} on this node"),
             "start the agent here (label the node ballast.dev/edge=true for the DaemonSet) and check its log",
         ));
-    } else if !node.vip_on_interface {
+    } else if holds_here && !node.vip_on_interface {
         findings.push(finding(
             "address not assigned",
-            format!("{vip} is not on {}: neighbours cannot reach it", s.interface),
+            format!("{vip} is not on {iface}: neighbours cannot reach it"),
             "check the agent's log; it adds the address at its next pass",
+        ));
+    } else if !holds_here && node.mode == AnnounceMode::L2 && node.vip_on_interface {
+        findings.push(finding(
+            "address held twice",
+            format!(
+                "{vip} is on {iface} here although {} holds it: two nodes answer ARP for it",
+                node.owner.as_deref().unwrap_or("no node")
+            ),
+            "the agent here removes it at its next pass; if it stays, check whether something else configured it (`ip -d addr show` shows `proto 186` on ballast's)",
         ));
     }
     for p in &s.ports {
         let want: Vec<SocketAddrV4> = p.backends.iter().filter(|b| !b.terminating).map(|b| b.addr).collect();
-        if node.maps_pinned {
+        if node.maps_pinned && programs_here {
             match node.map_backends.get(&(p.external_port, p.protocol)) {
                 None => findings.push(finding(
                     "map out of sync",
@@ -154,16 +234,19 @@ pub fn judge(r: &ServiceRef, decided: &Desired, node: &NodeFacts) -> Verdict {
     let ports: Vec<String> =
         s.ports.iter().map(|p| format!("{}/{} → {} backend(s)", p.external_port, p.protocol, p.ready())).collect();
     let summary = if served {
-        format!("{r} is served at {vip} on {}: {}", s.interface, ports.join(", "))
+        format!("{r} is served at {vip}: {}", ports.join(", "))
     } else {
         format!("{r} at {vip} is NOT fully served")
     };
-    Verdict { served, summary, findings }
+    verdict(served, summary, Some(holder), findings)
 }
 
 /// Renders a verdict for people.
 pub fn render(v: &Verdict) -> String {
     let mut out = format!("{}\n", v.summary);
+    if let Some(h) = &v.holder {
+        let _ = writeln!(out, "{h}");
+    }
     for f in &v.findings {
         let _ = write!(out, "\n✗ {}: {}\n  → {}\n", f.reason, f.what, f.fix);
     }
@@ -175,15 +258,27 @@ pub fn maps_pinned(pin_dir: &Path) -> bool {
     pin_dir.join(lb_common::map_names::SERVICES).exists()
 }
 
+/// Where explain runs.
+#[derive(Clone, Debug)]
+pub struct Here {
+    /// This node's name.
+    pub node: String,
+    /// Namespace of the agents' Leases.
+    pub namespace: String,
+    /// bpffs directory of the pinned maps.
+    pub pin_dir: PathBuf,
+}
+
 /// Reads the cluster (read-only) and this node, and judges `r`.
 pub async fn explain(
     client: kube::Client,
     r: &ServiceRef,
     settings: &Settings,
     config_selector: Option<&str>,
-    pin_dir: &Path,
+    here: &Here,
 ) -> anyhow::Result<Verdict> {
     use k8s_openapi::api::{
+        coordination::v1::Lease,
         core::v1::{Node, Service},
         discovery::v1::EndpointSlice,
     };
@@ -197,7 +292,10 @@ pub async fn explain(
     if let Some(sel) = config_selector {
         cfg_lp = cfg_lp.labels(sel);
     }
-    let configs = Api::<LoadBalancerConfig>::all(client).list(&cfg_lp).await?.items;
+    let configs = Api::<LoadBalancerConfig>::all(client.clone()).list(&cfg_lp).await?.items;
+    let balancer = Api::<LoadBalancer>::namespaced(client.clone(), &r.namespace).get_opt(&r.name).await?;
+    let leases =
+        Api::<Lease>::namespaced(client, &here.namespace).list(&ListParams::default().labels(LEASE_LABEL)).await?.items;
     let inputs = Inputs {
         services: services.iter().collect(),
         slices: slices.iter().collect(),
@@ -206,13 +304,27 @@ pub async fn explain(
     };
     let decided = desired(&inputs, settings);
 
-    let mut facts = NodeFacts { maps_pinned: maps_pinned(pin_dir), ..NodeFacts::default() };
+    let mut facts = NodeFacts { maps_pinned: maps_pinned(&here.pin_dir), ..NodeFacts::named(&here.node) };
     if let Some(Decision::Serve(s)) = decided.services.get(r)
         && let Ok(vip) = s.address
     {
+        let cfg = s.config.as_ref().ok().and_then(|c| configs.iter().find(|x| x.metadata.name.as_deref() == Some(c)));
+        facts.interface =
+            cfg.and_then(|c| c.spec.interface.clone()).unwrap_or_else(|| settings.default_interface.clone());
+        facts.owner = balancer.as_ref().and_then(|b| b.status.as_ref()).and_then(|s| s.node.clone());
+        // One look at the heartbeats: a heartbeat counts as live unless it is older than
+        // its duration plus the clock skew allowed (the agents themselves watch changes).
+        let mut liveness = Liveness::default();
+        liveness.observe(leases.iter().filter_map(read_heartbeat), Instant::now(), SystemTime::now());
+        let life = liveness.life(&here.node, Instant::now());
+        if let Some(cfg) = cfg {
+            facts.mode = cfg.spec.announce.mode;
+            let node = nodes.iter().find(|n| n.metadata.name.as_deref() == Some(here.node.as_str()));
+            facts.eligible = eligibility(node, &life, cfg);
+        }
         let nl = crate::net::netlink::Netlink::connect()?;
         let links = nl.links().await?;
-        if let Some(link) = links.iter().find(|l| l.name == s.interface) {
+        if let Some(link) = links.iter().find(|l| l.name == facts.interface) {
             let dev = crate::net::ifaces::xdp_device(&links, link.index).unwrap_or(link);
             facts.program_attached = dev.xdp_prog.is_some_and(|id| {
                 aya::programs::loaded_programs()
@@ -222,7 +334,7 @@ pub async fn explain(
             facts.vip_on_interface = nl.addresses().await?.iter().any(|a| a.addr == vip && a.index == link.index);
         }
         if facts.maps_pinned {
-            let maps = crate::dataplane::Maps::open(pin_dir)?;
+            let maps = crate::dataplane::Maps::open(&here.pin_dir)?;
             for p in &s.ports {
                 let key = lb_common::service::ServiceKey {
                     vip: vip.octets(),
@@ -273,6 +385,7 @@ mod tests {
         Desired { services: BTreeMap::from([(r(), Decision::Serve(s))]), ..Desired::default() }
     }
 
+    /// The owner (edge-1), everything in place.
     fn healthy(backends: &[&str]) -> NodeFacts {
         NodeFacts {
             maps_pinned: true,
@@ -282,43 +395,66 @@ mod tests {
                 (80, Protocol::Tcp),
                 backends.iter().map(|b| b.parse().unwrap()).collect(),
             )]),
+            owner: Some("edge-1".into()),
+            eligible: Ok(()),
+            interface: "eth0".into(),
+            ..NodeFacts::named("edge-1")
         }
+    }
+
+    fn problem(reason: Reason) -> Problem {
+        Problem { reason, message: "m".into() }
     }
 
     const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 
     #[test]
-    fn a_served_service_says_so() {
+    fn a_served_service_says_so_and_who_holds_it() {
         let v = judge(&r(), &served(Ok(VIP), &["10.0.0.1:8080"]), &healthy(&["10.0.0.1:8080"]));
         assert!(v.served, "{v:?}");
-        assert!(v.summary.contains("192.0.2.10 on eth0: 80/TCP → 1 backend(s)"), "{}", v.summary);
+        assert!(v.summary.contains("192.0.2.10: 80/TCP → 1 backend(s)"), "{}", v.summary);
+        assert_eq!(v.holder.as_deref(), Some("192.0.2.10 is held by this node (edge-1) on eth0 (L2)"));
+        // A standby: served, and says who holds the address.
+        let standby =
+            NodeFacts { owner: Some("edge-2".into()), vip_on_interface: false, ..healthy(&["10.0.0.1:8080"]) };
+        let v = judge(&r(), &served(Ok(VIP), &["10.0.0.1:8080"]), &standby);
+        assert!(v.served, "{v:?}");
+        assert!(v.holder.as_deref().is_some_and(|h| h.contains("held by edge-2") && h.contains("stands by")), "{v:?}");
+        // Not eligible here: says why.
+        let excluded = NodeFacts { eligible: Err(Ineligible::Excluded), ..standby.clone() };
+        let v = judge(&r(), &served(Ok(VIP), &["10.0.0.1:8080"]), &excluded);
+        assert!(v.holder.as_deref().is_some_and(|h| h.contains("may not hold it") && h.contains("labelled")), "{v:?}");
     }
 
     #[test]
     fn each_reason_is_named_with_a_fix() {
         let reason =
             |d: &Desired, n: &NodeFacts| judge(&r(), d, n).findings.first().map(|f| f.reason).unwrap_or("none");
+        let nothing = NodeFacts::named("edge-1");
         let not_ours = Desired {
             services: BTreeMap::from([(
                 r(),
-                Decision::NotOurs(Problem { reason: "ClassMismatch", message: "class x".into() }),
+                Decision::NotOurs(Problem { reason: Reason::ClassMismatch, message: "class x".into() }),
             )]),
             ..Desired::default()
         };
-        assert_eq!(reason(&not_ours, &NodeFacts::default()), "no class match");
-        let mut no_pool = served(Err(Problem { reason: "NoDefaultConfig", message: "m".into() }), &[]);
+        assert_eq!(reason(&not_ours, &nothing), "no class match");
+        let mut no_pool = served(Err(problem(Reason::NoDefaultConfig)), &[]);
         if let Some(Decision::Serve(s)) = no_pool.services.get_mut(&r()) {
-            s.config = Err(Problem { reason: "NoDefaultConfig", message: "no default".into() });
+            s.config = Err(problem(Reason::NoDefaultConfig));
         }
-        assert_eq!(reason(&no_pool, &NodeFacts::default()), "no pool");
-        let exhausted = served(Err(Problem { reason: "PoolExhausted", message: "m".into() }), &[]);
-        assert_eq!(reason(&exhausted, &NodeFacts::default()), "pool exhausted");
-        let taken = served(Err(Problem { reason: "AddressInUse", message: "m".into() }), &[]);
-        assert_eq!(reason(&taken, &NodeFacts::default()), "address taken");
+        assert_eq!(reason(&no_pool, &nothing), "no pool");
+        assert_eq!(reason(&served(Err(problem(Reason::PoolExhausted)), &[]), &nothing), "pool exhausted");
+        assert_eq!(reason(&served(Err(problem(Reason::AddressInUse)), &[]), &nothing), "address taken");
         assert_eq!(reason(&served(Ok(VIP), &[]), &healthy(&[])), "no ready endpoints");
-        assert_eq!(reason(&served(Ok(VIP), &["10.0.0.1:8080"]), &NodeFacts::default()), "program not attached");
+        let unattached = NodeFacts { maps_pinned: false, program_attached: false, ..healthy(&["10.0.0.1:8080"]) };
+        assert_eq!(reason(&served(Ok(VIP), &["10.0.0.1:8080"]), &unattached), "program not attached");
         let no_vip = NodeFacts { vip_on_interface: false, ..healthy(&["10.0.0.1:8080"]) };
         assert_eq!(reason(&served(Ok(VIP), &["10.0.0.1:8080"]), &no_vip), "address not assigned");
+        let twice = NodeFacts { owner: Some("edge-2".into()), ..healthy(&["10.0.0.1:8080"]) };
+        assert_eq!(reason(&served(Ok(VIP), &["10.0.0.1:8080"]), &twice), "address held twice");
+        let nobody = NodeFacts { owner: None, eligible: Err(Ineligible::NotReady), ..healthy(&["10.0.0.1:8080"]) };
+        assert_eq!(reason(&served(Ok(VIP), &["10.0.0.1:8080"]), &nobody), "no eligible node");
         let stale = healthy(&["10.0.0.9:8080"]);
         assert_eq!(reason(&served(Ok(VIP), &["10.0.0.1:8080"]), &stale), "map out of sync");
         let missing = NodeFacts { map_backends: BTreeMap::new(), ..healthy(&[]) };

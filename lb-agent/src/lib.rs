@@ -1,9 +1,11 @@
 //! The ballast agent: turns desired services (from a static file or, later, the Kubernetes
 //! API) into the data path's maps, the interface's addresses, and status.
 //!
-//! Layout: [`model`] and [`dataplane::plan`] are pure (desired state and the difference
-//! to apply, unit-tested without IO); [`dataplane`] applies it to BPF maps, [`net`] to
-//! interfaces through netlink; [`agent`] runs the loop.
+//! Layout: [`model`] is what a node must serve; [`node`] applies it through small IO
+//! traits (the data path's maps in [`dataplane`], interfaces in [`net`]); [`agent`] runs the
+//! one loop that feeds it from a source: a static file or [`cluster`] (Kubernetes).
+//! Decisions ([`dataplane::plan`], [`cluster::desired`], [`cluster::ownership`], ...) are
+//! pure functions, unit-tested without IO.
 
 pub mod agent;
 pub mod cluster;
@@ -14,6 +16,7 @@ pub mod inspect;
 pub mod manifests;
 pub mod model;
 pub mod net;
+pub mod node;
 pub mod telemetry;
 
 /// The kernel object built from `lb-ebpf`.

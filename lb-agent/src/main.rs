@@ -5,17 +5,12 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_agent::{
-    agent::{
-        cleanup,
-        node::{NodeOptions, OnExit},
-        static_mode,
-    },
-    cluster::{
-        controller::{self, ControllerOptions},
-        desired::{ServiceRef, Settings},
-    },
+    agent::{cleanup, static_mode},
+    cluster::{self, ClusterOptions, desired::Settings},
     dataplane::{MapSizes, Maps, XdpAttachMode},
     explain, inspect, manifests,
+    model::ServiceRef,
+    node::{NodeOptions, OnExit},
     telemetry::{self, Telemetry},
 };
 use lb_common::config::DataplaneConfig;
@@ -122,6 +117,12 @@ struct ExplainArgs {
     /// bpffs directory of the pinned maps.
     #[arg(long, default_value = "/sys/fs/bpf/ballast")]
     bpffs: PathBuf,
+    /// This node's name (default: the host name).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Namespace of the agents' Leases.
+    #[arg(long, env = "POD_NAMESPACE", default_value = lb_agent::manifests::NAMESPACE)]
+    namespace: String,
     #[command(flatten)]
     cluster: ClusterArgs,
 }
@@ -175,9 +176,23 @@ struct RunArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     cluster: ClusterArgs,
-    /// This node's name (source of Events).
+    /// This node's name: its Node object and heartbeat (default: the host name).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
+    /// Namespace of the agent's Leases (its own namespace in a pod).
+    #[arg(long, env = "POD_NAMESPACE", default_value = lb_agent::manifests::NAMESPACE)]
+    namespace: String,
+    /// Seconds between renewals of this node's heartbeat and of the allocator's lease.
+    #[arg(long, env = "HEARTBEAT_INTERVAL", default_value_t = 1.0)]
+    heartbeat_interval: f64,
+    /// Seconds a heartbeat lasts without renewal: a failed node's addresses move to
+    /// another node after this, and a node that cannot renew gives its addresses up.
+    #[arg(long, env = "HEARTBEAT_DURATION", default_value_t = 3)]
+    heartbeat_duration: u64,
+    /// Seconds a planned restart (`--on-exit keep`) may take before the node's addresses
+    /// move elsewhere; they stay on the node meanwhile.
+    #[arg(long, env = "RESTART_GRACE", default_value_t = 30)]
+    restart_grace: u64,
     /// Serve Prometheus metrics, /healthz and /readyz on this address (e.g. 0.0.0.0:9477).
     #[arg(long, env = "METRICS_ADDR")]
     metrics_addr: Option<std::net::SocketAddr>,
@@ -286,6 +301,39 @@ fn node_options(a: &RunArgs) -> Result<NodeOptions> {
     })
 }
 
+fn cluster_options(a: &RunArgs, resync: Duration) -> Result<ClusterOptions> {
+    if !(a.heartbeat_interval.is_finite() && a.heartbeat_interval >= 0.05) {
+        bail!("--heartbeat-interval must be at least 0.05 seconds");
+    }
+    let interval = Duration::from_secs_f64(a.heartbeat_interval);
+    let duration = Duration::from_secs(a.heartbeat_duration);
+    if duration < interval * 2 {
+        bail!(
+            "--heartbeat-duration ({}s) must be at least twice --heartbeat-interval ({}s): one late renewal must not fence the node",
+            a.heartbeat_duration,
+            a.heartbeat_interval
+        );
+    }
+    if a.restart_grace < a.heartbeat_duration {
+        bail!(
+            "--restart-grace ({}s) must not be shorter than --heartbeat-duration ({}s)",
+            a.restart_grace,
+            a.heartbeat_duration
+        );
+    }
+    Ok(ClusterOptions {
+        settings: a.cluster.settings(&a.interface),
+        config_selector: a.cluster.config_selector.clone(),
+        kubeconfig: a.cluster.kubeconfig.clone(),
+        node: a.node_name.clone().unwrap_or_else(hostname),
+        namespace: a.namespace.clone(),
+        resync,
+        heartbeat_interval: interval,
+        heartbeat_duration: duration,
+        restart_grace: Duration::from_secs(a.restart_grace),
+    })
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -325,14 +373,8 @@ fn run(command: Command) -> Result<()> {
             match args.config.clone() {
                 Some(config) => rt.block_on(static_mode::run(opts, config, telemetry, resync)),
                 None => {
-                    let copts = ControllerOptions {
-                        settings: args.cluster.settings(&args.interface),
-                        config_selector: args.cluster.config_selector.clone(),
-                        kubeconfig: args.cluster.kubeconfig.clone(),
-                        instance: args.node_name.clone().unwrap_or_else(hostname),
-                        resync,
-                    };
-                    rt.block_on(controller::run(opts, copts, telemetry))
+                    let copts = cluster_options(&args, resync)?;
+                    rt.block_on(cluster::run(opts, copts, telemetry))
                 }
             }
         }
@@ -342,8 +384,13 @@ fn run(command: Command) -> Result<()> {
             let settings = a.cluster.settings(&a.interface);
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let verdict = rt.block_on(async {
-                let client = controller::client(a.cluster.kubeconfig.as_deref()).await?;
-                explain::explain(client, &r, &settings, a.cluster.config_selector.as_deref(), &a.bpffs).await
+                let client = cluster::client(a.cluster.kubeconfig.as_deref()).await?;
+                let here = explain::Here {
+                    node: a.node_name.clone().unwrap_or_else(hostname),
+                    namespace: a.namespace.clone(),
+                    pin_dir: a.bpffs.clone(),
+                };
+                explain::explain(client, &r, &settings, a.cluster.config_selector.as_deref(), &here).await
             })?;
             print!("{}", explain::render(&verdict));
             if !verdict.served {

@@ -4,7 +4,7 @@
 
 use k8s_openapi::api::{
     core::v1::{Namespace, ServiceAccount},
-    rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject},
+    rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject},
 };
 use kube::{CustomResourceExt, api::ObjectMeta};
 
@@ -62,7 +62,35 @@ pub fn cluster_role() -> ClusterRole {
     }
 }
 
-/// Namespace, ServiceAccount, ClusterRole and ClusterRoleBinding.
+/// The Leases the agents coordinate through, in their own namespace only: each node's
+/// heartbeat and the allocator's lease (`explain` lists them too).
+pub fn lease_role(namespace: &str) -> Role {
+    Role {
+        metadata: ObjectMeta { name: Some(AGENT.into()), namespace: Some(namespace.into()), ..Default::default() },
+        rules: Some(vec![rule(
+            "coordination.k8s.io",
+            &["leases"],
+            &["get", "list", "watch", "create", "update", "patch"],
+        )]),
+    }
+}
+
+/// Binds [`lease_role`] to the agent's ServiceAccount (in [`NAMESPACE`]).
+pub fn lease_role_binding(namespace: &str) -> RoleBinding {
+    RoleBinding {
+        metadata: ObjectMeta { name: Some(AGENT.into()), namespace: Some(namespace.into()), ..Default::default() },
+        role_ref: RoleRef { api_group: "rbac.authorization.k8s.io".into(), kind: "Role".into(), name: AGENT.into() },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: AGENT.into(),
+            namespace: Some(NAMESPACE.into()),
+            ..Default::default()
+        }]),
+    }
+}
+
+/// Namespace, ServiceAccount, ClusterRole and ClusterRoleBinding, and the Role and
+/// RoleBinding for the Leases.
 pub fn rbac() -> String {
     let ns =
         Namespace { metadata: ObjectMeta { name: Some(NAMESPACE.into()), ..Default::default() }, ..Default::default() };
@@ -89,6 +117,12 @@ pub fn rbac() -> String {
         typed(serde_json::to_value(sa).expect("sa"), "v1", "ServiceAccount"),
         typed(serde_json::to_value(cluster_role()).expect("role"), "rbac.authorization.k8s.io/v1", "ClusterRole"),
         typed(serde_json::to_value(binding).expect("binding"), "rbac.authorization.k8s.io/v1", "ClusterRoleBinding"),
+        typed(serde_json::to_value(lease_role(NAMESPACE)).expect("role"), "rbac.authorization.k8s.io/v1", "Role"),
+        typed(
+            serde_json::to_value(lease_role_binding(NAMESPACE)).expect("role binding"),
+            "rbac.authorization.k8s.io/v1",
+            "RoleBinding",
+        ),
     ];
     to_yaml(&docs)
 }
@@ -135,6 +169,12 @@ pub fn config_map() -> serde_json::Value {
             "METRICS_ADDR": format!("0.0.0.0:{METRICS_PORT}"),
             // keep: programs and VIPs stay while the pod restarts, so upgrades drop nothing.
             "ON_EXIT": "keep",
+            // Seconds between heartbeat renewals, how long a heartbeat lasts (a failed
+            // node's addresses move after this), and how long a planned restart may take
+            // before they move.
+            "HEARTBEAT_INTERVAL": "1",
+            "HEARTBEAT_DURATION": "3",
+            "RESTART_GRACE": "30",
         },
     })
 }
@@ -172,15 +212,19 @@ pub fn daemon_set() -> serde_json::Value {
                         "image": image(),
                         "args": ["run"],
                         "envFrom": [{"configMapRef": {"name": AGENT}}],
-                        "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+                        "env": [
+                            {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                        ],
                         "securityContext": {
                             "privileged": false,
                             "readOnlyRootFilesystem": true,
                             "allowPrivilegeEscalation": false,
                             // BPF: load programs and maps; NET_ADMIN: attach XDP/TC, add
-                            // addresses; PERFMON: the verifier's pointer rules for packet
+                            // addresses; NET_RAW: send gratuitous ARP when taking an
+                            // address over; PERFMON: the verifier's pointer rules for packet
                             // programs; SYS_RESOURCE: memlock on kernels before 5.11.
-                            "capabilities": {"drop": ["ALL"], "add": ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"]},
+                            "capabilities": {"drop": ["ALL"], "add": ["BPF", "NET_ADMIN", "NET_RAW", "PERFMON", "SYS_RESOURCE"]},
                         },
                         "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
                         "livenessProbe": probe("/healthz", 10),
@@ -240,6 +284,8 @@ mod tests {
             "NodePort",
             "TARGETCOUNT",
             "shortNames",
+            "x-kubernetes-list-map-keys",
+            ".status.node",
         ] {
             assert!(c.contains(needle), "{needle} missing from the CRDs");
         }

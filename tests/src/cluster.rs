@@ -8,7 +8,8 @@ use anyhow::{Context, Result, bail};
 use k8s_openapi::{
     api::{
         authentication::v1::{TokenRequest, TokenRequestSpec},
-        core::v1::{Namespace, ServiceAccount},
+        core::v1::{Namespace, Node, NodeAddress, NodeCondition, NodeStatus, ServiceAccount},
+        rbac::v1::{Role, RoleBinding},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
@@ -107,6 +108,55 @@ impl TestCluster {
         Ok(name)
     }
 
+    /// The agent's Lease Role and RoleBinding (the same rules as in `deploy/rbac.yaml`) in
+    /// namespace `ns`, so agents of one test keep their Leases there.
+    pub async fn lease_rbac(&self, ns: &str) -> Result<()> {
+        let params = PatchParams::apply("ballast-tests").force();
+        let role = lb_agent::manifests::lease_role(ns);
+        Api::<Role>::namespaced(self.admin.clone(), ns)
+            .patch("ballast-agent", &params, &Patch::Apply(typed(&role, "rbac.authorization.k8s.io/v1", "Role")?))
+            .await
+            .context("creating the lease Role")?;
+        let binding = lb_agent::manifests::lease_role_binding(ns);
+        Api::<RoleBinding>::namespaced(self.admin.clone(), ns)
+            .patch(
+                "ballast-agent",
+                &params,
+                &Patch::Apply(typed(&binding, "rbac.authorization.k8s.io/v1", "RoleBinding")?),
+            )
+            .await
+            .context("creating the lease RoleBinding")?;
+        Ok(())
+    }
+
+    /// Creates (or updates) Node `name`: Ready or not, with `labels` and, if given, an
+    /// InternalIP (which makes it a NodePort-mode backend of every test).
+    pub async fn node(&self, name: &str, ip: Option<&str>, ready: bool, labels: &[(&str, &str)]) -> Result<()> {
+        let api: Api<Node> = Api::all(self.admin.clone());
+        let labels: std::collections::BTreeMap<String, String> =
+            labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        if api.get_opt(name).await?.is_none() {
+            let n = Node {
+                metadata: kube::api::ObjectMeta { name: Some(name.into()), ..Default::default() },
+                ..Default::default()
+            };
+            api.create(&PostParams::default(), &n).await?;
+        }
+        api.patch(name, &PatchParams::default(), &Patch::Merge(serde_json::json!({"metadata": {"labels": labels}})))
+            .await?;
+        let status = NodeStatus {
+            addresses: ip.map(|ip| vec![NodeAddress { type_: "InternalIP".into(), address: ip.into() }]),
+            conditions: Some(vec![NodeCondition {
+                type_: "Ready".into(),
+                status: if ready { "True" } else { "False" }.into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        api.patch_status(name, &PatchParams::default(), &Patch::Merge(serde_json::json!({"status": status}))).await?;
+        Ok(())
+    }
+
     /// A kubeconfig for the agent: the `ballast-agent` ServiceAccount's token, the test CA,
     /// and `server` (the agent's view of the API server).
     pub async fn agent_kubeconfig(&self, server: &str) -> Result<PathBuf> {
@@ -147,6 +197,32 @@ impl TestCluster {
         let hostport = server.trim_start_matches("https://").trim_end_matches('/');
         Ok(hostport.parse()?)
     }
+}
+
+/// Deletes Nodes however the test ends (Nodes are cluster-wide).
+pub struct NodeGuard(pub Client, pub Vec<String>);
+
+impl Drop for NodeGuard {
+    fn drop(&mut self) {
+        let (client, names) = (self.0.clone(), std::mem::take(&mut self.1));
+        let Ok(handle) = tokio::runtime::Handle::try_current() else { return };
+        tokio::task::block_in_place(|| {
+            handle.block_on(async {
+                let api: Api<Node> = Api::all(client);
+                for n in names {
+                    let _ = api.delete(&n, &kube::api::DeleteParams::default()).await;
+                }
+            })
+        });
+    }
+}
+
+/// `o` as JSON with apiVersion and kind (k8s-openapi types serialize without them).
+pub fn typed<T: serde::Serialize>(o: &T, api_version: &str, kind: &str) -> Result<serde_json::Value> {
+    let mut v = serde_json::to_value(o)?;
+    v["apiVersion"] = api_version.into();
+    v["kind"] = kind.into();
+    Ok(v)
 }
 
 /// Polls `f` until it returns `Some` or `timeout` passes.

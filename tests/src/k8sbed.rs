@@ -55,6 +55,9 @@ impl K8sBed {
         let tb = tokio::task::block_in_place(|| Testbed::new(Arms::Two, backends))?;
         let cluster = TestCluster::connect().await?;
         let ns = cluster.namespace(tag).await?;
+        // The agent's Leases live in this bed's namespace, so concurrent beds each elect
+        // their own allocator.
+        cluster.lease_rbac(&ns).await?;
         let bed = unique_name(tag).to_lowercase();
         let forward = tokio::task::block_in_place(|| Forward::start(&tb.lb, 0, cluster.server_addr()?))?;
         let kubeconfig = cluster.agent_kubeconfig(&format!("https://127.0.0.1:{}", forward.port)).await?;
@@ -86,11 +89,18 @@ impl K8sBed {
             "--config-selector",
             &format!("{CONFIG_LABEL}={}", self.bed),
             "--node-name",
-            "edge-1",
+            &self.node_name(),
+            "--namespace",
+            &self.ns,
         ]
         .iter()
         .map(|s| s.to_string())
         .collect()
+    }
+
+    /// The agent's node name: unique to the bed, since Nodes are cluster-wide.
+    pub fn node_name(&self) -> String {
+        format!("{}-edge", self.bed)
     }
 
     /// Starts the agent and waits for its first pass.
@@ -135,6 +145,7 @@ impl K8sBed {
             interface: None,
             backend_mode: Default::default(),
             ip_mode: Default::default(),
+            announce: Default::default(),
         }
     }
 
@@ -311,6 +322,7 @@ impl K8sBed {
             .arg(&path)
             .args(["--bpffs", &self.tb.pins.path().display().to_string(), "--class", &self.class, "--ignore-unclassed"])
             .args(["--config-selector", &format!("{CONFIG_LABEL}={}", self.bed)])
+            .args(["--node-name", &self.node_name(), "--namespace", &self.ns])
             .output()?;
         let _ = std::fs::remove_file(&path);
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

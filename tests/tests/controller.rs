@@ -78,9 +78,10 @@ async fn a_service_gets_an_address_and_deleting_it_releases_everything() {
 
 use std::{collections::BTreeSet, net::SocketAddrV4};
 
+use ballast_tests::cluster::NodeGuard;
 use ballast_tests::servers::{LineClient, Servers, tcp_ask, udp_ask};
-use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeCondition, NodeStatus, Service};
-use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::Service;
+use kube::api::{Patch, PatchParams, PostParams};
 use lb_agent::cluster::crd::{BackendMode, IpMode, LoadBalancerConfig, PortRange};
 use serde_json::json;
 
@@ -373,42 +374,7 @@ async fn endpoint_slice_churn_reaches_the_maps() {
 }
 
 async fn node(bed: &K8sBed, name: &str, ip: &str, ready: bool) {
-    let api: Api<Node> = Api::all(bed.cluster.admin.clone());
-    let n = Node {
-        metadata: kube::api::ObjectMeta { name: Some(name.into()), ..Default::default() },
-        ..Default::default()
-    };
-    if api.get_opt(name).await.unwrap().is_none() {
-        api.create(&PostParams::default(), &n).await.unwrap();
-    }
-    let status = NodeStatus {
-        addresses: Some(vec![NodeAddress { type_: "InternalIP".into(), address: ip.into() }]),
-        conditions: Some(vec![NodeCondition {
-            type_: "Ready".into(),
-            status: if ready { "True" } else { "False" }.into(),
-            ..Default::default()
-        }]),
-        ..Default::default()
-    };
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(json!({"status": status}))).await.unwrap();
-}
-
-/// Deletes test Nodes however the test ends (Nodes are cluster-wide and would otherwise
-/// become backends of every later NodePort-mode test).
-struct Nodes(kube::Client, Vec<String>);
-
-impl Drop for Nodes {
-    fn drop(&mut self) {
-        let (client, names) = (self.0.clone(), std::mem::take(&mut self.1));
-        tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(async {
-                let api: Api<Node> = Api::all(client);
-                for n in names {
-                    let _ = api.delete(&n, &DeleteParams::default()).await;
-                }
-            })
-        });
-    }
+    bed.cluster.node(name, Some(ip), ready, &[]).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -418,7 +384,7 @@ async fn node_port_mode_follows_ready_nodes() {
     spec.backend_mode = BackendMode::NodePort;
     bed.config("np", spec).await.unwrap();
     let (n1, n2) = (format!("{}-n1", bed.bed), format!("{}-n2", bed.bed));
-    let _cleanup = Nodes(bed.cluster.admin.clone(), vec![n1.clone(), n2.clone()]);
+    let _cleanup = NodeGuard(bed.cluster.admin.clone(), vec![n1.clone(), n2.clone()]);
     // Node addresses unique to this run: every Node in the cluster is a candidate backend.
     let id = std::process::id();
     let ip1 = format!("10.{}.{}.1", 100 + (id >> 16) % 100, (id >> 8) & 0xff);
@@ -643,7 +609,8 @@ async fn explain_names_every_reason_in_plain_words() {
     bed.slice("ok", &[("http", "TCP", 8080)], &[("10.10.2.11", true, true, false)]).await.unwrap();
     let ip = bed.wait_ip("ok").await.unwrap();
     cond_is(&bed, "ok", "EndpointsReady", "True", "EndpointsReady").await;
-    expect(&bed, "ok", true, &format!("is served at {ip} on lb0: 80/TCP → 1 backend(s)"));
+    expect(&bed, "ok", true, &format!("is served at {ip}: 80/TCP → 1 backend(s)"));
+    expect(&bed, "ok", true, &format!("{ip} is held by this node ({}) on lb0 (L2)", bed.node_name()));
 
     bed.service("empty", &[(80, "TCP", "http")], &[]).await.unwrap();
     bed.wait_ip("empty").await.unwrap();

@@ -17,7 +17,7 @@ use lb_agent::{
         MapSizes, Maps,
         plan::{DesiredState, plan},
     },
-    model::{BackendSpec, Protocol, ServiceSpec},
+    model::{BackendSpec, Protocol, ServiceId, ServiceSpec},
 };
 use lb_common::{
     addr::IFACE_TX_REDIRECT,
@@ -30,7 +30,7 @@ const TC_ACT_REDIRECT: u32 = 7;
 
 fn svc(port: u16, protocol: Protocol, backends: &[SocketAddrV4]) -> ServiceSpec {
     ServiceSpec {
-        name: format!("svc-{port}-{protocol}"),
+        id: ServiceId::Static(format!("svc-{port}-{protocol}")),
         vip: VIP,
         port,
         protocol,

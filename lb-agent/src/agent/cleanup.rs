@@ -4,7 +4,7 @@ use std::path::Path;
 
 use aya::programs::links::PinnedLink;
 
-use super::node::instance_lock;
+use crate::node::instance_lock;
 use crate::{dataplane::loader::links_dir, net::netlink::Netlink};
 
 /// Why cleaning up failed.

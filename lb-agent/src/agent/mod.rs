@@ -1,6 +1,6 @@
-//! The agent's loops: a [`node::Node`] applies desired services; [`static_mode`] gets them
-//! from a file.
+//! The agent's loop: a [`crate::node::Node`] applies what a source wants; [`static_mode`]
+//! gets it from a file.
 
 pub mod cleanup;
-pub mod node;
+pub mod run;
 pub mod static_mode;

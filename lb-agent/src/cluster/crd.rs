@@ -2,7 +2,7 @@
 //! these types (`cargo xtask codegen`). Schemas validate what they can (address syntax,
 //! port bounds, enums, `low <= high`); the rest is reported on status conditions.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -20,8 +20,12 @@ pub const SHARING_ANNOTATION: &str = "ballast.dev/allow-shared-ip";
 /// Finalizer on services ballast serves: their address, map entries and interface address
 /// are released before the service goes, even if the agent was down when it was deleted.
 pub const FINALIZER: &str = "ballast.dev/service";
-/// Field manager of everything the agent writes.
-pub const MANAGER: &str = "ballast-agent";
+/// Field manager of everything the allocator writes (Service status, LoadBalancer objects,
+/// config status, finalizers). One name for whichever agent is the allocator, so a new
+/// allocator owns, and can remove, what the previous one wrote.
+pub const MANAGER: &str = "ballast-allocator";
+/// Label that makes a node an edge node (the DaemonSet's node selector).
+pub const EDGE_LABEL: &str = "ballast.dev/edge";
 
 /// An IPv4 octet, for the schema patterns.
 const OCTET: &str = "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])";
@@ -61,6 +65,38 @@ pub enum IpMode {
     Proxy,
 }
 
+/// How nodes make a config's addresses reachable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum AnnounceMode {
+    /// One eligible node owns each address: only it holds the address and answers ARP for
+    /// it; another takes over within seconds when it fails.
+    #[default]
+    L2,
+    /// No ownership and no ARP control: every eligible node holds every address. For pools
+    /// the network routes to the nodes itself; on a shared L2 segment several nodes would
+    /// answer ARP for the same address.
+    None,
+}
+
+/// Which nodes announce a config's addresses, and how.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AnnounceSpec {
+    /// `L2` (default) or `None`.
+    #[serde(default)]
+    pub mode: AnnounceMode,
+    /// Only nodes with matching labels hold these addresses (default: every edge node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<LabelSelector>,
+}
+
+impl AnnounceSpec {
+    /// Whether this is the default (nothing to serialize).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 /// A port range for shared-address mode.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[x_kube(validation = Rule::new("self.low <= self.high").message("low must not exceed high"))]
@@ -83,6 +119,7 @@ pub struct PortRange {
     status = "LoadBalancerConfigStatus",
     printcolumn = r#"{"name":"DEFAULT","type":"boolean","jsonPath":".spec.default"}"#,
     printcolumn = r#"{"name":"MODE","type":"string","jsonPath":".spec.backendMode"}"#,
+    printcolumn = r#"{"name":"ANNOUNCE","type":"string","jsonPath":".spec.announce.mode"}"#,
     printcolumn = r#"{"name":"IN-USE","type":"integer","jsonPath":".status.addressesInUse"}"#,
     printcolumn = r#"{"name":"FREE","type":"integer","jsonPath":".status.addressesFree"}"#,
     printcolumn = r#"{"name":"VALID","type":"string","jsonPath":".status.conditions[?(@.type==\"Valid\")].status"}"#
@@ -109,6 +146,9 @@ pub struct LoadBalancerConfigSpec {
     /// `ipMode` reported in the services' status.
     #[serde(default)]
     pub ip_mode: IpMode,
+    /// Which nodes hold the addresses, and how.
+    #[serde(default, skip_serializing_if = "AnnounceSpec::is_default")]
+    pub announce: AnnounceSpec,
 }
 
 /// Observed state of a config.
@@ -166,6 +206,7 @@ pub enum Phase {
     printcolumn = r#"{"name":"PORT","type":"string","jsonPath":".status.port"}"#,
     printcolumn = r#"{"name":"PROTOCOL","type":"string","jsonPath":".status.protocol"}"#,
     printcolumn = r#"{"name":"TARGETCOUNT","type":"integer","jsonPath":".status.targetCount"}"#,
+    printcolumn = r#"{"name":"NODE","type":"string","jsonPath":".status.node"}"#,
     printcolumn = r#"{"name":"STATUS","type":"string","jsonPath":".status.phase"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -204,10 +245,42 @@ pub struct LoadBalancerStatus {
     #[serde(default)]
     pub targets: Vec<String>,
     /// Number of backend addresses taking new flows.
+    #[serde(default)]
     pub target_count: u32,
     /// Pending, Ready or Error.
+    #[serde(default)]
     pub phase: Phase,
+    /// L2 mode: the node that holds the address and answers ARP for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// The same conditions as on the Service.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// Problems of single nodes, each entry written by that node's own agent (and only
+    /// while the problem lasts); the allocator folds them into the conditions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["node"]))]
+    pub nodes: Vec<NodeReport>,
+}
+
+/// What went wrong on one node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum NodeReason {
+    /// The data path could not be programmed there (missing interface, full maps, attach
+    /// failed).
+    ProgrammingFailed,
+    /// The address could not be put on its interface there.
+    AssignFailed,
+}
+
+/// One node's problem with one Service.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeReport {
+    /// The node.
+    pub node: String,
+    /// What kind of problem.
+    pub reason: NodeReason,
+    /// What happened, in words.
+    pub message: String,
 }

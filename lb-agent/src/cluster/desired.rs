@@ -23,8 +23,10 @@ use super::{
     crd::{BackendMode, CONFIG_ANNOTATION, IP_ANNOTATION, IpMode, LoadBalancerConfig, SHARING_ANNOTATION},
     endpoints,
     pool::AddressPool,
+    reason::Reason,
 };
-use crate::model::{BackendSpec, Protocol, ServiceSpec};
+pub use crate::model::ServiceRef;
+use crate::model::{BackendSpec, Protocol};
 
 /// How the agent selects services.
 #[derive(Clone, Debug)]
@@ -50,41 +52,16 @@ pub struct Inputs<'a> {
     pub configs: Vec<&'a LoadBalancerConfig>,
 }
 
-/// A Service's namespace and name.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ServiceRef {
-    /// Namespace.
-    pub namespace: String,
-    /// Name.
-    pub name: String,
-}
-
-impl std::fmt::Display for ServiceRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
-    }
-}
-
-impl ServiceRef {
-    /// The reference of a Service.
-    pub fn of(s: &Service) -> Self {
-        Self {
-            namespace: s.metadata.namespace.clone().unwrap_or_default(),
-            name: s.metadata.name.clone().unwrap_or_default(),
-        }
-    }
-}
-
 /// Why a service is not (fully) served. `reason` is a condition reason and an Event reason.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
-    /// CamelCase reason.
-    pub reason: &'static str,
+    /// The reason.
+    pub reason: Reason,
     /// What to do about it.
     pub message: String,
 }
 
-fn problem(reason: &'static str, message: impl Into<String>) -> Problem {
+fn problem(reason: Reason, message: impl Into<String>) -> Problem {
     Problem { reason, message: message.into() }
 }
 
@@ -166,29 +143,6 @@ pub struct Desired {
     pub configs: BTreeMap<String, ConfigDesired>,
 }
 
-impl Desired {
-    /// What the data path must serve: one entry per served port with an address. Names are
-    /// `namespace/name:port/PROTO`.
-    pub fn dataplane(&self) -> Vec<ServiceSpec> {
-        let mut out = Vec::new();
-        for (r, d) in &self.services {
-            let Decision::Serve(s) = d else { continue };
-            let Ok(vip) = s.address else { continue };
-            for p in &s.ports {
-                out.push(ServiceSpec {
-                    name: format!("{r}:{}/{}", p.service_port, p.protocol),
-                    vip,
-                    port: p.external_port,
-                    protocol: p.protocol,
-                    backends: p.backends.clone(),
-                    interface: Some(s.interface.clone()),
-                });
-            }
-        }
-        out
-    }
-}
-
 struct ConfigInfo<'a> {
     cfg: &'a LoadBalancerConfig,
     pool: Result<AddressPool, Problem>,
@@ -254,19 +208,27 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
         .iter()
         .filter_map(|c| {
             let name = c.metadata.name.clone()?;
-            let pool = AddressPool::parse(&c.spec.addresses).map_err(|e| problem("InvalidAddresses", e.to_string()));
+            let pool =
+                AddressPool::parse(&c.spec.addresses).map_err(|e| problem(Reason::InvalidAddresses, e.to_string()));
             let pool = pool.and_then(|p| {
                 if p.size() == 0 {
-                    Err(problem("InvalidAddresses", "the addresses leave no usable address"))
+                    Err(problem(Reason::InvalidAddresses, "the addresses leave no usable address"))
                 } else {
                     Ok(p)
                 }
             });
             let pool = match (&pool, &c.spec.port_range) {
                 (Ok(_), Some(r)) if r.low == 0 || r.low > r.high => {
-                    Err(problem("InvalidPortRange", format!("portRange {}-{} is empty", r.low, r.high)))
+                    Err(problem(Reason::InvalidPortRange, format!("portRange {}-{} is empty", r.low, r.high)))
                 }
                 _ => pool,
+            };
+            let pool = match (pool, &c.spec.announce.node_selector) {
+                (Ok(p), Some(sel)) => match kube::core::Selector::try_from(sel.clone()) {
+                    Ok(_) => Ok(p),
+                    Err(e) => Err(problem(Reason::InvalidNodeSelector, format!("announce.nodeSelector: {e}"))),
+                },
+                (pool, _) => pool,
             };
             Some((name, ConfigInfo { cfg: c, pool }))
         })
@@ -287,8 +249,10 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
             continue;
         };
         if spec.type_.as_deref() != Some("LoadBalancer") {
-            out.services
-                .insert(r, Decision::NotOurs(problem("NotLoadBalancer", "the service is not of type LoadBalancer")));
+            out.services.insert(
+                r,
+                Decision::NotOurs(problem(Reason::NotLoadBalancer, "the service is not of type LoadBalancer")),
+            );
             continue;
         }
         match spec.load_balancer_class.as_deref() {
@@ -296,7 +260,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
                 out.services.insert(
                     r,
                     Decision::NotOurs(problem(
-                        "ClassMismatch",
+                        Reason::ClassMismatch,
                         format!("loadBalancerClass {c} is not {}", settings.class),
                     )),
                 );
@@ -306,7 +270,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
                 out.services.insert(
                     r,
                     Decision::NotOurs(problem(
-                        "ClassMismatch",
+                        Reason::ClassMismatch,
                         format!("no loadBalancerClass, and the agent only serves {}", settings.class),
                     )),
                 );
@@ -323,26 +287,28 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
             Some(name) => match configs.get(name) {
                 Some(c) => match &c.pool {
                     Ok(_) => Ok(name.to_string()),
-                    Err(p) => Err(problem("InvalidConfig", format!("config {name} is invalid: {}", p.message))),
+                    Err(p) => Err(problem(Reason::InvalidConfig, format!("config {name} is invalid: {}", p.message))),
                 },
                 None => Err(problem(
-                    "ConfigNotFound",
+                    Reason::ConfigNotFound,
                     format!("annotation {CONFIG_ANNOTATION}: no LoadBalancerConfig named {name:?}"),
                 )),
             },
             None => match defaults.as_slice() {
                 [one] => match &configs[*one].pool {
                     Ok(_) => Ok((*one).clone()),
-                    Err(p) => Err(problem("InvalidConfig", format!("default config {one} is invalid: {}", p.message))),
+                    Err(p) => {
+                        Err(problem(Reason::InvalidConfig, format!("default config {one} is invalid: {}", p.message)))
+                    }
                 },
                 [] => Err(problem(
-                    "NoDefaultConfig",
+                    Reason::NoDefaultConfig,
                     format!(
                         "no LoadBalancerConfig is the default; mark one `default: true` or annotate the service with {CONFIG_ANNOTATION}"
                     ),
                 )),
                 many => Err(problem(
-                    "MultipleDefaultConfigs",
+                    Reason::MultipleDefaultConfigs,
                     format!(
                         "configs {} are all marked default; keep one",
                         many.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
@@ -354,7 +320,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
             match annotation(svc, IP_ANNOTATION).or(spec.load_balancer_ip.as_deref().filter(|s| !s.is_empty())) {
                 None => Ok(None),
                 Some(s) => s.trim().parse::<Ipv4Addr>().map(Some).map_err(|_| {
-                    problem("InvalidRequestedAddress", format!("requested address {s:?} is not an IPv4 address"))
+                    problem(Reason::InvalidRequestedAddress, format!("requested address {s:?} is not an IPv4 address"))
                 }),
             };
         let ingress = svc
@@ -452,7 +418,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
         };
         let result = if !pool.contains(wanted) {
             Err(problem(
-                "RequestedAddressOutsidePool",
+                Reason::RequestedAddressOutsidePool,
                 format!(
                     "requested {wanted} is not in config {}'s addresses",
                     c.config.as_ref().map_or("?", |s| s.as_str())
@@ -469,7 +435,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
                     Ok((wanted, ext))
                 }
                 _ => Err(problem(
-                    "AddressInUse",
+                    Reason::AddressInUse,
                     format!(
                         "requested {wanted} is already used by another service (share it with the same {SHARING_ANNOTATION} key and distinct ports)"
                     ),
@@ -507,7 +473,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
                 Ok((a, ext))
             }
             None => Err(problem(
-                "PoolExhausted",
+                Reason::PoolExhausted,
                 format!(
                     "config {} has no free address{}; the service gets one as soon as one is released",
                     c.config.as_ref().map_or("?", |s| s.as_str()),
@@ -526,7 +492,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
             (Err(p), _) => Err(p.clone()),
             (Ok(_), Some(Ok((a, ext)))) => Ok((a, ext)),
             (Ok(_), Some(Err(p))) => Err(p),
-            (Ok(_), None) => Err(problem("InvalidConfig", "the config cannot hand out addresses")),
+            (Ok(_), None) => Err(problem(Reason::InvalidConfig, "the config cannot hand out addresses")),
         };
         let ports = match &address {
             Ok((_, ext)) => c
@@ -569,8 +535,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
             Err(_) => (0, 0),
         };
         let default_conflict = (info.cfg.spec.default && defaults.len() > 1).then(|| {
-            problem(
-                "MultipleDefaultConfigs",
+            problem(Reason::MultipleDefaultConfigs,
                 format!("{} configs are marked default ({}); services without {CONFIG_ANNOTATION} are not served until one remains", defaults.len(), defaults.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")),
             )
         });
@@ -610,6 +575,7 @@ mod tests {
                 interface: None,
                 backend_mode: BackendMode::Endpoints,
                 ip_mode: IpMode::VIP,
+                announce: Default::default(),
             },
         )
     }
@@ -681,7 +647,7 @@ mod tests {
     }
 
     fn addr(d: &Desired, name: &str) -> Result<String, &'static str> {
-        served(d, name).address.as_ref().map(|a| a.to_string()).map_err(|p| p.reason)
+        served(d, name).address.as_ref().map(|a| a.to_string()).map_err(|p| p.reason.as_str())
     }
 
     const POOL: &[&str] = &["192.0.2.10-192.0.2.12"];
@@ -775,7 +741,7 @@ mod tests {
     fn invalid_configs_are_reported_and_not_used() {
         let d = run(&[svc("a", 1, &[(80, "TCP")])], &[config("bad", true, &["192.0.2.9-192.0.2.1"])]);
         assert_eq!(addr(&d, "a"), Err("InvalidConfig"));
-        assert_eq!(d.configs["bad"].invalid.as_ref().map(|p| p.reason), Some("InvalidAddresses"));
+        assert_eq!(d.configs["bad"].invalid.as_ref().map(|p| p.reason), Some(Reason::InvalidAddresses));
     }
 
     #[test]
@@ -795,13 +761,13 @@ mod tests {
         };
         let d = desired(&inputs, &settings());
         let r = |n: &str| ServiceRef { namespace: "ns".into(), name: n.into() };
-        assert!(matches!(&d.services[&r("other")], Decision::NotOurs(p) if p.reason == "ClassMismatch"));
+        assert!(matches!(&d.services[&r("other")], Decision::NotOurs(p) if p.reason == Reason::ClassMismatch));
         assert!(matches!(&d.services[&r("ours")], Decision::Serve(_)));
         assert!(matches!(&d.services[&r("plain")], Decision::Serve(_)));
-        assert!(matches!(&d.services[&r("cip")], Decision::NotOurs(p) if p.reason == "NotLoadBalancer"));
+        assert!(matches!(&d.services[&r("cip")], Decision::NotOurs(p) if p.reason == Reason::NotLoadBalancer));
         let strict = Settings { ignore_unclassed: true, ..settings() };
         let d = desired(&inputs, &strict);
-        assert!(matches!(&d.services[&r("plain")], Decision::NotOurs(p) if p.reason == "ClassMismatch"));
+        assert!(matches!(&d.services[&r("plain")], Decision::NotOurs(p) if p.reason == Reason::ClassMismatch));
     }
 
     #[test]
@@ -820,12 +786,13 @@ mod tests {
     }
 
     #[test]
-    fn mixed_protocols_become_one_data_path_service_per_port() {
+    fn mixed_protocols_become_one_port_plan_per_port() {
         let d = run(&[svc("dns", 1, &[(53, "UDP"), (53, "TCP"), (9, "SCTP")])], &[config("pool", true, POOL)]);
-        let specs = d.dataplane();
-        assert_eq!(specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), vec!["ns/dns:53/UDP", "ns/dns:53/TCP"]);
-        assert_eq!(served(&d, "dns").unsupported_ports, vec!["9/SCTP".to_string()]);
-        assert!(specs.iter().all(|s| s.interface.as_deref() == Some("eth0")));
+        let s = served(&d, "dns");
+        let ports: Vec<(u16, Protocol)> = s.ports.iter().map(|p| (p.service_port, p.protocol)).collect();
+        assert_eq!(ports, vec![(53, Protocol::Udp), (53, Protocol::Tcp)]);
+        assert_eq!(s.unsupported_ports, vec!["9/SCTP".to_string()]);
+        assert_eq!(s.interface, "eth0");
     }
 
     #[test]
@@ -834,7 +801,6 @@ mod tests {
         s.metadata.deletion_timestamp = Some(Time(Timestamp::from_second(1_800_000_000).unwrap()));
         let d = run(&[s], &[config("pool", true, POOL)]);
         assert_eq!(d.services.values().next(), Some(&Decision::Deleting));
-        assert!(d.dataplane().is_empty());
         assert_eq!(d.configs["pool"].in_use, 0);
     }
 }

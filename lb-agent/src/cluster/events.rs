@@ -3,7 +3,13 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use super::desired::{Decision, ServiceRef};
+use super::{
+    crd::{NodeReason, NodeReport},
+    desired::{Decision, Problem},
+    reason::Reason,
+    status::Holding,
+};
+use crate::model::ServiceRef;
 
 /// What an event is about, per service.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -12,28 +18,32 @@ pub struct Summary {
     pub address: Option<Ipv4Addr>,
     /// Config the address comes from.
     pub config: Option<String>,
-    /// Current refusal (reason, message).
-    pub problem: Option<(String, String)>,
-    /// Why the node could not program it.
-    pub node_failure: Option<String>,
+    /// Current refusal.
+    pub problem: Option<Problem>,
+    /// No node may hold the address: why.
+    pub unplaced: Option<String>,
+    /// Problems nodes reported.
+    pub reports: Vec<NodeReport>,
     /// Not ballast's: the reason.
-    pub not_ours: Option<(String, String)>,
+    pub not_ours: Option<Problem>,
 }
 
 impl Summary {
-    /// Summary of a decision with the node's result.
-    pub fn of(d: &Decision, node_failure: Option<&str>) -> Self {
+    /// Summary of a decision with where its address is held and what nodes reported.
+    pub fn of(d: &Decision, holding: Option<&Holding>, reports: &[NodeReport]) -> Self {
         match d {
             Decision::Serve(s) => Self {
                 address: s.address.as_ref().ok().copied(),
                 config: s.config.as_ref().ok().cloned(),
-                problem: s.problem().map(|p| (p.reason.to_string(), p.message.clone())),
-                node_failure: node_failure.map(str::to_string),
+                problem: s.problem().cloned(),
+                unplaced: match holding {
+                    Some(Holding::Nobody { why }) => Some(why.clone()),
+                    _ => None,
+                },
+                reports: reports.to_vec(),
                 not_ours: None,
             },
-            Decision::NotOurs(p) => {
-                Self { not_ours: Some((p.reason.to_string(), p.message.clone())), ..Self::default() }
-            }
+            Decision::NotOurs(p) => Self { not_ours: Some(p.clone()), ..Self::default() },
             Decision::Deleting => Self::default(),
         }
     }
@@ -46,8 +56,8 @@ pub struct PlannedEvent {
     pub service: ServiceRef,
     /// Warning (true) or Normal.
     pub warning: bool,
-    /// CamelCase reason.
-    pub reason: String,
+    /// The reason.
+    pub reason: Reason,
     /// Human-readable note.
     pub note: String,
 }
@@ -62,43 +72,53 @@ pub fn transitions(
 ) -> Vec<PlannedEvent> {
     let mut out = Vec::new();
     let none = Summary::default();
-    let ev = |r: &ServiceRef, warning: bool, reason: &str, note: String| PlannedEvent {
+    let ev = |r: &ServiceRef, warning: bool, reason: Reason, note: String| PlannedEvent {
         service: r.clone(),
         warning,
-        reason: reason.into(),
+        reason,
         note,
     };
     for (r, n) in next {
         let p = prev.get(r).unwrap_or(&none);
         if p.address != n.address {
             if let Some(a) = p.address {
-                out.push(ev(r, false, "AddressReleased", format!("released {a}")));
+                out.push(ev(r, false, Reason::AddressReleased, format!("released {a}")));
             }
             if let Some(a) = n.address {
                 out.push(ev(
                     r,
                     false,
-                    "AddressAllocated",
+                    Reason::AddressAllocated,
                     format!("allocated {a} from LoadBalancerConfig {}", n.config.as_deref().unwrap_or("?")),
                 ));
             }
         }
-        if n.problem.is_some() && p.problem != n.problem {
-            let (reason, msg) = n.problem.clone().unwrap_or_default();
-            out.push(ev(r, true, &reason, msg));
+        if let Some(pr) = &n.problem
+            && p.problem.as_ref() != Some(pr)
+        {
+            out.push(ev(r, true, pr.reason, pr.message.clone()));
         }
-        if n.node_failure.is_some() && p.node_failure != n.node_failure {
-            out.push(ev(r, true, "DataplaneFailed", n.node_failure.clone().unwrap_or_default()));
+        if let Some(why) = &n.unplaced
+            && p.unplaced.as_ref() != Some(why)
+        {
+            out.push(ev(r, true, Reason::NoEligibleNode, format!("no node may hold the address: {why}")));
         }
-        if let Some((reason, msg)) = &n.not_ours
+        for report in n.reports.iter().filter(|x| !p.reports.contains(x)) {
+            let reason = match report.reason {
+                NodeReason::AssignFailed => Reason::AssignFailed,
+                NodeReason::ProgrammingFailed => Reason::ProgrammingFailed,
+            };
+            out.push(ev(r, true, reason, format!("on {}: {}", report.node, report.message)));
+        }
+        if let Some(no) = &n.not_ours
             && p.not_ours.is_none()
-            && (p.address.is_some() || p.problem.is_some() || (reason == "ClassMismatch" && wants_ballast(r)))
+            && (p.address.is_some() || p.problem.is_some() || (no.reason == Reason::ClassMismatch && wants_ballast(r)))
         {
             out.push(ev(
                 r,
-                reason == "ClassMismatch" && wants_ballast(r),
-                reason,
-                format!("not served by ballast: {msg}"),
+                no.reason == Reason::ClassMismatch && wants_ballast(r),
+                no.reason,
+                format!("not served by ballast: {}", no.message),
             ));
         }
     }
@@ -106,7 +126,7 @@ pub fn transitions(
         if !next.contains_key(r)
             && let Some(a) = p.address
         {
-            out.push(ev(r, false, "AddressReleased", format!("released {a}")));
+            out.push(ev(r, false, Reason::AddressReleased, format!("released {a}")));
         }
     }
     out
@@ -124,8 +144,12 @@ mod tests {
         Summary { address: Some(a.parse().unwrap()), config: Some("pool".into()), ..Summary::default() }
     }
 
-    fn refused(reason: &str) -> Summary {
-        Summary { problem: Some((reason.into(), "why".into())), ..Summary::default() }
+    fn refused(reason: Reason) -> Summary {
+        Summary { problem: Some(Problem { reason, message: "why".into() }), ..Summary::default() }
+    }
+
+    fn reasons(e: &[PlannedEvent]) -> Vec<Reason> {
+        e.iter().map(|e| e.reason).collect()
     }
 
     #[test]
@@ -134,31 +158,46 @@ mod tests {
         assert!(transitions(&a, &a, |_| false).is_empty());
         let e = transitions(&BTreeMap::new(), &a, |_| false);
         assert_eq!(e.len(), 1);
-        assert_eq!((e[0].reason.as_str(), e[0].warning), ("AddressAllocated", false));
+        assert_eq!((e[0].reason, e[0].warning), (Reason::AddressAllocated, false));
         assert!(e[0].note.contains("192.0.2.1 from LoadBalancerConfig pool"));
         let gone = transitions(&a, &BTreeMap::new(), |_| false);
-        assert_eq!(gone[0].reason, "AddressReleased");
+        assert_eq!(gone[0].reason, Reason::AddressReleased);
     }
 
     #[test]
     fn refusals_are_warnings_once() {
-        let p = BTreeMap::from([(r("s"), refused("PoolExhausted"))]);
+        let p = BTreeMap::from([(r("s"), refused(Reason::PoolExhausted))]);
         let e = transitions(&BTreeMap::new(), &p, |_| false);
-        assert_eq!((e[0].reason.as_str(), e[0].warning), ("PoolExhausted", true));
+        assert_eq!((e[0].reason, e[0].warning), (Reason::PoolExhausted, true));
         assert!(transitions(&p, &p, |_| false).is_empty());
         // Recovery: the address arrives.
         let e = transitions(&p, &BTreeMap::from([(r("s"), with_addr("192.0.2.2"))]), |_| false);
-        assert_eq!(e.iter().map(|e| e.reason.as_str()).collect::<Vec<_>>(), vec!["AddressAllocated"]);
+        assert_eq!(reasons(&e), vec![Reason::AddressAllocated]);
+    }
+
+    #[test]
+    fn node_problems_and_missing_nodes_are_warnings_once() {
+        let mut s = with_addr("192.0.2.1");
+        s.unplaced = Some("edge-1: its heartbeat expired".into());
+        s.reports = vec![NodeReport { node: "edge-2".into(), reason: NodeReason::AssignFailed, message: "x".into() }];
+        let next = BTreeMap::from([(r("s"), s)]);
+        let e = transitions(&BTreeMap::from([(r("s"), with_addr("192.0.2.1"))]), &next, |_| false);
+        assert_eq!(reasons(&e), vec![Reason::NoEligibleNode, Reason::AssignFailed]);
+        assert!(e[1].note.starts_with("on edge-2: "));
+        assert!(transitions(&next, &next, |_| false).is_empty());
     }
 
     #[test]
     fn class_mismatch_is_reported_for_services_meant_for_ballast_or_previously_served() {
-        let other = Summary { not_ours: Some(("ClassMismatch".into(), "class x".into())), ..Summary::default() };
+        let other = Summary {
+            not_ours: Some(Problem { reason: Reason::ClassMismatch, message: "class x".into() }),
+            ..Summary::default()
+        };
         let next = BTreeMap::from([(r("s"), other.clone())]);
         assert!(transitions(&BTreeMap::new(), &next, |_| false).is_empty(), "someone else's service: silence");
         let e = transitions(&BTreeMap::new(), &next, |_| true);
-        assert_eq!((e[0].reason.as_str(), e[0].warning), ("ClassMismatch", true));
+        assert_eq!((e[0].reason, e[0].warning), (Reason::ClassMismatch, true));
         let e = transitions(&BTreeMap::from([(r("s"), with_addr("192.0.2.1"))]), &next, |_| false);
-        assert_eq!(e.iter().map(|e| e.reason.as_str()).collect::<Vec<_>>(), vec!["AddressReleased", "ClassMismatch"]);
+        assert_eq!(reasons(&e), vec![Reason::AddressReleased, Reason::ClassMismatch]);
     }
 }

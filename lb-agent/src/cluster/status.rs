@@ -1,34 +1,34 @@
-//! What ballast writes back: Service status (ingress and conditions), the `LoadBalancer`
-//! object, config status. Pure: built from a [`Decision`] and the node's apply result.
+//! What the allocator writes back: Service status (ingress and conditions), the
+//! `LoadBalancer` object, config status. Pure: built from a [`Served`] decision, where
+//! its address is held, and the problems nodes reported.
 
 use k8s_openapi::{
     api::core::v1::{LoadBalancerIngress, PortStatus},
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
 };
 
+pub use super::ownership::Holding;
 use super::{
-    crd::{IpMode, LoadBalancerConfigStatus, LoadBalancerSpec, LoadBalancerStatus, Phase, PortMapping},
-    desired::{ConfigDesired, Problem, Served},
+    crd::{
+        IpMode, LoadBalancerConfigStatus, LoadBalancerSpec, LoadBalancerStatus, NodeReason, NodeReport, Phase,
+        PortMapping,
+    },
+    desired::{ConfigDesired, Served},
+    reason::{ConditionType, Reason},
 };
 
-/// The condition types ballast owns on a Service.
-pub const CONDITION_TYPES: [&str; 4] = ["AddressAllocated", "AddressAssigned", "DataplaneProgrammed", "EndpointsReady"];
-
-/// Reasons that wait for something to change rather than for the user to fix something.
-const WAITING: [&str; 1] = ["PoolExhausted"];
-
 fn cond(
-    type_: &str,
+    type_: ConditionType,
     ok: bool,
-    reason: &str,
+    reason: Reason,
     message: impl Into<String>,
     generation: Option<i64>,
     now: &Time,
 ) -> Condition {
     Condition {
-        type_: type_.into(),
+        type_: type_.as_str().into(),
         status: if ok { "True" } else { "False" }.into(),
-        reason: reason.into(),
+        reason: reason.as_str().into(),
         message: message.into(),
         observed_generation: generation,
         last_transition_time: now.clone(),
@@ -56,84 +56,93 @@ pub fn same_conditions(a: &[Condition], b: &[Condition]) -> bool {
     a == b
 }
 
-/// The four conditions of a served service. `node_failure` is why the node could not
-/// program it, if it could not.
+/// The first report of `reason`, as "node: message".
+fn first_report(reports: &[NodeReport], reason: NodeReason) -> Option<String> {
+    reports.iter().find(|r| r.reason == reason).map(|r| format!("{}: {}", r.node, r.message))
+}
+
+/// The four conditions of a served service. `holding` says where its address is held
+/// (`None` without an address); `reports` are the problems nodes reported for it.
+/// Messages carry no counts that change with endpoints, so endpoint churn rewrites nothing.
 pub fn service_conditions(
     s: &Served,
-    node_failure: Option<&str>,
+    holding: Option<&Holding>,
+    reports: &[NodeReport],
     generation: Option<i64>,
     now: &Time,
 ) -> Vec<Condition> {
+    use ConditionType::*;
     let mut out = Vec::with_capacity(4);
     match (&s.address, &s.config) {
         (Ok(a), Ok(cfg)) => out.push(cond(
-            "AddressAllocated",
+            AddressAllocated,
             true,
-            "Allocated",
+            Reason::Allocated,
             format!("{a} from LoadBalancerConfig {cfg}"),
             generation,
             now,
         )),
         (Err(p), _) | (_, Err(p)) => {
-            out.push(cond("AddressAllocated", false, p.reason, p.message.clone(), generation, now))
+            out.push(cond(AddressAllocated, false, p.reason, p.message.clone(), generation, now))
         }
     }
-    let no_address =
-        |t: &str| cond(t, false, "NoAddress", "waiting for an address (see AddressAllocated)", generation, now);
-    match (&s.address, node_failure) {
-        (Err(_), _) => {
-            out.push(no_address("AddressAssigned"));
-            out.push(no_address("DataplaneProgrammed"));
+    let no_address = |t: ConditionType| {
+        cond(t, false, Reason::NoAddress, "waiting for an address (see AddressAllocated)", generation, now)
+    };
+    let Ok(a) = s.address else {
+        out.push(no_address(AddressAssigned));
+        out.push(no_address(DataplaneProgrammed));
+        out.push(no_address(EndpointsReady));
+        return out;
+    };
+    out.push(match (holding, first_report(reports, NodeReason::AssignFailed)) {
+        (Some(Holding::Nobody { why }), _) => cond(
+            AddressAssigned,
+            false,
+            Reason::NoEligibleNode,
+            format!("no node may hold {a}: {why}"),
+            generation,
+            now,
+        ),
+        (_, Some(failed)) => cond(AddressAssigned, false, Reason::AssignFailed, failed, generation, now),
+        (Some(Holding::Owner(n)), None) => {
+            cond(AddressAssigned, true, Reason::Assigned, format!("{a} held by {n}"), generation, now)
         }
-        (Ok(a), Some(f)) => {
-            out.push(cond(
-                "AddressAssigned",
-                !f.contains(&a.to_string()),
-                if f.contains(&a.to_string()) { "AssignFailed" } else { "Assigned" },
-                if f.contains(&a.to_string()) { f.to_string() } else { format!("{a} on {}", s.interface) },
-                generation,
-                now,
-            ));
-            out.push(cond("DataplaneProgrammed", false, "ProgrammingFailed", f, generation, now));
-        }
-        (Ok(a), None) => {
-            out.push(cond("AddressAssigned", true, "Assigned", format!("{a} on {}", s.interface), generation, now));
-            let backends: usize = s.ports.iter().map(|p| p.backends.len()).sum();
-            let mut msg = format!("{} port(s), {backends} backend(s) in the XDP maps", s.ports.len());
+        (Some(Holding::AllEligible) | None, None) => cond(
+            AddressAssigned,
+            true,
+            Reason::Assigned,
+            format!("{a} held by every eligible node (announce mode None)"),
+            generation,
+            now,
+        ),
+    });
+    out.push(match first_report(reports, NodeReason::ProgrammingFailed) {
+        Some(failed) => cond(DataplaneProgrammed, false, Reason::ProgrammingFailed, failed, generation, now),
+        None => {
+            let mut msg = format!("{} port(s) in the XDP maps", s.ports.len());
             if !s.unsupported_ports.is_empty() {
                 msg.push_str(&format!("; not served (protocol unsupported): {}", s.unsupported_ports.join(", ")));
             }
-            out.push(cond("DataplaneProgrammed", true, "Programmed", msg, generation, now));
+            cond(DataplaneProgrammed, true, Reason::Programmed, msg, generation, now)
         }
-    }
-    if s.address.is_err() {
-        out.push(no_address("EndpointsReady"));
+    });
+    let empty: Vec<String> =
+        s.ports.iter().filter(|p| p.ready() == 0).map(|p| format!("{}/{}", p.service_port, p.protocol)).collect();
+    out.push(if s.ports.is_empty() {
+        cond(EndpointsReady, false, Reason::NoPorts, "the service has no TCP or UDP port", generation, now)
+    } else if empty.is_empty() {
+        cond(EndpointsReady, true, Reason::EndpointsReady, "every port has a ready endpoint", generation, now)
     } else {
-        let empty: Vec<String> =
-            s.ports.iter().filter(|p| p.ready() == 0).map(|p| format!("{}/{}", p.service_port, p.protocol)).collect();
-        let ready: usize = s.ports.iter().map(|p| p.ready()).sum();
-        if s.ports.is_empty() {
-            out.push(cond("EndpointsReady", false, "NoPorts", "the service has no TCP or UDP port", generation, now));
-        } else if empty.is_empty() {
-            out.push(cond(
-                "EndpointsReady",
-                true,
-                "EndpointsReady",
-                format!("{ready} ready endpoint(s)"),
-                generation,
-                now,
-            ));
-        } else {
-            out.push(cond(
-                "EndpointsReady",
-                false,
-                "NoReadyEndpoints",
-                format!("no ready endpoint for {}; new connections there are rejected", empty.join(", ")),
-                generation,
-                now,
-            ));
-        }
-    }
+        cond(
+            EndpointsReady,
+            false,
+            Reason::NoReadyEndpoints,
+            format!("no ready endpoint for {}; new connections there are rejected", empty.join(", ")),
+            generation,
+            now,
+        )
+    });
     out
 }
 
@@ -160,20 +169,24 @@ pub fn ingress(s: &Served) -> Vec<LoadBalancerIngress> {
 }
 
 /// Pending, Ready or Error.
-pub fn phase(s: &Served, node_failure: Option<&str>) -> Phase {
-    match (s.problem(), node_failure) {
-        (Some(Problem { reason, .. }), _) if WAITING.contains(reason) => Phase::Pending,
-        (Some(_), _) | (None, Some(_)) => Phase::Error,
-        (None, None) if s.ports.iter().all(|p| p.ready() > 0) && !s.ports.is_empty() => Phase::Ready,
-        (None, None) => Phase::Pending,
+pub fn phase(s: &Served, holding: Option<&Holding>, reports: &[NodeReport]) -> Phase {
+    match (s.problem(), holding) {
+        (Some(p), _) if p.reason.is_waiting() => Phase::Pending,
+        (Some(_), _) => Phase::Error,
+        (None, Some(Holding::Nobody { .. })) => Phase::Pending,
+        (None, _) if !reports.is_empty() => Phase::Error,
+        (None, _) if s.ports.iter().all(|p| p.ready() > 0) && !s.ports.is_empty() => Phase::Ready,
+        (None, _) => Phase::Pending,
     }
 }
 
-/// Spec and status of the service's `LoadBalancer` object.
+/// Spec and status of the service's `LoadBalancer` object (without `nodes`, which the
+/// nodes write themselves).
 pub fn load_balancer(
     service: &str,
     class: &str,
     s: &Served,
+    holding: Option<&Holding>,
     conditions: Vec<Condition>,
     phase: Phase,
 ) -> (LoadBalancerSpec, LoadBalancerStatus) {
@@ -210,7 +223,12 @@ pub fn load_balancer(
             target_count: targets.len() as u32,
             targets,
             phase,
+            node: match holding {
+                Some(Holding::Owner(n)) => Some(n.clone()),
+                _ => None,
+            },
             conditions,
+            nodes: Vec::new(),
         },
     )
 }
@@ -218,12 +236,40 @@ pub fn load_balancer(
 /// Status of a config.
 pub fn config_status(c: &ConfigDesired, generation: Option<i64>, now: &Time) -> LoadBalancerConfigStatus {
     let valid = match &c.invalid {
-        None => cond("Valid", true, "Valid", format!("{} address(es)", c.total), generation, now),
-        Some(p) => cond("Valid", false, p.reason, p.message.clone(), generation, now),
+        None => Condition {
+            type_: "Valid".into(),
+            status: "True".into(),
+            reason: Reason::Valid.as_str().into(),
+            message: format!("{} address(es)", c.total),
+            observed_generation: generation,
+            last_transition_time: now.clone(),
+        },
+        Some(p) => Condition {
+            type_: "Valid".into(),
+            status: "False".into(),
+            reason: p.reason.as_str().into(),
+            message: p.message.clone(),
+            observed_generation: generation,
+            last_transition_time: now.clone(),
+        },
     };
     let default = match &c.default_conflict {
-        None => cond("Default", true, "NoConflict", "no competing default config", generation, now),
-        Some(p) => cond("Default", false, p.reason, p.message.clone(), generation, now),
+        None => Condition {
+            type_: "Default".into(),
+            status: "True".into(),
+            reason: Reason::NoConflict.as_str().into(),
+            message: "no competing default config".into(),
+            observed_generation: generation,
+            last_transition_time: now.clone(),
+        },
+        Some(p) => Condition {
+            type_: "Default".into(),
+            status: "False".into(),
+            reason: p.reason.as_str().into(),
+            message: p.message.clone(),
+            observed_generation: generation,
+            last_transition_time: now.clone(),
+        },
     };
     LoadBalancerConfigStatus {
         addresses_total: c.total,

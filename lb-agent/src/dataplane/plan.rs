@@ -22,7 +22,7 @@ use lb_common::{
 };
 
 use super::state::{MapOp, ProgrammedState};
-use crate::model::ServiceSpec;
+use crate::model::{ServiceId, ServiceSpec};
 
 /// Capacity of the id spaces (the sizes the maps were created with).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,30 +48,28 @@ pub struct DesiredState {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
     /// No service id left.
-    #[error("service {name}: all {max} service ids are in use (raise --max-services)")]
+    #[error("service {id}: all {max} service ids are in use (raise --max-services)")]
     ServicesExhausted {
         /// The service left out.
-        name: String,
+        id: ServiceId,
         /// The limit.
         max: u32,
     },
     /// No backend id left.
-    #[error(
-        "service {name}: all {max} backend ids are in use (raise --max-backends); its backends were left unchanged"
-    )]
+    #[error("service {id}: all {max} backend ids are in use (raise --max-backends); its backends were left unchanged")]
     BackendsExhausted {
         /// The service left unchanged.
-        name: String,
+        id: ServiceId,
         /// The limit.
         max: u32,
     },
 }
 
 impl PlanError {
-    /// Name of the service concerned.
-    pub fn service(&self) -> &str {
+    /// The service concerned.
+    pub fn service(&self) -> &ServiceId {
         match self {
-            Self::ServicesExhausted { name, .. } | Self::BackendsExhausted { name, .. } => name,
+            Self::ServicesExhausted { id, .. } | Self::BackendsExhausted { id, .. } => id,
         }
     }
 }
@@ -161,7 +159,7 @@ pub fn plan(cur: &ProgrammedState, desired: &DesiredState, limits: Limits) -> Pl
             None => match service_ids.allocate() {
                 Some(id) => id,
                 None => {
-                    errors.push(PlanError::ServicesExhausted { name: spec.name.clone(), max: limits.max_services });
+                    errors.push(PlanError::ServicesExhausted { id: spec.id.clone(), max: limits.max_services });
                     continue;
                 }
             },
@@ -204,7 +202,7 @@ pub fn plan(cur: &ProgrammedState, desired: &DesiredState, limits: Limits) -> Pl
             }
         }
         if exhausted {
-            errors.push(PlanError::BackendsExhausted { name: spec.name.clone(), max: limits.max_backends });
+            errors.push(PlanError::BackendsExhausted { id: spec.id.clone(), max: limits.max_backends });
             if existing.is_none() {
                 service_ids.release(id);
             }
@@ -341,7 +339,7 @@ mod tests {
 
     fn svc(name: &str, port: u16, backends: &[&str]) -> ServiceSpec {
         ServiceSpec {
-            name: name.into(),
+            id: ServiceId::Static(name.into()),
             vip: Ipv4Addr::new(192, 0, 2, 10),
             port,
             protocol: Protocol::Tcp,
@@ -482,7 +480,7 @@ mod tests {
         let services: Vec<_> = (0..5).map(|i| svc(&format!("s{i}"), 80 + i, &[])).collect();
         let p = run(&mut st, &desired(services));
         assert_eq!(st.services.len(), 4);
-        assert_eq!(p.errors, vec![PlanError::ServicesExhausted { name: "s4".into(), max: 4 }]);
+        assert_eq!(p.errors, vec![PlanError::ServicesExhausted { id: ServiceId::Static("s4".into()), max: 4 }]);
 
         let mut st = ProgrammedState::default();
         run(&mut st, &desired(vec![svc("a", 1, &["10.0.0.1:1", "10.0.0.2:1"])]));
@@ -490,7 +488,7 @@ mod tests {
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
         let before = st.clone();
         let p = run(&mut st, &desired(vec![svc("a", 1, &["10.0.0.1:1", "10.0.0.2:1"]), svc("b", 2, &many)]));
-        assert_eq!(p.errors, vec![PlanError::BackendsExhausted { name: "b".into(), max: 8 }]);
+        assert_eq!(p.errors, vec![PlanError::BackendsExhausted { id: ServiceId::Static("b".into()), max: 8 }]);
         assert_eq!(st, before, "service a untouched, nothing half-written for b");
     }
 

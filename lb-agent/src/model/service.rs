@@ -8,6 +8,8 @@ use std::{
 use lb_common::{proto, service::ServiceKey};
 use serde::{Deserialize, Serialize};
 
+use super::ServiceId;
+
 /// Transport protocol of a service port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -24,6 +26,15 @@ impl Protocol {
         match self {
             Self::Tcp => proto::TCP,
             Self::Udp => proto::UDP,
+        }
+    }
+
+    /// The protocol a Kubernetes API value (`TCP`, `UDP`) names, if the data path serves it.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "TCP" => Some(Self::Tcp),
+            "UDP" => Some(Self::Udp),
+            _ => None,
         }
     }
 
@@ -65,8 +76,8 @@ impl BackendSpec {
 /// A service: one VIP port and its ordered backends.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceSpec {
-    /// Unique name, for logs and inspection (`namespace/name:port` for Kubernetes).
-    pub name: String,
+    /// Which service this is (unique).
+    pub id: ServiceId,
     /// Virtual IP clients connect to.
     pub vip: Ipv4Addr,
     /// Port clients connect to.

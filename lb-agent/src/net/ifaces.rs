@@ -43,7 +43,17 @@ mod tests {
     use super::*;
 
     fn link(index: u32, name: &str, vlan: Option<(u32, u16)>) -> Link {
-        Link { index, name: name.into(), vlan, up: true, loopback: false, veth: false, xdp_prog: None }
+        Link {
+            index,
+            name: name.into(),
+            vlan,
+            up: true,
+            lower_up: true,
+            mac: None,
+            loopback: false,
+            veth: false,
+            xdp_prog: None,
+        }
     }
 
     #[test]
@@ -56,10 +66,38 @@ mod tests {
             Link { veth: true, ..link(5, "veth0", None) },
         ];
         let addrs = vec![
-            IfAddr { index: 2, addr: [192, 0, 2, 10].into(), prefix: 32, ours: true, secondary: false },
-            IfAddr { index: 2, addr: [10, 0, 0, 1].into(), prefix: 24, ours: false, secondary: false },
-            IfAddr { index: 2, addr: [10, 0, 0, 2].into(), prefix: 24, ours: false, secondary: true },
-            IfAddr { index: 3, addr: [10, 1, 0, 1].into(), prefix: 24, ours: false, secondary: false },
+            IfAddr {
+                index: 2,
+                addr: [192, 0, 2, 10].into(),
+                prefix: 32,
+                ours: true,
+                secondary: false,
+                lifetime: Default::default(),
+            },
+            IfAddr {
+                index: 2,
+                addr: [10, 0, 0, 1].into(),
+                prefix: 24,
+                ours: false,
+                secondary: false,
+                lifetime: Default::default(),
+            },
+            IfAddr {
+                index: 2,
+                addr: [10, 0, 0, 2].into(),
+                prefix: 24,
+                ours: false,
+                secondary: true,
+                lifetime: Default::default(),
+            },
+            IfAddr {
+                index: 3,
+                addr: [10, 1, 0, 1].into(),
+                prefix: 24,
+                ours: false,
+                secondary: false,
+                lifetime: Default::default(),
+            },
         ];
         let t = iface_table(&links, &addrs);
         assert!(!t.contains_key(&1));

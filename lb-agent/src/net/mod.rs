@@ -1,8 +1,9 @@
-//! The node's network configuration: interfaces, addresses and routes (netlink), and the
-//! forwarding sysctl. [`addresses`] and [`ifaces`] are pure; [`netlink`] and [`sysctl`]
-//! do the IO.
+//! The node's network configuration: interfaces, addresses and routes (netlink), the
+//! forwarding sysctl, and gratuitous ARP. [`addresses`] and [`ifaces`] are pure;
+//! [`netlink`], [`sysctl`] and [`arp`] do the IO.
 
 pub mod addresses;
+pub mod arp;
 pub mod ifaces;
 pub mod netlink;
 pub mod sysctl;
@@ -20,6 +21,10 @@ pub struct Link {
     pub vlan: Option<(u32, u16)>,
     /// Administratively up.
     pub up: bool,
+    /// The link has carrier (`LOWER_UP`): a cable, or a veth whose peer is up.
+    pub lower_up: bool,
+    /// Hardware address, if it has one.
+    pub mac: Option<[u8; 6]>,
     /// The loopback device.
     pub loopback: bool,
     /// A veth device.
@@ -41,6 +46,25 @@ pub struct IfAddr {
     pub ours: bool,
     /// A secondary address of its subnet.
     pub secondary: bool,
+    /// How long the address stays (the remaining valid lifetime).
+    pub lifetime: Lifetime,
+}
+
+impl Link {
+    /// Whether the link can carry traffic: up, with carrier.
+    pub fn operational(&self) -> bool {
+        self.up && self.lower_up
+    }
+}
+
+/// The valid lifetime of an address.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Lifetime {
+    /// Permanent.
+    #[default]
+    Forever,
+    /// The kernel removes the address after this many seconds unless it is renewed.
+    Seconds(u32),
 }
 
 /// The route the kernel would use to reach a destination.

@@ -7,13 +7,13 @@ use rtnetlink::{
     Handle, RouteMessageBuilder,
     packet_route::{
         AddressFamily,
-        address::{AddressAttribute, AddressHeaderFlags, AddressMessage, AddressProtocol},
+        address::{AddressAttribute, AddressHeaderFlags, AddressMessage, AddressProtocol, CacheInfo},
         link::{InfoData, InfoKind, InfoVlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, LinkXdp},
         route::{RouteAddress, RouteAttribute},
     },
 };
 
-use super::{IfAddr, Link, RouteTo};
+use super::{IfAddr, Lifetime, Link, RouteTo};
 
 /// Address protocol (`IFA_PROTO`) marking addresses ballast added: `ip -d addr` shows
 /// `proto 186`. Kernel-assigned values are 0-3; 186 (0xba) is ours.
@@ -85,10 +85,19 @@ impl Netlink {
         Ok(msgs.iter().filter_map(to_ifaddr).collect())
     }
 
-    /// Adds `addr/32` to interface `index`, marked as ballast's.
-    pub async fn add_address(&self, index: u32, addr: Ipv4Addr) -> Result<(), NetError> {
-        let mut req = self.handle.address().add(index, IpAddr::V4(addr), 32);
-        req.message_mut().attributes.push(AddressAttribute::Protocol(AddressProtocol::from(ADDRESS_PROTOCOL)));
+    /// Adds `addr/32` to interface `index`, marked as ballast's, with `lifetime`; an
+    /// existing one is replaced, which renews its lifetime.
+    pub async fn set_address(&self, index: u32, addr: Ipv4Addr, lifetime: Lifetime) -> Result<(), NetError> {
+        let mut req = self.handle.address().add(index, IpAddr::V4(addr), 32).replace();
+        let attrs = &mut req.message_mut().attributes;
+        attrs.push(AddressAttribute::Protocol(AddressProtocol::from(ADDRESS_PROTOCOL)));
+        if let Lifetime::Seconds(secs) = lifetime {
+            // Preferred = valid: the address is usable as a source until it goes.
+            let mut ci = CacheInfo::default();
+            ci.ifa_valid = secs;
+            ci.ifa_preferred = secs;
+            attrs.push(AddressAttribute::CacheInfo(ci));
+        }
         req.execute().await.map_err(request(format!("add {addr}/32 to ifindex {index}")))
     }
 
@@ -142,9 +151,11 @@ fn to_link(m: &LinkMessage) -> Link {
     let mut is_vlan = false;
     let mut veth = false;
     let mut xdp_prog = None;
+    let mut mac = None;
     for a in &m.attributes {
         match a {
             LinkAttribute::IfName(n) => name = n.clone(),
+            LinkAttribute::Address(bytes) => mac = <[u8; 6]>::try_from(bytes.as_slice()).ok(),
             LinkAttribute::Link(p) => parent = Some(*p),
             LinkAttribute::Xdp(x) => {
                 xdp_prog = x
@@ -175,6 +186,8 @@ fn to_link(m: &LinkMessage) -> Link {
         name,
         vlan,
         up: m.header.flags.contains(LinkFlags::Up),
+        lower_up: m.header.flags.contains(LinkFlags::LowerUp),
+        mac,
         loopback: m.header.flags.contains(LinkFlags::Loopback),
         veth,
         xdp_prog,
@@ -187,8 +200,11 @@ fn to_ifaddr(m: &AddressMessage) -> Option<IfAddr> {
     }
     let mut addr = None;
     let mut ours = false;
+    let mut lifetime = Lifetime::Forever;
     for a in &m.attributes {
         match a {
+            // The kernel reports the remaining lifetime; all ones means permanent.
+            AddressAttribute::CacheInfo(ci) if ci.ifa_valid != u32::MAX => lifetime = Lifetime::Seconds(ci.ifa_valid),
             AddressAttribute::Local(IpAddr::V4(ip)) => addr = Some(*ip),
             AddressAttribute::Address(IpAddr::V4(ip)) if addr.is_none() => addr = Some(*ip),
             AddressAttribute::Protocol(p) => ours = u8::from(*p) == ADDRESS_PROTOCOL,
@@ -201,5 +217,6 @@ fn to_ifaddr(m: &AddressMessage) -> Option<IfAddr> {
         prefix: m.header.prefix_len,
         ours,
         secondary: m.header.flags.contains(AddressHeaderFlags::Secondary),
+        lifetime,
     })
 }

@@ -23,7 +23,10 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::{dataplane::Maps, model::Protocol};
+use crate::{
+    dataplane::Maps,
+    model::{Protocol, ServiceId},
+};
 
 /// Labels of one data-path service (one VIP port).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,19 +48,13 @@ pub struct ServiceLabels {
 }
 
 impl ServiceLabels {
-    /// Labels from a data-path service's name (`namespace/name:port/PROTO` in Kubernetes
-    /// mode, the configured name in static mode), key and id.
-    pub fn new(spec_name: &str, key: &ServiceKey, id: u32, backends: u32) -> Self {
-        let (namespace, name) = match spec_name.split_once('/') {
-            Some((ns, rest)) if rest.contains(':') => {
-                (ns.to_string(), rest.split(':').next().unwrap_or(rest).to_string())
-            }
-            _ => (String::new(), spec_name.to_string()),
-        };
+    /// Labels of data-path service `service` with `key` and `id`.
+    pub fn new(service: &ServiceId, key: &ServiceKey, id: u32, backends: u32) -> Self {
+        let (namespace, name) = service.namespace_and_name();
         Self {
             id,
-            namespace,
-            name,
+            namespace: namespace.to_string(),
+            name: name.to_string(),
             vip: std::net::Ipv4Addr::from(key.vip).to_string(),
             port: key.port,
             protocol: Protocol::from_number(key.proto).map_or_else(|| key.proto.to_string(), |p| p.to_string()),
@@ -91,6 +88,7 @@ pub struct PoolUsage {
 struct Snapshot {
     services: Vec<ServiceLabels>,
     pools: Vec<PoolUsage>,
+    owned: Vec<std::net::Ipv4Addr>,
 }
 
 /// Everything the metrics and health endpoints report.
@@ -104,6 +102,13 @@ pub struct Telemetry {
     pub reconcile_seconds: Histogram,
     /// Drift repaired, by kind (`map`, `address`, `attachment`).
     pub drift_repairs: Family<Vec<(String, String)>, Counter>,
+    /// Addresses moved to another node by this agent as the allocator, by reason.
+    pub address_moves: Family<Vec<(String, String)>, Counter>,
+    /// Writes to the API server, by what was written (`service_status`, `load_balancer`,
+    /// `node_report`, `heartbeat`, `allocator_lease`, ...).
+    pub api_writes: Family<Vec<(String, String)>, Counter>,
+    leader: AtomicBool,
+    fenced: AtomicBool,
     snapshot: Mutex<Snapshot>,
     maps: Mutex<Option<Maps>>,
     flows: AtomicU64,
@@ -118,6 +123,10 @@ impl Default for Telemetry {
             reconcile_errors: Counter::default(),
             reconcile_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             drift_repairs: Family::default(),
+            address_moves: Family::default(),
+            api_writes: Family::default(),
+            leader: AtomicBool::new(false),
+            fenced: AtomicBool::new(false),
             snapshot: Mutex::default(),
             maps: Mutex::default(),
             flows: AtomicU64::new(0),
@@ -151,6 +160,33 @@ impl Telemetry {
         if let Ok(mut s) = self.snapshot.lock() {
             s.pools = pools;
         }
+    }
+
+    /// Addresses this node holds as their owner (L2 mode).
+    pub fn set_owned(&self, owned: Vec<std::net::Ipv4Addr>) {
+        if let Ok(mut s) = self.snapshot.lock() {
+            s.owned = owned;
+        }
+    }
+
+    /// Whether this agent runs the allocator now.
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.store(leader, Ordering::Relaxed);
+    }
+
+    /// Whether this agent gave up its addresses because it cannot renew its heartbeat.
+    pub fn set_fenced(&self, fenced: bool) {
+        self.fenced.store(fenced, Ordering::Relaxed);
+    }
+
+    /// Counts an address moved to another node, by reason.
+    pub fn moved(&self, reason: &str) {
+        self.address_moves.get_or_create(&vec![("reason".into(), reason.into())]).inc();
+    }
+
+    /// Counts a write to the API server.
+    pub fn api_write(&self, what: &str) {
+        self.api_writes.get_or_create(&vec![("kind".into(), what.into())]).inc();
     }
 
     /// Flows in the table (from the last scan).
@@ -199,6 +235,12 @@ impl Telemetry {
             "Differences between desired and actual state that were repaired",
             self.drift_repairs.clone(),
         );
+        r.register(
+            "ballast_address_moves",
+            "Addresses this agent, as the allocator, moved to another node, by reason",
+            self.address_moves.clone(),
+        );
+        r.register("ballast_api_writes", "Writes this agent made to the API server, by kind", self.api_writes.clone());
         r.register_collector(Box::new(DataplaneCollector(self.clone())));
         r
     }
@@ -248,8 +290,8 @@ fn with(mut l: Vec<(String, String)>, k: &str, v: &str) -> Vec<(String, String)>
 impl Collector for DataplaneCollector {
     fn encode(&self, mut e: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let t = &self.0;
-        let (services, pools) = match t.snapshot.lock() {
-            Ok(s) => (s.services.clone(), s.pools.clone()),
+        let (services, pools, owned) = match t.snapshot.lock() {
+            Ok(s) => (s.services.clone(), s.pools.clone(), s.owned.clone()),
             Err(_) => return Ok(()),
         };
         let mut packets = Vec::new();
@@ -306,6 +348,20 @@ impl Collector for DataplaneCollector {
             pool_rows.push((with(l, "state", "free"), p.total.saturating_sub(p.in_use) as i64));
         }
         gauge(&mut e, "ballast_pool_addresses", "Addresses of each LoadBalancerConfig, by state", &pool_rows)?;
+        let owned: Vec<_> = owned.iter().map(|a| (vec![("address".to_string(), a.to_string())], 1)).collect();
+        gauge(&mut e, "ballast_address_owned", "Addresses this node holds as their owner (L2 mode)", &owned)?;
+        gauge(
+            &mut e,
+            "ballast_allocator_leader",
+            "1 on the agent that runs the allocator (holds the ballast-allocator Lease)",
+            &[(vec![], i64::from(t.leader.load(Ordering::Relaxed)))],
+        )?;
+        gauge(
+            &mut e,
+            "ballast_fenced",
+            "1 while this node gave up its addresses because it cannot renew its heartbeat",
+            &[(vec![], i64::from(t.fenced.load(Ordering::Relaxed)))],
+        )?;
         gauge(
             &mut e,
             "ballast_build_info",

@@ -17,7 +17,7 @@ use ballast_tests::{
 };
 use lb_agent::{
     dataplane::MapSizes,
-    model::{BackendSpec, Protocol, ServiceSpec},
+    model::{BackendSpec, Protocol, ServiceId, ServiceSpec},
 };
 use lb_common::config::DataplaneConfig;
 
@@ -105,7 +105,7 @@ pub fn run(quick: bool) -> Result<String> {
     let mut lab = Lab::with_config(DataplaneConfig::default(), sizes)?;
     let backends = BACKENDS.iter().map(|b| BackendSpec::active(SocketAddrV4::new(*b, 8080))).collect();
     lab.program(vec![ServiceSpec {
-        name: "bench".into(),
+        id: ServiceId::Static("bench".into()),
         vip: VIP,
         port: 80,
         protocol: Protocol::Tcp,
@@ -167,7 +167,7 @@ pub fn run(quick: bool) -> Result<String> {
 /// ports each; every service's backends are `(BACKENDS[j % 3], 8080 + j)`.
 fn scale_service(i: usize, backends: usize) -> ServiceSpec {
     ServiceSpec {
-        name: format!("s{i}"),
+        id: ServiceId::Static(format!("s{i}")),
         vip: Ipv4Addr::from(u32::from(VIP) + (i / 50_000) as u32),
         port: 1000 + (i % 50_000) as u16,
         protocol: Protocol::Tcp,

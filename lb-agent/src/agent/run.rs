@@ -1,0 +1,203 @@
+//! The agent's one loop. Whatever the source of desired state (a static file, the
+//! Kubernetes API), it waits for a reason to act, asks the source what this node must
+//! serve, applies it to the node and tells the source what happened. Timers for drift
+//! repair, flow collection, interface checks and gratuitous ARP live here, once.
+
+use std::{
+    future::Future,
+    time::{Duration, Instant},
+};
+
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::{
+    model::NodeDesired,
+    net::Link,
+    node::{
+        ApplyReport, Node, OnExit,
+        io::{Announcer, DataplaneIo, NetIo},
+    },
+};
+
+/// How often idle flows are collected.
+const GC_INTERVAL: Duration = Duration::from_secs(10);
+/// How often interfaces are checked (a link going down moves its addresses elsewhere).
+const LINK_INTERVAL: Duration = Duration::from_secs(1);
+/// How soon a pass that failed is retried.
+const RETRY: Duration = Duration::from_secs(2);
+
+/// Why the loop wakes up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// What the node must serve may have changed: plan and apply.
+    Changed,
+    /// Only the lease moved (a heartbeat renewed, or failed): renew or drop the addresses
+    /// held as owner, nothing else.
+    Lease,
+}
+
+/// Where a node's desired state comes from.
+pub trait Source {
+    /// Waits for the next reason to act.
+    fn wait(&mut self) -> impl Future<Output = Wake>;
+    /// What this node must serve now.
+    fn desired(&mut self) -> NodeDesired;
+    /// When addresses held as owner must be gone unless renewed.
+    fn lease_until(&self) -> Option<Instant>;
+    /// The node's interfaces as of now; returns whether a pass is needed (an interface the
+    /// source cares about went down or came back).
+    fn links_changed(&mut self, links: &[Link]) -> bool;
+    /// Hears what applying `desired` did.
+    fn report(&mut self, desired: &NodeDesired, report: &ApplyReport) -> impl Future<Output = ()>;
+    /// The agent stops, leaving things as `on_exit` says. Returns how long addresses held
+    /// as owner must outlive the agent (a planned restart's grace period), if at all.
+    fn stop(&mut self, on_exit: OnExit) -> impl Future<Output = Option<Duration>>;
+}
+
+/// Runs `node` from `source` until SIGINT or SIGTERM. A pass that fails is logged and
+/// retried; what the node already serves stays.
+pub async fn run<S, D, N, A>(
+    mut node: Node<D, N, A>,
+    source: &mut S,
+    resync_every: Duration,
+    on_exit: OnExit,
+) -> anyhow::Result<()>
+where
+    S: Source,
+    D: DataplaneIo,
+    N: NetIo,
+    A: Announcer,
+{
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let first = pass(&mut node, source).await;
+    node.telemetry().set_ready();
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    match first {
+        Ok(n) => info!(services = n, "ready"),
+        Err(e) => {
+            error!(error = %e, "programming the node failed; retrying");
+            info!("ready");
+            retry_at = Some(tokio::time::Instant::now() + RETRY);
+        }
+    }
+
+    let mut resync = tokio::time::interval(resync_every);
+    resync.tick().await;
+    let mut gc = tokio::time::interval(GC_INTERVAL);
+    let mut links = tokio::time::interval(LINK_INTERVAL);
+    loop {
+        node.telemetry().beat();
+        let announce_at = node.next_announcement().map(tokio::time::Instant::from_std);
+        let retry = retry_at;
+        let wake = tokio::select! {
+            w = source.wait() => w,
+            _ = resync.tick() => {
+                match node.repair_drift().await {
+                    Ok(r) if !r.is_empty() => info!(repaired = ?r, "repaired drift"),
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "drift check failed"),
+                }
+                Wake::Changed
+            }
+            _ = gc.tick() => {
+                match node.collect_flows() {
+                    Ok(r) if r.expired + r.stale > 0 => info!(expired = r.expired, stale = r.stale, scanned = r.scanned, "collected flows"),
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "flow collection failed"),
+                }
+                continue;
+            }
+            _ = links.tick() => {
+                match node.links().await {
+                    Ok(l) if source.links_changed(&l) => Wake::Changed,
+                    Ok(_) => continue,
+                    Err(e) => { warn!(error = %e, "cannot list interfaces"); continue }
+                }
+            }
+            _ = sleep_until(announce_at) => {
+                if let Err(e) = node.announce_due(Instant::now()).await {
+                    warn!(error = %e, "cannot send gratuitous ARP");
+                }
+                continue;
+            }
+            _ = sleep_until(retry) => Wake::Changed,
+            _ = int.recv() => { info!("SIGINT: shutting down"); break }
+            _ = term.recv() => { info!("SIGTERM: shutting down"); break }
+        };
+        let ok = match wake {
+            Wake::Changed => match pass(&mut node, source).await {
+                Ok(_) => true,
+                Err(e) => {
+                    error!(error = %e, "programming the node failed; retrying");
+                    false
+                }
+            },
+            Wake::Lease => match node.refresh_addresses(source.lease_until(), Instant::now()).await {
+                Ok(r) => {
+                    log_addresses(&r);
+                    r.errors.is_empty()
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot renew the addresses' lifetimes");
+                    false
+                }
+            },
+        };
+        retry_at = (!ok).then(|| tokio::time::Instant::now() + RETRY);
+    }
+    let grace = source.stop(on_exit).await;
+    node.shutdown(grace).await;
+    info!("stopped");
+    Ok(())
+}
+
+/// Sleeps until `at`, or forever.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One full pass; returns the number of services asked for. Node-wide failures make it an
+/// error (retried) after the source heard about them.
+async fn pass<S, D, N, A>(node: &mut Node<D, N, A>, source: &mut S) -> anyhow::Result<usize>
+where
+    S: Source,
+    D: DataplaneIo,
+    N: NetIo,
+    A: Announcer,
+{
+    let t = node.telemetry().clone();
+    let started = Instant::now();
+    let desired = source.desired();
+    let result = node.apply(&desired, Instant::now()).await;
+    t.reconciles.inc();
+    t.reconcile_seconds.observe(started.elapsed().as_secs_f64());
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            t.reconcile_errors.inc();
+            return Err(e.into());
+        }
+    };
+    source.report(&desired, &report).await;
+    if let Some(e) = report.errors.first() {
+        t.reconcile_errors.inc();
+        anyhow::bail!("{e}");
+    }
+    Ok(desired.services.len())
+}
+
+/// Logs address changes of a lease refresh (taking over and giving up are worth a line).
+fn log_addresses(r: &ApplyReport) {
+    for w in &r.warnings {
+        warn!("{w}");
+    }
+    if !r.added.is_empty() || !r.removed.is_empty() {
+        let (added, removed) = (crate::node::brief(&r.added), crate::node::brief(&r.removed));
+        info!(vips_added = added, vips_removed = removed, "addresses changed with the lease");
+    }
+}

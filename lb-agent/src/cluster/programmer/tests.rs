@@ -1,0 +1,239 @@
+//! The programmer's reading of the allocator's decisions.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        core::v1::{NodeCondition, NodeStatus, ServicePort, ServiceSpec as K8sServiceSpec},
+        discovery::v1::{Endpoint, EndpointPort},
+    },
+    apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta},
+};
+
+use super::*;
+use crate::cluster::crd::{LoadBalancerConfigSpec, LoadBalancerSpec, LoadBalancerStatus, PortMapping};
+
+const CLASS: &str = "ballast.dev/xdp";
+
+fn service(name: &str) -> Service {
+    Service {
+        metadata: ObjectMeta { name: Some(name.into()), namespace: Some("ns".into()), ..Default::default() },
+        spec: Some(K8sServiceSpec {
+            type_: Some("LoadBalancer".into()),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+fn slice(svc: &str, ip: &str) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(format!("{svc}-x")),
+            namespace: Some("ns".into()),
+            labels: Some(BTreeMap::from([(endpoints::SERVICE_NAME_LABEL.to_string(), svc.to_string())])),
+            ..Default::default()
+        },
+        address_type: "IPv4".into(),
+        endpoints: vec![Endpoint { addresses: vec![ip.into()], ..Default::default() }],
+        ports: Some(vec![EndpointPort {
+            name: Some("http".into()),
+            port: Some(8080),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+    }
+}
+
+fn config(name: &str, mode: AnnounceMode) -> LoadBalancerConfig {
+    let mut spec: LoadBalancerConfigSpec =
+        serde_json::from_value(serde_json::json!({"addresses": ["192.0.2.0/24"]})).unwrap();
+    spec.announce.mode = mode;
+    LoadBalancerConfig::new(name, spec)
+}
+
+fn balancer(svc: &str, cfg: &str, host: &str, ext_port: u16, node: Option<&str>) -> LoadBalancer {
+    let mut b =
+        LoadBalancer::new(svc, LoadBalancerSpec { service: svc.into(), class: CLASS.into(), config: Some(cfg.into()) });
+    b.metadata.namespace = Some("ns".into());
+    b.status = Some(LoadBalancerStatus {
+        host: Some(host.into()),
+        ports: vec![PortMapping { port: ext_port, protocol: "TCP".into(), service_port: 80, target_count: 1 }],
+        node: node.map(str::to_string),
+        ..Default::default()
+    });
+    b
+}
+
+fn node(name: &str, labels: &[(&str, &str)]) -> Node {
+    Node {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            ..Default::default()
+        },
+        spec: None,
+        status: Some(NodeStatus {
+            conditions: Some(vec![NodeCondition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+    }
+}
+
+struct World {
+    services: Vec<Service>,
+    slices: Vec<EndpointSlice>,
+    nodes: Vec<Node>,
+    configs: Vec<LoadBalancerConfig>,
+    balancers: Vec<LoadBalancer>,
+}
+
+impl World {
+    fn new() -> Self {
+        Self {
+            services: vec![service("web")],
+            slices: vec![slice("web", "10.0.0.11")],
+            nodes: vec![node("edge-1", &[]), node("edge-2", &[])],
+            configs: vec![config("pool", AnnounceMode::L2)],
+            balancers: vec![balancer("web", "pool", "192.0.2.10", 80, Some("edge-1"))],
+        }
+    }
+
+    fn objects(&self) -> Objects<'_> {
+        Objects {
+            services: self.services.iter().collect(),
+            slices: self.slices.iter().collect(),
+            nodes: self.nodes.iter().collect(),
+            configs: self.configs.iter().collect(),
+            balancers: self.balancers.iter().collect(),
+        }
+    }
+
+    fn run(&self, name: &str, fenced: bool, down: &[&str]) -> Programmed {
+        let down: BTreeSet<String> = down.iter().map(|s| s.to_string()).collect();
+        let me = Me { name, default_interface: "lb0", fenced, down: &down, lease_until: None };
+        node_desired(&self.objects(), CLASS, &me)
+    }
+}
+
+const VIP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+
+#[test]
+fn the_owner_holds_the_address_and_every_other_eligible_node_stands_by() {
+    let w = World::new();
+    let p = w.run("edge-1", false, &[]);
+    assert_eq!(p.desired.hold(VIP), Hold::Owner);
+    let s = &p.desired.services[0];
+    assert_eq!((s.vip, s.port, s.protocol), (VIP, 80, Protocol::Tcp));
+    assert_eq!(s.backends.iter().map(|b| b.addr.to_string()).collect::<Vec<_>>(), vec!["10.0.0.11:8080"]);
+    assert_eq!(s.interface.as_deref(), Some("lb0"));
+    let web = ServiceRef { namespace: "ns".into(), name: "web".into() };
+    assert_eq!(p.served[&web], vec![ServiceId::Port { service: web.clone(), port: 80, protocol: Protocol::Tcp }]);
+    let standby = w.run("edge-2", false, &[]);
+    assert_eq!(standby.desired.hold(VIP), Hold::Standby);
+    assert_eq!(standby.desired.services, p.desired.services, "a standby programs the same data path");
+}
+
+#[test]
+fn a_fenced_owner_holds_nothing() {
+    assert_eq!(World::new().run("edge-1", true, &[]).desired.hold(VIP), Hold::Standby);
+}
+
+#[test]
+fn announce_mode_none_holds_the_address_on_every_eligible_node() {
+    let mut w = World::new();
+    w.configs = vec![config("pool", AnnounceMode::None)];
+    w.balancers[0].status.as_mut().unwrap().node = None;
+    assert_eq!(w.run("edge-1", false, &[]).desired.hold(VIP), Hold::Permanent);
+    assert_eq!(w.run("edge-2", false, &[]).desired.hold(VIP), Hold::Permanent);
+}
+
+#[test]
+fn a_node_that_may_not_hold_the_address_programs_nothing_for_it() {
+    let mut w = World::new();
+    // Interface down.
+    assert!(w.run("edge-1", false, &["lb0"]).desired.services.is_empty());
+    // Excluded.
+    w.nodes = vec![node("edge-1", &[(endpoints::EXCLUDE_LABEL, "")])];
+    assert!(w.run("edge-1", false, &[]).desired.services.is_empty());
+    // Not selected.
+    w.nodes = vec![node("edge-1", &[("zone", "a")])];
+    w.configs[0].spec.announce.node_selector = Some(LabelSelector {
+        match_labels: Some(BTreeMap::from([("zone".to_string(), "b".to_string())])),
+        ..Default::default()
+    });
+    assert!(w.run("edge-1", false, &[]).desired.services.is_empty());
+}
+
+#[test]
+fn external_ports_come_from_the_allocator_and_odd_objects_are_skipped() {
+    let mut w = World::new();
+    w.balancers = vec![balancer("web", "pool", "192.0.2.10", 40000, Some("edge-1"))];
+    assert_eq!(w.run("edge-1", false, &[]).desired.services[0].port, 40000, "port-range mode");
+    // Another class, no config, a Service being deleted: nothing.
+    let mut other = w.balancers[0].clone();
+    other.spec.class = "example.com/lb".into();
+    w.balancers = vec![other];
+    assert!(w.run("edge-1", false, &[]).desired.services.is_empty());
+    w.balancers = vec![balancer("web", "gone", "192.0.2.10", 80, Some("edge-1"))];
+    assert!(w.run("edge-1", false, &[]).desired.services.is_empty());
+    w.balancers = vec![balancer("web", "pool", "192.0.2.10", 80, Some("edge-1"))];
+    w.services[0].metadata.deletion_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
+    assert!(w.run("edge-1", false, &[]).desired.services.is_empty());
+}
+
+#[test]
+fn a_shared_address_is_held_only_when_every_service_on_it_says_so() {
+    let mut w = World::new();
+    let mut dns = service("dns");
+    dns.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].port = 53;
+    w.services.push(dns);
+    let mut b = balancer("dns", "pool", "192.0.2.10", 53, Some("edge-2"));
+    b.status.as_mut().unwrap().ports[0].service_port = 53;
+    w.balancers.push(b);
+    // The allocator is halfway through writing a move: nobody holds it as owner.
+    assert_eq!(w.run("edge-1", false, &[]).desired.hold(VIP), Hold::Standby);
+    assert_eq!(w.run("edge-2", false, &[]).desired.hold(VIP), Hold::Standby);
+    w.balancers[1].status.as_mut().unwrap().node = Some("edge-1".into());
+    assert_eq!(w.run("edge-1", false, &[]).desired.hold(VIP), Hold::Owner);
+}
+
+#[test]
+fn only_failures_are_reported_and_a_fixed_one_is_cleared() {
+    let w = World::new();
+    let p = w.run("edge-1", false, &[]);
+    let web = ServiceRef { namespace: "ns".into(), name: "web".into() };
+    let id = p.served[&web][0].clone();
+    let balancers: Vec<&LoadBalancer> = w.balancers.iter().collect();
+    // Healthy: nothing to write.
+    assert!(report_changes(&balancers, CLASS, &p.served, &BTreeMap::new(), "edge-1").is_empty());
+    // A failure: this node's entry.
+    let failed =
+        BTreeMap::from([(id, NodeFailure::AddressFailed { vip: VIP, interface: "lb0".into(), error: "EPERM".into() })]);
+    let changes = report_changes(&balancers, CLASS, &p.served, &failed, "edge-1");
+    let report = changes[0].1.clone().unwrap();
+    assert_eq!(
+        (changes[0].0.clone(), report.node.as_str(), report.reason),
+        (web.clone(), "edge-1", NodeReason::AssignFailed)
+    );
+    assert!(report.message.contains("cannot add 192.0.2.10 to lb0"), "{}", report.message);
+    // Written: no change any more. Fixed: cleared.
+    let mut written = w.balancers[0].clone();
+    written.status.as_mut().unwrap().nodes = vec![report];
+    let balancers = vec![&written];
+    assert!(report_changes(&balancers, CLASS, &p.served, &failed, "edge-1").is_empty());
+    assert_eq!(report_changes(&balancers, CLASS, &p.served, &BTreeMap::new(), "edge-1"), vec![(web, None)]);
+    // Another node's entry is not this node's business.
+    assert!(report_changes(&balancers, CLASS, &p.served, &BTreeMap::new(), "edge-2").is_empty());
+}

@@ -1,0 +1,268 @@
+//! Kubernetes mode as the node loop's source: what this node must serve comes from the
+//! allocator's decisions in the watch caches ([`super::programmer`]), held as owner only
+//! while this node's heartbeat lives; per-node problems go back to the LoadBalancer
+//! objects, written by this node under its own field manager.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams},
+};
+use serde_json::json;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::{
+    allocator::AllocatorHandle,
+    caches::Caches,
+    crd::{GROUP, LoadBalancer, NodeReport},
+    desired::Settings,
+    leases::{ElectionHandle, Farewell, HeartbeatHandle},
+    liveness::Interfaces,
+    programmer::{self, Me},
+};
+use crate::{
+    agent::run::{Source, Wake},
+    model::{NodeDesired, ServiceId, ServiceRef},
+    net::Link,
+    node::{ApplyReport, NodeFailure, OnExit, brief},
+    telemetry::Telemetry,
+};
+
+/// Field manager of this node's own reports on LoadBalancer objects.
+pub fn node_manager(node: &str) -> String {
+    let m = format!("ballast-node/{node}");
+    if m.len() <= 128 { m } else { format!("ballast-node/{:016x}", super::ownership::stable_hash(node.as_bytes())) }
+}
+
+/// The Kubernetes source.
+pub struct ClusterSource {
+    client: Client,
+    caches: Caches,
+    objects: watch::Receiver<u64>,
+    heartbeat: HeartbeatHandle,
+    election: ElectionHandle,
+    allocator: AllocatorHandle,
+    settings: Settings,
+    node: String,
+    grace: Duration,
+    fenced: bool,
+    down: BTreeSet<String>,
+    telemetry: Arc<Telemetry>,
+    /// The data-path services of each Service served here, as of the last desired state.
+    served: BTreeMap<ServiceRef, Vec<ServiceId>>,
+    /// The reports this node wrote (or is writing), so a lagging cache does not cause
+    /// the same write twice; a failed write is forgotten and retried.
+    written: Arc<Mutex<BTreeMap<ServiceRef, Option<NodeReport>>>>,
+    /// Failures as last logged.
+    logged: BTreeMap<ServiceId, NodeFailure>,
+}
+
+/// Everything the source runs besides the caches.
+pub struct Tasks {
+    /// The heartbeat.
+    pub heartbeat: HeartbeatHandle,
+    /// The allocator election.
+    pub election: ElectionHandle,
+    /// The allocator.
+    pub allocator: AllocatorHandle,
+}
+
+impl ClusterSource {
+    /// The source for node `node`.
+    pub fn new(
+        client: Client,
+        caches: Caches,
+        tasks: Tasks,
+        settings: Settings,
+        node: String,
+        grace: Duration,
+        telemetry: Arc<Telemetry>,
+    ) -> Self {
+        let fenced = tasks.heartbeat.status.borrow().fenced;
+        Self {
+            objects: caches.object_changes(),
+            client,
+            caches,
+            heartbeat: tasks.heartbeat,
+            election: tasks.election,
+            allocator: tasks.allocator,
+            settings,
+            node,
+            grace,
+            fenced,
+            down: BTreeSet::new(),
+            telemetry,
+            served: BTreeMap::new(),
+            written: Arc::default(),
+            logged: BTreeMap::new(),
+        }
+    }
+
+    /// Writes changed reports in the background: the node loop never waits for the API.
+    fn write_reports(&self, changes: Vec<(ServiceRef, Option<NodeReport>)>) {
+        let written = self.written.clone();
+        let changes: Vec<_> = {
+            let Ok(mut w) = written.lock() else { return };
+            let mut out = Vec::new();
+            for (r, rep) in changes {
+                if w.get(&r) != Some(&rep) {
+                    w.insert(r.clone(), rep.clone());
+                    out.push((r, rep));
+                }
+            }
+            out
+        };
+        if changes.is_empty() {
+            return;
+        }
+        let client = self.client.clone();
+        let manager = node_manager(&self.node);
+        let telemetry = self.telemetry.clone();
+        tokio::spawn(async move {
+            for (r, rep) in changes {
+                let api = Api::<LoadBalancer>::namespaced(client.clone(), &r.namespace);
+                // Applying without this node's entry removes it: it is all this manager owns.
+                let status = match &rep {
+                    Some(rep) => json!({ "nodes": [rep] }),
+                    None => json!({}),
+                };
+                let patch =
+                    json!({ "apiVersion": format!("{GROUP}/v1alpha1"), "kind": "LoadBalancer", "status": status });
+                match api.patch_status(&r.name, &PatchParams::apply(&manager).force(), &Patch::Apply(patch)).await {
+                    Ok(_) => telemetry.api_write("node_report"),
+                    Err(e) => {
+                        warn!(service = %r, error = %e, "cannot write this node's report; retrying at the next pass");
+                        if let Ok(mut w) = written.lock() {
+                            w.remove(&r);
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+impl Source for ClusterSource {
+    async fn wait(&mut self) -> Wake {
+        tokio::select! {
+            r = self.objects.changed() => {
+                if r.is_err() {
+                    return std::future::pending().await;
+                }
+                // Let a burst of events settle into one pass.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                Wake::Changed
+            }
+            r = self.heartbeat.status.changed() => {
+                if r.is_err() {
+                    return std::future::pending().await;
+                }
+                let fenced = self.heartbeat.status.borrow_and_update().fenced;
+                if fenced == self.fenced {
+                    return Wake::Lease;
+                }
+                self.fenced = fenced;
+                if fenced {
+                    warn!("this node's heartbeat lease ended: giving up the addresses it holds as owner until it is renewed");
+                } else {
+                    info!("heartbeat renewed: holding this node's addresses again");
+                }
+                Wake::Changed
+            }
+        }
+    }
+
+    fn desired(&mut self) -> NodeDesired {
+        let snap = self.caches.snapshot();
+        let status = *self.heartbeat.status.borrow();
+        let me = Me {
+            name: &self.node,
+            default_interface: &self.settings.default_interface,
+            fenced: status.fenced,
+            down: &self.down,
+            lease_until: status.until,
+        };
+        let p = programmer::node_desired(&snap.objects(), &self.settings.class, &me);
+        self.served = p.served;
+        p.desired
+    }
+
+    fn lease_until(&self) -> Option<std::time::Instant> {
+        self.heartbeat.status.borrow().until
+    }
+
+    fn links_changed(&mut self, links: &[Link]) -> bool {
+        let configs = self.caches.configs.state();
+        let refs: Vec<_> = configs.iter().map(AsRef::as_ref).collect();
+        let down: BTreeSet<String> = programmer::interfaces(&refs, &self.settings.default_interface)
+            .into_iter()
+            .filter(|name| !links.iter().any(|l| l.name == *name && l.operational()))
+            .map(str::to_string)
+            .collect();
+        if down == self.down {
+            return false;
+        }
+        for gone in down.difference(&self.down) {
+            warn!(iface = gone, "interface down: this node stops holding addresses on it");
+        }
+        for back in self.down.difference(&down) {
+            info!(iface = back, "interface up again");
+        }
+        self.down = down;
+        self.heartbeat
+            .interfaces
+            .send_replace(Interfaces { default: self.settings.default_interface.clone(), down: self.down.clone() });
+        true
+    }
+
+    async fn report(&mut self, desired: &NodeDesired, r: &ApplyReport) {
+        for w in &r.warnings {
+            warn!("{w}");
+        }
+        for (id, why) in &r.failed {
+            if self.logged.get(id) != Some(why) {
+                warn!(service = %id, "not served on this node: {why}");
+            }
+        }
+        self.logged = r.failed.clone();
+        if r.changed() || !r.announced.is_empty() {
+            let (added, removed) = (brief(&r.added), brief(&r.removed));
+            info!(
+                services = desired.services.len(),
+                map_ops = r.map_ops,
+                vips_added = added,
+                vips_removed = removed,
+                announced = brief(&r.announced),
+                "data path updated"
+            );
+        }
+        let balancers = self.caches.balancers.state();
+        let refs: Vec<&LoadBalancer> = balancers.iter().map(AsRef::as_ref).collect();
+        let changes = programmer::report_changes(&refs, &self.settings.class, &self.served, &r.failed, &self.node);
+        self.write_reports(changes);
+    }
+
+    async fn stop(&mut self, on_exit: OnExit) -> Option<Duration> {
+        self.allocator.stop().await;
+        self.election.stop().await;
+        match on_exit {
+            OnExit::Keep => {
+                let kept = self.heartbeat.stop(Farewell::Restarting).await;
+                if kept {
+                    info!(grace_s = self.grace.as_secs(), "this node's addresses stay for the restart's grace period");
+                }
+                kept.then_some(self.grace)
+            }
+            OnExit::Detach => {
+                self.heartbeat.stop(Farewell::Stopped).await;
+                None
+            }
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! What one node must serve: the desired state every source (static file, Kubernetes)
+//! produces and the node programmer applies.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Instant};
+
+use super::ServiceSpec;
+
+/// How this node holds a VIP on its interface (and so whether it answers ARP for it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Hold {
+    /// Always, with no lifetime: static mode and announce mode `None`.
+    Permanent,
+    /// As the address's single owner (L2 mode). The address carries a lifetime that ends
+    /// with [`NodeDesired::lease_until`] unless renewed, so a node that stops renewing its
+    /// heartbeat loses the address even when its agent is gone; neighbours are told at once
+    /// (gratuitous ARP).
+    Owner,
+    /// Not held: another node owns the address. The data path is still programmed, so
+    /// taking over is only adding the address.
+    Standby,
+}
+
+/// Everything one node must serve.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeDesired {
+    /// Data-path services (one per VIP, port and protocol).
+    pub services: Vec<ServiceSpec>,
+    /// How each VIP is held; a VIP missing here is not held ([`Hold::Standby`]).
+    pub holds: BTreeMap<Ipv4Addr, Hold>,
+    /// When addresses held as [`Hold::Owner`] must be gone unless renewed (the end of the
+    /// node's heartbeat lease). `None`: no lease, owned addresses are not held.
+    pub lease_until: Option<Instant>,
+}
+
+impl NodeDesired {
+    /// Services whose VIPs are all held permanently (static mode).
+    pub fn permanent(services: Vec<ServiceSpec>) -> Self {
+        let holds = services.iter().map(|s| (s.vip, Hold::Permanent)).collect();
+        Self { services, holds, lease_until: None }
+    }
+
+    /// How `vip` is held.
+    pub fn hold(&self, vip: Ipv4Addr) -> Hold {
+        self.holds.get(&vip).copied().unwrap_or(Hold::Standby)
+    }
+}

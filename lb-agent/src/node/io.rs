@@ -1,0 +1,111 @@
+//! The node's IO, behind small traits: the data path (maps and attachments), the network
+//! configuration (interfaces, addresses, routes, forwarding) and the announcer (gratuitous
+//! ARP). [`super::real`] implements them on the kernel, [`super::memory`] in memory and
+//! [`super::faulty`] wraps either to inject failures, so the node's logic is tested with
+//! and without a kernel.
+
+use std::{future::Future, net::Ipv4Addr};
+
+use lb_common::config::DataplaneConfig;
+
+use crate::{
+    dataplane::{
+        LoadError, MapsError,
+        flows::GcReport,
+        plan::Limits,
+        state::{MapOp, ProgrammedState},
+    },
+    net::{IfAddr, Lifetime, Link, RouteTo, netlink::NetError},
+};
+
+/// A failure of the node's IO.
+#[derive(Debug, thiserror::Error)]
+pub enum IoError {
+    /// Netlink.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// A map read or write.
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    /// Loading or attaching a program.
+    #[error(transparent)]
+    Load(Box<LoadError>),
+    /// The forwarding sysctl.
+    #[error("sysctl: {0}")]
+    Sysctl(std::io::Error),
+    /// Sending an announcement.
+    #[error("cannot send gratuitous ARP for {vip} on {iface}: {source}")]
+    Announce {
+        /// The address announced.
+        vip: Ipv4Addr,
+        /// The interface.
+        iface: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A failure injected by [`super::faulty`] (tests).
+    #[error("injected failure: {0}")]
+    Injected(String),
+}
+
+impl From<LoadError> for IoError {
+    fn from(e: LoadError) -> Self {
+        Self::Load(Box::new(e))
+    }
+}
+
+/// The loaded data path: its maps and the interfaces its programs are attached to.
+pub trait DataplaneIo {
+    /// What the maps hold (everything the agent owns).
+    fn read_state(&self) -> Result<ProgrammedState, IoError>;
+    /// Applies one map operation.
+    fn apply(&mut self, op: &MapOp) -> Result<(), IoError>;
+    /// The id spaces the maps were created with.
+    fn limits(&self) -> Limits;
+    /// Attaches the programs to interface `ifindex` (`iface` names it); a no-op when
+    /// already attached.
+    fn attach(&mut self, iface: &str, ifindex: u32) -> Result<(), IoError>;
+    /// Interfaces the programs are attached to: (ifindex, name).
+    fn attached(&self) -> Vec<(u32, String)>;
+    /// Attachments that are gone although this agent made them (someone detached the
+    /// program, or the interface was recreated), judged against the current `links`.
+    fn lost_attachments(&self, links: &[Link]) -> Vec<(u32, String)>;
+    /// Forgets an attachment, so the next [`Self::attach`] attaches anew.
+    fn forget(&mut self, ifindex: u32);
+    /// Detaches from every interface.
+    fn detach_all(&mut self);
+    /// Leaves the programs attached for the next agent.
+    fn keep_attached(&mut self);
+    /// Removes idle and stale flows.
+    fn collect_flows(&mut self, config: &DataplaneConfig, now_ns: u64) -> Result<GcReport, IoError>;
+}
+
+/// The node's network configuration.
+pub trait NetIo {
+    /// Every interface.
+    fn links(&self) -> impl Future<Output = Result<Vec<Link>, IoError>> + Send;
+    /// Every IPv4 address.
+    fn addresses(&self) -> impl Future<Output = Result<Vec<IfAddr>, IoError>> + Send;
+    /// Adds `addr/32` to interface `index`, marked as ballast's, or replaces it (updating
+    /// its lifetime).
+    fn set_address(
+        &self,
+        index: u32,
+        addr: Ipv4Addr,
+        lifetime: Lifetime,
+    ) -> impl Future<Output = Result<(), IoError>> + Send;
+    /// Removes `addr/prefix` from interface `index` (already gone is success).
+    fn del_address(&self, index: u32, addr: Ipv4Addr, prefix: u8) -> impl Future<Output = Result<(), IoError>> + Send;
+    /// The route the kernel uses towards `dst`, if any.
+    fn route_to(&self, dst: Ipv4Addr) -> impl Future<Output = Result<Option<RouteTo>, IoError>> + Send;
+    /// Turns IPv4 forwarding on for `iface`; returns the old value if it changed.
+    fn enable_forwarding(&self, iface: &str) -> Result<Option<String>, IoError>;
+    /// Puts the forwarding setting back.
+    fn restore_forwarding(&self, iface: &str, old: &str) -> Result<(), IoError>;
+}
+
+/// Tells the segment which node holds an address.
+pub trait Announcer {
+    /// Sends one gratuitous ARP (an ARP announcement) for `vip` out of `link`.
+    fn announce(&self, link: &Link, vip: Ipv4Addr) -> Result<(), IoError>;
+}

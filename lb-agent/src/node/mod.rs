@@ -1,0 +1,645 @@
+//! The node programmer: makes one node serve a [`NodeDesired`] (map entries, program
+//! attachments, addresses and their announcements), applying only differences. Its IO sits
+//! behind the traits of [`io`]: [`real`] works on the kernel, [`memory`] in memory, and
+//! [`faulty`] injects failures, so this logic is unit-tested without a kernel as well as
+//! end to end with one.
+
+pub mod faulty;
+pub mod io;
+pub mod memory;
+pub mod real;
+mod report;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use lb_common::{
+    addr::{ADDR_SNAT, ADDR_VIP, AddrInfo, AddrKey},
+    config::DataplaneConfig,
+};
+use tracing::{info, warn};
+
+use self::io::{Announcer, DataplaneIo, IoError, NetIo};
+pub use self::report::{ApplyReport, NodeFailure};
+use crate::{
+    dataplane::{
+        MapSizes, XdpAttachMode,
+        flows::{self, GcReport},
+        plan::{DesiredState, plan},
+        state::ProgrammedState,
+    },
+    model::{Hold, NodeDesired, ServiceId, ServiceSpec},
+    net::{
+        IfAddr, Lifetime, Link,
+        addresses::{Want, address_changes},
+        ifaces::{iface_table, xdp_device},
+        netlink::NetError,
+    },
+    telemetry::{ServiceLabels, Telemetry},
+};
+
+/// What the agent leaves behind when it stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnExit {
+    /// Detach the programs, remove the VIPs it added, restore forwarding settings.
+    Detach,
+    /// Leave programs (pinned links), VIPs and maps in place: traffic keeps flowing while
+    /// no agent runs, and the next agent replaces the programs atomically.
+    Keep,
+}
+
+/// Settings of a node.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    /// Interface that holds the VIPs and receives client traffic.
+    pub interface: String,
+    /// bpffs directory for the pinned maps.
+    pub pin_dir: PathBuf,
+    /// XDP attach mode.
+    pub xdp_mode: XdpAttachMode,
+    /// Map capacities.
+    pub sizes: MapSizes,
+    /// Data path settings.
+    pub config: DataplaneConfig,
+    /// What stopping leaves behind.
+    pub on_exit: OnExit,
+    /// Kernel-side log level (aya-log: 0 off, 1 error … 5 trace).
+    pub kernel_log: u8,
+}
+
+/// Why the node could not start or apply at all.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The node's IO failed (includes a missing interface at start).
+    #[error(transparent)]
+    Io(#[from] IoError),
+    /// Another agent runs in this network namespace.
+    #[error("another lb-agent is already running on this node (network namespace): {0}")]
+    AlreadyRunning(std::io::Error),
+}
+
+/// When gratuitous ARPs follow taking an address, from the moment it is added: at once,
+/// then again over the next seconds, because switches and routers miss single frames.
+pub const ANNOUNCE_AT: [Duration; 5] = [
+    Duration::ZERO,
+    Duration::from_millis(500),
+    Duration::from_millis(1500),
+    Duration::from_secs(3),
+    Duration::from_secs(5),
+];
+
+/// How long a backend's route lookup is reused at most.
+const ROUTE_TTL: Duration = Duration::from_secs(10);
+
+/// The egress interface of each backend from `route get`, reused across passes while the
+/// node's interfaces and addresses (its own VIPs aside) stay the same, for at most
+/// [`ROUTE_TTL`]. A lookup is a netlink round trip; one per backend per pass made a pass
+/// over 10 000 Services × 10 endpoints take seconds, and every Service event causes a pass.
+struct RouteCache {
+    links: Vec<Link>,
+    addrs: Vec<IfAddr>,
+    since: Instant,
+    oifs: HashMap<Ipv4Addr, Option<u32>>,
+}
+
+impl RouteCache {
+    fn new() -> Self {
+        Self { links: Vec::new(), addrs: Vec::new(), since: Instant::now(), oifs: HashMap::new() }
+    }
+
+    /// Forgets everything when the interfaces or addresses changed or the entries are old.
+    fn refresh(&mut self, links: &[Link], addrs: &[IfAddr]) {
+        // Lifetimes tick down every second and carrier is not a routing input.
+        let addrs: Vec<IfAddr> =
+            addrs.iter().filter(|a| !a.ours).map(|a| IfAddr { lifetime: Lifetime::Forever, ..*a }).collect();
+        if self.links != links || self.addrs != addrs || self.since.elapsed() > ROUTE_TTL {
+            *self = Self { links: links.to_vec(), addrs, since: Instant::now(), oifs: HashMap::new() };
+        }
+    }
+}
+
+/// Addresses for a log line: all of them when few, else the first eight and the count (a
+/// first pass over 10 000 Services adds 10 000 VIPs; one log line must stay readable).
+pub fn brief(addrs: &[Ipv4Addr]) -> String {
+    const SHOWN: usize = 8;
+    let head: Vec<String> = addrs.iter().take(SHOWN).map(Ipv4Addr::to_string).collect();
+    if addrs.len() <= SHOWN {
+        format!("[{}]", head.join(", "))
+    } else {
+        format!("[{}, … {} in all]", head.join(", "), addrs.len())
+    }
+}
+
+/// Name of the abstract socket that marks a running agent. Abstract sockets belong to the
+/// network namespace and vanish with the process, so a crashed agent never blocks the next.
+pub const LOCK_NAME: &[u8] = b"ballast-lb-agent";
+
+/// Takes the node-wide (network namespace) agent lock; fails if another agent holds it.
+pub fn instance_lock() -> Result<std::os::unix::net::UnixListener, std::io::Error> {
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(LOCK_NAME)?;
+    std::os::unix::net::UnixListener::bind_addr(&addr)
+}
+
+/// The lifetime a leased address gets when the lease ends at `until`: the whole seconds
+/// left, so the kernel removes the address no later than the lease ends. `None` when less
+/// than a second is left: the address must go now.
+pub fn lease_lifetime(until: Option<Instant>, now: Instant) -> Option<Lifetime> {
+    let left = until?.checked_duration_since(now)?.as_secs();
+    (left >= 1).then(|| Lifetime::Seconds(u32::try_from(left).unwrap_or(u32::MAX)))
+}
+
+/// Where and how one VIP is held, as of the last apply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Holding {
+    /// ifindex of the interface.
+    index: u32,
+    /// How.
+    hold: Hold,
+    /// The services using it (they fail together when the address cannot be added).
+    services: Vec<ServiceId>,
+}
+
+/// One node: the data path, its interfaces and addresses.
+pub struct Node<D, N, A> {
+    opts: NodeOptions,
+    dp: D,
+    net: N,
+    announcer: A,
+    /// What the maps hold, kept in step with every operation applied.
+    state: ProgrammedState,
+    /// Forwarding settings changed, to restore: interface → old value.
+    forwarding: BTreeMap<String, String>,
+    telemetry: Arc<Telemetry>,
+    /// VIPs this agent put on interfaces (to notice when someone removes one).
+    vips_added: BTreeSet<Ipv4Addr>,
+    routes: RouteCache,
+    /// Every VIP of the last apply's services.
+    holdings: BTreeMap<Ipv4Addr, Holding>,
+    /// Gratuitous ARPs still to send: (when, ifindex, VIP).
+    announcements: Vec<(Instant, u32, Ipv4Addr)>,
+    /// Held for the agent's lifetime: see [`instance_lock`].
+    _lock: Option<std::os::unix::net::UnixListener>,
+}
+
+impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
+    /// A node on the given IO, adopting what the maps and interfaces already hold, with
+    /// the programs attached to `opts.interface`.
+    pub async fn new(
+        opts: NodeOptions,
+        telemetry: Arc<Telemetry>,
+        dp: D,
+        net: N,
+        announcer: A,
+    ) -> Result<Self, NodeError> {
+        let links = net.links().await?;
+        let Some(iface) = links.iter().find(|l| l.name == opts.interface).map(|l| l.index) else {
+            return Err(IoError::Net(NetError::NoSuchInterface(opts.interface.clone())).into());
+        };
+        let state = dp.read_state()?;
+        if !state.services.is_empty() {
+            info!(services = state.services.len(), "found programmed services in the pinned maps; adopting them");
+        }
+        // Addresses carrying our marker were put there by an earlier agent: they count as ours.
+        let vips_added = net.addresses().await?.into_iter().filter(|a| a.ours).map(|a| a.addr).collect();
+        let mut node = Self {
+            opts,
+            dp,
+            net,
+            announcer,
+            state,
+            forwarding: BTreeMap::new(),
+            telemetry,
+            vips_added,
+            routes: RouteCache::new(),
+            holdings: BTreeMap::new(),
+            announcements: Vec::new(),
+            _lock: None,
+        };
+        node.attach(&links, iface)?;
+        Ok(node)
+    }
+
+    /// Attaches to the device carrying interface `index`'s traffic and enables forwarding
+    /// on the interface.
+    fn attach(&mut self, links: &[Link], index: u32) -> Result<(), IoError> {
+        let Some(dev) = xdp_device(links, index) else {
+            return Ok(());
+        };
+        self.dp.attach(&dev.name, dev.index)?;
+        for name in [Some(dev.name.clone()), links.iter().find(|l| l.index == index).map(|l| l.name.clone())]
+            .into_iter()
+            .flatten()
+        {
+            if self.forwarding.contains_key(&name) {
+                continue;
+            }
+            match self.net.enable_forwarding(&name) {
+                Ok(Some(old)) => {
+                    info!(iface = name, "enabled IPv4 forwarding (bpf_fib_lookup needs it on the receiving interface)");
+                    self.forwarding.insert(name, old);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(iface = name, error = %e, "cannot enable IPv4 forwarding; forwarding lookups will fail")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the node serve exactly `desired`: maps, attachments and addresses. A service
+    /// that cannot be served (missing interface, exhausted ids, address refused) is named in
+    /// the report; the others are served regardless. Addresses this node must no longer
+    /// hold go first, before anything else can fail.
+    pub async fn apply(&mut self, desired: &NodeDesired, now: Instant) -> Result<ApplyReport, NodeError> {
+        let mut report = ApplyReport::default();
+        let links = self.net.links().await?;
+        let addrs = self.net.addresses().await?;
+
+        // Which interface holds each VIP.
+        let mut holdings: BTreeMap<Ipv4Addr, Holding> = BTreeMap::new();
+        let mut usable: Vec<ServiceSpec> = Vec::with_capacity(desired.services.len());
+        let default_iface = self.opts.interface.clone();
+        for s in &desired.services {
+            let name = s.interface.as_deref().unwrap_or(&default_iface);
+            let Some(link) = links.iter().find(|l| l.name == name) else {
+                report.failed.insert(s.id.clone(), NodeFailure::NoSuchInterface { interface: name.to_string() });
+                continue;
+            };
+            if holdings.get(&s.vip).is_some_and(|h| h.index != link.index) {
+                report
+                    .failed
+                    .insert(s.id.clone(), NodeFailure::VipOnOtherInterface { vip: s.vip, interface: name.to_string() });
+                continue;
+            }
+            if let Err(e) = self.attach(&links, link.index) {
+                report.failed.insert(
+                    s.id.clone(),
+                    NodeFailure::AttachFailed { interface: name.to_string(), error: e.to_string() },
+                );
+                continue;
+            }
+            holdings
+                .entry(s.vip)
+                .or_insert_with(|| Holding { index: link.index, hold: desired.hold(s.vip), services: Vec::new() })
+                .services
+                .push(s.id.clone());
+            usable.push(s.clone());
+        }
+
+        // Where do backends live? Every interface a backend is routed through needs the
+        // programs (replies come back there) and its address is a SNAT source.
+        let egress = self.egress(&usable, &links, &addrs, &mut report).await?;
+        let ifaces = iface_table(&links, &addrs);
+        let mut owned: BTreeMap<AddrKey, AddrInfo> = BTreeMap::new();
+        for s in &usable {
+            owned.entry(AddrKey { addr: s.vip.octets() }).or_default().flags |= ADDR_VIP;
+        }
+        for oif in &egress {
+            match ifaces.get(oif) {
+                Some(i) if i.snat_ip != [0; 4] => owned.entry(AddrKey { addr: i.snat_ip }).or_default().flags |= ADDR_SNAT,
+                _ => report.warnings.push(format!(
+                    "interface {} leads to backends but has no IPv4 address to use as SNAT source; flows through it are dropped",
+                    links.iter().find(|l| l.index == *oif).map_or("?", |l| l.name.as_str())
+                )),
+            }
+        }
+
+        // Addresses no longer held go before anything else can fail: another node may be
+        // taking them over.
+        self.holdings = holdings;
+        let changes = self.address_changes(desired.lease_until, now, &addrs, &mut report);
+        self.remove_addresses(&changes.remove, &mut report).await;
+
+        let p = plan(&self.state, &DesiredState { services: usable.clone(), addrs: owned, ifaces }, self.dp.limits());
+        for op in &p.ops {
+            if let Err(e) = self.dp.apply(op) {
+                // The rest of the plan may depend on this operation; the next pass plans again
+                // from what was applied.
+                warn!(error = %e, "a map write failed; the remaining map changes wait for the next pass");
+                report.errors.push(e);
+                break;
+            }
+            self.state.apply(op);
+            report.map_ops += 1;
+        }
+        for e in p.errors {
+            report.failed.insert(e.service().clone(), NodeFailure::Maps(e));
+        }
+
+        self.set_addresses(&changes.add, &changes.renew, &links, now, &mut report).await;
+        let labels = usable
+            .iter()
+            .filter_map(|s| {
+                let key = s.key();
+                let v = self.state.services.get(&key)?;
+                Some(ServiceLabels::new(&s.id, &key, v.id, v.count))
+            })
+            .collect();
+        self.telemetry.set_services(labels);
+        self.publish_owned();
+        Ok(report)
+    }
+
+    /// Renews or drops the addresses this node holds as owner when its lease now ends at
+    /// `lease_until` (a heartbeat renewed, or not), without replanning anything else. Cheap:
+    /// two netlink dumps and one request per leased address whose lifetime changes.
+    pub async fn refresh_addresses(
+        &mut self,
+        lease_until: Option<Instant>,
+        now: Instant,
+    ) -> Result<ApplyReport, NodeError> {
+        let mut report = ApplyReport::default();
+        let links = self.net.links().await?;
+        let addrs = self.net.addresses().await?;
+        let changes = self.address_changes(lease_until, now, &addrs, &mut report);
+        self.remove_addresses(&changes.remove, &mut report).await;
+        self.set_addresses(&changes.add, &changes.renew, &links, now, &mut report).await;
+        self.publish_owned();
+        Ok(report)
+    }
+
+    /// Egress interfaces towards the backends of `services` (attaching there), warning about
+    /// unreachable backends.
+    async fn egress(
+        &mut self,
+        services: &[ServiceSpec],
+        links: &[Link],
+        addrs: &[IfAddr],
+        report: &mut ApplyReport,
+    ) -> Result<BTreeSet<u32>, NodeError> {
+        let backends: BTreeSet<Ipv4Addr> =
+            services.iter().flat_map(|s| s.backends.iter().map(|b| *b.addr.ip())).collect();
+        let mut egress = BTreeSet::new();
+        self.routes.refresh(links, addrs);
+        self.routes.oifs.retain(|ip, _| backends.contains(ip));
+        let mut unreachable = Vec::new();
+        for b in backends {
+            let oif = match self.routes.oifs.get(&b) {
+                Some(oif) => *oif,
+                None => {
+                    let oif = self.net.route_to(b).await?.map(|r| r.oif);
+                    self.routes.oifs.insert(b, oif);
+                    oif
+                }
+            };
+            match oif {
+                Some(oif) => {
+                    egress.insert(oif);
+                }
+                None => unreachable.push(b),
+            }
+        }
+        // One line however many: thousands of pods behind a missing route are one problem.
+        match unreachable.as_slice() {
+            [] => {}
+            [b] => report.warnings.push(format!("backend {b} is unreachable (no route); flows to it are dropped")),
+            [first, ..] => report.warnings.push(format!(
+                "{} backends are unreachable (no route), {first} among them; flows to them are dropped",
+                unreachable.len()
+            )),
+        }
+        for oif in &egress {
+            if let Err(e) = self.attach(links, *oif) {
+                report.warnings.push(format!("cannot attach to the interface towards backends (ifindex {oif}): {e}"));
+            }
+        }
+        Ok(egress)
+    }
+
+    /// The address changes that make the node hold what [`Self::holdings`] says, with owned
+    /// addresses leased until `lease_until`.
+    fn address_changes(
+        &self,
+        lease_until: Option<Instant>,
+        now: Instant,
+        addrs: &[IfAddr],
+        report: &mut ApplyReport,
+    ) -> crate::net::addresses::AddressChanges {
+        let lease = lease_lifetime(lease_until, now);
+        let wanted: BTreeMap<Ipv4Addr, Want> = self
+            .holdings
+            .iter()
+            .filter_map(|(vip, h)| {
+                let lifetime = match h.hold {
+                    Hold::Permanent => Some(Lifetime::Forever),
+                    Hold::Owner => lease,
+                    Hold::Standby => None,
+                }?;
+                Some((*vip, Want { index: h.index, lifetime }))
+            })
+            .collect();
+        let changes = address_changes(&wanted, addrs);
+        for vip in &changes.foreign {
+            report
+                .warnings
+                .push(format!("VIP {vip} is already configured on this node by someone else; using it as is"));
+        }
+        changes
+    }
+
+    async fn remove_addresses(&mut self, remove: &[(u32, Ipv4Addr, u8)], report: &mut ApplyReport) {
+        for (index, vip, prefix) in remove {
+            match self.net.del_address(*index, *vip, *prefix).await {
+                Ok(()) => {
+                    self.vips_added.remove(vip);
+                    self.announcements.retain(|(_, _, v)| v != vip);
+                    report.removed.push(*vip);
+                }
+                Err(e) => report.warnings.push(format!("cannot remove {vip}: {e}")),
+            }
+        }
+    }
+
+    async fn set_addresses(
+        &mut self,
+        add: &[(u32, Ipv4Addr, Lifetime)],
+        renew: &[(u32, Ipv4Addr, Lifetime)],
+        links: &[Link],
+        now: Instant,
+        report: &mut ApplyReport,
+    ) {
+        let items =
+            add.iter().map(|(i, v, l)| (*i, *v, *l, true)).chain(renew.iter().map(|(i, v, l)| (*i, *v, *l, false)));
+        for (index, vip, lifetime, new) in items {
+            let hold = self.holdings.get(&vip).map_or(Hold::Standby, |h| h.hold);
+            if new && hold == Hold::Permanent && self.vips_added.contains(&vip) {
+                warn!(%vip, "a VIP this agent added was removed from its interface by someone else; adding it back");
+                self.telemetry.drift("address");
+            }
+            match self.net.set_address(index, vip, lifetime).await {
+                Ok(()) if new => {
+                    self.vips_added.insert(vip);
+                    report.added.push(vip);
+                    if hold == Hold::Owner {
+                        self.announce(links, index, vip, report);
+                        self.announcements.extend(ANNOUNCE_AT[1..].iter().map(|d| (now + *d, index, vip)));
+                        self.announcements.sort_by_key(|(t, _, _)| *t);
+                    }
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    let interface = links.iter().find(|l| l.index == index).map_or("?", |l| l.name.as_str());
+                    for id in self.holdings.get(&vip).map(|h| h.services.clone()).unwrap_or_default() {
+                        report.failed.insert(
+                            id,
+                            NodeFailure::AddressFailed { vip, interface: interface.to_string(), error: e.to_string() },
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn announce(&self, links: &[Link], index: u32, vip: Ipv4Addr, report: &mut ApplyReport) {
+        let Some(link) = links.iter().find(|l| l.index == index) else { return };
+        match self.announcer.announce(link, vip) {
+            Ok(()) => report.announced.push(vip),
+            Err(e) => report.warnings.push(e.to_string()),
+        }
+    }
+
+    /// When the next gratuitous ARP is due, if any.
+    pub fn next_announcement(&self) -> Option<Instant> {
+        self.announcements.first().map(|(t, _, _)| *t)
+    }
+
+    /// Sends the gratuitous ARPs due at `now`; returns the VIPs announced.
+    pub async fn announce_due(&mut self, now: Instant) -> Result<Vec<Ipv4Addr>, NodeError> {
+        let due = self.announcements.partition_point(|(t, _, _)| *t <= now);
+        if due == 0 {
+            return Ok(Vec::new());
+        }
+        let links = self.net.links().await?;
+        let mut report = ApplyReport::default();
+        for (_, index, vip) in self.announcements.drain(..due).collect::<Vec<_>>() {
+            self.announce(&links, index, vip, &mut report);
+        }
+        for w in &report.warnings {
+            warn!("{w}");
+        }
+        Ok(report.announced)
+    }
+
+    /// Publishes the addresses this node holds as owner (the `ballast_address_owned` metric).
+    fn publish_owned(&self) {
+        let owned =
+            self.holdings.iter().filter(|(v, h)| h.hold == Hold::Owner && self.vips_added.contains(v)).map(|(v, _)| *v);
+        self.telemetry.set_owned(owned.collect());
+    }
+
+    /// Every interface, as netlink reports it now.
+    pub async fn links(&self) -> Result<Vec<Link>, NodeError> {
+        Ok(self.net.links().await?)
+    }
+
+    /// Compares the maps and attachments with what this agent programmed and repairs any
+    /// difference (someone deleted a map entry, detached a program, recreated an
+    /// interface). Returns what was repaired; the next [`Self::apply`] rewrites the maps.
+    pub async fn repair_drift(&mut self) -> Result<Vec<String>, NodeError> {
+        let mut repaired = Vec::new();
+        let actual = self.dp.read_state()?;
+        if actual != self.state {
+            let differs = |a: usize, b: usize, what: &str| (a != b).then(|| format!("{what} {a}→{b}"));
+            let detail: Vec<String> = [
+                differs(self.state.services.len(), actual.services.len(), "services"),
+                differs(self.state.slots.len(), actual.slots.len(), "slots"),
+                differs(self.state.addrs.len(), actual.addrs.len(), "addrs"),
+                differs(self.state.ifaces.len(), actual.ifaces.len(), "ifaces"),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            let detail = if detail.is_empty() { "entries changed".to_string() } else { detail.join(", ") };
+            warn!(%detail, "the maps differ from what this agent wrote; repairing");
+            self.telemetry.drift("map");
+            repaired.push(format!("maps: {detail}"));
+            self.state = actual;
+        }
+        let links = self.net.links().await?;
+        for (index, name) in self.dp.lost_attachments(&links) {
+            warn!(iface = name, "the XDP program is no longer attached; attaching again");
+            self.telemetry.drift("attachment");
+            self.dp.forget(index);
+            if let Some(l) = links.iter().find(|l| l.name == name) {
+                self.attach(&links, l.index)?;
+            }
+            repaired.push(format!("attachment on {name}"));
+        }
+        Ok(repaired)
+    }
+
+    /// Removes idle and stale flows.
+    pub fn collect_flows(&mut self) -> Result<GcReport, NodeError> {
+        let r = self.dp.collect_flows(&self.opts.config, flows::monotonic_ns())?;
+        self.telemetry.set_flows(((r.scanned - r.expired - r.stale) / 2) as u64);
+        Ok(r)
+    }
+
+    /// Metrics and health of this node.
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.telemetry
+    }
+
+    /// What the maps hold (as this agent wrote it).
+    pub fn programmed(&self) -> &ProgrammedState {
+        &self.state
+    }
+
+    /// The IO, for tests that look at or change what the node sees.
+    pub fn io(&mut self) -> (&mut D, &mut N, &mut A) {
+        (&mut self.dp, &mut self.net, &mut self.announcer)
+    }
+
+    /// Stops as `opts.on_exit` says. Maps always stay pinned, so a restarted agent continues
+    /// established flows. With `keep`, addresses held as owner get `lease_grace` as their
+    /// lifetime (the planned restart's grace period), so they survive the restart but not
+    /// a node that never comes back.
+    pub async fn shutdown(mut self, lease_grace: Option<Duration>) {
+        if self.opts.on_exit == OnExit::Keep {
+            self.dp.keep_attached();
+            if let Some(grace) = lease_grace {
+                let lifetime = Lifetime::Seconds(u32::try_from(grace.as_secs().max(1)).unwrap_or(u32::MAX));
+                let owned: Vec<(Ipv4Addr, u32)> = self
+                    .holdings
+                    .iter()
+                    .filter(|(v, h)| h.hold == Hold::Owner && self.vips_added.contains(v))
+                    .map(|(v, h)| (*v, h.index))
+                    .collect();
+                for (vip, index) in owned {
+                    if let Err(e) = self.net.set_address(index, vip, lifetime).await {
+                        warn!(%vip, error = %e, "cannot extend the address's lifetime for the restart");
+                    }
+                }
+            }
+            info!("programs, VIPs and maps left in place for the next agent (`lb-agent cleanup` removes them)");
+            return;
+        }
+        self.dp.detach_all();
+        match self.net.addresses().await {
+            Ok(addrs) => {
+                for a in addrs.iter().filter(|a| a.ours) {
+                    match self.net.del_address(a.index, a.addr, a.prefix).await {
+                        Ok(()) => info!(vip = %a.addr, "removed VIP"),
+                        Err(e) => warn!(vip = %a.addr, error = %e, "cannot remove VIP"),
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot list addresses to remove the VIPs"),
+        }
+        for (iface, old) in std::mem::take(&mut self.forwarding) {
+            if let Err(e) = self.net.restore_forwarding(&iface, &old) {
+                warn!(iface, error = %e, "cannot restore the forwarding setting");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,177 @@
+//! The node's IO on the kernel: the loaded programs and pinned maps, rtnetlink, the
+//! forwarding sysctl and a packet socket for gratuitous ARP.
+
+use std::{net::Ipv4Addr, sync::Arc};
+
+use lb_common::config::DataplaneConfig;
+use tracing::warn;
+
+use super::{
+    Node, NodeError, NodeOptions,
+    io::{Announcer, DataplaneIo, IoError, NetIo},
+};
+use crate::{
+    dataplane::{
+        Dataplane, KernelLogger, LoadOptions, Maps, XdpAttachMode,
+        flows::{self, GcReport},
+        plan::Limits,
+        state::{MapOp, ProgrammedState},
+    },
+    net::{IfAddr, Lifetime, Link, RouteTo, arp, netlink::Netlink, sysctl},
+    telemetry::Telemetry,
+};
+
+/// The node on the kernel.
+pub type KernelNode = Node<KernelDataplane, Netlink, ArpAnnouncer>;
+
+/// The loaded data path and how to attach it.
+pub struct KernelDataplane {
+    /// The programs and maps.
+    pub dp: Dataplane,
+    /// XDP attach mode.
+    pub mode: XdpAttachMode,
+}
+
+impl DataplaneIo for KernelDataplane {
+    fn read_state(&self) -> Result<ProgrammedState, IoError> {
+        Ok(self.dp.maps.read_state()?)
+    }
+
+    fn apply(&mut self, op: &MapOp) -> Result<(), IoError> {
+        Ok(self.dp.maps.apply(op)?)
+    }
+
+    fn limits(&self) -> Limits {
+        self.dp.maps.limits()
+    }
+
+    fn attach(&mut self, iface: &str, ifindex: u32) -> Result<(), IoError> {
+        if !self.dp.attached().any(|(i, _)| i == ifindex) {
+            self.dp.attach(iface, ifindex, self.mode)?;
+        }
+        Ok(())
+    }
+
+    fn attached(&self) -> Vec<(u32, String)> {
+        self.dp.attached().map(|(i, n)| (i, n.to_string())).collect()
+    }
+
+    fn lost_attachments(&self, links: &[Link]) -> Vec<(u32, String)> {
+        self.dp
+            .attached()
+            .filter(|(index, _)| links.iter().find(|l| l.index == *index).is_none_or(|l| l.xdp_prog.is_none()))
+            .map(|(i, n)| (i, n.to_string()))
+            .collect()
+    }
+
+    fn forget(&mut self, ifindex: u32) {
+        self.dp.forget(ifindex);
+    }
+
+    fn detach_all(&mut self) {
+        self.dp.detach_all();
+    }
+
+    fn keep_attached(&mut self) {
+        self.dp.keep_attached();
+    }
+
+    fn collect_flows(&mut self, config: &DataplaneConfig, now_ns: u64) -> Result<GcReport, IoError> {
+        Ok(flows::collect(&mut self.dp.maps, config, now_ns)?)
+    }
+}
+
+impl NetIo for Netlink {
+    async fn links(&self) -> Result<Vec<Link>, IoError> {
+        Ok(Netlink::links(self).await?)
+    }
+
+    async fn addresses(&self) -> Result<Vec<IfAddr>, IoError> {
+        Ok(Netlink::addresses(self).await?)
+    }
+
+    async fn set_address(&self, index: u32, addr: Ipv4Addr, lifetime: Lifetime) -> Result<(), IoError> {
+        Ok(Netlink::set_address(self, index, addr, lifetime).await?)
+    }
+
+    async fn del_address(&self, index: u32, addr: Ipv4Addr, prefix: u8) -> Result<(), IoError> {
+        Ok(Netlink::del_address(self, index, addr, prefix).await?)
+    }
+
+    async fn route_to(&self, dst: Ipv4Addr) -> Result<Option<RouteTo>, IoError> {
+        Ok(Netlink::route_to(self, dst).await?)
+    }
+
+    fn enable_forwarding(&self, iface: &str) -> Result<Option<String>, IoError> {
+        sysctl::enable_forwarding(iface).map_err(IoError::Sysctl)
+    }
+
+    fn restore_forwarding(&self, iface: &str, old: &str) -> Result<(), IoError> {
+        sysctl::restore_forwarding(iface, old).map_err(IoError::Sysctl)
+    }
+}
+
+/// Sends gratuitous ARP through a packet socket (needs CAP_NET_RAW).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ArpAnnouncer;
+
+impl Announcer for ArpAnnouncer {
+    fn announce(&self, link: &Link, vip: Ipv4Addr) -> Result<(), IoError> {
+        // Interfaces without a hardware address (tunnels, loopback) have no ARP.
+        let Some(mac) = link.mac else { return Ok(()) };
+        arp::send_frame(link.index, &arp::announcement(mac, vip)).map_err(|source| IoError::Announce {
+            vip,
+            iface: link.name.clone(),
+            source,
+        })
+    }
+}
+
+/// Forwards the kernel program's log records (aya-log ring buffer) to `tracing` as they
+/// arrive.
+fn spawn_kernel_log(logger: KernelLogger) {
+    // SAFETY: the fd is the logger's ring buffer map, which the logger owns and keeps open
+    // (and unchanged) for as long as it lives; the AsyncFd owns the logger.
+    let fd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    match fd {
+        Ok(mut fd) => {
+            tokio::spawn(async move {
+                loop {
+                    let Ok(mut guard) = fd.readable_mut().await else {
+                        warn!("kernel log stream closed");
+                        return;
+                    };
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+            });
+        }
+        Err(e) => warn!(error = %e, "cannot read the kernel log"),
+    }
+}
+
+impl KernelNode {
+    /// Takes the node lock, loads the data path (reusing pinned maps) and attaches it to
+    /// the interface.
+    pub async fn start(opts: NodeOptions, telemetry: Arc<Telemetry>) -> Result<Self, NodeError> {
+        let lock = super::instance_lock().map_err(NodeError::AlreadyRunning)?;
+        let nl = Netlink::connect().map_err(IoError::Net)?;
+        // A missing interface is refused before anything is pinned.
+        nl.link_by_name(&opts.interface).await.map_err(IoError::Net)?;
+        let mut dp = Dataplane::load(&LoadOptions {
+            pin_dir: opts.pin_dir.clone(),
+            sizes: opts.sizes,
+            config: opts.config,
+            kernel_log: opts.kernel_log,
+        })
+        .map_err(IoError::from)?;
+        if let Some(logger) = dp.take_kernel_logger() {
+            spawn_kernel_log(logger);
+        }
+        telemetry.set_maps(Maps::open(&opts.pin_dir).map_err(IoError::Maps)?);
+        let mode = opts.xdp_mode;
+        let mut node = Node::new(opts, telemetry, KernelDataplane { dp, mode }, nl, ArpAnnouncer).await?;
+        node._lock = Some(lock);
+        Ok(node)
+    }
+}

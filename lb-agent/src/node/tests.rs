@@ -1,0 +1,352 @@
+//! The node programmer on in-memory IO, with injected failures.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use super::{
+    faulty::{Faults, Faulty},
+    memory::{MemoryAnnouncer, MemoryDataplane, MemoryNet, NetState},
+    *,
+};
+use crate::{
+    dataplane::{MapSizes, XdpAttachMode},
+    model::{BackendSpec, Hold, NodeDesired, Protocol, ServiceId, ServiceSpec},
+    net::Lifetime,
+};
+
+type TestNode = Node<Faulty<MemoryDataplane>, Faulty<MemoryNet>, Faulty<MemoryAnnouncer>>;
+
+const LB0: u32 = 2;
+const A: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+const B: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 11);
+
+struct Bed {
+    node: TestNode,
+    net: MemoryNet,
+    arp: MemoryAnnouncer,
+    faults: Faults,
+}
+
+fn options(on_exit: OnExit) -> NodeOptions {
+    NodeOptions {
+        interface: "lb0".into(),
+        pin_dir: "/nonexistent".into(),
+        xdp_mode: XdpAttachMode::Auto,
+        sizes: MapSizes::default(),
+        config: Default::default(),
+        on_exit,
+        kernel_log: 0,
+    }
+}
+
+async fn bed(on_exit: OnExit) -> Bed {
+    let mut st = NetState::default();
+    st.link(LB0, "lb0", [2, 0, 0, 0, 0, 1]).address(LB0, Ipv4Addr::new(10, 0, 0, 1), 24);
+    let net = MemoryNet::new(st);
+    let arp = MemoryAnnouncer::default();
+    let faults = Faults::default();
+    let node = Node::new(
+        options(on_exit),
+        Arc::new(crate::telemetry::Telemetry::default()),
+        Faulty::new(MemoryDataplane::new(64, 256), faults.clone()),
+        Faulty::new(net.clone(), faults.clone()),
+        Faulty::new(arp.clone(), faults.clone()),
+    )
+    .await
+    .unwrap();
+    Bed { node, net, arp, faults }
+}
+
+fn svc(name: &str, vip: Ipv4Addr, port: u16) -> ServiceSpec {
+    ServiceSpec {
+        id: ServiceId::Static(name.into()),
+        vip,
+        port,
+        protocol: Protocol::Tcp,
+        backends: vec![BackendSpec::active(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 11), 8080))],
+        interface: None,
+    }
+}
+
+fn desired(services: Vec<ServiceSpec>, holds: &[(Ipv4Addr, Hold)], until: Option<Instant>) -> NodeDesired {
+    NodeDesired { services, holds: holds.iter().copied().collect(), lease_until: until }
+}
+
+impl Bed {
+    fn ours(&self) -> Vec<(Ipv4Addr, Lifetime)> {
+        self.net.state().ours().into_iter().map(|(_, a, l)| (a, l)).collect()
+    }
+
+    fn programmed_vips(&self) -> Vec<Ipv4Addr> {
+        self.node.programmed().services.keys().map(|k| Ipv4Addr::from(k.vip)).collect()
+    }
+}
+
+#[tokio::test]
+async fn static_services_are_programmed_and_their_vips_held_for_good() {
+    let mut b = bed(OnExit::Detach).await;
+    let r = b
+        .node
+        .apply(&NodeDesired::permanent(vec![svc("web", A, 80), svc("dns", A, 53)]), Instant::now())
+        .await
+        .unwrap();
+    assert!(r.failed.is_empty() && r.errors.is_empty(), "{r:?}");
+    assert_eq!(b.ours(), vec![(A, Lifetime::Forever)], "one address however many services use it");
+    assert_eq!(b.programmed_vips(), vec![A, A]);
+    assert!(b.arp.sent().is_empty(), "permanent addresses are not announced");
+    assert_eq!(b.net.state().forwarding.get("lb0").map(String::as_str), Some("1"));
+}
+
+#[tokio::test]
+async fn an_owner_holds_its_address_for_the_lease_and_announces_it_at_once_and_again() {
+    let mut b = bed(OnExit::Keep).await;
+    let now = Instant::now();
+    let until = now + Duration::from_secs(3);
+    let d = desired(vec![svc("web", A, 80)], &[(A, Hold::Owner)], Some(until));
+    let r = b.node.apply(&d, now).await.unwrap();
+    assert_eq!(r.added, vec![A]);
+    assert_eq!(b.ours(), vec![(A, Lifetime::Seconds(3))], "the lifetime ends with the lease");
+    assert_eq!(b.arp.sent(), vec![(LB0, A)], "a gratuitous ARP at once");
+    // The rest follow over the next seconds.
+    assert_eq!(b.node.next_announcement(), Some(now + ANNOUNCE_AT[1]));
+    let later = b.node.announce_due(now + Duration::from_secs(10)).await.unwrap();
+    assert_eq!(later, vec![A; ANNOUNCE_AT.len() - 1]);
+    assert_eq!(b.node.next_announcement(), None);
+    // Applying the same again adds and announces nothing.
+    let r = b.node.apply(&d, now).await.unwrap();
+    assert!(r.added.is_empty() && r.announced.is_empty(), "{r:?}");
+}
+
+#[tokio::test]
+async fn a_standby_programs_the_maps_but_does_not_hold_the_address() {
+    let mut b = bed(OnExit::Keep).await;
+    let d = desired(vec![svc("web", A, 80)], &[(A, Hold::Standby)], Some(Instant::now() + Duration::from_secs(3)));
+    b.node.apply(&d, Instant::now()).await.unwrap();
+    assert_eq!(b.programmed_vips(), vec![A], "ready to take over");
+    assert!(b.ours().is_empty());
+    assert!(b.arp.sent().is_empty());
+}
+
+#[tokio::test]
+async fn losing_ownership_removes_the_address_and_its_pending_announcements() {
+    let mut b = bed(OnExit::Keep).await;
+    let now = Instant::now();
+    let until = Some(now + Duration::from_secs(3));
+    b.node.apply(&desired(vec![svc("web", A, 80)], &[(A, Hold::Owner)], until), now).await.unwrap();
+    let r = b.node.apply(&desired(vec![svc("web", A, 80)], &[(A, Hold::Standby)], until), now).await.unwrap();
+    assert_eq!(r.removed, vec![A]);
+    assert!(b.ours().is_empty());
+    assert_eq!(b.node.next_announcement(), None, "no more announcements for an address given up");
+    assert_eq!(b.programmed_vips(), vec![A], "the maps stay: it may come back");
+}
+
+#[tokio::test]
+async fn renewals_extend_owned_addresses_and_a_lease_that_ends_drops_them() {
+    let mut b = bed(OnExit::Keep).await;
+    let now = Instant::now();
+    let d = desired(
+        vec![svc("web", A, 80), svc("other", B, 80)],
+        &[(A, Hold::Owner), (B, Hold::Permanent)],
+        Some(now + Duration::from_secs(3)),
+    );
+    b.node.apply(&d, now).await.unwrap();
+    // A second later the kernel shows 2 s left; the renewed lease brings it back to 3.
+    for a in b.net.state().addrs.iter_mut().filter(|a| a.addr == A) {
+        a.lifetime = Lifetime::Seconds(2);
+    }
+    let t1 = now + Duration::from_secs(1);
+    b.node.refresh_addresses(Some(t1 + Duration::from_secs(3)), t1).await.unwrap();
+    assert!(b.ours().contains(&(A, Lifetime::Seconds(3))), "{:?}", b.ours());
+    // No renewal: the lease ends, the owned address goes, the permanent one stays.
+    let r = b.node.refresh_addresses(Some(t1 + Duration::from_secs(3)), t1 + Duration::from_secs(3)).await.unwrap();
+    assert_eq!(r.removed, vec![A]);
+    assert_eq!(b.ours(), vec![(B, Lifetime::Forever)]);
+    // Without a lease at all nothing is held as owner.
+    b.node.apply(&desired(d.services.clone(), &[(A, Hold::Owner)], None), t1).await.unwrap();
+    assert!(!b.ours().iter().any(|(a, _)| *a == A));
+}
+
+#[tokio::test]
+async fn an_address_that_cannot_be_added_fails_its_services_only() {
+    let mut b = bed(OnExit::Detach).await;
+    b.faults.set().addresses.insert(A);
+    let r = b
+        .node
+        .apply(&NodeDesired::permanent(vec![svc("web", A, 80), svc("dns", A, 53), svc("other", B, 80)]), Instant::now())
+        .await
+        .unwrap();
+    let failed: Vec<_> = r.failed.keys().cloned().collect();
+    assert_eq!(failed, vec![ServiceId::Static("dns".into()), ServiceId::Static("web".into())]);
+    assert!(r.failed.values().all(NodeFailure::is_address));
+    assert_eq!(b.ours(), vec![(B, Lifetime::Forever)], "the other service is served");
+    assert_eq!(b.programmed_vips().len(), 3, "the maps are programmed regardless");
+    // Once the address can be added, it is.
+    b.faults.set().addresses.clear();
+    let r = b
+        .node
+        .apply(&NodeDesired::permanent(vec![svc("web", A, 80), svc("dns", A, 53), svc("other", B, 80)]), Instant::now())
+        .await
+        .unwrap();
+    assert!(r.failed.is_empty() && r.added == vec![A], "{r:?}");
+}
+
+#[tokio::test]
+async fn a_failing_map_write_is_reported_and_giving_up_an_address_still_happens() {
+    let mut b = bed(OnExit::Keep).await;
+    let now = Instant::now();
+    let until = Some(now + Duration::from_secs(3));
+    b.node.apply(&desired(vec![svc("web", A, 80)], &[(A, Hold::Owner)], until), now).await.unwrap();
+    // The maps refuse every write from now on; meanwhile the address moves away and a
+    // new service arrives.
+    b.faults.set().map_writes_after = Some(0);
+    let d = desired(vec![svc("web", A, 80), svc("new", B, 80)], &[(A, Hold::Standby), (B, Hold::Permanent)], until);
+    let r = b.node.apply(&d, now).await.unwrap();
+    assert_eq!(r.errors.len(), 1, "{r:?}");
+    assert_eq!(r.removed, vec![A], "giving the address up does not wait for the maps");
+    assert_eq!(b.programmed_vips(), vec![A], "what was programmed stays");
+    // The maps recover: the next pass converges.
+    b.faults.set().map_writes_after = None;
+    let r = b.node.apply(&d, now).await.unwrap();
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert_eq!(b.programmed_vips(), vec![A, B]);
+    let (dp, _, _) = b.node.io();
+    assert_eq!(dp.read_state().unwrap(), *b.node.programmed(), "what the node believes is what the maps hold");
+}
+
+#[tokio::test]
+async fn a_missing_interface_or_a_refused_attach_fails_only_its_services() {
+    let mut b = bed(OnExit::Detach).await;
+    b.net.state().link(3, "lb1", [2, 0, 0, 0, 0, 2]);
+    b.faults.set().attach.insert("lb1".into());
+    let mut elsewhere = svc("elsewhere", B, 80);
+    elsewhere.interface = Some("lb1".into());
+    let mut missing = svc("missing", B, 81);
+    missing.interface = Some("nope0".into());
+    let r = b
+        .node
+        .apply(&NodeDesired::permanent(vec![svc("web", A, 80), elsewhere, missing]), Instant::now())
+        .await
+        .unwrap();
+    assert!(matches!(r.failed.get(&ServiceId::Static("missing".into())), Some(NodeFailure::NoSuchInterface { .. })));
+    assert!(matches!(r.failed.get(&ServiceId::Static("elsewhere".into())), Some(NodeFailure::AttachFailed { .. })));
+    assert_eq!(b.ours(), vec![(A, Lifetime::Forever)]);
+}
+
+#[tokio::test]
+async fn a_netlink_failure_fails_the_pass_and_changes_nothing() {
+    let mut b = bed(OnExit::Detach).await;
+    b.node.apply(&NodeDesired::permanent(vec![svc("web", A, 80)]), Instant::now()).await.unwrap();
+    b.faults.set().netlink = true;
+    assert!(b.node.apply(&NodeDesired::permanent(vec![]), Instant::now()).await.is_err());
+    assert_eq!(b.ours(), vec![(A, Lifetime::Forever)]);
+    assert_eq!(b.programmed_vips(), vec![A]);
+}
+
+#[tokio::test]
+async fn a_planned_stop_keeps_owned_addresses_for_the_grace_period() {
+    let mut b = bed(OnExit::Keep).await;
+    let now = Instant::now();
+    let d = desired(
+        vec![svc("web", A, 80), svc("other", B, 80)],
+        &[(A, Hold::Owner), (B, Hold::Permanent)],
+        Some(now + Duration::from_secs(3)),
+    );
+    b.node.apply(&d, now).await.unwrap();
+    let net = b.net.clone();
+    b.node.shutdown(Some(Duration::from_secs(30))).await;
+    let mut ours: Vec<_> = net.state().ours().into_iter().map(|(_, a, l)| (a, l)).collect();
+    ours.sort();
+    assert_eq!(ours, vec![(A, Lifetime::Seconds(30)), (B, Lifetime::Forever)]);
+}
+
+#[tokio::test]
+async fn stopping_for_good_removes_only_ballasts_addresses() {
+    let mut b = bed(OnExit::Detach).await;
+    b.node.apply(&NodeDesired::permanent(vec![svc("web", A, 80)]), Instant::now()).await.unwrap();
+    let net = b.net.clone();
+    b.node.shutdown(None).await;
+    assert!(net.state().ours().is_empty());
+    assert_eq!(net.state().addrs.len(), 1, "the interface's own address stays");
+    assert_eq!(net.state().forwarding.get("lb0").map(String::as_str), Some("0"), "forwarding restored");
+}
+
+#[tokio::test]
+async fn a_detached_program_is_attached_again() {
+    let mut b = bed(OnExit::Detach).await;
+    b.node.apply(&NodeDesired::permanent(vec![svc("web", A, 80)]), Instant::now()).await.unwrap();
+    let (dp, _, _) = b.node.io();
+    dp.inner.lost.insert(LB0);
+    let repaired = b.node.repair_drift().await.unwrap();
+    assert_eq!(repaired, vec!["attachment on lb0".to_string()]);
+    let (dp, _, _) = b.node.io();
+    assert!(dp.inner.lost.is_empty() && dp.inner.attached.contains_key(&LB0));
+}
+
+#[test]
+fn lease_lifetimes_never_outlast_the_lease() {
+    let now = Instant::now();
+    assert_eq!(lease_lifetime(Some(now + Duration::from_millis(2999)), now), Some(Lifetime::Seconds(2)));
+    assert_eq!(lease_lifetime(Some(now + Duration::from_secs(3)), now), Some(Lifetime::Seconds(3)));
+    assert_eq!(lease_lifetime(Some(now + Duration::from_millis(999)), now), None, "under a second: drop now");
+    assert_eq!(lease_lifetime(Some(now), now + Duration::from_secs(1)), None);
+    assert_eq!(lease_lifetime(None, now), None);
+}
+
+fn link(index: u32, up: bool) -> Link {
+    Link {
+        index,
+        name: format!("eth{index}"),
+        vlan: None,
+        up,
+        lower_up: up,
+        mac: None,
+        loopback: false,
+        veth: true,
+        xdp_prog: None,
+    }
+}
+
+fn addr(a: [u8; 4], ours: bool) -> IfAddr {
+    IfAddr {
+        index: 2,
+        addr: Ipv4Addr::from(a),
+        prefix: if ours { 32 } else { 24 },
+        ours,
+        secondary: false,
+        lifetime: Lifetime::Forever,
+    }
+}
+
+#[test]
+fn long_address_lists_are_shortened_for_logs() {
+    let few: Vec<Ipv4Addr> = (1..=2).map(|i| Ipv4Addr::new(10, 0, 0, i)).collect();
+    assert_eq!(brief(&few), "[10.0.0.1, 10.0.0.2]");
+    let many: Vec<Ipv4Addr> = (1..=20).map(|i| Ipv4Addr::new(10, 0, 0, i)).collect();
+    let b = brief(&many);
+    assert!(b.starts_with("[10.0.0.1, ") && b.ends_with("10.0.0.8, … 20 in all]"), "{b}");
+}
+
+#[test]
+fn route_lookups_are_reused_until_interfaces_or_addresses_change() {
+    let backend = Ipv4Addr::new(10, 0, 0, 5);
+    let links = vec![link(2, true)];
+    let mut addrs = vec![addr([10, 0, 0, 1], false)];
+    let mut c = RouteCache::new();
+    c.refresh(&links, &addrs);
+    c.oifs.insert(backend, Some(2));
+    // A VIP of ours appearing changes no route to a backend.
+    addrs.push(addr([192, 0, 2, 10], true));
+    c.refresh(&links, &addrs);
+    assert_eq!(c.oifs.get(&backend), Some(&Some(2)));
+    // Another address (a new connected subnet) may.
+    addrs.push(addr([10, 9, 0, 1], false));
+    c.refresh(&links, &addrs);
+    assert!(c.oifs.is_empty());
+    c.oifs.insert(backend, Some(2));
+    // So may an interface going down.
+    c.refresh(&[link(2, false)], &addrs);
+    assert!(c.oifs.is_empty());
+}
