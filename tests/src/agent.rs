@@ -110,6 +110,15 @@ impl Agent {
         }
     }
 
+    /// SIGKILL (a crash, a node losing power) and wait for the process to be gone; returns
+    /// the log.
+    pub fn kill(mut self) -> Result<String> {
+        let Some(mut child) = self.child.take() else { bail!("already stopped") };
+        child.kill()?;
+        child.wait()?;
+        Ok(self.log_text())
+    }
+
     /// SIGTERM and wait for exit; returns the exit status and the log.
     pub fn stop(mut self) -> Result<(std::process::ExitStatus, String)> {
         let status = self.terminate()?;

@@ -30,101 +30,55 @@ use crate::{
 /// Label put on this bed's configs; the agent only sees configs carrying its value.
 pub const CONFIG_LABEL: &str = "ballast.dev/test-bed";
 
-/// The bed.
-pub struct K8sBed {
-    /// The topology.
-    pub tb: Testbed,
+/// One test's share of the control plane: its own namespace (Services, slices, the
+/// agents' Leases), loadBalancerClass and configs, so tests run concurrently without seeing
+/// each other's objects. Its configs are removed on drop.
+pub struct ApiScope {
     /// The control plane.
     pub cluster: TestCluster,
-    /// Namespace for this bed's services.
+    /// Namespace for this scope's services and Leases.
     pub ns: String,
-    /// loadBalancerClass of this bed.
+    /// loadBalancerClass of this scope.
     pub class: String,
-    /// Value of [`CONFIG_LABEL`] on this bed's configs.
+    /// Value of [`CONFIG_LABEL`] on this scope's configs; also a unique prefix for names.
     pub bed: String,
-    /// The API forward into the LB namespace.
-    pub forward: Option<Forward>,
-    /// The agent, once started.
-    pub agent: Option<Agent>,
-    kubeconfig: PathBuf,
 }
 
-impl K8sBed {
-    /// Builds the topology (two-armed, `backends` backend hosts) and connects to the API.
-    pub async fn new(tag: &str, backends: usize) -> Result<Self> {
-        let tb = tokio::task::block_in_place(|| Testbed::new(Arms::Two, backends))?;
+impl ApiScope {
+    /// Connects to the API and makes the namespace (with the agents' Lease Role).
+    pub async fn new(tag: &str) -> Result<Self> {
         let cluster = TestCluster::connect().await?;
         let ns = cluster.namespace(tag).await?;
-        // The agent's Leases live in this bed's namespace, so concurrent beds each elect
-        // their own allocator.
+        // The agents' Leases live in this namespace, so concurrent tests each elect their
+        // own allocator.
         cluster.lease_rbac(&ns).await?;
         let bed = unique_name(tag).to_lowercase();
-        let forward = tokio::task::block_in_place(|| Forward::start(&tb.lb, 0, cluster.server_addr()?))?;
-        let kubeconfig = cluster.agent_kubeconfig(&format!("https://127.0.0.1:{}", forward.port)).await?;
-        Ok(Self {
-            tb,
-            cluster,
-            ns,
-            class: format!("ballast.dev/test-{bed}"),
-            bed,
-            forward: Some(forward),
-            agent: None,
-            kubeconfig,
-        })
+        Ok(Self { cluster, ns, class: format!("ballast.dev/test-{bed}"), bed })
     }
 
-    /// Agent arguments for this bed.
-    pub fn agent_args(&self) -> Vec<String> {
+    /// `lb-agent run` arguments for an agent of this scope on node `node`.
+    pub fn agent_args(&self, node: &str, kubeconfig: &std::path::Path, pins: &std::path::Path) -> Vec<String> {
         [
             "run",
             "--interface",
             LB_IFACE,
             "--kubeconfig",
-            &self.kubeconfig.display().to_string(),
+            &kubeconfig.display().to_string(),
             "--bpffs",
-            &self.tb.pins.path().display().to_string(),
+            &pins.display().to_string(),
             "--class",
             &self.class,
             "--ignore-unclassed",
             "--config-selector",
             &format!("{CONFIG_LABEL}={}", self.bed),
             "--node-name",
-            &self.node_name(),
+            node,
             "--namespace",
             &self.ns,
         ]
         .iter()
         .map(|s| s.to_string())
         .collect()
-    }
-
-    /// The agent's node name: unique to the bed, since Nodes are cluster-wide.
-    pub fn node_name(&self) -> String {
-        format!("{}-edge", self.bed)
-    }
-
-    /// Starts the agent and waits for its first pass.
-    pub fn start_agent(&mut self) -> Result<()> {
-        self.start_agent_within(Duration::from_secs(20), &[])
-    }
-
-    /// Starts the agent with `extra` arguments and waits up to `ready` for its first pass.
-    pub fn start_agent_within(&mut self, ready: Duration, extra: &[&str]) -> Result<()> {
-        let mut args = self.agent_args();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let agent = tokio::task::block_in_place(|| {
-            Agent::start_within(&self.tb.lb, &args.iter().map(String::as_str).collect::<Vec<_>>(), ready)
-        })?;
-        self.agent = Some(agent);
-        Ok(())
-    }
-
-    /// Stops the agent (SIGTERM) and returns its log.
-    pub fn stop_agent(&mut self) -> Result<String> {
-        let agent = self.agent.take().context("no agent")?;
-        let (status, log) = tokio::task::block_in_place(|| agent.stop())?;
-        anyhow::ensure!(status.success(), "agent exited with {status}:\n{log}");
-        Ok(log)
     }
 
     /// Creates a LoadBalancerConfig visible to this bed's agent; returns its (unique) name.
@@ -249,7 +203,7 @@ impl K8sBed {
         let api = self.services();
         wait_for(Duration::from_secs(15), || async { ingress_ip(&api.get(name).await.ok()?) })
             .await
-            .with_context(|| format!("service {name} got no address; agent log:\n{}", self.agent_log()))
+            .with_context(|| format!("service {name} got no address"))
     }
 
     /// Waits until `f` holds for the service.
@@ -257,7 +211,7 @@ impl K8sBed {
         let api = self.services();
         wait_for(Duration::from_secs(15), || async { api.get(name).await.ok().filter(|s| f(s)) })
             .await
-            .with_context(|| format!("service {name}: {what}; agent log:\n{}", self.agent_log()))
+            .with_context(|| format!("service {name}: {what}"))
     }
 
     /// Deletes a service.
@@ -269,6 +223,104 @@ impl K8sBed {
     /// The LoadBalancer object of a service, if any.
     pub async fn balancer(&self, name: &str) -> Option<LoadBalancer> {
         Api::<LoadBalancer>::namespaced(self.cluster.admin.clone(), &self.ns).get(name).await.ok()
+    }
+}
+
+impl Drop for ApiScope {
+    fn drop(&mut self) {
+        // Configs are cluster-scoped: remove this scope's, even after a failure, so a
+        // control plane that outlives the test holds nothing of it but its namespace.
+        let api = Api::<LoadBalancerConfig>::all(self.cluster.admin.clone());
+        let selector = format!("{CONFIG_LABEL}={}", self.bed);
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            tokio::task::block_in_place(|| {
+                handle.block_on(async {
+                    let lp = kube::api::ListParams::default().labels(&selector);
+                    let _ = api.delete_collection(&DeleteParams::default(), &lp).await;
+                })
+            });
+        }
+    }
+}
+
+/// The bed: one LB namespace with one agent.
+pub struct K8sBed {
+    /// The agent, once started (dropped first: it must not react to its configs going).
+    pub agent: Option<Agent>,
+    /// The topology.
+    pub tb: Testbed,
+    /// The API forward into the LB namespace.
+    pub forward: Option<Forward>,
+    /// This bed's share of the control plane.
+    pub scope: ApiScope,
+    kubeconfig: PathBuf,
+}
+
+impl std::ops::Deref for K8sBed {
+    type Target = ApiScope;
+
+    fn deref(&self) -> &ApiScope {
+        &self.scope
+    }
+}
+
+impl K8sBed {
+    /// Builds the topology (two-armed, `backends` backend hosts) and connects to the API.
+    pub async fn new(tag: &str, backends: usize) -> Result<Self> {
+        let tb = tokio::task::block_in_place(|| Testbed::new(Arms::Two, backends))?;
+        let scope = ApiScope::new(tag).await?;
+        let forward = tokio::task::block_in_place(|| Forward::start(&tb.lb, 0, scope.cluster.server_addr()?))?;
+        let kubeconfig = scope.cluster.agent_kubeconfig(&format!("https://127.0.0.1:{}", forward.port)).await?;
+        Ok(Self { agent: None, tb, forward: Some(forward), scope, kubeconfig })
+    }
+
+    /// Agent arguments for this bed.
+    pub fn agent_args(&self) -> Vec<String> {
+        self.scope.agent_args(&self.node_name(), &self.kubeconfig, self.tb.pins.path())
+    }
+
+    /// The agent's node name: unique to the bed, since Nodes are cluster-wide.
+    pub fn node_name(&self) -> String {
+        format!("{}-edge", self.bed)
+    }
+
+    /// A config spec with `addresses`.
+    pub fn pool(default: bool, addresses: &[&str]) -> LoadBalancerConfigSpec {
+        ApiScope::pool(default, addresses)
+    }
+
+    /// Waits until the service's status names an address, and returns it.
+    pub async fn wait_ip(&self, name: &str) -> Result<Ipv4Addr> {
+        self.scope.wait_ip(name).await.with_context(|| format!("agent log:\n{}", self.agent_log()))
+    }
+
+    /// Waits until `f` holds for the service.
+    pub async fn wait_service(&self, name: &str, what: &str, f: impl Fn(&Service) -> bool) -> Result<Service> {
+        self.scope.wait_service(name, what, f).await.with_context(|| format!("agent log:\n{}", self.agent_log()))
+    }
+
+    /// Starts the agent and waits for its first pass.
+    pub fn start_agent(&mut self) -> Result<()> {
+        self.start_agent_within(Duration::from_secs(20), &[])
+    }
+
+    /// Starts the agent with `extra` arguments and waits up to `ready` for its first pass.
+    pub fn start_agent_within(&mut self, ready: Duration, extra: &[&str]) -> Result<()> {
+        let mut args = self.agent_args();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let agent = tokio::task::block_in_place(|| {
+            Agent::start_within(&self.tb.lb, &args.iter().map(String::as_str).collect::<Vec<_>>(), ready)
+        })?;
+        self.agent = Some(agent);
+        Ok(())
+    }
+
+    /// Stops the agent (SIGTERM) and returns its log.
+    pub fn stop_agent(&mut self) -> Result<String> {
+        let agent = self.agent.take().context("no agent")?;
+        let (status, log) = tokio::task::block_in_place(|| agent.stop())?;
+        anyhow::ensure!(status.success(), "agent exited with {status}:\n{log}");
+        Ok(log)
     }
 
     /// `lb-agent inspect --output json` of this bed's maps.
@@ -342,20 +394,7 @@ impl K8sBed {
 impl Drop for K8sBed {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.kubeconfig);
-        // Configs are cluster-scoped: remove this bed's, even after a failure, so a
-        // control plane that outlives the test holds nothing of it but its namespace.
-        // The agent goes first, so it does not react to its configs disappearing.
         drop(self.agent.take());
-        let api = Api::<LoadBalancerConfig>::all(self.cluster.admin.clone());
-        let selector = format!("{CONFIG_LABEL}={}", self.bed);
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            tokio::task::block_in_place(|| {
-                handle.block_on(async {
-                    let lp = kube::api::ListParams::default().labels(&selector);
-                    let _ = api.delete_collection(&DeleteParams::default(), &lp).await;
-                })
-            });
-        }
     }
 }
 

@@ -7,12 +7,14 @@
 //! tests run concurrently and clean up after failures.
 
 pub mod agent;
+pub mod arp;
 pub mod cluster;
 pub mod cmd;
 pub mod forward;
 pub mod frames;
 pub mod k8sbed;
 pub mod lab;
+pub mod multibed;
 pub mod netns;
 pub mod pins;
 pub mod preflight;

@@ -139,9 +139,13 @@ pub struct LineClient {
 impl LineClient {
     /// Connects (2 s timeout).
     pub fn connect(to: SocketAddrV4) -> Result<Self> {
-        let s =
-            TcpStream::connect_timeout(&to.into(), Duration::from_secs(2)).with_context(|| format!("connect {to}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        Self::connect_within(to, Duration::from_secs(2), Duration::from_secs(3))
+    }
+
+    /// Connects within `connect`, then waits up to `answer` for each answer.
+    pub fn connect_within(to: SocketAddrV4, connect: Duration, answer: Duration) -> Result<Self> {
+        let s = TcpStream::connect_timeout(&to.into(), connect).with_context(|| format!("connect {to}"))?;
+        s.set_read_timeout(Some(answer))?;
         Ok(Self { r: BufReader::new(s.try_clone()?), w: s })
     }
 

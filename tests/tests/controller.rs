@@ -431,6 +431,9 @@ async fn serve_traffic(bed: &K8sBed) -> (Vec<Servers>, std::net::Ipv4Addr) {
     bed.slice("app", &[("http", "TCP", 8080), ("dns", "UDP", 5353)], &eps).await.unwrap();
     let ip = bed.wait_ip("app").await.unwrap();
     cond_is(bed, "app", "EndpointsReady", "True", "EndpointsReady").await;
+    // The node programs itself from the LoadBalancer object, a moment after the allocator
+    // wrote it.
+    wait_for(LONG, || async { bed.vip_on_interface(ip).then_some(()) }).await.unwrap();
     (servers, ip)
 }
 

@@ -99,6 +99,7 @@ pub fn spawn_allocator(
         let mut resync = tokio::time::interval(resync_every);
         resync.tick().await;
         let mut retry_at: Option<tokio::time::Instant> = None;
+        let mut was_leading = false;
         a.observe(&caches);
         loop {
             let expiry = a.liveness.next_expiry(Instant::now()).map(tokio::time::Instant::from_std);
@@ -114,15 +115,7 @@ pub fn spawn_allocator(
                     if !a.observe(&caches) { continue }
                 }
                 _ = sleep_until(expiry) => if !a.observe(&caches) { continue },
-                r = leader.changed() => {
-                    if r.is_err() { return }
-                    if *leader.borrow_and_update() {
-                        info!("running the allocator");
-                        a.seed(&caches);
-                    } else {
-                        a.last_owner.clear();
-                    }
-                }
+                r = leader.changed() => if r.is_err() { return },
                 _ = resync.tick() => { a.observe(&caches); }
                 _ = sleep_until(retry) => {}
                 msg = stop_rx.recv() => {
@@ -130,7 +123,20 @@ pub fn spawn_allocator(
                     return;
                 }
             }
-            if !*leader.borrow() {
+            // Whichever wake-up noticed it: a new allocator first learns what the statuses
+            // already say, so it repeats no Events.
+            let leading = *leader.borrow_and_update();
+            if leading != was_leading {
+                was_leading = leading;
+                if leading {
+                    info!("running the allocator");
+                    a.seed(&caches);
+                } else {
+                    info!("no longer the allocator");
+                    a.last_owner.clear();
+                }
+            }
+            if !leading {
                 continue;
             }
             let errors = a.pass(&caches, &leader).await;
@@ -206,6 +212,16 @@ impl Allocator {
         let balancers = caches.balancers.state();
         let mut out = BTreeMap::new();
         for s in caches.services.state() {
+            // Only this deployment's: another class's status says nothing about what this
+            // allocator announced.
+            let class = s.spec.as_ref().and_then(|sp| sp.load_balancer_class.as_deref());
+            let ours = match class {
+                Some(c) => c == self.settings.class,
+                None => !self.settings.ignore_unclassed,
+            };
+            if !ours {
+                continue;
+            }
             let conds = ours_conditions(&s);
             let Some(alloc) = conds.iter().find(|c| c.type_ == ConditionType::AddressAllocated.as_str()) else {
                 continue;
@@ -461,13 +477,16 @@ impl Allocator {
                     &ours_conditions(svc),
                 );
                 let phase = status::phase(s, holding, reports);
-                let r1 = self
+                // The LoadBalancer object first: nodes program themselves from it, so by the
+                // time the Service shows its address the nodes are already at work.
+                let (spec, st) =
+                    status::load_balancer(&r.name, &self.settings.class, s, holding, conditions.clone(), phase);
+                let r1 =
+                    self.write_load_balancer(svc, balancer, spec, st).await.map_err(|e| ("LoadBalancer object", e));
+                let r2 = self
                     .write_service_status(svc, &status::ingress(s), &conditions)
                     .await
                     .map_err(|e| ("service status", e));
-                let (spec, st) = status::load_balancer(&r.name, &self.settings.class, s, holding, conditions, phase);
-                let r2 =
-                    self.write_load_balancer(svc, balancer, spec, st).await.map_err(|e| ("LoadBalancer object", e));
                 r1.and(r2)
             }
             Decision::Deleting => self.release(svc, balancer).await.map_err(|e| ("release", e)),

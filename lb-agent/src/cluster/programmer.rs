@@ -37,6 +37,19 @@ pub struct Me<'a> {
     pub down: &'a BTreeSet<String>,
     /// When addresses held as owner must be gone unless the heartbeat is renewed.
     pub lease_until: Option<Instant>,
+    /// Owners read straight from the API server, which override the watch cache's: after
+    /// the node was cut off, its cache may still name it as the owner of addresses that
+    /// moved meanwhile.
+    pub owners: Option<&'a BTreeMap<ServiceRef, Option<String>>>,
+}
+
+/// The owner each LoadBalancer object of `class` names.
+pub fn owners(balancers: &[&LoadBalancer], class: &str) -> BTreeMap<ServiceRef, Option<String>> {
+    balancers
+        .iter()
+        .filter(|b| b.spec.class == class)
+        .map(|b| (ServiceRef::of_meta(&b.metadata), b.status.as_ref().and_then(|s| s.node.clone())))
+        .collect()
 }
 
 /// The cached objects the programmer reads.
@@ -101,9 +114,13 @@ pub fn node_desired(o: &Objects<'_>, class: &str, me: &Me<'_>) -> Programmed {
         if ownership::node_allows(my_node, cfg).is_err() || me.down.contains(iface) {
             continue;
         }
+        let owner = match me.owners {
+            Some(o) => o.get(&r).cloned().flatten(),
+            None => status.node.clone(),
+        };
         let hold = match cfg.spec.announce.mode {
             AnnounceMode::None => Hold::Permanent,
-            AnnounceMode::L2 if status.node.as_deref() == Some(me.name) && !me.fenced => Hold::Owner,
+            AnnounceMode::L2 if owner.as_deref() == Some(me.name) && !me.fenced => Hold::Owner,
             AnnounceMode::L2 => Hold::Standby,
         };
         out.desired.holds.entry(vip).and_modify(|h| *h = combine(*h, hold)).or_insert(hold);

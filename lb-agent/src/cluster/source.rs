@@ -11,10 +11,10 @@ use std::{
 
 use kube::{
     Api, Client,
-    api::{Patch, PatchParams},
+    api::{ListParams, Patch, PatchParams},
 };
 use serde_json::json;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use super::{
@@ -40,6 +40,18 @@ pub fn node_manager(node: &str) -> String {
     if m.len() <= 128 { m } else { format!("ballast-node/{:016x}", super::ownership::stable_hash(node.as_bytes())) }
 }
 
+/// After this node was fenced, ownership is checked against the API server before it holds
+/// anything as owner again: its watch cache may have missed the moves made meanwhile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Verify {
+    /// Nothing to check.
+    Done,
+    /// A list of LoadBalancer objects is on its way; nothing is held as owner meanwhile.
+    Pending,
+    /// The owners the API server named, used until the cache agrees.
+    Fresh(BTreeMap<ServiceRef, Option<String>>),
+}
+
 /// The Kubernetes source.
 pub struct ClusterSource {
     client: Client,
@@ -61,6 +73,12 @@ pub struct ClusterSource {
     written: Arc<Mutex<BTreeMap<ServiceRef, Option<NodeReport>>>>,
     /// Failures as last logged.
     logged: BTreeMap<ServiceId, NodeFailure>,
+    verify: Verify,
+    /// A list of owners is on its way.
+    listing: bool,
+    /// Owners listed from the API server (`None`: the list failed).
+    listed_tx: mpsc::Sender<Option<BTreeMap<ServiceRef, Option<String>>>>,
+    listed_rx: mpsc::Receiver<Option<BTreeMap<ServiceRef, Option<String>>>>,
 }
 
 /// Everything the source runs besides the caches.
@@ -85,6 +103,7 @@ impl ClusterSource {
         telemetry: Arc<Telemetry>,
     ) -> Self {
         let fenced = tasks.heartbeat.status.borrow().fenced;
+        let (listed_tx, listed_rx) = mpsc::channel(1);
         Self {
             objects: caches.object_changes(),
             client,
@@ -101,7 +120,36 @@ impl ClusterSource {
             served: BTreeMap::new(),
             written: Arc::default(),
             logged: BTreeMap::new(),
+            verify: Verify::Done,
+            listing: false,
+            listed_tx,
+            listed_rx,
         }
+    }
+
+    /// Lists the LoadBalancer objects straight from the API server (a consistent read)
+    /// and sends their owners, after `delay`.
+    fn list_owners(&mut self, delay: Duration) {
+        if std::mem::replace(&mut self.listing, true) {
+            return;
+        }
+        let api = Api::<LoadBalancer>::all(self.client.clone());
+        let tx = self.listed_tx.clone();
+        let class = self.settings.class.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let owners = match api.list(&ListParams::default()).await {
+                Ok(list) => {
+                    let refs: Vec<&LoadBalancer> = list.items.iter().collect();
+                    Some(programmer::owners(&refs, &class))
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot list LoadBalancer objects to check ownership; retrying");
+                    None
+                }
+            };
+            let _ = tx.send(owners).await;
+        });
     }
 
     /// Writes changed reports in the background: the node loop never waits for the API.
@@ -171,9 +219,25 @@ impl Source for ClusterSource {
                 if fenced {
                     warn!("this node's heartbeat lease ended: giving up the addresses it holds as owner until it is renewed");
                 } else {
-                    info!("heartbeat renewed: holding this node's addresses again");
+                    info!("heartbeat renewed: checking with the API server which addresses this node still owns");
+                    self.verify = Verify::Pending;
+                    self.list_owners(Duration::ZERO);
                 }
                 Wake::Changed
+            }
+            listed = self.listed_rx.recv() => {
+                self.listing = false;
+                match listed.flatten() {
+                    Some(owners) if self.verify != Verify::Done => {
+                        self.verify = Verify::Fresh(owners);
+                        Wake::Changed
+                    }
+                    Some(_) => Wake::Lease,
+                    None => {
+                        self.list_owners(Duration::from_secs(1));
+                        Wake::Lease
+                    }
+                }
             }
         }
     }
@@ -181,12 +245,28 @@ impl Source for ClusterSource {
     fn desired(&mut self) -> NodeDesired {
         let snap = self.caches.snapshot();
         let status = *self.heartbeat.status.borrow();
+        if let Verify::Fresh(fresh) = &self.verify {
+            let balancers: Vec<&LoadBalancer> = snap.balancers.iter().map(AsRef::as_ref).collect();
+            if programmer::owners(&balancers, &self.settings.class) == *fresh {
+                info!("the watch cache caught up with the API server; ownership checked");
+                self.verify = Verify::Done;
+            } else {
+                // Objects may have changed since the list: look again until the cache agrees.
+                self.list_owners(Duration::from_secs(1));
+            }
+        }
+        let (fenced, owners) = match &self.verify {
+            Verify::Done => (status.fenced, None),
+            Verify::Pending => (true, None),
+            Verify::Fresh(o) => (status.fenced, Some(o)),
+        };
         let me = Me {
             name: &self.node,
             default_interface: &self.settings.default_interface,
-            fenced: status.fenced,
+            fenced,
             down: &self.down,
             lease_until: status.until,
+            owners,
         };
         let p = programmer::node_desired(&snap.objects(), &self.settings.class, &me);
         self.served = p.served;

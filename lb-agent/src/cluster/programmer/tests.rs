@@ -121,7 +121,7 @@ impl World {
 
     fn run(&self, name: &str, fenced: bool, down: &[&str]) -> Programmed {
         let down: BTreeSet<String> = down.iter().map(|s| s.to_string()).collect();
-        let me = Me { name, default_interface: "lb0", fenced, down: &down, lease_until: None };
+        let me = Me { name, default_interface: "lb0", fenced, down: &down, lease_until: None, owners: None };
         node_desired(&self.objects(), CLASS, &me)
     }
 }
@@ -147,6 +147,26 @@ fn the_owner_holds_the_address_and_every_other_eligible_node_stands_by() {
 #[test]
 fn a_fenced_owner_holds_nothing() {
     assert_eq!(World::new().run("edge-1", true, &[]).desired.hold(VIP), Hold::Standby);
+}
+
+#[test]
+fn owners_read_from_the_api_override_a_stale_cache() {
+    let w = World::new();
+    let down = BTreeSet::new();
+    let web = ServiceRef { namespace: "ns".into(), name: "web".into() };
+    // The cache still says edge-1; the API server says edge-2 took over.
+    let fresh = BTreeMap::from([(web, Some("edge-2".to_string()))]);
+    let me = Me {
+        name: "edge-1",
+        default_interface: "lb0",
+        fenced: false,
+        down: &down,
+        lease_until: None,
+        owners: Some(&fresh),
+    };
+    assert_eq!(node_desired(&w.objects(), CLASS, &me).desired.hold(VIP), Hold::Standby);
+    let balancers: Vec<&LoadBalancer> = w.balancers.iter().collect();
+    assert_ne!(owners(&balancers, CLASS), fresh, "the cache disagrees until it catches up");
 }
 
 #[test]
