@@ -22,9 +22,9 @@ use lb_agent::cluster::crd::{LoadBalancer, LoadBalancerConfigSpec};
 
 use crate::{
     agent::Agent,
-    cluster::{NodeGuard, wait_for},
+    cluster::NodeGuard,
     forward::Forward,
-    k8sbed::{ApiScope, ingress_ip},
+    k8sbed::ApiScope,
     netns::{Netns, veth},
     pins::PinDir,
     servers::{LineClient, Servers},
@@ -366,18 +366,4 @@ impl MultiBed {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum())
     }
-}
-
-/// Waits up to `timeout` for `f` to hold, checking every 100 ms.
-pub async fn eventually<F, Fut>(timeout: Duration, what: &str, f: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<()>>,
-{
-    wait_for(timeout, f).await.with_context(|| what.to_string())
-}
-
-/// The address each Service got.
-pub fn addresses(svcs: &[k8s_openapi::api::core::v1::Service]) -> BTreeMap<String, Ipv4Addr> {
-    svcs.iter().filter_map(|s| Some((s.metadata.name.clone()?, ingress_ip(s)?))).collect()
 }
