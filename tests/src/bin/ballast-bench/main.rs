@@ -5,12 +5,14 @@
 //! `BPF_PROG_TEST_RUN`; `scale`, the same as the tables grow; `contenders`, ballast side
 //! by side with kube-proxy's modes, a userspace proxy and nginx on real veths; `rules`, the
 //! kernel LBs as the number of services grows; `controlplane`,
-//! the controller's latencies against the real control plane.
+//! the controller's latencies against the real control plane; `multinode`, failover
+//! between edge nodes and the agents' steady-state API load.
 
 mod contenders;
 mod controlplane;
 mod datapath;
 mod kit;
+mod multinode;
 mod report;
 mod rules;
 mod sidebyside;
@@ -61,6 +63,16 @@ fn main() -> anyhow::Result<()> {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build()?;
         section(rt.block_on(controlplane::run(quick))?);
         section(rt.block_on(controlplane::full_sync(quick, smoke))?);
+    }
+    if want("multinode") {
+        let _cp = controlplane::Started::up()?;
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build()?;
+        let (md, d) = rt.block_on(multinode::failover(quick, smoke))?;
+        section(md);
+        data.insert("failover".into(), d);
+        let (md, d) = rt.block_on(multinode::api_load(quick, smoke))?;
+        section(md);
+        data.insert("api_load".into(), d);
     }
     if let Some(path) = value("--report") {
         let plots = value("--plots").context("--report needs --plots DIR")?;
