@@ -125,3 +125,16 @@ fn the_control_plane_sections_run_against_the_api_server() {
         assert!(text.contains(needle), "{needle:?} missing:\n{text}");
     }
 }
+
+#[test]
+fn the_multinode_section_measures_failover_and_api_load() {
+    let text = bench(&["--smoke", "--only", "multinode"]);
+    let failover =
+        row(&text, "owner SIGKILLed and its link cut → first new TCP connection through its address succeeds");
+    let cells: Vec<&str> = failover.split('|').collect();
+    assert!(measured(cells[2]) && measured(cells[3]), "{failover}");
+    for services in ["10", "30"] {
+        let r = row(&text, services);
+        assert!(measured(r.split('|').nth(2).unwrap_or("")), "no API request rate with {services} Services: {r}");
+    }
+}

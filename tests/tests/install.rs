@@ -40,7 +40,7 @@ fn the_daemon_set_runs_unprivileged_with_the_capabilities_it_needs() {
     assert_eq!(c["securityContext"]["privileged"], false);
     assert_eq!(
         c["securityContext"]["capabilities"]["add"],
-        serde_json::json!(["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"])
+        serde_json::json!(["BPF", "NET_ADMIN", "NET_RAW", "PERFMON", "SYS_RESOURCE"])
     );
     assert_eq!(ds["spec"]["template"]["spec"]["nodeSelector"]["ballast.dev/edge"], "true");
     assert_eq!(ds["spec"]["template"]["spec"]["hostNetwork"], true);

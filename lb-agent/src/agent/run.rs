@@ -26,6 +26,8 @@ const GC_INTERVAL: Duration = Duration::from_secs(10);
 const LINK_INTERVAL: Duration = Duration::from_secs(1);
 /// How soon a pass that failed is retried.
 const RETRY: Duration = Duration::from_secs(2);
+/// How long a burst of changes may settle before one pass takes them all.
+const SETTLE: Duration = Duration::from_millis(5);
 
 /// Why the loop wakes up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,7 +41,8 @@ pub enum Wake {
 
 /// Where a node's desired state comes from.
 pub trait Source {
-    /// Waits for the next reason to act.
+    /// Waits for the next reason to act. Must be cancel-safe: the loop drops it when a
+    /// timer fires first, and a change it consumed must not be lost then.
     fn wait(&mut self) -> impl Future<Output = Wake>;
     /// What this node must serve now.
     fn desired(&mut self) -> NodeDesired;
@@ -92,7 +95,13 @@ where
         let announce_at = node.next_announcement().map(tokio::time::Instant::from_std);
         let retry = retry_at;
         let wake = tokio::select! {
-            w = source.wait() => w,
+            w = source.wait() => {
+                if w == Wake::Changed {
+                    // Outside the select: nothing cancels this.
+                    tokio::time::sleep(SETTLE).await;
+                }
+                w
+            }
             _ = resync.tick() => {
                 match node.repair_drift().await {
                     Ok(r) if !r.is_empty() => info!(repaired = ?r, "repaired drift"),

@@ -280,8 +280,8 @@ pub fn spawn_election(
             }
             let now = Instant::now();
             if let Some((lease, sent)) = mine.take() {
-                // Renew no more often than the interval (change signals also wake this loop).
-                if now.duration_since(sent) < s.interval / 2 {
+                // Renew once per interval: change signals (every heartbeat) also wake this loop.
+                if now.duration_since(sent) < s.interval.mul_f64(0.9) {
                     mine = Some((lease, sent));
                     continue;
                 }

@@ -197,14 +197,14 @@ impl ClusterSource {
 }
 
 impl Source for ClusterSource {
+    // Cancel-safe: the loop drops this future whenever another timer fires first, so it
+    // completes in the same poll that consumes a change (the loop lets bursts settle).
     async fn wait(&mut self) -> Wake {
         tokio::select! {
             r = self.objects.changed() => {
                 if r.is_err() {
                     return std::future::pending().await;
                 }
-                // Let a burst of events settle into one pass.
-                tokio::time::sleep(Duration::from_millis(5)).await;
                 Wake::Changed
             }
             r = self.heartbeat.status.changed() => {

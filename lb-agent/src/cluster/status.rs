@@ -120,7 +120,7 @@ pub fn service_conditions(
     out.push(match first_report(reports, NodeReason::ProgrammingFailed) {
         Some(failed) => cond(DataplaneProgrammed, false, Reason::ProgrammingFailed, failed, generation, now),
         None => {
-            let mut msg = format!("{} port(s) in the XDP maps", s.ports.len());
+            let mut msg = format!("{} port(s); no node reports a problem", s.ports.len());
             if !s.unsupported_ports.is_empty() {
                 msg.push_str(&format!("; not served (protocol unsupported): {}", s.unsupported_ports.join(", ")));
             }

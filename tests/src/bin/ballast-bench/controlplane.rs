@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use ballast_tests::{
     k8sbed::{K8sBed, ingress_ip},
-    servers::{Servers, tcp_ask},
+    servers::{LineClient, Servers},
 };
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Service;
@@ -111,7 +111,12 @@ pub async fn run(quick: bool) -> Result<String> {
             bed.tb.client.run(move || {
                 let deadline = Instant::now() + Duration::from_secs(20);
                 while Instant::now() < deadline {
-                    if tcp_ask(vip, "ping").is_ok() {
+                    // A short connect timeout: a SYN sent before the node programmed the
+                    // address may be dropped silently (the LB's ICMP "unreachable" answers are
+                    // rate-limited), and the kernel would retransmit it only after 1 s.
+                    let answered = LineClient::connect_within(vip, Duration::from_millis(20), Duration::from_secs(1))
+                        .and_then(|mut c| c.ask("ping"));
+                    if answered.is_ok() {
                         return Some(Instant::now());
                     }
                     std::thread::sleep(Duration::from_millis(2));
@@ -170,7 +175,7 @@ pub async fn run(quick: bool) -> Result<String> {
     }
     writeln!(
         out,
-        "\nThe agent runs as the ballast-agent ServiceAccount in a network namespace; each Service has an EndpointSlice with 3 ready endpoints created just before it; the client retries its connection every 2 ms."
+        "\nThe agent runs as the ballast-agent ServiceAccount in a network namespace; each Service has an EndpointSlice with 3 ready endpoints created just before it; once the address is in status, the client opens a fresh connection every 2 ms (20 ms connect timeout) until one is answered. The allocator writes the LoadBalancer object, then the Service's status; the nodes program themselves from the LoadBalancer object, so the address can show a few milliseconds before traffic flows."
     )?;
     Ok(out)
 }
