@@ -7,7 +7,6 @@
 //! tests run concurrently and clean up after failures.
 
 pub mod agent;
-pub mod arp;
 pub mod cluster;
 pub mod cmd;
 pub mod forward;

@@ -38,12 +38,8 @@ pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 10, 3, 100);
 /// Port of every agent's metrics inside its namespace.
 pub const METRICS_PORT: u16 = 9477;
 
-/// One edge node.
-pub struct Edge {
-    /// Its agent, once started (dropped first).
-    pub agent: Option<Agent>,
-    /// Its Node name.
-    pub name: String,
+/// One edge node's share of the segment: its namespace, address and pinned maps.
+pub struct EdgeNet {
     /// Its network namespace.
     pub ns: Netns,
     /// Its address on the segment.
@@ -52,6 +48,137 @@ pub struct Edge {
     pub mac: [u8; 6],
     /// Its pinned maps.
     pub pins: PinDir,
+}
+
+/// The segment without a control plane: the bridge, the client, the backends with their
+/// servers, and the edge nodes' namespaces (for static mode, or for [`MultiBed`]).
+pub struct Segment {
+    /// The edge nodes' namespaces.
+    pub edges: Vec<EdgeNet>,
+    /// Servers on the backends.
+    pub servers: Vec<Servers>,
+    /// The client.
+    pub client: Netns,
+    /// The bridge.
+    pub switch: Netns,
+    /// The backends.
+    pub backends: Vec<BackendHost>,
+}
+
+impl Segment {
+    /// `edges` edge namespaces and `backends` backends with TCP 8080 and UDP 5353 servers.
+    pub fn new(edges: usize, backends: usize) -> Result<Self> {
+        crate::preflight::require();
+        let switch = Netns::new("switch")?;
+        switch.ip("link add br0 type bridge")?;
+        switch.ip("link set br0 up")?;
+        let client = Netns::new("client")?;
+        veth(&client, "c0", &switch, "s-c")?;
+        switch.ip("link set s-c master br0")?;
+        client.ip(&format!("addr add {CLIENT_IP}/24 dev c0"))?;
+        // Senders compute full checksums, as on a real wire.
+        client.exec("ethtool -K c0 tx off")?;
+        let mut hosts = Vec::new();
+        for i in 0..backends {
+            let ns = Netns::new(&format!("be{i}"))?;
+            let port = format!("s{i}");
+            veth(&ns, "b0", &switch, &port)?;
+            switch.ip(&format!("link set {port} master br0"))?;
+            let ip = Ipv4Addr::new(10, 10, 3, 11 + i as u8);
+            ns.ip(&format!("addr add {ip}/24 dev b0"))?;
+            ns.exec("ethtool -K b0 tx off")?;
+            hosts.push(BackendHost { ns, ip, name: format!("backend-{i}") });
+        }
+        let mut nets = Vec::new();
+        for i in 0..edges {
+            let ns = Netns::new(&format!("edge{i}"))?;
+            let port = format!("s-e{i}");
+            veth(&ns, LB_IFACE, &switch, &port)?;
+            switch.ip(&format!("link set {port} master br0"))?;
+            // The peer of an interface XDP transmits into needs GRO (see testbed).
+            switch.exec(&format!("ethtool -K {port} gro on"))?;
+            let ip = Ipv4Addr::new(10, 10, 3, 1 + i as u8);
+            ns.ip(&format!("addr add {ip}/24 dev {LB_IFACE}"))?;
+            let mac = ns.mac(LB_IFACE)?;
+            nets.push(EdgeNet { ns, ip, mac, pins: PinDir::new("multi") });
+        }
+        let servers = hosts
+            .iter()
+            .map(|b| Servers::start(&b.ns, &b.name, &[SocketAddrV4::new(b.ip, 8080)], &[SocketAddrV4::new(b.ip, 5353)]))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { edges: nets, servers, client, switch, backends: hosts })
+    }
+
+    /// Takes edge `i`'s link down (its switch port: the node drops off the segment) or up.
+    pub fn link(&self, i: usize, up: bool) -> Result<()> {
+        self.switch.ip(&format!("link set s-e{i} {}", if up { "up" } else { "down" }))?;
+        Ok(())
+    }
+
+    /// The edges whose MAC answers ARP for `vip`, as the client sees it: every answer to a
+    /// raw ARP request within 300 ms, not just the first one a neighbour cache keeps.
+    pub fn answering(&self, vip: Ipv4Addr) -> Result<BTreeSet<usize>> {
+        let ifindex = self.client.ifindex("c0")?;
+        let mac = self.client.mac("c0")?;
+        let targets = BTreeSet::from([vip]);
+        let answers = self
+            .client
+            .run(|| lb_agent::net::arp::ask(ifindex, mac, CLIENT_IP, &targets, Duration::from_millis(300)))??;
+        answers
+            .get(&vip)
+            .into_iter()
+            .flatten()
+            .map(|m| {
+                self.edges
+                    .iter()
+                    .position(|e| e.mac == *m)
+                    .with_context(|| format!("unknown MAC {m:02x?} answers for {vip}"))
+            })
+            .collect()
+    }
+
+    /// Edges holding `vip` on their interface.
+    pub fn holding(&self, vip: Ipv4Addr) -> Result<BTreeSet<usize>> {
+        let mut out = BTreeSet::new();
+        for (i, e) in self.edges.iter().enumerate() {
+            if e.ns.ip(&format!("addr show dev {LB_IFACE}"))?.contains(&format!("{vip}/32")) {
+                out.insert(i);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One request to `vip:80` from the client: connect within `connect`, answer within 1 s.
+    /// Returns the backend that answered.
+    pub fn ask(&self, vip: Ipv4Addr, connect: Duration) -> Result<String> {
+        let to = SocketAddrV4::new(vip, 80);
+        self.client.run(|| -> Result<String> {
+            let mut c = LineClient::connect_within(to, connect, Duration::from_secs(1))?;
+            c.ask("hello")
+        })?
+    }
+
+    /// Tries [`Self::ask`] every 50 ms until it succeeds or `timeout` passes; returns how
+    /// long it took from `since`.
+    pub fn first_answer(&self, vip: Ipv4Addr, since: Instant, timeout: Duration) -> Result<Duration> {
+        loop {
+            if self.ask(vip, Duration::from_millis(200)).is_ok() {
+                return Ok(since.elapsed());
+            }
+            if since.elapsed() > timeout {
+                bail!("no answer from {vip} within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// One edge node's agent and its way to the API server.
+pub struct Edge {
+    /// Its agent, once started (dropped first).
+    pub agent: Option<Agent>,
+    /// Its Node name.
+    pub name: String,
     /// Its way to the API server (dropping it cuts the node off the API).
     pub forward: Option<Forward>,
     /// Port of the forward inside the namespace.
@@ -66,18 +193,12 @@ impl Drop for Edge {
     }
 }
 
-/// The bed.
+/// The bed: a [`Segment`] whose edge nodes run agents against the control plane.
 pub struct MultiBed {
-    /// The edge nodes (dropped first: agents stop before the segment goes).
+    /// The edge nodes' agents (dropped first: agents stop before the segment goes).
     pub edges: Vec<Edge>,
-    /// Servers on the backends.
-    pub servers: Vec<Servers>,
-    /// The client.
-    pub client: Netns,
-    /// The bridge.
-    pub switch: Netns,
-    /// The backends.
-    pub backends: Vec<BackendHost>,
+    /// The namespaces.
+    pub seg: Segment,
     _nodes: NodeGuard,
     /// This bed's share of the control plane.
     pub scope: ApiScope,
@@ -94,7 +215,6 @@ impl std::ops::Deref for MultiBed {
 impl MultiBed {
     /// `edges` edge nodes with Ready Node objects, `backends` backends with servers.
     pub async fn new(tag: &str, edges: usize, backends: usize) -> Result<Self> {
-        crate::preflight::require();
         let scope = ApiScope::new(tag).await?;
         let names: Vec<String> = (1..=edges).map(|i| format!("{}-edge-{i}", scope.bed)).collect();
         let nodes = NodeGuard(scope.cluster.admin.clone(), names.clone());
@@ -103,70 +223,21 @@ impl MultiBed {
             scope.cluster.node(n, None, true, &[]).await?;
         }
         let server = scope.cluster.server_addr()?;
-        let (switch, client, backends, edge_nets) = tokio::task::block_in_place(|| -> Result<_> {
-            let switch = Netns::new("switch")?;
-            switch.ip("link add br0 type bridge")?;
-            switch.ip("link set br0 up")?;
-            let client = Netns::new("client")?;
-            veth(&client, "c0", &switch, "s-c")?;
-            switch.ip("link set s-c master br0")?;
-            client.ip(&format!("addr add {CLIENT_IP}/24 dev c0"))?;
-            // Senders compute full checksums, as on a real wire.
-            client.exec("ethtool -K c0 tx off")?;
-            let mut hosts = Vec::new();
-            for i in 0..backends {
-                let ns = Netns::new(&format!("be{i}"))?;
-                let port = format!("s{i}");
-                veth(&ns, "b0", &switch, &port)?;
-                switch.ip(&format!("link set {port} master br0"))?;
-                let ip = Ipv4Addr::new(10, 10, 3, 11 + i as u8);
-                ns.ip(&format!("addr add {ip}/24 dev b0"))?;
-                ns.exec("ethtool -K b0 tx off")?;
-                hosts.push(BackendHost { ns, ip, name: format!("backend-{i}") });
-            }
-            let mut nets = Vec::new();
-            for i in 0..edges {
-                let ns = Netns::new(&format!("edge{i}"))?;
-                let port = format!("s-e{i}");
-                veth(&ns, LB_IFACE, &switch, &port)?;
-                switch.ip(&format!("link set {port} master br0"))?;
-                // The peer of an interface XDP transmits into needs GRO (see testbed).
-                switch.exec(&format!("ethtool -K {port} gro on"))?;
-                let ip = Ipv4Addr::new(10, 10, 3, 1 + i as u8);
-                ns.ip(&format!("addr add {ip}/24 dev {LB_IFACE}"))?;
-                let mac = ns.mac(LB_IFACE)?;
-                let forward = Forward::start(&ns, 0, server)?;
-                nets.push((ns, ip, mac, forward));
-            }
-            Ok((switch, client, hosts, nets))
-        })?;
-        let servers = backends
-            .iter()
-            .map(|b| Servers::start(&b.ns, &b.name, &[SocketAddrV4::new(b.ip, 8080)], &[SocketAddrV4::new(b.ip, 5353)]))
-            .collect::<Result<Vec<_>>>()?;
+        let seg = tokio::task::block_in_place(|| Segment::new(edges, backends))?;
         let mut out = Vec::new();
-        for ((ns, ip, mac, forward), name) in edge_nets.into_iter().zip(names) {
+        for (net, name) in seg.edges.iter().zip(names) {
+            let forward = tokio::task::block_in_place(|| Forward::start(&net.ns, 0, server))?;
             let api_port = forward.port;
             let kubeconfig = scope.cluster.agent_kubeconfig(&format!("https://127.0.0.1:{api_port}")).await?;
-            out.push(Edge {
-                agent: None,
-                name,
-                ns,
-                ip,
-                mac,
-                pins: PinDir::new("multi"),
-                forward: Some(forward),
-                api_port,
-                kubeconfig,
-            });
+            out.push(Edge { agent: None, name, forward: Some(forward), api_port, kubeconfig });
         }
-        Ok(Self { edges: out, servers, client, switch, backends, _nodes: nodes, scope })
+        Ok(Self { edges: out, seg, _nodes: nodes, scope })
     }
 
     /// Arguments of edge `i`'s agent.
     pub fn agent_args(&self, i: usize) -> Vec<String> {
         let e = &self.edges[i];
-        let mut args = self.scope.agent_args(&e.name, &e.kubeconfig, e.pins.path());
+        let mut args = self.scope.agent_args(&e.name, &e.kubeconfig, self.seg.edges[i].pins.path());
         args.extend(["--metrics-addr".into(), format!("127.0.0.1:{METRICS_PORT}")]);
         args
     }
@@ -177,7 +248,7 @@ impl MultiBed {
         args.extend(extra.iter().map(|s| s.to_string()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let agent =
-            tokio::task::block_in_place(|| Agent::start_within(&self.edges[i].ns, &refs, Duration::from_secs(30)))?;
+            tokio::task::block_in_place(|| Agent::start_within(&self.seg.edges[i].ns, &refs, Duration::from_secs(30)))?;
         self.edges[i].agent = Some(agent);
         Ok(())
     }
@@ -217,7 +288,7 @@ impl MultiBed {
 
     /// Services `svc-{from}`… as [`Self::services`].
     pub async fn services_from(&self, from: usize, n: usize) -> Result<BTreeMap<String, Ipv4Addr>> {
-        let eps: Vec<String> = self.backends.iter().map(|b| b.ip.to_string()).collect();
+        let eps: Vec<String> = self.seg.backends.iter().map(|b| b.ip.to_string()).collect();
         let eps: Vec<(&str, bool, bool, bool)> = eps.iter().map(|a| (a.as_str(), true, true, false)).collect();
         let mut out = BTreeMap::new();
         for i in from..from + n {
@@ -265,30 +336,6 @@ impl MultiBed {
             .collect())
     }
 
-    /// The edges whose MAC answers ARP for `vip`, as the client sees it.
-    pub fn answering(&self, vip: Ipv4Addr) -> Result<BTreeSet<usize>> {
-        let macs = crate::arp::who_has(&self.client, "c0", CLIENT_IP, vip, Duration::from_millis(300))?;
-        macs.iter()
-            .map(|m| {
-                self.edges
-                    .iter()
-                    .position(|e| e.mac == *m)
-                    .with_context(|| format!("unknown MAC {m:02x?} answers for {vip}"))
-            })
-            .collect()
-    }
-
-    /// Edges holding `vip` on their interface.
-    pub fn holding(&self, vip: Ipv4Addr) -> Result<BTreeSet<usize>> {
-        let mut out = BTreeSet::new();
-        for (i, e) in self.edges.iter().enumerate() {
-            if e.ns.ip(&format!("addr show dev {LB_IFACE}"))?.contains(&format!("{vip}/32")) {
-                out.insert(i);
-            }
-        }
-        Ok(out)
-    }
-
     /// Waits until, for every Service in `vips`, its LoadBalancer object names an owner and
     /// exactly that node answers ARP for its address; returns the owners (edge index).
     pub async fn settled(
@@ -303,7 +350,7 @@ impl MultiBed {
             let mut why = None;
             for (svc, vip) in vips {
                 let owner = owners.get(svc).cloned().flatten().and_then(|n| self.edge_of(&n));
-                let answering = tokio::task::block_in_place(|| self.answering(*vip))?;
+                let answering = tokio::task::block_in_place(|| self.seg.answering(*vip))?;
                 match owner {
                     Some(o) if answering == BTreeSet::from([o]) => {
                         out.insert(svc.clone(), o);
@@ -324,33 +371,9 @@ impl MultiBed {
         }
     }
 
-    /// One request to `vip:80` from the client: connect within `connect`, answer within 1 s.
-    /// Returns the backend that answered.
-    pub fn ask(&self, vip: Ipv4Addr, connect: Duration) -> Result<String> {
-        let to = SocketAddrV4::new(vip, 80);
-        self.client.run(|| -> Result<String> {
-            let mut c = LineClient::connect_within(to, connect, Duration::from_secs(1))?;
-            c.ask("hello")
-        })?
-    }
-
-    /// Tries [`Self::ask`] every 50 ms until it succeeds or `timeout` passes; returns how
-    /// long it took from `since`.
-    pub fn first_answer(&self, vip: Ipv4Addr, since: Instant, timeout: Duration) -> Result<Duration> {
-        loop {
-            if self.ask(vip, Duration::from_millis(200)).is_ok() {
-                return Ok(since.elapsed());
-            }
-            if since.elapsed() > timeout {
-                bail!("no answer from {vip} within {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
     /// A metric's value on edge `i` (the sum over label sets matching `labels`).
     pub fn metric(&self, i: usize, name: &str, labels: &str) -> Result<f64> {
-        let text = self.edges[i].ns.run(|| -> Result<String> {
+        let text = self.seg.edges[i].ns.run(|| -> Result<String> {
             use std::io::{Read, Write};
             let mut s = std::net::TcpStream::connect(("127.0.0.1", METRICS_PORT))?;
             s.set_read_timeout(Some(Duration::from_secs(2)))?;

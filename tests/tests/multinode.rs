@@ -66,13 +66,13 @@ async fn one_node_answers_for_each_address_owners_spread_and_only_the_allocator_
     for _ in 0..5 {
         assert_eq!(bed.settled(&vips, Duration::ZERO).await.unwrap(), owners);
         for (svc, vip) in &vips {
-            assert_eq!(bed.holding(*vip).unwrap(), BTreeSet::from([owners[svc]]), "{svc} {vip}");
+            assert_eq!(bed.seg.holding(*vip).unwrap(), BTreeSet::from([owners[svc]]), "{svc} {vip}");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Traffic flows through every address, and the Service says who holds it.
     for (svc, vip) in &vips {
-        let answer = bed.ask(*vip, Duration::from_secs(2)).unwrap();
+        let answer = bed.seg.ask(*vip, Duration::from_secs(2)).unwrap();
         assert!(answer.starts_with("backend-"), "{answer}");
         let s = bed.scope.services().get(svc).await.unwrap();
         let (status, reason, message) = condition(&s, "AddressAssigned").unwrap();
@@ -120,9 +120,9 @@ async fn a_failed_owner_is_replaced_within_the_lease_and_takes_nothing_back() {
     let theirs: Vec<Ipv4Addr> = vips.iter().filter(|(s, _)| before[*s] == victim).map(|(_, v)| *v).collect();
     let killed = Instant::now();
     bed.kill(victim).unwrap();
-    bed.switch.ip(&format!("link set s-e{victim} down")).unwrap();
+    bed.seg.link(victim, false).unwrap();
     for vip in &theirs {
-        let took = tokio::task::block_in_place(|| bed.first_answer(*vip, killed, Duration::from_secs(15)))
+        let took = tokio::task::block_in_place(|| bed.seg.first_answer(*vip, killed, Duration::from_secs(15)))
             .unwrap_or_else(|e| panic!("{e}{}", bed.logs()));
         eprintln!("{vip}: first answer {took:?} after SIGKILL");
         assert!(took <= LEASE + Duration::from_secs(1), "{vip} answered only after {took:?}{}", bed.logs());
@@ -144,7 +144,7 @@ async fn a_failed_owner_is_replaced_within_the_lease_and_takes_nothing_back() {
         "{moved:?}"
     );
     // The node comes back: it takes nothing back, only new addresses.
-    bed.switch.ip(&format!("link set s-e{victim} up")).unwrap();
+    bed.seg.link(victim, true).unwrap();
     bed.start(victim, &[]).unwrap();
     tokio::time::sleep(LEASE * 2).await;
     assert_eq!(bed.settled(&vips, SETTLE).await.unwrap(), after, "nothing moved back");
@@ -169,9 +169,9 @@ async fn a_killed_agent_alone_leaves_one_answering_node_at_every_moment() {
     let until = Instant::now() + SETTLE;
     let mut failed = 0;
     loop {
-        let answering = tokio::task::block_in_place(|| bed.answering(vip)).unwrap();
+        let answering = tokio::task::block_in_place(|| bed.seg.answering(vip)).unwrap();
         assert!(answering.len() <= 1, "two nodes answer for {vip}: {answering:?}");
-        if tokio::task::block_in_place(|| bed.ask(vip, Duration::from_millis(500))).is_err() {
+        if tokio::task::block_in_place(|| bed.seg.ask(vip, Duration::from_millis(500))).is_err() {
             failed += 1;
         }
         if answering == BTreeSet::from([1 - victim]) {
@@ -180,7 +180,10 @@ async fn a_killed_agent_alone_leaves_one_answering_node_at_every_moment() {
         assert!(Instant::now() < until, "no takeover{}", bed.logs());
     }
     assert_eq!(failed, 0, "connections failed while the agent was dead");
-    assert!(bed.holding(vip).unwrap() == BTreeSet::from([1 - victim]), "the address expired on the dead agent's node");
+    assert!(
+        bed.seg.holding(vip).unwrap() == BTreeSet::from([1 - victim]),
+        "the address expired on the dead agent's node"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -194,15 +197,15 @@ async fn a_node_whose_link_goes_down_gives_up_its_addresses_and_gets_none_back()
     let victim = before["svc-0"];
     let theirs: Vec<Ipv4Addr> = vips.iter().filter(|(s, _)| before[*s] == victim).map(|(_, v)| *v).collect();
     let cut = Instant::now();
-    bed.switch.ip(&format!("link set s-e{victim} down")).unwrap();
-    wait_for(LEASE, || async { theirs.iter().all(|v| !bed.holding(*v).unwrap().contains(&victim)).then_some(()) })
+    bed.seg.link(victim, false).unwrap();
+    wait_for(LEASE, || async { theirs.iter().all(|v| !bed.seg.holding(*v).unwrap().contains(&victim)).then_some(()) })
         .await
         .unwrap_or_else(|_| panic!("the node kept its addresses on a link without carrier{}", bed.logs()));
     eprintln!("addresses dropped {:?} after the link went down", cut.elapsed());
     let after = bed.settled(&vips, SETTLE).await.unwrap();
     assert!(theirs.iter().all(|v| after.iter().any(|(s, o)| vips[s] == *v && *o != victim)));
     // The link comes back: one node still answers for each address, and not this one.
-    bed.switch.ip(&format!("link set s-e{victim} up")).unwrap();
+    bed.seg.link(victim, true).unwrap();
     tokio::time::sleep(LEASE).await;
     for _ in 0..5 {
         assert_eq!(bed.settled(&vips, Duration::ZERO).await.unwrap(), after);
@@ -224,7 +227,7 @@ async fn a_node_cut_off_from_the_api_fences_itself_and_checks_before_holding_aga
     drop(bed.edges[victim].forward.take());
     let cut = Instant::now();
     wait_for(LEASE + Duration::from_secs(1), || async {
-        theirs.iter().all(|v| !bed.holding(*v).unwrap().contains(&victim)).then_some(())
+        theirs.iter().all(|v| !bed.seg.holding(*v).unwrap().contains(&victim)).then_some(())
     })
     .await
     .unwrap_or_else(|_| panic!("the node did not fence itself{}", bed.logs()));
@@ -237,7 +240,7 @@ async fn a_node_cut_off_from_the_api_fences_itself_and_checks_before_holding_aga
     // Back online: it must not take its old addresses back from a stale cache.
     let server = bed.cluster.server_addr().unwrap();
     let port = bed.edges[victim].api_port;
-    let forward = tokio::task::block_in_place(|| Forward::start(&bed.edges[victim].ns, port, server)).unwrap();
+    let forward = tokio::task::block_in_place(|| Forward::start(&bed.seg.edges[victim].ns, port, server)).unwrap();
     bed.edges[victim].forward = Some(forward);
     let edge = &bed.edges[victim];
     wait_for(Duration::from_secs(30), || async {
@@ -263,7 +266,7 @@ async fn a_graceful_restart_within_the_grace_period_moves_nothing_and_a_held_con
     let vip = vips["svc-0"];
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let (back_tx, back_rx) = std::sync::mpsc::channel::<anyhow::Result<String>>();
-    let client = bed.client.path();
+    let client = bed.seg.client.path();
     let holder = std::thread::spawn(move || {
         let f = std::fs::File::open(&client).unwrap();
         // SAFETY: setns on this thread only.
@@ -280,8 +283,8 @@ async fn a_graceful_restart_within_the_grace_period_moves_nothing_and_a_held_con
     assert!(log.contains("stay for the restart's grace period"), "{log}");
     tokio::time::sleep(LEASE * 2).await;
     assert_eq!(bed.owners().await.unwrap()["svc-0"].as_deref(), Some(bed.edges[victim].name.as_str()));
-    assert_eq!(bed.holding(vip).unwrap(), BTreeSet::from([victim]), "the address stayed on the node");
-    assert_eq!(tokio::task::block_in_place(|| bed.answering(vip)).unwrap(), BTreeSet::from([victim]));
+    assert_eq!(bed.seg.holding(vip).unwrap(), BTreeSet::from([victim]), "the address stayed on the node");
+    assert_eq!(tokio::task::block_in_place(|| bed.seg.answering(vip)).unwrap(), BTreeSet::from([victim]));
     tx.send("meanwhile".into()).unwrap();
     let meanwhile = back_rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
     bed.start(victim, &[]).unwrap();
@@ -314,7 +317,7 @@ async fn announce_mode_none_node_selectors_and_exclusion_decide_who_holds_an_add
     let everywhere = bed.wait_ip("everywhere").await.unwrap();
     let in_b = bed.wait_ip("in-b").await.unwrap();
     // None: every eligible node holds the address (and answers ARP: the documented risk).
-    wait_for(SETTLE, || async { (bed.holding(everywhere).ok()? == BTreeSet::from([0, 1])).then_some(()) })
+    wait_for(SETTLE, || async { (bed.seg.holding(everywhere).ok()? == BTreeSet::from([0, 1])).then_some(()) })
         .await
         .unwrap_or_else(|_| panic!("both nodes should hold {everywhere}{}", bed.logs()));
     let s = bed.scope.services().get("everywhere").await.unwrap();
@@ -338,7 +341,7 @@ async fn announce_mode_none_node_selectors_and_exclusion_decide_who_holds_an_add
         .unwrap_or_else(|e| panic!("{e}{}", bed.logs()));
     let (_, _, message) = condition(&s, "AddressAssigned").unwrap();
     assert!(message.contains(&second) && message.contains("exclude-from-external-load-balancers"), "{message}");
-    wait_for(SETTLE, || async { bed.holding(in_b).ok()?.is_empty().then_some(()) }).await.unwrap();
+    wait_for(SETTLE, || async { bed.seg.holding(in_b).ok()?.is_empty().then_some(()) }).await.unwrap();
     let warned = events(&bed, "NoEligibleNode").await;
     assert!(warned.iter().any(|(svc, _)| svc == "in-b"), "{warned:?}");
 }

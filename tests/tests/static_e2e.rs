@@ -280,3 +280,55 @@ fn kernel_log_is_off_by_default_and_names_each_new_flow_when_on() {
     let want = format!("-> {} to backend {backend} from ", tb.vip(80));
     assert!(line.contains(&format!("new flow {}:", tb.client_ip)) && line.contains(&want), "{want:?} in:\n{line}");
 }
+
+/// The first trial: two static-mode agents with the same file on one L2 segment.
+/// The second asks the segment before taking the address, finds the first answering, and
+/// stands by instead of answering too; when the first gives the address up, the second
+/// takes it at its next re-sync and traffic flows through it.
+#[test]
+fn two_static_agents_on_one_segment_never_both_answer() {
+    use ballast_tests::multibed::Segment;
+    let seg = Segment::new(2, 1).unwrap();
+    let vip = std::net::Ipv4Addr::new(10, 10, 3, 200);
+    let backend = SocketAddrV4::new(seg.backends[0].ip, TCP_PORT);
+    let file = std::env::temp_dir().join(format!("{}.yaml", ballast_tests::netns::unique_name("two-static")));
+    std::fs::write(&file, ballast_tests::testbed::config_yaml(vip, &[("web", 80, "TCP", vec![backend])])).unwrap();
+    let _cleanup = RemoveOnDrop(file.clone());
+    let start = |i: usize| {
+        let pins = seg.edges[i].pins.path().display().to_string();
+        let f = file.display().to_string();
+        Agent::start(
+            &seg.edges[i].ns,
+            &["run", "--interface", "lb0", "--config", &f, "--bpffs", &pins, "--resync-interval", "1"],
+        )
+        .unwrap()
+    };
+    let first = start(0);
+    assert_eq!(seg.answering(vip).unwrap(), BTreeSet::from([0]));
+    let mut second = start(1);
+    second.wait_for("is already answered on lb0 by", Duration::from_secs(10)).unwrap();
+    let mac = seg.edges[0].mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    assert!(second.log_text().contains(&mac), "the error names the other host:\n{}", second.log_text());
+    for _ in 0..5 {
+        assert_eq!(seg.answering(vip).unwrap(), BTreeSet::from([0]), "only the first node answers");
+        assert_eq!(seg.holding(vip).unwrap(), BTreeSet::from([0]));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(seg.ask(vip, Duration::from_secs(2)).unwrap().starts_with("backend-0"));
+    // The first stops for good (static mode detaches and removes its addresses).
+    let (status, _) = first.stop().unwrap();
+    assert!(status.success());
+    let since = std::time::Instant::now();
+    let took =
+        seg.first_answer(vip, since, Duration::from_secs(10)).unwrap_or_else(|e| panic!("{e}\n{}", second.log_text()));
+    eprintln!("the second node answered {took:?} after the first stopped");
+    assert_eq!(seg.answering(vip).unwrap(), BTreeSet::from([1]));
+}
+
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

@@ -1,6 +1,8 @@
 //! Static mode: services from a YAML file, re-read on SIGHUP and when the file changes.
-//! Every address is held permanently: without Kubernetes there is nobody to agree with
-//! about ownership, so one node serves each address.
+//! Without Kubernetes there is nobody to agree with about ownership, so every address is
+//! held as [`Hold::Exclusive`]: taken only when no other host on the segment answers ARP
+//! for it, so a second static-mode node with the same file stands by instead of answering
+//! too, and takes over at a re-sync after the first one gives the address up.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -11,7 +13,7 @@ use tracing::{error, info, warn};
 use super::run::{self, Source, Wake};
 use crate::{
     config,
-    model::{NodeDesired, ServiceSpec},
+    model::{Hold, NodeDesired, ServiceSpec},
     net::Link,
     node::{ApplyReport, NodeOptions, OnExit, real::KernelNode},
     telemetry::Telemetry,
@@ -77,7 +79,7 @@ impl Source for StaticSource {
     }
 
     fn desired(&mut self) -> NodeDesired {
-        NodeDesired::permanent(self.services.clone())
+        NodeDesired::holding(self.services.clone(), Hold::Exclusive)
     }
 
     fn lease_until(&self) -> Option<std::time::Instant> {

@@ -88,6 +88,7 @@ pub fn interfaces<'a>(configs: &[&'a LoadBalancerConfig], default: &'a str) -> B
 fn combine(a: Hold, b: Hold) -> Hold {
     match (a, b) {
         (Hold::Standby, _) | (_, Hold::Standby) => Hold::Standby,
+        (Hold::Exclusive, _) | (_, Hold::Exclusive) => Hold::Exclusive,
         (Hold::Owner, _) | (_, Hold::Owner) => Hold::Owner,
         _ => Hold::Permanent,
     }

@@ -18,6 +18,11 @@ pub enum Hold {
     /// Not held: another node owns the address. The data path is still programmed, so
     /// taking over is only adding the address.
     Standby,
+    /// Always, unless another host on the segment already answers ARP for it. Static mode
+    /// has no cluster to agree with, so it asks the segment before taking an address (and
+    /// announces it when it does), and gives a held address up when another host also
+    /// holds it and has the lower MAC address.
+    Exclusive,
 }
 
 /// Everything one node must serve.
@@ -33,10 +38,15 @@ pub struct NodeDesired {
 }
 
 impl NodeDesired {
-    /// Services whose VIPs are all held permanently (static mode).
-    pub fn permanent(services: Vec<ServiceSpec>) -> Self {
-        let holds = services.iter().map(|s| (s.vip, Hold::Permanent)).collect();
+    /// Services whose VIPs are all held the same way, without a lease.
+    pub fn holding(services: Vec<ServiceSpec>, hold: Hold) -> Self {
+        let holds = services.iter().map(|s| (s.vip, hold)).collect();
         Self { services, holds, lease_until: None }
+    }
+
+    /// Services whose VIPs are all held permanently.
+    pub fn permanent(services: Vec<ServiceSpec>) -> Self {
+        Self::holding(services, Hold::Permanent)
     }
 
     /// How `vip` is held.

@@ -158,11 +158,23 @@ impl<T: NetIo + Sync> NetIo for Faulty<T> {
     }
 }
 
-impl<T: Announcer> Announcer for Faulty<T> {
+impl<T: Announcer + Sync> Announcer for Faulty<T> {
     fn announce(&self, link: &Link, vip: Ipv4Addr) -> Result<(), IoError> {
         if self.faults.set().announce {
             return Err(injected(format!("announce {vip}")));
         }
         self.inner.announce(link, vip)
+    }
+
+    async fn probe(
+        &self,
+        link: &Link,
+        vips: &std::collections::BTreeSet<Ipv4Addr>,
+        wait: std::time::Duration,
+    ) -> Result<std::collections::BTreeMap<Ipv4Addr, std::collections::BTreeSet<[u8; 6]>>, IoError> {
+        if self.faults.set().announce {
+            return Err(injected("probe"));
+        }
+        self.inner.probe(link, vips, wait).await
     }
 }

@@ -4,7 +4,12 @@
 //! [`super::faulty`] wraps either to inject failures, so the node's logic is tested with
 //! and without a kernel.
 
-use std::{future::Future, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    future::Future,
+    net::Ipv4Addr,
+    time::Duration,
+};
 
 use lb_common::config::DataplaneConfig;
 
@@ -104,8 +109,17 @@ pub trait NetIo {
     fn restore_forwarding(&self, iface: &str, old: &str) -> Result<(), IoError>;
 }
 
-/// Tells the segment which node holds an address.
+/// Tells the segment which node holds an address, and asks it who does.
 pub trait Announcer {
     /// Sends one gratuitous ARP (an ARP announcement) for `vip` out of `link`.
     fn announce(&self, link: &Link, vip: Ipv4Addr) -> Result<(), IoError>;
+    /// Asks the segment out of `link` who answers ARP for `vips` (RFC 5227 probes, which
+    /// change nobody's cache), listening for `wait`: each address's answering MAC
+    /// addresses other than `link`'s own.
+    fn probe(
+        &self,
+        link: &Link,
+        vips: &BTreeSet<Ipv4Addr>,
+        wait: Duration,
+    ) -> impl Future<Output = Result<BTreeMap<Ipv4Addr, BTreeSet<[u8; 6]>>, IoError>> + Send;
 }

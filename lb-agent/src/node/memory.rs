@@ -208,22 +208,48 @@ impl NetIo for MemoryNet {
     }
 }
 
-/// Records announcements instead of sending them.
+/// The segment as a [`MemoryAnnouncer`] sees it.
 #[derive(Clone, Debug, Default)]
-pub struct MemoryAnnouncer(Arc<Mutex<Vec<(u32, Ipv4Addr)>>>);
+pub struct Segment {
+    /// Every announcement sent so far: (ifindex, VIP).
+    pub sent: Vec<(u32, Ipv4Addr)>,
+    /// Other hosts answering ARP for an address: address → their MAC addresses.
+    pub others: BTreeMap<Ipv4Addr, BTreeSet<[u8; 6]>>,
+    /// Probes so far.
+    pub probes: usize,
+}
+
+/// Records announcements instead of sending them, and answers probes from a configured
+/// segment.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryAnnouncer(Arc<Mutex<Segment>>);
 
 impl MemoryAnnouncer {
     /// Every announcement so far: (ifindex, VIP).
     pub fn sent(&self) -> Vec<(u32, Ipv4Addr)> {
-        self.0.lock().map(|v| v.clone()).unwrap_or_default()
+        self.segment().sent.clone()
+    }
+
+    /// The segment, to look at or change.
+    pub fn segment(&self) -> MutexGuard<'_, Segment> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl Announcer for MemoryAnnouncer {
     fn announce(&self, link: &Link, vip: Ipv4Addr) -> Result<(), IoError> {
-        if let Ok(mut v) = self.0.lock() {
-            v.push((link.index, vip));
-        }
+        self.segment().sent.push((link.index, vip));
         Ok(())
+    }
+
+    async fn probe(
+        &self,
+        _link: &Link,
+        vips: &BTreeSet<Ipv4Addr>,
+        _wait: std::time::Duration,
+    ) -> Result<BTreeMap<Ipv4Addr, BTreeSet<[u8; 6]>>, IoError> {
+        let mut seg = self.segment();
+        seg.probes += 1;
+        Ok(seg.others.iter().filter(|(a, _)| vips.contains(a)).map(|(a, m)| (*a, m.clone())).collect())
     }
 }

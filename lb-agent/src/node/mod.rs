@@ -93,6 +93,16 @@ pub const ANNOUNCE_AT: [Duration; 5] = [
     Duration::from_secs(5),
 ];
 
+/// How long probes for an address listen for another host's answer.
+pub const PROBE_WAIT: Duration = Duration::from_millis(200);
+/// How often addresses held as [`Hold::Exclusive`] are checked for another holder.
+pub const DEFEND_EVERY: Duration = Duration::from_secs(30);
+
+/// A MAC address as people write it.
+pub fn mac_string(m: [u8; 6]) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
 /// How long a backend's route lookup is reused at most.
 const ROUTE_TTL: Duration = Duration::from_secs(10);
 
@@ -183,6 +193,8 @@ pub struct Node<D, N, A> {
     holdings: BTreeMap<Ipv4Addr, Holding>,
     /// Gratuitous ARPs still to send: (when, ifindex, VIP).
     announcements: Vec<(Instant, u32, Ipv4Addr)>,
+    /// When addresses held as [`Hold::Exclusive`] are next checked for another holder.
+    next_defense: Option<Instant>,
     /// Held for the agent's lifetime: see [`instance_lock`].
     _lock: Option<std::os::unix::net::UnixListener>,
 }
@@ -219,6 +231,7 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
             routes: RouteCache::new(),
             holdings: BTreeMap::new(),
             announcements: Vec::new(),
+            next_defense: None,
             _lock: None,
         };
         node.attach(&links, iface)?;
@@ -314,7 +327,8 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
         // Addresses no longer held go before anything else can fail: another node may be
         // taking them over.
         self.holdings = holdings;
-        let changes = self.address_changes(desired.lease_until, now, &addrs, &mut report);
+        let mut changes = self.address_changes(desired.lease_until, now, &addrs, &mut report);
+        self.claim(&mut changes, &addrs, &links, now, &mut report).await;
         self.remove_addresses(&changes.remove, &mut report).await;
 
         let p = plan(&self.state, &DesiredState { services: usable.clone(), addrs: owned, ifaces }, self.dp.limits());
@@ -358,11 +372,73 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
         let mut report = ApplyReport::default();
         let links = self.net.links().await?;
         let addrs = self.net.addresses().await?;
-        let changes = self.address_changes(lease_until, now, &addrs, &mut report);
+        let mut changes = self.address_changes(lease_until, now, &addrs, &mut report);
+        self.claim(&mut changes, &addrs, &links, now, &mut report).await;
         self.remove_addresses(&changes.remove, &mut report).await;
         self.set_addresses(&changes.add, &changes.renew, &links, now, &mut report).await;
         self.publish_owned();
         Ok(report)
+    }
+
+    /// Asks the segment about the addresses held as [`Hold::Exclusive`]: one about to be
+    /// added that another host answers for is not added; one held that another host also
+    /// holds is given up if that host has the lower MAC address (both sides decide alike),
+    /// else announced again. Held ones are checked every [`DEFEND_EVERY`].
+    async fn claim(
+        &mut self,
+        changes: &mut crate::net::addresses::AddressChanges,
+        addrs: &[IfAddr],
+        links: &[Link],
+        now: Instant,
+        report: &mut ApplyReport,
+    ) {
+        let exclusive = |vip: &Ipv4Addr| self.holdings.get(vip).is_some_and(|h| h.hold == Hold::Exclusive);
+        let mut asks: BTreeMap<u32, BTreeSet<Ipv4Addr>> = BTreeMap::new();
+        for (index, vip, _) in changes.add.iter().filter(|(_, v, _)| exclusive(v)) {
+            asks.entry(*index).or_default().insert(*vip);
+        }
+        let defend = self.next_defense.is_none_or(|t| now >= t);
+        let held: BTreeSet<Ipv4Addr> = addrs
+            .iter()
+            .filter(|a| a.ours && exclusive(&a.addr) && !changes.remove.iter().any(|(_, v, _)| *v == a.addr))
+            .map(|a| a.addr)
+            .collect();
+        if defend {
+            for a in addrs.iter().filter(|a| held.contains(&a.addr)) {
+                asks.entry(a.index).or_default().insert(a.addr);
+            }
+            self.next_defense = Some(now + DEFEND_EVERY);
+        }
+        for (index, vips) in asks {
+            let Some(link) = links.iter().find(|l| l.index == index) else { continue };
+            let answers = match self.announcer.probe(link, &vips, PROBE_WAIT).await {
+                Ok(a) => a,
+                Err(e) => {
+                    report.warnings.push(format!("cannot ask the segment who holds {vips:?}: {e}"));
+                    continue;
+                }
+            };
+            for (vip, others) in answers {
+                let Some(other) = others.first().copied() else { continue };
+                let conflict =
+                    NodeFailure::AddressConflict { vip, interface: link.name.clone(), mac: mac_string(other) };
+                if held.contains(&vip) {
+                    if link.mac.is_some_and(|mine| other < mine) {
+                        warn!(%vip, other = mac_string(other), "another host holds this address too and has the lower MAC address: giving it up");
+                        changes.remove.push((index, vip, 32));
+                    } else {
+                        warn!(%vip, other = mac_string(other), "another host answers for an address this node holds; announcing it again");
+                        self.announce(links, index, vip, report);
+                        continue;
+                    }
+                } else {
+                    changes.add.retain(|(_, v, _)| *v != vip);
+                }
+                for id in self.holdings.get(&vip).map(|h| h.services.clone()).unwrap_or_default() {
+                    report.failed.insert(id, conflict.clone());
+                }
+            }
+        }
     }
 
     /// Egress interfaces towards the backends of `services` (attaching there), warning about
@@ -428,7 +504,7 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
             .iter()
             .filter_map(|(vip, h)| {
                 let lifetime = match h.hold {
-                    Hold::Permanent => Some(Lifetime::Forever),
+                    Hold::Permanent | Hold::Exclusive => Some(Lifetime::Forever),
                     Hold::Owner => lease,
                     Hold::Standby => None,
                 }?;
@@ -477,7 +553,7 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
                 Ok(()) if new => {
                     self.vips_added.insert(vip);
                     report.added.push(vip);
-                    if hold == Hold::Owner {
+                    if matches!(hold, Hold::Owner | Hold::Exclusive) {
                         self.announce(links, index, vip, report);
                         self.announcements.extend(ANNOUNCE_AT[1..].iter().map(|d| (now + *d, index, vip)));
                         self.announcements.sort_by_key(|(t, _, _)| *t);

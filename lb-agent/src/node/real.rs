@@ -1,7 +1,12 @@
 //! The node's IO on the kernel: the loaded programs and pinned maps, rtnetlink, the
 //! forwarding sysctl and a packet socket for gratuitous ARP.
 
-use std::{net::Ipv4Addr, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    sync::Arc,
+    time::Duration,
+};
 
 use lb_common::config::DataplaneConfig;
 use tracing::warn;
@@ -124,6 +129,22 @@ impl Announcer for ArpAnnouncer {
             iface: link.name.clone(),
             source,
         })
+    }
+
+    async fn probe(
+        &self,
+        link: &Link,
+        vips: &BTreeSet<Ipv4Addr>,
+        wait: Duration,
+    ) -> Result<BTreeMap<Ipv4Addr, BTreeSet<[u8; 6]>>, IoError> {
+        let Some(mac) = link.mac else { return Ok(BTreeMap::new()) };
+        let (index, targets, name) = (link.index, vips.clone(), link.name.clone());
+        let first = vips.first().copied().unwrap_or(Ipv4Addr::UNSPECIFIED);
+        // The answers take `wait` to collect: off the async threads.
+        tokio::task::spawn_blocking(move || arp::ask(index, mac, Ipv4Addr::UNSPECIFIED, &targets, wait))
+            .await
+            .map_err(|e| IoError::Announce { vip: first, iface: name.clone(), source: std::io::Error::other(e) })?
+            .map_err(|source| IoError::Announce { vip: first, iface: name, source })
     }
 }
 

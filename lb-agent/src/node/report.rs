@@ -42,6 +42,18 @@ pub enum NodeFailure {
         /// What the kernel said.
         error: String,
     },
+    /// Another host on the segment already answers ARP for the VIP (static mode).
+    #[error(
+        "{vip} is already answered on {interface} by {mac}: another host holds it (static mode holds an address on one node only)"
+    )]
+    AddressConflict {
+        /// The VIP.
+        vip: Ipv4Addr,
+        /// The interface.
+        interface: String,
+        /// The other host's MAC address (`aa:bb:…`).
+        mac: String,
+    },
     /// The maps cannot take the service (ids exhausted).
     #[error(transparent)]
     Maps(PlanError),
@@ -50,7 +62,7 @@ pub enum NodeFailure {
 impl NodeFailure {
     /// Whether the failure is about holding the address rather than the data path.
     pub fn is_address(&self) -> bool {
-        matches!(self, Self::AddressFailed { .. })
+        matches!(self, Self::AddressFailed { .. } | Self::AddressConflict { .. })
     }
 }
 

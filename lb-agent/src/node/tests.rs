@@ -350,3 +350,49 @@ fn route_lookups_are_reused_until_interfaces_or_addresses_change() {
     c.refresh(&[link(2, false)], &addrs);
     assert!(c.oifs.is_empty());
 }
+
+#[tokio::test]
+async fn a_static_address_another_host_answers_for_is_not_taken_until_it_is_free() {
+    let mut b = bed(OnExit::Detach).await;
+    let other = [2, 0, 0, 0, 0, 9];
+    b.arp.segment().others.insert(A, [other].into());
+    let d = NodeDesired::holding(vec![svc("web", A, 80), svc("other", B, 80)], Hold::Exclusive);
+    let now = Instant::now();
+    let r = b.node.apply(&d, now).await.unwrap();
+    assert_eq!(b.ours(), vec![(B, Lifetime::Forever)], "only the free address is taken");
+    match r.failed.get(&ServiceId::Static("web".into())) {
+        Some(NodeFailure::AddressConflict { vip, mac, .. }) => {
+            assert_eq!((*vip, mac.as_str()), (A, "02:00:00:00:00:09"))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(b.programmed_vips().len(), 2, "the maps stand by");
+    assert_eq!(b.arp.sent(), vec![(LB0, B)], "a taken address is announced");
+    // The other host is gone: the next pass takes it.
+    b.arp.segment().others.clear();
+    let r = b.node.apply(&d, now).await.unwrap();
+    assert_eq!((r.added.clone(), r.failed.len()), (vec![A], 0), "{r:?}");
+}
+
+#[tokio::test]
+async fn a_held_static_address_goes_to_the_lower_mac_and_is_defended_against_a_higher_one() {
+    let mut b = bed(OnExit::Detach).await;
+    let d = NodeDesired::holding(vec![svc("web", A, 80)], Hold::Exclusive);
+    let now = Instant::now();
+    b.node.apply(&d, now).await.unwrap();
+    assert_eq!(b.ours(), vec![(A, Lifetime::Forever)]);
+    // Both started at once and both took it. A higher MAC: this node keeps it and says so.
+    b.arp.segment().others.insert(A, [[2, 0, 0, 0, 0, 9]].into());
+    let probes = b.arp.segment().probes;
+    b.node.apply(&d, now + Duration::from_secs(1)).await.unwrap();
+    assert_eq!(b.arp.segment().probes, probes, "held addresses are checked every DEFEND_EVERY, not every pass");
+    let r = b.node.apply(&d, now + DEFEND_EVERY).await.unwrap();
+    assert_eq!(b.ours(), vec![(A, Lifetime::Forever)]);
+    assert_eq!(r.announced, vec![A], "defended");
+    // A lower MAC: this node gives it up, and says why.
+    b.arp.segment().others.insert(A, [[2, 0, 0, 0, 0, 0]].into());
+    let r = b.node.apply(&d, now + DEFEND_EVERY * 2).await.unwrap();
+    assert_eq!(r.removed, vec![A]);
+    assert!(b.ours().is_empty());
+    assert!(matches!(r.failed.get(&ServiceId::Static("web".into())), Some(NodeFailure::AddressConflict { .. })));
+}

@@ -52,13 +52,13 @@ pub async fn failover(quick: bool, smoke: bool) -> Result<(String, serde_json::V
         }
         let t0 = Instant::now();
         bed.kill(victim)?;
-        bed.switch.ip(&format!("link set s-e{victim} down"))?;
-        let took = tokio::task::block_in_place(|| bed.first_answer(vip, t0, Duration::from_secs(30)))
+        bed.seg.link(victim, false)?;
+        let took = tokio::task::block_in_place(|| bed.seg.first_answer(vip, t0, Duration::from_secs(30)))
             .with_context(|| format!("trial {trial}: no takeover{}", bed.logs()))?;
         samples.push(took);
         eprintln!("bench: failover trial {trial}: {:.2} s", took.as_secs_f64());
         // The node comes back and rejoins before the next trial.
-        bed.switch.ip(&format!("link set s-e{victim} up"))?;
+        bed.seg.link(victim, true)?;
         bed.start(victim, &[])?;
     }
     let mut sorted = samples.clone();
@@ -134,7 +134,7 @@ fn agents_cpu(bed: &MultiBed) -> f64 {
 
 /// Creates Services `svc-{from}`… (TCP 80, backends on every backend host) 32 at a time.
 async fn create(bed: &MultiBed, from: usize, n: usize) -> Result<()> {
-    let eps: Vec<String> = bed.backends.iter().map(|b| b.ip.to_string()).collect();
+    let eps: Vec<String> = bed.seg.backends.iter().map(|b| b.ip.to_string()).collect();
     stream::iter(from..from + n)
         .map(|i| {
             let eps = &eps;
