@@ -224,6 +224,40 @@ impl ApiScope {
     pub async fn balancer(&self, name: &str) -> Option<LoadBalancer> {
         Api::<LoadBalancer>::namespaced(self.cluster.admin.clone(), &self.ns).get(name).await.ok()
     }
+
+    /// Runs `lb-agent explain NS/SVC` inside `ns` as node `node` (pins in `pins`), as admin
+    /// through the API forward on `port` there: (served, output).
+    pub fn explain(
+        &self,
+        svc: &str,
+        ns: &crate::netns::Netns,
+        port: u16,
+        pins: &std::path::Path,
+        node: &str,
+    ) -> Result<(bool, String)> {
+        let admin = std::fs::read_to_string(crate::cluster::admin_kubeconfig())?;
+        let server = self.cluster.server_addr()?;
+        let text = admin.replace(&format!("https://{server}"), &format!("https://127.0.0.1:{port}"));
+        let path = std::env::temp_dir().join(format!("{}.kubeconfig", unique_name("explain")));
+        std::fs::write(&path, text)?;
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", ns.path()))
+            .arg("--")
+            .arg(agent_bin()?)
+            .args(["explain", &format!("{}/{svc}", self.ns), "--interface", LB_IFACE, "--kubeconfig"])
+            .arg(&path)
+            .args(["--bpffs", &pins.display().to_string(), "--class", &self.class, "--ignore-unclassed"])
+            .args(["--config-selector", &format!("{CONFIG_LABEL}={}", self.bed)])
+            .args(["--node-name", node, "--namespace", &self.ns])
+            .output()?;
+        let _ = std::fs::remove_file(&path);
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        match out.status.code() {
+            Some(0) => Ok((true, text)),
+            Some(1) => Ok((false, text)),
+            _ => anyhow::bail!("explain failed: {text}"),
+        }
+    }
 }
 
 impl Drop for ApiScope {
@@ -360,29 +394,8 @@ impl K8sBed {
     /// Runs `lb-agent explain NS/NAME` in the LB namespace as admin (through the API
     /// forward): (served, output).
     pub fn explain(&self, svc: &str) -> Result<(bool, String)> {
-        let admin = std::fs::read_to_string(crate::cluster::admin_kubeconfig())?;
-        let server = self.cluster.server_addr()?;
         let port = self.forward.as_ref().context("no API forward")?.port;
-        let text = admin.replace(&format!("https://{server}"), &format!("https://127.0.0.1:{port}"));
-        let path = std::env::temp_dir().join(format!("{}.kubeconfig", unique_name("explain")));
-        std::fs::write(&path, text)?;
-        let out = std::process::Command::new("nsenter")
-            .arg(format!("--net={}", self.tb.lb.path()))
-            .arg("--")
-            .arg(agent_bin()?)
-            .args(["explain", &format!("{}/{svc}", self.ns), "--interface", LB_IFACE, "--kubeconfig"])
-            .arg(&path)
-            .args(["--bpffs", &self.tb.pins.path().display().to_string(), "--class", &self.class, "--ignore-unclassed"])
-            .args(["--config-selector", &format!("{CONFIG_LABEL}={}", self.bed)])
-            .args(["--node-name", &self.node_name(), "--namespace", &self.ns])
-            .output()?;
-        let _ = std::fs::remove_file(&path);
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        match out.status.code() {
-            Some(0) => Ok((true, text)),
-            Some(1) => Ok((false, text)),
-            _ => anyhow::bail!("explain failed: {text}"),
-        }
+        self.scope.explain(svc, &self.tb.lb, port, self.tb.pins.path(), &self.node_name())
     }
 
     /// The agent's log so far.

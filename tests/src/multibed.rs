@@ -371,6 +371,12 @@ impl MultiBed {
         }
     }
 
+    /// `lb-agent explain` of Service `svc` on edge `i`: (served, output).
+    pub fn explain(&self, i: usize, svc: &str) -> Result<(bool, String)> {
+        let e = &self.edges[i];
+        self.scope.explain(svc, &self.seg.edges[i].ns, e.api_port, self.seg.edges[i].pins.path(), &e.name)
+    }
+
     /// A metric's value on edge `i` (the sum over label sets matching `labels`).
     pub fn metric(&self, i: usize, name: &str, labels: &str) -> Result<f64> {
         let text = self.seg.edges[i].ns.run(|| -> Result<String> {

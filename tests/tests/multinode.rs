@@ -102,6 +102,19 @@ async fn one_node_answers_for_each_address_owners_spread_and_only_the_allocator_
     }
     let owned: f64 = (0..3).map(|i| bed.metric(i, "ballast_address_owned", "").unwrap()).sum();
     assert_eq!(owned, 6.0, "ballast_address_owned counts each address once, on its owner");
+    // "Which node holds my IP?": explain says so on every node, and why it is not this one.
+    let (owner, vip) = (owners["svc-0"], vips["svc-0"]);
+    for i in 0..3 {
+        let (served, text) = tokio::task::block_in_place(|| bed.explain(i, "svc-0")).unwrap();
+        eprintln!("$ lb-agent explain (on {})\n{text}", bed.edges[i].name);
+        assert!(served, "{text}");
+        let expect = if i == owner {
+            format!("{vip} is held by this node ({}) on lb0 (L2)", bed.edges[i].name)
+        } else {
+            format!("{vip} is held by {} (L2); this node ({}) stands by", bed.edges[owner].name, bed.edges[i].name)
+        };
+        assert!(text.contains(&expect), "{expect:?} not in:\n{text}");
+    }
 }
 
 /// The owner "loses power": its agent is SIGKILLed and its link cut at once. (SIGKILL alone
@@ -344,6 +357,8 @@ async fn announce_mode_none_node_selectors_and_exclusion_decide_who_holds_an_add
     wait_for(SETTLE, || async { bed.seg.holding(in_b).ok()?.is_empty().then_some(()) }).await.unwrap();
     let warned = events(&bed, "NoEligibleNode").await;
     assert!(warned.iter().any(|(svc, _)| svc == "in-b"), "{warned:?}");
+    let (served, text) = tokio::task::block_in_place(|| bed.explain(1, "in-b")).unwrap();
+    assert!(!served && text.contains("no eligible node"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
