@@ -43,6 +43,45 @@ fn load(owners: &BTreeMap<String, usize>, edges: usize) -> Vec<usize> {
     v
 }
 
+/// A bed with `services` Services settled, and the owner of `svc-0` with the addresses it
+/// owns (the node the test fails).
+struct Scene {
+    bed: MultiBed,
+    vips: BTreeMap<String, Ipv4Addr>,
+    before: BTreeMap<String, usize>,
+    victim: usize,
+    theirs: Vec<Ipv4Addr>,
+}
+
+async fn scene(tag: &str, edges: usize, backends: usize, services: usize) -> Scene {
+    let mut bed = MultiBed::new(tag, edges, backends).await.unwrap();
+    bed.pool(pool()).await.unwrap();
+    bed.start_all().unwrap();
+    let vips = bed.services(services).await.unwrap();
+    let before = bed.settled(&vips, SETTLE).await.unwrap();
+    let victim = before["svc-0"];
+    let theirs = vips.iter().filter(|(s, _)| before[*s] == victim).map(|(_, v)| *v).collect();
+    Scene { bed, vips, before, victim, theirs }
+}
+
+/// Checks `times` times, 300 ms apart, that every address still has the owners `expected`
+/// and only they answer.
+async fn steady(bed: &MultiBed, vips: &BTreeMap<String, Ipv4Addr>, expected: &BTreeMap<String, usize>, times: usize) {
+    for _ in 0..times {
+        assert_eq!(&bed.settled(vips, Duration::ZERO).await.unwrap(), expected);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Waits up to `within` until `victim` holds none of `theirs`; returns how long it took.
+async fn released(bed: &MultiBed, victim: usize, theirs: &[Ipv4Addr], within: Duration, what: &str) -> Duration {
+    let since = Instant::now();
+    wait_for(within, || async { theirs.iter().all(|v| !bed.seg.holding(*v).unwrap().contains(&victim)).then_some(()) })
+        .await
+        .unwrap_or_else(|_| panic!("{what}{}", bed.logs()));
+    since.elapsed()
+}
+
 async fn events(bed: &MultiBed, reason: &str) -> Vec<(String, String)> {
     let api: Api<Event> = Api::namespaced(bed.cluster.admin.clone(), &bed.ns);
     let list = api.list(&ListParams::default()).await.unwrap();
@@ -56,11 +95,7 @@ async fn events(bed: &MultiBed, reason: &str) -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_node_answers_for_each_address_owners_spread_and_only_the_allocator_writes_status() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let mut bed = MultiBed::new("spread", 3, 2).await.unwrap();
-    bed.pool(pool()).await.unwrap();
-    bed.start_all().unwrap();
-    let vips = bed.services(6).await.unwrap();
-    let owners = bed.settled(&vips, SETTLE).await.unwrap();
+    let Scene { bed, vips, before: owners, .. } = scene("spread", 3, 2, 6).await;
     assert_eq!(load(&owners, 3), vec![2, 2, 2], "3 nodes, 6 addresses: 2 each");
     // At every check: one MAC per address, the owner's; only the owner holds it.
     for _ in 0..5 {
@@ -124,13 +159,7 @@ async fn one_node_answers_for_each_address_owners_spread_and_only_the_allocator_
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_owner_is_replaced_within_the_lease_and_takes_nothing_back() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let mut bed = MultiBed::new("failover", 3, 2).await.unwrap();
-    bed.pool(pool()).await.unwrap();
-    bed.start_all().unwrap();
-    let vips = bed.services(6).await.unwrap();
-    let before = bed.settled(&vips, SETTLE).await.unwrap();
-    let victim = before["svc-0"];
-    let theirs: Vec<Ipv4Addr> = vips.iter().filter(|(s, _)| before[*s] == victim).map(|(_, v)| *v).collect();
+    let Scene { mut bed, vips, before, victim, theirs } = scene("failover", 3, 2, 6).await;
     let killed = Instant::now();
     bed.kill(victim).unwrap();
     bed.seg.link(victim, false).unwrap();
@@ -169,12 +198,7 @@ async fn a_failed_owner_is_replaced_within_the_lease_and_takes_nothing_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_agent_alone_leaves_one_answering_node_at_every_moment() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let mut bed = MultiBed::new("crash", 2, 1).await.unwrap();
-    bed.pool(pool()).await.unwrap();
-    bed.start_all().unwrap();
-    let vips = bed.services(2).await.unwrap();
-    let before = bed.settled(&vips, SETTLE).await.unwrap();
-    let victim = before["svc-0"];
+    let Scene { mut bed, vips, victim, .. } = scene("crash", 2, 1, 2).await;
     let vip = vips["svc-0"];
     bed.kill(victim).unwrap();
     // Until the other node owns it: never two answers, and never a refused connection (the
@@ -220,31 +244,17 @@ async fn a_node_whose_link_goes_down_gives_up_its_addresses_and_gets_none_back()
     // The link comes back: one node still answers for each address, and not this one.
     bed.seg.link(victim, true).unwrap();
     tokio::time::sleep(LEASE).await;
-    for _ in 0..5 {
-        assert_eq!(bed.settled(&vips, Duration::ZERO).await.unwrap(), after);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    steady(&bed, &vips, &after, 5).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_cut_off_from_the_api_fences_itself_and_checks_before_holding_again() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let mut bed = MultiBed::new("fence", 3, 1).await.unwrap();
-    bed.pool(pool()).await.unwrap();
-    bed.start_all().unwrap();
-    let vips = bed.services(3).await.unwrap();
-    let before = bed.settled(&vips, SETTLE).await.unwrap();
-    let victim = before["svc-0"];
-    let theirs: Vec<Ipv4Addr> = vips.iter().filter(|(s, _)| before[*s] == victim).map(|(_, v)| *v).collect();
+    let Scene { mut bed, vips, victim, theirs, .. } = scene("fence", 3, 1, 3).await;
     // Cut the node off the API server (its data link stays up).
     drop(bed.edges[victim].forward.take());
-    let cut = Instant::now();
-    wait_for(LEASE + Duration::from_secs(1), || async {
-        theirs.iter().all(|v| !bed.seg.holding(*v).unwrap().contains(&victim)).then_some(())
-    })
-    .await
-    .unwrap_or_else(|_| panic!("the node did not fence itself{}", bed.logs()));
-    eprintln!("fenced {:?} after losing the API", cut.elapsed());
+    let took = released(&bed, victim, &theirs, LEASE + Duration::from_secs(1), "the node did not fence itself").await;
+    eprintln!("fenced {took:?} after losing the API");
     let after = bed.settled(&vips, SETTLE).await.unwrap();
     for v in &theirs {
         assert!(after.iter().any(|(s, o)| vips[s] == *v && *o != victim), "{v} has a new owner");
@@ -261,21 +271,13 @@ async fn a_node_cut_off_from_the_api_fences_itself_and_checks_before_holding_aga
     })
     .await
     .unwrap_or_else(|_| panic!("{} never renewed its heartbeat again{}", edge.name, bed.logs()));
-    for _ in 0..10 {
-        assert_eq!(bed.settled(&vips, Duration::ZERO).await.unwrap(), after);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    steady(&bed, &vips, &after, 10).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_graceful_restart_within_the_grace_period_moves_nothing_and_a_held_connection_survives() {
     let _one = ONE_AT_A_TIME.lock().await;
-    let mut bed = MultiBed::new("rolling", 2, 2).await.unwrap();
-    bed.pool(pool()).await.unwrap();
-    bed.start_all().unwrap();
-    let vips = bed.services(2).await.unwrap();
-    let before = bed.settled(&vips, SETTLE).await.unwrap();
-    let victim = before["svc-0"];
+    let Scene { mut bed, vips, before, victim, .. } = scene("rolling", 2, 2, 2).await;
     let vip = vips["svc-0"];
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let (back_tx, back_rx) = std::sync::mpsc::channel::<anyhow::Result<String>>();

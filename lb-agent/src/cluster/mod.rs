@@ -18,6 +18,8 @@ pub mod crd;
 pub mod desired;
 pub mod endpoints;
 pub mod events;
+#[cfg(test)]
+mod fixtures;
 pub mod leases;
 pub mod liveness;
 pub mod ownership;

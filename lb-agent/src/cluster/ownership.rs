@@ -324,16 +324,10 @@ pub fn eligible(candidates: &BTreeMap<String, Result<(), Ineligible>>) -> BTreeS
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::{
-        api::core::v1::{NodeCondition, NodeStatus},
-        apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta},
-    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
     use super::*;
-    use crate::cluster::{
-        crd::LoadBalancerConfigSpec,
-        liveness::{AgentState, Interfaces},
-    };
+    use crate::cluster::liveness::{AgentState, Interfaces};
 
     fn addr(i: u8) -> Ipv4Addr {
         Ipv4Addr::new(192, 0, 2, i)
@@ -422,33 +416,17 @@ mod tests {
     }
 
     fn node(labels: &[(&str, &str)], ready: bool) -> Node {
-        Node {
-            metadata: ObjectMeta {
-                name: Some("n".into()),
-                labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
-                ..Default::default()
-            },
-            spec: None,
-            status: Some(NodeStatus {
-                conditions: Some(vec![NodeCondition {
-                    type_: "Ready".into(),
-                    status: if ready { "True" } else { "False" }.into(),
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }),
-        }
+        crate::cluster::fixtures::node("n", labels, ready)
     }
 
     fn config(selector: Option<&[(&str, &str)]>, interface: Option<&str>) -> LoadBalancerConfig {
-        let mut spec: LoadBalancerConfigSpec =
-            serde_json::from_value(serde_json::json!({"addresses": ["192.0.2.1"]})).unwrap();
-        spec.interface = interface.map(str::to_string);
-        spec.announce.node_selector = selector.map(|l| LabelSelector {
+        let mut c = crate::cluster::fixtures::config("c", "192.0.2.1");
+        c.spec.interface = interface.map(str::to_string);
+        c.spec.announce.node_selector = selector.map(|l| LabelSelector {
             match_labels: Some(l.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
             ..Default::default()
         });
-        LoadBalancerConfig::new("c", spec)
+        c
     }
 
     fn live(default: &str, down: &[&str]) -> Life {

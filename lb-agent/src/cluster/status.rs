@@ -235,46 +235,21 @@ pub fn load_balancer(
 
 /// Status of a config.
 pub fn config_status(c: &ConfigDesired, generation: Option<i64>, now: &Time) -> LoadBalancerConfigStatus {
-    let valid = match &c.invalid {
-        None => Condition {
-            type_: "Valid".into(),
-            status: "True".into(),
-            reason: Reason::Valid.as_str().into(),
-            message: format!("{} address(es)", c.total),
-            observed_generation: generation,
-            last_transition_time: now.clone(),
-        },
-        Some(p) => Condition {
-            type_: "Valid".into(),
-            status: "False".into(),
-            reason: p.reason.as_str().into(),
-            message: p.message.clone(),
-            observed_generation: generation,
-            last_transition_time: now.clone(),
-        },
-    };
-    let default = match &c.default_conflict {
-        None => Condition {
-            type_: "Default".into(),
-            status: "True".into(),
-            reason: Reason::NoConflict.as_str().into(),
-            message: "no competing default config".into(),
-            observed_generation: generation,
-            last_transition_time: now.clone(),
-        },
-        Some(p) => Condition {
-            type_: "Default".into(),
-            status: "False".into(),
-            reason: p.reason.as_str().into(),
-            message: p.message.clone(),
-            observed_generation: generation,
-            last_transition_time: now.clone(),
-        },
+    let condition = |type_: &str, problem: Option<&super::desired::Problem>, ok: Reason, message: String| Condition {
+        type_: type_.into(),
+        status: if problem.is_none() { "True" } else { "False" }.into(),
+        reason: problem.map_or(ok, |p| p.reason).as_str().into(),
+        message: problem.map_or(message, |p| p.message.clone()),
+        observed_generation: generation,
+        last_transition_time: now.clone(),
     };
     LoadBalancerConfigStatus {
         addresses_total: c.total,
         addresses_in_use: c.in_use,
         addresses_free: c.total.saturating_sub(c.in_use),
-        conditions: vec![valid, default],
+        conditions: vec![
+            condition("Valid", c.invalid.as_ref(), Reason::Valid, format!("{} address(es)", c.total)),
+            condition("Default", c.default_conflict.as_ref(), Reason::NoConflict, "no competing default config".into()),
+        ],
     }
 }

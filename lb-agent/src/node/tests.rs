@@ -75,6 +75,15 @@ fn desired(services: Vec<ServiceSpec>, holds: &[(Ipv4Addr, Hold)], until: Option
     NodeDesired { services, holds: holds.iter().copied().collect(), lease_until: until }
 }
 
+/// `web` at A held as owner with a 3 s lease, `other` at B held permanently.
+fn owned_and_permanent(now: Instant) -> NodeDesired {
+    desired(
+        vec![svc("web", A, 80), svc("other", B, 80)],
+        &[(A, Hold::Owner), (B, Hold::Permanent)],
+        Some(now + Duration::from_secs(3)),
+    )
+}
+
 impl Bed {
     fn ours(&self) -> Vec<(Ipv4Addr, Lifetime)> {
         self.net.state().ours().into_iter().map(|(_, a, l)| (a, l)).collect()
@@ -147,11 +156,7 @@ async fn losing_ownership_removes_the_address_and_its_pending_announcements() {
 async fn renewals_extend_owned_addresses_and_a_lease_that_ends_drops_them() {
     let mut b = bed(OnExit::Keep).await;
     let now = Instant::now();
-    let d = desired(
-        vec![svc("web", A, 80), svc("other", B, 80)],
-        &[(A, Hold::Owner), (B, Hold::Permanent)],
-        Some(now + Duration::from_secs(3)),
-    );
+    let d = owned_and_permanent(now);
     b.node.apply(&d, now).await.unwrap();
     // A second later the kernel shows 2 s left; the renewed lease brings it back to 3.
     for a in b.net.state().addrs.iter_mut().filter(|a| a.addr == A) {
@@ -249,11 +254,7 @@ async fn a_netlink_failure_fails_the_pass_and_changes_nothing() {
 async fn a_planned_stop_keeps_owned_addresses_for_the_grace_period() {
     let mut b = bed(OnExit::Keep).await;
     let now = Instant::now();
-    let d = desired(
-        vec![svc("web", A, 80), svc("other", B, 80)],
-        &[(A, Hold::Owner), (B, Hold::Permanent)],
-        Some(now + Duration::from_secs(3)),
-    );
+    let d = owned_and_permanent(now);
     b.node.apply(&d, now).await.unwrap();
     let net = b.net.clone();
     b.node.shutdown(Some(Duration::from_secs(30))).await;

@@ -4,14 +4,14 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::{
     api::{
-        core::v1::{NodeCondition, NodeStatus, ServicePort, ServiceSpec as K8sServiceSpec},
+        core::v1::{ServicePort, ServiceSpec as K8sServiceSpec},
         discovery::v1::{Endpoint, EndpointPort},
     },
     apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta},
 };
 
 use super::*;
-use crate::cluster::crd::{LoadBalancerConfigSpec, LoadBalancerSpec, LoadBalancerStatus, PortMapping};
+use crate::cluster::crd::{LoadBalancerSpec, LoadBalancerStatus, PortMapping};
 
 const CLASS: &str = "ballast.dev/xdp";
 
@@ -52,10 +52,9 @@ fn slice(svc: &str, ip: &str) -> EndpointSlice {
 }
 
 fn config(name: &str, mode: AnnounceMode) -> LoadBalancerConfig {
-    let mut spec: LoadBalancerConfigSpec =
-        serde_json::from_value(serde_json::json!({"addresses": ["192.0.2.0/24"]})).unwrap();
-    spec.announce.mode = mode;
-    LoadBalancerConfig::new(name, spec)
+    let mut c = crate::cluster::fixtures::config(name, "192.0.2.0/24");
+    c.spec.announce.mode = mode;
+    c
 }
 
 fn balancer(svc: &str, cfg: &str, host: &str, ext_port: u16, node: Option<&str>) -> LoadBalancer {
@@ -72,22 +71,7 @@ fn balancer(svc: &str, cfg: &str, host: &str, ext_port: u16, node: Option<&str>)
 }
 
 fn node(name: &str, labels: &[(&str, &str)]) -> Node {
-    Node {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
-            ..Default::default()
-        },
-        spec: None,
-        status: Some(NodeStatus {
-            conditions: Some(vec![NodeCondition {
-                type_: "Ready".into(),
-                status: "True".into(),
-                ..Default::default()
-            }]),
-            ..Default::default()
-        }),
-    }
+    crate::cluster::fixtures::node(name, labels, true)
 }
 
 struct World {
