@@ -257,7 +257,11 @@ async fn a_node_cut_off_from_the_api_fences_itself_and_checks_before_holding_aga
     eprintln!("fenced {took:?} after losing the API");
     let after = bed.settled(&vips, SETTLE).await.unwrap();
     for v in &theirs {
-        assert!(after.iter().any(|(s, o)| vips[s] == *v && *o != victim), "{v} has a new owner");
+        assert!(
+            after.iter().any(|(s, o)| vips[s] == *v && *o != victim),
+            "{v} has a new owner: {after:?}{}",
+            bed.logs()
+        );
     }
     assert_eq!(bed.metric(victim, "ballast_fenced", "").unwrap(), 1.0);
     // Back online: it must not take its old addresses back from a stale cache.

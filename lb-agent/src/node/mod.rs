@@ -357,7 +357,7 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
             })
             .collect();
         self.telemetry.set_services(labels);
-        self.publish_owned();
+        self.publish_owned(&addrs, &report);
         Ok(report)
     }
 
@@ -376,7 +376,7 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
         self.claim(&mut changes, &addrs, &links, now, &mut report).await;
         self.remove_addresses(&changes.remove, &mut report).await;
         self.set_addresses(&changes.add, &changes.renew, &links, now, &mut report).await;
-        self.publish_owned();
+        self.publish_owned(&addrs, &report);
         Ok(report)
     }
 
@@ -545,7 +545,7 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
             add.iter().map(|(i, v, l)| (*i, *v, *l, true)).chain(renew.iter().map(|(i, v, l)| (*i, *v, *l, false)));
         for (index, vip, lifetime, new) in items {
             let hold = self.holdings.get(&vip).map_or(Hold::Standby, |h| h.hold);
-            if new && hold == Hold::Permanent && self.vips_added.contains(&vip) {
+            if new && matches!(hold, Hold::Permanent | Hold::Exclusive) && self.vips_added.contains(&vip) {
                 warn!(%vip, "a VIP this agent added was removed from its interface by someone else; adding it back");
                 self.telemetry.drift("address");
             }
@@ -586,16 +586,23 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
         self.announcements.first().map(|(t, _, _)| *t)
     }
 
-    /// Sends the gratuitous ARPs due at `now`; returns the VIPs announced.
+    /// Sends the gratuitous ARPs due at `now` for addresses this node still holds; returns
+    /// the VIPs announced. An address that went meanwhile (the kernel ended its lifetime,
+    /// someone removed it) is not announced: that would draw its traffic here.
     pub async fn announce_due(&mut self, now: Instant) -> Result<Vec<Ipv4Addr>, NodeError> {
         let due = self.announcements.partition_point(|(t, _, _)| *t <= now);
         if due == 0 {
             return Ok(Vec::new());
         }
         let links = self.net.links().await?;
+        let held: BTreeSet<(u32, Ipv4Addr)> =
+            self.net.addresses().await?.into_iter().filter(|a| a.ours).map(|a| (a.index, a.addr)).collect();
         let mut report = ApplyReport::default();
         for (_, index, vip) in self.announcements.drain(..due).collect::<Vec<_>>() {
-            self.announce(&links, index, vip, &mut report);
+            let wanted = self.holdings.get(&vip).is_some_and(|h| matches!(h.hold, Hold::Owner | Hold::Exclusive));
+            if wanted && held.contains(&(index, vip)) {
+                self.announce(&links, index, vip, &mut report);
+            }
         }
         for w in &report.warnings {
             warn!("{w}");
@@ -603,10 +610,14 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
         Ok(report.announced)
     }
 
-    /// Publishes the addresses this node holds as owner (the `ballast_address_owned` metric).
-    fn publish_owned(&self) {
-        let owned =
-            self.holdings.iter().filter(|(v, h)| h.hold == Hold::Owner && self.vips_added.contains(v)).map(|(v, _)| *v);
+    /// Publishes the addresses this node holds as owner (the `ballast_address_owned`
+    /// metric): those on an interface before this pass (`addrs`) or added by it, and not
+    /// removed by it.
+    fn publish_owned(&self, addrs: &[IfAddr], report: &ApplyReport) {
+        let present = |v: &Ipv4Addr| {
+            (addrs.iter().any(|a| a.ours && a.addr == *v) || report.added.contains(v)) && !report.removed.contains(v)
+        };
+        let owned = self.holdings.iter().filter(|(v, h)| h.hold == Hold::Owner && present(v)).map(|(v, _)| *v);
         self.telemetry.set_owned(owned.collect());
     }
 

@@ -397,3 +397,19 @@ async fn a_held_static_address_goes_to_the_lower_mac_and_is_defended_against_a_h
     assert!(b.ours().is_empty());
     assert!(matches!(r.failed.get(&ServiceId::Static("web".into())), Some(NodeFailure::AddressConflict { .. })));
 }
+
+#[tokio::test]
+async fn an_address_that_is_gone_is_not_announced_any_more() {
+    let mut b = bed(OnExit::Keep).await;
+    let now = Instant::now();
+    b.node
+        .apply(&desired(vec![svc("web", A, 80)], &[(A, Hold::Owner)], Some(now + Duration::from_secs(3))), now)
+        .await
+        .unwrap();
+    assert_eq!(b.arp.sent(), vec![(LB0, A)]);
+    // The kernel ended its lifetime before the agent dropped it (the agent was late).
+    b.net.state().addrs.retain(|a| a.addr != A);
+    let later = b.node.announce_due(now + Duration::from_secs(10)).await.unwrap();
+    assert!(later.is_empty(), "a gratuitous ARP would draw the address's traffic to a node without it");
+    assert_eq!(b.arp.sent(), vec![(LB0, A)]);
+}
