@@ -652,11 +652,12 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
         let links = self.net.links().await?;
         for (index, name) in self.dp.lost_attachments(&links) {
             warn!(iface = name, "the XDP program is no longer attached; attaching again");
-            self.telemetry.drift("attachment");
             self.dp.forget(index);
             if let Some(l) = links.iter().find(|l| l.name == name) {
                 self.attach(&links, l.index)?;
             }
+            // Counted once repaired: whoever sees the count sees the program back.
+            self.telemetry.drift("attachment");
             repaired.push(format!("attachment on {name}"));
         }
         Ok(repaired)
