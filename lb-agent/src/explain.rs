@@ -33,6 +33,10 @@ pub struct NodeFacts {
     pub maps_pinned: bool,
     /// The VIP is on the interface it should be on.
     pub vip_on_interface: bool,
+    /// This node answers ARP for the VIP: it is on the interface, and either not held as
+    /// owner or held under a live lease (after the lease ends the data path drops the
+    /// requests).
+    pub answers_arp: bool,
     /// The XDP program is attached to that interface.
     pub program_attached: bool,
     /// Active backends in the maps per (port, protocol); a missing entry means the maps
@@ -55,6 +59,7 @@ impl NodeFacts {
             name: name.into(),
             maps_pinned: false,
             vip_on_interface: false,
+            answers_arp: false,
             program_attached: false,
             map_backends: BTreeMap::new(),
             mode: AnnounceMode::L2,
@@ -189,7 +194,7 @@ pub fn judge(r: &ServiceRef, decided: &Desired, node: &NodeFacts) -> Verdict {
             format!("{vip} is not on {iface}: neighbours cannot reach it"),
             "check the agent's log; it adds the address at its next pass",
         ));
-    } else if !holds_here && node.mode == AnnounceMode::L2 && node.vip_on_interface {
+    } else if !holds_here && node.mode == AnnounceMode::L2 && node.answers_arp {
         findings.push(finding(
             "address held twice",
             format!(
@@ -335,6 +340,9 @@ pub async fn explain(
         }
         if facts.maps_pinned {
             let maps = crate::dataplane::Maps::open(&here.pin_dir)?;
+            let leased = maps.addr(vip)?.is_some_and(|a| a.flags & lb_common::addr::ADDR_LEASED != 0);
+            let lease_live = maps.lease()?.deadline_ns > crate::dataplane::flows::monotonic_ns();
+            facts.answers_arp = facts.vip_on_interface && (!leased || lease_live);
             for p in &s.ports {
                 let key = lb_common::service::ServiceKey {
                     vip: vip.octets(),
@@ -390,6 +398,7 @@ mod tests {
         NodeFacts {
             maps_pinned: true,
             vip_on_interface: true,
+            answers_arp: true,
             program_attached: true,
             map_backends: BTreeMap::from([(
                 (80, Protocol::Tcp),
@@ -415,8 +424,12 @@ mod tests {
         assert!(v.summary.contains("192.0.2.10: 80/TCP → 1 backend(s)"), "{}", v.summary);
         assert_eq!(v.holder.as_deref(), Some("192.0.2.10 is held by this node (edge-1) on eth0 (L2)"));
         // A standby: served, and says who holds the address.
-        let standby =
-            NodeFacts { owner: Some("edge-2".into()), vip_on_interface: false, ..healthy(&["10.0.0.1:8080"]) };
+        let standby = NodeFacts {
+            owner: Some("edge-2".into()),
+            vip_on_interface: false,
+            answers_arp: false,
+            ..healthy(&["10.0.0.1:8080"])
+        };
         let v = judge(&r(), &served(Ok(VIP), &["10.0.0.1:8080"]), &standby);
         assert!(v.served, "{v:?}");
         assert!(v.holder.as_deref().is_some_and(|h| h.contains("held by edge-2") && h.contains("stands by")), "{v:?}");
@@ -453,6 +466,9 @@ mod tests {
         assert_eq!(reason(&served(Ok(VIP), &["10.0.0.1:8080"]), &no_vip), "address not assigned");
         let twice = NodeFacts { owner: Some("edge-2".into()), ..healthy(&["10.0.0.1:8080"]) };
         assert_eq!(reason(&served(Ok(VIP), &["10.0.0.1:8080"]), &twice), "address held twice");
+        // Still configured after this node's lease ended: the data path keeps it quiet.
+        let quiet = NodeFacts { answers_arp: false, ..twice.clone() };
+        assert_eq!(reason(&served(Ok(VIP), &["10.0.0.1:8080"]), &quiet), "none");
         let nobody = NodeFacts { owner: None, eligible: Err(Ineligible::NotReady), ..healthy(&["10.0.0.1:8080"]) };
         assert_eq!(reason(&served(Ok(VIP), &["10.0.0.1:8080"]), &nobody), "no eligible node");
         let stale = healthy(&["10.0.0.9:8080"]);

@@ -90,6 +90,11 @@ pub struct Snapshot {
     pub unattributed_drops: BTreeMap<&'static str, u64>,
     /// Flow table entries (two per flow).
     pub flow_entries: usize,
+    /// Addresses held as L2 owner (`leased` in `addrs`).
+    pub leased: Vec<std::net::Ipv4Addr>,
+    /// Milliseconds the node's lease has left (ARP for `leased` reaches the kernel until
+    /// then); 0 when it ended.
+    pub lease_left_ms: u64,
     /// Flows, if asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flows: Option<Vec<FlowView>>,
@@ -167,10 +172,18 @@ pub fn snapshot(maps: &Maps, with_flows: bool) -> Result<Snapshot, MapsError> {
             })
             .collect()
     });
+    let leased = state
+        .addrs
+        .iter()
+        .filter(|(_, a)| a.flags & lb_common::addr::ADDR_LEASED != 0)
+        .map(|(k, _)| std::net::Ipv4Addr::from(k.addr))
+        .collect();
     Ok(Snapshot {
         services,
         unattributed_drops: drops(&maps.global_stats()?),
         flow_entries: flows.len(),
+        leased,
+        lease_left_ms: maps.lease()?.deadline_ns.saturating_sub(now) / 1_000_000,
         flows: flow_views,
     })
 }
@@ -209,6 +222,14 @@ pub fn render(s: &Snapshot) -> String {
         let _ = writeln!(out, "drops without a service: {}", fmt_drops(&s.unattributed_drops));
     }
     let _ = writeln!(out, "flow table: {} entries ({} flows)", s.flow_entries, s.flow_entries / 2);
+    if !s.leased.is_empty() {
+        let state = if s.lease_left_ms > 0 {
+            format!("ARP answered for another {:.1} s", s.lease_left_ms as f64 / 1000.0)
+        } else {
+            "lease ended: ARP for them is not answered".to_string()
+        };
+        let _ = writeln!(out, "held as owner: {} ({state})", crate::node::brief(&s.leased));
+    }
     if let Some(flows) = &s.flows {
         let _ = writeln!(
             out,

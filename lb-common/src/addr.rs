@@ -12,7 +12,7 @@ pub struct AddrKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AddrInfo {
-    /// `ADDR_VIP` and/or `ADDR_SNAT`.
+    /// `ADDR_VIP`, `ADDR_SNAT`, `ADDR_LEASED`.
     pub flags: u32,
 }
 
@@ -20,6 +20,18 @@ pub struct AddrInfo {
 pub const ADDR_VIP: u32 = 1;
 /// `AddrInfo::flags`: a source address for translated flows; backends reply to it.
 pub const ADDR_SNAT: u32 = 2;
+/// `AddrInfo::flags`: a VIP this node holds as its single owner (L2 mode). ARP requests for
+/// it reach the kernel (which answers them) only while the node's lease lasts
+/// ([`NodeLease`]); after that they are dropped, whether or not an agent still runs.
+pub const ADDR_LEASED: u32 = 4;
+
+/// The node's lease: the `lease` map's only entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeLease {
+    /// `CLOCK_MONOTONIC` nanoseconds at which the lease ends unless renewed (0: no lease).
+    pub deadline_ns: u64,
+}
 
 /// How to leave through an interface the kernel's FIB chose as egress.
 #[repr(C)]
@@ -45,5 +57,6 @@ pub const IFACE_TX_REDIRECT: u16 = 1;
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 4);
 const _: () = assert!(core::mem::size_of::<AddrInfo>() == 4);
 const _: () = assert!(core::mem::size_of::<IfaceInfo>() == 12);
+const _: () = assert!(core::mem::size_of::<NodeLease>() == 8);
 
-crate::pod!(AddrKey, AddrInfo, IfaceInfo);
+crate::pod!(AddrKey, AddrInfo, IfaceInfo, NodeLease);

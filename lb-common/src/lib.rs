@@ -35,8 +35,10 @@ pub mod map_names {
     pub const STATS: &str = "stats";
     /// service id → `RoundRobin`.
     pub const RR: &str = "rr";
+    /// 0 → `NodeLease`: until when this node may answer ARP for the VIPs it owns.
+    pub const LEASE: &str = "lease";
     /// Every map the agent pins, in a fixed order.
-    pub const ALL: [&str; 8] = [SERVICES, SLOTS, BACKENDS, FLOWS, ADDRS, IFACES, STATS, RR];
+    pub const ALL: [&str; 9] = [SERVICES, SLOTS, BACKENDS, FLOWS, ADDRS, IFACES, STATS, RR, LEASE];
 }
 
 /// Program names in the kernel object.

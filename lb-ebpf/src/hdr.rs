@@ -71,7 +71,24 @@ pub const IPV4_HLEN: usize = 20;
 pub const TCP_HLEN: usize = 20;
 pub const ICMP_HLEN: usize = 8;
 
+/// ARP for IPv4 over Ethernet.
+#[repr(C)]
+pub struct ArpHdr {
+    pub htype: [u8; 2],
+    pub ptype: [u8; 2],
+    pub hlen: u8,
+    pub plen: u8,
+    pub op: [u8; 2],
+    pub sha: [u8; 6],
+    pub spa: [u8; 4],
+    pub tha: [u8; 6],
+    pub tpa: [u8; 4],
+}
+
+pub const ARPOP_REQUEST: u16 = 1;
+
 pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
 pub const ETH_P_8021Q: u16 = 0x8100;
 
 pub const TCP_FIN: u8 = 0x01;

@@ -12,6 +12,8 @@
 #![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
+mod arp;
+#[cfg(target_arch = "bpf")]
 mod atomic;
 #[cfg(target_arch = "bpf")]
 mod baseline;

@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    addr::{AddrInfo, AddrKey, IfaceInfo},
+    addr::{AddrInfo, AddrKey, IfaceInfo, NodeLease},
     backend::Backend,
     config::{DataplaneConfig, MAX_ADDRS, MAX_BACKENDS, MAX_FLOW_ENTRIES, MAX_IFACES, MAX_SERVICES, MAX_SLOTS},
     flow::{FlowKey, FlowValue},
@@ -51,6 +51,10 @@ pub static STATS: PerCpuArray<ServiceStats, { MAX_SERVICES as usize + 1 }> = Per
 /// Per-service round-robin cursors.
 #[btf_map(name = "rr")]
 pub static RR: Array<RoundRobin, { MAX_SERVICES as usize }> = Array::new();
+
+/// The node's lease (one entry): until when the kernel may answer ARP for owned VIPs.
+#[btf_map(name = "lease")]
+pub static LEASE: Array<NodeLease, 1> = Array::new();
 
 /// Settings written by the agent before load (read-only data).
 #[unsafe(no_mangle)]

@@ -16,6 +16,9 @@
 //! | ICMP error about a known flow            | translate, forward                | translate, forward|
 //! | other ICMP                               | drop, `icmp_unsupported`          | pass              |
 //! | other protocol                           | ICMP protocol unreachable         | pass              |
+//!
+//! ARP requests for a VIP held as L2 owner reach the kernel only while the node's lease
+//! lasts ([`crate::arp`]); all other ARP passes.
 
 use aya_ebpf::{
     bindings::{
@@ -38,7 +41,7 @@ use lb_common::{
 };
 
 use crate::{
-    atomic,
+    arp, atomic,
     fib::{self, NextHop, Route},
     hdr::*,
     icmp,
@@ -88,6 +91,9 @@ fn process(ctx: &XdpContext) -> u32 {
         // SAFETY: bounds checked by ptr_at.
         ethertype = be16(unsafe { (*tag).proto });
         ip_off = ETH_HLEN + VLAN_HLEN;
+    }
+    if ethertype == ETH_P_ARP {
+        return arp::guard(data, end, ip_off);
     }
     if ethertype != ETH_P_IP {
         return XDP_PASS;

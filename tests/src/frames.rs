@@ -255,3 +255,42 @@ pub fn assert_frame(actual: &[u8], expected: &[u8]) {
         );
     }
 }
+
+/// An ARP frame for IPv4 over Ethernet: `op` 1 (request, broadcast) or 2 (reply, to
+/// `target_mac`), from `smac`/`sender`, about `target`, optionally 802.1Q-tagged.
+pub fn arp(
+    op: u16,
+    smac: [u8; 6],
+    sender: Ipv4Addr,
+    target_mac: [u8; 6],
+    target: Ipv4Addr,
+    vlan: Option<u16>,
+) -> Vec<u8> {
+    let dmac = if op == 1 { [0xff; 6] } else { target_mac };
+    let arp = etherparse::ArpEthIpv4Packet {
+        operation: etherparse::ArpOperation(op),
+        sender_mac: smac,
+        sender_ipv4: sender.octets(),
+        target_mac: if op == 1 { [0; 6] } else { target_mac },
+        target_ipv4: target.octets(),
+    };
+    let mut out = Vec::new();
+    match vlan {
+        Some(id) => {
+            out.extend(
+                Ethernet2Header { source: smac, destination: dmac, ether_type: EtherType::VLAN_TAGGED_FRAME }
+                    .to_bytes(),
+            );
+            let tag = SingleVlanHeader {
+                pcp: VlanPcp::ZERO,
+                drop_eligible_indicator: false,
+                vlan_id: VlanId::try_new(id).expect("VLAN id"),
+                ether_type: EtherType::ARP,
+            };
+            out.extend(tag.to_bytes());
+        }
+        None => out.extend(Ethernet2Header { source: smac, destination: dmac, ether_type: EtherType::ARP }.to_bytes()),
+    }
+    out.extend(arp.to_bytes());
+    out
+}

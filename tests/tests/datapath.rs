@@ -725,3 +725,39 @@ fn bpftool_dumps_pinned_maps_with_field_names() {
     }
     assert!(dump("backends").contains("\"generation\": 1"));
 }
+
+/// ARP requests for a VIP held as L2 owner reach the kernel (which answers them) only while
+/// the node's lease lasts; everything else about ARP passes untouched.
+#[test]
+fn arp_for_an_owned_vip_reaches_the_kernel_only_while_the_lease_lasts() {
+    use ballast_tests::frames::arp;
+    use lb_agent::dataplane::{flows::monotonic_ns, state::MapOp};
+    use lb_common::addr::{ADDR_LEASED, ADDR_VIP, AddrInfo, AddrKey};
+    let mut lab = Lab::new().unwrap();
+    lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 8080)])]).unwrap();
+    let gw = Ipv4Addr::new(10, 1, 0, 2);
+    let request = |target, vlan| arp(1, GW_MAC, gw, [0; 6], target, vlan);
+    let verdict = |lab: &mut Lab, frame: Vec<u8>| lab.xdp(&frame, lab.cl).unwrap().verdict;
+    // A VIP held permanently (static mode, announce mode None): always the kernel's.
+    assert_eq!(verdict(&mut lab, request(VIP, None)), xdp::PASS);
+    // Held as owner: without a lease (a fresh node, a dead agent's), nobody answers here.
+    lab.dp
+        .maps
+        .apply(&MapOp::SetAddr(AddrKey { addr: VIP.octets() }, AddrInfo { flags: ADDR_VIP | ADDR_LEASED }))
+        .unwrap();
+    assert_eq!(verdict(&mut lab, request(VIP, None)), xdp::DROP);
+    // A live lease.
+    lab.dp.maps.set_lease_deadline(monotonic_ns() + 3_000_000_000).unwrap();
+    assert_eq!(verdict(&mut lab, request(VIP, None)), xdp::PASS);
+    assert_eq!(verdict(&mut lab, request(VIP, Some(VLAN_ID))), xdp::PASS, "tagged");
+    // The lease ended: dropped, tagged or not.
+    lab.dp.maps.set_lease_deadline(monotonic_ns() - 1).unwrap();
+    assert_eq!(verdict(&mut lab, request(VIP, None)), xdp::DROP);
+    assert_eq!(verdict(&mut lab, request(VIP, Some(VLAN_ID))), xdp::DROP, "tagged");
+    // Replies, and requests for addresses that are not leased VIPs, pass.
+    assert_eq!(verdict(&mut lab, arp(2, GW_MAC, gw, LB_CL_MAC, VIP, None)), xdp::PASS);
+    assert_eq!(verdict(&mut lab, request(LB_BACKEND_IP, None)), xdp::PASS);
+    assert_eq!(verdict(&mut lab, request(Ipv4Addr::new(10, 1, 0, 77), None)), xdp::PASS);
+    // Truncated: passes (the kernel drops it).
+    assert_eq!(verdict(&mut lab, request(VIP, None)[..30].to_vec()), xdp::PASS);
+}

@@ -34,9 +34,6 @@ const SETTLE: Duration = Duration::from_millis(5);
 pub enum Wake {
     /// What the node must serve may have changed: plan and apply.
     Changed,
-    /// Only the lease moved (a heartbeat renewed, or failed): renew or drop the addresses
-    /// held as owner, nothing else.
-    Lease,
 }
 
 /// Where a node's desired state comes from.
@@ -46,16 +43,13 @@ pub trait Source {
     fn wait(&mut self) -> impl Future<Output = Wake>;
     /// What this node must serve now.
     fn desired(&mut self) -> NodeDesired;
-    /// When addresses held as owner must be gone unless renewed.
-    fn lease_until(&self) -> Option<Instant>;
     /// The node's interfaces as of now; returns whether a pass is needed (an interface the
     /// source cares about went down or came back).
     fn links_changed(&mut self, links: &[Link]) -> bool;
     /// Hears what applying `desired` did.
     fn report(&mut self, desired: &NodeDesired, report: &ApplyReport) -> impl Future<Output = ()>;
-    /// The agent stops, leaving things as `on_exit` says. Returns how long addresses held
-    /// as owner must outlive the agent (a planned restart's grace period), if at all.
-    fn stop(&mut self, on_exit: OnExit) -> impl Future<Output = Option<Duration>>;
+    /// The agent stops, leaving things as `on_exit` says.
+    fn stop(&mut self, on_exit: OnExit) -> impl Future<Output = ()>;
 }
 
 /// Runs `node` from `source` until SIGINT or SIGTERM. A pass that fails is logged and
@@ -143,21 +137,11 @@ where
                     false
                 }
             },
-            Wake::Lease => match node.refresh_addresses(source.lease_until(), Instant::now()).await {
-                Ok(r) => {
-                    log_addresses(&r);
-                    r.errors.is_empty()
-                }
-                Err(e) => {
-                    warn!(error = %e, "cannot renew the addresses' lifetimes");
-                    false
-                }
-            },
         };
         retry_at = (!ok).then(|| tokio::time::Instant::now() + RETRY);
     }
-    let grace = source.stop(on_exit).await;
-    node.shutdown(grace).await;
+    source.stop(on_exit).await;
+    node.shutdown().await;
     info!("stopped");
     Ok(())
 }
@@ -198,15 +182,4 @@ where
         anyhow::bail!("{e}");
     }
     Ok(desired.services.len())
-}
-
-/// Logs address changes of a lease refresh (taking over and giving up are worth a line).
-fn log_addresses(r: &ApplyReport) {
-    for w in &r.warnings {
-        warn!("{w}");
-    }
-    if !r.added.is_empty() || !r.removed.is_empty() {
-        let (added, removed) = (crate::node::brief(&r.added), crate::node::brief(&r.removed));
-        info!(vips_added = added, vips_removed = removed, "addresses changed with the lease");
-    }
 }

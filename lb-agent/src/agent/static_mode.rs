@@ -82,10 +82,6 @@ impl Source for StaticSource {
         NodeDesired::holding(self.services.clone(), Hold::Exclusive)
     }
 
-    fn lease_until(&self) -> Option<std::time::Instant> {
-        None
-    }
-
     fn links_changed(&mut self, _links: &[Link]) -> bool {
         false
     }
@@ -109,7 +105,5 @@ impl Source for StaticSource {
         }
     }
 
-    async fn stop(&mut self, _on_exit: OnExit) -> Option<Duration> {
-        None
-    }
+    async fn stop(&mut self, _on_exit: OnExit) {}
 }

@@ -378,6 +378,12 @@ impl Allocator {
             }
         }
 
+        // A pass takes a while with many Services: stop as soon as another agent may be
+        // the allocator, rather than write over it.
+        if !*leader.borrow() {
+            return errors;
+        }
+
         // Configs.
         let cfg_api = Api::<LoadBalancerConfig>::all(self.client.clone());
         for c in o.configs.iter() {

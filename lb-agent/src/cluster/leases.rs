@@ -26,7 +26,10 @@ use super::liveness::{
     ALLOCATOR, ALLOCATOR_LEASE, AgentState, HEARTBEAT, INTERFACES_ANNOTATION, Interfaces, LEASE_LABEL,
     STATE_ANNOTATION, heartbeat_name,
 };
-use crate::telemetry::Telemetry;
+use crate::{
+    dataplane::{flows::monotonic_ns, maps::LeaseMap},
+    telemetry::Telemetry,
+};
 
 /// Lease timing.
 #[derive(Clone, Debug)]
@@ -88,6 +91,10 @@ fn micro_now() -> MicroTime {
     MicroTime(Timestamp::now())
 }
 
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 fn seconds(d: Duration) -> i32 {
     i32::try_from(d.as_secs().max(1)).unwrap_or(i32::MAX)
 }
@@ -122,11 +129,23 @@ async fn write_heartbeat(
     api.patch(&name, &PatchParams::apply("ballast-heartbeat").force(), &Patch::Apply(lease)).await.map(|_| ())
 }
 
-/// Starts renewing this node's heartbeat.
+/// Writes the data path's copy of the lease: until when the kernel may answer ARP for the
+/// addresses this node owns.
+fn set_deadline(lease: &mut LeaseMap, deadline_ns: u64) {
+    if let Err(e) = lease.set_deadline(deadline_ns) {
+        warn!(error = %e, "cannot write the lease into the data path");
+    }
+}
+
+/// Starts renewing this node's heartbeat. After every renewal it moves the deadline in the
+/// data path's `lease` map on, so the kernel answers ARP for the addresses this node owns
+/// until the heartbeat lease ends, and not a moment longer, even if this agent dies or its
+/// loop is busy.
 pub fn spawn_heartbeat(
     client: Client,
     settings: LeaseSettings,
     interfaces: Interfaces,
+    mut lease: LeaseMap,
     telemetry: Arc<Telemetry>,
 ) -> HeartbeatHandle {
     let (status_tx, status) = watch::channel(HeartbeatStatus::default());
@@ -155,19 +174,30 @@ pub fn spawn_heartbeat(
                     // A node whose lease already ended must not extend it: it fenced itself.
                     let alive = last_ok.is_some_and(|t| t.elapsed() < s.duration);
                     let current = ifaces.borrow().clone();
+                    let sent = monotonic_ns();
                     let ok = (alive || how == Farewell::Stopped)
                         && write_heartbeat(&api, &s, duration, state, &current).await.is_ok();
+                    match how {
+                        Farewell::Restarting if ok && alive => {
+                            set_deadline(&mut lease, sent.saturating_add(duration_ns(duration)))
+                        }
+                        Farewell::Restarting => {}
+                        Farewell::Stopped => set_deadline(&mut lease, 0),
+                    }
                     let _ = done.send(ok && alive);
                     return;
                 }
             }
             let sent = Instant::now();
+            let sent_ns = monotonic_ns();
             let current = ifaces.borrow_and_update().clone();
+            // A slow renewal still counts, from when it was sent: wait for it up to the lease.
             let r =
-                tokio::time::timeout(s.interval, write_heartbeat(&api, &s, s.duration, AgentState::Serving, &current))
+                tokio::time::timeout(s.duration, write_heartbeat(&api, &s, s.duration, AgentState::Serving, &current))
                     .await;
             match r {
                 Ok(Ok(())) => {
+                    set_deadline(&mut lease, sent_ns.saturating_add(duration_ns(s.duration)));
                     telemetry.api_write("heartbeat");
                     if failing {
                         info!("heartbeat renewed again");

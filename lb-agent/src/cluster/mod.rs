@@ -48,6 +48,7 @@ use self::{
 };
 use crate::{
     agent::run::Source,
+    dataplane::maps::LeaseMap,
     node::{NodeOptions, real::KernelNode},
     telemetry::Telemetry,
 };
@@ -94,6 +95,7 @@ pub async fn run(node_opts: NodeOptions, opts: ClusterOptions, telemetry: Arc<Te
     let client = client(opts.kubeconfig.as_deref()).await?;
     let caches = Caches::start(&client, &opts.namespace, opts.config_selector.as_deref());
     let on_exit = node_opts.on_exit;
+    let pin_dir = node_opts.pin_dir.clone();
     let node = KernelNode::start(node_opts, telemetry.clone()).await.context("cannot start the data path")?;
     let lease = LeaseSettings {
         namespace: opts.namespace.clone(),
@@ -103,7 +105,8 @@ pub async fn run(node_opts: NodeOptions, opts: ClusterOptions, telemetry: Arc<Te
         grace: opts.restart_grace,
     };
     let interfaces = Interfaces { default: opts.settings.default_interface.clone(), down: Default::default() };
-    let heartbeat = spawn_heartbeat(client.clone(), lease.clone(), interfaces, telemetry.clone());
+    let lease_map = LeaseMap::open(&pin_dir).context("opening the lease map")?;
+    let heartbeat = spawn_heartbeat(client.clone(), lease.clone(), interfaces, lease_map, telemetry.clone());
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
 
@@ -122,8 +125,8 @@ pub async fn run(node_opts: NodeOptions, opts: ClusterOptions, telemetry: Arc<Te
     };
     tokio::select! {
         r = ready => r?,
-        _ = int.recv() => { node.shutdown(None).await; return Ok(()) }
-        _ = term.recv() => { node.shutdown(None).await; return Ok(()) }
+        _ = int.recv() => { node.shutdown().await; return Ok(()) }
+        _ = term.recv() => { node.shutdown().await; return Ok(()) }
     }
     drop((int, term));
 

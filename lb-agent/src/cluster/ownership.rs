@@ -460,4 +460,60 @@ mod tests {
         assert_eq!(eligibility(None, &up, &any), Ok(()));
         assert_eq!(eligibility(None, &up, &zone_a), Err(Ineligible::NotSelected));
     }
+
+    /// A Decision serving Service `name` at `addr` from config `cfg`.
+    fn serve(name: &str, addr: u8, cfg: &str) -> (ServiceRef, Decision) {
+        let s = crate::cluster::desired::Served {
+            config: Ok(cfg.into()),
+            address: Ok(Ipv4Addr::new(192, 0, 2, addr)),
+            ports: vec![],
+            unsupported_ports: vec![],
+            ip_mode: Default::default(),
+            interface: "eth0".into(),
+        };
+        (ServiceRef { namespace: "ns".into(), name: name.into() }, Decision::Serve(s))
+    }
+
+    #[test]
+    fn placing_shares_an_owner_per_address_records_moves_and_says_why_nobody_holds_one() {
+        let mut routed = config(None, None);
+        routed.metadata.name = Some("routed".into());
+        routed.spec.announce.mode = AnnounceMode::None;
+        let l2 = config(None, None);
+        let configs: BTreeMap<String, &LoadBalancerConfig> =
+            [("c".to_string(), &l2), ("routed".to_string(), &routed)].into();
+        let decided = Desired {
+            services: [serve("web", 1, "c"), serve("dns", 1, "c"), serve("api", 2, "routed")].into(),
+            ..Desired::default()
+        };
+        let (n1, n2) = (node(&[], true), node(&[], true));
+        let nodes: BTreeMap<String, &Node> = [("edge-1".to_string(), &n1), ("edge-2".to_string(), &n2)].into();
+        let r = |n: &str| ServiceRef { namespace: "ns".into(), name: n.into() };
+        // web's object says edge-1 owns 192.0.2.1; edge-1 has just expired.
+        let owners: BTreeMap<ServiceRef, (Ipv4Addr, String)> = [(r("web"), (addr(1), "edge-1".to_string()))].into();
+        let lives: BTreeMap<String, Life> =
+            [("edge-1".to_string(), Life::Expired), ("edge-2".to_string(), live("eth0", &[]))].into();
+        let placed = place(&decided, PlaceInputs { configs: &configs, nodes: &nodes, owners: &owners, lives: &lives });
+        assert_eq!(placed.holdings[&r("web")], Holding::Owner("edge-2".into()));
+        assert_eq!(placed.holdings[&r("dns")], placed.holdings[&r("web")], "one owner per address");
+        assert_eq!(placed.holdings[&r("api")], Holding::AllEligible);
+        assert_eq!(
+            placed.moves,
+            vec![Move {
+                address: addr(1),
+                from: "edge-1".into(),
+                to: Some("edge-2".into()),
+                why: Ineligible::HeartbeatExpired
+            }]
+        );
+        // Nobody left: the holding says why, node by node.
+        let dead: BTreeMap<String, Life> =
+            [("edge-1".to_string(), Life::Expired), ("edge-2".to_string(), Life::Stopped)].into();
+        let placed = place(&decided, PlaceInputs { configs: &configs, nodes: &nodes, owners: &owners, lives: &dead });
+        assert_eq!(
+            placed.holdings[&r("api")],
+            Holding::Nobody { why: "edge-1: its heartbeat expired; edge-2: its agent stopped".into() }
+        );
+        assert_eq!(placed.moves[0].to, None);
+    }
 }

@@ -7,7 +7,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
-    time::Instant,
 };
 
 use k8s_openapi::api::{
@@ -35,8 +34,6 @@ pub struct Me<'a> {
     pub fenced: bool,
     /// Interfaces that cannot carry traffic (down, without carrier, or missing).
     pub down: &'a BTreeSet<String>,
-    /// When addresses held as owner must be gone unless the heartbeat is renewed.
-    pub lease_until: Option<Instant>,
     /// Owners read straight from the API server, which override the watch cache's: after
     /// the node was cut off, its cache may still name it as the owner of addresses that
     /// moved meanwhile.
@@ -151,7 +148,6 @@ pub fn node_desired(o: &Objects<'_>, class: &str, me: &Me<'_>) -> Programmed {
         }
         out.served.insert(r, ids);
     }
-    out.desired.lease_until = me.lease_until;
     out
 }
 

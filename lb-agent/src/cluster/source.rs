@@ -52,6 +52,13 @@ enum Verify {
     Fresh(BTreeMap<ServiceRef, Option<String>>),
 }
 
+/// Which change signals ended.
+#[derive(Clone, Copy, Debug, Default)]
+struct Closed {
+    objects: bool,
+    heartbeat: bool,
+}
+
 /// The Kubernetes source.
 pub struct ClusterSource {
     client: Client,
@@ -73,6 +80,8 @@ pub struct ClusterSource {
     written: Arc<Mutex<BTreeMap<ServiceRef, Option<NodeReport>>>>,
     /// Failures as last logged.
     logged: BTreeMap<ServiceId, NodeFailure>,
+    /// Change signals whose sender is gone (their task ended): not waited on any more.
+    closed: Closed,
     verify: Verify,
     /// A list of owners is on its way.
     listing: bool,
@@ -120,6 +129,7 @@ impl ClusterSource {
             served: BTreeMap::new(),
             written: Arc::default(),
             logged: BTreeMap::new(),
+            closed: Closed::default(),
             verify: Verify::Done,
             listing: false,
             listed_tx,
@@ -197,45 +207,47 @@ impl ClusterSource {
 }
 
 impl Source for ClusterSource {
-    // Cancel-safe: the loop drops this future whenever another timer fires first, so it
-    // completes in the same poll that consumes a change (the loop lets bursts settle).
+    // Cancel-safe: the loop drops this future whenever another timer fires first, so every
+    // change it consumes is consumed in the poll that returns (the loop lets bursts settle).
     async fn wait(&mut self) -> Wake {
-        tokio::select! {
-            r = self.objects.changed() => {
-                if r.is_err() {
-                    return std::future::pending().await;
-                }
-                Wake::Changed
-            }
-            r = self.heartbeat.status.changed() => {
-                if r.is_err() {
-                    return std::future::pending().await;
-                }
-                let fenced = self.heartbeat.status.borrow_and_update().fenced;
-                if fenced == self.fenced {
-                    return Wake::Lease;
-                }
-                self.fenced = fenced;
-                if fenced {
-                    warn!("this node's heartbeat lease ended: giving up the addresses it holds as owner until it is renewed");
-                } else {
-                    info!("heartbeat renewed: checking with the API server which addresses this node still owns");
-                    self.verify = Verify::Pending;
-                    self.list_owners(Duration::ZERO);
-                }
-                Wake::Changed
-            }
-            listed = self.listed_rx.recv() => {
-                self.listing = false;
-                match listed.flatten() {
-                    Some(owners) if self.verify != Verify::Done => {
-                        self.verify = Verify::Fresh(owners);
-                        Wake::Changed
+        loop {
+            tokio::select! {
+                r = self.objects.changed(), if !self.closed.objects => {
+                    if r.is_err() {
+                        self.closed.objects = true;
+                        continue;
                     }
-                    Some(_) => Wake::Lease,
-                    None => {
-                        self.list_owners(Duration::from_secs(1));
-                        Wake::Lease
+                    return Wake::Changed;
+                }
+                r = self.heartbeat.status.changed(), if !self.closed.heartbeat => {
+                    if r.is_err() {
+                        self.closed.heartbeat = true;
+                        continue;
+                    }
+                    let fenced = self.heartbeat.status.borrow_and_update().fenced;
+                    if fenced == self.fenced {
+                        // A renewal: the data path follows the lease by itself.
+                        continue;
+                    }
+                    self.fenced = fenced;
+                    if fenced {
+                        warn!("this node's heartbeat lease ended: giving up the addresses it holds as owner until it is renewed");
+                    } else {
+                        info!("heartbeat renewed: checking with the API server which addresses this node still owns");
+                        self.verify = Verify::Pending;
+                        self.list_owners(Duration::ZERO);
+                    }
+                    return Wake::Changed;
+                }
+                listed = self.listed_rx.recv() => {
+                    self.listing = false;
+                    match listed.flatten() {
+                        Some(owners) if self.verify != Verify::Done => {
+                            self.verify = Verify::Fresh(owners);
+                            return Wake::Changed;
+                        }
+                        Some(_) => {}
+                        None => self.list_owners(Duration::from_secs(1)),
                     }
                 }
             }
@@ -265,16 +277,11 @@ impl Source for ClusterSource {
             default_interface: &self.settings.default_interface,
             fenced,
             down: &self.down,
-            lease_until: status.until,
             owners,
         };
         let p = programmer::node_desired(&snap.objects(), &self.settings.class, &me);
         self.served = p.served;
         p.desired
-    }
-
-    fn lease_until(&self) -> Option<std::time::Instant> {
-        self.heartbeat.status.borrow().until
     }
 
     fn links_changed(&mut self, links: &[Link]) -> bool {
@@ -328,20 +335,17 @@ impl Source for ClusterSource {
         self.write_reports(changes);
     }
 
-    async fn stop(&mut self, on_exit: OnExit) -> Option<Duration> {
+    async fn stop(&mut self, on_exit: OnExit) {
         self.allocator.stop().await;
         self.election.stop().await;
         match on_exit {
             OnExit::Keep => {
-                let kept = self.heartbeat.stop(Farewell::Restarting).await;
-                if kept {
+                if self.heartbeat.stop(Farewell::Restarting).await {
                     info!(grace_s = self.grace.as_secs(), "this node's addresses stay for the restart's grace period");
                 }
-                kept.then_some(self.grace)
             }
             OnExit::Detach => {
                 self.heartbeat.stop(Farewell::Stopped).await;
-                None
             }
         }
     }

@@ -18,7 +18,7 @@ use aya::{
     },
 };
 use lb_common::{
-    addr::{AddrInfo, AddrKey, IfaceInfo},
+    addr::{AddrInfo, AddrKey, IfaceInfo, NodeLease},
     backend::Backend,
     config::{self, DataplaneConfig},
     flow::{FlowKey, FlowValue},
@@ -212,7 +212,7 @@ fn on_bpffs(path: &Path) -> Result<bool, std::io::Error> {
 }
 
 /// Shape of each map as created from `sizes`: (name, key size, value size, max entries).
-fn expected_shapes(sizes: &MapSizes) -> [(&'static str, usize, usize, u32); 8] {
+fn expected_shapes(sizes: &MapSizes) -> [(&'static str, usize, usize, u32); 9] {
     use std::mem::size_of;
     let cpus = nr_cpus() as u32;
     // Per-CPU LRU lists make the kernel round the capacity up to a multiple of the CPUs.
@@ -226,6 +226,7 @@ fn expected_shapes(sizes: &MapSizes) -> [(&'static str, usize, usize, u32); 8] {
         (map_names::IFACES, 4, size_of::<IfaceInfo>(), sizes.ifaces),
         (map_names::STATS, 4, size_of::<ServiceStats>(), sizes.services + 1),
         (map_names::RR, 4, size_of::<RoundRobin>(), sizes.services),
+        (map_names::LEASE, 4, size_of::<NodeLease>(), 1),
     ]
 }
 

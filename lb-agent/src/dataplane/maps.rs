@@ -7,7 +7,7 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use lb_common::{
-    addr::{AddrInfo, AddrKey, IfaceInfo},
+    addr::{AddrInfo, AddrKey, IfaceInfo, NodeLease},
     backend::Backend,
     flow::{FlowKey, FlowValue},
     map_names,
@@ -58,6 +58,7 @@ pub struct Maps {
     ifaces: HashMap<MapData, u32, IfaceInfo>,
     stats: PerCpuArray<MapData, ServiceStats>,
     rr: Array<MapData, RoundRobin>,
+    lease: LeaseMap,
     services_max: u32,
 }
 
@@ -88,7 +89,27 @@ impl Maps {
             stats: open(dir, map_names::STATS)?,
             services_max: rr.len(),
             rr,
+            lease: LeaseMap::open(dir)?,
         })
+    }
+
+    /// The node's lease, as the data path reads it.
+    pub fn lease(&self) -> Result<NodeLease, MapsError> {
+        self.lease.read()
+    }
+
+    /// The `addrs` entry of `addr`, if the data path owns it.
+    pub fn addr(&self, addr: std::net::Ipv4Addr) -> Result<Option<AddrInfo>, MapsError> {
+        match self.addrs.get(&AddrKey { addr: addr.octets() }, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(access(map_names::ADDRS, "read")(e)),
+        }
+    }
+
+    /// Sets the node's lease deadline (see [`LeaseMap::set_deadline`]).
+    pub fn set_lease_deadline(&mut self, deadline_ns: u64) -> Result<(), MapsError> {
+        self.lease.set_deadline(deadline_ns)
     }
 
     /// The id spaces the maps were created with.
@@ -224,6 +245,28 @@ impl Maps {
     /// The backend entry with id `id`.
     pub fn backend(&self, id: u32) -> Result<Backend, MapsError> {
         self.backends.get(&id, 0).map_err(access(map_names::BACKENDS, format!("read {id}")))
+    }
+}
+
+/// The `lease` map on its own handle: the heartbeat writes the deadline after every
+/// renewal, independently of the node's loop.
+pub struct LeaseMap(Array<MapData, NodeLease>);
+
+impl LeaseMap {
+    /// Opens the map pinned in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, MapsError> {
+        Ok(Self(open(dir, map_names::LEASE)?))
+    }
+
+    /// Until when (`CLOCK_MONOTONIC` ns) the kernel may answer ARP for the VIPs this node
+    /// owns; 0 ends the lease now.
+    pub fn set_deadline(&mut self, deadline_ns: u64) -> Result<(), MapsError> {
+        self.0.set(0, NodeLease { deadline_ns }, 0).map_err(access(map_names::LEASE, "set the deadline"))
+    }
+
+    /// The lease.
+    pub fn read(&self) -> Result<NodeLease, MapsError> {
+        self.0.get(&0, 0).map_err(access(map_names::LEASE, "read"))
     }
 }
 

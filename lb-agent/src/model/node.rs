@@ -1,7 +1,7 @@
 //! What one node must serve: the desired state every source (static file, Kubernetes)
 //! produces and the node programmer applies.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, time::Instant};
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use super::ServiceSpec;
 
@@ -10,10 +10,10 @@ use super::ServiceSpec;
 pub enum Hold {
     /// Always, with no lifetime: static mode and announce mode `None`.
     Permanent,
-    /// As the address's single owner (L2 mode). The address carries a lifetime that ends
-    /// with [`NodeDesired::lease_until`] unless renewed, so a node that stops renewing its
-    /// heartbeat loses the address even when its agent is gone; neighbours are told at once
-    /// (gratuitous ARP).
+    /// As the address's single owner (L2 mode): neighbours are told at once (gratuitous
+    /// ARP), and the data path lets ARP requests for it reach the kernel only while the
+    /// node's lease lasts, so a node that stops renewing its heartbeat stops answering for
+    /// it even when its agent is gone.
     Owner,
     /// Not held: another node owns the address. The data path is still programmed, so
     /// taking over is only adding the address.
@@ -32,16 +32,13 @@ pub struct NodeDesired {
     pub services: Vec<ServiceSpec>,
     /// How each VIP is held; a VIP missing here is not held ([`Hold::Standby`]).
     pub holds: BTreeMap<Ipv4Addr, Hold>,
-    /// When addresses held as [`Hold::Owner`] must be gone unless renewed (the end of the
-    /// node's heartbeat lease). `None`: no lease, owned addresses are not held.
-    pub lease_until: Option<Instant>,
 }
 
 impl NodeDesired {
     /// Services whose VIPs are all held the same way, without a lease.
     pub fn holding(services: Vec<ServiceSpec>, hold: Hold) -> Self {
         let holds = services.iter().map(|s| (s.vip, hold)).collect();
-        Self { services, holds, lease_until: None }
+        Self { services, holds }
     }
 
     /// Services whose VIPs are all held permanently.

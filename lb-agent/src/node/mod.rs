@@ -19,7 +19,7 @@ use std::{
 };
 
 use lb_common::{
-    addr::{ADDR_SNAT, ADDR_VIP, AddrInfo, AddrKey},
+    addr::{ADDR_LEASED, ADDR_SNAT, ADDR_VIP, AddrInfo, AddrKey},
     config::DataplaneConfig,
 };
 use tracing::{info, warn};
@@ -154,14 +154,6 @@ pub fn instance_lock() -> Result<std::os::unix::net::UnixListener, std::io::Erro
     use std::os::linux::net::SocketAddrExt;
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(LOCK_NAME)?;
     std::os::unix::net::UnixListener::bind_addr(&addr)
-}
-
-/// The lifetime a leased address gets when the lease ends at `until`: the whole seconds
-/// left, so the kernel removes the address no later than the lease ends. `None` when less
-/// than a second is left: the address must go now.
-pub fn lease_lifetime(until: Option<Instant>, now: Instant) -> Option<Lifetime> {
-    let left = until?.checked_duration_since(now)?.as_secs();
-    (left >= 1).then(|| Lifetime::Seconds(u32::try_from(left).unwrap_or(u32::MAX)))
 }
 
 /// Where and how one VIP is held, as of the last apply.
@@ -312,7 +304,9 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
         let ifaces = iface_table(&links, &addrs);
         let mut owned: BTreeMap<AddrKey, AddrInfo> = BTreeMap::new();
         for s in &usable {
-            owned.entry(AddrKey { addr: s.vip.octets() }).or_default().flags |= ADDR_VIP;
+            // An owner's address answers ARP only while the node's lease lasts.
+            let leased = if desired.hold(s.vip) == Hold::Owner { ADDR_LEASED } else { 0 };
+            owned.entry(AddrKey { addr: s.vip.octets() }).or_default().flags |= ADDR_VIP | leased;
         }
         for oif in &egress {
             match ifaces.get(oif) {
@@ -327,7 +321,7 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
         // Addresses no longer held go before anything else can fail: another node may be
         // taking them over.
         self.holdings = holdings;
-        let mut changes = self.address_changes(desired.lease_until, now, &addrs, &mut report);
+        let mut changes = self.address_changes(&addrs, &mut report);
         self.claim(&mut changes, &addrs, &links, now, &mut report).await;
         self.remove_addresses(&changes.remove, &mut report).await;
 
@@ -357,25 +351,6 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
             })
             .collect();
         self.telemetry.set_services(labels);
-        self.publish_owned(&addrs, &report);
-        Ok(report)
-    }
-
-    /// Renews or drops the addresses this node holds as owner when its lease now ends at
-    /// `lease_until` (a heartbeat renewed, or not), without replanning anything else. Cheap:
-    /// two netlink dumps and one request per leased address whose lifetime changes.
-    pub async fn refresh_addresses(
-        &mut self,
-        lease_until: Option<Instant>,
-        now: Instant,
-    ) -> Result<ApplyReport, NodeError> {
-        let mut report = ApplyReport::default();
-        let links = self.net.links().await?;
-        let addrs = self.net.addresses().await?;
-        let mut changes = self.address_changes(lease_until, now, &addrs, &mut report);
-        self.claim(&mut changes, &addrs, &links, now, &mut report).await;
-        self.remove_addresses(&changes.remove, &mut report).await;
-        self.set_addresses(&changes.add, &changes.renew, &links, now, &mut report).await;
         self.publish_owned(&addrs, &report);
         Ok(report)
     }
@@ -489,27 +464,13 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
         Ok(egress)
     }
 
-    /// The address changes that make the node hold what [`Self::holdings`] says, with owned
-    /// addresses leased until `lease_until`.
-    fn address_changes(
-        &self,
-        lease_until: Option<Instant>,
-        now: Instant,
-        addrs: &[IfAddr],
-        report: &mut ApplyReport,
-    ) -> crate::net::addresses::AddressChanges {
-        let lease = lease_lifetime(lease_until, now);
+    /// The address changes that make the node hold what [`Self::holdings`] says.
+    fn address_changes(&self, addrs: &[IfAddr], report: &mut ApplyReport) -> crate::net::addresses::AddressChanges {
         let wanted: BTreeMap<Ipv4Addr, Want> = self
             .holdings
             .iter()
-            .filter_map(|(vip, h)| {
-                let lifetime = match h.hold {
-                    Hold::Permanent | Hold::Exclusive => Some(Lifetime::Forever),
-                    Hold::Owner => lease,
-                    Hold::Standby => None,
-                }?;
-                Some((*vip, Want { index: h.index, lifetime }))
-            })
+            .filter(|(_, h)| h.hold != Hold::Standby)
+            .map(|(vip, h)| (*vip, Want { index: h.index, lifetime: Lifetime::Forever }))
             .collect();
         let changes = address_changes(&wanted, addrs);
         for vip in &changes.foreign {
@@ -587,8 +548,8 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
     }
 
     /// Sends the gratuitous ARPs due at `now` for addresses this node still holds; returns
-    /// the VIPs announced. An address that went meanwhile (the kernel ended its lifetime,
-    /// someone removed it) is not announced: that would draw its traffic here.
+    /// the VIPs announced. An address that went meanwhile (given up, or removed by
+    /// someone) is not announced: that would draw its traffic here.
     pub async fn announce_due(&mut self, now: Instant) -> Result<Vec<Ipv4Addr>, NodeError> {
         let due = self.announcements.partition_point(|(t, _, _)| *t <= now);
         if due == 0 {
@@ -686,26 +647,11 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
     }
 
     /// Stops as `opts.on_exit` says. Maps always stay pinned, so a restarted agent continues
-    /// established flows. With `keep`, addresses held as owner get `lease_grace` as their
-    /// lifetime (the planned restart's grace period), so they survive the restart but not
-    /// a node that never comes back.
-    pub async fn shutdown(mut self, lease_grace: Option<Duration>) {
+    /// established flows. (Addresses held as owner keep answering ARP as long as the node's
+    /// lease lasts: the heartbeat stretches it over a planned restart's grace period.)
+    pub async fn shutdown(mut self) {
         if self.opts.on_exit == OnExit::Keep {
             self.dp.keep_attached();
-            if let Some(grace) = lease_grace {
-                let lifetime = Lifetime::Seconds(u32::try_from(grace.as_secs().max(1)).unwrap_or(u32::MAX));
-                let owned: Vec<(Ipv4Addr, u32)> = self
-                    .holdings
-                    .iter()
-                    .filter(|(v, h)| h.hold == Hold::Owner && self.vips_added.contains(v))
-                    .map(|(v, h)| (*v, h.index))
-                    .collect();
-                for (vip, index) in owned {
-                    if let Err(e) = self.net.set_address(index, vip, lifetime).await {
-                        warn!(%vip, error = %e, "cannot extend the address's lifetime for the restart");
-                    }
-                }
-            }
             info!("programs, VIPs and maps left in place for the next agent (`lb-agent cleanup` removes them)");
             return;
         }

@@ -11,6 +11,8 @@ use super::{
     memory::{MemoryAnnouncer, MemoryDataplane, MemoryNet, NetState},
     *,
 };
+use lb_common::addr::{ADDR_LEASED, ADDR_VIP, AddrKey};
+
 use crate::{
     dataplane::{MapSizes, XdpAttachMode},
     model::{BackendSpec, Hold, NodeDesired, Protocol, ServiceId, ServiceSpec},
@@ -71,17 +73,13 @@ fn svc(name: &str, vip: Ipv4Addr, port: u16) -> ServiceSpec {
     }
 }
 
-fn desired(services: Vec<ServiceSpec>, holds: &[(Ipv4Addr, Hold)], until: Option<Instant>) -> NodeDesired {
-    NodeDesired { services, holds: holds.iter().copied().collect(), lease_until: until }
+fn desired(services: Vec<ServiceSpec>, holds: &[(Ipv4Addr, Hold)]) -> NodeDesired {
+    NodeDesired { services, holds: holds.iter().copied().collect() }
 }
 
-/// `web` at A held as owner with a 3 s lease, `other` at B held permanently.
-fn owned_and_permanent(now: Instant) -> NodeDesired {
-    desired(
-        vec![svc("web", A, 80), svc("other", B, 80)],
-        &[(A, Hold::Owner), (B, Hold::Permanent)],
-        Some(now + Duration::from_secs(3)),
-    )
+/// `web` at A held as owner, `other` at B held permanently.
+fn owned_and_permanent() -> NodeDesired {
+    desired(vec![svc("web", A, 80), svc("other", B, 80)], &[(A, Hold::Owner), (B, Hold::Permanent)])
 }
 
 impl Bed {
@@ -110,15 +108,18 @@ async fn static_services_are_programmed_and_their_vips_held_for_good() {
 }
 
 #[tokio::test]
-async fn an_owner_holds_its_address_for_the_lease_and_announces_it_at_once_and_again() {
+async fn an_owner_holds_its_address_answers_arp_only_under_the_lease_and_announces_it() {
     let mut b = bed(OnExit::Keep).await;
     let now = Instant::now();
-    let until = now + Duration::from_secs(3);
-    let d = desired(vec![svc("web", A, 80)], &[(A, Hold::Owner)], Some(until));
+    let d = owned_and_permanent();
     let r = b.node.apply(&d, now).await.unwrap();
-    assert_eq!(r.added, vec![A]);
-    assert_eq!(b.ours(), vec![(A, Lifetime::Seconds(3))], "the lifetime ends with the lease");
-    assert_eq!(b.arp.sent(), vec![(LB0, A)], "a gratuitous ARP at once");
+    assert_eq!(r.added, vec![A, B]);
+    assert_eq!(b.ours(), vec![(A, Lifetime::Forever), (B, Lifetime::Forever)]);
+    // The owned VIP answers ARP only while the node's lease lasts; the other always.
+    let flags = |vip: Ipv4Addr| b.node.programmed().addrs.get(&AddrKey { addr: vip.octets() }).map(|i| i.flags);
+    assert_eq!(flags(A), Some(ADDR_VIP | ADDR_LEASED));
+    assert_eq!(flags(B), Some(ADDR_VIP));
+    assert_eq!(b.arp.sent(), vec![(LB0, A)], "a gratuitous ARP at once, for the owned address");
     // The rest follow over the next seconds.
     assert_eq!(b.node.next_announcement(), Some(now + ANNOUNCE_AT[1]));
     let later = b.node.announce_due(now + Duration::from_secs(10)).await.unwrap();
@@ -132,7 +133,7 @@ async fn an_owner_holds_its_address_for_the_lease_and_announces_it_at_once_and_a
 #[tokio::test]
 async fn a_standby_programs_the_maps_but_does_not_hold_the_address() {
     let mut b = bed(OnExit::Keep).await;
-    let d = desired(vec![svc("web", A, 80)], &[(A, Hold::Standby)], Some(Instant::now() + Duration::from_secs(3)));
+    let d = desired(vec![svc("web", A, 80)], &[(A, Hold::Standby)]);
     b.node.apply(&d, Instant::now()).await.unwrap();
     assert_eq!(b.programmed_vips(), vec![A], "ready to take over");
     assert!(b.ours().is_empty());
@@ -143,9 +144,8 @@ async fn a_standby_programs_the_maps_but_does_not_hold_the_address() {
 async fn losing_ownership_removes_the_address_and_its_pending_announcements() {
     let mut b = bed(OnExit::Keep).await;
     let now = Instant::now();
-    let until = Some(now + Duration::from_secs(3));
-    b.node.apply(&desired(vec![svc("web", A, 80)], &[(A, Hold::Owner)], until), now).await.unwrap();
-    let r = b.node.apply(&desired(vec![svc("web", A, 80)], &[(A, Hold::Standby)], until), now).await.unwrap();
+    b.node.apply(&desired(vec![svc("web", A, 80)], &[(A, Hold::Owner)]), now).await.unwrap();
+    let r = b.node.apply(&desired(vec![svc("web", A, 80)], &[(A, Hold::Standby)]), now).await.unwrap();
     assert_eq!(r.removed, vec![A]);
     assert!(b.ours().is_empty());
     assert_eq!(b.node.next_announcement(), None, "no more announcements for an address given up");
@@ -153,25 +153,20 @@ async fn losing_ownership_removes_the_address_and_its_pending_announcements() {
 }
 
 #[tokio::test]
-async fn renewals_extend_owned_addresses_and_a_lease_that_ends_drops_them() {
+async fn an_address_left_with_a_lifetime_becomes_permanent_again() {
     let mut b = bed(OnExit::Keep).await;
-    let now = Instant::now();
-    let d = owned_and_permanent(now);
-    b.node.apply(&d, now).await.unwrap();
-    // A second later the kernel shows 2 s left; the renewed lease brings it back to 3.
-    for a in b.net.state().addrs.iter_mut().filter(|a| a.addr == A) {
-        a.lifetime = Lifetime::Seconds(2);
-    }
-    let t1 = now + Duration::from_secs(1);
-    b.node.refresh_addresses(Some(t1 + Duration::from_secs(3)), t1).await.unwrap();
-    assert!(b.ours().contains(&(A, Lifetime::Seconds(3))), "{:?}", b.ours());
-    // No renewal: the lease ends, the owned address goes, the permanent one stays.
-    let r = b.node.refresh_addresses(Some(t1 + Duration::from_secs(3)), t1 + Duration::from_secs(3)).await.unwrap();
-    assert_eq!(r.removed, vec![A]);
-    assert_eq!(b.ours(), vec![(B, Lifetime::Forever)]);
-    // Without a lease at all nothing is held as owner.
-    b.node.apply(&desired(d.services.clone(), &[(A, Hold::Owner)], None), t1).await.unwrap();
-    assert!(!b.ours().iter().any(|(a, _)| *a == A));
+    // An older agent left its address with a lifetime.
+    b.net.state().addrs.push(IfAddr {
+        index: LB0,
+        addr: A,
+        prefix: 32,
+        ours: true,
+        secondary: false,
+        lifetime: Lifetime::Seconds(2),
+    });
+    let r = b.node.apply(&owned_and_permanent(), Instant::now()).await.unwrap();
+    assert_eq!(r.added, vec![B], "A was adopted, not added again");
+    assert_eq!(b.ours(), vec![(A, Lifetime::Forever), (B, Lifetime::Forever)]);
 }
 
 #[tokio::test]
@@ -202,12 +197,11 @@ async fn an_address_that_cannot_be_added_fails_its_services_only() {
 async fn a_failing_map_write_is_reported_and_giving_up_an_address_still_happens() {
     let mut b = bed(OnExit::Keep).await;
     let now = Instant::now();
-    let until = Some(now + Duration::from_secs(3));
-    b.node.apply(&desired(vec![svc("web", A, 80)], &[(A, Hold::Owner)], until), now).await.unwrap();
+    b.node.apply(&desired(vec![svc("web", A, 80)], &[(A, Hold::Owner)]), now).await.unwrap();
     // The maps refuse every write from now on; meanwhile the address moves away and a
     // new service arrives.
     b.faults.set().map_writes_after = Some(0);
-    let d = desired(vec![svc("web", A, 80), svc("new", B, 80)], &[(A, Hold::Standby), (B, Hold::Permanent)], until);
+    let d = desired(vec![svc("web", A, 80), svc("new", B, 80)], &[(A, Hold::Standby), (B, Hold::Permanent)]);
     let r = b.node.apply(&d, now).await.unwrap();
     assert_eq!(r.errors.len(), 1, "{r:?}");
     assert_eq!(r.removed, vec![A], "giving the address up does not wait for the maps");
@@ -251,16 +245,16 @@ async fn a_netlink_failure_fails_the_pass_and_changes_nothing() {
 }
 
 #[tokio::test]
-async fn a_planned_stop_keeps_owned_addresses_for_the_grace_period() {
+async fn a_planned_stop_leaves_addresses_and_programs_in_place() {
     let mut b = bed(OnExit::Keep).await;
-    let now = Instant::now();
-    let d = owned_and_permanent(now);
-    b.node.apply(&d, now).await.unwrap();
+    b.node.apply(&owned_and_permanent(), Instant::now()).await.unwrap();
     let net = b.net.clone();
-    b.node.shutdown(Some(Duration::from_secs(30))).await;
-    let mut ours: Vec<_> = net.state().ours().into_iter().map(|(_, a, l)| (a, l)).collect();
-    ours.sort();
-    assert_eq!(ours, vec![(A, Lifetime::Seconds(30)), (B, Lifetime::Forever)]);
+    let (dp, _, _) = b.node.io();
+    let attached = dp.inner.attached.clone();
+    b.node.shutdown().await;
+    let ours: Vec<_> = net.state().ours().into_iter().map(|(_, a, _)| a).collect();
+    assert_eq!(ours, vec![A, B], "the heartbeat's lease decides how long the owned one answers ARP");
+    assert!(!attached.is_empty());
 }
 
 #[tokio::test]
@@ -268,7 +262,7 @@ async fn stopping_for_good_removes_only_ballasts_addresses() {
     let mut b = bed(OnExit::Detach).await;
     b.node.apply(&NodeDesired::permanent(vec![svc("web", A, 80)]), Instant::now()).await.unwrap();
     let net = b.net.clone();
-    b.node.shutdown(None).await;
+    b.node.shutdown().await;
     assert!(net.state().ours().is_empty());
     assert_eq!(net.state().addrs.len(), 1, "the interface's own address stays");
     assert_eq!(net.state().forwarding.get("lb0").map(String::as_str), Some("0"), "forwarding restored");
@@ -284,16 +278,6 @@ async fn a_detached_program_is_attached_again() {
     assert_eq!(repaired, vec!["attachment on lb0".to_string()]);
     let (dp, _, _) = b.node.io();
     assert!(dp.inner.lost.is_empty() && dp.inner.attached.contains_key(&LB0));
-}
-
-#[test]
-fn lease_lifetimes_never_outlast_the_lease() {
-    let now = Instant::now();
-    assert_eq!(lease_lifetime(Some(now + Duration::from_millis(2999)), now), Some(Lifetime::Seconds(2)));
-    assert_eq!(lease_lifetime(Some(now + Duration::from_secs(3)), now), Some(Lifetime::Seconds(3)));
-    assert_eq!(lease_lifetime(Some(now + Duration::from_millis(999)), now), None, "under a second: drop now");
-    assert_eq!(lease_lifetime(Some(now), now + Duration::from_secs(1)), None);
-    assert_eq!(lease_lifetime(None, now), None);
 }
 
 fn link(index: u32, up: bool) -> Link {
@@ -402,12 +386,9 @@ async fn a_held_static_address_goes_to_the_lower_mac_and_is_defended_against_a_h
 async fn an_address_that_is_gone_is_not_announced_any_more() {
     let mut b = bed(OnExit::Keep).await;
     let now = Instant::now();
-    b.node
-        .apply(&desired(vec![svc("web", A, 80)], &[(A, Hold::Owner)], Some(now + Duration::from_secs(3))), now)
-        .await
-        .unwrap();
+    b.node.apply(&desired(vec![svc("web", A, 80)], &[(A, Hold::Owner)]), now).await.unwrap();
     assert_eq!(b.arp.sent(), vec![(LB0, A)]);
-    // The kernel ended its lifetime before the agent dropped it (the agent was late).
+    // Someone removed it meanwhile.
     b.net.state().addrs.retain(|a| a.addr != A);
     let later = b.node.announce_due(now + Duration::from_secs(10)).await.unwrap();
     assert!(later.is_empty(), "a gratuitous ARP would draw the address's traffic to a node without it");

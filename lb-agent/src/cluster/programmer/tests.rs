@@ -105,7 +105,7 @@ impl World {
 
     fn run(&self, name: &str, fenced: bool, down: &[&str]) -> Programmed {
         let down: BTreeSet<String> = down.iter().map(|s| s.to_string()).collect();
-        let me = Me { name, default_interface: "lb0", fenced, down: &down, lease_until: None, owners: None };
+        let me = Me { name, default_interface: "lb0", fenced, down: &down, owners: None };
         node_desired(&self.objects(), CLASS, &me)
     }
 }
@@ -140,14 +140,7 @@ fn owners_read_from_the_api_override_a_stale_cache() {
     let web = ServiceRef { namespace: "ns".into(), name: "web".into() };
     // The cache still says edge-1; the API server says edge-2 took over.
     let fresh = BTreeMap::from([(web, Some("edge-2".to_string()))]);
-    let me = Me {
-        name: "edge-1",
-        default_interface: "lb0",
-        fenced: false,
-        down: &down,
-        lease_until: None,
-        owners: Some(&fresh),
-    };
+    let me = Me { name: "edge-1", default_interface: "lb0", fenced: false, down: &down, owners: Some(&fresh) };
     assert_eq!(node_desired(&w.objects(), CLASS, &me).desired.hold(VIP), Hold::Standby);
     let balancers: Vec<&LoadBalancer> = w.balancers.iter().collect();
     assert_ne!(owners(&balancers, CLASS), fresh, "the cache disagrees until it catches up");
