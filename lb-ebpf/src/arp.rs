@@ -34,8 +34,7 @@ pub fn guard(data: usize, end: usize, off: usize) -> u32 {
     if owned.flags & ADDR_LEASED == 0 {
         return XDP_PASS;
     }
-    // SAFETY: the value is copied out immediately; array slots are never freed.
-    let deadline = unsafe { LEASE.get(0) }.map_or(0, |l| l.deadline_ns);
+    let deadline = LEASE.get(0).map_or(0, |l| l.deadline_ns);
     // The precise clock: ARP is rare, and the agent computes the deadline with it.
     // SAFETY: helper without arguments.
     if unsafe { bpf_ktime_get_ns() } < deadline { XDP_PASS } else { XDP_DROP }
