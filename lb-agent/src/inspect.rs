@@ -8,13 +8,16 @@ use std::{
 };
 
 use lb_common::{
-    flow::{FLOW_L2_VALID, FLOW_REPLY},
+    flow::{FLOW_L2_VALID, FLOW_REPLY, FlowKey, FlowValue},
     stats::{DropReason, ServiceStats},
 };
 use serde::Serialize;
 
 use crate::{
-    dataplane::{Maps, MapsError, flows::monotonic_ns},
+    dataplane::{
+        Maps, MapsError,
+        flows::{FlowTable, monotonic_ns},
+    },
     model::Protocol,
 };
 
@@ -79,6 +82,8 @@ pub struct FlowView {
     pub next_hop_resolved: bool,
     /// TCP connection closed (FIN both ways or RST).
     pub closed: bool,
+    /// Not confirmed yet (in the half-open table).
+    pub half_open: bool,
 }
 
 /// Everything `inspect` shows.
@@ -88,8 +93,10 @@ pub struct Snapshot {
     pub services: Vec<ServiceView>,
     /// Drops of packets that belong to no service (non-zero only).
     pub unattributed_drops: BTreeMap<&'static str, u64>,
-    /// Flow table entries (two per flow).
+    /// Entries of confirmed flows (two per flow).
     pub flow_entries: usize,
+    /// Entries of half-open flows (two per flow).
+    pub half_open_entries: usize,
     /// Addresses held as L2 owner (`leased` in `addrs`).
     pub leased: Vec<std::net::Ipv4Addr>,
     /// Milliseconds the node's lease has left (ARP for `leased` reaches the kernel until
@@ -111,9 +118,16 @@ fn proto_name(p: u8) -> String {
 /// Reads the maps.
 pub fn snapshot(maps: &Maps, with_flows: bool) -> Result<Snapshot, MapsError> {
     let state = maps.read_state()?;
-    let flows = maps.flows()?;
+    let established = maps.flows_in(FlowTable::Established)?;
+    let half_open = maps.flows_in(FlowTable::HalfOpen)?;
+    let (flow_entries, half_open_entries) = (established.len(), half_open.len());
+    let flows: Vec<(FlowTable, FlowKey, FlowValue)> = established
+        .into_iter()
+        .map(|(k, v)| (FlowTable::Established, k, v))
+        .chain(half_open.into_iter().map(|(k, v)| (FlowTable::HalfOpen, k, v)))
+        .collect();
     let mut per_backend: BTreeMap<u32, usize> = BTreeMap::new();
-    for (_, v) in flows.iter().filter(|(_, v)| v.flags & FLOW_REPLY == 0) {
+    for (_, _, v) in flows.iter().filter(|(_, _, v)| v.flags & FLOW_REPLY == 0) {
         *per_backend.entry(v.backend_id).or_default() += 1;
     }
     let mut services = Vec::new();
@@ -158,8 +172,8 @@ pub fn snapshot(maps: &Maps, with_flows: bool) -> Result<Snapshot, MapsError> {
     let flow_views = with_flows.then(|| {
         flows
             .iter()
-            .filter(|(_, v)| v.flags & FLOW_REPLY == 0)
-            .map(|(k, v)| FlowView {
+            .filter(|(_, _, v)| v.flags & FLOW_REPLY == 0)
+            .map(|(t, k, v)| FlowView {
                 protocol: proto_name(k.proto),
                 client: SocketAddrV4::new(k.src.into(), k.sport),
                 service: SocketAddrV4::new(k.dst.into(), k.dport),
@@ -169,6 +183,7 @@ pub fn snapshot(maps: &Maps, with_flows: bool) -> Result<Snapshot, MapsError> {
                 age_s: now.saturating_sub(v.created_ns) / 1_000_000_000,
                 next_hop_resolved: v.flags & FLOW_L2_VALID != 0,
                 closed: v.is_closed(),
+                half_open: *t == FlowTable::HalfOpen,
             })
             .collect()
     });
@@ -181,7 +196,8 @@ pub fn snapshot(maps: &Maps, with_flows: bool) -> Result<Snapshot, MapsError> {
     Ok(Snapshot {
         services,
         unattributed_drops: drops(&maps.global_stats()?),
-        flow_entries: flows.len(),
+        flow_entries,
+        half_open_entries,
         leased,
         lease_left_ms: maps.lease()?.deadline_ns.saturating_sub(now) / 1_000_000,
         flows: flow_views,
@@ -221,7 +237,14 @@ pub fn render(s: &Snapshot) -> String {
     if !s.unattributed_drops.is_empty() {
         let _ = writeln!(out, "drops without a service: {}", fmt_drops(&s.unattributed_drops));
     }
-    let _ = writeln!(out, "flow table: {} entries ({} flows)", s.flow_entries, s.flow_entries / 2);
+    let _ = writeln!(
+        out,
+        "flow table: {} entries ({} flows); half-open: {} entries ({} flows)",
+        s.flow_entries,
+        s.flow_entries / 2,
+        s.half_open_entries,
+        s.half_open_entries / 2
+    );
     if !s.leased.is_empty() {
         let state = if s.lease_left_ms > 0 {
             format!("ARP answered for another {:.1} s", s.lease_left_ms as f64 / 1000.0)
@@ -237,10 +260,11 @@ pub fn render(s: &Snapshot) -> String {
             "PROTO", "CLIENT", "SERVICE", "SNAT", "BACKEND", "IDLE", "AGE"
         );
         for f in flows {
-            let state = match (f.closed, f.next_hop_resolved) {
-                (true, _) => "closed",
-                (false, true) => "established",
-                (false, false) => "resolving",
+            let state = match (f.closed, f.half_open, f.next_hop_resolved) {
+                (true, _, _) => "closed",
+                (false, true, _) => "half-open",
+                (false, false, true) => "established",
+                (false, false, false) => "resolving",
             };
             let _ = writeln!(
                 out,

@@ -211,9 +211,22 @@ struct RunArgs {
     /// Number of backends (across services) the maps hold.
     #[arg(long, default_value_t = lb_common::config::MAX_BACKENDS)]
     max_backends: u32,
-    /// Number of concurrent flows the flow table holds (least recently used go first).
+    /// Number of confirmed flows the flow table holds; when it is full, new flows are
+    /// refused (RST, counted `flow_table_full`) and nothing established is evicted.
     #[arg(long, default_value_t = lb_common::config::MAX_FLOW_ENTRIES / 2)]
     max_flows: u32,
+    /// Number of flows the half-open table holds (new flows not confirmed yet: what a
+    /// spoofed flood fills; least recently used go first).
+    #[arg(long, default_value_t = lb_common::config::MAX_HALF_OPEN_ENTRIES / 2)]
+    max_half_open: u32,
+    /// Seconds a new flow may wait for its confirmation (a reply, then the client's next
+    /// packet: for TCP the handshake's ACK) before it is reclaimed.
+    #[arg(long, default_value_t = 10)]
+    half_open_timeout: u64,
+    /// TCP RSTs and ICMP errors the data path may generate per second and CPU (a burst of
+    /// 50 beyond); more are dropped and counted `rate_limited`.
+    #[arg(long, default_value_t = lb_common::config::REPLY_RATE)]
+    answer_rate: u64,
     /// Source ports for translated flows, LOW-HIGH. Keep them outside
     /// net.ipv4.ip_local_port_range so the node's own connections never collide.
     #[arg(long, default_value = "10000-32767")]
@@ -261,12 +274,21 @@ fn parse_ports(s: &str) -> Result<(u16, u16)> {
 
 fn node_options(a: &RunArgs) -> Result<NodeOptions> {
     let (lo, hi) = parse_ports(&a.snat_ports)?;
-    for (name, v) in
-        [("--max-services", a.max_services), ("--max-backends", a.max_backends), ("--max-flows", a.max_flows)]
-    {
+    for (name, v) in [
+        ("--max-services", a.max_services),
+        ("--max-backends", a.max_backends),
+        ("--max-flows", a.max_flows),
+        ("--max-half-open", a.max_half_open),
+    ] {
         if v == 0 {
             bail!("{name} must be at least 1");
         }
+    }
+    if a.answer_rate == 0 || a.answer_rate > 1_000_000_000 {
+        bail!("--answer-rate must be between 1 and 1000000000, got {}", a.answer_rate);
+    }
+    if a.half_open_timeout == 0 {
+        bail!("--half-open-timeout must be at least 1");
     }
     let s = 1_000_000_000;
     let on_exit = match (a.on_exit, a.config.is_some()) {
@@ -287,6 +309,7 @@ fn node_options(a: &RunArgs) -> Result<NodeOptions> {
             slots: a.max_services.saturating_mul(32).max(1024),
             backends: a.max_backends,
             flow_entries: a.max_flows.saturating_mul(2),
+            half_open_entries: a.max_half_open.saturating_mul(2),
             ..MapSizes::default()
         },
         kernel_log: a.kernel_log as u8,
@@ -294,6 +317,9 @@ fn node_options(a: &RunArgs) -> Result<NodeOptions> {
             tcp_timeout_ns: a.tcp_timeout * s,
             tcp_closing_timeout_ns: a.tcp_closing_timeout * s,
             udp_timeout_ns: a.udp_timeout * s,
+            half_open_timeout_ns: a.half_open_timeout * s,
+            reply_interval_ns: s / a.answer_rate,
+            reply_burst_ns: lb_common::config::REPLY_BURST * (s / a.answer_rate),
             snat_port_min: lo,
             snat_port_max: hi,
             ..DataplaneConfig::default()

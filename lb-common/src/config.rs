@@ -12,6 +12,14 @@ pub struct DataplaneConfig {
     pub udp_timeout_ns: u64,
     /// How often an established flow re-resolves its cached next hop.
     pub l2_refresh_ns: u64,
+    /// Idle time after which a flow that was never confirmed (no reply, or no client
+    /// packet after the reply: a spoofed SYN) is reclaimed.
+    pub half_open_timeout_ns: u64,
+    /// Per CPU, the interval between two generated answers (TCP RST, ICMP errors) at the
+    /// sustained rate; answers beyond the rate are dropped and counted `rate_limited`.
+    pub reply_interval_ns: u64,
+    /// Per CPU, how far ahead of the sustained rate a burst of answers may run.
+    pub reply_burst_ns: u64,
     /// Lowest SNAT source port (inclusive).
     pub snat_port_min: u16,
     /// Highest SNAT source port (inclusive).
@@ -19,6 +27,11 @@ pub struct DataplaneConfig {
     /// Index of the counters row for packets that belong to no service; equals the
     /// number of service ids.
     pub global_stats_index: u32,
+    /// Number of possible CPUs: the SNAT port range is cut into one slice per CPU, so
+    /// CPUs never probe each other's ports.
+    pub cpus: u32,
+    /// Always zero.
+    pub _pad: u32,
 }
 
 impl DataplaneConfig {
@@ -28,9 +41,14 @@ impl DataplaneConfig {
         tcp_closing_timeout_ns: 10 * 1_000_000_000,
         udp_timeout_ns: 120 * 1_000_000_000,
         l2_refresh_ns: 1_000_000_000,
+        half_open_timeout_ns: 10 * 1_000_000_000,
+        reply_interval_ns: 1_000_000_000 / REPLY_RATE,
+        reply_burst_ns: REPLY_BURST * (1_000_000_000 / REPLY_RATE),
         snat_port_min: 10_000,
         snat_port_max: 32_767,
         global_stats_index: MAX_SERVICES,
+        cpus: 1,
+        _pad: 0,
     };
 }
 
@@ -47,13 +65,20 @@ pub const MAX_SERVICES: u32 = 8192;
 pub const MAX_SLOTS: u32 = 262_144;
 /// Default number of backend ids.
 pub const MAX_BACKENDS: u32 = 65_536;
-/// Default capacity of the flow table (entries; each flow takes two).
+/// Default capacity of the table of confirmed flows (entries; each flow takes two).
 pub const MAX_FLOW_ENTRIES: u32 = 524_288;
+/// Default capacity of the half-open table (entries; each flow takes two).
+pub const MAX_HALF_OPEN_ENTRIES: u32 = 131_072;
+/// Default generated answers (RST, ICMP errors) per second per CPU, as Linux's
+/// `icmp_msgs_per_sec`.
+pub const REPLY_RATE: u64 = 1000;
+/// Default burst of generated answers per CPU, as Linux's `icmp_msgs_burst`.
+pub const REPLY_BURST: u64 = 50;
 /// Default capacity of the `addrs` map.
 pub const MAX_ADDRS: u32 = 16_384;
 /// Default capacity of the `ifaces` map.
 pub const MAX_IFACES: u32 = 1024;
 
-const _: () = assert!(core::mem::size_of::<DataplaneConfig>() == 40);
+const _: () = assert!(core::mem::size_of::<DataplaneConfig>() == 72);
 
 crate::pod!(DataplaneConfig);

@@ -1,4 +1,11 @@
-//! The flow table: one entry per direction of every translated flow.
+//! The flow tables: one entry per direction of every translated flow.
+//!
+//! A new flow starts in the `half_open` table (LRU, short timeout). It moves to the
+//! `flows` table (a plain hash: nothing is ever evicted from it) once it is *confirmed*:
+//! a reply went through and the client then sent again (for TCP, the ACK of the SYN-ACK,
+//! which a spoofed source never sends). Floods of spoofed packets therefore only churn
+//! the half-open table and cannot evict or disturb an established flow, as conntrack's
+//! ASSURED entries and Katran's and Cilium's separate tables keep them apart.
 //!
 //! A client flow `c:cp → V:vp` sent to backend `B:bp` from SNAT address `S:sp` owns two
 //! entries:
@@ -80,6 +87,9 @@ pub const FLOW_FIN: u32 = 1 << 2;
 pub const FLOW_PEER_FIN: u32 = 1 << 3;
 /// A TCP RST went through in either direction.
 pub const FLOW_RST: u32 = 1 << 4;
+/// (Forward entry of a half-open flow.) A reply went through: the client's next packet
+/// confirms the flow.
+pub const FLOW_SEEN_REPLY: u32 = 1 << 5;
 
 impl FlowValue {
     /// The key under which the opposite direction of this flow is stored.
@@ -93,6 +103,14 @@ impl FlowValue {
     #[inline(always)]
     pub const fn timeout_ns(&self, proto: u8, tcp: u64, tcp_closing: u64, udp: u64) -> u64 {
         if proto == crate::proto::TCP { if self.is_closed() { tcp_closing } else { tcp } } else { udp }
+    }
+
+    /// Whether `peer` is the other direction of the entry stored under `key`. The LRU
+    /// half-open table can evict one direction alone; an entry whose peer does not point
+    /// back at it is an orphan, and its SNAT port may already belong to another flow.
+    pub fn pairs_with(key: &FlowKey, peer: &FlowValue) -> bool {
+        let k = peer.peer_key(key.proto);
+        k.src == key.src && k.dst == key.dst && k.sport == key.sport && k.dport == key.dport
     }
 
     /// Whether the TCP connection is over (RST, or FIN in both directions): such

@@ -13,6 +13,7 @@ pub mod addr;
 pub mod backend;
 pub mod checksum;
 pub mod config;
+pub mod cpu;
 pub mod flow;
 pub mod service;
 pub mod stats;
@@ -25,8 +26,12 @@ pub mod map_names {
     pub const SLOTS: &str = "slots";
     /// backend id → `Backend`.
     pub const BACKENDS: &str = "backends";
-    /// `FlowKey` → `FlowValue`: both directions of every translated flow.
+    /// `FlowKey` → `FlowValue`: both directions of every confirmed flow.
     pub const FLOWS: &str = "flows";
+    /// `FlowKey` → `FlowValue`: both directions of flows not yet confirmed (LRU).
+    pub const HALF_OPEN: &str = "half_open";
+    /// 0 → `CpuState` (per CPU): SNAT port cursor, answer rate limiter.
+    pub const CPU_STATE: &str = "cpu_state";
     /// `AddrKey` → `AddrInfo`: addresses the program owns (VIPs and SNAT addresses).
     pub const ADDRS: &str = "addrs";
     /// ifindex → `IfaceInfo`: per egress interface SNAT address and transmit device.
@@ -38,7 +43,8 @@ pub mod map_names {
     /// 0 → `NodeLease`: until when this node may answer ARP for the VIPs it owns.
     pub const LEASE: &str = "lease";
     /// Every map the agent pins, in a fixed order.
-    pub const ALL: [&str; 9] = [SERVICES, SLOTS, BACKENDS, FLOWS, ADDRS, IFACES, STATS, RR, LEASE];
+    pub const ALL: [&str; 11] =
+        [SERVICES, SLOTS, BACKENDS, FLOWS, HALF_OPEN, ADDRS, IFACES, STATS, RR, LEASE, CPU_STATE];
 }
 
 /// Program names in the kernel object.

@@ -32,10 +32,19 @@ pub enum DropReason {
     /// Packet larger than the egress MTU with DF set: answered with ICMP fragmentation
     /// needed so the client lowers its path MTU.
     FragNeeded = 12,
+    /// The table of confirmed flows is full: new flows are refused (TCP RST / ICMP port
+    /// unreachable) until entries are freed.
+    FlowTableFull = 13,
+    /// TCP segment other than a SYN for no known flow (a stray or spoofed ACK, a
+    /// connection from before a restart): answered with RST, no flow is created.
+    NoFlow = 14,
+    /// A generated answer (RST, ICMP error) over the per-CPU rate: dropped instead, so
+    /// the load balancer cannot be used to reflect floods.
+    RateLimited = 15,
 }
 
 /// Number of `DropReason`s.
-pub const DROP_REASONS: usize = 13;
+pub const DROP_REASONS: usize = 16;
 
 impl DropReason {
     /// Every reason, in counter order.
@@ -53,6 +62,9 @@ impl DropReason {
         Self::NoSnatAddress,
         Self::StaleFlow,
         Self::FragNeeded,
+        Self::FlowTableFull,
+        Self::NoFlow,
+        Self::RateLimited,
     ];
 
     /// Stable snake_case name, used in metrics labels and in `bpftool` field names.
@@ -71,6 +83,9 @@ impl DropReason {
             Self::NoSnatAddress => "no_snat_address",
             Self::StaleFlow => "stale_flow",
             Self::FragNeeded => "frag_needed",
+            Self::FlowTableFull => "flow_table_full",
+            Self::NoFlow => "no_flow",
+            Self::RateLimited => "rate_limited",
         }
     }
 }
@@ -105,6 +120,12 @@ pub struct DropCounters {
     pub stale_flow: u64,
     /// `DropReason::FragNeeded`.
     pub frag_needed: u64,
+    /// `DropReason::FlowTableFull`.
+    pub flow_table_full: u64,
+    /// `DropReason::NoFlow`.
+    pub no_flow: u64,
+    /// `DropReason::RateLimited`.
+    pub rate_limited: u64,
 }
 
 impl DropCounters {
@@ -125,6 +146,9 @@ impl DropCounters {
             DropReason::NoSnatAddress => &mut self.no_snat_address,
             DropReason::StaleFlow => &mut self.stale_flow,
             DropReason::FragNeeded => &mut self.frag_needed,
+            DropReason::FlowTableFull => &mut self.flow_table_full,
+            DropReason::NoFlow => &mut self.no_flow,
+            DropReason::RateLimited => &mut self.rate_limited,
         }
     }
 

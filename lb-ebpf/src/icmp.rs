@@ -16,8 +16,10 @@ use lb_common::{
 
 use crate::{
     fib::{self, NextHop, Route},
+    flow_table,
     hdr::*,
-    maps::{FLOWS, count_drop, count_global_drop, stats},
+    limit,
+    maps::{count_drop, count_global_drop, stats},
     xdp::{send_back, transmit},
 };
 
@@ -119,8 +121,7 @@ fn translate_error(ctx: &XdpContext, ip_off: usize, tagged: bool, vip: bool) -> 
         proto: iip.proto,
         _pad: [0; 3],
     };
-    // SAFETY: the value is copied out immediately.
-    let Some(f) = (unsafe { FLOWS.get(key) }).copied() else {
+    let Some(f) = flow_table::usable(key) else {
         return not_ours();
     };
     if ip.ttl <= 1 {
@@ -233,6 +234,9 @@ const ERR_LEN: usize = IPV4_HLEN + ICMP_HLEN + IPV4_HLEN + 8;
 /// the frame is trimmed to the part ICMP quotes and a new IP + ICMP header is prepended.
 #[inline(always)]
 pub fn send_error(ctx: &XdpContext, ip_off: usize, tagged: bool, kind: u8, code: u8, mtu: u16) -> u32 {
+    if !limit::allow_answer(crate::maps::config!(global_stats_index)) {
+        return XDP_DROP;
+    }
     let data = ctx.data();
     let end = ctx.data_end();
     let (Some(eth), Some(ip)) = (ptr_at::<EthHdr>(data, end, 0), ptr_at::<Ipv4Hdr>(data, end, ip_off)) else {
@@ -303,6 +307,9 @@ pub fn send_error(ctx: &XdpContext, ip_off: usize, tagged: bool, kind: u8, code:
 /// Answers a TCP segment with a reset (RFC 9293 §3.10.7.1), in place.
 #[inline(always)]
 pub fn tcp_reset(ctx: &XdpContext, ip_off: usize) -> u32 {
+    if !limit::allow_answer(crate::maps::config!(global_stats_index)) {
+        return XDP_DROP;
+    }
     let data = ctx.data();
     let end = ctx.data_end();
     let (Some(eth), Some(ip), Some(th)) = (

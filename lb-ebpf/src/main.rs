@@ -20,13 +20,15 @@ mod baseline;
 #[cfg(target_arch = "bpf")]
 mod fib;
 #[cfg(target_arch = "bpf")]
+mod flow_table;
+#[cfg(target_arch = "bpf")]
 mod hdr;
 #[cfg(target_arch = "bpf")]
 mod icmp;
 #[cfg(target_arch = "bpf")]
-mod maps;
+mod limit;
 #[cfg(target_arch = "bpf")]
-mod nat;
+mod maps;
 #[cfg(target_arch = "bpf")]
 mod tc;
 #[cfg(target_arch = "bpf")]

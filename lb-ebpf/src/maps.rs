@@ -9,7 +9,11 @@ use aya_ebpf::{
 use lb_common::{
     addr::{AddrInfo, AddrKey, IfaceInfo, NodeLease},
     backend::Backend,
-    config::{DataplaneConfig, MAX_ADDRS, MAX_BACKENDS, MAX_FLOW_ENTRIES, MAX_IFACES, MAX_SERVICES, MAX_SLOTS},
+    config::{
+        DataplaneConfig, MAX_ADDRS, MAX_BACKENDS, MAX_FLOW_ENTRIES, MAX_HALF_OPEN_ENTRIES, MAX_IFACES, MAX_SERVICES,
+        MAX_SLOTS,
+    },
+    cpu::CpuState,
     flow::{FlowKey, FlowValue},
     service::{RoundRobin, ServiceKey, ServiceValue, Slot, SlotKey},
     stats::{DropReason, ServiceStats},
@@ -30,11 +34,25 @@ pub static SLOTS: HashMap<SlotKey, Slot, { MAX_SLOTS as usize }, NO_PREALLOC> = 
 #[btf_map(name = "backends")]
 pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 
-/// The flow table. LRU so a full table evicts the idlest flows instead of refusing new
-/// ones; per-CPU LRU lists so CPUs do not contend on one list lock.
+/// Confirmed flows (see `flow_table`). A plain preallocated hash, not an LRU: an LRU
+/// evicts one direction of a flow without the other, and under a flood it would evict
+/// established flows. A full table refuses new flows instead (`flow_table_full`).
 #[btf_map(name = "flows")]
-pub static FLOWS: LruHashMap<FlowKey, FlowValue, { MAX_FLOW_ENTRIES as usize }, { BPF_F_NO_COMMON_LRU as usize }> =
-    LruHashMap::new();
+pub static FLOWS: HashMap<FlowKey, FlowValue, { MAX_FLOW_ENTRIES as usize }> = HashMap::new();
+
+/// Flows not confirmed yet. LRU, so a flood of spoofed packets recycles its own entries;
+/// per-CPU LRU lists so CPUs do not contend on one list lock.
+#[btf_map(name = "half_open")]
+pub static HALF_OPEN: LruHashMap<
+    FlowKey,
+    FlowValue,
+    { MAX_HALF_OPEN_ENTRIES as usize },
+    { BPF_F_NO_COMMON_LRU as usize },
+> = LruHashMap::new();
+
+/// Per-CPU state: SNAT port cursor, answer rate limiter.
+#[btf_map(name = "cpu_state")]
+pub static CPU_STATE: PerCpuArray<CpuState, 1> = PerCpuArray::new();
 
 /// Addresses this program owns: VIPs and SNAT addresses.
 #[btf_map(name = "addrs")]

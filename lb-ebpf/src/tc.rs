@@ -21,9 +21,9 @@ use lb_common::{
 };
 
 use crate::{
+    flow_table,
     hdr::*,
-    maps::{ADDRS, FLOWS, count_drop, stats},
-    nat,
+    maps::{ADDRS, count_drop, stats},
 };
 
 const IP_OFF: usize = ETH_HLEN;
@@ -60,9 +60,8 @@ fn process(ctx: &TcContext) -> Option<i32> {
         proto: ip.proto,
         _pad: [0; 3],
     };
-    // SAFETY: the value is copied out immediately.
-    let f = (unsafe { FLOWS.get(key) }).copied()?;
-    if !nat::backend_alive(&f) {
+    let f = flow_table::usable(key)?;
+    if !flow_table::backend_alive(&f) {
         return None;
     }
     if ip.ttl <= 1 {

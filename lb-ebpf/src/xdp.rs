@@ -34,7 +34,7 @@ use lb_common::{
     addr::{ADDR_VIP, AddrKey, IFACE_TX_REDIRECT},
     backend::BACKEND_IN_USE,
     checksum::CsumDelta,
-    flow::{FLOW_L2_VALID, FLOW_REPLY, FlowKey, FlowValue},
+    flow::{FLOW_L2_VALID, FLOW_REPLY, FLOW_SEEN_REPLY, FlowKey, FlowValue},
     proto,
     service::{ServiceKey, SlotKey},
     stats::DropReason,
@@ -43,10 +43,13 @@ use lb_common::{
 use crate::{
     arp, atomic,
     fib::{self, NextHop, Route},
+    flow_table::{self, Promotion, Table},
     hdr::*,
     icmp,
-    maps::{ADDRS, BACKENDS, FLOWS, IFACES, RR, SERVICES, SLOTS, config, count_drop, count_global_drop, now_ns, stats},
-    nat,
+    maps::{
+        ADDRS, BACKENDS, FLOWS, HALF_OPEN, IFACES, RR, SERVICES, SLOTS, config, count_drop, count_global_drop, now_ns,
+        stats,
+    },
 };
 
 /// What the parser learned about a TCP or UDP packet to an owned address.
@@ -189,10 +192,16 @@ fn l4(ctx: &XdpContext, ip_off: usize, tagged: bool, vip: bool) -> u32 {
         df: be16(ip.frag_off) & IP_DF != 0,
     };
     let now = now_ns();
-    if let Some(f) = FLOWS.get_ptr_mut(p.key)
-        && let Some(verdict) = established(ctx, &p, f, now)
-    {
-        return verdict;
+    if let Some((table, f)) = flow_table::lookup(p.key) {
+        match half_open(&p, table, f, now) {
+            Known::Use(table, f) => {
+                if let Some(verdict) = established(ctx, &p, table, f, now) {
+                    return verdict;
+                }
+            }
+            Known::Drop => return XDP_DROP,
+            Known::Over => {}
+        }
     }
     if !vip {
         return XDP_PASS;
@@ -200,30 +209,86 @@ fn l4(ctx: &XdpContext, ip_off: usize, tagged: bool, vip: bool) -> u32 {
     new_flow(ctx, &p, now)
 }
 
-/// Handles a packet of a known flow. `None` means the flow is over (backend removed,
-/// idle timeout, port reuse after close) and was deleted: treat the packet as new.
+/// What to do with a packet whose tuple has an entry.
+enum Known {
+    /// Translate with this entry.
+    Use(Table, *mut FlowValue),
+    /// Drop the packet (counted).
+    Drop,
+    /// The flow is over and was deleted: treat the packet as new.
+    Over,
+}
+
+/// Vets an entry found in the half-open table: an orphan (half of its pair evicted) is
+/// never used; a reply marks the flow as answered; the client's packet after a reply
+/// promotes it to `flows`. Confirmed entries pass through unchanged.
 #[inline(always)]
-fn established(ctx: &XdpContext, p: &L4Packet, fp: *mut FlowValue, now: u64) -> Option<u32> {
-    // SAFETY: `fp` points into a live LRU entry. Other CPUs may update `last_seen_ns`,
+fn half_open(p: &L4Packet, table: Table, fp: *mut FlowValue, now: u64) -> Known {
+    if table == Table::Established {
+        return Known::Use(table, fp);
+    }
+    // SAFETY: `fp` points into a live LRU entry; only read here.
+    let f = unsafe { &*fp };
+    let reply = flow_table::is_reply(f);
+    let Some(peer) = flow_table::half_open_peer(&p.key, f) else {
+        // An orphan: the LRU evicted the other direction, so this entry's SNAT port may
+        // already belong to another flow. Never translate with it.
+        Table::HalfOpen.remove(p.key);
+        if reply {
+            count_drop(f.service_id, DropReason::StaleFlow);
+            return Known::Drop;
+        }
+        return Known::Over;
+    };
+    if reply {
+        // SAFETY: `peer` points into a live entry; `flags` is only modified atomically.
+        unsafe {
+            if (*peer).flags & FLOW_SEEN_REPLY == 0 {
+                atomic::or(&raw mut (*peer).flags, FLOW_SEEN_REPLY);
+            }
+        }
+        return Known::Use(table, fp);
+    }
+    let syn = p.key.proto == proto::TCP && p.tcp_flags & TCP_SYN != 0;
+    if f.flags & FLOW_SEEN_REPLY != 0 && !syn {
+        // The client answered the reply (for TCP, the ACK of the SYN-ACK): a real client,
+        // not a spoofed source. From now on the flow cannot be evicted.
+        // SAFETY: `peer` points into a live entry; only read.
+        let rev = unsafe { &*peer };
+        if let Promotion::Done = flow_table::promote(&p.key, f, rev, now)
+            && let Some(fp) = FLOWS.get_ptr_mut(p.key)
+        {
+            return Known::Use(Table::Established, fp);
+        }
+        // `flows` is full: the flow goes on from the half-open table.
+        count_drop(f.service_id, DropReason::FlowTableFull);
+    }
+    Known::Use(table, fp)
+}
+
+/// Handles a packet of a flow whose entry `fp` (in `table`, with a whole pair) was found.
+#[inline(always)]
+fn established(ctx: &XdpContext, p: &L4Packet, table: Table, fp: *mut FlowValue, now: u64) -> Option<u32> {
+    // SAFETY: `fp` points into a live map entry. Other CPUs may update `last_seen_ns`,
     // the cached next hop and `flags` concurrently; every such race is benign (a stale
     // timestamp or one packet using the previous next hop).
     let f = unsafe { &mut *fp };
     let reply = f.flags & FLOW_REPLY != 0;
-    if !nat::backend_alive(f) {
+    if !flow_table::backend_alive(f) {
         if reply {
             count_drop(f.service_id, DropReason::StaleFlow);
             return Some(XDP_DROP);
         }
-        nat::end_flow(&p.key, f);
+        flow_table::end_flow(table, &p.key, f);
         return None;
     }
     if !reply {
         let syn = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         let reused = p.key.proto == proto::TCP && syn && f.is_closed();
-        let expired =
-            now.saturating_sub(f.last_seen_ns) > nat::timeout(p.key.proto, f) && nat::both_idle(f, p.key.proto, now);
+        let expired = now.saturating_sub(f.last_seen_ns) > table.timeout(p.key.proto, f)
+            && flow_table::both_idle(table, f, p.key.proto, now);
         if reused || expired {
-            nat::end_flow(&p.key, f);
+            flow_table::end_flow(table, &p.key, f);
             return None;
         }
     }
@@ -231,10 +296,10 @@ fn established(ctx: &XdpContext, p: &L4Packet, fp: *mut FlowValue, now: u64) -> 
         count_drop(f.service_id, DropReason::TtlExceeded);
         return Some(XDP_DROP);
     }
-    if p.key.proto == proto::TCP && nat::is_close(p.tcp_flags) {
-        nat::mark_close(fp, p.key.proto, p.tcp_flags);
+    if p.key.proto == proto::TCP && flow_table::is_close(p.tcp_flags) {
+        flow_table::mark_close(table, fp, p.key.proto, p.tcp_flags);
     }
-    if now.saturating_sub(f.last_seen_ns) >= nat::TOUCH_INTERVAL_NS {
+    if now.saturating_sub(f.last_seen_ns) >= flow_table::TOUCH_INTERVAL_NS {
         f.last_seen_ns = now;
     }
     let hop = if f.flags & FLOW_L2_VALID == 0 || now.saturating_sub(f.l2_checked_ns) >= config!(l2_refresh_ns) {
@@ -284,7 +349,8 @@ fn established(ctx: &XdpContext, p: &L4Packet, fp: *mut FlowValue, now: u64) -> 
     Some(forward(ctx, p, &tuple, &hop))
 }
 
-/// Assigns a backend to a new flow, records both directions and forwards the packet.
+/// Assigns a backend to a new flow, records both directions in the half-open table and
+/// forwards the packet.
 #[inline(always)]
 fn new_flow(ctx: &XdpContext, p: &L4Packet, now: u64) -> u32 {
     let skey = ServiceKey { vip: p.key.dst, port: p.key.dport, proto: p.key.proto, _pad: 0 };
@@ -297,6 +363,13 @@ fn new_flow(ctx: &XdpContext, p: &L4Packet, now: u64) -> u32 {
         // A reset for a flow we do not know: nothing to translate, nothing to answer.
         return XDP_DROP;
     }
+    if p.key.proto == proto::TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        // Only a SYN opens a connection. Anything else belongs to a connection no backend
+        // has (with full NAT a backend would answer it with RST too): answer with RST
+        // ourselves, and keep floods of spoofed ACKs out of the tables.
+        count_drop(svc.id, DropReason::NoFlow);
+        return icmp::tcp_reset(ctx, p.ip_off);
+    }
     if svc.count == 0 {
         count_drop(svc.id, DropReason::NoBackends);
         return reject(ctx, p);
@@ -304,6 +377,10 @@ fn new_flow(ctx: &XdpContext, p: &L4Packet, now: u64) -> u32 {
     if p.ttl <= 1 {
         count_drop(svc.id, DropReason::TtlExceeded);
         return XDP_DROP;
+    }
+    if flow_table::refusing(now) {
+        count_drop(svc.id, DropReason::FlowTableFull);
+        return reject(ctx, p);
     }
     let Some(rr) = RR.get_ptr_mut(svc.id) else {
         return XDP_DROP;
@@ -344,8 +421,8 @@ fn new_flow(ctx: &XdpContext, p: &L4Packet, now: u64) -> u32 {
         return XDP_DROP;
     }
 
-    // The reply entry goes in first: inserting it with BPF_NOEXIST is what reserves the
-    // SNAT port atomically against every other CPU.
+    // The reply entry goes in first: inserting it is what reserves the SNAT port
+    // atomically against every other CPU.
     let mut v = FlowValue {
         src: p.key.dst,
         dst: p.key.src,
@@ -359,22 +436,11 @@ fn new_flow(ctx: &XdpContext, p: &L4Packet, now: u64) -> u32 {
         last_seen_ns: now,
         ..FlowValue::default()
     };
-    let min = config!(snat_port_min) as u32;
-    let range = config!(snat_port_max) as u32 - min + 1;
-    let start = nat::flow_hash(&p.key);
     let mut rkey = FlowKey { src: be.ip, dst: hop.snat_ip, sport: be.port, dport: 0, proto: p.key.proto, _pad: [0; 3] };
-    let mut port = 0u16;
-    for i in 0..nat::SNAT_TRIES {
-        rkey.dport = (min + start.wrapping_add(i.wrapping_mul(7919)) % range) as u16;
-        if FLOWS.insert(rkey, v, BPF_NOEXIST as u64).is_ok() {
-            port = rkey.dport;
-            break;
-        }
-    }
-    if port == 0 {
+    let Some(port) = flow_table::reserve_port(&mut rkey, &v, now) else {
         count_drop(svc.id, DropReason::SnatExhausted);
-        return XDP_DROP;
-    }
+        return reject(ctx, p);
+    };
 
     v.src = hop.snat_ip;
     v.dst = be.ip;
@@ -388,13 +454,14 @@ fn new_flow(ctx: &XdpContext, p: &L4Packet, now: u64) -> u32 {
     v.tx_flags = hop.flags;
     v.smac = hop.smac;
     v.dmac = hop.dmac;
-    if FLOWS.insert(p.key, v, BPF_NOEXIST as u64).is_err() {
-        // Another CPU created this flow between our lookup and now: use its entry.
-        let _ = FLOWS.remove(rkey);
-        return match FLOWS.get_ptr_mut(p.key) {
-            Some(f) => established(ctx, p, f, now).unwrap_or(XDP_DROP),
-            None => XDP_DROP,
-        };
+    // By reference: a by-value argument is another 96 bytes of the 512-byte stack.
+    #[allow(clippy::needless_borrows_for_generic_args)]
+    let inserted = HALF_OPEN.insert(&p.key, &v, BPF_NOEXIST as u64);
+    if inserted.is_err() {
+        // Another CPU created this flow between our lookup and now (a retransmitted SYN
+        // on another queue): its entry takes the next packet; this one is dropped.
+        Table::HalfOpen.remove(rkey);
+        return XDP_DROP;
     }
     if let Some(s) = stats(svc.id) {
         s.new_flows += 1;
@@ -413,12 +480,6 @@ fn new_flow(ctx: &XdpContext, p: &L4Packet, now: u64) -> u32 {
         u32::from_be_bytes(hop.snat_ip),
         port
     );
-    if p.key.proto == proto::TCP
-        && nat::is_close(p.tcp_flags)
-        && let Some(f) = FLOWS.get_ptr_mut(p.key)
-    {
-        nat::mark_close(f, p.key.proto, p.tcp_flags);
-    }
     if !resolved {
         // The TC companion finishes this packet with bpf_redirect_neigh.
         return XDP_PASS;

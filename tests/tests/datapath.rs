@@ -15,6 +15,7 @@ use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
 use lb_agent::{
     dataplane::{
         MapSizes, Maps,
+        flows::FlowTable,
         plan::{DesiredState, plan},
     },
     model::{BackendSpec, Protocol, ServiceId, ServiceSpec},
@@ -338,7 +339,8 @@ fn ports_without_service_or_backends_are_rejected_like_kube_proxy() {
         );
         assert_frame(&out.frame, &unreach.bytes());
     }
-    assert_eq!(lab.stats(&empty).unwrap().drops.no_backends, 2);
+    assert_eq!(lab.stats(&empty).unwrap().drops.no_backends, 1);
+    assert_eq!(lab.stats(&empty).unwrap().drops.no_flow, 1, "the ACK belongs to no flow");
     assert_eq!(lab.stats(&empty_udp).unwrap().drops.no_backends, 1);
     assert_eq!(lab.global_stats().unwrap().drops.no_service, 2);
 }
@@ -674,9 +676,218 @@ fn idle_flows_expire() {
     let q = Frame::udp(client(54000), vip(53)).macs(GW_MAC, LB_CL_MAC).bytes();
     let dst = |lab: &mut Lab| Ipv4Addr::from(parse(&lab.xdp(&q, lab.cl).unwrap().frame).unwrap().ip.destination);
     assert_eq!(dst(&mut lab), BACKENDS[0]);
+    // An answer, then the client's next query: confirmed.
+    let snat = snat_of(&lab, key(client(54000), vip(53), proto::UDP));
+    let answer = Frame::udp(be(0, 53), snat).macs(backend_mac(BACKENDS[0]), LB_BE_MAC).bytes();
+    assert_eq!(lab.xdp(&answer, lab.be).unwrap().verdict, xdp::REDIRECT);
     assert_eq!(dst(&mut lab), BACKENDS[0], "active flow stays");
+    let k = key(client(54000), vip(53), proto::UDP);
+    assert!(lab.dp.maps.flow_in(FlowTable::Established, &k).unwrap().is_some(), "confirmed");
     std::thread::sleep(std::time::Duration::from_millis(400));
     assert_eq!(dst(&mut lab), BACKENDS[1], "idle past the UDP timeout: a new flow");
+}
+
+/// Sends SYN, the backend's SYN-ACK and the client's ACK; returns the backend and the
+/// SNAT source the flow uses.
+fn handshake(lab: &mut Lab, cport: u16, vport: u16) -> (SocketAddrV4, SocketAddrV4) {
+    let backend = syn_to(lab, cport, vport);
+    let k = key(client(cport), vip(vport), proto::TCP);
+    let snat = snat_of(lab, k);
+    let i = BACKENDS.iter().position(|b| b == backend.ip()).expect("a test backend");
+    let synack = Frame::tcp(backend, snat).macs(backend_mac(BACKENDS[i]), LB_BE_MAC).tcp_header(|h| h.ack = true);
+    assert_eq!(lab.xdp(&synack.bytes(), lab.be).unwrap().verdict, xdp::REDIRECT, "SYN-ACK translated");
+    assert_eq!(lab.xdp(&ack(cport, vport).bytes(), lab.cl).unwrap().verdict, xdp::REDIRECT, "ACK translated");
+    (backend, snat)
+}
+
+/// The client's ACK (no SYN) on a flow.
+fn ack(cport: u16, vport: u16) -> Frame {
+    Frame::tcp(client(cport), vip(vport)).macs(GW_MAC, LB_CL_MAC).tcp_header(|h| {
+        h.syn = false;
+        h.ack = true;
+        h.acknowledgment_number = 1;
+    })
+}
+
+#[test]
+fn a_flow_is_half_open_until_the_client_answers_the_reply() {
+    let mut lab = Lab::new().unwrap();
+    lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 80)])]).unwrap();
+    let k = key(client(41000), vip(80), proto::TCP);
+    let backend = syn_to(&mut lab, 41000, 80);
+    let snat = snat_of(&lab, k);
+    let rk = key(backend, snat, proto::TCP);
+    let table = |lab: &Lab, k: &FlowKey| {
+        let m = &lab.dp.maps;
+        (m.flow_in(FlowTable::Established, k).unwrap().is_some(), m.flow_in(FlowTable::HalfOpen, k).unwrap().is_some())
+    };
+    assert_eq!((table(&lab, &k), table(&lab, &rk)), ((false, true), (false, true)), "SYN: half-open");
+    // A retransmitted SYN stays half-open, on the same backend and port.
+    assert_eq!(syn_to(&mut lab, 41000, 80), backend);
+    assert_eq!(snat_of(&lab, k), snat);
+    let synack = Frame::tcp(backend, snat).macs(backend_mac(BACKENDS[0]), LB_BE_MAC).tcp_header(|h| h.ack = true);
+    assert_eq!(lab.xdp(&synack.bytes(), lab.be).unwrap().verdict, xdp::REDIRECT);
+    assert_eq!(table(&lab, &k), (false, true), "a reply alone (what a spoofed SYN gets) confirms nothing");
+    let out = lab.xdp(&ack(41000, 80).bytes(), lab.cl).unwrap();
+    assert_eq!(out.verdict, xdp::REDIRECT);
+    let p = parse(&out.frame).unwrap();
+    assert_eq!(Ipv4Addr::from(p.ip.destination), *backend.ip());
+    assert_eq!((table(&lab, &k), table(&lab, &rk)), ((true, false), (true, false)), "the ACK confirms");
+    assert_eq!(lab.dp.maps.flow(&k).unwrap().map(|f| f.sport), Some(snat.port()), "same SNAT port");
+    assert_eq!(lab.xdp(&synack.bytes(), lab.be).unwrap().verdict, xdp::REDIRECT, "replies go on");
+}
+
+#[test]
+fn tcp_segments_of_unknown_flows_get_a_reset_and_create_nothing() {
+    let mut lab = Lab::new().unwrap();
+    let web = svc(80, Protocol::Tcp, &[be(0, 80)]);
+    lab.program(vec![web.clone()]).unwrap();
+    let out = lab.xdp(&ack(42000, 80).bytes(), lab.cl).unwrap();
+    assert_eq!(out.verdict, xdp::TX);
+    let p = parse(&out.frame).unwrap();
+    let Some(etherparse::TransportHeader::Tcp(t)) = p.l4 else { panic!("not TCP") };
+    assert!(t.rst, "answered with RST");
+    assert!(lab.dp.maps.flows().unwrap().is_empty(), "no flow from an ACK");
+    let synack = Frame::tcp(client(42001), vip(80)).macs(GW_MAC, LB_CL_MAC).tcp_header(|h| h.ack = true);
+    assert_eq!(lab.xdp(&synack.bytes(), lab.cl).unwrap().verdict, xdp::TX);
+    assert!(lab.dp.maps.flows().unwrap().is_empty(), "no flow from a SYN-ACK");
+    assert_eq!(lab.stats(&web).unwrap().drops.no_flow, 2);
+}
+
+#[test]
+fn half_of_an_evicted_half_open_pair_is_never_used() {
+    // One SNAT port: whoever holds it holds the only tuple towards the backend.
+    let config = DataplaneConfig { snat_port_min: 20000, snat_port_max: 20000, ..DataplaneConfig::default() };
+    let mut lab = Lab::with_config(config, MapSizes { flow_entries: 4096, ..MapSizes::default() }).unwrap();
+    let web = svc(80, Protocol::Tcp, &[be(0, 80)]);
+    lab.program(vec![web.clone()]).unwrap();
+    let a = key(client(43000), vip(80), proto::TCP);
+    let b = key(client(43001), vip(80), proto::TCP);
+    syn_to(&mut lab, 43000, 80);
+    let snat = snat_of(&lab, a);
+    // The LRU evicts A's reply entry alone: the port looks free and B takes it.
+    lab.dp.maps.remove_flow_in(FlowTable::HalfOpen, &key(be(0, 80), snat, proto::TCP)).unwrap();
+    syn_to(&mut lab, 43001, 80);
+    assert_eq!(snat_of(&lab, b), snat, "B holds the port now");
+    // A's orphaned forward entry must not send A's packets down B's tuple.
+    let out = lab.xdp(&Frame::tcp(client(43000), vip(80)).macs(GW_MAC, LB_CL_MAC).bytes(), lab.cl).unwrap();
+    assert_ne!(out.verdict, xdp::REDIRECT, "A is not forwarded with B's port");
+    assert_eq!(lab.stats(&web).unwrap().drops.snat_exhausted, 1, "A waits for a port instead");
+    assert!(lab.dp.maps.flow(&a).unwrap().is_none(), "the orphan is gone");
+    // B's flow is whole and works both ways.
+    let synack = Frame::tcp(be(0, 80), snat).macs(backend_mac(BACKENDS[0]), LB_BE_MAC).tcp_header(|h| h.ack = true);
+    let out = lab.xdp(&synack.bytes(), lab.be).unwrap();
+    let p = parse(&out.frame).unwrap();
+    let Some(etherparse::TransportHeader::Tcp(t)) = p.l4 else { panic!("not TCP") };
+    assert_eq!(t.destination_port, 43001, "the backend's answer reaches B");
+    // And an orphaned reply entry is dropped, not delivered to a client.
+    lab.dp.maps.remove_flow_in(FlowTable::HalfOpen, &b).unwrap();
+    assert_eq!(lab.xdp(&synack.bytes(), lab.be).unwrap().verdict, xdp::DROP);
+    assert_eq!(lab.stats(&web).unwrap().drops.stale_flow, 1);
+}
+
+#[test]
+fn spoofed_syns_never_evict_or_disturb_an_established_flow() {
+    let sizes = MapSizes { flow_entries: 64, half_open_entries: 256, ..MapSizes::default() };
+    let mut lab = Lab::with_config(DataplaneConfig::default(), sizes).unwrap();
+    let web = svc(80, Protocol::Tcp, &[be(0, 80), be(1, 80)]);
+    lab.program(vec![web.clone()]).unwrap();
+    let (backend, snat) = handshake(&mut lab, 44000, 80);
+    // 20 000 SYNs from spoofed sources: 40 times what the half-open table holds.
+    for i in 0..20_000u32 {
+        let src = SocketAddrV4::new(Ipv4Addr::from(0x0b00_0000 + i), 1024 + (i % 60000) as u16);
+        let out = lab.xdp(&Frame::tcp(src, vip(80)).macs(GW_MAC, LB_CL_MAC).bytes(), lab.cl).unwrap();
+        assert_eq!(out.verdict, xdp::REDIRECT, "spoofed SYN {i} is forwarded like any SYN");
+    }
+    let k = key(client(44000), vip(80), proto::TCP);
+    let f = lab.dp.maps.flow_in(FlowTable::Established, &k).unwrap().expect("the established flow survived");
+    assert_eq!((f.dst, f.sport), (backend.ip().octets(), snat.port()));
+    let out = lab.xdp(&ack(44000, 80).payload(b"GET /").bytes(), lab.cl).unwrap();
+    let p = parse(&out.frame).unwrap();
+    assert_eq!(Ipv4Addr::from(p.ip.destination), *backend.ip(), "its packets still go to its backend");
+    let half_open = lab.dp.maps.flows_in(FlowTable::HalfOpen).unwrap().len();
+    assert!(half_open <= 256, "the flood stays within the half-open table: {half_open}");
+    assert_eq!(lab.stats(&web).unwrap().drops.snat_exhausted, 0, "evicted half-open flows gave their ports back");
+    // A real client still connects.
+    handshake(&mut lab, 44001, 80);
+}
+
+#[test]
+fn half_open_flows_expire_after_their_short_timeout() {
+    let config = DataplaneConfig { half_open_timeout_ns: 200_000_000, ..DataplaneConfig::default() };
+    let mut lab = Lab::with_config(config, MapSizes { flow_entries: 4096, ..MapSizes::default() }).unwrap();
+    lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 80), be(1, 80)])]).unwrap();
+    assert_eq!(syn_to(&mut lab, 45000, 80), be(0, 80));
+    assert_eq!(syn_to(&mut lab, 45000, 80), be(0, 80), "a retransmission within the timeout");
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    assert_eq!(syn_to(&mut lab, 45000, 80), be(1, 80), "never confirmed, idle past 200 ms: a new flow");
+    // A confirmed flow keeps the long TCP timeout.
+    handshake(&mut lab, 45001, 80);
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let k = key(client(45001), vip(80), proto::TCP);
+    assert!(lab.dp.maps.flow_in(FlowTable::Established, &k).unwrap().is_some());
+    let out = lab.xdp(&ack(45001, 80).bytes(), lab.cl).unwrap();
+    assert_eq!(out.verdict, xdp::REDIRECT);
+}
+
+#[test]
+fn a_full_flow_table_refuses_new_flows_with_a_reset_and_keeps_the_old_ones() {
+    // Room for two confirmed flows.
+    let sizes = MapSizes { flow_entries: 4, ..MapSizes::default() };
+    let mut lab = Lab::with_config(DataplaneConfig::default(), sizes).unwrap();
+    let web = svc(80, Protocol::Tcp, &[be(0, 80)]);
+    lab.program(vec![web.clone()]).unwrap();
+    handshake(&mut lab, 47000, 80);
+    handshake(&mut lab, 47001, 80);
+    // The third handshake cannot be confirmed: its ACK still gets through (half-open) ...
+    handshake(&mut lab, 47002, 80);
+    assert_eq!(lab.stats(&web).unwrap().drops.flow_table_full, 1);
+    // ... and new flows are refused with a reset for a moment, not silently dropped.
+    let out = lab.xdp(&Frame::tcp(client(47003), vip(80)).macs(GW_MAC, LB_CL_MAC).bytes(), lab.cl).unwrap();
+    assert_eq!(out.verdict, xdp::TX);
+    let p = parse(&out.frame).unwrap();
+    let Some(etherparse::TransportHeader::Tcp(t)) = p.l4 else { panic!("not TCP") };
+    assert!(t.rst);
+    assert_eq!(lab.stats(&web).unwrap().drops.flow_table_full, 2);
+    // The established flows are untouched.
+    for c in [47000, 47001] {
+        assert_eq!(lab.xdp(&ack(c, 80).bytes(), lab.cl).unwrap().verdict, xdp::REDIRECT);
+    }
+}
+
+#[test]
+fn generated_answers_are_rate_limited_per_cpu() {
+    // The limit is per CPU: keep every run on one.
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the call only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set), 0, "pin the test thread to CPU 0");
+    }
+    // One answer a second with a burst of 5.
+    let config = DataplaneConfig {
+        reply_interval_ns: 1_000_000_000,
+        reply_burst_ns: 5_000_000_000,
+        ..DataplaneConfig::default()
+    };
+    let mut lab = Lab::with_config(config, MapSizes { flow_entries: 4096, ..MapSizes::default() }).unwrap();
+    lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 80)])]).unwrap();
+    let started = std::time::Instant::now();
+    let mut answered = 0;
+    for i in 0..100 {
+        let out = lab.xdp(&Frame::tcp(client(48000 + i), vip(9999)).macs(GW_MAC, LB_CL_MAC).bytes(), lab.cl).unwrap();
+        if out.verdict == xdp::TX {
+            answered += 1;
+        } else {
+            assert_eq!(out.verdict, xdp::DROP);
+        }
+    }
+    let g = lab.global_stats().unwrap();
+    // The burst (plus the first answer), and one more for each second the loop took.
+    let most = 6 + started.elapsed().as_secs();
+    assert!((6..=most).contains(&answered), "{answered} resets of 100 (at most {most})");
+    assert_eq!(g.drops.rate_limited, 100 - answered);
+    assert_eq!(g.drops.no_service, 100, "every one is counted for what it was");
 }
 
 #[test]
@@ -689,7 +900,10 @@ fn snat_ports_are_unique_and_exhaustion_is_counted() {
     let mut dropped = 0;
     for i in 0..12 {
         let out = lab.xdp(&Frame::tcp(client(55000 + i), vip(80)).macs(GW_MAC, LB_CL_MAC).bytes(), lab.cl).unwrap();
-        if out.verdict == xdp::DROP {
+        if out.verdict == xdp::TX {
+            // Refused with a reset, not silently dropped.
+            let p = parse(&out.frame).unwrap();
+            assert!(matches!(p.l4, Some(etherparse::TransportHeader::Tcp(ref t)) if t.rst));
             dropped += 1;
             continue;
         }
@@ -707,21 +921,29 @@ fn bpftool_dumps_pinned_maps_with_field_names() {
     lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 80)]), svc(81, Protocol::Tcp, &[])]).unwrap();
     syn_to(&mut lab, 56000, 80);
     lab.xdp(&Frame::tcp(client(56001), vip(81)).macs(GW_MAC, LB_CL_MAC).bytes(), lab.cl).unwrap();
+    let pins = lab.dp.pin_dir().to_path_buf();
     let dump = |map: &str| {
-        let path = lab.dp.pin_dir().join(map);
+        let path = pins.join(map);
         ballast_tests::cmd::run("bpftool", &["map", "dump", "pinned", &path.display().to_string()]).unwrap()
     };
     let services = dump("services");
     for field in ["\"vip\"", "\"port\": 80", "\"proto\": 6", "\"set\"", "\"count\": 1"] {
         assert!(services.contains(field), "{field} missing from:\n{services}");
     }
-    let flows = dump("flows");
+    let flows = dump("half_open");
     for field in ["\"sport\": 56000", "\"backend_id\"", "\"last_seen_ns\"", "\"smac\""] {
         assert!(flows.contains(field), "{field} missing from:\n{flows}");
     }
     let stats = dump("stats");
     for field in ["\"new_flows\": 1", "\"no_backends\": 1", "\"drops\""] {
         assert!(stats.contains(field), "{field} missing from:\n{stats}");
+    }
+    handshake(&mut lab, 56002, 80);
+    let flows = dump("flows");
+    assert!(flows.contains("\"sport\": 56002"), "the confirmed flow is in `flows`:\n{flows}");
+    let cpu = dump("cpu_state");
+    for field in ["\"snat_cursor\"", "\"reply_tat_ns\""] {
+        assert!(cpu.contains(field), "{field} missing from:\n{cpu}");
     }
     assert!(dump("backends").contains("\"generation\": 1"));
 }

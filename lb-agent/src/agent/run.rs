@@ -106,7 +106,7 @@ where
             }
             _ = gc.tick() => {
                 match node.collect_flows() {
-                    Ok(r) if r.expired + r.stale > 0 => info!(expired = r.expired, stale = r.stale, scanned = r.scanned, "collected flows"),
+                    Ok(r) if r.expired + r.stale + r.orphans > 0 => info!(expired = r.expired, stale = r.stale, orphans = r.orphans, established = r.established, half_open = r.half_open, "collected flows"),
                     Ok(_) => {}
                     Err(e) => warn!(error = %e, "flow collection failed"),
                 }

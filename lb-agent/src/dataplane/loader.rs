@@ -9,7 +9,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::MapInfo,
+    maps::{MapInfo, MapType},
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
@@ -21,6 +21,7 @@ use lb_common::{
     addr::{AddrInfo, AddrKey, IfaceInfo, NodeLease},
     backend::Backend,
     config::{self, DataplaneConfig},
+    cpu::CpuState,
     flow::{FlowKey, FlowValue},
     map_names, program_names,
     service::{RoundRobin, ServiceKey, ServiceValue, Slot, SlotKey},
@@ -39,8 +40,10 @@ pub struct MapSizes {
     pub slots: u32,
     /// Backend ids.
     pub backends: u32,
-    /// Flow table entries (two per flow).
+    /// Entries of the table of confirmed flows (two per flow).
     pub flow_entries: u32,
+    /// Entries of the half-open table (two per flow).
+    pub half_open_entries: u32,
     /// Owned addresses.
     pub addrs: u32,
     /// Interfaces.
@@ -54,6 +57,7 @@ impl Default for MapSizes {
             slots: config::MAX_SLOTS,
             backends: config::MAX_BACKENDS,
             flow_entries: config::MAX_FLOW_ENTRIES,
+            half_open_entries: config::MAX_HALF_OPEN_ENTRIES,
             addrs: config::MAX_ADDRS,
             ifaces: config::MAX_IFACES,
         }
@@ -211,42 +215,49 @@ fn on_bpffs(path: &Path) -> Result<bool, std::io::Error> {
     Ok(st.f_type as i64 == BPF_FS_MAGIC)
 }
 
-/// Shape of each map as created from `sizes`: (name, key size, value size, max entries).
-fn expected_shapes(sizes: &MapSizes) -> [(&'static str, usize, usize, u32); 9] {
+/// Shape of each map as created from `sizes`: (name, type, key size, value size, max
+/// entries).
+fn expected_shapes(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 11] {
     use std::mem::size_of;
     let cpus = nr_cpus() as u32;
     // Per-CPU LRU lists make the kernel round the capacity up to a multiple of the CPUs.
-    let flows = sizes.flow_entries.div_ceil(cpus) * cpus;
+    let half_open = sizes.half_open_entries.div_ceil(cpus) * cpus;
+    let flow = (size_of::<FlowKey>(), size_of::<FlowValue>());
     [
-        (map_names::SERVICES, size_of::<ServiceKey>(), size_of::<ServiceValue>(), sizes.services),
-        (map_names::SLOTS, size_of::<SlotKey>(), size_of::<Slot>(), sizes.slots),
-        (map_names::BACKENDS, 4, size_of::<Backend>(), sizes.backends),
-        (map_names::FLOWS, size_of::<FlowKey>(), size_of::<FlowValue>(), flows),
-        (map_names::ADDRS, size_of::<AddrKey>(), size_of::<AddrInfo>(), sizes.addrs),
-        (map_names::IFACES, 4, size_of::<IfaceInfo>(), sizes.ifaces),
-        (map_names::STATS, 4, size_of::<ServiceStats>(), sizes.services + 1),
-        (map_names::RR, 4, size_of::<RoundRobin>(), sizes.services),
-        (map_names::LEASE, 4, size_of::<NodeLease>(), 1),
+        (map_names::SERVICES, MapType::Hash, size_of::<ServiceKey>(), size_of::<ServiceValue>(), sizes.services),
+        (map_names::SLOTS, MapType::Hash, size_of::<SlotKey>(), size_of::<Slot>(), sizes.slots),
+        (map_names::BACKENDS, MapType::Array, 4, size_of::<Backend>(), sizes.backends),
+        (map_names::FLOWS, MapType::Hash, flow.0, flow.1, sizes.flow_entries),
+        (map_names::HALF_OPEN, MapType::LruHash, flow.0, flow.1, half_open),
+        (map_names::ADDRS, MapType::Hash, size_of::<AddrKey>(), size_of::<AddrInfo>(), sizes.addrs),
+        (map_names::IFACES, MapType::Hash, 4, size_of::<IfaceInfo>(), sizes.ifaces),
+        (map_names::STATS, MapType::PerCpuArray, 4, size_of::<ServiceStats>(), sizes.services + 1),
+        (map_names::RR, MapType::Array, 4, size_of::<RoundRobin>(), sizes.services),
+        (map_names::LEASE, MapType::Array, 4, size_of::<NodeLease>(), 1),
+        (map_names::CPU_STATE, MapType::PerCpuArray, 4, size_of::<CpuState>(), 1),
     ]
 }
 
 /// Removes pinned maps whose shape differs from what this build creates (an upgrade that
-/// changed a layout, or different sizes): reusing them would break the program. Flows and
-/// counters in them are lost, which is logged.
+/// changed a layout or a map's type, or different sizes): reusing them would break the
+/// program. Flows and counters in them are lost, which is logged.
 fn drop_incompatible_pins(dir: &Path, sizes: &MapSizes) -> Result<(), LoadError> {
-    for (name, key, value, max) in expected_shapes(sizes) {
+    for (name, kind, key, value, max) in expected_shapes(sizes) {
         let path = dir.join(name);
         if !path.exists() {
             continue;
         }
         let fits = match MapInfo::from_pin(&path) {
             Ok(info) => {
-                info.key_size() as usize == key && info.value_size() as usize == value && info.max_entries() == max
+                info.map_type().is_ok_and(|t| t == kind)
+                    && info.key_size() as usize == key
+                    && info.value_size() as usize == value
+                    && info.max_entries() == max
             }
             Err(_) => false,
         };
         if !fits {
-            warn!(map = name, path = %path.display(), "pinned map has a different layout or size; recreating it (its entries are lost)");
+            warn!(map = name, path = %path.display(), "pinned map has a different type, layout or size; recreating it (its entries are lost)");
             std::fs::remove_file(&path).map_err(|source| LoadError::PinDir { path: path.clone(), source })?;
         }
     }
@@ -272,6 +283,7 @@ impl Dataplane {
 
         let mut cfg = opts.config;
         cfg.global_stats_index = opts.sizes.services;
+        cfg.cpus = nr_cpus() as u32;
         let s = opts.sizes;
         let pins: Vec<(&'static str, PathBuf)> = map_names::ALL.iter().map(|n| (*n, dir.join(n))).collect();
         let mut loader = EbpfLoader::new();
@@ -283,6 +295,7 @@ impl Dataplane {
             .map_max_entries(map_names::SLOTS, s.slots)
             .map_max_entries(map_names::BACKENDS, s.backends)
             .map_max_entries(map_names::FLOWS, s.flow_entries)
+            .map_max_entries(map_names::HALF_OPEN, s.half_open_entries)
             .map_max_entries(map_names::ADDRS, s.addrs)
             .map_max_entries(map_names::IFACES, s.ifaces)
             .map_max_entries(map_names::STATS, s.services + 1)

@@ -16,6 +16,7 @@ use lb_common::{
 };
 
 use super::{
+    flows::FlowTable,
     plan::Limits,
     state::{MapOp, ProgrammedState},
 };
@@ -54,6 +55,7 @@ pub struct Maps {
     slots: HashMap<MapData, SlotKey, Slot>,
     backends: Array<MapData, Backend>,
     flows: HashMap<MapData, FlowKey, FlowValue>,
+    half_open: HashMap<MapData, FlowKey, FlowValue>,
     addrs: HashMap<MapData, AddrKey, AddrInfo>,
     ifaces: HashMap<MapData, u32, IfaceInfo>,
     stats: PerCpuArray<MapData, ServiceStats>,
@@ -84,6 +86,7 @@ impl Maps {
             slots: open(dir, map_names::SLOTS)?,
             backends: open(dir, map_names::BACKENDS)?,
             flows: open(dir, map_names::FLOWS)?,
+            half_open: open(dir, map_names::HALF_OPEN)?,
             addrs: open(dir, map_names::ADDRS)?,
             ifaces: open(dir, map_names::IFACES)?,
             stats: open(dir, map_names::STATS)?,
@@ -213,33 +216,67 @@ impl Maps {
         self.service_stats(self.services_max)
     }
 
-    /// Every flow table entry.
-    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>, MapsError> {
+    fn table(&self, table: FlowTable) -> (&HashMap<MapData, FlowKey, FlowValue>, &'static str) {
+        match table {
+            FlowTable::Established => (&self.flows, map_names::FLOWS),
+            FlowTable::HalfOpen => (&self.half_open, map_names::HALF_OPEN),
+        }
+    }
+
+    /// Every entry of one flow table.
+    pub fn flows_in(&self, table: FlowTable) -> Result<Vec<(FlowKey, FlowValue)>, MapsError> {
+        let (map, name) = self.table(table);
         let mut out = Vec::new();
-        for key in self.flows.keys() {
-            let key = key.map_err(access(map_names::FLOWS, "iterate"))?;
-            // An entry may be evicted between listing and reading it.
-            match self.flows.get(&key, 0) {
+        for key in map.keys() {
+            let key = key.map_err(access(name, "iterate"))?;
+            // An entry may be evicted or removed between listing and reading it.
+            match map.get(&key, 0) {
                 Ok(v) => out.push((key, v)),
                 Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(access(map_names::FLOWS, "read")(e)),
+                Err(e) => return Err(access(name, "read")(e)),
             }
         }
         Ok(out)
     }
 
-    /// Looks up one flow table entry.
-    pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>, MapsError> {
-        match self.flows.get(key, 0) {
+    /// Every entry of both flow tables, confirmed flows first.
+    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>, MapsError> {
+        let mut out = self.flows_in(FlowTable::Established)?;
+        out.extend(self.flows_in(FlowTable::HalfOpen)?);
+        Ok(out)
+    }
+
+    /// Looks up one entry in one flow table.
+    pub fn flow_in(&self, table: FlowTable, key: &FlowKey) -> Result<Option<FlowValue>, MapsError> {
+        let (map, name) = self.table(table);
+        match map.get(key, 0) {
             Ok(v) => Ok(Some(v)),
             Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(access(map_names::FLOWS, "read")(e)),
+            Err(e) => Err(access(name, "read")(e)),
         }
     }
 
-    /// Removes one flow table entry (missing is fine).
+    /// Looks up one flow entry, confirmed or half-open.
+    pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowValue>, MapsError> {
+        match self.flow_in(FlowTable::Established, key)? {
+            Some(v) => Ok(Some(v)),
+            None => self.flow_in(FlowTable::HalfOpen, key),
+        }
+    }
+
+    /// Removes one entry from one flow table (missing is fine).
+    pub fn remove_flow_in(&mut self, table: FlowTable, key: &FlowKey) -> Result<(), MapsError> {
+        let (map, name) = match table {
+            FlowTable::Established => (&mut self.flows, map_names::FLOWS),
+            FlowTable::HalfOpen => (&mut self.half_open, map_names::HALF_OPEN),
+        };
+        ignore_missing(map.remove(key)).map_err(access(name, "delete"))
+    }
+
+    /// Removes one flow entry from whichever table holds it (missing is fine).
     pub fn remove_flow(&mut self, key: &FlowKey) -> Result<(), MapsError> {
-        ignore_missing(self.flows.remove(key)).map_err(access(map_names::FLOWS, "delete"))
+        self.remove_flow_in(FlowTable::Established, key)?;
+        self.remove_flow_in(FlowTable::HalfOpen, key)
     }
 
     /// The backend entry with id `id`.

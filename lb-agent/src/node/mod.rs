@@ -627,7 +627,7 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
     /// Removes idle and stale flows.
     pub fn collect_flows(&mut self) -> Result<GcReport, NodeError> {
         let r = self.dp.collect_flows(&self.opts.config, flows::monotonic_ns())?;
-        self.telemetry.set_flows(((r.scanned - r.expired - r.stale) / 2) as u64);
+        self.telemetry.set_flows((r.established / 2) as u64, (r.half_open / 2) as u64);
         Ok(r)
     }
 

@@ -112,6 +112,7 @@ pub struct Telemetry {
     snapshot: Mutex<Snapshot>,
     maps: Mutex<Option<Maps>>,
     flows: AtomicU64,
+    half_open: AtomicU64,
     ready: AtomicBool,
     heartbeat: AtomicU64,
 }
@@ -130,6 +131,7 @@ impl Default for Telemetry {
             snapshot: Mutex::default(),
             maps: Mutex::default(),
             flows: AtomicU64::new(0),
+            half_open: AtomicU64::new(0),
             ready: AtomicBool::new(false),
             heartbeat: AtomicU64::new(now_s()),
         }
@@ -189,9 +191,10 @@ impl Telemetry {
         self.api_writes.get_or_create(&vec![("kind".into(), what.into())]).inc();
     }
 
-    /// Flows in the table (from the last scan).
-    pub fn set_flows(&self, n: u64) {
-        self.flows.store(n, Ordering::Relaxed);
+    /// Confirmed and half-open flows in the tables (from the last scan).
+    pub fn set_flows(&self, established: u64, half_open: u64) {
+        self.flows.store(established, Ordering::Relaxed);
+        self.half_open.store(half_open, Ordering::Relaxed);
     }
 
     /// Programs attached and first sync done.
@@ -338,8 +341,14 @@ impl Collector for DataplaneCollector {
         gauge(
             &mut e,
             "ballast_flows_active",
-            "Flows in the flow table (last scan)",
+            "Confirmed flows in the flow table (last scan)",
             &[(vec![], t.flows.load(Ordering::Relaxed) as i64)],
+        )?;
+        gauge(
+            &mut e,
+            "ballast_flows_half_open",
+            "Flows not confirmed yet (no reply, or no client packet after it), in the half-open table (last scan)",
+            &[(vec![], t.half_open.load(Ordering::Relaxed) as i64)],
         )?;
         let mut pool_rows = Vec::new();
         for p in &pools {
