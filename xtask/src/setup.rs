@@ -17,6 +17,8 @@ pub const PACKAGES: &[&str] = &[
     "bpftool",
     "tcpdump",
     "procps",
+    // The flood test's traffic generator.
+    "hping3",
     // The benchmark's contenders and its plots.
     "iptables",
     "nftables",
