@@ -11,7 +11,7 @@ use lb_agent::{
     explain, inspect, manifests,
     model::ServiceRef,
     node::{NodeOptions, OnExit},
-    telemetry::{self, Telemetry},
+    telemetry::Telemetry,
 };
 use lb_common::config::DataplaneConfig;
 use tracing_subscriber::EnvFilter;
@@ -193,9 +193,11 @@ struct RunArgs {
     /// move elsewhere; they stay on the node meanwhile.
     #[arg(long, env = "RESTART_GRACE", default_value_t = 30)]
     restart_grace: u64,
-    /// Serve Prometheus metrics, /healthz and /readyz on this address (e.g. 0.0.0.0:9477).
-    #[arg(long, env = "METRICS_ADDR")]
-    metrics_addr: Option<std::net::SocketAddr>,
+    /// Serve Prometheus metrics, /healthz and /readyz on this address. Loopback by
+    /// default: service names and VIPs are not for the client-facing network (install.yaml
+    /// sets the node's own address, for Prometheus and the probes).
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9477")]
+    metrics_addr: std::net::SocketAddr,
     /// Seconds between full re-syncs: drift repair (maps, addresses, attachments), routes.
     #[arg(long, default_value_t = 30)]
     resync_interval: u64,
@@ -391,16 +393,12 @@ fn run(command: Command) -> Result<()> {
             let opts = node_options(&args)?;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let telemetry = Arc::new(Telemetry::default());
-            if let Some(addr) = args.metrics_addr {
-                rt.block_on(telemetry::server::serve(addr, telemetry.clone()))
-                    .with_context(|| format!("cannot serve metrics on {addr}"))?;
-            }
             let resync = Duration::from_secs(args.resync_interval.max(1));
             match args.config.clone() {
-                Some(config) => rt.block_on(static_mode::run(opts, config, telemetry, resync)),
+                Some(config) => rt.block_on(static_mode::run(opts, config, telemetry, args.metrics_addr, resync)),
                 None => {
                     let copts = cluster_options(&args, resync)?;
-                    rt.block_on(cluster::run(opts, copts, telemetry))
+                    rt.block_on(cluster::run(opts, copts, telemetry, args.metrics_addr))
                 }
             }
         }

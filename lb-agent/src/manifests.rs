@@ -166,7 +166,6 @@ pub fn config_map() -> serde_json::Value {
             // to another implementation.
             "LB_CLASS": crate::cluster::crd::CLASS,
             "IGNORE_UNCLASSED": "false",
-            "METRICS_ADDR": format!("0.0.0.0:{METRICS_PORT}"),
             // keep: programs and VIPs stay while the pod restarts, so upgrades drop nothing.
             "ON_EXIT": "keep",
             // Seconds between heartbeat renewals, how long a heartbeat lasts (a failed
@@ -183,7 +182,9 @@ pub fn config_map() -> serde_json::Value {
 pub fn daemon_set() -> serde_json::Value {
     let probe = |path: &str, delay: u32| {
         serde_json::json!({
-            "httpGet": {"path": path, "port": METRICS_PORT, "host": "127.0.0.1"},
+            // No host: the kubelet probes the pod's address, which with host networking is
+            // the node's, where METRICS_ADDR listens.
+            "httpGet": {"path": path, "port": METRICS_PORT},
             "initialDelaySeconds": delay,
             "periodSeconds": 10,
             "failureThreshold": 3,
@@ -215,16 +216,25 @@ pub fn daemon_set() -> serde_json::Value {
                         "env": [
                             {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
                             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                            // Metrics on the node's own address (status.hostIP, its
+                            // InternalIP), never on the VIPs or 0.0.0.0: with host networking
+                            // that would expose them on the client-facing NIC.
+                            {"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
+                            {"name": "METRICS_ADDR", "value": format!("$(HOST_IP):{METRICS_PORT}")},
                         ],
                         "securityContext": {
                             "privileged": false,
+                            // containerd and CRI-O's default profiles allow bpf() with
+                            // CAP_BPF and perf_event_open with CAP_PERFMON.
+                            "seccompProfile": {"type": "RuntimeDefault"},
                             "readOnlyRootFilesystem": true,
                             "allowPrivilegeEscalation": false,
                             // BPF: load programs and maps; NET_ADMIN: attach XDP/TC, add
                             // addresses; NET_RAW: send gratuitous ARP when taking an
                             // address over; PERFMON: the verifier's pointer rules for packet
-                            // programs; SYS_RESOURCE: memlock on kernels before 5.11.
-                            "capabilities": {"drop": ["ALL"], "add": ["BPF", "NET_ADMIN", "NET_RAW", "PERFMON", "SYS_RESOURCE"]},
+                            // programs. (No SYS_RESOURCE: since Linux 5.11 BPF memory is
+                            // charged to the memory cgroup, not to RLIMIT_MEMLOCK.)
+                            "capabilities": {"drop": ["ALL"], "add": ["BPF", "NET_ADMIN", "NET_RAW", "PERFMON"]},
                         },
                         "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
                         "livenessProbe": probe("/healthz", 10),
@@ -232,9 +242,11 @@ pub fn daemon_set() -> serde_json::Value {
                         // BPF maps are charged to the pod's memory cgroup (the flow table
                         // is most of it: about 60 MiB for the default 262144 flows).
                         "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
-                        "volumeMounts": [{"name": "bpffs", "mountPath": "/sys/fs/bpf"}],
+                        // Only ballast's own directory of the bpf filesystem: the CNI's pinned
+                        // maps and programs stay out of reach.
+                        "volumeMounts": [{"name": "bpffs", "mountPath": "/sys/fs/bpf/ballast"}],
                     }],
-                    "volumes": [{"name": "bpffs", "hostPath": {"path": "/sys/fs/bpf", "type": "Directory"}}],
+                    "volumes": [{"name": "bpffs", "hostPath": {"path": "/sys/fs/bpf/ballast", "type": "DirectoryOrCreate"}}],
                 },
             },
         },

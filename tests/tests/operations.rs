@@ -194,8 +194,28 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
 #[test]
 fn metrics_health_and_drift_repair() {
     let (tb, _servers, cfg) = bed();
-    let agent = start(&tb, &cfg, &["--metrics-addr", "127.0.0.1:9477", "--resync-interval", "1"]);
+    // The default address: loopback only.
+    let agent = start(&tb, &cfg, &["--resync-interval", "1"]);
     assert_eq!(http_get(&tb, 9477, "/readyz").0, 200);
+    for to in [std::net::SocketAddrV4::new(tb.lb_ip, 9477), tb.vip(9477)] {
+        let reached = tb
+            .client
+            .run(move || std::net::TcpStream::connect_timeout(&to.into(), std::time::Duration::from_secs(2)).is_ok())
+            .unwrap();
+        assert!(!reached, "metrics must not be reachable from the client side at {to}");
+    }
+    // A client that sends no request is cut off (header timeout), not kept forever.
+    let eof = tb
+        .lb
+        .run(|| -> Result<usize> {
+            use std::io::Read;
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", 9477))?;
+            s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+            let mut buf = [0u8; 256];
+            Ok(s.read(&mut buf)?)
+        })
+        .unwrap();
+    assert!(eof.is_ok(), "the server closed the silent connection: {eof:?}");
     assert_eq!(http_get(&tb, 9477, "/healthz").0, 200);
     let vip = tb.vip(80);
     for i in 0..3 {

@@ -4,7 +4,7 @@
 //! for it, so a second static-mode node with the same file stands by instead of answering
 //! too, and takes over at a re-sync after the first one gives the address up.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -24,11 +24,21 @@ const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Runs until SIGINT or SIGTERM. Every `resync`, drift is repaired and routes and addresses
 /// are re-checked (backends' routes can change, someone can remove a VIP or a map entry).
-pub async fn run(node: NodeOptions, path: PathBuf, telemetry: Arc<Telemetry>, resync: Duration) -> anyhow::Result<()> {
+pub async fn run(
+    node: NodeOptions,
+    path: PathBuf,
+    telemetry: Arc<Telemetry>,
+    metrics: SocketAddr,
+    resync: Duration,
+) -> anyhow::Result<()> {
     let services = config::load(&path).context("invalid configuration")?;
     let text = std::fs::read_to_string(&path).unwrap_or_default();
     let on_exit = node.on_exit;
-    let node = KernelNode::start(node, telemetry).await.context("cannot start the data path")?;
+    let node = KernelNode::start(node, telemetry.clone()).await.context("cannot start the data path")?;
+    // After the node's lock: a second agent is refused for what it is, not for the port.
+    crate::telemetry::server::serve(metrics, telemetry)
+        .await
+        .with_context(|| format!("cannot serve metrics on {metrics}"))?;
     info!(config = %path.display(), services = services.len(), "configuration loaded");
     let mut source = StaticSource {
         path,

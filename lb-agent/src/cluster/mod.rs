@@ -91,12 +91,21 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Clie
 }
 
 /// Runs until SIGINT or SIGTERM.
-pub async fn run(node_opts: NodeOptions, opts: ClusterOptions, telemetry: Arc<Telemetry>) -> anyhow::Result<()> {
+pub async fn run(
+    node_opts: NodeOptions,
+    opts: ClusterOptions,
+    telemetry: Arc<Telemetry>,
+    metrics: std::net::SocketAddr,
+) -> anyhow::Result<()> {
     let client = client(opts.kubeconfig.as_deref()).await?;
     let caches = Caches::start(&client, &opts.namespace, opts.config_selector.as_deref());
     let on_exit = node_opts.on_exit;
     let pin_dir = node_opts.pin_dir.clone();
     let node = KernelNode::start(node_opts, telemetry.clone()).await.context("cannot start the data path")?;
+    // After the node's lock: a second agent is refused for what it is, not for the port.
+    crate::telemetry::server::serve(metrics, telemetry.clone())
+        .await
+        .with_context(|| format!("cannot serve metrics on {metrics}"))?;
     let lease = LeaseSettings {
         namespace: opts.namespace.clone(),
         node: opts.node.clone(),

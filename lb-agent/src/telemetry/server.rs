@@ -1,10 +1,10 @@
 //! `--metrics-addr`: `/metrics` (Prometheus text), `/healthz`, `/readyz`.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use tracing::{info, warn};
 
@@ -12,6 +12,12 @@ use super::Telemetry;
 
 /// How long the main loop may stay silent before `/healthz` fails.
 const MAX_SILENCE_S: u64 = 90;
+/// A client must send its request headers within this long.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection is closed after this long, whatever it does.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(15);
+/// Connections served at once; more are closed at once (a scraper and two probes need 3).
+const MAX_CONNECTIONS: usize = 8;
 
 fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -59,22 +65,34 @@ pub async fn serve(addr: SocketAddr, t: Arc<Telemetry>) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     info!(%addr, "serving /metrics, /healthz and /readyz");
     let registry = Arc::new(t.registry());
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::spawn(async move {
         loop {
-            let (stream, _) = match listener.accept().await {
+            let (stream, peer) = match listener.accept().await {
                 Ok(s) => s,
                 Err(e) => {
                     warn!(error = %e, "metrics listener accept failed");
                     continue;
                 }
             };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                // Closing at once keeps a slow or hostile client from holding the agent's
+                // memory; Prometheus retries at its next scrape.
+                warn!(%peer, max = MAX_CONNECTIONS, "too many metrics connections; closing this one");
+                continue;
+            };
             let (t, registry) = (t.clone(), registry.clone());
             tokio::spawn(async move {
+                let _slot = slot;
                 let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                     let resp = handle(req.uri().path(), &t, &registry);
                     async move { Ok::<_, std::convert::Infallible>(resp) }
                 });
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(TokioIo::new(stream), svc);
+                let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
             });
         }
     });
