@@ -242,6 +242,11 @@ struct RunArgs {
     /// Seconds a UDP flow may be idle before it can be reassigned.
     #[arg(long, default_value_t = 120)]
     udp_timeout: u64,
+    /// Interfaces that lead to pods on this node, comma-separated names or prefixes
+    /// ending in `*`: flows through them are translated in TC, which handles the partial
+    /// checksums and GSO packets of pods' veths. Empty for none.
+    #[arg(long, env = "POD_INTERFACES", default_value = lb_agent::net::ifaces::PodInterfaces::DEFAULT)]
+    pod_interfaces: String,
 }
 
 fn init_logging(level: &str, format: LogFormat, kernel_log: bool) {
@@ -315,6 +320,7 @@ fn node_options(a: &RunArgs) -> Result<NodeOptions> {
             ..MapSizes::default()
         },
         kernel_log: a.kernel_log as u8,
+        pod_interfaces: lb_agent::net::ifaces::PodInterfaces::parse(&a.pod_interfaces),
         config: DataplaneConfig {
             tcp_timeout_ns: a.tcp_timeout * s,
             tcp_closing_timeout_ns: a.tcp_closing_timeout * s,

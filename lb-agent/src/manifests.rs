@@ -166,6 +166,9 @@ pub fn config_map() -> serde_json::Value {
             // to another implementation.
             "LB_CLASS": crate::cluster::crd::CLASS,
             "IGNORE_UNCLASSED": "false",
+            // Interfaces towards pods on the node (names, or prefixes ending in *): flows to
+            // local pods are translated in TC, which handles their partial checksums.
+            "POD_INTERFACES": crate::net::ifaces::PodInterfaces::DEFAULT,
             // keep: programs and VIPs stay while the pod restarts, so upgrades drop nothing.
             "ON_EXIT": "keep",
             // Seconds between heartbeat renewals, how long a heartbeat lasts (a failed

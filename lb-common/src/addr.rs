@@ -53,6 +53,12 @@ pub struct IfaceInfo {
 /// redirected frames also arrive when the peer merely has GRO on; on real NICs `XDP_TX`
 /// is the faster path.
 pub const IFACE_TX_REDIRECT: u16 = 1;
+/// `IfaceInfo::flags`: the interface leads to pods on this node (a CNI bridge or a pod's
+/// veth). Their packets carry partial checksums (TX checksum offload, GSO), which XDP
+/// cannot see, and their veths drop frames XDP redirects into them. Flows through it are
+/// translated by the TC program, where the socket buffer's checksum state is known; only
+/// TC is attached to it.
+pub const IFACE_TC_PATH: u16 = 2;
 
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 4);
 const _: () = assert!(core::mem::size_of::<AddrInfo>() == 4);

@@ -6,6 +6,10 @@
 //! the flow, translates the packet with the skb checksum helpers (correct for every
 //! `ip_summed` state) and hands it to `bpf_redirect_neigh`, which resolves the neighbour
 //! and transmits. Everything else goes on to the stack unchanged.
+//!
+//! It does the same for flows to and from pods on this node (`IFACE_TC_PATH`): XDP keeps
+//! the books for their requests and passes them here; their replies arrive on the pods'
+//! interface, where only this program runs, and it also marks a half-open flow answered.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
@@ -15,15 +19,17 @@ use aya_ebpf::{
 };
 use lb_common::{
     addr::AddrKey,
-    flow::{FLOW_REPLY, FlowKey},
+    flow::{FLOW_REPLY, FLOW_SEEN_REPLY, FlowKey},
     proto,
     stats::DropReason,
 };
 
 use crate::{
-    flow_table,
+    atomic,
+    fib::{self, Route},
+    flow_table::{self, Table},
     hdr::*,
-    maps::{ADDRS, count_drop, stats},
+    maps::{ADDRS, count_drop, now_ns, stats},
 };
 
 const IP_OFF: usize = ETH_HLEN;
@@ -60,9 +66,36 @@ fn process(ctx: &TcContext) -> Option<i32> {
         proto: ip.proto,
         _pad: [0; 3],
     };
-    let f = flow_table::usable(key)?;
+    let (table, fp) = flow_table::lookup(key)?;
+    // SAFETY: `fp` points into a live entry; copied out at once.
+    let f = unsafe { *fp };
+    if table == Table::HalfOpen {
+        // Only a whole pair is used (see flow_table); a reply marks the flow answered, so
+        // the client's next packet (in XDP) confirms it.
+        let peer = flow_table::half_open_peer(&key, &f)?;
+        if f.flags & FLOW_REPLY != 0 {
+            // SAFETY: `peer` points into a live entry; `flags` is only modified atomically.
+            unsafe {
+                if (*peer).flags & FLOW_SEEN_REPLY == 0 {
+                    atomic::or(&raw mut (*peer).flags, FLOW_SEEN_REPLY);
+                }
+            }
+        }
+    }
     if !flow_table::backend_alive(&f) {
         return None;
+    }
+    // The books XDP keeps for the packets it forwards itself: close state and idle time.
+    if ip.proto == proto::TCP {
+        let flags: u8 = ctx.load(L4_OFF + 13).ok()?;
+        if flow_table::is_close(flags) {
+            flow_table::mark_close(table, fp, ip.proto, flags);
+        }
+    }
+    let now = now_ns();
+    if now.saturating_sub(f.last_seen_ns) >= flow_table::TOUCH_INTERVAL_NS {
+        // SAFETY: `fp` points into a live entry; a racing write only leaves a timestamp.
+        unsafe { (*fp).last_seen_ns = now };
     }
     if ip.ttl <= 1 {
         count_drop(f.service_id, DropReason::TtlExceeded);
@@ -106,11 +139,30 @@ fn process(ctx: &TcContext) -> Option<i32> {
         }
     }
     // SAFETY: `ctx.skb.skb` is the live __sk_buff of this invocation.
+    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    let oif = if f.flags & FLOW_REPLY != 0 {
+        // A reply from a local pod: XDP never saw this flow's reply path, so look it up.
+        // Length 0 makes the kernel check the MTU per segment (GSO packets are large).
+        match fib::route(ctx, ingress, f.src, f.dst, 0) {
+            Route::Ready(hop) | Route::NoNeigh(hop) => hop.oif,
+            Route::FragNeeded(_) => {
+                count_drop(f.service_id, DropReason::FragNeeded);
+                return Some(TC_ACT_SHOT);
+            }
+            Route::Unreachable | Route::Unmanaged => {
+                count_drop(f.service_id, DropReason::NoRoute);
+                return Some(TC_ACT_SHOT);
+            }
+        }
+    } else {
+        f.oif
+    };
+    // SAFETY: `ctx.skb.skb` is the live __sk_buff of this invocation.
     unsafe {
         if (*ctx.skb.skb).vlan_present != 0 {
             // The egress device (`oif`, possibly a VLAN interface) adds its own tag.
             bpf_skb_vlan_pop(ctx.skb.skb);
         }
-        Some(bpf_redirect_neigh(f.oif, core::ptr::null_mut(), 0, 0) as i32)
+        Some(bpf_redirect_neigh(oif, core::ptr::null_mut(), 0, 0) as i32)
     }
 }

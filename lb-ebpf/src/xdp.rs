@@ -31,7 +31,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use lb_common::{
-    addr::{ADDR_VIP, AddrKey, IFACE_TX_REDIRECT},
+    addr::{ADDR_VIP, AddrKey, IFACE_TC_PATH, IFACE_TX_REDIRECT},
     backend::BACKEND_IN_USE,
     checksum::CsumDelta,
     flow::{FLOW_L2_VALID, FLOW_REPLY, FLOW_SEEN_REPLY, FlowKey, FlowValue},
@@ -345,6 +345,11 @@ fn established(ctx: &XdpContext, p: &L4Packet, table: Table, fp: *mut FlowValue,
             snat_ip: f.src,
         }
     };
+    if hop.flags & IFACE_TC_PATH != 0 {
+        // Towards a pod on this node: the TC companion translates it with the socket
+        // buffer's checksum helpers and hands it over.
+        return Some(XDP_PASS);
+    }
     let tuple = *f;
     Some(forward(ctx, p, &tuple, &hop))
 }
@@ -480,7 +485,7 @@ fn new_flow(ctx: &XdpContext, p: &L4Packet, now: u64) -> u32 {
         u32::from_be_bytes(hop.snat_ip),
         port
     );
-    if !resolved {
+    if !resolved || hop.flags & IFACE_TC_PATH != 0 {
         // The TC companion finishes this packet with bpf_redirect_neigh.
         return XDP_PASS;
     }

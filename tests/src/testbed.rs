@@ -33,6 +33,10 @@ pub enum Arms {
     Two,
     /// Clients, LB and backends on one link.
     One,
+    /// Backends are pods on the LB node: each behind a veth whose host side is a port of
+    /// the bridge `cni0` in the LB namespace (the bridge CNI's and k3s' flannel layout),
+    /// with the default offloads pods have (TX checksum, TSO/GSO on).
+    LocalPods,
 }
 
 /// One backend host.
@@ -84,14 +88,20 @@ impl Testbed {
             Ok(())
         };
         let (vip, client_ip, lb_ip) = match arms {
-            Arms::Two => {
+            Arms::Two | Arms::LocalPods => {
                 veth(&client, "c0", &lb, "lb0")?;
                 client.ip("addr add 10.10.1.2/24 dev c0")?;
                 client.ip("route add default via 10.10.1.1")?;
                 lb.ip("addr add 10.10.1.1/24 dev lb0")?;
-                veth(&lb, "lb1", &switch, "s-lb")?;
-                lb.ip("addr add 10.10.2.1/24 dev lb1")?;
-                port("s-lb")?;
+                if arms == Arms::LocalPods {
+                    lb.ip("link add cni0 type bridge")?;
+                    lb.ip("addr add 10.10.2.1/24 dev cni0")?;
+                    lb.ip("link set cni0 up")?;
+                } else {
+                    veth(&lb, "lb1", &switch, "s-lb")?;
+                    lb.ip("addr add 10.10.2.1/24 dev lb1")?;
+                    port("s-lb")?;
+                }
                 (Ipv4Addr::new(10, 10, 100, 10), Ipv4Addr::new(10, 10, 1, 2), Ipv4Addr::new(10, 10, 1, 1))
             }
             Arms::One => {
@@ -105,8 +115,10 @@ impl Testbed {
             }
         };
         // Peers of LB interfaces receive XDP-transmitted frames: they need GRO.
-        switch.exec("ethtool -K s-lb gro on")?;
-        if arms == Arms::Two {
+        if arms != Arms::LocalPods {
+            switch.exec("ethtool -K s-lb gro on")?;
+        }
+        if arms != Arms::One {
             client.exec("ethtool -K c0 gro on")?;
         }
         // Senders compute full checksums, as on a real wire.
@@ -114,13 +126,22 @@ impl Testbed {
         let mut backends = Vec::new();
         for i in 0..n {
             let ns = Netns::new(&format!("be{i}"))?;
-            let sdev = format!("s{i}");
-            veth(&ns, "b0", &switch, &sdev)?;
-            port(&sdev)?;
+            if arms == Arms::LocalPods {
+                let host = format!("veth{i}");
+                veth(&ns, "b0", &lb, &host)?;
+                lb.ip(&format!("link set {host} master cni0"))?;
+            } else {
+                let sdev = format!("s{i}");
+                veth(&ns, "b0", &switch, &sdev)?;
+                port(&sdev)?;
+            }
             let ip = Ipv4Addr::new(10, 10, 2, 11 + i as u8);
             ns.ip(&format!("addr add {ip}/24 dev b0"))?;
             ns.ip("route add default via 10.10.2.1")?;
-            ns.exec("ethtool -K b0 tx off")?;
+            if arms != Arms::LocalPods {
+                // Hosts behind a wire: full checksums.
+                ns.exec("ethtool -K b0 tx off")?;
+            }
             backends.push(BackendHost { ns, ip, name: format!("backend-{i}") });
         }
         Ok(Self { client, lb, switch, backends, vip, client_ip, lb_ip, pins: PinDir::new("e2e"), files: Vec::new() })

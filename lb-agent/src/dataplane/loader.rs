@@ -174,8 +174,20 @@ fn link_path(pin_dir: &Path, kind: &str, iface: &str) -> PathBuf {
 /// programs in those links atomically (`bpf_link_update`).
 struct Attachment {
     name: String,
-    xdp: PinnedLink,
+    /// `None` on interfaces towards local pods ([`Hooks::TcOnly`]).
+    xdp: Option<PinnedLink>,
     tc: PinnedLink,
+}
+
+/// Which programs an interface gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hooks {
+    /// XDP (the data path) and the TC companion: client-facing interfaces and interfaces
+    /// towards backends elsewhere.
+    XdpAndTc,
+    /// Only TC: interfaces towards pods on this node (`IFACE_TC_PATH`), whose packets XDP
+    /// cannot translate correctly.
+    TcOnly,
 }
 
 /// How an attach went.
@@ -332,7 +344,13 @@ impl Dataplane {
     /// Attaches XDP (and the TC ingress companion) to an interface. A link pinned by a
     /// previous agent is reused: the new programs replace the old ones atomically, so no
     /// packet goes unprocessed across a restart or upgrade.
-    pub fn attach(&mut self, iface: &str, ifindex: u32, mode: XdpAttachMode) -> Result<Attached, LoadError> {
+    pub fn attach(
+        &mut self,
+        iface: &str,
+        ifindex: u32,
+        mode: XdpAttachMode,
+        hooks: Hooks,
+    ) -> Result<Attached, LoadError> {
         if self.attached.contains_key(&ifindex) {
             return Ok(Attached::Already);
         }
@@ -341,16 +359,28 @@ impl Dataplane {
         let xdp_path = link_path(&self.pin_dir, "xdp", iface);
         let tc_path = link_path(&self.pin_dir, "tc", iface);
 
-        let (xdp, replaced) = match self.replace_xdp(&xdp_path)? {
-            Some(p) => (p, true),
-            None => (self.attach_xdp(iface, ifindex, mode, &xdp_path)?, false),
+        let (xdp, replaced) = match hooks {
+            Hooks::XdpAndTc => match self.replace_xdp(&xdp_path)? {
+                Some(p) => (Some(p), true),
+                None => (Some(self.attach_xdp(iface, ifindex, mode, &xdp_path)?), false),
+            },
+            Hooks::TcOnly => {
+                // An XDP link pinned by an earlier configuration must not stay behind.
+                if let Some(old) = open_pinned(&xdp_path)? {
+                    drop(old);
+                    let _ = std::fs::remove_file(&xdp_path);
+                }
+                (None, false)
+            }
         };
         let tc = match self.replace_tc(&tc_path)? {
             Some(p) => p,
             None => match self.attach_tc(iface, &tc_path) {
                 Ok(p) => p,
                 Err(e) => {
-                    let _ = xdp.unpin();
+                    if let Some(x) = xdp {
+                        let _ = x.unpin();
+                    }
                     return Err(e);
                 }
             },
@@ -358,6 +388,9 @@ impl Dataplane {
         let how = if replaced { Attached::Replaced } else { Attached::New(self.last_mode) };
         match how {
             Attached::Replaced => info!(iface, ifindex, "replaced the programs in the pinned links atomically"),
+            _ if hooks == Hooks::TcOnly => {
+                info!(iface, ifindex, "attached TC ingress only: interface towards local pods (link pinned)")
+            }
             _ => info!(iface, ifindex, xdp_mode = self.last_mode, "attached XDP and TC ingress (links pinned)"),
         }
         self.attached.insert(ifindex, Attachment { name: iface.into(), xdp, tc });
@@ -456,10 +489,16 @@ impl Dataplane {
         self.attached.iter().map(|(i, a)| (*i, a.name.as_str()))
     }
 
+    /// Whether the XDP program is among what this agent attached to `ifindex`.
+    pub fn has_xdp(&self, ifindex: u32) -> bool {
+        self.attached.get(&ifindex).is_some_and(|a| a.xdp.is_some())
+    }
+
     /// Detaches from every interface (unpins the links). Maps stay pinned.
     pub fn detach_all(&mut self) {
         for (_, a) in std::mem::take(&mut self.attached) {
-            for (kind, link) in [("XDP", a.xdp), ("TC", a.tc)] {
+            for (kind, link) in [("XDP", a.xdp), ("TC", Some(a.tc))] {
+                let Some(link) = link else { continue };
                 match link.unpin() {
                     // Dropping the last reference destroys the link: the program detaches.
                     Ok(fd) => drop(fd),
@@ -474,7 +513,7 @@ impl Dataplane {
     /// detached by hand), so the next [`Self::attach`] attaches anew.
     pub fn forget(&mut self, ifindex: u32) {
         if let Some(a) = self.attached.remove(&ifindex) {
-            for link in [a.xdp, a.tc] {
+            for link in [a.xdp, Some(a.tc)].into_iter().flatten() {
                 let _ = link.unpin();
             }
         }

@@ -6,5 +6,5 @@ pub mod maps;
 pub mod plan;
 pub mod state;
 
-pub use loader::{Attached, Dataplane, KernelLogger, LoadError, LoadOptions, MapSizes, XdpAttachMode};
+pub use loader::{Attached, Dataplane, Hooks, KernelLogger, LoadError, LoadOptions, MapSizes, XdpAttachMode};
 pub use maps::{Maps, MapsError};

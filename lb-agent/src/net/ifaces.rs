@@ -3,24 +3,60 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use lb_common::addr::{IFACE_TX_REDIRECT, IfaceInfo};
+use lb_common::addr::{IFACE_TC_PATH, IFACE_TX_REDIRECT, IfaceInfo};
 
 use super::{IfAddr, Link};
 
 /// One entry per interface that is up (loopback excluded). The SNAT address is the
 /// interface's primary IPv4 address that ballast did not add (never a VIP); an interface
 /// without one gets `0.0.0.0`, which the data path refuses as a SNAT source. Frames sent
-/// back out of a veth use `bpf_redirect` (see `IFACE_TX_REDIRECT`).
-pub fn iface_table(links: &[Link], addrs: &[IfAddr]) -> BTreeMap<u32, IfaceInfo> {
+/// back out of a veth use `bpf_redirect` (see `IFACE_TX_REDIRECT`). Interfaces that
+/// [`PodInterfaces`] names lead to pods on this node: flows through them are translated in
+/// TC (`IFACE_TC_PATH`).
+pub fn iface_table(links: &[Link], addrs: &[IfAddr], pods: &PodInterfaces) -> BTreeMap<u32, IfaceInfo> {
     let mut table = BTreeMap::new();
     for l in links.iter().filter(|l| l.up && !l.loopback) {
         let snat = primary_address(l.index, addrs).unwrap_or(Ipv4Addr::UNSPECIFIED);
         let (tx_ifindex, vlan) = l.vlan.unwrap_or((l.index, 0));
         let tx_is_veth = links.iter().find(|t| t.index == tx_ifindex).is_some_and(|t| t.veth);
-        let flags = if tx_is_veth { IFACE_TX_REDIRECT } else { 0 };
+        let mut flags = if tx_is_veth { IFACE_TX_REDIRECT } else { 0 };
+        if pods.matches(&l.name) {
+            flags |= IFACE_TC_PATH;
+        }
         table.insert(l.index, IfaceInfo { snat_ip: snat.octets(), tx_ifindex, vlan, flags });
     }
     table
+}
+
+/// Names of interfaces that lead to pods on this node: exact names, or prefixes ending in
+/// `*`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInterfaces(Vec<String>);
+
+impl PodInterfaces {
+    /// What common CNIs name their pod-side devices: the bridge plugin and flannel (k3s)
+    /// `cni0` and `veth…`, kubenet `cbr0`, Calico `cali…`, Cilium `lxc…`, kube-router
+    /// `kube-bridge`, Weave `weave`, Docker `docker0`.
+    pub const DEFAULT: &'static str = "cni*,cbr0,veth*,cali*,lxc*,kube-bridge,weave,docker0";
+
+    /// Parses a comma-separated list (`--pod-interfaces`); empty means none.
+    pub fn parse(list: &str) -> Self {
+        Self(list.split(',').map(str::trim).filter(|p| !p.is_empty()).map(String::from).collect())
+    }
+
+    /// Whether interface `name` leads to local pods.
+    pub fn matches(&self, name: &str) -> bool {
+        self.0.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => name == p,
+        })
+    }
+}
+
+impl Default for PodInterfaces {
+    fn default() -> Self {
+        Self::parse(Self::DEFAULT)
+    }
 }
 
 /// The first primary, non-ballast IPv4 address of interface `index`.
@@ -99,7 +135,7 @@ mod tests {
                 lifetime: Default::default(),
             },
         ];
-        let t = iface_table(&links, &addrs);
+        let t = iface_table(&links, &addrs, &PodInterfaces::parse(""));
         assert!(!t.contains_key(&1));
         assert_eq!(t[&2], IfaceInfo { snat_ip: [10, 0, 0, 1], tx_ifindex: 2, vlan: 0, flags: 0 });
         assert_eq!(t[&3], IfaceInfo { snat_ip: [10, 1, 0, 1], tx_ifindex: 2, vlan: 100, flags: 0 });
@@ -107,5 +143,22 @@ mod tests {
         assert_eq!(t[&5].flags, IFACE_TX_REDIRECT);
         assert_eq!(t[&2].flags, 0);
         assert_eq!(xdp_device(&links, 3).map(|l| l.name.as_str()), Some("eth0"));
+    }
+
+    #[test]
+    fn interfaces_towards_local_pods_are_translated_in_tc() {
+        let links = vec![
+            link(2, "eth0", None),
+            link(3, "cni0", None),
+            Link { veth: true, ..link(4, "cali1234", None) },
+            Link { veth: true, ..link(5, "lb1", None) },
+        ];
+        let t = iface_table(&links, &[], &PodInterfaces::default());
+        assert_eq!(t[&2].flags & IFACE_TC_PATH, 0);
+        assert_ne!(t[&3].flags & IFACE_TC_PATH, 0);
+        assert_ne!(t[&4].flags & IFACE_TC_PATH, 0);
+        assert_eq!(t[&5].flags & IFACE_TC_PATH, 0, "a veth not named like a pod's is a wire");
+        let only = PodInterfaces::parse(" lb1 , ");
+        assert!(only.matches("lb1") && !only.matches("lb10") && !only.matches("cni0"));
     }
 }

@@ -13,6 +13,7 @@ use lb_common::config::DataplaneConfig;
 use super::io::{Announcer, DataplaneIo, IoError, NetIo};
 use crate::{
     dataplane::{
+        Hooks,
         flows::GcReport,
         plan::Limits,
         state::{MapOp, ProgrammedState},
@@ -87,11 +88,11 @@ impl<T: DataplaneIo> DataplaneIo for Faulty<T> {
         self.inner.limits()
     }
 
-    fn attach(&mut self, iface: &str, ifindex: u32) -> Result<(), IoError> {
+    fn attach(&mut self, iface: &str, ifindex: u32, hooks: Hooks) -> Result<(), IoError> {
         if self.faults.set().attach.contains(iface) {
             return Err(injected(format!("attach to {iface}")));
         }
-        self.inner.attach(iface, ifindex)
+        self.inner.attach(iface, ifindex, hooks)
     }
 
     fn attached(&self) -> Vec<(u32, String)> {

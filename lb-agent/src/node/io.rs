@@ -15,7 +15,7 @@ use lb_common::config::DataplaneConfig;
 
 use crate::{
     dataplane::{
-        LoadError, MapsError,
+        Hooks, LoadError, MapsError,
         flows::GcReport,
         plan::Limits,
         state::{MapOp, ProgrammedState},
@@ -67,9 +67,9 @@ pub trait DataplaneIo {
     fn apply(&mut self, op: &MapOp) -> Result<(), IoError>;
     /// The id spaces the maps were created with.
     fn limits(&self) -> Limits;
-    /// Attaches the programs to interface `ifindex` (`iface` names it); a no-op when
-    /// already attached.
-    fn attach(&mut self, iface: &str, ifindex: u32) -> Result<(), IoError>;
+    /// Attaches `hooks` to interface `ifindex` (`iface` names it); a no-op when already
+    /// attached.
+    fn attach(&mut self, iface: &str, ifindex: u32, hooks: Hooks) -> Result<(), IoError>;
     /// Interfaces the programs are attached to: (ifindex, name).
     fn attached(&self) -> Vec<(u32, String)>;
     /// Attachments that are gone although this agent made them (someone detached the

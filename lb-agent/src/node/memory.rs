@@ -13,6 +13,7 @@ use lb_common::config::DataplaneConfig;
 use super::io::{Announcer, DataplaneIo, IoError, NetIo};
 use crate::{
     dataplane::{
+        Hooks,
         flows::GcReport,
         plan::Limits,
         state::{MapOp, ProgrammedState},
@@ -63,7 +64,7 @@ impl DataplaneIo for MemoryDataplane {
         self.limits
     }
 
-    fn attach(&mut self, iface: &str, ifindex: u32) -> Result<(), IoError> {
+    fn attach(&mut self, iface: &str, ifindex: u32, _hooks: Hooks) -> Result<(), IoError> {
         self.attached.insert(ifindex, iface.to_string());
         self.lost.remove(&ifindex);
         Ok(())

@@ -28,7 +28,7 @@ use self::io::{Announcer, DataplaneIo, IoError, NetIo};
 pub use self::report::{ApplyReport, NodeFailure};
 use crate::{
     dataplane::{
-        MapSizes, XdpAttachMode,
+        Hooks, MapSizes, XdpAttachMode,
         flows::{self, GcReport},
         plan::{DesiredState, plan},
         state::ProgrammedState,
@@ -37,7 +37,7 @@ use crate::{
     net::{
         IfAddr, Lifetime, Link,
         addresses::{Want, address_changes},
-        ifaces::{iface_table, xdp_device},
+        ifaces::{PodInterfaces, iface_table, xdp_device},
         netlink::NetError,
     },
     telemetry::{ServiceLabels, Telemetry},
@@ -70,6 +70,8 @@ pub struct NodeOptions {
     pub on_exit: OnExit,
     /// Kernel-side log level (aya-log: 0 off, 1 error … 5 trace).
     pub kernel_log: u8,
+    /// Interfaces that lead to pods on this node (translated in TC).
+    pub pod_interfaces: PodInterfaces,
 }
 
 /// Why the node could not start or apply at all.
@@ -236,7 +238,8 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
         let Some(dev) = xdp_device(links, index) else {
             return Ok(());
         };
-        self.dp.attach(&dev.name, dev.index)?;
+        let hooks = if self.opts.pod_interfaces.matches(&dev.name) { Hooks::TcOnly } else { Hooks::XdpAndTc };
+        self.dp.attach(&dev.name, dev.index, hooks)?;
         for name in [Some(dev.name.clone()), links.iter().find(|l| l.index == index).map(|l| l.name.clone())]
             .into_iter()
             .flatten()
@@ -301,7 +304,7 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
         // Where do backends live? Every interface a backend is routed through needs the
         // programs (replies come back there) and its address is a SNAT source.
         let egress = self.egress(&usable, &links, &addrs, &mut report).await?;
-        let ifaces = iface_table(&links, &addrs);
+        let ifaces = iface_table(&links, &addrs, &self.opts.pod_interfaces);
         let mut owned: BTreeMap<AddrKey, AddrInfo> = BTreeMap::new();
         for s in &usable {
             // An owner's address answers ARP only while the node's lease lasts.

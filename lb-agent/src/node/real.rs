@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     dataplane::{
-        Dataplane, KernelLogger, LoadOptions, Maps, XdpAttachMode,
+        Dataplane, Hooks, KernelLogger, LoadOptions, Maps, XdpAttachMode,
         flows::{self, GcReport},
         plan::Limits,
         state::{MapOp, ProgrammedState},
@@ -50,9 +50,9 @@ impl DataplaneIo for KernelDataplane {
         self.dp.maps.limits()
     }
 
-    fn attach(&mut self, iface: &str, ifindex: u32) -> Result<(), IoError> {
+    fn attach(&mut self, iface: &str, ifindex: u32, hooks: Hooks) -> Result<(), IoError> {
         if !self.dp.attached().any(|(i, _)| i == ifindex) {
-            self.dp.attach(iface, ifindex, self.mode)?;
+            self.dp.attach(iface, ifindex, self.mode, hooks)?;
         }
         Ok(())
     }
@@ -64,7 +64,10 @@ impl DataplaneIo for KernelDataplane {
     fn lost_attachments(&self, links: &[Link]) -> Vec<(u32, String)> {
         self.dp
             .attached()
-            .filter(|(index, _)| links.iter().find(|l| l.index == *index).is_none_or(|l| l.xdp_prog.is_none()))
+            .filter(|(index, _)| {
+                // TC-only attachments (towards local pods) have no XDP program to look for.
+                links.iter().find(|l| l.index == *index).is_none_or(|l| l.xdp_prog.is_none() && self.dp.has_xdp(*index))
+            })
             .map(|(i, n)| (i, n.to_string()))
             .collect()
     }

@@ -41,6 +41,7 @@ fn options(on_exit: OnExit) -> NodeOptions {
         config: Default::default(),
         on_exit,
         kernel_log: 0,
+        pod_interfaces: Default::default(),
     }
 }
 
