@@ -389,6 +389,7 @@ mod tests {
             unsupported_ports: vec![],
             ip_mode: IpMode::VIP,
             interface: "eth0".into(),
+            refused_backends: vec![],
         };
         Desired { services: BTreeMap::from([(r(), Decision::Serve(s))]), ..Desired::default() }
     }

@@ -100,6 +100,8 @@ impl ApiScope {
             backend_mode: Default::default(),
             ip_mode: Default::default(),
             announce: Default::default(),
+            sharing: Default::default(),
+            backends: Default::default(),
         }
     }
 

@@ -667,3 +667,82 @@ fn expect(bed: &K8sBed, svc: &str, served: bool, needle: &str) {
     assert_eq!(ok, served, "{svc}: {text}");
     assert!(text.contains(needle), "{svc}: {needle:?} not in:\n{text}");
 }
+
+/// Tenants: a sharing key copied into another namespace gets nothing of the victim's
+/// address, and endpoint addresses that may not be backends (loopback, link-local, the
+/// pool's own, a denied range) are left out with a condition and an Event naming them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tenants_cannot_take_another_namespaces_address_or_point_it_anywhere() {
+    let mut bed = K8sBed::new("tenant", 1).await.unwrap();
+    let mut pool = K8sBed::pool(true, &["10.10.100.60-10.10.100.61"]);
+    pool.backends.denied_cidrs = vec!["10.2.0.0/16".into()];
+    bed.config("pool", pool).await.unwrap();
+    bed.start_agent().unwrap();
+    let key = [("ballast.dev/allow-shared-ip", "team-a")];
+    bed.service("victim", &[(80, "TCP", "http")], &key).await.unwrap();
+    let ip = bed.wait_ip("victim").await.unwrap();
+
+    // Another namespace copies the key and asks for the victim's address.
+    let other = bed.cluster.namespace("tenant-b").await.unwrap();
+    let api: Api<Service> = Api::namespaced(bed.cluster.admin.clone(), &other);
+    let ip_s = ip.to_string();
+    let thief = bed.service_object(
+        "thief",
+        &[(443, "TCP", "https")],
+        &[("ballast.dev/allow-shared-ip", "team-a"), ("ballast.dev/load-balancer-ip", ip_s.as_str())],
+    );
+    api.create(&PostParams::default(), &thief).await.unwrap();
+    let refused = wait_for(LONG, || async {
+        let s = api.get("thief").await.ok()?;
+        condition(&s, "AddressAllocated").filter(|c| c.0 == "False" && c.1 == "AddressInUse").map(|c| c.2)
+    })
+    .await
+    .unwrap_or_else(|_| panic!("thief was not refused; agent log:\n{}", bed.agent_log()));
+    assert!(refused.contains("same namespace"), "{refused}");
+    let events: Api<Event> = Api::namespaced(bed.cluster.admin.clone(), &other);
+    wait_for(LONG, || async {
+        events
+            .list(&ListParams::default())
+            .await
+            .ok()?
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("AddressInUse") && e.type_.as_deref() == Some("Warning"))
+    })
+    .await
+    .expect("an AddressInUse Event on the thief");
+    // The victim still has its address alone.
+    assert_eq!(bed.wait_ip("victim").await.unwrap(), ip);
+
+    // Endpoints pointing at a Node, the pool and a denied range are refused; the pod
+    // stays. (The API server itself already rejects loopback and link-local endpoint
+    // addresses; the agent refuses them too, see the unit tests.)
+    let n1 = format!("{}-n1", bed.bed);
+    let _cleanup = NodeGuard(bed.cluster.admin.clone(), vec![n1.clone()]);
+    let id = std::process::id();
+    let node_ip = format!("10.{}.{}.7", 100 + (id >> 16) % 100, (id >> 8) & 0xff);
+    node(&bed, &n1, &node_ip, true).await;
+    let ports = [("http", "TCP", 8080)];
+    let eps = [
+        ("10.1.0.1", true, true, false),
+        (node_ip.as_str(), true, true, false),
+        ("10.10.100.61", true, true, false),
+        ("10.2.3.4", true, true, false),
+    ];
+    bed.slice("victim", &ports, &eps).await.unwrap();
+    wait_for(LONG, || async { (bed.backends(ip, 80).ok()? == vec!["10.1.0.1:8080"]).then_some(()) })
+        .await
+        .unwrap_or_else(|_| panic!("backends: {:?}", bed.backends(ip, 80)));
+    let s = cond_is(&bed, "victim", "EndpointsReady", "True", "BackendRefused").await;
+    let msg = condition(&s, "EndpointsReady").unwrap().2;
+    let node_refusal = format!("{node_ip} (an address of Node {n1})");
+    for needle in
+        [node_refusal.as_str(), "10.10.100.61 (an address of", "10.2.3.4 (in backends.deniedCIDRs 10.2.0.0/16)"]
+    {
+        assert!(msg.contains(needle), "{needle} missing from {msg}");
+    }
+    let (kind, _, note) = wait_event(&bed, "victim", "BackendRefused").await;
+    assert_eq!(kind, "Warning");
+    assert!(note.contains(&node_ip), "{note}");
+    let _ = api.delete("thief", &Default::default()).await;
+}

@@ -254,6 +254,7 @@ impl Allocator {
                     unplaced,
                     reports: b.and_then(|b| b.status.as_ref()).map(|s| s.nodes.clone()).unwrap_or_default(),
                     not_ours: None,
+                    refused_backends: Vec::new(),
                 },
             );
         }

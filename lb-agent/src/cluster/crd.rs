@@ -97,6 +97,43 @@ impl AnnounceSpec {
     }
 }
 
+/// Who may share the config's addresses.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SharingSpec {
+    /// Services in different namespaces with the same `ballast.dev/allow-shared-ip` key
+    /// may share an address. Off by default: a key only groups services of one namespace,
+    /// so a tenant who copies another namespace's key gets nothing of its address.
+    #[serde(default)]
+    pub allow_cross_namespace: bool,
+}
+
+impl SharingSpec {
+    /// Whether this is the default (nothing to serialize).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Which EndpointSlice addresses may be backends.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendPolicy {
+    /// More ranges (CIDRs) never used as backends, on top of what is always refused:
+    /// loopback, link-local, the Nodes' own addresses (Endpoints mode) and the pools'
+    /// addresses. Whoever can write EndpointSlices could otherwise point a public address
+    /// at anything the load balancer reaches (CVE-2021-25740).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub denied_cidrs: Vec<String>,
+}
+
+impl BackendPolicy {
+    /// Whether this is the default (nothing to serialize).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 /// A port range for shared-address mode.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[x_kube(validation = Rule::new("self.low <= self.high").message("low must not exceed high"))]
@@ -149,6 +186,12 @@ pub struct LoadBalancerConfigSpec {
     /// Which nodes hold the addresses, and how.
     #[serde(default, skip_serializing_if = "AnnounceSpec::is_default")]
     pub announce: AnnounceSpec,
+    /// Who may share addresses.
+    #[serde(default, skip_serializing_if = "SharingSpec::is_default")]
+    pub sharing: SharingSpec,
+    /// Which endpoint addresses are refused as backends.
+    #[serde(default, skip_serializing_if = "BackendPolicy::is_default")]
+    pub backends: BackendPolicy,
 }
 
 /// Observed state of a config.

@@ -20,6 +20,7 @@ use k8s_openapi::api::{
 };
 
 use super::{
+    backend_policy::{Guard, Refusal, parse_cidr},
     crd::{BackendMode, CONFIG_ANNOTATION, IP_ANNOTATION, IpMode, LoadBalancerConfig, SHARING_ANNOTATION},
     endpoints,
     pool::AddressPool,
@@ -100,6 +101,8 @@ pub struct Served {
     pub ip_mode: IpMode,
     /// Interface for the VIP.
     pub interface: String,
+    /// Endpoint addresses left out because they may not be backends, with why.
+    pub refused_backends: Vec<(Ipv4Addr, Refusal)>,
 }
 
 impl Served {
@@ -146,6 +149,8 @@ pub struct Desired {
 struct ConfigInfo<'a> {
     cfg: &'a LoadBalancerConfig,
     pool: Result<AddressPool, Problem>,
+    /// `backends.deniedCIDRs` as inclusive ranges, each with its entry.
+    denied: Vec<(u32, u32, String)>,
 }
 
 /// One candidate service being allocated.
@@ -156,7 +161,7 @@ struct Candidate<'a> {
     requested: Result<Option<Ipv4Addr>, Problem>,
     current: Option<Ipv4Addr>,
     current_ports: Vec<(u16, String)>,
-    key: Option<String>,
+    key: Sharing,
     ports: Vec<(u16, Protocol, Option<u16>)>,
     unsupported: Vec<String>,
 }
@@ -164,11 +169,27 @@ struct Candidate<'a> {
 /// External ports (port, protocol) a service uses on an address.
 type PortSet = BTreeSet<(u16, Protocol)>;
 
-/// Holders of addresses during allocation: per address, each holder's sharing key and
-/// ports.
+/// With whom a service may share its address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Sharing {
+    /// Nobody (no `allow-shared-ip` key).
+    Alone,
+    /// Services with the same key: in the same namespace, or in any (`namespace: None`)
+    /// where the config sets `sharing.allowCrossNamespace`.
+    Key {
+        /// The namespace the key is scoped to.
+        namespace: Option<String>,
+        /// The key.
+        key: String,
+    },
+    /// A `portRange` config: every service shares, each on ports of its own.
+    PortRange,
+}
+
+/// Holders of addresses during allocation: per address, each holder's sharing and ports.
 #[derive(Default)]
 struct Holders {
-    by_addr: BTreeMap<Ipv4Addr, Vec<(Option<String>, PortSet)>>,
+    by_addr: BTreeMap<Ipv4Addr, Vec<(Sharing, PortSet)>>,
 }
 
 impl Holders {
@@ -176,12 +197,12 @@ impl Holders {
         self.by_addr.keys().copied().collect()
     }
 
-    /// Whether a service with sharing key `key` and external ports `ports` may use `addr`
+    /// Whether a service with sharing `key` and external ports `ports` may use `addr`
     /// alongside its current holders.
-    fn shareable(&self, addr: Ipv4Addr, key: Option<&String>, ports: &BTreeSet<(u16, Protocol)>) -> bool {
+    fn shareable(&self, addr: Ipv4Addr, key: &Sharing, ports: &BTreeSet<(u16, Protocol)>) -> bool {
         match self.by_addr.get(&addr) {
             None => true,
-            Some(hs) => hs.iter().all(|(k, ps)| k.is_some() && k.as_ref() == key && ps.is_disjoint(ports)),
+            Some(hs) => hs.iter().all(|(k, ps)| *k != Sharing::Alone && k == key && ps.is_disjoint(ports)),
         }
     }
 
@@ -189,7 +210,7 @@ impl Holders {
         self.by_addr.get(&addr).into_iter().flatten().flat_map(|(_, ps)| ps.iter().copied()).collect()
     }
 
-    fn add(&mut self, addr: Ipv4Addr, key: Option<String>, ports: BTreeSet<(u16, Protocol)>) {
+    fn add(&mut self, addr: Ipv4Addr, key: Sharing, ports: BTreeSet<(u16, Protocol)>) {
         self.by_addr.entry(addr).or_default().push((key, ports));
     }
 }
@@ -230,7 +251,18 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
                 },
                 (pool, _) => pool,
             };
-            Some((name, ConfigInfo { cfg: c, pool }))
+            let denied: Result<Vec<_>, _> = c
+                .spec
+                .backends
+                .denied_cidrs
+                .iter()
+                .map(|e| parse_cidr(e).map(|(lo, hi)| (lo, hi, e.clone())))
+                .collect();
+            let (pool, denied) = match (pool, denied) {
+                (Ok(_), Err(e)) => (Err(problem(Reason::InvalidBackendPolicy, e.to_string())), Vec::new()),
+                (pool, denied) => (pool, denied.unwrap_or_default()),
+            };
+            Some((name, ConfigInfo { cfg: c, pool, denied }))
         })
         .collect();
     let defaults: Vec<&String> = configs.iter().filter(|(_, c)| c.cfg.spec.default).map(|(n, _)| n).collect();
@@ -344,7 +376,12 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
                 _ => unsupported.push(format!("{}/{proto}", p.port)),
             }
         }
-        let key = annotation(svc, SHARING_ANNOTATION).map(str::to_string).filter(|k| !k.is_empty());
+        let cross_namespace =
+            config.as_ref().ok().and_then(|n| configs.get(n)).is_some_and(|c| c.cfg.spec.sharing.allow_cross_namespace);
+        let key = match annotation(svc, SHARING_ANNOTATION).filter(|k| !k.is_empty()) {
+            None => Sharing::Alone,
+            Some(k) => Sharing::Key { namespace: (!cross_namespace).then(|| r.namespace.clone()), key: k.to_string() },
+        };
         candidates.push(Candidate { r, svc, config, requested, current, current_ports, key, ports, unsupported });
     }
 
@@ -395,8 +432,8 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
             continue;
         };
         let ps = port_set(c, &ext);
-        if range.is_some() || holders.shareable(cur, c.key.as_ref(), &ps) {
-            holders.add(cur, if range.is_some() { Some(String::new()) } else { c.key.clone() }, ps);
+        if range.is_some() || holders.shareable(cur, &c.key, &ps) {
+            holders.add(cur, if range.is_some() { Sharing::PortRange } else { c.key.clone() }, ps);
             assigned.insert(c.r.clone(), Ok((cur, ext)));
         }
     }
@@ -426,10 +463,10 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
             ))
         } else {
             match external(c, wanted, range, &holders) {
-                Some(ext) if range.is_some() || holders.shareable(wanted, c.key.as_ref(), &port_set(c, &ext)) => {
+                Some(ext) if range.is_some() || holders.shareable(wanted, &c.key, &port_set(c, &ext)) => {
                     holders.add(
                         wanted,
-                        if range.is_some() { Some(String::new()) } else { c.key.clone() },
+                        if range.is_some() { Sharing::PortRange } else { c.key.clone() },
                         port_set(c, &ext),
                     );
                     Ok((wanted, ext))
@@ -437,7 +474,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
                 _ => Err(problem(
                     Reason::AddressInUse,
                     format!(
-                        "requested {wanted} is already used by another service (share it with the same {SHARING_ANNOTATION} key and distinct ports)"
+                        "requested {wanted} is already used by another service (share it with the same {SHARING_ANNOTATION} key and distinct ports, from the same namespace unless the config sets sharing.allowCrossNamespace)"
                     ),
                 )),
             }
@@ -456,10 +493,10 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
         if range.is_some() {
             choice = pool.addresses().find_map(|a| external(c, a, range, &holders).map(|e| (a, e)));
         } else {
-            if c.key.is_some() {
+            if c.key != Sharing::Alone {
                 choice = pool.addresses().filter(|a| holders.by_addr.contains_key(a)).find_map(|a| {
                     let ext = external(c, a, range, &holders)?;
-                    holders.shareable(a, c.key.as_ref(), &port_set(c, &ext)).then_some((a, ext))
+                    holders.shareable(a, &c.key, &port_set(c, &ext)).then_some((a, ext))
                 });
             }
             if choice.is_none() {
@@ -469,7 +506,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
         }
         let result = match choice {
             Some((a, ext)) => {
-                holders.add(a, if range.is_some() { Some(String::new()) } else { c.key.clone() }, port_set(c, &ext));
+                holders.add(a, if range.is_some() { Sharing::PortRange } else { c.key.clone() }, port_set(c, &ext));
                 Ok((a, ext))
             }
             None => Err(problem(
@@ -485,6 +522,8 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
     }
 
     // Outcomes.
+    let valid: Vec<&LoadBalancerConfig> = configs.values().filter(|c| c.pool.is_ok()).map(|c| c.cfg).collect();
+    let guard = Guard::new(&inputs.nodes, &valid);
     for c in candidates {
         let info = c.config.as_ref().ok().and_then(|n| configs.get(n));
         let mode = info.map_or(BackendMode::Endpoints, |i| i.cfg.spec.backend_mode);
@@ -493,6 +532,13 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
             (Ok(_), Some(Ok((a, ext)))) => Ok((a, ext)),
             (Ok(_), Some(Err(p))) => Err(p),
             (Ok(_), None) => Err(problem(Reason::InvalidConfig, "the config cannot hand out addresses")),
+        };
+        let mut refused_backends: Vec<(Ipv4Addr, Refusal)> = Vec::new();
+        let mut allowed = |backends: Vec<BackendSpec>| -> Vec<BackendSpec> {
+            let denied = info.map_or(&[][..], |i| i.denied.as_slice());
+            let (ok, refused) = guard.filter(backends, mode == BackendMode::NodePort, denied);
+            refused_backends.extend(refused);
+            ok
         };
         let ports = match &address {
             Ok((_, ext)) => c
@@ -507,10 +553,10 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
                     external_port: *ext,
                     service_port: *port,
                     protocol: *proto,
-                    backends: match mode {
+                    backends: allowed(match mode {
                         BackendMode::Endpoints => endpoints::from_slices(c.svc, sp, inputs.slices.iter().copied()),
                         BackendMode::NodePort => endpoints::from_nodes(sp, inputs.nodes.iter().copied()),
-                    },
+                    }),
                 })
                 .collect(),
             Err(_) => Vec::new(),
@@ -524,6 +570,11 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
             interface: info
                 .and_then(|i| i.cfg.spec.interface.clone())
                 .unwrap_or_else(|| settings.default_interface.clone()),
+            refused_backends: {
+                refused_backends.sort();
+                refused_backends.dedup();
+                refused_backends
+            },
         };
         out.services.insert(c.r, Decision::Serve(served));
     }
@@ -576,6 +627,8 @@ mod tests {
                 backend_mode: BackendMode::Endpoints,
                 ip_mode: IpMode::VIP,
                 announce: Default::default(),
+                sharing: Default::default(),
+                backends: Default::default(),
             },
         )
     }
@@ -696,6 +749,107 @@ mod tests {
         assert_eq!(addr(&d, "b"), Err("AddressInUse"));
         assert_eq!(addr(&d, "c"), Err("RequestedAddressOutsidePool"));
         assert_eq!(addr(&d, "e"), Err("InvalidRequestedAddress"));
+    }
+
+    fn in_namespace(mut s: Service, ns: &str) -> Service {
+        s.metadata.namespace = Some(ns.into());
+        s
+    }
+
+    #[test]
+    fn a_sharing_key_is_scoped_to_its_namespace_unless_the_config_allows_more() {
+        let mut cfg = [config("pool", true, POOL)];
+        // The victim already serves from .10.
+        let victim = with_status(
+            annotate(svc("victim", 1, &[(80, "TCP")]), SHARING_ANNOTATION, "k"),
+            "192.0.2.10",
+            &[(80, "TCP")],
+        );
+        let thief = in_namespace(
+            annotate(annotate(svc("thief", 2, &[(443, "TCP")]), SHARING_ANNOTATION, "k"), IP_ANNOTATION, "192.0.2.10"),
+            "other",
+        );
+        let quiet = in_namespace(annotate(svc("quiet", 3, &[(8443, "TCP")]), SHARING_ANNOTATION, "k"), "other");
+        let d = run(&[victim.clone(), thief.clone(), quiet.clone()], &cfg);
+        assert_eq!(addr(&d, "victim"), Ok("192.0.2.10".into()));
+        let of =
+            |d: &Desired, name: &str| match &d.services[&ServiceRef { namespace: "other".into(), name: name.into() }] {
+                Decision::Serve(s) => s.address.as_ref().map(|a| a.to_string()).map_err(|p| p.reason.as_str()),
+                other => panic!("{other:?}"),
+            };
+        assert_eq!(of(&d, "thief"), Err("AddressInUse"), "a copied key from another namespace gets nothing");
+        assert_eq!(of(&d, "quiet"), Ok("192.0.2.11".into()), "its own address, not the victim's");
+        cfg[0].spec.sharing.allow_cross_namespace = true;
+        let d = run(&[victim, thief, quiet], &cfg);
+        assert_eq!(of(&d, "thief"), Ok("192.0.2.10".into()), "opted in on the config: shared");
+        assert_eq!(of(&d, "quiet"), Ok("192.0.2.10".into()));
+    }
+
+    #[test]
+    fn endpoints_that_may_not_be_backends_are_left_out_and_named() {
+        use k8s_openapi::api::{
+            core::v1::{NodeAddress, NodeStatus},
+            discovery::v1::{Endpoint, EndpointPort},
+        };
+        let mut cfg = config("pool", true, POOL);
+        cfg.spec.backends.denied_cidrs = vec!["172.16.0.0/12".into()];
+        let mut web = svc("web", 1, &[(80, "TCP")]);
+        web.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].target_port =
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(8080));
+        let ips = ["10.42.0.7", "127.0.0.1", "169.254.169.254", "10.0.0.5", "192.0.2.11", "172.16.1.1"];
+        let slice = EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some("web-x".into()),
+                namespace: Some("ns".into()),
+                labels: Some([(endpoints::SERVICE_NAME_LABEL.to_string(), "web".to_string())].into()),
+                ..Default::default()
+            },
+            address_type: "IPv4".into(),
+            endpoints: ips
+                .iter()
+                .map(|ip| Endpoint { addresses: vec![ip.to_string()], ..Default::default() })
+                .collect(),
+            ports: Some(vec![EndpointPort { protocol: Some("TCP".into()), port: Some(8080), ..Default::default() }]),
+        };
+        let mut node = crate::cluster::fixtures::node("edge-1", &[], true);
+        node.status.get_or_insert_with(NodeStatus::default).addresses =
+            Some(vec![NodeAddress { type_: "InternalIP".into(), address: "10.0.0.5".into() }]);
+        let services = [web];
+        let configs = [cfg.clone()];
+        let inputs = Inputs {
+            services: services.iter().collect(),
+            slices: vec![&slice],
+            nodes: vec![&node],
+            configs: configs.iter().collect(),
+        };
+        let d = desired(&inputs, &settings());
+        let s = served(&d, "web");
+        let backends: Vec<String> = s.ports[0].backends.iter().map(|b| b.addr.to_string()).collect();
+        assert_eq!(backends, vec!["10.42.0.7:8080"], "only the pod");
+        let why: Vec<String> = s.refused_backends.iter().map(|(ip, r)| format!("{ip}: {r}")).collect();
+        assert_eq!(
+            why,
+            vec![
+                "10.0.0.5: an address of Node edge-1",
+                "127.0.0.1: loopback",
+                "169.254.169.254: link-local",
+                "172.16.1.1: in backends.deniedCIDRs 172.16.0.0/12",
+                "192.0.2.11: an address of LoadBalancerConfig pool's pool",
+            ]
+        );
+        let now = Time(Timestamp::from_second(1_700_000_000).unwrap());
+        let conds = crate::cluster::status::service_conditions(s, None, &[], None, &now);
+        let ready = conds.iter().find(|c| c.type_ == "EndpointsReady").unwrap();
+        assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("True", "BackendRefused"));
+        assert!(ready.message.contains("10.0.0.5 (an address of Node edge-1)"), "{}", ready.message);
+
+        // A denied range that does not parse makes the config invalid, naming the entry.
+        cfg.spec.backends.denied_cidrs = vec!["172.16.0.0/40".into()];
+        let d = run(&services, &[cfg]);
+        assert_eq!(addr(&d, "web"), Err("InvalidConfig"));
+        let invalid = d.configs["pool"].invalid.as_ref().unwrap();
+        assert_eq!(invalid.reason, Reason::InvalidBackendPolicy);
+        assert!(invalid.message.contains("172.16.0.0/40"), "{}", invalid.message);
     }
 
     #[test]

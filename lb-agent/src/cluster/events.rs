@@ -4,6 +4,7 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use super::{
+    backend_policy::Refusal,
     crd::{NodeReason, NodeReport},
     desired::{Decision, Problem},
     reason::Reason,
@@ -26,6 +27,9 @@ pub struct Summary {
     pub reports: Vec<NodeReport>,
     /// Not ballast's: the reason.
     pub not_ours: Option<Problem>,
+    /// Endpoint addresses refused as backends. (Not recovered from the API after an
+    /// allocator takeover, so the new allocator records the Event once more.)
+    pub refused_backends: Vec<(Ipv4Addr, Refusal)>,
 }
 
 impl Summary {
@@ -42,6 +46,7 @@ impl Summary {
                 },
                 reports: reports.to_vec(),
                 not_ours: None,
+                refused_backends: s.refused_backends.clone(),
             },
             Decision::NotOurs(p) => Self { not_ours: Some(p.clone()), ..Self::default() },
             Decision::Deleting => Self::default(),
@@ -102,6 +107,11 @@ pub fn transitions(
             && p.unplaced.as_ref() != Some(why)
         {
             out.push(ev(r, true, Reason::NoEligibleNode, format!("no node may hold the address: {why}")));
+        }
+        if n.refused_backends != p.refused_backends
+            && let Some(text) = super::status::refusals(&n.refused_backends)
+        {
+            out.push(ev(r, true, Reason::BackendRefused, format!("refused as backends: {text}")));
         }
         for report in n.reports.iter().filter(|x| !p.reports.contains(x)) {
             let reason = match report.reason {

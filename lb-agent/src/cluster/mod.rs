@@ -13,6 +13,7 @@
 //! and [`source`] do the IO.
 
 pub mod allocator;
+pub mod backend_policy;
 pub mod caches;
 pub mod crd;
 pub mod desired;

@@ -470,6 +470,7 @@ mod tests {
             unsupported_ports: vec![],
             ip_mode: Default::default(),
             interface: "eth0".into(),
+            refused_backends: vec![],
         };
         (ServiceRef { namespace: "ns".into(), name: name.into() }, Decision::Serve(s))
     }

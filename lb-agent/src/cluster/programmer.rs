@@ -15,6 +15,7 @@ use k8s_openapi::api::{
 };
 
 use super::{
+    backend_policy::{self, Guard},
     crd::{AnnounceMode, BackendMode, LoadBalancer, LoadBalancerConfig, NodeReason, NodeReport},
     endpoints, ownership,
 };
@@ -97,6 +98,8 @@ pub fn node_desired(o: &Objects<'_>, class: &str, me: &Me<'_>) -> Programmed {
     let configs: BTreeMap<&str, &LoadBalancerConfig> =
         o.configs.iter().filter_map(|c| Some((c.metadata.name.as_deref()?, *c))).collect();
     let my_node = o.nodes.iter().copied().find(|n| n.metadata.name.as_deref() == Some(me.name));
+    // The same refusals the allocator reports (see backend_policy): never program them.
+    let guard = Guard::new(&o.nodes, &o.configs);
     let mut out = Programmed::default();
     for b in &o.balancers {
         if b.spec.class != class {
@@ -135,6 +138,8 @@ pub fn node_desired(o: &Objects<'_>, class: &str, me: &Me<'_>) -> Programmed {
                 BackendMode::Endpoints => endpoints::from_slices(svc, sp, o.slices.iter().copied()),
                 BackendMode::NodePort => endpoints::from_nodes(sp, o.nodes.iter().copied()),
             };
+            let to_nodes = cfg.spec.backend_mode == BackendMode::NodePort;
+            let (backends, _) = guard.filter(backends, to_nodes, &backend_policy::denied(cfg));
             let id = ServiceId::Port { service: r.clone(), port: p.service_port, protocol };
             ids.push(id.clone());
             out.desired.services.push(ServiceSpec {

@@ -109,6 +109,8 @@ reasons! {
     InvalidPortRange,
     /// The announce node selector is not a valid label selector.
     InvalidNodeSelector,
+    /// `backends.deniedCIDRs` has an entry that does not parse.
+    InvalidBackendPolicy,
     // Waiting on something else.
     /// No address yet (see AddressAllocated).
     NoAddress,
@@ -116,6 +118,9 @@ reasons! {
     NoPorts,
     /// A port has no ready endpoint.
     NoReadyEndpoints,
+    /// Endpoint addresses that may not be backends (loopback, link-local, a node's or a
+    /// pool's own address, a denied range) were left out.
+    BackendRefused,
     // Nodes.
     /// No node may hold the address (heartbeats, readiness, selectors, links).
     NoEligibleNode,

@@ -129,21 +129,38 @@ pub fn service_conditions(
     });
     let empty: Vec<String> =
         s.ports.iter().filter(|p| p.ready() == 0).map(|p| format!("{}/{}", p.service_port, p.protocol)).collect();
+    let refused = refusals(&s.refused_backends);
     out.push(if s.ports.is_empty() {
         cond(EndpointsReady, false, Reason::NoPorts, "the service has no TCP or UDP port", generation, now)
-    } else if empty.is_empty() {
-        cond(EndpointsReady, true, Reason::EndpointsReady, "every port has a ready endpoint", generation, now)
     } else {
-        cond(
-            EndpointsReady,
-            false,
-            Reason::NoReadyEndpoints,
-            format!("no ready endpoint for {}; new connections there are rejected", empty.join(", ")),
-            generation,
-            now,
-        )
+        let mut msg = if empty.is_empty() {
+            "every port has a ready endpoint".to_string()
+        } else {
+            format!("no ready endpoint for {}; new connections there are rejected", empty.join(", "))
+        };
+        let reason = match (&refused, empty.is_empty()) {
+            (Some(r), _) => {
+                msg.push_str(&format!("; refused as backends: {r}"));
+                Reason::BackendRefused
+            }
+            (None, true) => Reason::EndpointsReady,
+            (None, false) => Reason::NoReadyEndpoints,
+        };
+        cond(EndpointsReady, empty.is_empty(), reason, msg, generation, now)
     });
     out
+}
+
+/// Endpoint addresses refused as backends, in words (the first eight and a count).
+pub fn refusals(refused: &[(std::net::Ipv4Addr, super::backend_policy::Refusal)]) -> Option<String> {
+    if refused.is_empty() {
+        return None;
+    }
+    let mut parts: Vec<String> = refused.iter().take(8).map(|(ip, why)| format!("{ip} ({why})")).collect();
+    if refused.len() > 8 {
+        parts.push(format!("and {} more", refused.len() - 8));
+    }
+    Some(parts.join(", "))
 }
 
 /// `status.loadBalancer.ingress` of a served service.
