@@ -284,7 +284,7 @@ pub async fn explain(
 ) -> anyhow::Result<Verdict> {
     use k8s_openapi::api::{
         coordination::v1::Lease,
-        core::v1::{Node, Service},
+        core::v1::{Namespace, Node, Service},
         discovery::v1::EndpointSlice,
     };
     use kube::{Api, api::ListParams};
@@ -299,12 +299,16 @@ pub async fn explain(
     }
     let configs = Api::<LoadBalancerConfig>::all(client.clone()).list(&cfg_lp).await?.items;
     let balancer = Api::<LoadBalancer>::namespaced(client.clone(), &r.namespace).get_opt(&r.name).await?;
-    let leases =
-        Api::<Lease>::namespaced(client, &here.namespace).list(&ListParams::default().labels(LEASE_LABEL)).await?.items;
+    let leases = Api::<Lease>::namespaced(client.clone(), &here.namespace)
+        .list(&ListParams::default().labels(LEASE_LABEL))
+        .await?
+        .items;
+    let namespaces = Api::<Namespace>::all(client).list(&ListParams::default()).await?.items;
     let inputs = Inputs {
         services: services.iter().collect(),
         slices: slices.iter().collect(),
         nodes: nodes.iter().collect(),
+        namespaces: namespaces.iter().collect(),
         configs: configs.iter().collect(),
     };
     let decided = desired(&inputs, settings);

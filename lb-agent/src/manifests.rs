@@ -50,6 +50,7 @@ pub fn cluster_role() -> ClusterRole {
             rule("", &["services"], &["get", "list", "watch", "patch"]),
             rule("", &["services/status"], &["patch"]),
             rule("", &["nodes"], &["list", "watch"]),
+            rule("", &["namespaces"], &["list", "watch"]),
             rule("discovery.k8s.io", &["endpointslices"], &["list", "watch"]),
             rule("ballast.dev", &["loadbalancerconfigs"], &["list", "watch"]),
             rule("ballast.dev", &["loadbalancerconfigs/status"], &["patch"]),

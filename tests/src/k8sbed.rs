@@ -102,6 +102,7 @@ impl ApiScope {
             announce: Default::default(),
             sharing: Default::default(),
             backends: Default::default(),
+            namespace_selector: None,
         }
     }
 

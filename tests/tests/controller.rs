@@ -746,3 +746,26 @@ async fn tenants_cannot_take_another_namespaces_address_or_point_it_anywhere() {
     assert!(note.contains(&node_ip), "{note}");
     let _ = api.delete("thief", &Default::default()).await;
 }
+
+/// A config with a namespaceSelector serves only the namespaces it selects: a Service
+/// elsewhere gets a condition and an Event, and labelling its namespace serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_config_serves_only_the_namespaces_it_selects() {
+    use k8s_openapi::{api::core::v1::Namespace, apimachinery::pkg::apis::meta::v1::LabelSelector};
+    let mut bed = K8sBed::new("nssel", 1).await.unwrap();
+    let mut pool = K8sBed::pool(true, &["10.10.100.70"]);
+    pool.namespace_selector =
+        Some(LabelSelector { match_labels: Some([("tenant".into(), bed.bed.clone())].into()), ..Default::default() });
+    bed.config("pool", pool).await.unwrap();
+    bed.start_agent().unwrap();
+    bed.service("web", &[(80, "TCP", "http")], &[]).await.unwrap();
+    let s = cond_is(&bed, "web", "AddressAllocated", "False", "NamespaceNotSelected").await;
+    assert!(condition(&s, "AddressAllocated").unwrap().2.contains(&bed.ns));
+    assert_eq!(wait_event(&bed, "web", "NamespaceNotSelected").await.0, "Warning");
+    let namespaces: Api<Namespace> = Api::all(bed.cluster.admin.clone());
+    namespaces
+        .patch(&bed.ns, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"tenant": bed.bed}}})))
+        .await
+        .unwrap();
+    assert_eq!(bed.wait_ip("web").await.unwrap().to_string(), "10.10.100.70", "selected now: served");
+}

@@ -271,6 +271,7 @@ impl Allocator {
             services: o.services.clone(),
             slices: o.slices.clone(),
             nodes: o.nodes.clone(),
+            namespaces: o.namespaces.clone(),
             configs: o.configs.clone(),
         };
         let decided = desired(&inputs, &self.settings);

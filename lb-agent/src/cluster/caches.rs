@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use k8s_openapi::api::{
     coordination::v1::Lease,
-    core::v1::{Node, Service},
+    core::v1::{Namespace, Node, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -36,6 +36,8 @@ pub struct Caches {
     pub slices: Store<EndpointSlice>,
     /// Every Node.
     pub nodes: Store<Node>,
+    /// Every Namespace (their labels decide `namespaceSelector`).
+    pub namespaces: Store<Namespace>,
     /// The LoadBalancerConfigs this agent uses.
     pub configs: Store<LoadBalancerConfig>,
     /// Every LoadBalancer object.
@@ -85,6 +87,7 @@ impl Caches {
             services: reflect(Api::all(client.clone()), all(), objects_tx.clone()),
             slices: reflect(Api::all(client.clone()), all(), objects_tx.clone()),
             nodes: reflect(Api::all(client.clone()), all(), objects_tx.clone()),
+            namespaces: reflect(Api::all(client.clone()), all(), objects_tx.clone()),
             configs: reflect(Api::all(client.clone()), cfg_watch, objects_tx.clone()),
             balancers: reflect(Api::all(client.clone()), all(), objects_tx),
             leases: reflect(Api::namespaced(client.clone(), namespace), all().labels(LEASE_LABEL), leases_tx),
@@ -98,6 +101,7 @@ impl Caches {
         self.services.wait_until_ready().await?;
         self.slices.wait_until_ready().await?;
         self.nodes.wait_until_ready().await?;
+        self.namespaces.wait_until_ready().await?;
         self.configs.wait_until_ready().await?;
         self.balancers.wait_until_ready().await?;
         self.leases.wait_until_ready().await
@@ -120,6 +124,7 @@ impl Caches {
             services: self.services.state(),
             slices: self.slices.state(),
             nodes: self.nodes.state(),
+            namespaces: self.namespaces.state(),
             configs: self.configs.state(),
             balancers: self.balancers.state(),
         }
@@ -134,6 +139,8 @@ pub struct Snapshot {
     pub slices: Vec<Arc<EndpointSlice>>,
     /// Nodes.
     pub nodes: Vec<Arc<Node>>,
+    /// Namespaces.
+    pub namespaces: Vec<Arc<Namespace>>,
     /// Configs.
     pub configs: Vec<Arc<LoadBalancerConfig>>,
     /// LoadBalancer objects.
@@ -147,6 +154,7 @@ impl Snapshot {
             services: self.services.iter().map(AsRef::as_ref).collect(),
             slices: self.slices.iter().map(AsRef::as_ref).collect(),
             nodes: self.nodes.iter().map(AsRef::as_ref).collect(),
+            namespaces: self.namespaces.iter().map(AsRef::as_ref).collect(),
             configs: self.configs.iter().map(AsRef::as_ref).collect(),
             balancers: self.balancers.iter().map(AsRef::as_ref).collect(),
         }

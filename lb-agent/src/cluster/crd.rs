@@ -192,6 +192,11 @@ pub struct LoadBalancerConfigSpec {
     /// Which endpoint addresses are refused as backends.
     #[serde(default, skip_serializing_if = "BackendPolicy::is_default")]
     pub backends: BackendPolicy,
+    /// Only Services in namespaces with matching labels may use this config (default:
+    /// every namespace). A Service elsewhere gets `AddressAllocated=False`
+    /// (`NamespaceNotSelected`) and a Warning Event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
 }
 
 /// Observed state of a config.

@@ -15,7 +15,7 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Node, Service},
+    core::v1::{Namespace, Node, Service},
     discovery::v1::EndpointSlice,
 };
 
@@ -49,6 +49,8 @@ pub struct Inputs<'a> {
     pub slices: Vec<&'a EndpointSlice>,
     /// All Nodes.
     pub nodes: Vec<&'a Node>,
+    /// All Namespaces.
+    pub namespaces: Vec<&'a Namespace>,
     /// All LoadBalancerConfigs the agent considers.
     pub configs: Vec<&'a LoadBalancerConfig>,
 }
@@ -251,6 +253,13 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
                 },
                 (pool, _) => pool,
             };
+            let pool = match (pool, &c.spec.namespace_selector) {
+                (Ok(p), Some(sel)) => match kube::core::Selector::try_from(sel.clone()) {
+                    Ok(_) => Ok(p),
+                    Err(e) => Err(problem(Reason::InvalidNamespaceSelector, format!("namespaceSelector: {e}"))),
+                },
+                (pool, _) => pool,
+            };
             let denied: Result<Vec<_>, _> = c
                 .spec
                 .backends
@@ -266,6 +275,13 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
         })
         .collect();
     let defaults: Vec<&String> = configs.iter().filter(|(_, c)| c.cfg.spec.default).map(|(n, _)| n).collect();
+    let no_labels = BTreeMap::new();
+    let labels: BTreeMap<&str, &BTreeMap<String, String>> = inputs
+        .namespaces
+        .iter()
+        .filter_map(|n| Some((n.metadata.name.as_deref()?, n.metadata.labels.as_ref()?)))
+        .collect();
+    let namespace_labels = |ns: &str| labels.get(ns).copied().unwrap_or(&no_labels);
 
     // Services, oldest first: older services win conflicts.
     let mut services: Vec<&Service> = inputs.services.clone();
@@ -348,6 +364,18 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
                 )),
             },
         };
+        // The config must select the Service's namespace.
+        let config = config.and_then(|name| {
+            let sel = configs.get(&name).and_then(|c| c.cfg.spec.namespace_selector.clone());
+            match sel.map(kube::core::Selector::try_from) {
+                None => Ok(name),
+                Some(Ok(sel)) if kube::core::SelectorExt::matches(&sel, namespace_labels(&r.namespace)) => Ok(name),
+                Some(_) => Err(problem(
+                    Reason::NamespaceNotSelected,
+                    format!("LoadBalancerConfig {name}'s namespaceSelector does not select namespace {}", r.namespace),
+                )),
+            }
+        });
         let requested =
             match annotation(svc, IP_ANNOTATION).or(spec.load_balancer_ip.as_deref().filter(|s| !s.is_empty())) {
                 None => Ok(None),
@@ -629,6 +657,7 @@ mod tests {
                 announce: Default::default(),
                 sharing: Default::default(),
                 backends: Default::default(),
+                namespace_selector: None,
             },
         )
     }
@@ -786,6 +815,41 @@ mod tests {
     }
 
     #[test]
+    fn a_config_serves_only_the_namespaces_it_selects() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+        let mut cfg = config("pool", true, POOL);
+        cfg.spec.namespace_selector =
+            Some(LabelSelector { match_labels: Some([("team".into(), "a".into())].into()), ..Default::default() });
+        let ns = |name: &str, labels: &[(&str, &str)]| Namespace {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let namespaces = [ns("ns", &[("team", "a")]), ns("other", &[])];
+        let services = [svc("mine", 1, &[(80, "TCP")]), in_namespace(svc("theirs", 2, &[(80, "TCP")]), "other")];
+        let configs = [cfg];
+        let inputs = Inputs {
+            services: services.iter().collect(),
+            namespaces: namespaces.iter().collect(),
+            configs: configs.iter().collect(),
+            ..Inputs::default()
+        };
+        let d = desired(&inputs, &settings());
+        assert_eq!(addr(&d, "mine"), Ok("192.0.2.10".into()));
+        let Decision::Serve(theirs) = &d.services[&ServiceRef { namespace: "other".into(), name: "theirs".into() }]
+        else {
+            panic!()
+        };
+        let p = theirs.problem().unwrap();
+        assert_eq!(p.reason, Reason::NamespaceNotSelected);
+        assert!(p.message.contains("namespace other"), "{}", p.message);
+        assert_eq!(d.configs["pool"].in_use, 1, "the refused service holds nothing");
+    }
+
+    #[test]
     fn endpoints_that_may_not_be_backends_are_left_out_and_named() {
         use k8s_openapi::api::{
             core::v1::{NodeAddress, NodeStatus},
@@ -821,6 +885,7 @@ mod tests {
             slices: vec![&slice],
             nodes: vec![&node],
             configs: configs.iter().collect(),
+            ..Inputs::default()
         };
         let d = desired(&inputs, &settings());
         let s = served(&d, "web");

@@ -10,7 +10,7 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Node, Service},
+    core::v1::{Namespace, Node, Service},
     discovery::v1::EndpointSlice,
 };
 
@@ -59,6 +59,8 @@ pub struct Objects<'a> {
     pub slices: Vec<&'a EndpointSlice>,
     /// Nodes.
     pub nodes: Vec<&'a Node>,
+    /// Namespaces.
+    pub namespaces: Vec<&'a Namespace>,
     /// LoadBalancerConfigs.
     pub configs: Vec<&'a LoadBalancerConfig>,
     /// LoadBalancer objects.

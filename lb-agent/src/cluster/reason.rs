@@ -93,6 +93,8 @@ reasons! {
     MultipleDefaultConfigs,
     /// The chosen config is invalid.
     InvalidConfig,
+    /// The chosen config's `namespaceSelector` does not select the Service's namespace.
+    NamespaceNotSelected,
     // No address.
     /// No free address (or port) in the pool; waits for one.
     PoolExhausted,
@@ -111,6 +113,8 @@ reasons! {
     InvalidNodeSelector,
     /// `backends.deniedCIDRs` has an entry that does not parse.
     InvalidBackendPolicy,
+    /// The namespace selector is not a valid label selector.
+    InvalidNamespaceSelector,
     // Waiting on something else.
     /// No address yet (see AddressAllocated).
     NoAddress,

@@ -98,6 +98,7 @@ impl World {
             services: self.services.iter().collect(),
             slices: self.slices.iter().collect(),
             nodes: self.nodes.iter().collect(),
+            namespaces: Vec::new(),
             configs: self.configs.iter().collect(),
             balancers: self.balancers.iter().collect(),
         }
