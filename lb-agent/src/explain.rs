@@ -394,6 +394,7 @@ mod tests {
             ip_mode: IpMode::VIP,
             interface: "eth0".into(),
             refused_backends: vec![],
+            frozen: None,
         };
         Desired { services: BTreeMap::from([(r(), Decision::Serve(s))]), ..Desired::default() }
     }

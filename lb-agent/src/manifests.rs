@@ -52,7 +52,8 @@ pub fn cluster_role() -> ClusterRole {
             rule("", &["nodes"], &["list", "watch"]),
             rule("", &["namespaces"], &["list", "watch"]),
             rule("discovery.k8s.io", &["endpointslices"], &["list", "watch"]),
-            rule("ballast.dev", &["loadbalancerconfigs"], &["list", "watch"]),
+            // patch: the in-use finalizer.
+            rule("ballast.dev", &["loadbalancerconfigs"], &["list", "watch", "patch"]),
             rule("ballast.dev", &["loadbalancerconfigs/status"], &["patch"]),
             // Server-side apply creates missing objects, so create comes with patch.
             rule("ballast.dev", &["loadbalancers"], &["list", "watch", "create", "patch", "delete"]),

@@ -273,6 +273,15 @@ impl Drop for ApiScope {
             tokio::task::block_in_place(|| {
                 handle.block_on(async {
                     let lp = kube::api::ListParams::default().labels(&selector);
+                    // The agent that would release the in-use finalizer is gone by now.
+                    if let Ok(list) = api.list(&lp).await {
+                        for c in list.items {
+                            let patch = serde_json::json!({"metadata": {"finalizers": null}});
+                            let _ = api
+                                .patch(&kube::ResourceExt::name_any(&c), &PatchParams::default(), &Patch::Merge(patch))
+                                .await;
+                        }
+                    }
                     let _ = api.delete_collection(&DeleteParams::default(), &lp).await;
                 })
             });

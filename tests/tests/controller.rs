@@ -769,3 +769,65 @@ async fn a_config_serves_only_the_namespaces_it_selects() {
         .unwrap();
     assert_eq!(bed.wait_ip("web").await.unwrap().to_string(), "10.10.100.70", "selected now: served");
 }
+
+/// A config that becomes invalid, gets a competing default, or is deleted freezes the
+/// Services it serves (address, maps and status stay, with reason ConfigInvalid) instead
+/// of tearing them down; new allocations wait; the fix changes no address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_config_that_goes_bad_freezes_what_it_serves_and_the_fix_moves_nothing() {
+    let mut bed = K8sBed::new("freeze", 1).await.unwrap();
+    let name = bed.config("pool", K8sBed::pool(true, &["10.10.100.75-10.10.100.76"])).await.unwrap();
+    bed.start_agent().unwrap();
+    bed.service("web", &[(80, "TCP", "http")], &[]).await.unwrap();
+    let ip = bed.wait_ip("web").await.unwrap();
+    bed.slice("web", &[("http", "TCP", 8080)], &[("10.1.0.1", true, true, false)]).await.unwrap();
+    let serving = || async {
+        wait_for(LONG, || async { (bed.backends(ip, 80).ok()? == vec!["10.1.0.1:8080"]).then_some(()) })
+            .await
+            .unwrap_or_else(|_| panic!("web is not programmed: {:?}\n{}", bed.backends(ip, 80), bed.agent_log()));
+        assert!(bed.vip_on_interface(ip), "the VIP stays on the interface");
+        assert_eq!(bed.wait_ip("web").await.unwrap(), ip, "the address stays in status");
+    };
+    serving().await;
+    let cfgs: Api<LoadBalancerConfig> = Api::all(bed.cluster.admin.clone());
+    let set_addresses = |a: serde_json::Value| {
+        let (cfgs, name) = (cfgs.clone(), name.clone());
+        async move {
+            cfgs.patch(&name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"addresses": a}}))).await.unwrap();
+        }
+    };
+
+    // 1. An edit the agent finds invalid (a reversed range).
+    set_addresses(json!(["10.10.100.76-10.10.100.75"])).await;
+    let s = cond_is(&bed, "web", "AddressAllocated", "True", "ConfigInvalid").await;
+    assert!(condition(&s, "AddressAllocated").unwrap().2.contains("10.10.100.76-10.10.100.75"));
+    assert_eq!(wait_event(&bed, "web", "ConfigInvalid").await.0, "Warning");
+    serving().await;
+    bed.service("late", &[(80, "TCP", "http")], &[]).await.unwrap();
+    cond_is(&bed, "late", "AddressAllocated", "False", "InvalidConfig").await;
+    set_addresses(json!(["10.10.100.75-10.10.100.76"])).await;
+    cond_is(&bed, "web", "AddressAllocated", "True", "Allocated").await;
+    serving().await;
+    let late = bed.wait_ip("late").await.unwrap();
+    assert_ne!(late, ip);
+
+    // 2. A second default.
+    let other = bed.config("other", K8sBed::pool(true, &["10.10.100.77"])).await.unwrap();
+    cond_is(&bed, "web", "AddressAllocated", "True", "ConfigInvalid").await;
+    serving().await;
+    assert_eq!(bed.wait_ip("late").await.unwrap(), late, "frozen too");
+    cfgs.delete(&other, &Default::default()).await.unwrap();
+    cond_is(&bed, "web", "AddressAllocated", "True", "Allocated").await;
+
+    // 3. Deleting the config: it stays (in-use finalizer) while services hold its addresses.
+    cfgs.delete(&name, &Default::default()).await.unwrap();
+    let s = cond_is(&bed, "web", "AddressAllocated", "True", "ConfigInvalid").await;
+    assert!(condition(&s, "AddressAllocated").unwrap().2.contains("being deleted"));
+    serving().await;
+    assert!(cfgs.get(&name).await.unwrap().metadata.deletion_timestamp.is_some());
+    bed.delete_service("web").await.unwrap();
+    bed.delete_service("late").await.unwrap();
+    wait_for(LONG, || async { cfgs.get_opt(&name).await.ok()?.is_none().then_some(()) })
+        .await
+        .unwrap_or_else(|_| panic!("the config is not released after its last user; agent log:\n{}", bed.agent_log()));
+}

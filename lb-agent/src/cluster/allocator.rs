@@ -30,8 +30,8 @@ use tracing::{debug, info, warn};
 use super::{
     caches::Caches,
     crd::{
-        CONFIG_ANNOTATION, FINALIZER, GROUP, IP_ANNOTATION, LoadBalancer, LoadBalancerConfig, MANAGER, NodeReport,
-        SHARING_ANNOTATION,
+        CONFIG_ANNOTATION, CONFIG_FINALIZER, FINALIZER, GROUP, IP_ANNOTATION, LoadBalancer, LoadBalancerConfig,
+        MANAGER, NodeReport, SHARING_ANNOTATION,
     },
     desired::{Decision, Inputs, Settings, desired},
     events::{self, Summary},
@@ -393,6 +393,27 @@ impl Allocator {
             let Some(cd) = decided.configs.get(&name) else {
                 continue;
             };
+            let in_use = c.metadata.finalizers.iter().flatten().any(|f| f == CONFIG_FINALIZER);
+            if in_use != (cd.users > 0) {
+                let mut list: Vec<String> = c.metadata.finalizers.clone().unwrap_or_default();
+                list.retain(|f| f != CONFIG_FINALIZER);
+                if cd.users > 0 {
+                    list.push(CONFIG_FINALIZER.to_string());
+                }
+                let patch = json!({"metadata": {"finalizers": list, "resourceVersion": c.metadata.resource_version}});
+                match cfg_api.patch(&name, &PatchParams::default(), &Patch::Merge(patch)).await {
+                    Ok(_) => self.telemetry.api_write("finalizer"),
+                    Err(e) if is_not_found(&e) => continue,
+                    Err(e) => {
+                        warn!(config = name, error = %e, "cannot update the config's in-use finalizer; retrying");
+                        errors += 1;
+                    }
+                }
+            }
+            if c.metadata.deletion_timestamp.is_some() && cd.users == 0 {
+                // Gone as soon as its finalizer is; no status to write.
+                continue;
+            }
             let mut st = status::config_status(cd, c.metadata.generation, &now);
             let old = c.status.clone().unwrap_or_default();
             st.conditions = status::carry_transition_times(st.conditions, &old.conditions);

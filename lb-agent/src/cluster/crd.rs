@@ -20,6 +20,10 @@ pub const SHARING_ANNOTATION: &str = "ballast.dev/allow-shared-ip";
 /// Finalizer on services ballast serves: their address, map entries and interface address
 /// are released before the service goes, even if the agent was down when it was deleted.
 pub const FINALIZER: &str = "ballast.dev/service";
+/// Finalizer on a LoadBalancerConfig while Services hold addresses from it: deleting the
+/// config then freezes those Services (they keep serving) instead of tearing them down;
+/// the config goes once the last of them has let go.
+pub const CONFIG_FINALIZER: &str = "ballast.dev/in-use";
 /// Field manager of everything the allocator writes (Service status, LoadBalancer objects,
 /// config status, finalizers). One name for whichever agent is the allocator, so a new
 /// allocator owns, and can remove, what the previous one wrote.

@@ -105,6 +105,9 @@ pub struct Served {
     pub interface: String,
     /// Endpoint addresses left out because they may not be backends, with why.
     pub refused_backends: Vec<(Ipv4Addr, Refusal)>,
+    /// The config went bad (invalid, a second default, being deleted) while the service
+    /// held an address: it keeps serving from it, frozen, and this says why.
+    pub frozen: Option<Problem>,
 }
 
 impl Served {
@@ -137,6 +140,9 @@ pub struct ConfigDesired {
     pub invalid: Option<Problem>,
     /// `Default` condition: None unless the config is a default competing with another.
     pub default_conflict: Option<Problem>,
+    /// Services holding an address from it (frozen ones included): while any does, the
+    /// config keeps its `ballast.dev/in-use` finalizer.
+    pub users: u64,
 }
 
 /// The whole decision.
@@ -153,6 +159,8 @@ struct ConfigInfo<'a> {
     pool: Result<AddressPool, Problem>,
     /// `backends.deniedCIDRs` as inclusive ranges, each with its entry.
     denied: Vec<(u32, u32, String)>,
+    /// The config is being deleted (its finalizer holds it while services use it).
+    deleting: bool,
 }
 
 /// One candidate service being allocated.
@@ -164,6 +172,7 @@ struct Candidate<'a> {
     current: Option<Ipv4Addr>,
     current_ports: Vec<(u16, String)>,
     key: Sharing,
+    frozen: Option<Problem>,
     ports: Vec<(u16, Protocol, Option<u16>)>,
     unsupported: Vec<String>,
 }
@@ -214,6 +223,30 @@ impl Holders {
 
     fn add(&mut self, addr: Ipv4Addr, key: Sharing, ports: BTreeSet<(u16, Protocol)>) {
         self.by_addr.entry(addr).or_default().push((key, ports));
+    }
+}
+
+/// The config a service whose config went bad stays frozen on: the one it names (if it
+/// still exists, invalid or being deleted), or, without the annotation, the default whose
+/// pool holds its address (several defaults) or the only default (invalid). `None` if there
+/// is none: the config is gone, and so is the address.
+fn frozen_on(
+    svc: &Service,
+    current: Ipv4Addr,
+    configs: &BTreeMap<String, ConfigInfo<'_>>,
+    defaults: &[&String],
+) -> Option<String> {
+    match annotation(svc, CONFIG_ANNOTATION) {
+        Some(name) => configs.contains_key(name).then(|| name.to_string()),
+        None => match defaults {
+            [one] => Some((*one).clone()),
+            many => many
+                .iter()
+                .find(|n| {
+                    configs.get(n.as_str()).and_then(|c| c.pool.as_ref().ok()).is_some_and(|p| p.contains(current))
+                })
+                .map(|n| (*n).clone()),
+        },
     }
 }
 
@@ -271,7 +304,8 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
                 (Ok(_), Err(e)) => (Err(problem(Reason::InvalidBackendPolicy, e.to_string())), Vec::new()),
                 (pool, denied) => (pool, denied.unwrap_or_default()),
             };
-            Some((name, ConfigInfo { cfg: c, pool, denied }))
+            let deleting = c.metadata.deletion_timestamp.is_some();
+            Some((name, ConfigInfo { cfg: c, pool, denied, deleting }))
         })
         .collect();
     let defaults: Vec<&String> = configs.iter().filter(|(_, c)| c.cfg.spec.default).map(|(n, _)| n).collect();
@@ -376,6 +410,14 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
                 )),
             }
         });
+        // A config that is being deleted hands out nothing new.
+        let config = config.and_then(|name| match configs.get(&name) {
+            Some(c) if c.deleting => Err(problem(
+                Reason::InvalidConfig,
+                format!("LoadBalancerConfig {name} is being deleted; it keeps only the addresses it has handed out"),
+            )),
+            _ => Ok(name),
+        });
         let requested =
             match annotation(svc, IP_ANNOTATION).or(spec.load_balancer_ip.as_deref().filter(|s| !s.is_empty())) {
                 None => Ok(None),
@@ -404,13 +446,37 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
                 _ => unsupported.push(format!("{}/{proto}", p.port)),
             }
         }
+        // The config went bad while the service held an address from it: keep serving it
+        // from that address (frozen) rather than tear down what works; new allocations
+        // wait for the fix.
+        let (config, frozen) = match (config, current) {
+            (Err(p), Some(cur)) => match frozen_on(svc, cur, &configs, &defaults) {
+                Some(name) => {
+                    let msg = format!("keeps {cur} from LoadBalancerConfig {name}, frozen: {}", p.message);
+                    (Ok(name), Some(problem(Reason::ConfigInvalid, msg)))
+                }
+                None => (Err(p), None),
+            },
+            (config, _) => (config, None),
+        };
         let cross_namespace =
             config.as_ref().ok().and_then(|n| configs.get(n)).is_some_and(|c| c.cfg.spec.sharing.allow_cross_namespace);
         let key = match annotation(svc, SHARING_ANNOTATION).filter(|k| !k.is_empty()) {
             None => Sharing::Alone,
             Some(k) => Sharing::Key { namespace: (!cross_namespace).then(|| r.namespace.clone()), key: k.to_string() },
         };
-        candidates.push(Candidate { r, svc, config, requested, current, current_ports, key, ports, unsupported });
+        candidates.push(Candidate {
+            r,
+            svc,
+            config,
+            requested,
+            current,
+            current_ports,
+            key,
+            frozen,
+            ports,
+            unsupported,
+        });
     }
 
     // Allocation. `held` records every (address, ports) decided so far.
@@ -448,8 +514,25 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
         ext.iter().zip(&c.ports).map(|(e, (_, proto, _))| (*e, *proto)).collect()
     };
 
+    // 0. Frozen services keep what they have, whatever the config says now.
+    for c in candidates.iter().filter(|c| c.frozen.is_some()) {
+        let (Some(cur), Ok(name)) = (c.current, &c.config) else {
+            continue;
+        };
+        let range = configs.get(name).and_then(|i| i.cfg.spec.port_range.as_ref()).map(|r| (r.low, r.high));
+        let ext: Vec<u16> = if range.is_some() && c.current_ports.len() == c.ports.len() {
+            c.current_ports.iter().map(|(p, _)| *p).collect()
+        } else {
+            c.ports.iter().map(|p| p.0).collect()
+        };
+        holders.add(cur, if range.is_some() { Sharing::PortRange } else { c.key.clone() }, port_set(c, &ext));
+        assigned.insert(c.r.clone(), Ok((cur, ext)));
+    }
     // 1. Keep current addresses.
     for c in &candidates {
+        if assigned.contains_key(&c.r) {
+            continue;
+        }
         let (Some(cur), Some((pool, range))) = (c.current, pool_of(c)) else {
             continue;
         };
@@ -590,6 +673,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
             Err(_) => Vec::new(),
         };
         let served = Served {
+            frozen: c.frozen,
             address: address.map(|(a, _)| a),
             config: c.config,
             ports,
@@ -618,9 +702,14 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
                 format!("{} configs are marked default ({}); services without {CONFIG_ANNOTATION} are not served until one remains", defaults.len(), defaults.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")),
             )
         });
+        let users = out
+            .services
+            .values()
+            .filter(|d| matches!(d, Decision::Serve(s) if s.address.is_ok() && s.config.as_ref() == Ok(name)))
+            .count() as u64;
         out.configs.insert(
             name.clone(),
-            ConfigDesired { total, in_use, invalid: info.pool.as_ref().err().cloned(), default_conflict },
+            ConfigDesired { total, in_use, invalid: info.pool.as_ref().err().cloned(), default_conflict, users },
         );
     }
     out
@@ -812,6 +901,42 @@ mod tests {
         let d = run(&[victim, thief, quiet], &cfg);
         assert_eq!(of(&d, "thief"), Ok("192.0.2.10".into()), "opted in on the config: shared");
         assert_eq!(of(&d, "quiet"), Ok("192.0.2.10".into()));
+    }
+
+    #[test]
+    fn a_config_that_goes_bad_freezes_what_it_handed_out_and_only_new_allocations_wait() {
+        let good = config("pool", true, POOL);
+        let old = with_status(svc("old", 1, &[(80, "TCP")]), "192.0.2.11", &[(80, "TCP")]);
+        let fresh = svc("new", 2, &[(80, "TCP")]);
+        let frozen = |d: &Desired, why: &str| {
+            let s = served(d, "old");
+            assert_eq!(s.address, Ok("192.0.2.11".parse().unwrap()), "{why}: the address stays");
+            assert_eq!(s.ports.len(), 1, "{why}: its ports stay");
+            let f = s.frozen.as_ref().unwrap_or_else(|| panic!("{why}: not frozen"));
+            assert_eq!(f.reason, Reason::ConfigInvalid);
+            assert!(f.message.contains("keeps 192.0.2.11"), "{}", f.message);
+            assert!(addr(d, "new").is_err(), "{why}: new allocations wait");
+            assert_eq!(d.configs["pool"].users, 1);
+        };
+        // Invalid addresses.
+        let mut bad = good.clone();
+        bad.spec.addresses = vec!["192.0.2.0/24".into(), "not an address".into()];
+        frozen(&run(&[old.clone(), fresh.clone()], &[bad]), "invalid");
+        // A second default.
+        let other = config("other", true, &["198.51.100.1"]);
+        let d = run(&[old.clone(), fresh.clone()], &[good.clone(), other]);
+        frozen(&d, "second default");
+        assert_eq!(addr(&d, "new"), Err("MultipleDefaultConfigs"));
+        // Being deleted.
+        let mut deleting = good.clone();
+        deleting.metadata.deletion_timestamp = Some(Time(Timestamp::from_second(1_700_000_100).unwrap()));
+        frozen(&run(&[old.clone(), fresh.clone()], &[deleting]), "deleting");
+        // Fixed: the same address, not frozen, and the new service is served.
+        let d = run(&[old, fresh], &[good]);
+        assert_eq!(addr(&d, "old"), Ok("192.0.2.11".into()));
+        assert!(served(&d, "old").frozen.is_none());
+        assert_eq!(addr(&d, "new"), Ok("192.0.2.10".into()));
+        assert_eq!(d.configs["pool"].users, 2);
     }
 
     #[test]

@@ -39,7 +39,8 @@ impl Summary {
             Decision::Serve(s) => Self {
                 address: s.address.as_ref().ok().copied(),
                 config: s.config.as_ref().ok().cloned(),
-                problem: s.problem().cloned(),
+                // A frozen service is still served, but the config needs fixing: warn once.
+                problem: s.problem().or(s.frozen.as_ref()).cloned(),
                 unplaced: match holding {
                     Some(Holding::Nobody { why }) => Some(why.clone()),
                     _ => None,

@@ -471,6 +471,7 @@ mod tests {
             ip_mode: Default::default(),
             interface: "eth0".into(),
             refused_backends: vec![],
+            frozen: None,
         };
         (ServiceRef { namespace: "ns".into(), name: name.into() }, Decision::Serve(s))
     }

@@ -95,6 +95,9 @@ reasons! {
     InvalidConfig,
     /// The chosen config's `namespaceSelector` does not select the Service's namespace.
     NamespaceNotSelected,
+    /// The config became invalid, ambiguous (a second default) or is being deleted: the
+    /// Service keeps the address it has (frozen) and new allocations wait.
+    ConfigInvalid,
     // No address.
     /// No free address (or port) in the pool; waits for one.
     PoolExhausted,

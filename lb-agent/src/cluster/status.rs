@@ -74,6 +74,9 @@ pub fn service_conditions(
     use ConditionType::*;
     let mut out = Vec::with_capacity(4);
     match (&s.address, &s.config) {
+        (Ok(_), Ok(_)) if let Some(f) = &s.frozen => {
+            out.push(cond(AddressAllocated, true, f.reason, f.message.clone(), generation, now))
+        }
         (Ok(a), Ok(cfg)) => out.push(cond(
             AddressAllocated,
             true,
