@@ -37,6 +37,11 @@ pub const SNAT_TRIES: u32 = 16;
 /// cursor comes back to a port within seconds.
 pub const CLOSED_REUSE_NS: u64 = 1_000_000_000;
 
+/// A half-open flow gives its SNAT port to a new flow once it is this old: a real
+/// handshake completes well within it, and after a flood of spoofed SYNs (which never
+/// complete) every port is free again a second later instead of after the half-open timeout.
+pub const HALF_OPEN_RECLAIM_NS: u64 = 1_000_000_000;
+
 /// How long new flows are refused after the table of confirmed flows was found full.
 pub const FULL_BACKOFF_NS: u64 = 1_000_000_000;
 
@@ -188,7 +193,9 @@ pub fn cpu_state() -> Option<&'static mut CpuState> {
 /// (half-open) an orphan whose peer was evicted.
 #[inline(always)]
 fn reclaimable(table: Table, key: &FlowKey, f: &FlowValue, now: u64) -> bool {
-    if table == Table::HalfOpen && half_open_peer(key, f).is_none() {
+    if table == Table::HalfOpen
+        && (half_open_peer(key, f).is_none() || now.saturating_sub(f.created_ns) >= HALF_OPEN_RECLAIM_NS)
+    {
         return true;
     }
     let idle = now.saturating_sub(f.last_seen_ns);

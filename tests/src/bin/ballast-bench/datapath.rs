@@ -9,17 +9,17 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use aya::programs::Xdp;
 use ballast_tests::{
     frames::Frame,
-    lab::{BACKENDS, GW_MAC, LB_CL_MAC, Lab, VIP, xdp},
+    lab::{BACKENDS, GW_MAC, LB_BE_MAC, LB_CL_MAC, Lab, VIP, backend_mac, xdp},
 };
 use lb_agent::{
     dataplane::MapSizes,
     model::{BackendSpec, Protocol, ServiceId, ServiceSpec},
 };
-use lb_common::config::DataplaneConfig;
+use lb_common::{config::DataplaneConfig, flow::FlowKey};
 
 struct Row {
     case: &'static str,
@@ -80,7 +80,27 @@ fn stats(lab: &mut Lab, baseline: bool) -> Option<(Duration, u64)> {
 fn probe_frames(lab: &mut Lab, client: SocketAddrV4, target: SocketAddrV4) -> Result<(Vec<u8>, Vec<u8>)> {
     let non_vip =
         Frame::tcp(client, SocketAddrV4::new(Ipv4Addr::new(10, 2, 0, 77), 80)).macs(GW_MAC, LB_CL_MAC).bytes();
-    let established = Frame::tcp(SocketAddrV4::new(Ipv4Addr::new(198, 51, 250, 250), 5555), target)
+    // Open and confirm the flow as a real client does: SYN, the backend's SYN-ACK, ACK.
+    // Inside the routed client /24, where the reply can go; no new-flow frame uses it.
+    let peer = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 250), 5555);
+    if lab.xdp(&Frame::tcp(peer, target).macs(GW_MAC, LB_CL_MAC).bytes(), lab.cl)?.verdict != xdp::REDIRECT {
+        bail!("the SYN to {target} was not forwarded");
+    }
+    let key = FlowKey {
+        src: peer.ip().octets(),
+        dst: target.ip().octets(),
+        sport: peer.port(),
+        dport: target.port(),
+        proto: lb_common::proto::TCP,
+        _pad: [0; 3],
+    };
+    let f = lab.dp.maps.flow(&key)?.context("the SYN created no flow")?;
+    let (backend, snat) = (SocketAddrV4::new(f.dst.into(), f.dport), SocketAddrV4::new(f.src.into(), f.sport));
+    let synack = Frame::tcp(backend, snat).macs(backend_mac(*backend.ip()), LB_BE_MAC).tcp_header(|h| h.ack = true);
+    if lab.xdp(&synack.bytes(), lab.be)?.verdict != xdp::REDIRECT {
+        bail!("the SYN-ACK from {backend} to {snat} was not forwarded");
+    }
+    let established = Frame::tcp(peer, target)
         .macs(GW_MAC, LB_CL_MAC)
         .tcp_header(|h| {
             h.syn = false;
