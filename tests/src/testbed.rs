@@ -147,6 +147,21 @@ impl Testbed {
         Ok(Self { client, lb, switch, backends, vip, client_ip, lb_ip, pins: PinDir::new("e2e"), files: Vec::new() })
     }
 
+    /// Starts a TCP server at `tcp_port` and a UDP server at `udp_port` on every backend.
+    pub fn start_servers(&self, tcp_port: u16, udp_port: u16) -> Result<Vec<crate::servers::Servers>> {
+        self.backends
+            .iter()
+            .map(|b| {
+                crate::servers::Servers::start(
+                    &b.ns,
+                    &b.name,
+                    &[SocketAddrV4::new(b.ip, tcp_port)],
+                    &[SocketAddrV4::new(b.ip, udp_port)],
+                )
+            })
+            .collect()
+    }
+
     /// Backend `i` at `port`.
     pub fn backend(&self, i: usize, port: u16) -> SocketAddrV4 {
         SocketAddrV4::new(self.backends[i].ip, port)

@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use ballast_tests::{
     agent::Agent,
     netns::Netns,
-    servers::{LineClient, Servers, tcp_ask, udp_ask},
+    servers::{LineClient, tcp_ask, udp_ask},
     testbed::{Arms, Testbed},
 };
 use lb_agent::dataplane::{Maps, flows::FlowTable};
@@ -35,35 +35,18 @@ struct Flood(Vec<Child>);
 
 impl Flood {
     fn start(ns: &Netns, target: SocketAddrV4, udp_target: SocketAddrV4) -> Result<Self> {
-        let hping = |args: &[String]| -> Result<Child> {
+        // hping3 MODE -p PORT --flood --rand-source ADDRESS, from inside `ns`.
+        let hping = |mode: &str, to: SocketAddrV4| -> Result<Child> {
             Command::new("nsenter")
                 .arg(format!("--net={}", ns.path()))
-                .arg("hping3")
-                .args(args)
+                .args(["hping3", "-q", mode, "-p", &to.port().to_string(), "--flood", "--rand-source"])
+                .arg(to.ip().to_string())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
                 .context("cannot start hping3 (cargo xtask setup installs it)")
         };
-        let syn = hping(&[
-            "-q".into(),
-            "-S".into(),
-            "-p".into(),
-            target.port().to_string(),
-            "--flood".into(),
-            "--rand-source".into(),
-            target.ip().to_string(),
-        ])?;
-        let udp = hping(&[
-            "-q".into(),
-            "--udp".into(),
-            "-p".into(),
-            udp_target.port().to_string(),
-            "--flood".into(),
-            "--rand-source".into(),
-            udp_target.ip().to_string(),
-        ])?;
-        Ok(Self(vec![syn, udp]))
+        Ok(Self(vec![hping("-S", target)?, hping("--udp", udp_target)?]))
     }
 }
 
@@ -98,14 +81,7 @@ fn first_success(within: Duration, mut f: impl FnMut() -> Result<()>) -> Result<
 #[test]
 fn a_spoofed_flood_disturbs_no_established_flow_and_new_ones_work_right_after() {
     let mut tb = Testbed::new(Arms::Two, 3).unwrap();
-    let _servers: Vec<Servers> = tb
-        .backends
-        .iter()
-        .map(|b| {
-            Servers::start(&b.ns, &b.name, &[SocketAddrV4::new(b.ip, TCP_PORT)], &[SocketAddrV4::new(b.ip, UDP_PORT)])
-                .unwrap()
-        })
-        .collect();
+    let _servers = tb.start_servers(TCP_PORT, UDP_PORT).unwrap();
     let tcp: Vec<_> = (0..3).map(|i| tb.backend(i, TCP_PORT)).collect();
     let udp: Vec<_> = (0..3).map(|i| tb.backend(i, UDP_PORT)).collect();
     let cfg = tb.write_config(&[("web", 80, "TCP", tcp), ("dns", 53, "UDP", udp)]).unwrap();

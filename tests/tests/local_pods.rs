@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use ballast_tests::{
     agent::Agent,
     netns::Netns,
-    servers::{Servers, tcp_ask, udp_ask},
+    servers::{tcp_ask, udp_ask},
     testbed::{Arms, Testbed},
 };
 
@@ -40,18 +40,7 @@ fn serve_bulk(listener: TcpListener) -> Result<()> {
     let (cmd, n) = line.trim().split_once(' ').context("bulk command")?;
     let n: u64 = n.parse()?;
     match cmd {
-        "get" => {
-            let mut buf = vec![0u8; 64 << 10];
-            let mut off = 0;
-            while off < n {
-                let len = (n - off).min(buf.len() as u64) as usize;
-                for (j, b) in buf[..len].iter_mut().enumerate() {
-                    *b = byte(off + j as u64);
-                }
-                w.write_all(&buf[..len])?;
-                off += len as u64;
-            }
-        }
+        "get" => write_pattern(&mut w, n)?,
         "put" => {
             let verdict = match read_pattern(&mut r, n) {
                 Ok(()) => "ok".to_string(),
@@ -60,6 +49,21 @@ fn serve_bulk(listener: TcpListener) -> Result<()> {
             writeln!(w, "{verdict}")?;
         }
         other => bail!("unknown bulk command {other}"),
+    }
+    Ok(())
+}
+
+/// Writes the first `n` bytes of the pattern.
+fn write_pattern(w: &mut impl Write, n: u64) -> Result<()> {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut off = 0;
+    while off < n {
+        let len = (n - off).min(buf.len() as u64) as usize;
+        for (j, b) in buf[..len].iter_mut().enumerate() {
+            *b = byte(off + j as u64);
+        }
+        w.write_all(&buf[..len])?;
+        off += len as u64;
     }
     Ok(())
 }
@@ -100,16 +104,7 @@ fn bulk(tb: &Testbed, pod: &Netns, pod_addr: SocketAddrV4, cmd: &'static str) ->
             match cmd {
                 "get" => read_pattern(&mut c, BULK).context("download through the VIP"),
                 _ => {
-                    let mut buf = vec![0u8; 64 << 10];
-                    let mut off = 0;
-                    while off < BULK {
-                        let len = (BULK - off).min(buf.len() as u64) as usize;
-                        for (j, b) in buf[..len].iter_mut().enumerate() {
-                            *b = byte(off + j as u64);
-                        }
-                        c.write_all(&buf[..len])?;
-                        off += len as u64;
-                    }
+                    write_pattern(&mut c, BULK)?;
                     let mut answer = String::new();
                     BufReader::new(c).read_line(&mut answer)?;
                     if answer.trim() != "ok" {
@@ -141,14 +136,7 @@ fn pods_on_the_lb_node_with_default_offloads_serve_tcp_udp_and_big_transfers() {
         );
         assert!(offload(&b.ns, "b0", "tcp-segmentation-offload").ends_with(" on"));
     }
-    let _servers: Vec<Servers> = tb
-        .backends
-        .iter()
-        .map(|b| {
-            Servers::start(&b.ns, &b.name, &[SocketAddrV4::new(b.ip, TCP_PORT)], &[SocketAddrV4::new(b.ip, UDP_PORT)])
-                .unwrap()
-        })
-        .collect();
+    let _servers = tb.start_servers(TCP_PORT, UDP_PORT).unwrap();
     let tcp: Vec<_> = (0..3).map(|i| tb.backend(i, TCP_PORT)).collect();
     let udp: Vec<_> = (0..3).map(|i| tb.backend(i, UDP_PORT)).collect();
     let bulk_backend = vec![tb.backend(0, BULK_PORT)];

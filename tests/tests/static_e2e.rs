@@ -15,12 +15,7 @@ const UDP_PORT: u16 = 5353;
 
 /// Starts servers on every backend.
 fn servers(tb: &Testbed) -> Result<Vec<Servers>> {
-    tb.backends
-        .iter()
-        .map(|b| {
-            Servers::start(&b.ns, &b.name, &[SocketAddrV4::new(b.ip, TCP_PORT)], &[SocketAddrV4::new(b.ip, UDP_PORT)])
-        })
-        .collect()
+    tb.start_servers(TCP_PORT, UDP_PORT)
 }
 
 fn services(tb: &Testbed, backends: &[usize]) -> Vec<(&'static str, u16, &'static str, Vec<SocketAddrV4>)> {
