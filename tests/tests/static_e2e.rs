@@ -122,6 +122,14 @@ fn one_armed_lb_serves_and_balances_tcp_and_udp() {
     serves_and_balances(Arms::One);
 }
 
+/// The same with the backends as pods on the LB node, their veths keeping the default
+/// offloads (TX checksum, TSO): the wire beds above turn them off, as a real NIC delivers
+/// full checksums.
+#[test]
+fn pods_on_the_lb_node_serve_and_balance_tcp_and_udp() {
+    serves_and_balances(Arms::LocalPods);
+}
+
 #[test]
 fn runtime_changes_keep_surviving_flows_and_end_removed_ones() {
     let mut tb = Testbed::new(Arms::Two, 3).unwrap();
