@@ -37,11 +37,6 @@ pub const SNAT_TRIES: u32 = 16;
 /// cursor comes back to a port within seconds.
 pub const CLOSED_REUSE_NS: u64 = 1_000_000_000;
 
-/// A half-open flow gives its SNAT port to a new flow once it is this old: a real
-/// handshake completes well within it, and after a flood of spoofed SYNs (which never
-/// complete) every port is free again a second later instead of after the half-open timeout.
-pub const HALF_OPEN_RECLAIM_NS: u64 = 1_000_000_000;
-
 /// How long new flows are refused after the table of confirmed flows was found full.
 pub const FULL_BACKOFF_NS: u64 = 1_000_000_000;
 
@@ -194,7 +189,7 @@ pub fn cpu_state() -> Option<&'static mut CpuState> {
 #[inline(always)]
 fn reclaimable(table: Table, key: &FlowKey, f: &FlowValue, now: u64) -> bool {
     if table == Table::HalfOpen
-        && (half_open_peer(key, f).is_none() || now.saturating_sub(f.created_ns) >= HALF_OPEN_RECLAIM_NS)
+        && (half_open_peer(key, f).is_none() || now.saturating_sub(f.created_ns) >= config!(half_open_reclaim_ns))
     {
         return true;
     }

@@ -757,7 +757,12 @@ fn tcp_segments_of_unknown_flows_get_a_reset_and_create_nothing() {
 #[test]
 fn half_of_an_evicted_half_open_pair_is_never_used() {
     // One SNAT port: whoever holds it holds the only tuple towards the backend.
-    let config = DataplaneConfig { snat_port_min: 20000, snat_port_max: 20000, ..DataplaneConfig::default() };
+    let config = DataplaneConfig {
+        snat_port_min: 20000,
+        snat_port_max: 20000,
+        half_open_reclaim_ns: u64::MAX,
+        ..DataplaneConfig::default()
+    };
     let mut lab = Lab::with_config(config, MapSizes { flow_entries: 4096, ..MapSizes::default() }).unwrap();
     let web = svc(80, Protocol::Tcp, &[be(0, 80)]);
     lab.program(vec![web.clone()]).unwrap();
@@ -784,6 +789,24 @@ fn half_of_an_evicted_half_open_pair_is_never_used() {
     lab.dp.maps.remove_flow_in(FlowTable::HalfOpen, &b).unwrap();
     assert_eq!(lab.xdp(&synack.bytes(), lab.be).unwrap().verdict, xdp::DROP);
     assert_eq!(lab.stats(&web).unwrap().drops.stale_flow, 1);
+}
+
+#[test]
+fn a_port_held_by_a_half_open_flow_goes_to_a_new_flow_that_needs_it() {
+    // One SNAT port, held by a SYN nobody completes (a spoofed one).
+    let config = DataplaneConfig { snat_port_min: 20000, snat_port_max: 20000, ..DataplaneConfig::default() };
+    let mut lab = Lab::with_config(config, MapSizes { flow_entries: 4096, ..MapSizes::default() }).unwrap();
+    lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 80)])]).unwrap();
+    syn_to(&mut lab, 49000, 80);
+    let spoofed = key(client(49000), vip(80), proto::TCP);
+    assert!(lab.dp.maps.flow(&spoofed).unwrap().is_some());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Older than the reclaim age (100 ms): a real client gets the port at once, not after
+    // the 10 s half-open timeout.
+    syn_to(&mut lab, 49001, 80);
+    assert_eq!(snat_of(&lab, key(client(49001), vip(80), proto::TCP)).port(), 20000);
+    assert!(lab.dp.maps.flow(&spoofed).unwrap().is_none(), "the spoofed flow gave its port up, both entries");
+    assert_eq!(lab.dp.maps.flows().unwrap().len(), 2);
 }
 
 #[test]
@@ -892,7 +915,13 @@ fn generated_answers_are_rate_limited_per_cpu() {
 
 #[test]
 fn snat_ports_are_unique_and_exhaustion_is_counted() {
-    let config = DataplaneConfig { snat_port_min: 20000, snat_port_max: 20003, ..DataplaneConfig::default() };
+    // Ports held by half-open flows are not reclaimed during the test, however slow it runs.
+    let config = DataplaneConfig {
+        snat_port_min: 20000,
+        snat_port_max: 20003,
+        half_open_reclaim_ns: u64::MAX,
+        ..DataplaneConfig::default()
+    };
     let mut lab = Lab::with_config(config, MapSizes { flow_entries: 4096, ..MapSizes::default() }).unwrap();
     let web = svc(80, Protocol::Tcp, &[be(0, 80)]);
     lab.program(vec![web.clone()]).unwrap();

@@ -322,9 +322,9 @@ impl Dataplane {
         };
 
         let xdp: &mut Xdp = program(&mut ebpf, program_names::XDP)?;
-        xdp.load().map_err(|source| LoadError::Program { name: program_names::XDP, source })?;
+        load_retrying(|| xdp.load()).map_err(|source| LoadError::Program { name: program_names::XDP, source })?;
         let tc: &mut SchedClassifier = program(&mut ebpf, program_names::TC)?;
-        tc.load().map_err(|source| LoadError::Program { name: program_names::TC, source })?;
+        load_retrying(|| tc.load()).map_err(|source| LoadError::Program { name: program_names::TC, source })?;
 
         let maps = Maps::open(dir)?;
         info!(pin_dir = %dir.display(), "data path loaded");
@@ -547,6 +547,23 @@ impl Dataplane {
 }
 
 /// The link pinned at `path`, if any.
+/// Runs a program load, again up to four times when the verifier was interrupted: it
+/// gives up with `EAGAIN` when a signal is pending for the loading thread (a child exiting
+/// is enough), and libbpf retries the same way.
+fn load_retrying(mut load: impl FnMut() -> Result<(), ProgramError>) -> Result<(), ProgramError> {
+    let interrupted = |e: &ProgramError| matches!(e, ProgramError::LoadError { io_error, .. } if io_error.raw_os_error() == Some(libc::EAGAIN));
+    let mut tries = 1;
+    loop {
+        match load() {
+            Err(e) if interrupted(&e) && tries < 5 => {
+                warn!(try_ = tries, "program load interrupted (EAGAIN); trying again");
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 fn open_pinned(path: &Path) -> Result<Option<FdLink>, LoadError> {
     if !path.exists() {
         return Ok(None);
