@@ -121,9 +121,10 @@ impl Segment {
         let ifindex = self.client.ifindex("c0")?;
         let mac = self.client.mac("c0")?;
         let targets = BTreeSet::from([vip]);
-        let answers = self
-            .client
-            .run(|| lb_agent::net::arp::ask(ifindex, mac, CLIENT_IP, &targets, Duration::from_millis(300)))??;
+        let answers = self.client.run(|| {
+            use lb_agent::net::arp;
+            arp::ask(ifindex, mac, CLIENT_IP, &targets, Duration::from_millis(300), arp::Answers::Replies)
+        })??;
         answers
             .get(&vip)
             .into_iter()

@@ -215,14 +215,19 @@ async fn a_killed_agent_alone_leaves_one_answering_node_at_every_moment() {
     let vip = vips["svc-0"];
     bed.kill(victim).unwrap();
     // Until the other node owns it: never two answers, and never a refused connection (the
-    // killed node's kernel keeps serving while its address lives).
+    // killed node's kernel keeps serving while its address lives). The one exception is a
+    // connection in flight while the new owner announces itself: its later packets reach the
+    // other node, which holds no translation for it (full NAT), so it may fail.
     let until = Instant::now() + SETTLE;
     let mut failed = 0;
     loop {
         let answering = tokio::task::block_in_place(|| bed.seg.answering(vip)).unwrap();
         assert!(answering.len() <= 1, "two nodes answer for {vip}: {answering:?}");
         if tokio::task::block_in_place(|| bed.seg.ask(vip, Duration::from_millis(500))).is_err() {
-            failed += 1;
+            let after = tokio::task::block_in_place(|| bed.seg.answering(vip)).unwrap();
+            if after == answering {
+                failed += 1;
+            }
         }
         if answering == BTreeSet::from([1 - victim]) {
             break;

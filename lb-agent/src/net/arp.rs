@@ -42,16 +42,28 @@ pub fn announcement(mac: [u8; 6], vip: Ipv4Addr) -> [u8; FRAME_LEN] {
     request(mac, vip, vip)
 }
 
-/// The MAC address that sent `frame` if it is an ARP reply, or an announcement, for one of
-/// `targets`: (address, MAC).
-pub fn answer(frame: &[u8], targets: &BTreeSet<Ipv4Addr>) -> Option<(Ipv4Addr, [u8; 6])> {
+/// What [`ask`] counts as an answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answers {
+    /// Replies and announcements: anyone claiming the address (static mode's check before
+    /// it takes one).
+    Claims,
+    /// Only replies to the request: who answers now. A new owner's gratuitous ARP is not
+    /// one, even when it arrives while the old owner's reply is still being collected.
+    Replies,
+}
+
+/// The MAC address that sent `frame` if it is an ARP reply, or (with [`Answers::Claims`])
+/// an announcement, for one of `targets`: (address, MAC).
+pub fn answer(frame: &[u8], targets: &BTreeSet<Ipv4Addr>, which: Answers) -> Option<(Ipv4Addr, [u8; 6])> {
     let eth = Ethernet2HeaderSlice::from_slice(frame).ok()?;
     if eth.ether_type() != EtherType::ARP {
         return None;
     }
     let arp = ArpPacketSlice::from_slice(frame.get(Ethernet2Header::LEN..)?).ok()?.to_packet().try_eth_ipv4().ok()?;
     let sender = arp.sender_ipv4_addr();
-    let announces = arp.operation == ArpOperation::REQUEST && sender == arp.target_ipv4_addr();
+    let announces =
+        which == Answers::Claims && arp.operation == ArpOperation::REQUEST && sender == arp.target_ipv4_addr();
     (targets.contains(&sender) && (arp.operation == ArpOperation::REPLY || announces))
         .then_some((sender, arp.sender_mac))
 }
@@ -141,6 +153,7 @@ pub fn ask(
     sender: Ipv4Addr,
     targets: &BTreeSet<Ipv4Addr>,
     wait: Duration,
+    which: Answers,
 ) -> io::Result<BTreeMap<Ipv4Addr, BTreeSet<[u8; 6]>>> {
     let fd = arp_socket(ifindex, true)?;
     for t in targets {
@@ -153,7 +166,7 @@ pub fn ask(
         // SAFETY: `buf` is writable for its whole length.
         let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         let Ok(n) = usize::try_from(n) else { continue };
-        if let Some((ip, from)) = answer(&buf[..n], targets)
+        if let Some((ip, from)) = answer(&buf[..n], targets, which)
             && from != mac
         {
             out.entry(ip).or_default().insert(from);
@@ -171,14 +184,15 @@ mod tests {
         let vip = Ipv4Addr::new(192, 0, 2, 10);
         let other = [0x02, 0, 0, 0, 0, 9];
         let targets = BTreeSet::from([vip]);
-        assert_eq!(answer(&announcement(other, vip), &targets), Some((vip, other)));
+        assert_eq!(answer(&announcement(other, vip), &targets, Answers::Claims), Some((vip, other)));
+        assert_eq!(answer(&announcement(other, vip), &targets, Answers::Replies), None, "an announcement is no reply");
         // A plain request from someone asking for it is not an answer.
-        assert_eq!(answer(&request(other, Ipv4Addr::new(192, 0, 2, 1), vip), &targets), None);
+        assert_eq!(answer(&request(other, Ipv4Addr::new(192, 0, 2, 1), vip), &targets, Answers::Claims), None);
         let mut reply = request(other, vip, Ipv4Addr::new(192, 0, 2, 1));
         reply[21] = 2; // ARP operation: reply
-        assert_eq!(answer(&reply, &targets), Some((vip, other)));
-        assert_eq!(answer(&reply, &BTreeSet::from([Ipv4Addr::new(192, 0, 2, 99)])), None);
-        assert_eq!(answer(&reply[..20], &targets), None, "truncated");
+        assert_eq!(answer(&reply, &targets, Answers::Claims), Some((vip, other)));
+        assert_eq!(answer(&reply, &BTreeSet::from([Ipv4Addr::new(192, 0, 2, 99)]), Answers::Claims), None);
+        assert_eq!(answer(&reply[..20], &targets, Answers::Claims), None, "truncated");
     }
 
     #[test]

@@ -144,10 +144,12 @@ impl Announcer for ArpAnnouncer {
         let (index, targets, name) = (link.index, vips.clone(), link.name.clone());
         let first = vips.first().copied().unwrap_or(Ipv4Addr::UNSPECIFIED);
         // The answers take `wait` to collect: off the async threads.
-        tokio::task::spawn_blocking(move || arp::ask(index, mac, Ipv4Addr::UNSPECIFIED, &targets, wait))
-            .await
-            .map_err(|e| IoError::Announce { vip: first, iface: name.clone(), source: std::io::Error::other(e) })?
-            .map_err(|source| IoError::Announce { vip: first, iface: name, source })
+        tokio::task::spawn_blocking(move || {
+            arp::ask(index, mac, Ipv4Addr::UNSPECIFIED, &targets, wait, arp::Answers::Claims)
+        })
+        .await
+        .map_err(|e| IoError::Announce { vip: first, iface: name.clone(), source: std::io::Error::other(e) })?
+        .map_err(|source| IoError::Announce { vip: first, iface: name, source })
     }
 }
 
