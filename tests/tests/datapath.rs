@@ -800,8 +800,8 @@ fn a_port_held_by_a_half_open_flow_goes_to_a_new_flow_that_needs_it() {
     syn_to(&mut lab, 49000, 80);
     let spoofed = key(client(49000), vip(80), proto::TCP);
     assert!(lab.dp.maps.flow(&spoofed).unwrap().is_some());
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    // Older than the reclaim age (100 ms): a real client gets the port at once, not after
+    std::thread::sleep(std::time::Duration::from_millis(1300));
+    // Older than the reclaim age (1 s): a real client gets the port at once, not after
     // the 10 s half-open timeout.
     syn_to(&mut lab, 49001, 80);
     assert_eq!(snat_of(&lab, key(client(49001), vip(80), proto::TCP)).port(), 20000);
