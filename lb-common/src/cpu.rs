@@ -14,7 +14,8 @@ pub struct CpuState {
     /// Theoretical arrival time (GCRA) of the next generated answer, `CLOCK_MONOTONIC` ns.
     pub reply_tat_ns: u64,
     /// Until when new flows are refused because the table of confirmed flows was found
-    /// full, `CLOCK_MONOTONIC` ns.
+    /// full, `CLOCK_MONOTONIC` ns. Per CPU on purpose: each CPU learns it from its own
+    /// failed promotion, and no new flow pays for a shared cache line.
     pub full_until_ns: u64,
 }
 

@@ -853,8 +853,20 @@ fn half_open_flows_expire_after_their_short_timeout() {
     assert_eq!(out.verdict, xdp::REDIRECT);
 }
 
+/// Keeps the calling test thread on CPU 0, for behaviour the data path keeps per CPU.
+fn pin_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the call only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set), 0, "pin the test thread to CPU 0");
+    }
+}
+
 #[test]
 fn a_full_flow_table_refuses_new_flows_with_a_reset_and_keeps_the_old_ones() {
+    // Each CPU learns by itself that the table is full (no shared write per new flow).
+    pin_to_cpu0();
     // Room for two confirmed flows.
     let sizes = MapSizes { flow_entries: 4, ..MapSizes::default() };
     let mut lab = Lab::with_config(DataplaneConfig::default(), sizes).unwrap();
@@ -881,12 +893,7 @@ fn a_full_flow_table_refuses_new_flows_with_a_reset_and_keeps_the_old_ones() {
 #[test]
 fn generated_answers_are_rate_limited_per_cpu() {
     // The limit is per CPU: keep every run on one.
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; the call only reads it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set), 0, "pin the test thread to CPU 0");
-    }
+    pin_to_cpu0();
     // One answer a second with a burst of 5.
     let config = DataplaneConfig {
         reply_interval_ns: 1_000_000_000,
