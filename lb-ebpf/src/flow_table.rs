@@ -14,7 +14,7 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_get_smp_processor_id};
 use lb_common::{
     cpu::CpuState,
-    flow::{FLOW_FIN, FLOW_PEER_FIN, FLOW_REPLY, FLOW_RST, FlowKey, FlowValue},
+    flow::{FLOW_FIN, FLOW_PEER_FIN, FLOW_REPLY, FLOW_RST, FLOW_SEEN_REPLY, FlowKey, FlowValue},
 };
 
 use crate::{
@@ -97,6 +97,18 @@ pub fn half_open_peer(key: &FlowKey, f: &FlowValue) -> Option<*mut FlowValue> {
     let peer = HALF_OPEN.get_ptr_mut(f.peer_key(key.proto))?;
     // SAFETY: `peer` points into a live map entry; the fields are only read.
     if FlowValue::pairs_with(key, unsafe { &*peer }) { Some(peer) } else { None }
+}
+
+/// Marks the forward entry `peer` of a half-open flow as answered (a reply went through),
+/// so the client's next packet confirms the flow. Writes only the first time.
+#[inline(always)]
+pub fn mark_answered(peer: *mut FlowValue) {
+    // SAFETY: `peer` points into a live entry; `flags` is only modified atomically.
+    unsafe {
+        if (*peer).flags & FLOW_SEEN_REPLY == 0 {
+            atomic::or(&raw mut (*peer).flags, FLOW_SEEN_REPLY);
+        }
+    }
 }
 
 /// A copy of the entry for `key` that may be used to translate: a confirmed entry, or a

@@ -19,13 +19,12 @@ use aya_ebpf::{
 };
 use lb_common::{
     addr::AddrKey,
-    flow::{FLOW_REPLY, FLOW_SEEN_REPLY, FlowKey},
+    flow::{FLOW_REPLY, FlowKey},
     proto,
     stats::DropReason,
 };
 
 use crate::{
-    atomic,
     fib::{self, Route},
     flow_table::{self, Table},
     hdr::*,
@@ -74,12 +73,7 @@ fn process(ctx: &TcContext) -> Option<i32> {
         // the client's next packet (in XDP) confirms it.
         let peer = flow_table::half_open_peer(&key, &f)?;
         if f.flags & FLOW_REPLY != 0 {
-            // SAFETY: `peer` points into a live entry; `flags` is only modified atomically.
-            unsafe {
-                if (*peer).flags & FLOW_SEEN_REPLY == 0 {
-                    atomic::or(&raw mut (*peer).flags, FLOW_SEEN_REPLY);
-                }
-            }
+            flow_table::mark_answered(peer);
         }
     }
     if !flow_table::backend_alive(&f) {

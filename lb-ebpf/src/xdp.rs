@@ -241,16 +241,13 @@ fn half_open(p: &L4Packet, table: Table, fp: *mut FlowValue, now: u64) -> Known 
         return Known::Over;
     };
     if reply {
-        // SAFETY: `peer` points into a live entry; `flags` is only modified atomically.
-        unsafe {
-            if (*peer).flags & FLOW_SEEN_REPLY == 0 {
-                atomic::or(&raw mut (*peer).flags, FLOW_SEEN_REPLY);
-            }
-        }
+        flow_table::mark_answered(peer);
         return Known::Use(table, fp);
     }
     let syn = p.key.proto == proto::TCP && p.tcp_flags & TCP_SYN != 0;
-    if f.flags & FLOW_SEEN_REPLY != 0 && !syn {
+    // While this CPU found `flows` full a moment ago, the flow goes on half-open without
+    // two failing inserts per packet.
+    if f.flags & FLOW_SEEN_REPLY != 0 && !syn && !flow_table::refusing(now) {
         // The client answered the reply (for TCP, the ACK of the SYN-ACK): a real client,
         // not a spoofed source. From now on the flow cannot be evicted.
         // SAFETY: `peer` points into a live entry; only read.
