@@ -161,6 +161,8 @@ struct ConfigInfo<'a> {
     denied: Vec<(u32, u32, String)>,
     /// The config is being deleted (its finalizer holds it while services use it).
     deleting: bool,
+    /// `namespaceSelector`, parsed once.
+    namespaces: Option<kube::core::Selector>,
 }
 
 /// One candidate service being allocated.
@@ -226,6 +228,15 @@ impl Holders {
     }
 }
 
+/// Parses a config's optional label selector `sel`; the error names the field.
+fn selector(
+    sel: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+    reason: Reason,
+    field: &str,
+) -> Result<Option<kube::core::Selector>, Problem> {
+    sel.clone().map(kube::core::Selector::try_from).transpose().map_err(|e| problem(reason, format!("{field}: {e}")))
+}
+
 /// The config a service whose config went bad stays frozen on: the one it names (if it
 /// still exists, invalid or being deleted), or, without the annotation, the default whose
 /// pool holds its address (several defaults) or the only default (invalid). `None` if there
@@ -279,19 +290,12 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
                 }
                 _ => pool,
             };
-            let pool = match (pool, &c.spec.announce.node_selector) {
-                (Ok(p), Some(sel)) => match kube::core::Selector::try_from(sel.clone()) {
-                    Ok(_) => Ok(p),
-                    Err(e) => Err(problem(Reason::InvalidNodeSelector, format!("announce.nodeSelector: {e}"))),
-                },
-                (pool, _) => pool,
-            };
-            let pool = match (pool, &c.spec.namespace_selector) {
-                (Ok(p), Some(sel)) => match kube::core::Selector::try_from(sel.clone()) {
-                    Ok(_) => Ok(p),
-                    Err(e) => Err(problem(Reason::InvalidNamespaceSelector, format!("namespaceSelector: {e}"))),
-                },
-                (pool, _) => pool,
+            let nodes = selector(&c.spec.announce.node_selector, Reason::InvalidNodeSelector, "announce.nodeSelector");
+            let namespaces =
+                selector(&c.spec.namespace_selector, Reason::InvalidNamespaceSelector, "namespaceSelector");
+            let (pool, namespaces) = match (pool, nodes, namespaces) {
+                (Ok(p), Ok(_), Ok(ns)) => (Ok(p), ns),
+                (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => (Err(e), None),
             };
             let denied: Result<Vec<_>, _> = c
                 .spec
@@ -305,7 +309,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
                 (pool, denied) => (pool, denied.unwrap_or_default()),
             };
             let deleting = c.metadata.deletion_timestamp.is_some();
-            Some((name, ConfigInfo { cfg: c, pool, denied, deleting }))
+            Some((name, ConfigInfo { cfg: c, pool, denied, deleting, namespaces }))
         })
         .collect();
     let defaults: Vec<&String> = configs.iter().filter(|(_, c)| c.cfg.spec.default).map(|(n, _)| n).collect();
@@ -399,16 +403,13 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
             },
         };
         // The config must select the Service's namespace.
-        let config = config.and_then(|name| {
-            let sel = configs.get(&name).and_then(|c| c.cfg.spec.namespace_selector.clone());
-            match sel.map(kube::core::Selector::try_from) {
-                None => Ok(name),
-                Some(Ok(sel)) if kube::core::SelectorExt::matches(&sel, namespace_labels(&r.namespace)) => Ok(name),
-                Some(_) => Err(problem(
-                    Reason::NamespaceNotSelected,
-                    format!("LoadBalancerConfig {name}'s namespaceSelector does not select namespace {}", r.namespace),
-                )),
-            }
+        let config = config.and_then(|name| match configs.get(&name).and_then(|c| c.namespaces.as_ref()) {
+            None => Ok(name),
+            Some(sel) if kube::core::SelectorExt::matches(sel, namespace_labels(&r.namespace)) => Ok(name),
+            Some(_) => Err(problem(
+                Reason::NamespaceNotSelected,
+                format!("LoadBalancerConfig {name}'s namespaceSelector does not select namespace {}", r.namespace),
+            )),
         });
         // A config that is being deleted hands out nothing new.
         let config = config.and_then(|name| match configs.get(&name) {

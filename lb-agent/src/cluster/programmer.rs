@@ -127,6 +127,8 @@ pub fn node_desired(o: &Objects<'_>, class: &str, me: &Me<'_>) -> Programmed {
             AnnounceMode::L2 => Hold::Standby,
         };
         out.desired.holds.entry(vip).and_modify(|h| *h = combine(*h, hold)).or_insert(hold);
+        let to_nodes = cfg.spec.backend_mode == BackendMode::NodePort;
+        let denied = backend_policy::denied(cfg);
         let mut ids = Vec::new();
         for p in &status.ports {
             let Some(protocol) = Protocol::parse(&p.protocol) else { continue };
@@ -140,8 +142,7 @@ pub fn node_desired(o: &Objects<'_>, class: &str, me: &Me<'_>) -> Programmed {
                 BackendMode::Endpoints => endpoints::from_slices(svc, sp, o.slices.iter().copied()),
                 BackendMode::NodePort => endpoints::from_nodes(sp, o.nodes.iter().copied()),
             };
-            let to_nodes = cfg.spec.backend_mode == BackendMode::NodePort;
-            let (backends, _) = guard.filter(backends, to_nodes, &backend_policy::denied(cfg));
+            let (backends, _) = guard.filter(backends, to_nodes, &denied);
             let id = ServiceId::Port { service: r.clone(), port: p.service_port, protocol };
             ids.push(id.clone());
             out.desired.services.push(ServiceSpec {
