@@ -8,7 +8,8 @@ use std::{
 };
 
 use lb_common::{
-    flow::{FLOW_L2_VALID, FLOW_REPLY, FlowKey, FlowValue},
+    flow::{FLOW_REPLY, FlowKey, FlowValue},
+    hop::HOP_READY,
     stats::{DropReason, ServiceStats},
 };
 use serde::Serialize;
@@ -78,7 +79,7 @@ pub struct FlowView {
     pub idle_s: u64,
     /// Age in seconds.
     pub age_s: u64,
-    /// Next hop resolved (fast path) or waiting for the neighbour.
+    /// The backend's next hop is resolved and cached (fast path), or not (yet).
     pub next_hop_resolved: bool,
     /// TCP connection closed (FIN both ways or RST).
     pub closed: bool,
@@ -181,7 +182,9 @@ pub fn snapshot(maps: &Maps, with_flows: bool) -> Result<Snapshot, MapsError> {
                 backend: SocketAddrV4::new(v.dst.into(), v.dport),
                 idle_s: now.saturating_sub(v.last_seen_ns) / 1_000_000_000,
                 age_s: now.saturating_sub(v.created_ns) / 1_000_000_000,
-                next_hop_resolved: v.flags & FLOW_L2_VALID != 0,
+                next_hop_resolved: maps
+                    .next_hop(v.backend_id)
+                    .is_ok_and(|h| h.state == HOP_READY && h.generation == v.generation),
                 closed: v.is_closed(),
                 half_open: *t == FlowTable::HalfOpen,
             })

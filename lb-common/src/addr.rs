@@ -46,6 +46,11 @@ pub struct IfaceInfo {
     pub vlan: u16,
     /// `IFACE_*` bits.
     pub flags: u16,
+    /// The interface's MTU, zero if unknown. Replies leave through the interface their
+    /// flow's first packet came in on, and are checked against it.
+    pub mtu: u16,
+    /// Always zero.
+    pub _pad: u16,
 }
 
 /// `IfaceInfo::flags`: send frames back out of this device with `bpf_redirect` rather than
@@ -62,7 +67,7 @@ pub const IFACE_TC_PATH: u16 = 2;
 
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 4);
 const _: () = assert!(core::mem::size_of::<AddrInfo>() == 4);
-const _: () = assert!(core::mem::size_of::<IfaceInfo>() == 12);
+const _: () = assert!(core::mem::size_of::<IfaceInfo>() == 16);
 const _: () = assert!(core::mem::size_of::<NodeLease>() == 8);
 
 crate::pod!(AddrKey, AddrInfo, IfaceInfo, NodeLease);

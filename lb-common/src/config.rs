@@ -10,7 +10,9 @@ pub struct DataplaneConfig {
     pub tcp_closing_timeout_ns: u64,
     /// Idle time after which a UDP flow is reassigned.
     pub udp_timeout_ns: u64,
-    /// How often an established flow re-resolves its cached next hop.
+    /// Longest time a backend's next hop (`next_hops`) is used before it is looked up in
+    /// the FIB again. Route and neighbour changes take effect at once (the agent bumps the
+    /// route epoch); this bounds staleness when no agent runs.
     pub l2_refresh_ns: u64,
     /// Idle time after which a flow that was never confirmed (no reply, or no client
     /// packet after the reply: a spoofed SYN) is reclaimed.
@@ -48,7 +50,7 @@ impl DataplaneConfig {
         tcp_timeout_ns: 3600 * 1_000_000_000,
         tcp_closing_timeout_ns: 10 * 1_000_000_000,
         udp_timeout_ns: 120 * 1_000_000_000,
-        l2_refresh_ns: 1_000_000_000,
+        l2_refresh_ns: 10_000_000_000,
         half_open_timeout_ns: 10 * 1_000_000_000,
         half_open_reclaim_ns: 1_000_000_000,
         reply_interval_ns: 1_000_000_000 / REPLY_RATE,

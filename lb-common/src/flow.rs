@@ -36,7 +36,13 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
-/// How to rewrite and forward the packets of one direction of a flow.
+/// How to rewrite and forward the packets of one direction of a flow: one cache line.
+///
+/// A forward entry (client → backend) is sent to the backend's next hop, which lives once
+/// per backend in `next_hops` (see [`crate::hop`]), not in every flow. A reply entry
+/// (backend → client) is sent back the way the client's first packet came in: the data
+/// path learns that hop from the SYN (ingress device, the frame's MACs swapped, its VLAN
+/// tag) and stores it here, so no reply needs a FIB lookup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
@@ -50,37 +56,34 @@ pub struct FlowValue {
     pub dport: u16,
     /// Service the flow belongs to (index into `stats`).
     pub service_id: u32,
-    /// Backend the flow was assigned (index into `backends`).
+    /// Backend the flow was assigned (index into `backends` and `next_hops`).
     pub backend_id: u32,
     /// `Backend::generation` when the flow was created.
     pub generation: u32,
-    /// `FLOW_*` bits.
+    /// `FLOW_*` bits. Only ever changed with atomic OR, so concurrent CPUs lose no bit.
     pub flags: u32,
+    /// (Reply entries.) Device to transmit on: the one the client's first packet came in on.
+    pub tx_ifindex: u32,
+    /// Last packet seen in this direction, `CLOCK_MONOTONIC` ns. Written at most once per
+    /// [`touch_interval_ns`] of the entry's timeout, so established packets rarely write.
+    pub last_seen_ns: u64,
     /// Creation time, `CLOCK_MONOTONIC` nanoseconds.
     pub created_ns: u64,
-    /// Last packet seen in this direction, `CLOCK_MONOTONIC` ns (refreshed at most
-    /// once per second so established packets rarely write).
-    pub last_seen_ns: u64,
-    /// When the cached next hop below was last looked up in the FIB.
-    pub l2_checked_ns: u64,
-    /// Egress interface the FIB chose (a VLAN interface if the route says so).
-    pub oif: u32,
-    /// Device that transmits the frame (`IfaceInfo::tx_ifindex` of `oif`).
-    pub tx_ifindex: u32,
-    /// Source MAC of the rewritten frame.
+    /// (Reply entries.) Source MAC: the destination MAC of the client's first frame.
     pub smac: [u8; 6],
-    /// Destination MAC (next hop) of the rewritten frame.
+    /// (Reply entries.) Destination MAC: the source MAC of the client's first frame.
     pub dmac: [u8; 6],
-    /// VLAN id to transmit with, zero for none.
+    /// (Reply entries.) VLAN id to tag with (the client's first frame's), zero for none.
     pub vlan: u16,
-    /// `IfaceInfo::flags` of `oif`.
-    pub tx_flags: u16,
+    /// (Reply entries.) MTU of the way back; zero if unknown (no check).
+    pub mtu: u16,
 }
 
 /// This entry translates replies (backend → client).
 pub const FLOW_REPLY: u32 = 1 << 0;
-/// `oif`, `tx_ifindex`, `smac`, `dmac` and `vlan` hold a resolved next hop.
-pub const FLOW_L2_VALID: u32 = 1 << 1;
+/// (Reply entries.) Transmit with `bpf_redirect` rather than `XDP_TX` (the ingress device
+/// has `IFACE_TX_REDIRECT`).
+pub const FLOW_TX_REDIRECT: u32 = 1 << 1;
 /// A TCP FIN went through in this entry's direction.
 pub const FLOW_FIN: u32 = 1 << 2;
 /// A TCP FIN went through in the opposite direction.
@@ -90,6 +93,27 @@ pub const FLOW_RST: u32 = 1 << 4;
 /// (Forward entry of a half-open flow.) A reply went through: the client's next packet
 /// confirms the flow.
 pub const FLOW_SEEN_REPLY: u32 = 1 << 5;
+
+/// Shortest interval between two writes of `last_seen_ns`.
+pub const TOUCH_MIN_NS: u64 = 1_000_000_000;
+/// Longest interval between two writes of `last_seen_ns`.
+pub const TOUCH_MAX_NS: u64 = 60_000_000_000;
+
+/// How stale `last_seen_ns` may get for an entry with idle timeout `timeout_ns`: a
+/// sixteenth of it, between one second and a minute. An established TCP flow (one hour)
+/// writes its entry once a minute, a UDP flow (two minutes) every 7.5 s; an idle timeout
+/// is then honoured to within 1/16.
+#[inline(always)]
+pub const fn touch_interval_ns(timeout_ns: u64) -> u64 {
+    let t = timeout_ns / 16;
+    if t < TOUCH_MIN_NS {
+        TOUCH_MIN_NS
+    } else if t > TOUCH_MAX_NS {
+        TOUCH_MAX_NS
+    } else {
+        t
+    }
+}
 
 impl FlowValue {
     /// The key under which the opposite direction of this flow is stored.
@@ -121,7 +145,8 @@ impl FlowValue {
 }
 
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
-const _: () = assert!(core::mem::size_of::<FlowValue>() == 80);
-const _: () = assert!(core::mem::offset_of!(FlowValue, created_ns) == 32);
+const _: () = assert!(core::mem::size_of::<FlowValue>() == 64);
+const _: () = assert!(core::mem::offset_of!(FlowValue, flags) == 24);
+const _: () = assert!(core::mem::offset_of!(FlowValue, last_seen_ns) == 32);
 
 crate::pod!(FlowKey, FlowValue);

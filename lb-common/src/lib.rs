@@ -15,6 +15,7 @@ pub mod checksum;
 pub mod config;
 pub mod cpu;
 pub mod flow;
+pub mod hop;
 pub mod service;
 pub mod stats;
 
@@ -42,9 +43,26 @@ pub mod map_names {
     pub const RR: &str = "rr";
     /// 0 → `NodeLease`: until when this node may answer ARP for the VIPs it owns.
     pub const LEASE: &str = "lease";
+    /// backend id → `BackendHop`: the next hop towards each backend.
+    pub const NEXT_HOPS: &str = "next_hops";
+    /// 0 → `RouteEpoch`: bumped by the agent when routes or neighbours change.
+    pub const ROUTE_EPOCH: &str = "route_epoch";
     /// Every map the agent pins, in a fixed order.
-    pub const ALL: [&str; 11] =
-        [SERVICES, SLOTS, BACKENDS, FLOWS, HALF_OPEN, ADDRS, IFACES, STATS, RR, LEASE, CPU_STATE];
+    pub const ALL: [&str; 13] = [
+        SERVICES,
+        SLOTS,
+        BACKENDS,
+        FLOWS,
+        HALF_OPEN,
+        ADDRS,
+        IFACES,
+        STATS,
+        RR,
+        LEASE,
+        CPU_STATE,
+        NEXT_HOPS,
+        ROUTE_EPOCH,
+    ];
 }
 
 /// Program names in the kernel object.

@@ -5,7 +5,7 @@
 //! The compiler intrinsics still lower to BPF's atomic instructions, which the program
 //! is built for (`--cpu=v3`, see build.rs).
 
-use core::intrinsics::{AtomicOrdering, atomic_and, atomic_or, atomic_xadd};
+use core::intrinsics::{AtomicOrdering, atomic_or, atomic_xadd};
 
 /// `*p += v`, atomically; returns the previous value.
 ///
@@ -30,14 +30,4 @@ pub unsafe fn fetch_add(p: *mut u32, v: u32) -> u32 {
 pub unsafe fn or(p: *mut u32, v: u32) {
     // SAFETY: guaranteed by the caller.
     unsafe { atomic_or::<u32, u32, { AtomicOrdering::Relaxed }>(p, v) };
-}
-
-/// `*p &= v`, atomically.
-///
-/// # Safety
-/// As for [`fetch_add`].
-#[inline(always)]
-pub unsafe fn and(p: *mut u32, v: u32) {
-    // SAFETY: guaranteed by the caller.
-    unsafe { atomic_and::<u32, u32, { AtomicOrdering::Relaxed }>(p, v) };
 }

@@ -14,7 +14,7 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_get_smp_processor_id};
 use lb_common::{
     cpu::CpuState,
-    flow::{FLOW_FIN, FLOW_PEER_FIN, FLOW_REPLY, FLOW_RST, FLOW_SEEN_REPLY, FlowKey, FlowValue},
+    flow::{FLOW_FIN, FLOW_PEER_FIN, FLOW_REPLY, FLOW_RST, FLOW_SEEN_REPLY, FlowKey, FlowValue, touch_interval_ns},
 };
 
 use crate::{
@@ -22,10 +22,6 @@ use crate::{
     hdr::{TCP_FIN, TCP_RST},
     maps::{BACKENDS, CPU_STATE, FLOWS, HALF_OPEN, config},
 };
-
-/// Minimum interval between writes of `last_seen_ns`, so established packets rarely
-/// write to the shared flow entry.
-pub const TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
 
 /// SNAT ports tried for a new flow before giving up. Ports are handed out in order from a
 /// per-CPU cursor, so the next port is usually free; a port whose flow is over is
@@ -77,6 +73,18 @@ impl Table {
         match self {
             Self::Established => timeout(proto, f),
             Self::HalfOpen => config!(half_open_timeout_ns),
+        }
+    }
+
+    /// Records that entry `fp` saw a packet at `now`: writes `last_seen_ns` only when it
+    /// is older than the entry's touch interval, so most packets write nothing.
+    #[inline(always)]
+    pub fn touch(self, fp: *mut FlowValue, proto: u8, now: u64) {
+        // SAFETY: `fp` points into a live entry; a racing write only leaves a timestamp.
+        unsafe {
+            if now.saturating_sub((*fp).last_seen_ns) >= touch_interval_ns(self.timeout(proto, &*fp)) {
+                (*fp).last_seen_ns = now;
+            }
         }
     }
 }
@@ -165,19 +173,28 @@ pub fn end_flow(table: Table, key: &FlowKey, f: &FlowValue) {
 }
 
 /// Records a TCP FIN or RST in this entry and in its peer, so both know when the
-/// connection is closed and switch to the short timeout.
+/// connection is closed and switch to the short timeout. A state change is a write anyway,
+/// so the entry's idle time restarts here too: a closed flow's port is reused only after
+/// the flow has really been quiet.
 #[inline(always)]
-pub fn mark_close(table: Table, f: *mut FlowValue, proto: u8, tcp_flags: u8) {
+pub fn mark_close(table: Table, f: *mut FlowValue, proto: u8, tcp_flags: u8, now: u64) {
     let (own, peer) = if tcp_flags & TCP_RST != 0 { (FLOW_RST, FLOW_RST) } else { (FLOW_FIN, FLOW_PEER_FIN) };
     // SAFETY: `f` points into a live flow entry; `flags` is 4-byte aligned (map values are
-    // 8-byte aligned, offset 28) and only ever accessed atomically or by plain reads.
+    // 8-byte aligned, offset 24) and only ever accessed atomically or by plain reads.
     let peer_key = unsafe {
-        atomic::or(&raw mut (*f).flags, own);
+        if (*f).flags & own != own {
+            atomic::or(&raw mut (*f).flags, own);
+            (*f).last_seen_ns = now;
+        }
         (*f).peer_key(proto)
     };
     if let Some(p) = table.get_ptr_mut(peer_key) {
         // SAFETY: as above, for the peer entry.
-        unsafe { atomic::or(&raw mut (*p).flags, peer) };
+        unsafe {
+            if (*p).flags & peer != peer {
+                atomic::or(&raw mut (*p).flags, peer);
+            }
+        }
     }
 }
 

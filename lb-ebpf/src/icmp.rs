@@ -9,18 +9,19 @@ use aya_ebpf::{
 };
 use lb_common::{
     checksum::{CsumDelta, fold},
-    flow::{FLOW_L2_VALID, FLOW_REPLY, FlowKey},
+    flow::{FLOW_REPLY, FlowKey},
     proto,
     stats::DropReason,
 };
 
 use crate::{
-    fib::{self, NextHop, Route},
+    fib::{self, Route},
     flow_table,
     hdr::*,
     limit,
-    maps::{count_drop, count_global_drop, stats},
-    xdp::{send_back, transmit},
+    maps::{count_drop, count_global_drop, now_ns, stats},
+    next_hop,
+    xdp::{reply_hop, send_back, transmit},
 };
 
 /// TTL of packets ballast originates.
@@ -128,16 +129,12 @@ fn translate_error(ctx: &XdpContext, ip_off: usize, tagged: bool, vip: bool) -> 
         count_drop(f.service_id, DropReason::TtlExceeded);
         return XDP_DROP;
     }
-    let hop = if f.flags & FLOW_L2_VALID != 0 {
-        NextHop {
-            oif: f.oif,
-            tx_ifindex: f.tx_ifindex,
-            vlan: f.vlan,
-            flags: f.tx_flags,
-            smac: f.smac,
-            dmac: f.dmac,
-            snat_ip: f.src,
-        }
+    // The hop the flow's own packets in that direction take: learned for replies, the
+    // backend's cached one (its packets keep it fresh) or else a lookup for requests.
+    let hop = if f.flags & FLOW_REPLY != 0 {
+        reply_hop(&f)
+    } else if let Some(hop) = next_hop::cached(f.backend_id, f.generation, now_ns()) {
+        hop
     } else {
         match fib::route(ctx, ctx.ingress_ifindex() as u32, f.src, f.dst, be16(ip.tot_len)) {
             Route::Ready(hop) => hop,

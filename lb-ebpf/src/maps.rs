@@ -15,6 +15,7 @@ use lb_common::{
     },
     cpu::CpuState,
     flow::{FlowKey, FlowValue},
+    hop::{BackendHop, RouteEpoch},
     service::{RoundRobin, ServiceKey, ServiceValue, Slot, SlotKey},
     stats::{DropReason, ServiceStats},
 };
@@ -33,6 +34,15 @@ pub static SLOTS: HashMap<SlotKey, Slot, { MAX_SLOTS as usize }, NO_PREALLOC> = 
 /// Backends by id.
 #[btf_map(name = "backends")]
 pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
+
+/// The next hop towards each backend, by backend id (see `next_hop`). Sized like
+/// `backends` by the loader.
+#[btf_map(name = "next_hops")]
+pub static NEXT_HOPS: Array<BackendHop, { MAX_BACKENDS as usize }> = Array::new();
+
+/// The route epoch (one entry): bumped by the agent when routes or neighbours change.
+#[btf_map(name = "route_epoch")]
+pub static ROUTE_EPOCH: Array<RouteEpoch, 1> = Array::new();
 
 /// Confirmed flows (see `flow_table`). A plain preallocated hash, not an LRU: an LRU
 /// evicts one direction of a flow without the other, and under a flood it would evict

@@ -29,6 +29,7 @@ use crate::{
     flow_table::{self, Table},
     hdr::*,
     maps::{ADDRS, count_drop, now_ns, stats},
+    next_hop,
 };
 
 const IP_OFF: usize = ETH_HLEN;
@@ -80,17 +81,14 @@ fn process(ctx: &TcContext) -> Option<i32> {
         return None;
     }
     // The books XDP keeps for the packets it forwards itself: close state and idle time.
+    let now = now_ns();
     if ip.proto == proto::TCP {
         let flags: u8 = ctx.load(L4_OFF + 13).ok()?;
         if flow_table::is_close(flags) {
-            flow_table::mark_close(table, fp, ip.proto, flags);
+            flow_table::mark_close(table, fp, ip.proto, flags, now);
         }
     }
-    let now = now_ns();
-    if now.saturating_sub(f.last_seen_ns) >= flow_table::TOUCH_INTERVAL_NS {
-        // SAFETY: `fp` points into a live entry; a racing write only leaves a timestamp.
-        unsafe { (*fp).last_seen_ns = now };
-    }
+    table.touch(fp, ip.proto, now);
     if ip.ttl <= 1 {
         count_drop(f.service_id, DropReason::TtlExceeded);
         return Some(TC_ACT_SHOT);
@@ -132,14 +130,19 @@ fn process(ctx: &TcContext) -> Option<i32> {
             s.bytes += len;
         }
     }
-    // SAFETY: `ctx.skb.skb` is the live __sk_buff of this invocation.
-    let ingress = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    let oif = if f.flags & FLOW_REPLY != 0 {
-        // A reply from a local pod: XDP never saw this flow's reply path, so look it up.
-        // Length 0 makes the kernel check the MTU per segment (GSO packets are large).
+    // SAFETY: `ctx.skb.skb` is the live __sk_buff of this invocation. At TC ingress the
+    // device the packet is on is the one it came in on.
+    let ingress = unsafe { (*ctx.skb.skb).ifindex };
+    // The backend's cached hop if XDP resolved it; else (a neighbour not resolved yet, or
+    // a reply from a local pod, whose way back XDP never saw) a lookup. Length 0 makes
+    // the kernel check the MTU per segment (GSO packets are large).
+    let cached = if f.flags & FLOW_REPLY != 0 { None } else { next_hop::cached(f.backend_id, f.generation, now) };
+    let oif = if let Some(hop) = cached {
+        hop.oif
+    } else {
         match fib::route(ctx, ingress, f.src, f.dst, 0) {
             Route::Ready(hop) | Route::NoNeigh(hop) => hop.oif,
-            Route::FragNeeded(_) => {
+            Route::FragNeeded => {
                 count_drop(f.service_id, DropReason::FragNeeded);
                 return Some(TC_ACT_SHOT);
             }
@@ -148,8 +151,6 @@ fn process(ctx: &TcContext) -> Option<i32> {
                 return Some(TC_ACT_SHOT);
             }
         }
-    } else {
-        f.oif
     };
     // SAFETY: `ctx.skb.skb` is the live __sk_buff of this invocation.
     unsafe {

@@ -34,7 +34,7 @@ use lb_common::{
     addr::{ADDR_VIP, AddrKey, IFACE_TC_PATH, IFACE_TX_REDIRECT},
     backend::BACKEND_IN_USE,
     checksum::CsumDelta,
-    flow::{FLOW_L2_VALID, FLOW_REPLY, FLOW_SEEN_REPLY, FlowKey, FlowValue},
+    flow::{FLOW_REPLY, FLOW_SEEN_REPLY, FLOW_TX_REDIRECT, FlowKey, FlowValue},
     proto,
     service::{ServiceKey, SlotKey},
     stats::DropReason,
@@ -42,14 +42,14 @@ use lb_common::{
 
 use crate::{
     arp, atomic,
-    fib::{self, NextHop, Route},
+    fib::{Hop, NextHop},
     flow_table::{self, Promotion, Table},
     hdr::*,
     icmp,
     maps::{
-        ADDRS, BACKENDS, FLOWS, HALF_OPEN, IFACES, RR, SERVICES, SLOTS, config, count_drop, count_global_drop, now_ns,
-        stats,
+        ADDRS, BACKENDS, FLOWS, HALF_OPEN, IFACES, RR, SERVICES, SLOTS, count_drop, count_global_drop, now_ns, stats,
     },
+    next_hop,
 };
 
 /// What the parser learned about a TCP or UDP packet to an owned address.
@@ -266,10 +266,10 @@ fn half_open(p: &L4Packet, table: Table, fp: *mut FlowValue, now: u64) -> Known 
 /// Handles a packet of a flow whose entry `fp` (in `table`, with a whole pair) was found.
 #[inline(always)]
 fn established(ctx: &XdpContext, p: &L4Packet, table: Table, fp: *mut FlowValue, now: u64) -> Option<u32> {
-    // SAFETY: `fp` points into a live map entry. Other CPUs may update `last_seen_ns`,
-    // the cached next hop and `flags` concurrently; every such race is benign (a stale
-    // timestamp or one packet using the previous next hop).
-    let f = unsafe { &mut *fp };
+    // SAFETY: `fp` points into a live map entry. Other CPUs may update `last_seen_ns` and
+    // `flags` concurrently; every such race is benign (a stale timestamp; flag bits are
+    // only ever set atomically).
+    let f = unsafe { &*fp };
     let reply = f.flags & FLOW_REPLY != 0;
     if !flow_table::backend_alive(f) {
         if reply {
@@ -294,61 +294,52 @@ fn established(ctx: &XdpContext, p: &L4Packet, table: Table, fp: *mut FlowValue,
         return Some(XDP_DROP);
     }
     if p.key.proto == proto::TCP && flow_table::is_close(p.tcp_flags) {
-        flow_table::mark_close(table, fp, p.key.proto, p.tcp_flags);
+        flow_table::mark_close(table, fp, p.key.proto, p.tcp_flags, now);
     }
-    if now.saturating_sub(f.last_seen_ns) >= flow_table::TOUCH_INTERVAL_NS {
-        f.last_seen_ns = now;
-    }
-    let hop = if f.flags & FLOW_L2_VALID == 0 || now.saturating_sub(f.l2_checked_ns) >= config!(l2_refresh_ns) {
-        match fib::route(ctx, ctx.ingress_ifindex() as u32, f.src, f.dst, p.ip_len) {
-            Route::Ready(hop) => {
-                f.oif = hop.oif;
-                f.tx_ifindex = hop.tx_ifindex;
-                f.vlan = hop.vlan;
-                f.tx_flags = hop.flags;
-                f.smac = hop.smac;
-                f.dmac = hop.dmac;
-                f.l2_checked_ns = now;
-                // SAFETY: see mark_close: flags is only modified atomically.
-                unsafe { atomic::or(&raw mut f.flags, FLOW_L2_VALID) };
-                hop
-            }
-            Route::NoNeigh(hop) => {
-                f.oif = hop.oif;
-                // SAFETY: as above.
-                unsafe { atomic::and(&raw mut f.flags, !FLOW_L2_VALID) };
-                // The TC companion translates this packet and has the kernel resolve the
-                // neighbour; the next packet finds it resolved.
-                return Some(XDP_PASS);
-            }
-            Route::FragNeeded(mtu) => return Some(frag_needed(ctx, p, f.service_id, mtu)),
-            Route::Unreachable => {
+    table.touch(fp, p.key.proto, now);
+    let hop = if reply {
+        // Back the way the client's first packet came: learned from it, no lookup.
+        reply_hop(f)
+    } else {
+        match next_hop::towards(ctx, ctx.ingress_ifindex() as u32, f.backend_id, f.generation, f.dst, now) {
+            Hop::Ready(hop) => hop,
+            // The TC companion translates this packet and has the kernel resolve the
+            // neighbour; a later packet finds it resolved.
+            Hop::NoNeigh(_) => return Some(XDP_PASS),
+            Hop::Unreachable => {
                 count_drop(f.service_id, DropReason::NoRoute);
                 return Some(XDP_DROP);
             }
-            Route::Unmanaged => {
+            Hop::Unmanaged => {
                 count_drop(f.service_id, DropReason::NoSnatAddress);
                 return Some(XDP_DROP);
             }
         }
-    } else {
-        NextHop {
-            oif: f.oif,
-            tx_ifindex: f.tx_ifindex,
-            vlan: f.vlan,
-            flags: f.tx_flags,
-            smac: f.smac,
-            dmac: f.dmac,
-            snat_ip: f.src,
-        }
     };
+    if hop.mtu != 0 && p.ip_len > hop.mtu {
+        return Some(frag_needed(ctx, p, f.service_id, hop.mtu));
+    }
     if hop.flags & IFACE_TC_PATH != 0 {
         // Towards a pod on this node: the TC companion translates it with the socket
         // buffer's checksum helpers and hands it over.
         return Some(XDP_PASS);
     }
-    let tuple = *f;
-    Some(forward(ctx, p, &tuple, &hop))
+    Some(forward(ctx, p, f, &hop))
+}
+
+/// How a reply entry transmits: the hop learned from the flow's first packet.
+#[inline(always)]
+pub fn reply_hop(f: &FlowValue) -> NextHop {
+    NextHop {
+        oif: f.tx_ifindex,
+        tx_ifindex: f.tx_ifindex,
+        vlan: f.vlan,
+        flags: if f.flags & FLOW_TX_REDIRECT != 0 { IFACE_TX_REDIRECT } else { 0 },
+        smac: f.smac,
+        dmac: f.dmac,
+        snat_ip: [0; 4],
+        mtu: f.mtu,
+    }
 }
 
 /// Assigns a backend to a new flow, records both directions in the half-open table and
@@ -403,19 +394,22 @@ fn new_flow(ctx: &XdpContext, p: &L4Packet, now: u64) -> u32 {
         count_drop(svc.id, DropReason::NoBackends);
         return reject(ctx, p);
     }
-    let (hop, resolved) = match fib::route(ctx, ctx.ingress_ifindex() as u32, [0; 4], be.ip, p.ip_len) {
-        Route::Ready(hop) => (hop, true),
-        Route::NoNeigh(hop) => (hop, false),
-        Route::FragNeeded(mtu) => return frag_needed(ctx, p, svc.id, mtu),
-        Route::Unreachable => {
+    let ingress = ctx.ingress_ifindex() as u32;
+    let (hop, resolved) = match next_hop::towards(ctx, ingress, backend_id, be.generation, be.ip, now) {
+        Hop::Ready(hop) => (hop, true),
+        Hop::NoNeigh(hop) => (hop, false),
+        Hop::Unreachable => {
             count_drop(svc.id, DropReason::NoRoute);
             return XDP_DROP;
         }
-        Route::Unmanaged => {
+        Hop::Unmanaged => {
             count_drop(svc.id, DropReason::NoSnatAddress);
             return XDP_DROP;
         }
     };
+    if hop.mtu != 0 && p.ip_len > hop.mtu {
+        return frag_needed(ctx, p, svc.id, hop.mtu);
+    }
 
     if hop.snat_ip == [0; 4] {
         // The egress interface has no address of its own to translate from.
@@ -424,7 +418,26 @@ fn new_flow(ctx: &XdpContext, p: &L4Packet, now: u64) -> u32 {
     }
 
     // The reply entry goes in first: inserting it is what reserves the SNAT port
-    // atomically against every other CPU.
+    // atomically against every other CPU. Replies go back the way this packet came:
+    // its MACs swapped, its VLAN tag, out of its ingress device.
+    let Some(eth) = ptr_at::<EthHdr>(ctx.data(), ctx.data_end(), 0) else {
+        return XDP_DROP;
+    };
+    // SAFETY: bounds checked by ptr_at; copied out at once.
+    let (smac, dmac) = unsafe { ((*eth).dst, (*eth).src) };
+    // The VLAN id, also without a branch: the two bytes after the MACs are the tag's TCI
+    // if the frame is tagged, and ignored if not.
+    let Some(tag) = ptr_at::<VlanHdr>(ctx.data(), ctx.data_end(), ETH_HLEN) else {
+        return XDP_DROP;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let vlan = (be16(unsafe { (*tag).tci }) & 0x0fff) * p.tagged as u16;
+    // SAFETY: the value is copied out immediately.
+    let Some(back) = (unsafe { IFACES.get(ingress) }).copied() else {
+        // The agent describes every interface that is up; without it the way back is unknown.
+        count_drop(svc.id, DropReason::NoRoute);
+        return XDP_DROP;
+    };
     let mut v = FlowValue {
         src: p.key.dst,
         dst: p.key.src,
@@ -433,10 +446,16 @@ fn new_flow(ctx: &XdpContext, p: &L4Packet, now: u64) -> u32 {
         service_id: svc.id,
         backend_id,
         generation: be.generation,
-        flags: FLOW_REPLY,
-        created_ns: now,
+        // Without a branch: a value the verifier knows in one path and not in the other
+        // keeps it from merging the two, and everything after would be verified twice.
+        flags: FLOW_REPLY | ((back.flags & IFACE_TX_REDIRECT) as u32 * FLOW_TX_REDIRECT),
+        tx_ifindex: ingress,
         last_seen_ns: now,
-        ..FlowValue::default()
+        created_ns: now,
+        smac,
+        dmac,
+        vlan,
+        mtu: back.mtu,
     };
     let mut rkey = FlowKey { src: be.ip, dst: hop.snat_ip, sport: be.port, dport: 0, proto: p.key.proto, _pad: [0; 3] };
     let Some(port) = flow_table::reserve_port(&mut rkey, &v, now) else {
@@ -444,19 +463,18 @@ fn new_flow(ctx: &XdpContext, p: &L4Packet, now: u64) -> u32 {
         return reject(ctx, p);
     };
 
+    // The forward entry: its next hop is the backend's (`next_hops`).
     v.src = hop.snat_ip;
     v.dst = be.ip;
     v.sport = port;
     v.dport = be.port;
-    v.flags = if resolved { FLOW_L2_VALID } else { 0 };
-    v.l2_checked_ns = now;
-    v.oif = hop.oif;
-    v.tx_ifindex = hop.tx_ifindex;
-    v.vlan = hop.vlan;
-    v.tx_flags = hop.flags;
-    v.smac = hop.smac;
-    v.dmac = hop.dmac;
-    // By reference: a by-value argument is another 96 bytes of the 512-byte stack.
+    v.flags = 0;
+    v.tx_ifindex = 0;
+    v.smac = [0; 6];
+    v.dmac = [0; 6];
+    v.vlan = 0;
+    v.mtu = 0;
+    // By reference: a by-value argument is another 64 bytes of the 512-byte stack.
     #[allow(clippy::needless_borrows_for_generic_args)]
     let inserted = HALF_OPEN.insert(&p.key, &v, BPF_NOEXIST as u64);
     if inserted.is_err() {

@@ -172,12 +172,29 @@ impl Lab {
         let mut ifaces = BTreeMap::new();
         ifaces.insert(
             self.cl,
-            IfaceInfo { snat_ip: LB_CLIENT_IP.octets(), tx_ifindex: self.cl, vlan: 0, flags: self.cl_flags },
+            IfaceInfo {
+                snat_ip: LB_CLIENT_IP.octets(),
+                tx_ifindex: self.cl,
+                vlan: 0,
+                flags: self.cl_flags,
+                mtu: 1500,
+                _pad: 0,
+            },
         );
-        ifaces.insert(self.be, IfaceInfo { snat_ip: LB_BACKEND_IP.octets(), tx_ifindex: self.be, vlan: 0, flags: 0 });
+        ifaces.insert(
+            self.be,
+            IfaceInfo { snat_ip: LB_BACKEND_IP.octets(), tx_ifindex: self.be, vlan: 0, flags: 0, mtu: BE_MTU, _pad: 0 },
+        );
         ifaces.insert(
             self.vlan,
-            IfaceInfo { snat_ip: LB_VLAN_IP.octets(), tx_ifindex: self.cl, vlan: VLAN_ID, flags: 0 },
+            IfaceInfo {
+                snat_ip: LB_VLAN_IP.octets(),
+                tx_ifindex: self.cl,
+                vlan: VLAN_ID,
+                flags: 0,
+                mtu: 1500,
+                _pad: 0,
+            },
         );
         let p = plan(&self.state, &DesiredState { services, addrs, ifaces }, self.dp.maps.limits());
         if !p.errors.is_empty() {
@@ -250,6 +267,64 @@ fn run_xdp(ns: &Netns, prog: &mut aya::programs::Xdp, frame: &[u8], ingress: u32
         out.truncate(r.data_size_out as usize);
         Ok(Outcome { verdict: r.return_value, frame: out, duration: r.duration })
     })?
+}
+
+/// The agent's route follower (`lb_agent::net::route_watch`), running in the lab's
+/// namespace on its own thread until dropped.
+pub struct RouteFollower {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Lab {
+    /// Starts the route follower on this lab's maps, as the agent runs it, and waits for
+    /// its first bump of the route epoch (it is listening from then on).
+    pub fn follow_routes(&self) -> Result<RouteFollower> {
+        let before = self.dp.maps.route_epoch()?;
+        let pin_dir = self.dp.pin_dir().to_path_buf();
+        let ns = self.ns.path();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || -> Result<()> {
+            crate::netns::enter_path(&ns)?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async move {
+                let epoch = lb_agent::dataplane::maps::RouteEpochMap::open(&pin_dir)?;
+                tokio::select! {
+                    r = lb_agent::net::route_watch::follow(epoch) => r.context("route follower"),
+                    _ = stopped => Ok(()),
+                }
+            })
+        });
+        let follower = RouteFollower { stop: Some(stop), thread: Some(thread) };
+        self.wait_for_epoch_after(before)?;
+        Ok(follower)
+    }
+
+    /// Waits (up to 10 s) until the route epoch differs from `before`; returns it.
+    pub fn wait_for_epoch_after(&self, before: u32) -> Result<u32> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let now = self.dp.maps.route_epoch()?;
+            if now != before {
+                return Ok(now);
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("the route epoch stayed at {before} for 10 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for RouteFollower {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// `aa:bb:cc:dd:ee:ff`.

@@ -65,12 +65,7 @@ impl Netns {
 
     /// Moves the calling thread into the namespace (for threads that live there).
     pub fn enter(&self) -> Result<()> {
-        let f = File::open(self.path()).with_context(|| format!("open {}", self.path()))?;
-        // SAFETY: `f` is an open namespace fd; setns only affects the calling thread.
-        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!("setns {}: {}", self.name, std::io::Error::last_os_error());
-        }
-        Ok(())
+        enter_path(&self.path())
     }
 
     /// Runs `f` on a thread inside the namespace and returns its result.
@@ -117,5 +112,15 @@ pub fn veth(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) -> Result<()> {
     run("ip", &["link", "add", a_dev, "netns", a.name(), "type", "veth", "peer", "name", b_dev, "netns", b.name()])?;
     a.ip(&format!("link set {a_dev} up"))?;
     b.ip(&format!("link set {b_dev} up"))?;
+    Ok(())
+}
+
+/// Moves the calling thread into the network namespace at `path` (`/run/netns/NAME`).
+pub fn enter_path(path: &str) -> Result<()> {
+    let f = File::open(path).with_context(|| format!("open {path}"))?;
+    // SAFETY: `f` is an open namespace fd; setns only affects the calling thread.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns {path}: {}", std::io::Error::last_os_error());
+    }
     Ok(())
 }

@@ -8,7 +8,7 @@ use ballast_tests::{
     frames::{Frame, L4, assert_frame, parse},
     lab::{
         self, BACKENDS, BE_MTU, CLIENT, GW_MAC, LB_BACKEND_IP, LB_BE_MAC, LB_CL_MAC, Lab, ONE_ARM_BACKEND,
-        UNRESOLVED_BACKEND, VIP, VLAN_CLIENT, VLAN_GW_MAC, VLAN_ID, backend_mac, one_arm_mac, xdp,
+        UNRESOLVED_BACKEND, VIP, VLAN_CLIENT, VLAN_GW_MAC, VLAN_ID, backend_mac, mac_str, one_arm_mac, xdp,
     },
 };
 use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
@@ -23,7 +23,8 @@ use lb_agent::{
 use lb_common::{
     addr::IFACE_TX_REDIRECT,
     config::DataplaneConfig,
-    flow::{FLOW_L2_VALID, FLOW_REPLY, FlowKey},
+    flow::{FLOW_REPLY, FlowKey},
+    hop::{HOP_EMPTY, HOP_READY},
     proto,
 };
 
@@ -540,8 +541,7 @@ fn unresolved_neighbours_are_finished_by_the_tc_companion() {
     assert_eq!((out.verdict, &out.frame), (xdp::PASS, &syn.bytes()));
     let k = key(client(51000), vip(80), proto::TCP);
     let f = lab.dp.maps.flow(&k).unwrap().unwrap();
-    assert_eq!(f.flags & FLOW_L2_VALID, 0);
-    assert_eq!(f.oif, lab.be);
+    assert_eq!(lab.dp.maps.next_hop(f.backend_id).unwrap().state, HOP_EMPTY, "an unresolved hop is not cached");
     // TC translates it and lets bpf_redirect_neigh resolve the neighbour.
     let out = lab.tc(&syn.bytes(), lab.cl).unwrap();
     assert_eq!(out.verdict, TC_ACT_REDIRECT);
@@ -551,6 +551,96 @@ fn unresolved_neighbours_are_finished_by_the_tc_companion() {
     // Packets XDP handled itself carry no flow the TC program would touch twice.
     let other = Frame::tcp(client(1), SocketAddrV4::new(lab::LB_CLIENT_IP, 22)).bytes();
     assert_eq!(lab.tc(&other, lab.cl).unwrap().verdict, 0, "TC_ACT_OK");
+}
+
+/// A data packet of an established flow from the client, `len` bytes of payload.
+fn data(cport: u16, vport: u16, len: usize) -> Frame {
+    ack(cport, vport).payload(&vec![0x42; len])
+}
+
+#[test]
+fn established_flows_use_the_backends_cached_next_hop_until_routing_changes() {
+    let mut lab = Lab::new().unwrap();
+    lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 80)])]).unwrap();
+    let (backend, _) = handshake(&mut lab, 42000, 80);
+    assert_eq!(backend, be(0, 80));
+    let f = lab.dp.maps.flow(&key(client(42000), vip(80), proto::TCP)).unwrap().unwrap();
+    let hop = lab.dp.maps.next_hop(f.backend_id).unwrap();
+    assert_eq!((hop.state, hop.oif, hop.dmac, hop.smac), (HOP_READY, lab.be, backend_mac(BACKENDS[0]), LB_BE_MAC));
+    assert_eq!(hop.mtu, BE_MTU, "the path MTU comes with the hop");
+    let dmac = |lab: &mut Lab| {
+        let out = lab.xdp(&data(42000, 80, 10).bytes(), lab.cl).unwrap();
+        assert_eq!(out.verdict, xdp::REDIRECT);
+        parse(&out.frame).unwrap().dmac
+    };
+
+    // The neighbour changes behind the data path's back: established packets keep the
+    // cached hop (they do no FIB lookup)...
+    let moved = [0x02, 0, 0, 0, 2, 0x99];
+    lab.ns.ip(&format!("neigh replace {} lladdr {} dev be nud permanent", BACKENDS[0], mac_str(moved))).unwrap();
+    assert_eq!(dmac(&mut lab), backend_mac(BACKENDS[0]), "no lookup on the established path");
+    // ...until the agent's route follower sees the change and moves the route epoch.
+    let follower = lab.follow_routes().unwrap();
+    assert_eq!(dmac(&mut lab), moved, "a stale next hop is looked up again");
+    let epoch = lab.dp.maps.route_epoch().unwrap();
+    lab.ns.ip(&format!("neigh replace {} lladdr {} dev be nud permanent", BACKENDS[0], mac_str(LB_CL_MAC))).unwrap();
+    lab.wait_for_epoch_after(epoch).unwrap();
+    assert_eq!(dmac(&mut lab), LB_CL_MAC, "a neighbour change reaches the flow");
+
+    // A route with a smaller MTU: the flow's next big packet gets fragmentation needed
+    // with the new MTU (path MTU discovery), smaller ones go through. (Forwarding honours
+    // a route's MTU when it is locked, or with ip_forward_use_pmtu, as the kernel's own.)
+    let epoch = lab.dp.maps.route_epoch().unwrap();
+    lab.ns.ip(&format!("route add {}/32 dev be mtu lock 1300", BACKENDS[0])).unwrap();
+    lab.wait_for_epoch_after(epoch).unwrap();
+    let big = data(42000, 80, 1300 - 40 + 1);
+    let out = lab.xdp(&big.bytes(), lab.cl).unwrap();
+    assert_eq!(out.verdict, xdp::TX, "answered to the client");
+    let p = parse(&out.frame).unwrap();
+    assert_eq!(Ipv4Addr::from(p.ip.destination), CLIENT);
+    let Some(etherparse::TransportHeader::Icmpv4(icmp)) = p.l4 else { panic!("not ICMP: {p:?}") };
+    assert_eq!(
+        icmp.icmp_type,
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1300 })
+    );
+    assert_eq!(lab.xdp(&data(42000, 80, 1300 - 40).bytes(), lab.cl).unwrap().verdict, xdp::REDIRECT, "fits");
+    drop(follower);
+}
+
+#[test]
+fn replies_go_back_the_way_the_clients_first_packet_came_and_respect_its_mtu() {
+    let mut lab = Lab::new().unwrap();
+    lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 80)])]).unwrap();
+    // The client's router is not the one the FIB would choose: replies still go to it.
+    let router = [0x02, 0, 0, 0, 1, 0x77];
+    let syn = Frame::tcp(client(43000), vip(80)).macs(router, LB_CL_MAC);
+    assert_eq!(lab.xdp(&syn.bytes(), lab.cl).unwrap().verdict, xdp::REDIRECT);
+    let snat = snat_of(&lab, key(client(43000), vip(80), proto::TCP));
+    let rev = lab.dp.maps.flow(&key(be(0, 80), snat, proto::TCP)).unwrap().unwrap();
+    assert_eq!((rev.tx_ifindex, rev.smac, rev.dmac, rev.vlan, rev.mtu), (lab.cl, LB_CL_MAC, router, 0, 1500));
+    let reply = |len: usize| {
+        Frame::tcp(be(0, 80), snat)
+            .macs(backend_mac(BACKENDS[0]), LB_BE_MAC)
+            .tcp_header(|h| h.ack = true)
+            .payload(&vec![0x24; len])
+    };
+    let out = lab.xdp(&reply(100).bytes(), lab.be).unwrap();
+    assert_eq!(out.verdict, xdp::REDIRECT);
+    assert_frame(&out.frame, &reply(100).macs(LB_CL_MAC, router).tuple(vip(80), client(43000)).ttl(63).bytes());
+
+    // A reply larger than the way back: fragmentation needed, to the backend, quoting the
+    // reply as the backend sent it, so its path MTU discovery works through the NAT.
+    let sent = reply(1500 - 40 + 1).bytes();
+    let out = lab.xdp(&sent, lab.be).unwrap();
+    assert_eq!(out.verdict, xdp::TX, "sent back out of the backend side");
+    let p = parse(&out.frame).unwrap();
+    assert_eq!((Ipv4Addr::from(p.ip.source), Ipv4Addr::from(p.ip.destination)), (LB_BACKEND_IP, BACKENDS[0]));
+    let Some(etherparse::TransportHeader::Icmpv4(icmp)) = p.l4 else { panic!("not ICMP: {p:?}") };
+    assert_eq!(
+        icmp.icmp_type,
+        Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1500 })
+    );
+    assert_eq!(&p.payload[..20], &sent[14..34], "the quoted header is the reply's, untranslated");
 }
 
 #[test]

@@ -23,6 +23,7 @@ use lb_common::{
     config::{self, DataplaneConfig},
     cpu::CpuState,
     flow::{FlowKey, FlowValue},
+    hop::{BackendHop, RouteEpoch},
     map_names, program_names,
     service::{RoundRobin, ServiceKey, ServiceValue, Slot, SlotKey},
     stats::ServiceStats,
@@ -229,7 +230,7 @@ fn on_bpffs(path: &Path) -> Result<bool, std::io::Error> {
 
 /// Shape of each map as created from `sizes`: (name, type, key size, value size, max
 /// entries).
-fn expected_shapes(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 11] {
+fn expected_shapes(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 13] {
     use std::mem::size_of;
     let cpus = nr_cpus() as u32;
     // Per-CPU LRU lists make the kernel round the capacity up to a multiple of the CPUs.
@@ -247,6 +248,8 @@ fn expected_shapes(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u
         (map_names::RR, MapType::Array, 4, size_of::<RoundRobin>(), sizes.services),
         (map_names::LEASE, MapType::Array, 4, size_of::<NodeLease>(), 1),
         (map_names::CPU_STATE, MapType::PerCpuArray, 4, size_of::<CpuState>(), 1),
+        (map_names::NEXT_HOPS, MapType::Array, 4, size_of::<BackendHop>(), sizes.backends),
+        (map_names::ROUTE_EPOCH, MapType::Array, 4, size_of::<RouteEpoch>(), 1),
     ]
 }
 
@@ -306,6 +309,7 @@ impl Dataplane {
             .map_max_entries(map_names::SERVICES, s.services)
             .map_max_entries(map_names::SLOTS, s.slots)
             .map_max_entries(map_names::BACKENDS, s.backends)
+            .map_max_entries(map_names::NEXT_HOPS, s.backends)
             .map_max_entries(map_names::FLOWS, s.flow_entries)
             .map_max_entries(map_names::HALF_OPEN, s.half_open_entries)
             .map_max_entries(map_names::ADDRS, s.addrs)

@@ -10,6 +10,7 @@ use lb_common::{
     addr::{AddrInfo, AddrKey, IfaceInfo, NodeLease},
     backend::Backend,
     flow::{FlowKey, FlowValue},
+    hop::{BackendHop, RouteEpoch},
     map_names,
     service::{RoundRobin, ServiceKey, ServiceValue, Slot, SlotKey},
     stats::ServiceStats,
@@ -60,6 +61,8 @@ pub struct Maps {
     ifaces: HashMap<MapData, u32, IfaceInfo>,
     stats: PerCpuArray<MapData, ServiceStats>,
     rr: Array<MapData, RoundRobin>,
+    next_hops: Array<MapData, BackendHop>,
+    route_epoch: RouteEpochMap,
     lease: LeaseMap,
     services_max: u32,
 }
@@ -92,6 +95,8 @@ impl Maps {
             stats: open(dir, map_names::STATS)?,
             services_max: rr.len(),
             rr,
+            next_hops: open(dir, map_names::NEXT_HOPS)?,
+            route_epoch: RouteEpochMap::open(dir)?,
             lease: LeaseMap::open(dir)?,
         })
     }
@@ -177,9 +182,15 @@ impl Maps {
             MapOp::DeleteAddr(k) => {
                 ignore_missing(self.addrs.remove(k)).map_err(access(map_names::ADDRS, format!("delete {k:?}")))
             }
-            MapOp::SetIface(k, v) => self.ifaces.insert(k, v, 0).map_err(access(map_names::IFACES, format!("set {k}"))),
+            // Cached next hops carry their interface's SNAT address and flags: a changed
+            // interface makes them stale.
+            MapOp::SetIface(k, v) => {
+                self.ifaces.insert(k, v, 0).map_err(access(map_names::IFACES, format!("set {k}")))?;
+                self.route_epoch.bump().map(drop)
+            }
             MapOp::DeleteIface(k) => {
-                ignore_missing(self.ifaces.remove(k)).map_err(access(map_names::IFACES, format!("delete {k}")))
+                ignore_missing(self.ifaces.remove(k)).map_err(access(map_names::IFACES, format!("delete {k}")))?;
+                self.route_epoch.bump().map(drop)
             }
         }
     }
@@ -282,6 +293,44 @@ impl Maps {
     /// The backend entry with id `id`.
     pub fn backend(&self, id: u32) -> Result<Backend, MapsError> {
         self.backends.get(&id, 0).map_err(access(map_names::BACKENDS, format!("read {id}")))
+    }
+
+    /// The current route epoch (see [`RouteEpochMap`]).
+    pub fn route_epoch(&self) -> Result<u32, MapsError> {
+        self.route_epoch.read()
+    }
+
+    /// Makes every cached next hop stale, as a route change would.
+    pub fn bump_route_epoch(&mut self) -> Result<u32, MapsError> {
+        self.route_epoch.bump()
+    }
+
+    /// The data path's cached next hop towards backend `id` (see `lb_common::hop`).
+    pub fn next_hop(&self, id: u32) -> Result<BackendHop, MapsError> {
+        self.next_hops.get(&id, 0).map_err(access(map_names::NEXT_HOPS, format!("read {id}")))
+    }
+}
+
+/// The `route_epoch` map on its own handle: the route follower bumps it whenever the
+/// kernel's routes, neighbours or links change, which makes every cached next hop stale.
+pub struct RouteEpochMap(Array<MapData, RouteEpoch>);
+
+impl RouteEpochMap {
+    /// Opens the map pinned in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, MapsError> {
+        Ok(Self(open(dir, map_names::ROUTE_EPOCH)?))
+    }
+
+    /// The current epoch.
+    pub fn read(&self) -> Result<u32, MapsError> {
+        self.0.get(&0, 0).map(|e| e.epoch).map_err(access(map_names::ROUTE_EPOCH, "read"))
+    }
+
+    /// Moves to the next epoch; returns it. Only the agent writes this map, from one task.
+    pub fn bump(&mut self) -> Result<u32, MapsError> {
+        let next = self.read()?.wrapping_add(1);
+        self.0.set(0, RouteEpoch { epoch: next, _pad: 0 }, 0).map_err(access(map_names::ROUTE_EPOCH, "bump"))?;
+        Ok(next)
     }
 }
 

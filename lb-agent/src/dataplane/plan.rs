@@ -497,7 +497,7 @@ mod tests {
         let mut st = ProgrammedState::default();
         let mut d = desired(vec![]);
         d.addrs.insert(AddrKey { addr: [192, 0, 2, 10] }, AddrInfo { flags: 1 });
-        d.ifaces.insert(3, IfaceInfo { snat_ip: [10, 0, 0, 1], tx_ifindex: 3, vlan: 0, flags: 0 });
+        d.ifaces.insert(3, IfaceInfo { snat_ip: [10, 0, 0, 1], tx_ifindex: 3, vlan: 0, flags: 0, mtu: 1500, _pad: 0 });
         let p = run(&mut st, &d);
         assert_eq!(p.ops.len(), 2);
         d.addrs.clear();

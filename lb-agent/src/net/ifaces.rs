@@ -23,7 +23,10 @@ pub fn iface_table(links: &[Link], addrs: &[IfAddr], pods: &PodInterfaces) -> BT
         if pods.matches(&l.name) {
             flags |= IFACE_TC_PATH;
         }
-        table.insert(l.index, IfaceInfo { snat_ip: snat.octets(), tx_ifindex, vlan, flags });
+        // Replies leave through the device their flow came in on and are checked against
+        // its MTU; an MTU the 16-bit field cannot hold is as good as none.
+        let mtu = u16::try_from(l.mtu).unwrap_or(0);
+        table.insert(l.index, IfaceInfo { snat_ip: snat.octets(), tx_ifindex, vlan, flags, mtu, _pad: 0 });
     }
     table
 }
@@ -89,6 +92,7 @@ mod tests {
             loopback: false,
             veth: false,
             xdp_prog: None,
+            mtu: 1500,
         }
     }
 
@@ -137,8 +141,8 @@ mod tests {
         ];
         let t = iface_table(&links, &addrs, &PodInterfaces::parse(""));
         assert!(!t.contains_key(&1));
-        assert_eq!(t[&2], IfaceInfo { snat_ip: [10, 0, 0, 1], tx_ifindex: 2, vlan: 0, flags: 0 });
-        assert_eq!(t[&3], IfaceInfo { snat_ip: [10, 1, 0, 1], tx_ifindex: 2, vlan: 100, flags: 0 });
+        assert_eq!(t[&2], IfaceInfo { snat_ip: [10, 0, 0, 1], tx_ifindex: 2, vlan: 0, flags: 0, mtu: 1500, _pad: 0 });
+        assert_eq!(t[&3], IfaceInfo { snat_ip: [10, 1, 0, 1], tx_ifindex: 2, vlan: 100, flags: 0, mtu: 1500, _pad: 0 });
         assert_eq!(t[&4].snat_ip, [0, 0, 0, 0]);
         assert_eq!(t[&5].flags, IFACE_TX_REDIRECT);
         assert_eq!(t[&2].flags, 0);

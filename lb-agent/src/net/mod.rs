@@ -1,11 +1,13 @@
 //! The node's network configuration: interfaces, addresses and routes (netlink), the
-//! forwarding sysctl, and gratuitous ARP. [`addresses`] and [`ifaces`] are pure;
-//! [`netlink`], [`sysctl`] and [`arp`] do the IO.
+//! forwarding sysctl, gratuitous ARP, and following route changes for the data path's
+//! next-hop cache. [`addresses`] and [`ifaces`] are pure; [`netlink`], [`sysctl`],
+//! [`arp`] and [`route_watch`] do the IO.
 
 pub mod addresses;
 pub mod arp;
 pub mod ifaces;
 pub mod netlink;
+pub mod route_watch;
 pub mod sysctl;
 
 use std::net::Ipv4Addr;
@@ -31,6 +33,8 @@ pub struct Link {
     pub veth: bool,
     /// Id of the XDP program attached, if any.
     pub xdp_prog: Option<u32>,
+    /// MTU (0 if the kernel did not say).
+    pub mtu: u32,
 }
 
 /// An IPv4 address on an interface.

@@ -152,9 +152,11 @@ fn to_link(m: &LinkMessage) -> Link {
     let mut veth = false;
     let mut xdp_prog = None;
     let mut mac = None;
+    let mut mtu = 0;
     for a in &m.attributes {
         match a {
             LinkAttribute::IfName(n) => name = n.clone(),
+            LinkAttribute::Mtu(m) => mtu = *m,
             LinkAttribute::Address(bytes) => mac = <[u8; 6]>::try_from(bytes.as_slice()).ok(),
             LinkAttribute::Link(p) => parent = Some(*p),
             LinkAttribute::Xdp(x) => {
@@ -191,10 +193,11 @@ fn to_link(m: &LinkMessage) -> Link {
         loopback: m.header.flags.contains(LinkFlags::Loopback),
         veth,
         xdp_prog,
+        mtu,
     }
 }
 
-fn to_ifaddr(m: &AddressMessage) -> Option<IfAddr> {
+pub(crate) fn to_ifaddr(m: &AddressMessage) -> Option<IfAddr> {
     if m.header.family != AddressFamily::Inet {
         return None;
     }

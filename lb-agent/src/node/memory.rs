@@ -121,6 +121,7 @@ impl NetState {
             loopback: false,
             veth: false,
             xdp_prog: None,
+            mtu: 1500,
         });
         self
     }

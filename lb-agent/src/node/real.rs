@@ -19,10 +19,11 @@ use crate::{
     dataplane::{
         Dataplane, Hooks, KernelLogger, LoadOptions, Maps, XdpAttachMode,
         flows::{self, GcReport},
+        maps::RouteEpochMap,
         plan::Limits,
         state::{MapOp, ProgrammedState},
     },
-    net::{IfAddr, Lifetime, Link, RouteTo, arp, netlink::Netlink, sysctl},
+    net::{IfAddr, Lifetime, Link, RouteTo, arp, netlink::Netlink, route_watch, sysctl},
     telemetry::Telemetry,
 };
 
@@ -194,6 +195,13 @@ impl KernelNode {
         if let Some(logger) = dp.take_kernel_logger() {
             spawn_kernel_log(logger);
         }
+        // Cached next hops follow the kernel's route, neighbour and link changes.
+        let epoch = RouteEpochMap::open(&opts.pin_dir).map_err(IoError::Maps)?;
+        tokio::spawn(async move {
+            if let Err(e) = route_watch::follow(epoch).await {
+                warn!(error = %e, "cannot follow route changes; cached next hops expire by age only");
+            }
+        });
         telemetry.set_maps(Maps::open(&opts.pin_dir).map_err(IoError::Maps)?);
         let mode = opts.xdp_mode;
         let mut node = Node::new(opts, telemetry, KernelDataplane { dp, mode }, nl, ArpAnnouncer).await?;

@@ -292,6 +292,7 @@ fn link(index: u32, up: bool) -> Link {
         loopback: false,
         veth: true,
         xdp_prog: None,
+        mtu: 1500,
     }
 }
 

@@ -1,0 +1,252 @@
+//! Follows the kernel's routing state for the data path's next-hop cache.
+//!
+//! The data path caches the next hop towards each backend (`next_hops`, see
+//! `lb_common::hop`) and trusts it until the route epoch moves. This module listens to
+//! the kernel's netlink notifications (links, IPv4 addresses, routes, rules, neighbours)
+//! and bumps the epoch whenever one of them can change what a FIB lookup returns, so a
+//! changed route, MTU or neighbour MAC is used from the next packet on.
+//!
+//! [`Relevance`] decides which notifications matter (pure, unit-tested); [`follow`] does
+//! the IO.
+
+use std::{collections::HashMap, net::Ipv4Addr};
+
+use futures_util::StreamExt;
+use rtnetlink::{
+    MulticastGroup,
+    packet_core::NetlinkPayload,
+    packet_route::{
+        AddressFamily, RouteNetlinkMessage,
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
+    },
+};
+use tracing::{debug, info, warn};
+
+use crate::dataplane::{MapsError, maps::RouteEpochMap};
+
+/// Where epoch bumps go: the pinned `route_epoch` map, or a stand-in in tests.
+pub trait EpochSink {
+    /// Moves to the next epoch; returns it.
+    fn bump(&mut self) -> Result<u32, MapsError>;
+}
+
+impl EpochSink for RouteEpochMap {
+    fn bump(&mut self) -> Result<u32, MapsError> {
+        RouteEpochMap::bump(self)
+    }
+}
+
+/// What the kernel's neighbour table holds, as far as a FIB lookup is concerned: for each
+/// (interface, address), the MAC it returns, or nothing when the entry is not usable.
+#[derive(Debug, Default)]
+pub struct Relevance {
+    neighbours: HashMap<(u32, Ipv4Addr), Option<[u8; 6]>>,
+}
+
+impl Relevance {
+    /// Whether notification `msg` can change a cached next hop. Routes, rules and links
+    /// always can; addresses unless they are ballast's own VIPs (renewed every few seconds,
+    /// never a SNAT source); a neighbour only when the MAC a lookup returns appears,
+    /// changes or goes, not when it merely moves between reachable and stale.
+    pub fn relevant(&mut self, msg: &RouteNetlinkMessage) -> bool {
+        match msg {
+            RouteNetlinkMessage::NewRoute(_)
+            | RouteNetlinkMessage::DelRoute(_)
+            | RouteNetlinkMessage::NewRule(_)
+            | RouteNetlinkMessage::DelRule(_)
+            | RouteNetlinkMessage::NewLink(_)
+            | RouteNetlinkMessage::DelLink(_) => true,
+            RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => {
+                a.header.family == AddressFamily::Inet && super::netlink::to_ifaddr(a).is_none_or(|a| !a.ours)
+            }
+            RouteNetlinkMessage::NewNeighbour(n) => self.neighbour(n, false),
+            RouteNetlinkMessage::DelNeighbour(n) => self.neighbour(n, true),
+            _ => false,
+        }
+    }
+
+    fn neighbour(&mut self, n: &NeighbourMessage, deleted: bool) -> bool {
+        if n.header.family != AddressFamily::Inet {
+            return false;
+        }
+        let Some(ip) = n.attributes.iter().find_map(|a| match a {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+            _ => None,
+        }) else {
+            return false;
+        };
+        let mac = n.attributes.iter().find_map(|a| match a {
+            NeighbourAttribute::LinkLayerAddress(b) => <[u8; 6]>::try_from(b.as_slice()).ok(),
+            _ => None,
+        });
+        // The states in which the kernel's FIB lookup returns the MAC (NUD_VALID).
+        let usable = matches!(
+            n.header.state,
+            NeighbourState::Reachable
+                | NeighbourState::Stale
+                | NeighbourState::Delay
+                | NeighbourState::Probe
+                | NeighbourState::Permanent
+                | NeighbourState::Noarp
+        );
+        let now = if usable { mac } else { None };
+        let key = (n.header.ifindex, ip);
+        let before = if deleted { self.neighbours.remove(&key) } else { self.neighbours.insert(key, now) };
+        let after = if deleted { None } else { now };
+        // Unknown before: it may be one a hop was cached with, so it counts as a change.
+        before.is_none_or(|b| b != after)
+    }
+}
+
+/// Applies one notification: bumps the epoch if it matters. A failed bump is logged and
+/// retried with the next notification (`pending`).
+pub fn on_message<E: EpochSink>(rel: &mut Relevance, sink: &mut E, pending: &mut bool, msg: &RouteNetlinkMessage) {
+    if !rel.relevant(msg) && !*pending {
+        return;
+    }
+    match sink.bump() {
+        Ok(epoch) => {
+            debug!(epoch, "routing changed; cached next hops are looked up again");
+            *pending = false;
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot bump the route epoch; cached next hops may be stale until the next change");
+            *pending = true;
+        }
+    }
+}
+
+/// Subscribes to the notifications and bumps `sink` for each that matters, until the
+/// netlink socket closes. Bumps once first: hops cached while no agent ran are looked up
+/// again.
+pub async fn follow<E: EpochSink>(mut sink: E) -> std::io::Result<()> {
+    let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
+        MulticastGroup::Link,
+        MulticastGroup::Ipv4Ifaddr,
+        MulticastGroup::Ipv4Route,
+        MulticastGroup::Ipv4Rule,
+        MulticastGroup::Neigh,
+    ])?;
+    tokio::spawn(conn);
+    let mut rel = Relevance::default();
+    let mut pending = true;
+    on_message(&mut rel, &mut sink, &mut pending, &RouteNetlinkMessage::NewRule(Default::default()));
+    info!("following route, neighbour and link changes");
+    while let Some((m, _)) = messages.next().await {
+        if let NetlinkPayload::InnerMessage(msg) = m.payload {
+            on_message(&mut rel, &mut sink, &mut pending, &msg);
+        }
+    }
+    warn!("the netlink notification socket closed; cached next hops now expire by age only");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use rtnetlink::packet_route::{
+        address::{AddressAttribute, AddressMessage, AddressProtocol},
+        route::RouteMessage,
+    };
+
+    use super::*;
+
+    #[derive(Default)]
+    struct Counter(u32);
+    impl EpochSink for Counter {
+        fn bump(&mut self) -> Result<u32, MapsError> {
+            self.0 += 1;
+            Ok(self.0)
+        }
+    }
+
+    /// Fails the first `fail` bumps.
+    struct Faulty {
+        fail: u32,
+        ok: u32,
+    }
+    impl EpochSink for Faulty {
+        fn bump(&mut self) -> Result<u32, MapsError> {
+            if self.fail > 0 {
+                self.fail -= 1;
+                return Err(MapsError::Access {
+                    map: "route_epoch",
+                    what: "bump".into(),
+                    source: aya::maps::MapError::KeyNotFound,
+                });
+            }
+            self.ok += 1;
+            Ok(self.ok)
+        }
+    }
+
+    fn neigh(ifindex: u32, ip: [u8; 4], mac: Option<[u8; 6]>, state: NeighbourState) -> NeighbourMessage {
+        let mut n = NeighbourMessage::default();
+        n.header.family = AddressFamily::Inet;
+        n.header.ifindex = ifindex;
+        n.header.state = state;
+        n.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(Ipv4Addr::from(ip))));
+        if let Some(m) = mac {
+            n.attributes.push(NeighbourAttribute::LinkLayerAddress(m.to_vec()));
+        }
+        n
+    }
+
+    #[test]
+    fn neighbour_notifications_matter_only_when_the_usable_mac_changes() {
+        let mut r = Relevance::default();
+        let a = [2, 0, 0, 0, 0, 1];
+        let b = [2, 0, 0, 0, 0, 2];
+        let new = |n| RouteNetlinkMessage::NewNeighbour(n);
+        assert!(r.relevant(&new(neigh(3, [10, 0, 0, 5], Some(a), NeighbourState::Reachable))), "first seen");
+        assert!(!r.relevant(&new(neigh(3, [10, 0, 0, 5], Some(a), NeighbourState::Stale))), "reachable → stale");
+        assert!(!r.relevant(&new(neigh(3, [10, 0, 0, 5], Some(a), NeighbourState::Delay))));
+        assert!(r.relevant(&new(neigh(3, [10, 0, 0, 5], Some(b), NeighbourState::Reachable))), "new MAC");
+        assert!(r.relevant(&new(neigh(3, [10, 0, 0, 5], None, NeighbourState::Failed))), "unusable now");
+        assert!(r.relevant(&new(neigh(3, [10, 0, 0, 5], Some(b), NeighbourState::Reachable))), "usable again");
+        assert!(r.relevant(&new(neigh(4, [10, 0, 0, 5], Some(b), NeighbourState::Reachable))), "other interface");
+        let del = RouteNetlinkMessage::DelNeighbour(neigh(3, [10, 0, 0, 5], Some(b), NeighbourState::Reachable));
+        assert!(r.relevant(&del), "deleted");
+        let mut v6 = neigh(3, [10, 0, 0, 6], Some(a), NeighbourState::Reachable);
+        v6.header.family = AddressFamily::Inet6;
+        assert!(!r.relevant(&new(v6)), "IPv6 is not ours");
+    }
+
+    #[test]
+    fn routes_links_and_foreign_addresses_matter_and_our_vips_do_not() {
+        let mut r = Relevance::default();
+        assert!(r.relevant(&RouteNetlinkMessage::NewRoute(RouteMessage::default())));
+        assert!(r.relevant(&RouteNetlinkMessage::DelRoute(RouteMessage::default())));
+        assert!(r.relevant(&RouteNetlinkMessage::NewLink(Default::default())));
+        let mut addr = AddressMessage::default();
+        addr.header.family = AddressFamily::Inet;
+        addr.attributes.push(AddressAttribute::Local(Ipv4Addr::new(10, 0, 0, 1).into()));
+        assert!(r.relevant(&RouteNetlinkMessage::NewAddress(addr.clone())), "a SNAT source may change");
+        addr.attributes
+            .push(AddressAttribute::Protocol(AddressProtocol::from(super::super::netlink::ADDRESS_PROTOCOL)));
+        assert!(!r.relevant(&RouteNetlinkMessage::NewAddress(addr)), "a VIP renewal changes no hop");
+    }
+
+    #[test]
+    fn a_failed_bump_is_retried_with_the_next_notification() {
+        let mut r = Relevance::default();
+        let mut sink = Faulty { fail: 1, ok: 0 };
+        let mut pending = false;
+        let route = RouteNetlinkMessage::NewRoute(RouteMessage::default());
+        on_message(&mut r, &mut sink, &mut pending, &route);
+        assert!(pending, "the failure is remembered");
+        let stale = RouteNetlinkMessage::NewNeighbour(neigh(3, [10, 0, 0, 5], None, NeighbourState::Failed));
+        on_message(&mut r, &mut sink, &mut pending, &stale);
+        on_message(&mut r, &mut sink, &mut pending, &stale);
+        assert_eq!(sink.ok, 1, "retried once, with the next notification, even an irrelevant one");
+        assert!(!pending);
+
+        let mut c = Counter::default();
+        let mut pending = false;
+        let a = [2, 0, 0, 0, 0, 1];
+        for state in [NeighbourState::Reachable, NeighbourState::Stale, NeighbourState::Reachable] {
+            let m = RouteNetlinkMessage::NewNeighbour(neigh(3, [10, 0, 0, 7], Some(a), state));
+            on_message(&mut r, &mut c, &mut pending, &m);
+        }
+        assert_eq!(c.0, 1, "one bump for a neighbour that was only re-confirmed");
+    }
+}
