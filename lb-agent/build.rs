@@ -20,7 +20,7 @@ fn main() {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
     println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
-    let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("lb-ebpf");
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
 
     // One eBPF build shared by every profile of the agent, beside the host target dirs.
     let target_dir = env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from).join("ebpf");
@@ -52,9 +52,13 @@ fn main() {
     if !status.success() {
         fail(&format!("building lb-ebpf failed ({status})"));
     }
-    let built = target_dir.join(TARGET).join("release").join("lb-ebpf");
-    if let Err(err) = std::fs::copy(&built, &out) {
-        fail(&format!("cannot copy {} to {}: {err}", built.display(), out.display()));
+    // The data path, and the benchmark's traffic generator (see lb-ebpf/src/bench.rs).
+    for name in ["lb-ebpf", "lb-bench"] {
+        let built = target_dir.join(TARGET).join("release").join(name);
+        let to = out_dir.join(name);
+        if let Err(err) = std::fs::copy(&built, &to) {
+            fail(&format!("cannot copy {} to {}: {err}", built.display(), to.display()));
+        }
     }
 }
 

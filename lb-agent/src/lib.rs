@@ -21,3 +21,7 @@ pub mod telemetry;
 
 /// The kernel object built from `lb-ebpf`.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// The benchmark's traffic generator and sink (`lb-ebpf/src/bench.rs`). The agent never
+/// loads it; it ships in the library so the benchmark uses the same build.
+pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-bench"));

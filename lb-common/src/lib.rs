@@ -11,6 +11,7 @@
 
 pub mod addr;
 pub mod backend;
+pub mod bench;
 pub mod checksum;
 pub mod config;
 pub mod cpu;

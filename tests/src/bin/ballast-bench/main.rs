@@ -4,7 +4,8 @@
 //! Sections (`--only NAME`): `datapath`, the data path's per-packet cost through
 //! `BPF_PROG_TEST_RUN`; `scale`, the same as the tables grow; `contenders`, ballast side
 //! by side with kube-proxy's modes, a userspace proxy and nginx on real veths; `rules`, the
-//! kernel LBs as the number of services grows; `controlplane`,
+//! kernel LBs as the number of services grows; `lbhop`, the LB hop in packets per second
+//! on one CPU with in-kernel generated frames; `controlplane`,
 //! the controller's latencies against the real control plane; `multinode`, failover
 //! between edge nodes and the agents' steady-state API load.
 
@@ -12,6 +13,7 @@ mod contenders;
 mod controlplane;
 mod datapath;
 mod kit;
+mod lbhop;
 mod multinode;
 mod report;
 mod rules;
@@ -51,6 +53,11 @@ fn main() -> anyhow::Result<()> {
         let (md, d) = rules::run(quick, smoke, &kinds)?;
         section(md);
         data.insert("rules".into(), d);
+    }
+    if want("lbhop") {
+        let (md, d) = lbhop::run(&lbhop::Opts::new(quick, smoke), &kinds)?;
+        section(md);
+        data.insert("lbhop".into(), d);
     }
     if want("datapath") {
         section(datapath::run(quick)?);

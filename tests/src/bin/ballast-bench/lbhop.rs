@@ -1,0 +1,521 @@
+//! The LB hop in packets per second on one CPU: the XDP paper's method, adapted to veths.
+//!
+//! Frames are generated inside the kernel: `bench_gen` (the `lb-bench` object) runs with
+//! `BPF_PROG_RUN` in XDP live-frames mode on the client's `c0` and sends every frame out
+//! of it, so it reaches the load balancer's `lb0` as an XDP frame, without a socket buffer
+//! on the way in. At the far end of the load balancer's `lb1`, `bench_sink` on the
+//! switch's port counts and drops every frame, so backends cost nothing. Everything (the
+//! generator, the load balancer, the sink) runs in the generator's system call and its
+//! softirqs, on the one CPU its thread is pinned to: wall time per delivered frame is the
+//! CPU time of the whole hop on that CPU.
+//!
+//! Established flows are set up first by the same generator with `bench_reflect` in the
+//! sink's place, which answers every frame as a backend would (a SYN with a SYN-ACK), so
+//! ballast confirms the flows and conntrack sees them replied to; then the sink replaces
+//! it and the measured frames follow.
+
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, PerCpuArray, PerCpuValues},
+    programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
+};
+use ballast_tests::{
+    agent::Agent,
+    frames::Frame,
+    netns::Netns,
+    testbed::{Arms, Testbed},
+};
+use lb_common::{
+    bench::{GEN_FRAME_LEN, GenTemplate},
+    proto,
+};
+use serde_json::{Value, json};
+
+use crate::{
+    contenders::{Kind, Svc, apply, ballast_config, iptables_rules, nft_rules},
+    stats::Series,
+};
+
+/// Sizes of one run of the section.
+pub struct Opts {
+    /// Repetitions of each measurement.
+    pub runs: usize,
+    /// Frames per measurement.
+    pub frames: u32,
+    /// Concurrent established flows.
+    pub flows: u32,
+    /// Service counts.
+    pub sizes: Vec<usize>,
+}
+
+impl Opts {
+    /// The full run, the quick one, or the smoke test's.
+    pub fn new(quick: bool, smoke: bool) -> Self {
+        if smoke {
+            Self { runs: 1, frames: 20_000, flows: 2_000, sizes: vec![1, 10] }
+        } else if quick {
+            Self { runs: 3, frames: 1_000_000, flows: 100_000, sizes: vec![1, 10_000] }
+        } else {
+            Self { runs: 5, frames: 2_000_000, flows: 100_000, sizes: vec![1, 10_000] }
+        }
+    }
+}
+
+/// What the measured frames are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Traffic {
+    /// UDP datagrams of established (replied-to) flows.
+    Udp,
+    /// TCP segments of established connections.
+    Tcp,
+    /// UDP, every frame a new tuple.
+    NewUdp,
+}
+
+impl Traffic {
+    const ALL: [Traffic; 3] = [Traffic::Udp, Traffic::Tcp, Traffic::NewUdp];
+
+    fn label(self) -> &'static str {
+        match self {
+            Traffic::Udp => "UDP, established flows",
+            Traffic::Tcp => "TCP, established flows",
+            Traffic::NewUdp => "UDP, a new flow per frame",
+        }
+    }
+
+    fn short(self) -> &'static str {
+        match self {
+            Traffic::Udp => "udp",
+            Traffic::Tcp => "tcp",
+            Traffic::NewUdp => "new-udp",
+        }
+    }
+}
+
+/// The contenders of this section, in report order.
+const KINDS: [Kind; 4] = [Kind::Routing, Kind::Ballast, Kind::Iptables, Kind::Nftables];
+
+/// Ports of the measured services (VIP side, backend side).
+const TCP_PORTS: (u16, u16) = (80, 8080);
+const UDP_PORTS: (u16, u16) = (53, 5353);
+/// TCP sequence numbers of the generated connection (the reflector answers with
+/// `REFLECT_SEQ`, 5000).
+const CLIENT_SEQ: u32 = 1000;
+const REFLECT_SEQ: u32 = 5000;
+/// Tuples of the new-flow measurement: more than any run sends, so none repeats.
+const NEW_TUPLES: u32 = 1 << 26;
+/// Source ports per client address in generated tuples.
+const PORTS: u32 = 50_000;
+
+/// The generator, reflector and sink, loaded.
+struct Kit {
+    ebpf: Ebpf,
+    links: Vec<(&'static str, XdpLinkId)>,
+}
+
+impl Kit {
+    fn load() -> Result<Self> {
+        let mut ebpf = EbpfLoader::new().load(lb_agent::BENCH_OBJECT).context("loading lb-bench")?;
+        for name in ["bench_gen", "bench_sink", "bench_reflect", "bench_pass"] {
+            let p: &mut Xdp = ebpf.program_mut(name).context(name)?.try_into()?;
+            p.load().with_context(|| format!("loading {name} (verifier)"))?;
+        }
+        Ok(Self { ebpf, links: Vec::new() })
+    }
+
+    fn prog(&mut self, name: &str) -> Result<&mut Xdp> {
+        Ok(self.ebpf.program_mut(name).context("program")?.try_into()?)
+    }
+
+    /// Attaches program `name` to `dev` in `ns`, natively.
+    fn attach(&mut self, ns: &Netns, dev: &str, name: &'static str) -> Result<()> {
+        let p = self.prog(name)?;
+        let id = ns.run(|| p.attach(dev, XdpMode::Driver))?.with_context(|| format!("attaching {name} to {dev}"))?;
+        self.links.push((name, id));
+        Ok(())
+    }
+
+    /// Detaches every attachment of program `name`.
+    fn detach(&mut self, name: &str) -> Result<()> {
+        let (ids, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.links).into_iter().partition(|(n, _)| *n == name);
+        self.links = keep;
+        let p = self.prog(name)?;
+        for (_, id) in ids {
+            p.detach(id)?;
+        }
+        Ok(())
+    }
+
+    /// Sets what the generator sends; with `restart`, from tuple 0 again.
+    fn set_template(&mut self, t: GenTemplate, restart: bool) -> Result<()> {
+        let mut m: Array<_, GenTemplate> = self.ebpf.map_mut("gen_template").context("gen_template")?.try_into()?;
+        m.set(0, t, 0)?;
+        if !restart {
+            return Ok(());
+        }
+        let mut c: PerCpuArray<_, u32> = self.ebpf.map_mut("gen_cursor").context("gen_cursor")?.try_into()?;
+        let zeros = PerCpuValues::try_from(vec![0u32; aya::util::nr_cpus().map_err(|(_, e)| e)?])?;
+        c.set(0, zeros, 0)?;
+        Ok(())
+    }
+
+    fn delivered(&self) -> Result<u64> {
+        let m: PerCpuArray<_, u64> = self.ebpf.map("sink_count").context("sink_count")?.try_into()?;
+        Ok(m.get(&0, 0)?.iter().sum())
+    }
+
+    /// Sends `n` frames (the template, tuple after tuple) from `c0` in `ns`, on one CPU;
+    /// returns how long the system call took.
+    fn blast(&mut self, ns: &Netns, n: u32) -> Result<Duration> {
+        let ifindex = ns.ifindex("c0")?;
+        let frame = [0u8; GEN_FRAME_LEN];
+        // struct xdp_md: data 0, data_end = the frame's length, ingress_ifindex.
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        let cpu = std::thread::available_parallelism().map_or(0, |c| c.get() - 1);
+        let p = self.prog("bench_gen")?;
+        ns.run(move || -> Result<Duration> {
+            pin_to(cpu)?;
+            let t = Instant::now();
+            p.test_run(TestRunOptions {
+                data_in: Some(&frame),
+                ctx_in: Some(&ctx),
+                repeat: n,
+                attrs: TestRunAttrs::new().xdp_live_frames(64),
+                ..TestRunOptions::default()
+            })
+            .context("BPF_PROG_RUN live frames")?;
+            Ok(t.elapsed())
+        })?
+    }
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it; sched_setaffinity(0)
+    // only affects the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The generator's template for `dst` with `flows` tuples.
+fn template(tb: &Testbed, traffic: Traffic, dst: SocketAddrV4, flows: u32, flags: TcpFlags) -> Result<GenTemplate> {
+    let (c0, lb0) = (tb.client.mac("c0")?, tb.lb.mac("lb0")?);
+    let src = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 0), 10_000);
+    let frame = match traffic {
+        Traffic::Tcp => Frame::tcp(src, dst)
+            .macs(c0, lb0)
+            .tcp_header(|h| {
+                h.syn = flags == TcpFlags::Syn;
+                h.ack = flags != TcpFlags::Syn;
+                h.sequence_number = if flags == TcpFlags::Syn { CLIENT_SEQ } else { CLIENT_SEQ + 1 };
+                h.acknowledgment_number = if flags == TcpFlags::Syn { 0 } else { REFLECT_SEQ + 1 };
+                h.window_size = 65_535;
+            })
+            .payload(&[0x42; GEN_FRAME_LEN - 54])
+            .bytes(),
+        Traffic::Udp | Traffic::NewUdp => {
+            Frame::udp(src, dst).macs(c0, lb0).payload(&[0x42; GEN_FRAME_LEN - 42]).bytes()
+        }
+    };
+    let mut t = GenTemplate {
+        flows,
+        ports: PORTS,
+        proto: if traffic == Traffic::Tcp { proto::TCP } else { proto::UDP } as u32,
+        ..GenTemplate::default()
+    };
+    if frame.len() != GEN_FRAME_LEN {
+        bail!("template frame is {} bytes, not {GEN_FRAME_LEN}", frame.len());
+    }
+    t.frame.copy_from_slice(&frame);
+    Ok(t)
+}
+
+/// The TCP segment a template carries.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TcpFlags {
+    Syn,
+    Ack,
+}
+
+/// One contender with `n` services in a fresh bed, ready for frames.
+struct Hop {
+    tb: Testbed,
+    kit: Kit,
+    _agent: Option<Agent>,
+    tcp: SocketAddrV4,
+    udp: SocketAddrV4,
+}
+
+fn vip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 100, 0, 1)) + i as u32)
+}
+
+fn setup(kind: Kind, n: usize, flows: u32) -> Result<Hop> {
+    // Four backends: 4 × 32 256 SNAT ports (one CPU's half of 1024-65535) hold 100 000
+    // flows per protocol.
+    let mut tb = Testbed::new(Arms::Two, 4)?;
+    let lb = &tb.lb;
+    lb.sysctl("net.ipv4.ip_forward", "1")?;
+    for dev in ["all", "default", "lb0", "lb1"] {
+        lb.sysctl(&format!("net.ipv4.conf.{dev}.rp_filter"), "0")?;
+    }
+    // Neighbours before any program drops ARP: permanent, so nothing expires mid-run.
+    for b in &tb.backends {
+        let mac = b.ns.mac("b0")?;
+        lb.ip(&format!("neigh replace {} lladdr {} dev lb1 nud permanent", b.ip, mac_str(mac)))?;
+    }
+    let client_mac = tb.client.mac("c0")?;
+    lb.ip(&format!("neigh replace {} lladdr {} dev lb0 nud permanent", tb.client_ip, mac_str(client_mac)))?;
+    lb.ip(&format!("route add 198.18.0.0/15 via {} dev lb0", tb.client_ip))?;
+    let tcp_backends: Vec<SocketAddrV4> = tb.backends.iter().map(|b| SocketAddrV4::new(b.ip, TCP_PORTS.1)).collect();
+    let udp_backends: Vec<SocketAddrV4> = tb.backends.iter().map(|b| SocketAddrV4::new(b.ip, UDP_PORTS.1)).collect();
+    let mut svcs: Vec<Svc> =
+        (0..n).map(|i| Svc { vip: vip(i), port: TCP_PORTS.0, proto: "tcp", backends: tcp_backends.clone() }).collect();
+    svcs.push(Svc { vip: vip(n - 1), port: UDP_PORTS.0, proto: "udp", backends: udp_backends });
+    let (mut tcp, mut udp) = (SocketAddrV4::new(vip(n - 1), TCP_PORTS.0), SocketAddrV4::new(vip(n - 1), UDP_PORTS.0));
+    let mut agent = None;
+    match kind {
+        Kind::Routing => {
+            let b = tb.backends[0].ip;
+            (tcp, udp) = (SocketAddrV4::new(b, TCP_PORTS.1), SocketAddrV4::new(b, UDP_PORTS.1));
+        }
+        Kind::Ballast => {
+            let cfg = tb.write_config(&[])?;
+            std::fs::write(&cfg, ballast_config(&svcs))?;
+            let mut args = tb.agent_args(&cfg);
+            let tables = (2 * flows + 65_536).to_string();
+            args.extend(
+                [
+                    "--snat-ports",
+                    "1024-65535",
+                    "--max-flows",
+                    &tables,
+                    "--max-half-open",
+                    &tables,
+                    "--max-services",
+                    &(2 * n + 16).max(1024).to_string(),
+                ]
+                .map(String::from),
+            );
+            agent = Some(Agent::start(&tb.lb, &args.iter().map(String::as_str).collect::<Vec<_>>())?);
+        }
+        Kind::Iptables => {
+            apply(&tb.lb, &["iptables-restore"], &iptables_rules(&svcs))?;
+        }
+        Kind::Nftables => {
+            apply(&tb.lb, &["nft", "-f", "-"], &nft_rules(&svcs))?;
+        }
+        _ => bail!("{} is not measured here", kind.label()),
+    }
+    let mut kit = Kit::load()?;
+    if kind != Kind::Ballast {
+        // A veth receives frames its peer sends with XDP only into an XDP program: the
+        // kernel contenders get one that passes everything to the stack.
+        for dev in ["lb0", "lb1"] {
+            kit.attach(&tb.lb, dev, "bench_pass")?;
+        }
+    }
+    let mut hop = Hop { tb, kit, _agent: agent, tcp, udp };
+    hop.place("bench_sink")?;
+    Ok(hop)
+}
+
+impl Hop {
+    /// Opens `flows` flows of `traffic` through the hop: one pass with the reflector
+    /// answering (for TCP, SYNs), one more pass (for TCP, the ACKs) that confirms them.
+    fn establish(&mut self, traffic: Traffic, flows: u32) -> Result<()> {
+        let dst = if traffic == Traffic::Tcp { self.tcp } else { self.udp };
+        self.place("bench_reflect")?;
+        let first = if traffic == Traffic::Tcp { TcpFlags::Syn } else { TcpFlags::Ack };
+        self.kit.set_template(template(&self.tb, traffic, dst, flows, first)?, true)?;
+        let before = self.kit.delivered()?;
+        self.kit.blast(&self.tb.client, flows)?;
+        let answered = self.kit.delivered()? - before;
+        if answered < u64::from(flows) * 9 / 10 {
+            bail!("only {answered} of {flows} first packets were answered through the hop");
+        }
+        self.kit.set_template(template(&self.tb, traffic, dst, flows, TcpFlags::Ack)?, true)?;
+        self.kit.blast(&self.tb.client, flows)?;
+        self.place("bench_sink")
+    }
+
+    /// The sink on the client's `c0` (its kernel would answer SYN-ACKs with resets), and
+    /// `program` on the switch's port behind the LB.
+    fn place(&mut self, program: &'static str) -> Result<()> {
+        self.kit.detach("bench_sink")?;
+        self.kit.detach("bench_reflect")?;
+        self.kit.attach(&self.tb.client, "c0", "bench_sink")?;
+        self.kit.attach(&self.tb.switch, "s-lb", program)
+    }
+
+    /// One measurement: frames delivered per second and ns per delivered frame.
+    fn measure(&mut self, traffic: Traffic, flows: u32, frames: u32) -> Result<(f64, f64)> {
+        let (dst, tuples) = match traffic {
+            Traffic::Tcp => (self.tcp, flows),
+            Traffic::Udp => (self.udp, flows),
+            Traffic::NewUdp => (self.udp, NEW_TUPLES),
+        };
+        let t = template(&self.tb, traffic, dst, tuples, TcpFlags::Ack)?;
+        // New flows go on where the last run stopped, so no tuple repeats; established
+        // runs cycle through the flows from the first.
+        self.kit.set_template(t, traffic != Traffic::NewUdp)?;
+        let before = self.kit.delivered()?;
+        let took = self.kit.blast(&self.tb.client, frames)?;
+        // Frames still queued in a veth when the call returned arrive within moments.
+        std::thread::sleep(Duration::from_millis(20));
+        let got = self.kit.delivered()? - before;
+        if got == 0 {
+            bail!("no frame reached the sink");
+        }
+        Ok((got as f64 / took.as_secs_f64(), took.as_nanos() as f64 / got as f64))
+    }
+}
+
+fn mac_str(m: [u8; 6]) -> String {
+    ballast_tests::lab::mac_str(m)
+}
+
+/// One cell of the table.
+struct Cell {
+    kind: Kind,
+    services: usize,
+    traffic: Traffic,
+    mpps: Series,
+    ns: Series,
+    error: Option<String>,
+}
+
+/// Runs the section; returns markdown and plot data.
+pub fn run(o: &Opts, kinds: &[Kind]) -> Result<(String, Value)> {
+    ballast_tests::preflight::require();
+    // conntrack's table must hold the established flows plus a new-flow run's worth.
+    let _ = std::fs::write("/proc/sys/net/netfilter/nf_conntrack_max", "1048576");
+    let mut cells = Vec::new();
+    for kind in KINDS.into_iter().filter(|k| kinds.contains(k)) {
+        for &n in &o.sizes {
+            if kind == Kind::Routing && n != o.sizes[0] {
+                continue;
+            }
+            eprintln!("bench: LB hop, {} with {n} services", kind.label());
+            let mut hop = match setup(kind, n, o.flows) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    for traffic in Traffic::ALL {
+                        cells.push(Cell {
+                            kind,
+                            services: n,
+                            traffic,
+                            mpps: Series::default(),
+                            ns: Series::default(),
+                            error: Some(format!("{e:#}")),
+                        });
+                    }
+                    None
+                }
+            };
+            let Some(hop) = hop.as_mut() else { continue };
+            for traffic in Traffic::ALL {
+                let (mut mpps, mut ns) = (Series::default(), Series::default());
+                let result = (|| -> Result<()> {
+                    if traffic == Traffic::NewUdp {
+                        hop.place("bench_sink")?;
+                    } else {
+                        hop.establish(traffic, o.flows)?;
+                    }
+                    // A discarded warm-up, then the runs.
+                    hop.measure(traffic, o.flows, o.frames / 4)?;
+                    for _ in 0..o.runs {
+                        let (pps, per) = hop.measure(traffic, o.flows, o.frames)?;
+                        mpps.push(pps / 1e6);
+                        ns.push(per);
+                    }
+                    Ok(())
+                })();
+                cells.push(Cell {
+                    kind,
+                    services: n,
+                    traffic,
+                    mpps,
+                    ns,
+                    error: result.err().map(|e| format!("{e:#}")),
+                });
+            }
+        }
+    }
+    Ok((markdown(o, &cells), data(&cells)))
+}
+
+fn markdown(o: &Opts, cells: &[Cell]) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "### LB hop, packets per second on one CPU (BPF_PROG_RUN live frames)\n\n\
+         Frames are generated in the kernel on the client's veth (`bench_gen`, XDP live-frames mode, batches of 64) and reach the LB's `lb0` as XDP frames; `bench_sink` counts and drops them on the switch port behind `lb1`. The generator, the LB and the sink all run on one pinned CPU, so ns per frame is that CPU's time for the whole hop (generator and veth transfers included; plain routing shows that floor). {} runs of {} frames after a warm-up; median (range). Established cases cycle through {} flows opened before the runs (a reflector answered each one, so ballast confirmed them and conntrack saw them replied); the new-flow case sends a new UDP tuple in every frame. IPVS is not measured: this kernel has none. Kernel contenders have an XDP_PASS program (`bench_pass`) on `lb0` and `lb1`: a veth receives frames its peer sends with XDP only into an XDP program.\n",
+        o.runs, o.frames, o.flows
+    );
+    let _ = writeln!(md, "| LB | services | traffic | Mpps | ns per frame | vs iptables (same services, traffic) |");
+    let _ = writeln!(md, "|---|---:|---|---:|---:|---:|");
+    for c in cells {
+        if let Some(e) = &c.error {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | not measured: {} | | |",
+                c.kind.label(),
+                c.services,
+                c.traffic.label(),
+                e.replace('|', "/").replace('\n', " ")
+            );
+            continue;
+        }
+        let ipt = cells
+            .iter()
+            .find(|x| x.kind == Kind::Iptables && x.services == c.services && x.traffic == c.traffic)
+            .map(|x| x.mpps.median());
+        let ratio = match ipt {
+            Some(b) if b > 0.0 && c.kind != Kind::Iptables => format!("{:.2}x", c.mpps.median() / b),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {ratio} |",
+            c.kind.label(),
+            c.services,
+            c.traffic.label(),
+            c.mpps.cell(2),
+            c.ns.cell(0)
+        );
+    }
+    md
+}
+
+fn data(cells: &[Cell]) -> Value {
+    let rows: Vec<Value> = cells
+        .iter()
+        .filter(|c| c.error.is_none())
+        .map(|c| {
+            json!({
+                "lb": c.kind.short(),
+                "services": c.services,
+                "traffic": c.traffic.short(),
+                "mpps": c.mpps.0,
+                "ns": c.ns.0,
+            })
+        })
+        .collect();
+    Value::Array(rows)
+}
