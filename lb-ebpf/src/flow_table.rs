@@ -174,8 +174,8 @@ pub fn end_flow(table: Table, key: &FlowKey, f: &FlowValue) {
 
 /// Records a TCP FIN or RST in this entry and in its peer, so both know when the
 /// connection is closed and switch to the short timeout. A state change is a write anyway,
-/// so the entry's idle time restarts here too: a closed flow's port is reused only after
-/// the flow has really been quiet.
+/// so both entries' idle time restarts here too: a closed flow's port (found under its reply
+/// entry) is reused only after the flow has really been quiet.
 #[inline(always)]
 pub fn mark_close(table: Table, f: *mut FlowValue, proto: u8, tcp_flags: u8, now: u64) {
     let (own, peer) = if tcp_flags & TCP_RST != 0 { (FLOW_RST, FLOW_RST) } else { (FLOW_FIN, FLOW_PEER_FIN) };
@@ -193,6 +193,7 @@ pub fn mark_close(table: Table, f: *mut FlowValue, proto: u8, tcp_flags: u8, now
         unsafe {
             if (*p).flags & peer != peer {
                 atomic::or(&raw mut (*p).flags, peer);
+                (*p).last_seen_ns = now;
             }
         }
     }

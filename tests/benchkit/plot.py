@@ -96,12 +96,54 @@ def rules(data, out):
     return [c]
 
 
+def lbhop(rows, out):
+    """Mpps on one CPU per contender, one group per (traffic, services)."""
+    if not rows:
+        return []
+    groups = []
+    for r in rows:
+        g = (r["traffic"], r["services"])
+        if g not in groups:
+            groups.append(g)
+    lbs = []
+    for r in rows:
+        if r["lb"] not in lbs:
+            lbs.append(r["lb"])
+    colors = {"ballast": "#d62728", "routing": "#7f7f7f", "iptables": "#1f77b4", "nftables": "#2ca02c"}
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / max(len(lbs), 1)
+    for i, lb in enumerate(lbs):
+        xs, vals, errs = [], [], []
+        for gi, g in enumerate(groups):
+            hit = [r for r in rows if r["lb"] == lb and (r["traffic"], r["services"]) == g]
+            if not hit:
+                continue
+            xs.append(gi + (i - (len(lbs) - 1) / 2) * width)
+            vals.append(med(hit[0]["mpps"]))
+            errs.append(err(hit[0]["mpps"]))
+        ax.bar(xs, vals, width, yerr=list(zip(*errs)) or None, capsize=2, label=lb, color=colors.get(lb))
+    ax.set_xticks(list(range(len(groups))))
+    ax.set_xticklabels([f"{t}\n{n} services" for t, n in groups])
+    ax.set_ylabel("Mpps on one CPU")
+    ax.set_title("LB hop with in-kernel generated frames (XDP live frames), packets per second on one CPU")
+    ax.legend()
+    fig.tight_layout()
+    p = os.path.join(out, "lbhop.png")
+    fig.savefig(p, dpi=90)
+    plt.close(fig)
+    return [p]
+
+
 def main():
     data_path, out = sys.argv[1], sys.argv[2]
     with open(data_path) as f:
         data = json.load(f)
     os.makedirs(out, exist_ok=True)
-    written = contenders(data.get("contenders", []), out) + rules(data.get("rules"), out)
+    written = (
+        contenders(data.get("contenders", []), out)
+        + rules(data.get("rules"), out)
+        + lbhop(data.get("lbhop", []), out)
+    )
     for w in written:
         print(os.path.basename(w))
 

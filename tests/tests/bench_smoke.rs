@@ -38,8 +38,34 @@ fn measured(cell: &str) -> bool {
 #[test]
 fn the_per_packet_section_measures_every_case() {
     let text = section("datapath");
-    for case in ["XDP_PASS baseline program", "packet not for a VIP", "established flow", "new flow (SYN)"] {
-        assert!(text.contains(case), "{case:?} missing:\n{text}");
+    for case in [
+        "XDP_PASS baseline program",
+        "packet not for a VIP",
+        "established, one hot flow",
+        "established, random flow (client → backend)",
+        "established, random flow (backend → client)",
+        "first reply of a flow (SYN-ACK)",
+        "FIN of an established flow",
+        "SYN on a closed tuple (reused port)",
+        "new flow (SYN of a new tuple)",
+    ] {
+        assert!(measured(row(&text, case).split('|').nth(2).unwrap_or("")), "{case:?} not measured:\n{text}");
+    }
+}
+
+#[test]
+fn the_lb_hop_section_measures_every_contender_and_traffic_in_packets_per_second() {
+    let text = bench(&["--smoke", "--only", "lbhop"]);
+    let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| LB |")).collect();
+    for lb in ["plain routing (no LB)", "ballast (XDP)", "iptables (kube-proxy)", "nftables (kube-proxy)"] {
+        for traffic in ["UDP, established flows", "TCP, established flows", "UDP, a new flow per frame"] {
+            let found: Vec<&&str> =
+                rows.iter().filter(|r| r.starts_with(&format!("| {lb} |")) && r.contains(traffic)).collect();
+            assert!(!found.is_empty(), "no row for {lb}, {traffic}:\n{text}");
+            for r in found {
+                assert!(measured(r.split('|').nth(4).unwrap_or("")), "{lb}, {traffic} not measured:\n{r}");
+            }
+        }
     }
 }
 

@@ -335,3 +335,39 @@ impl Drop for RemoveOnDrop {
         let _ = std::fs::remove_file(&self.0);
     }
 }
+
+/// Path MTU discovery through the LB, both ways, with real TCP: the endpoints think the
+/// path takes 1 500-byte packets, but the LB's path towards the backends takes 1 300 (a
+/// locked route MTU) and the link to the client 1 400. The LB answers the client's too
+/// large segments, and the backend's, with ICMP fragmentation needed; both kernels lower
+/// their path MTU and a 200 kB line goes through and back.
+#[test]
+fn path_mtu_discovery_works_through_the_lb_in_both_directions() {
+    let mut tb = Testbed::new(Arms::Two, 1).unwrap();
+    tb.lb.ip("link set lb0 mtu 1400").unwrap();
+    tb.client.ip("link set c0 mtu 1400").unwrap();
+    // The client advertises the MSS of a 1 500-byte path, so the backend sends 1 500-byte
+    // packets that only the LB can find too large.
+    tb.client.ip("route replace default via 10.10.1.1 dev c0 advmss 1460").unwrap();
+    tb.lb.ip("route replace 10.10.2.0/24 dev lb1 src 10.10.2.1 mtu lock 1300").unwrap();
+    let _servers = servers(&tb).unwrap();
+    let cfg = tb.write_config(&services(&tb, &[0])).unwrap();
+    let args = tb.agent_args(&cfg);
+    let agent = Agent::start(&tb.lb, &args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+
+    let vip = tb.vip(80);
+    let line = "x".repeat(200_000);
+    let sent = line.clone();
+    let answer = tb
+        .client
+        .run(move || LineClient::connect_within(vip, Duration::from_secs(2), Duration::from_secs(15))?.ask(&sent))
+        .unwrap()
+        .unwrap();
+    assert!(answer.len() == line.len() + "backend-0 ".len() && answer.ends_with(&line), "the line came back whole");
+    // Both kernels learned the smaller path from the LB's ICMP.
+    let client_route = tb.client.ip(&format!("route get {}", tb.vip)).unwrap();
+    assert!(client_route.contains("mtu 1300"), "client's path MTU to the VIP: {client_route}");
+    let backend_route = tb.backends[0].ns.ip("route get 10.10.2.1").unwrap();
+    assert!(backend_route.contains("mtu 1400"), "backend's path MTU to the SNAT address: {backend_route}");
+    drop(agent);
+}

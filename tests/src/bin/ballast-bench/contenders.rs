@@ -256,6 +256,32 @@ pub fn ballast_config(services: &[Svc]) -> String {
     ballast_tests::testbed::config_yaml_vips(&named)
 }
 
+/// Starts lb-agent in `tb`'s LB namespace on a one-service seed configuration with the
+/// bed's arguments and `extra`, then reloads it with `svcs` (SIGHUP) and waits until it
+/// applied them: the agent's start-up wait is too short for 10 000 VIP addresses. Returns
+/// the agent and how long the reload took.
+pub fn start_ballast(tb: &mut Testbed, svcs: &[Svc], extra: &[String]) -> Result<(Agent, Duration)> {
+    let backends = svcs.first().map(|s| s.backends.clone()).unwrap_or_default();
+    let seed = ballast_config(&[Svc { vip: Ipv4Addr::new(10, 99, 0, 1), port: 81, proto: "tcp", backends }]);
+    let cfg = tb.write_config(&[])?;
+    std::fs::write(&cfg, seed)?;
+    let mut args = tb.agent_args(&cfg);
+    args.extend(extra.iter().cloned());
+    let agent = Agent::start(&tb.lb, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let applied = |a: &Agent| a.log_text().matches("configuration applied").count();
+    let before = applied(&agent);
+    std::fs::write(&cfg, ballast_config(svcs))?;
+    let t0 = Instant::now();
+    agent.signal(libc::SIGHUP);
+    while applied(&agent) <= before {
+        if t0.elapsed() > Duration::from_secs(300) {
+            bail!("the agent did not apply {} services:\n{}", svcs.len(), agent.log_text());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok((agent, t0.elapsed()))
+}
+
 /// A file in the temp directory, removed on drop.
 pub struct TempFile(pub PathBuf);
 

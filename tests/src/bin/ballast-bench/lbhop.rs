@@ -39,7 +39,7 @@ use lb_common::{
 use serde_json::{Value, json};
 
 use crate::{
-    contenders::{Kind, Svc, apply, ballast_config, iptables_rules, nft_rules},
+    contenders::{Kind, Svc, apply, iptables_rules, nft_rules, start_ballast},
     stats::Series,
 };
 
@@ -47,8 +47,13 @@ use crate::{
 pub struct Opts {
     /// Repetitions of each measurement.
     pub runs: usize,
-    /// Frames per measurement.
+    /// Frames per measurement of established flows.
     pub frames: u32,
+    /// Frames per new-flow measurement: fewer than the SNAT ports towards the four
+    /// backends, which every NAT load balancer runs out of under a sustained stream of new
+    /// tuples (ballast reclaims a half-open flow's port after a second, conntrack keeps an
+    /// unreplied UDP entry for 30 s).
+    pub new_frames: u32,
     /// Concurrent established flows.
     pub flows: u32,
     /// Service counts.
@@ -59,11 +64,11 @@ impl Opts {
     /// The full run, the quick one, or the smoke test's.
     pub fn new(quick: bool, smoke: bool) -> Self {
         if smoke {
-            Self { runs: 1, frames: 20_000, flows: 2_000, sizes: vec![1, 10] }
+            Self { runs: 1, frames: 20_000, new_frames: 5_000, flows: 2_000, sizes: vec![1, 10] }
         } else if quick {
-            Self { runs: 3, frames: 1_000_000, flows: 100_000, sizes: vec![1, 10_000] }
+            Self { runs: 3, frames: 1_000_000, new_frames: 50_000, flows: 100_000, sizes: vec![1, 10_000] }
         } else {
-            Self { runs: 5, frames: 2_000_000, flows: 100_000, sizes: vec![1, 10_000] }
+            Self { runs: 5, frames: 2_000_000, new_frames: 50_000, flows: 100_000, sizes: vec![1, 10_000] }
         }
     }
 }
@@ -295,24 +300,21 @@ fn setup(kind: Kind, n: usize, flows: u32) -> Result<Hop> {
             (tcp, udp) = (SocketAddrV4::new(b, TCP_PORTS.1), SocketAddrV4::new(b, UDP_PORTS.1));
         }
         Kind::Ballast => {
-            let cfg = tb.write_config(&[])?;
-            std::fs::write(&cfg, ballast_config(&svcs))?;
-            let mut args = tb.agent_args(&cfg);
+            // Tables for the flows, and the whole port range: one CPU's half holds the
+            // flows to each backend.
             let tables = (2 * flows + 65_536).to_string();
-            args.extend(
-                [
-                    "--snat-ports",
-                    "1024-65535",
-                    "--max-flows",
-                    &tables,
-                    "--max-half-open",
-                    &tables,
-                    "--max-services",
-                    &(2 * n + 16).max(1024).to_string(),
-                ]
-                .map(String::from),
-            );
-            agent = Some(Agent::start(&tb.lb, &args.iter().map(String::as_str).collect::<Vec<_>>())?);
+            let extra = [
+                "--snat-ports",
+                "1024-65535",
+                "--max-flows",
+                &tables,
+                "--max-half-open",
+                &tables,
+                "--max-services",
+                &(2 * n + 16).max(1024).to_string(),
+            ]
+            .map(String::from);
+            agent = Some(start_ballast(&mut tb, &svcs, &extra)?.0);
         }
         Kind::Iptables => {
             apply(&tb.lb, &["iptables-restore"], &iptables_rules(&svcs))?;
@@ -363,8 +365,9 @@ impl Hop {
         self.kit.attach(&self.tb.switch, "s-lb", program)
     }
 
-    /// One measurement: frames delivered per second and ns per delivered frame.
-    fn measure(&mut self, traffic: Traffic, flows: u32, frames: u32) -> Result<(f64, f64)> {
+    /// One measurement: frames delivered per second, ns per frame sent, and the share of
+    /// frames delivered.
+    fn measure(&mut self, traffic: Traffic, flows: u32, frames: u32) -> Result<(f64, f64, f64)> {
         let (dst, tuples) = match traffic {
             Traffic::Tcp => (self.tcp, flows),
             Traffic::Udp => (self.udp, flows),
@@ -382,7 +385,11 @@ impl Hop {
         if got == 0 {
             bail!("no frame reached the sink");
         }
-        Ok((got as f64 / took.as_secs_f64(), took.as_nanos() as f64 / got as f64))
+        Ok((
+            got as f64 / took.as_secs_f64(),
+            took.as_nanos() as f64 / f64::from(frames),
+            got as f64 / f64::from(frames),
+        ))
     }
 }
 
@@ -397,6 +404,7 @@ struct Cell {
     traffic: Traffic,
     mpps: Series,
     ns: Series,
+    delivered: Series,
     error: Option<String>,
 }
 
@@ -422,6 +430,7 @@ pub fn run(o: &Opts, kinds: &[Kind]) -> Result<(String, Value)> {
                             traffic,
                             mpps: Series::default(),
                             ns: Series::default(),
+                            delivered: Series::default(),
                             error: Some(format!("{e:#}")),
                         });
                     }
@@ -430,19 +439,26 @@ pub fn run(o: &Opts, kinds: &[Kind]) -> Result<(String, Value)> {
             };
             let Some(hop) = hop.as_mut() else { continue };
             for traffic in Traffic::ALL {
-                let (mut mpps, mut ns) = (Series::default(), Series::default());
+                let (mut mpps, mut ns, mut delivered) = (Series::default(), Series::default(), Series::default());
+                let frames = if traffic == Traffic::NewUdp { o.new_frames } else { o.frames };
                 let result = (|| -> Result<()> {
-                    if traffic == Traffic::NewUdp {
+                    // Plain routing keeps no per-flow state: nothing to establish.
+                    if traffic == Traffic::NewUdp || kind == Kind::Routing {
                         hop.place("bench_sink")?;
                     } else {
                         hop.establish(traffic, o.flows)?;
                     }
                     // A discarded warm-up, then the runs.
-                    hop.measure(traffic, o.flows, o.frames / 4)?;
+                    hop.measure(traffic, o.flows, frames / 4)?;
                     for _ in 0..o.runs {
-                        let (pps, per) = hop.measure(traffic, o.flows, o.frames)?;
+                        if traffic == Traffic::NewUdp {
+                            // The last run's half-open ports come free after a second.
+                            std::thread::sleep(Duration::from_millis(1100));
+                        }
+                        let (pps, per, share) = hop.measure(traffic, o.flows, frames)?;
                         mpps.push(pps / 1e6);
                         ns.push(per);
+                        delivered.push(share * 100.0);
                     }
                     Ok(())
                 })();
@@ -452,6 +468,7 @@ pub fn run(o: &Opts, kinds: &[Kind]) -> Result<(String, Value)> {
                     traffic,
                     mpps,
                     ns,
+                    delivered,
                     error: result.err().map(|e| format!("{e:#}")),
                 });
             }
@@ -465,16 +482,24 @@ fn markdown(o: &Opts, cells: &[Cell]) -> String {
     let _ = writeln!(
         md,
         "### LB hop, packets per second on one CPU (BPF_PROG_RUN live frames)\n\n\
-         Frames are generated in the kernel on the client's veth (`bench_gen`, XDP live-frames mode, batches of 64) and reach the LB's `lb0` as XDP frames; `bench_sink` counts and drops them on the switch port behind `lb1`. The generator, the LB and the sink all run on one pinned CPU, so ns per frame is that CPU's time for the whole hop (generator and veth transfers included; plain routing shows that floor). {} runs of {} frames after a warm-up; median (range). Established cases cycle through {} flows opened before the runs (a reflector answered each one, so ballast confirmed them and conntrack saw them replied); the new-flow case sends a new UDP tuple in every frame. IPVS is not measured: this kernel has none. Kernel contenders have an XDP_PASS program (`bench_pass`) on `lb0` and `lb1`: a veth receives frames its peer sends with XDP only into an XDP program.\n",
+         Frames are generated in the kernel on the client's veth (`bench_gen`, XDP live-frames mode, batches of 64) and reach the LB's `lb0` as XDP frames; `bench_sink` counts and drops them on the switch port behind `lb1`. The generator, the LB and the sink all run on one pinned CPU, so ns per frame is that CPU's time for the whole hop (generator and veth transfers included; plain routing shows that floor). {} runs of {} frames after a warm-up (a quarter as many); median (range). Established cases cycle through {} flows opened before the runs (a reflector answered each one, so ballast confirmed them and conntrack saw them replied); the new-flow case sends a new UDP tuple in every frame. IPVS is not measured: this kernel has none. Kernel contenders have an XDP_PASS program (`bench_pass`) on `lb0` and `lb1`: a veth receives frames its peer sends with XDP only into an XDP program.\n",
         o.runs, o.frames, o.flows
     );
-    let _ = writeln!(md, "| LB | services | traffic | Mpps | ns per frame | vs iptables (same services, traffic) |");
-    let _ = writeln!(md, "|---|---:|---|---:|---:|---:|");
+    let _ = writeln!(
+        md,
+        "New-flow runs send {} frames each, a second apart: fewer than the SNAT ports towards the four backends, which every NAT load balancer runs out of under a sustained stream of new tuples (ballast reclaims a half-open flow's port after a second; conntrack keeps an unreplied UDP entry for 30 s). *Mpps* counts frames delivered to the sink; *ns per frame* is the CPU time per frame sent; *delivered* is the share that arrived.\n",
+        o.new_frames
+    );
+    let _ = writeln!(
+        md,
+        "| LB | services | traffic | Mpps | ns per frame | delivered % | vs iptables (same services, traffic) |"
+    );
+    let _ = writeln!(md, "|---|---:|---|---:|---:|---:|---:|");
     for c in cells {
         if let Some(e) = &c.error {
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | not measured: {} | | |",
+                "| {} | {} | {} | not measured: {} | | | |",
                 c.kind.label(),
                 c.services,
                 c.traffic.label(),
@@ -492,12 +517,13 @@ fn markdown(o: &Opts, cells: &[Cell]) -> String {
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {ratio} |",
+            "| {} | {} | {} | {} | {} | {} | {ratio} |",
             c.kind.label(),
             c.services,
             c.traffic.label(),
             c.mpps.cell(2),
-            c.ns.cell(0)
+            c.ns.cell(0),
+            c.delivered.cell(1)
         );
     }
     md
@@ -514,6 +540,7 @@ fn data(cells: &[Cell]) -> Value {
                 "traffic": c.traffic.short(),
                 "mpps": c.mpps.0,
                 "ns": c.ns.0,
+                "delivered": c.delivered.0,
             })
         })
         .collect();

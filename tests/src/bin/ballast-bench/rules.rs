@@ -6,18 +6,15 @@
 use std::{
     fmt::Write as _,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Result, bail};
-use ballast_tests::{
-    agent::Agent,
-    testbed::{Arms, Testbed},
-};
+use ballast_tests::testbed::{Arms, Testbed};
 use serde_json::{Value, json};
 
 use crate::{
-    contenders::{Kind, Svc, apply, ballast_config, iptables_rules, ipvs_available, ipvs_rules, nft_rules},
+    contenders::{Kind, Svc, apply, iptables_rules, ipvs_available, ipvs_rules, nft_rules, start_ballast},
     kit::{self, LoadOpts},
     stats::Series,
 };
@@ -116,30 +113,9 @@ fn point(kind: Kind, n: usize, runs: usize, secs: f64) -> Result<Point> {
             apply(&tb.lb, &["ipvsadm-restore"], &ipvs_rules(&svcs))?
         }
         Kind::Ballast => {
-            let seed = ballast_config(&[Svc {
-                vip: Ipv4Addr::new(10, 99, 0, 1),
-                port: 81,
-                proto: "tcp",
-                backends: backends.clone(),
-            }]);
-            let cfg = tb.write_config(&[])?;
-            std::fs::write(&cfg, seed)?;
-            let mut args = tb.agent_args(&cfg);
             // The default maps hold 8 192 services: sized up for N, as an operator would.
-            args.extend(["--max-services".to_string(), (2 * n).max(1024).to_string()]);
-            let agent = Agent::start(&tb.lb, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
-            let applied = |a: &Agent| a.log_text().matches("configuration applied").count();
-            let before = applied(&agent);
-            std::fs::write(&cfg, ballast_config(&svcs))?;
-            let t0 = Instant::now();
-            agent.signal(libc::SIGHUP);
-            while applied(&agent) <= before {
-                if t0.elapsed() > Duration::from_secs(300) {
-                    bail!("the agent did not apply {n} services:\n{}", agent.log_text());
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            let took = t0.elapsed();
+            let (agent, took) =
+                start_ballast(&mut tb, &svcs, &["--max-services".to_string(), (2 * n).max(1024).to_string()])?;
             _agent = Some(agent);
             took
         }
