@@ -101,9 +101,13 @@ impl Relevance {
 /// Applies one notification: bumps the epoch if it matters. A failed bump is logged and
 /// retried with the next notification (`pending`).
 pub fn on_message<E: EpochSink>(rel: &mut Relevance, sink: &mut E, pending: &mut bool, msg: &RouteNetlinkMessage) {
-    if !rel.relevant(msg) && !*pending {
-        return;
+    if rel.relevant(msg) || *pending {
+        bump(sink, pending);
     }
+}
+
+/// Bumps the epoch; on failure, leaves it `pending` for the next notification.
+fn bump<E: EpochSink>(sink: &mut E, pending: &mut bool) {
     match sink.bump() {
         Ok(epoch) => {
             debug!(epoch, "routing changed; cached next hops are looked up again");
@@ -129,8 +133,8 @@ pub async fn follow<E: EpochSink>(mut sink: E) -> std::io::Result<()> {
     ])?;
     tokio::spawn(conn);
     let mut rel = Relevance::default();
-    let mut pending = true;
-    on_message(&mut rel, &mut sink, &mut pending, &RouteNetlinkMessage::NewRule(Default::default()));
+    let mut pending = false;
+    bump(&mut sink, &mut pending);
     info!("following route, neighbour and link changes");
     while let Some((m, _)) = messages.next().await {
         if let NetlinkPayload::InnerMessage(msg) = m.payload {
