@@ -83,31 +83,8 @@ fn probe_frames(lab: &mut Lab, client: SocketAddrV4, target: SocketAddrV4) -> Re
     // Open and confirm the flow as a real client does: SYN, the backend's SYN-ACK, ACK.
     // Inside the routed client /24, where the reply can go; no new-flow frame uses it.
     let peer = SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 250), 5555);
-    if lab.xdp(&Frame::tcp(peer, target).macs(GW_MAC, LB_CL_MAC).bytes(), lab.cl)?.verdict != xdp::REDIRECT {
-        bail!("the SYN to {target} was not forwarded");
-    }
-    let key = FlowKey {
-        src: peer.ip().octets(),
-        dst: target.ip().octets(),
-        sport: peer.port(),
-        dport: target.port(),
-        proto: lb_common::proto::TCP,
-        _pad: [0; 3],
-    };
-    let f = lab.dp.maps.flow(&key)?.context("the SYN created no flow")?;
-    let (backend, snat) = (SocketAddrV4::new(f.dst.into(), f.dport), SocketAddrV4::new(f.src.into(), f.sport));
-    let synack = Frame::tcp(backend, snat).macs(backend_mac(*backend.ip()), LB_BE_MAC).tcp_header(|h| h.ack = true);
-    if lab.xdp(&synack.bytes(), lab.be)?.verdict != xdp::REDIRECT {
-        bail!("the SYN-ACK from {backend} to {snat} was not forwarded");
-    }
-    let established = Frame::tcp(peer, target)
-        .macs(GW_MAC, LB_CL_MAC)
-        .tcp_header(|h| {
-            h.syn = false;
-            h.ack = true;
-        })
-        .payload(&[0x42; 64])
-        .bytes();
+    open_flow(lab, peer, target)?;
+    let established = client_data(peer, target).bytes();
     if lab.xdp(&established, lab.cl)?.verdict != xdp::REDIRECT {
         bail!("the established-flow frame to {target} was not forwarded");
     }
