@@ -10,7 +10,7 @@
 //!    lowest free one.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
 };
 
@@ -183,7 +183,7 @@ struct Candidate<'a> {
 type PortSet = BTreeSet<(u16, Protocol)>;
 
 /// With whom a service may share its address.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Sharing {
     /// Nobody (no `allow-shared-ip` key).
     Alone,
@@ -199,15 +199,23 @@ enum Sharing {
     PortRange,
 }
 
-/// Holders of addresses during allocation: per address, each holder's sharing and ports.
+/// Holders of addresses during allocation: per address, each holder's sharing and ports,
+/// and the addresses held under each sharing key (so joining a group reads the group, not
+/// the pool).
 #[derive(Default)]
 struct Holders {
     by_addr: BTreeMap<Ipv4Addr, Vec<(Sharing, PortSet)>>,
+    by_key: HashMap<Sharing, BTreeSet<Ipv4Addr>>,
 }
 
 impl Holders {
-    fn taken(&self) -> BTreeSet<Ipv4Addr> {
-        self.by_addr.keys().copied().collect()
+    fn taken(&self, addr: Ipv4Addr) -> bool {
+        self.by_addr.contains_key(&addr)
+    }
+
+    /// Addresses held by services sharing under `key`, lowest first.
+    fn shared_under(&self, key: &Sharing) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.by_key.get(key).into_iter().flatten().copied()
     }
 
     /// Whether a service with sharing `key` and external ports `ports` may use `addr`
@@ -224,6 +232,9 @@ impl Holders {
     }
 
     fn add(&mut self, addr: Ipv4Addr, key: Sharing, ports: BTreeSet<(u16, Protocol)>) {
+        if key != Sharing::Alone {
+            self.by_key.entry(key.clone()).or_default().insert(addr);
+        }
         self.by_addr.entry(addr).or_default().push((key, ports));
     }
 }
@@ -594,6 +605,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
         assigned.insert(c.r.clone(), result);
     }
     // 3. Everyone else: join a sharing group, or take the lowest free address.
+    let mut free_from: HashMap<&str, Ipv4Addr> = HashMap::new();
     for c in &candidates {
         if assigned.contains_key(&c.r) {
             continue;
@@ -606,14 +618,23 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
             choice = pool.addresses().find_map(|a| external(c, a, range, &holders).map(|e| (a, e)));
         } else {
             if c.key != Sharing::Alone {
-                choice = pool.addresses().filter(|a| holders.by_addr.contains_key(a)).find_map(|a| {
+                // Only addresses of this group can be shared under its key.
+                choice = holders.shared_under(&c.key).filter(|a| pool.contains(*a)).find_map(|a| {
                     let ext = external(c, a, range, &holders)?;
                     holders.shareable(a, &c.key, &port_set(c, &ext)).then_some((a, ext))
                 });
             }
-            if choice.is_none() {
-                choice =
-                    pool.first_free(&holders.taken()).and_then(|a| external(c, a, range, &holders).map(|e| (a, e)));
+            if choice.is_none()
+                && let Ok(name) = &c.config
+            {
+                // Holders only grow in this step, so the lowest free address never goes
+                // down: each config's search resumes where its last one ended.
+                let from = free_from.get(name.as_str()).copied();
+                let free = pool.first_free(from, |a| holders.taken(a));
+                if let Some(a) = free {
+                    free_from.insert(name.as_str(), a);
+                }
+                choice = free.and_then(|a| external(c, a, range, &holders).map(|e| (a, e)));
             }
         }
         let result = match choice {
@@ -636,6 +657,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
     // Outcomes.
     let valid: Vec<&LoadBalancerConfig> = configs.values().filter(|c| c.pool.is_ok()).map(|c| c.cfg).collect();
     let guard = Guard::new(&inputs.nodes, &valid);
+    let slices = endpoints::SliceIndex::new(inputs.slices.iter().copied());
     for c in candidates {
         let info = c.config.as_ref().ok().and_then(|n| configs.get(n));
         let mode = info.map_or(BackendMode::Endpoints, |i| i.cfg.spec.backend_mode);
@@ -666,7 +688,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
                     service_port: *port,
                     protocol: *proto,
                     backends: allowed(match mode {
-                        BackendMode::Endpoints => endpoints::from_slices(c.svc, sp, inputs.slices.iter().copied()),
+                        BackendMode::Endpoints => endpoints::from_slices(c.svc, sp, slices.of(c.svc).iter().copied()),
                         BackendMode::NodePort => endpoints::from_nodes(sp, inputs.nodes.iter().copied()),
                     }),
                 })

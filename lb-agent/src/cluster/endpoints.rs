@@ -2,7 +2,7 @@
 //! (NodePort mode). Pure.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
 };
 
@@ -17,6 +17,37 @@ use crate::model::BackendSpec;
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Nodes with this label never receive load-balancer traffic (upstream convention).
 pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+
+/// EndpointSlices by the Service they belong to (namespace and `kubernetes.io/service-name`
+/// label). Built once per pass, so each Service port reads its own few slices instead of
+/// scanning every slice in the cluster (10 000 Services × 10 000 slices otherwise).
+#[derive(Debug, Default)]
+pub struct SliceIndex<'a> {
+    /// Namespace → service name → slices (nested so lookups borrow `str`, not the keys'
+    /// lifetime).
+    by_service: HashMap<&'a str, HashMap<&'a str, Vec<&'a EndpointSlice>>>,
+}
+
+impl<'a> SliceIndex<'a> {
+    /// Indexes `slices`; slices without a namespace or service label belong to no Service.
+    pub fn new(slices: impl IntoIterator<Item = &'a EndpointSlice>) -> Self {
+        let mut by_service: HashMap<&str, HashMap<&str, Vec<&EndpointSlice>>> = HashMap::new();
+        for s in slices {
+            let Some(ns) = s.metadata.namespace.as_deref() else { continue };
+            let Some(name) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else { continue };
+            by_service.entry(ns).or_default().entry(name.as_str()).or_default().push(s);
+        }
+        Self { by_service }
+    }
+
+    /// The slices of `svc`.
+    pub fn of(&self, svc: &Service) -> &[&'a EndpointSlice] {
+        let (Some(ns), Some(name)) = (svc.metadata.namespace.as_deref(), svc.metadata.name.as_deref()) else {
+            return &[];
+        };
+        self.by_service.get(ns).and_then(|m| m.get(name)).map_or(&[], Vec::as_slice)
+    }
+}
 
 fn protocol_of(p: Option<&String>) -> &str {
     p.map_or("TCP", String::as_str)
@@ -167,6 +198,24 @@ mod tests {
                 ..Default::default()
             }]),
         }
+    }
+
+    #[test]
+    fn the_index_finds_a_services_own_slices_only() {
+        let mine = slice("web", None, "TCP", 8080, vec![ep("10.0.0.1", Some(true), None, None)]);
+        let other = slice("api", None, "TCP", 8080, vec![ep("10.0.0.2", Some(true), None, None)]);
+        let mut elsewhere = mine.clone();
+        elsewhere.metadata.namespace = Some("other".into());
+        let mut unlabelled = mine.clone();
+        unlabelled.metadata.labels = None;
+        let index = SliceIndex::new([&mine, &other, &elsewhere, &unlabelled]);
+        let found: Vec<&EndpointSlice> = index.of(&svc()).to_vec();
+        assert_eq!(found, vec![&mine]);
+        let backends = from_slices(&svc(), &port(None, "TCP", None), index.of(&svc()).iter().copied());
+        assert_eq!(backends.len(), 1);
+        let mut unknown = svc();
+        unknown.metadata.name = Some("gone".into());
+        assert!(index.of(&unknown).is_empty());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Address pools: the `addresses` of a `LoadBalancerConfig`. Pure.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::net::Ipv4Addr;
 
 /// A parse error, naming the entry.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -74,9 +74,16 @@ impl AddressPool {
         self.ranges.iter().map(|(lo, hi)| u64::from(hi - lo) + 1).sum()
     }
 
-    /// The lowest address not in `taken`.
-    pub fn first_free(&self, taken: &BTreeSet<Ipv4Addr>) -> Option<Ipv4Addr> {
-        self.addresses().find(|a| !taken.contains(a))
+    /// The lowest address from `from` on (the whole pool without it) for which `taken`
+    /// says no. An allocation that only adds holders can pass the last address it found
+    /// as `from`, so handing out n addresses costs O(n), not O(n²).
+    pub fn first_free(&self, from: Option<Ipv4Addr>, taken: impl Fn(Ipv4Addr) -> bool) -> Option<Ipv4Addr> {
+        let from = from.map_or(0, u32::from);
+        self.ranges
+            .iter()
+            .filter(|(_, hi)| *hi >= from)
+            .flat_map(|(lo, hi)| ((*lo).max(from)..=*hi).map(Ipv4Addr::from))
+            .find(|a| !taken(*a))
     }
 
     /// Every address, lowest first (lazily).
@@ -87,6 +94,8 @@ impl AddressPool {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     #[test]
@@ -119,9 +128,24 @@ mod tests {
         let p = AddressPool::parse(&["192.0.2.10-192.0.2.20", "192.0.2.15-192.0.2.25"]).unwrap();
         assert_eq!(p.size(), 16);
         let taken: BTreeSet<Ipv4Addr> = ["192.0.2.10".parse().unwrap(), "192.0.2.11".parse().unwrap()].into();
-        assert_eq!(p.first_free(&taken), Some("192.0.2.12".parse().unwrap()));
+        assert_eq!(p.first_free(None, |a| taken.contains(&a)), Some("192.0.2.12".parse().unwrap()));
         let full: BTreeSet<Ipv4Addr> = p.addresses().collect();
-        assert_eq!(p.first_free(&full), None);
+        assert_eq!(p.first_free(None, |a| full.contains(&a)), None);
+    }
+
+    #[test]
+    fn the_search_resumes_where_it_left_off_across_ranges() {
+        let p = AddressPool::parse(&["192.0.2.10-192.0.2.11", "192.0.2.20-192.0.2.21"]).unwrap();
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let none = |_| false;
+        assert_eq!(p.first_free(Some(ip("192.0.2.11")), none), Some(ip("192.0.2.11")));
+        // From a gap between ranges, and from below the pool.
+        assert_eq!(p.first_free(Some(ip("192.0.2.15")), none), Some(ip("192.0.2.20")));
+        assert_eq!(p.first_free(Some(ip("10.0.0.1")), none), Some(ip("192.0.2.10")));
+        // Past the end: nothing, even though lower addresses are free.
+        assert_eq!(p.first_free(Some(ip("192.0.2.22")), none), None);
+        let taken = [ip("192.0.2.20")];
+        assert_eq!(p.first_free(Some(ip("192.0.2.12")), |a| taken.contains(&a)), Some(ip("192.0.2.21")));
     }
 
     #[test]

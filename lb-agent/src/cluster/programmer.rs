@@ -102,6 +102,7 @@ pub fn node_desired(o: &Objects<'_>, class: &str, me: &Me<'_>) -> Programmed {
     let my_node = o.nodes.iter().copied().find(|n| n.metadata.name.as_deref() == Some(me.name));
     // The same refusals the allocator reports (see backend_policy): never program them.
     let guard = Guard::new(&o.nodes, &o.configs);
+    let slices = endpoints::SliceIndex::new(o.slices.iter().copied());
     let mut out = Programmed::default();
     for b in &o.balancers {
         if b.spec.class != class {
@@ -139,7 +140,7 @@ pub fn node_desired(o: &Objects<'_>, class: &str, me: &Me<'_>) -> Programmed {
                 continue;
             };
             let backends = match cfg.spec.backend_mode {
-                BackendMode::Endpoints => endpoints::from_slices(svc, sp, o.slices.iter().copied()),
+                BackendMode::Endpoints => endpoints::from_slices(svc, sp, slices.of(svc).iter().copied()),
                 BackendMode::NodePort => endpoints::from_nodes(sp, o.nodes.iter().copied()),
             };
             let (backends, _) = guard.filter(backends, to_nodes, &denied);
