@@ -688,7 +688,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
                     service_port: *port,
                     protocol: *proto,
                     backends: allowed(match mode {
-                        BackendMode::Endpoints => endpoints::from_slices(c.svc, sp, slices.of(c.svc).iter().copied()),
+                        BackendMode::Endpoints => endpoints::from_slices(c.svc, sp, &slices),
                         BackendMode::NodePort => endpoints::from_nodes(sp, inputs.nodes.iter().copied()),
                     }),
                 })

@@ -53,24 +53,15 @@ fn protocol_of(p: Option<&String>) -> &str {
     p.map_or("TCP", String::as_str)
 }
 
-/// Backends of `port` of `svc` from its EndpointSlices. Ready endpoints take new flows;
-/// serving-but-terminating ones keep their flows and take no new ones; others are left out.
-/// Sorted by address, so the round-robin order is stable.
-pub fn from_slices<'a>(
-    svc: &Service,
-    port: &ServicePort,
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
-) -> Vec<BackendSpec> {
-    let ns = svc.metadata.namespace.as_deref();
-    let name = svc.metadata.name.as_deref();
+/// Backends of `port` of `svc` from its EndpointSlices (found in `slices`). Ready
+/// endpoints take new flows; serving-but-terminating ones keep their flows and take no new
+/// ones; others are left out. Sorted by address, so the round-robin order is stable.
+pub fn from_slices(svc: &Service, port: &ServicePort, slices: &SliceIndex<'_>) -> Vec<BackendSpec> {
     let port_name = port.name.as_deref().unwrap_or("");
     let protocol = protocol_of(port.protocol.as_ref());
     let mut out: BTreeMap<SocketAddrV4, bool> = BTreeMap::new();
-    for slice in slices {
-        if slice.metadata.namespace.as_deref() != ns
-            || slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).map(String::as_str) != name
-            || slice.address_type != "IPv4"
-        {
+    for slice in slices.of(svc) {
+        if slice.address_type != "IPv4" {
             continue;
         }
         let Some(target) = slice
@@ -211,7 +202,7 @@ mod tests {
         let index = SliceIndex::new([&mine, &other, &elsewhere, &unlabelled]);
         let found: Vec<&EndpointSlice> = index.of(&svc()).to_vec();
         assert_eq!(found, vec![&mine]);
-        let backends = from_slices(&svc(), &port(None, "TCP", None), index.of(&svc()).iter().copied());
+        let backends = from_slices(&svc(), &port(None, "TCP", None), &index);
         assert_eq!(backends.len(), 1);
         let mut unknown = svc();
         unknown.metadata.name = Some("gone".into());
@@ -234,14 +225,20 @@ mod tests {
             ],
         );
         let other = slice("api", Some("http"), "TCP", 9090, vec![ep("10.0.0.9", None, None, None)]);
-        let b = from_slices(&svc(), &port(Some("http"), "TCP", None), [&s, &other]);
+        let b = from_slices(&svc(), &port(Some("http"), "TCP", None), &SliceIndex::new([&s, &other]));
         let addrs: Vec<(String, bool)> = b.iter().map(|b| (b.addr.to_string(), b.terminating)).collect();
         assert_eq!(
             addrs,
             vec![("10.0.0.1:8080".into(), false), ("10.0.0.2:8080".into(), true), ("10.0.0.3:8080".into(), false)]
         );
-        assert!(from_slices(&svc(), &port(Some("http"), "UDP", None), [&s]).is_empty(), "protocol must match");
-        assert!(from_slices(&svc(), &port(Some("dns"), "TCP", None), [&s]).is_empty(), "port name must match");
+        assert!(
+            from_slices(&svc(), &port(Some("http"), "UDP", None), &SliceIndex::new([&s])).is_empty(),
+            "protocol must match"
+        );
+        assert!(
+            from_slices(&svc(), &port(Some("dns"), "TCP", None), &SliceIndex::new([&s])).is_empty(),
+            "port name must match"
+        );
     }
 
     #[test]

@@ -140,7 +140,7 @@ pub fn node_desired(o: &Objects<'_>, class: &str, me: &Me<'_>) -> Programmed {
                 continue;
             };
             let backends = match cfg.spec.backend_mode {
-                BackendMode::Endpoints => endpoints::from_slices(svc, sp, slices.of(svc).iter().copied()),
+                BackendMode::Endpoints => endpoints::from_slices(svc, sp, &slices),
                 BackendMode::NodePort => endpoints::from_nodes(sp, o.nodes.iter().copied()),
             };
             let (backends, _) = guard.filter(backends, to_nodes, &denied);
