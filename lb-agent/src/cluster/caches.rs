@@ -1,6 +1,7 @@
 //! Watch caches of everything Kubernetes mode reads, and change signals for the tasks that
 //! read them. Every agent keeps the same caches; the allocator and the node programmer
-//! each wait on their own signal.
+//! each wait on their own signal. Objects are trimmed to what the agent reads as they
+//! arrive ([`super::projection`]).
 
 use std::sync::Arc;
 
@@ -25,6 +26,7 @@ use super::{
     crd::{LoadBalancer, LoadBalancerConfig},
     liveness::LEASE_LABEL,
     programmer::Objects,
+    projection::Trim,
 };
 
 /// The caches.
@@ -51,12 +53,13 @@ pub struct Caches {
 /// Starts a reflector for `api`, counting every change in `changes`.
 fn reflect<K>(api: Api<K>, cfg: watcher::Config, changes: Arc<watch::Sender<u64>>) -> Store<K>
 where
-    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: Resource + Trim + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let (store, writer) = reflector::store();
     let kind = K::kind(&Default::default()).to_string();
-    let stream = reflector::reflector(writer, watcher(api, cfg).default_backoff());
+    // Trimmed before the store keeps them: the caches hold only what the agent reads.
+    let stream = reflector::reflector(writer, watcher(api, cfg).default_backoff().modify(Trim::trim));
     tokio::spawn(async move {
         futures_util::pin_mut!(stream);
         while let Some(ev) = stream.next().await {

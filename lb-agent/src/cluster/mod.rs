@@ -9,7 +9,7 @@
 //!   while its own heartbeat lives.
 //!
 //! [`desired`], [`ownership`], [`liveness`], [`programmer`], [`status`], [`events`],
-//! [`pool`], [`endpoints`] and [`reason`] are pure; [`caches`], [`leases`], [`allocator`]
+//! [`pool`], [`endpoints`], [`projection`] and [`reason`] are pure; [`caches`], [`leases`], [`allocator`]
 //! and [`source`] do the IO.
 
 pub mod allocator;
@@ -26,6 +26,7 @@ pub mod liveness;
 pub mod ownership;
 pub mod pool;
 pub mod programmer;
+pub mod projection;
 pub mod reason;
 pub mod source;
 pub mod status;
