@@ -143,9 +143,71 @@ pub fn transitions(
     out
 }
 
+/// A pass with this many Normal Events or more (a cold sync, an adoption, a config
+/// change moving many Services) records them folded, one per config and reason: thousands
+/// of Events would only slow the API server and bury the warnings.
+pub const FOLD_FROM: usize = 20;
+
+/// Normal Events of one reason and config, folded into one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Folded {
+    /// The config the Services' addresses come from (`None`: none known).
+    pub config: Option<String>,
+    /// The reason they share.
+    pub reason: Reason,
+    /// How many Services.
+    pub services: usize,
+    /// One of them, to name in the note.
+    pub example: ServiceRef,
+}
+
+/// Splits a pass's Events: warnings always stay per Service (each names a culprit to fix);
+/// Normal Events stay per Service too unless there are [`FOLD_FROM`] or more, when they are
+/// folded per config (`config_of`) and reason.
+pub fn fold(
+    events: Vec<PlannedEvent>,
+    config_of: impl Fn(&ServiceRef) -> Option<String>,
+) -> (Vec<PlannedEvent>, Vec<Folded>) {
+    let normal = events.iter().filter(|e| !e.warning).count();
+    if normal < FOLD_FROM {
+        return (events, Vec::new());
+    }
+    let (warnings, normal): (Vec<_>, Vec<_>) = events.into_iter().partition(|e| e.warning);
+    let mut folded: BTreeMap<(Option<String>, Reason), Folded> = BTreeMap::new();
+    for e in normal {
+        let config = config_of(&e.service);
+        folded.entry((config.clone(), e.reason)).and_modify(|f| f.services += 1).or_insert(Folded {
+            config,
+            reason: e.reason,
+            services: 1,
+            example: e.service,
+        });
+    }
+    (warnings, folded.into_values().collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_large_pass_folds_normal_events_per_config_and_keeps_every_warning() {
+        let mut next: BTreeMap<ServiceRef, Summary> =
+            (0..FOLD_FROM).map(|i| (r(&format!("s{i}")), with_addr("192.0.2.1"))).collect();
+        next.insert(r("bad"), refused(Reason::PoolExhausted));
+        let events = transitions(&BTreeMap::new(), &next, |_| false);
+        let (each, folded) = fold(events, |s| next.get(s).and_then(|x| x.config.clone()));
+        assert_eq!(reasons(&each), vec![Reason::PoolExhausted], "the warning stays per Service");
+        assert_eq!(folded.len(), 1);
+        assert_eq!(
+            (folded[0].config.as_deref(), folded[0].reason, folded[0].services),
+            (Some("pool"), Reason::AddressAllocated, FOLD_FROM)
+        );
+        // A small pass keeps every Event.
+        let small: BTreeMap<_, _> = next.into_iter().take(3).collect();
+        let (each, folded) = fold(transitions(&BTreeMap::new(), &small, |_| false), |_| None);
+        assert_eq!((each.len(), folded.len()), (3, 0));
+    }
 
     fn r(n: &str) -> ServiceRef {
         ServiceRef { namespace: "ns".into(), name: n.into() }
