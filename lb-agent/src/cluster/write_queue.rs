@@ -1,0 +1,229 @@
+//! The allocator's queue of API writes: the latest wanted state per object, taken a few at a
+//! time, new allocations first, each object backing off on its own after a failure. The
+//! allocator's passes only submit to it, so a slow or stalled API server delays statuses,
+//! never the next decision (nor the data path, which follows the decisions). Pure: the
+//! writer task ([`super::writer`]) does the IO and the clock comes in as arguments.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
+
+/// First wait after a failed write; doubled per further failure up to [`MAX_BACKOFF`].
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// Longest wait between attempts at one object.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A wanted state written this recently is not submitted again: the cache the pass
+/// compared with may simply not show the write yet. Older than this, a difference is drift
+/// and is written again.
+pub const ECHO_WAIT: Duration = Duration::from_secs(5);
+
+/// How urgent a write is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Priority {
+    /// A Service waiting for its first address or a change of it: a user is watching.
+    New,
+    /// Anything else (refreshed conditions, releases, counts).
+    Refresh,
+}
+
+#[derive(Clone, Debug)]
+struct Waiting<W, J> {
+    want: W,
+    job: J,
+    priority: Priority,
+    not_before: Instant,
+}
+
+/// Queue of writes keyed by `K`. `W` is what is wanted (compared to skip repeats), `J`
+/// whatever the writer needs besides it to write.
+#[derive(Debug)]
+pub struct WriteQueue<K, W, J> {
+    waiting: BTreeMap<K, Waiting<W, J>>,
+    in_flight: BTreeMap<K, W>,
+    /// Failures in a row per object.
+    failures: BTreeMap<K, u32>,
+    /// Last successful write per object, and when.
+    written: BTreeMap<K, (W, Instant)>,
+}
+
+impl<K, W, J> Default for WriteQueue<K, W, J> {
+    fn default() -> Self {
+        Self {
+            waiting: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
+            failures: BTreeMap::new(),
+            written: BTreeMap::new(),
+        }
+    }
+}
+
+impl<K: Ord + Clone, W: PartialEq + Clone, J> WriteQueue<K, W, J> {
+    /// Wants `want` written for `key`, replacing whatever was waiting for it. Returns
+    /// whether it was queued: not when the same is being written or was just written.
+    pub fn submit(&mut self, key: K, want: W, job: J, priority: Priority, now: Instant) -> bool {
+        if self.in_flight.get(&key) == Some(&want) {
+            return false;
+        }
+        if self.written.get(&key).is_some_and(|(w, at)| *w == want && now.duration_since(*at) < ECHO_WAIT) {
+            return false;
+        }
+        let not_before = match self.failures.get(&key) {
+            // Still backing off after a failure: a newer state waits its turn too.
+            Some(n) => self.waiting.get(&key).map_or(now + backoff(*n), |w| w.not_before),
+            None => now,
+        };
+        let priority = self.waiting.get(&key).map_or(priority, |w| w.priority.min(priority));
+        self.waiting.insert(key, Waiting { want, job, priority, not_before });
+        true
+    }
+
+    /// Forgets a key (its object is gone, or nothing is wanted of it any more).
+    pub fn forget(&mut self, key: &K) {
+        self.waiting.remove(key);
+        self.failures.remove(key);
+        self.written.remove(key);
+    }
+
+    /// Keeps only the keys `keep` says (the rest are gone), except writes in flight.
+    pub fn retain(&mut self, keep: impl Fn(&K) -> bool) {
+        self.waiting.retain(|k, _| keep(k));
+        self.failures.retain(|k, _| keep(k));
+        self.written.retain(|k, _| keep(k));
+    }
+
+    /// The next write to start: the most urgent due one whose object has no write in
+    /// flight (one object's writes stay in order). It counts as in flight until
+    /// [`Self::finished`].
+    pub fn take(&mut self, now: Instant) -> Option<(K, W, J)> {
+        let key = self
+            .waiting
+            .iter()
+            .filter(|(k, w)| w.not_before <= now && !self.in_flight.contains_key(*k))
+            .min_by_key(|(_, w)| (w.priority, w.not_before))
+            .map(|(k, _)| k.clone())?;
+        let w = self.waiting.remove(&key)?;
+        self.in_flight.insert(key.clone(), w.want.clone());
+        Some((key, w.want, w.job))
+    }
+
+    /// A write taken with [`Self::take`] ended. A failed one is retried after a backoff
+    /// (`retry` gives its job back), unless a newer state is waiting, which then waits the
+    /// backoff instead.
+    pub fn finished(&mut self, key: K, want: W, retry: Option<J>, now: Instant) {
+        self.in_flight.remove(&key);
+        match retry {
+            None => {
+                self.failures.remove(&key);
+                self.written.insert(key, (want, now));
+            }
+            Some(job) => {
+                let n = self.failures.entry(key.clone()).or_insert(0);
+                *n = n.saturating_add(1);
+                let not_before = now + backoff(*n);
+                match self.waiting.get_mut(&key) {
+                    Some(newer) => newer.not_before = newer.not_before.max(not_before),
+                    None => {
+                        self.waiting.insert(key, Waiting { want, job, priority: Priority::Refresh, not_before });
+                    }
+                }
+            }
+        }
+    }
+
+    /// When the next waiting write becomes due (`None`: nothing waits).
+    pub fn next_due(&self) -> Option<Instant> {
+        self.waiting.iter().filter(|(k, _)| !self.in_flight.contains_key(*k)).map(|(_, w)| w.not_before).min()
+    }
+
+    /// Writes waiting (for metrics and logs).
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Writes in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Whether nothing waits and nothing is in flight.
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.in_flight.is_empty()
+    }
+
+    /// The keys in flight or waiting.
+    pub fn keys(&self) -> BTreeSet<K> {
+        self.waiting.keys().chain(self.in_flight.keys()).cloned().collect()
+    }
+}
+
+/// The wait after `failures` failures in a row.
+fn backoff(failures: u32) -> Duration {
+    let doubled = FIRST_BACKOFF.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    doubled.min(MAX_BACKOFF)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Q = WriteQueue<&'static str, u32, ()>;
+
+    #[test]
+    fn only_the_latest_state_per_object_is_written() {
+        let t = Instant::now();
+        let mut q = Q::default();
+        assert!(q.submit("a", 1, (), Priority::Refresh, t));
+        assert!(q.submit("a", 2, (), Priority::Refresh, t));
+        assert_eq!(q.take(t).map(|(k, w, _)| (k, w)), Some(("a", 2)));
+        assert_eq!(q.take(t), None, "one write per object");
+    }
+
+    #[test]
+    fn new_allocations_go_first() {
+        let t = Instant::now();
+        let mut q = Q::default();
+        q.submit("refresh", 1, (), Priority::Refresh, t);
+        q.submit("new", 1, (), Priority::New, t + Duration::from_millis(1));
+        let order: Vec<_> = std::iter::from_fn(|| q.take(t + Duration::from_millis(1)).map(|(k, _, _)| k)).collect();
+        assert_eq!(order, vec!["new", "refresh"]);
+    }
+
+    #[test]
+    fn a_write_in_flight_or_just_done_is_not_repeated_but_drift_is_repaired() {
+        let t = Instant::now();
+        let mut q = Q::default();
+        q.submit("a", 1, (), Priority::New, t);
+        let (k, w, _) = q.take(t).unwrap_or_else(|| panic!("due"));
+        assert!(!q.submit("a", 1, (), Priority::New, t), "the same state is in flight");
+        assert!(q.submit("a", 2, (), Priority::New, t), "a newer one waits");
+        assert_eq!(q.take(t), None, "until the first ends");
+        q.finished(k, w, None, t);
+        assert_eq!(q.take(t).map(|(_, w, _)| w), Some(2));
+        q.finished("a", 2, None, t);
+        assert!(!q.submit("a", 2, (), Priority::Refresh, t + Duration::from_secs(1)), "its echo may lag");
+        assert!(q.submit("a", 2, (), Priority::Refresh, t + ECHO_WAIT), "later, a difference is drift");
+    }
+
+    #[test]
+    fn failures_back_off_per_object_without_holding_up_others() {
+        let t = Instant::now();
+        let mut q = Q::default();
+        q.submit("bad", 1, (), Priority::New, t);
+        q.submit("good", 1, (), Priority::New, t);
+        let (k, w, _) = q.take(t).unwrap_or_else(|| panic!("due"));
+        assert_eq!(k, "bad");
+        q.finished(k, w, Some(()), t);
+        assert_eq!(q.take(t).map(|(k, _, _)| k), Some("good"));
+        assert_eq!(q.take(t), None, "bad waits its backoff");
+        assert_eq!(q.next_due(), Some(t + FIRST_BACKOFF));
+        let (k, w, _) = q.take(t + FIRST_BACKOFF).unwrap_or_else(|| panic!("retried"));
+        q.finished(k, w, Some(()), t + FIRST_BACKOFF);
+        assert_eq!(q.next_due(), Some(t + FIRST_BACKOFF * 3), "doubled");
+        // A newer state submitted meanwhile still waits out the backoff.
+        q.submit("bad", 2, (), Priority::New, t + FIRST_BACKOFF);
+        assert_eq!(q.take(t + FIRST_BACKOFF * 2), None);
+        assert_eq!(q.take(t + FIRST_BACKOFF * 3).map(|(_, w, _)| w), Some(2));
+        assert_eq!(backoff(40), MAX_BACKOFF);
+    }
+}
