@@ -273,3 +273,49 @@ pub fn config_status(c: &ConfigDesired, generation: Option<i64>, now: &Time) -> 
         ],
     }
 }
+
+/// Whether two LoadBalancer statuses differ in endpoint counts and backend addresses only
+/// (`targets`, `targetCount`, the ports' `targetCount`), conditions and node reports
+/// aside. Such a change is written at a bounded rate: endpoint churn must not turn into
+/// one API write per EndpointSlice change.
+pub fn only_counts_differ(old: &LoadBalancerStatus, new: &LoadBalancerStatus) -> bool {
+    let strip = |s: &LoadBalancerStatus| {
+        let mut s = s.clone();
+        s.targets.clear();
+        s.target_count = 0;
+        for p in &mut s.ports {
+            p.target_count = 0;
+        }
+        s.conditions.clear();
+        s.nodes.clear();
+        s
+    };
+    strip(old) == strip(new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::crd::PortMapping;
+
+    #[test]
+    fn counts_alone_are_told_apart_from_real_changes() {
+        let old = LoadBalancerStatus {
+            host: Some("192.0.2.1".into()),
+            ports: vec![PortMapping { port: 80, protocol: "TCP".into(), service_port: 80, target_count: 3 }],
+            targets: vec!["10.0.0.1".into()],
+            target_count: 1,
+            ..Default::default()
+        };
+        let mut counts = old.clone();
+        counts.ports[0].target_count = 2;
+        counts.targets = vec!["10.0.0.2".into()];
+        assert!(only_counts_differ(&old, &counts));
+        let mut moved = counts.clone();
+        moved.host = Some("192.0.2.2".into());
+        assert!(!only_counts_differ(&old, &moved), "a new address is a real change");
+        let mut owner = counts;
+        owner.node = Some("edge-2".into());
+        assert!(!only_counts_differ(&old, &owner), "a new owner is a real change");
+    }
+}
