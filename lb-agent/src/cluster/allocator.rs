@@ -30,8 +30,8 @@ use tracing::{debug, info, warn};
 use super::{
     caches::Caches,
     crd::{
-        CONFIG_ANNOTATION, CONFIG_FINALIZER, FINALIZER, GROUP, IP_ANNOTATION, LoadBalancer, LoadBalancerConfig,
-        MANAGER, NodeReport, SHARING_ANNOTATION,
+        CONFIG_ANNOTATION, CONFIG_FINALIZER, GROUP, IP_ANNOTATION, LoadBalancer, LoadBalancerConfig, MANAGER,
+        NodeReport, SHARING_ANNOTATION,
     },
     desired::{Decision, Inputs, Settings, desired},
     events::{self, Summary},
@@ -39,6 +39,8 @@ use super::{
     ownership::{Holding, PlaceInputs, place},
     reason::{ConditionType, Reason},
     status,
+    write_queue::Priority,
+    writer::{Base, Batch, Submission, Want, WriterHandle, ingress_ip, is_not_found, ours_conditions, spawn_writer},
 };
 use crate::{
     model::ServiceRef,
@@ -47,8 +49,6 @@ use crate::{
 
 /// A boxed write, so a pass can run many at once inside a spawned task.
 type Pending<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
-/// What writing one Service's decision gives: the Service, its summary, the outcome.
-type Written<'a> = (&'a ServiceRef, Summary, Result<(), (&'static str, kube::Error)>);
 
 /// API writes in flight at once during a pass.
 const API_CONCURRENCY: usize = 16;
@@ -58,6 +58,20 @@ const RETRY: Duration = Duration::from_secs(2);
 /// The running allocator task.
 pub struct AllocatorHandle {
     stop: mpsc::Sender<oneshot::Sender<()>>,
+    /// What it decided last while leading (`None` otherwise), for this agent's own node
+    /// programmer.
+    pub decisions: watch::Receiver<Option<Arc<Decisions>>>,
+}
+
+/// The LoadBalancer objects the allocator's last pass decided (address, owner, ports), as
+/// they will read once written. The node programmer of the same agent programs its node
+/// from them at once: its data path does not wait for the writes and their echo through
+/// the watch. Other nodes read the written objects.
+#[derive(Clone, Debug, Default)]
+pub struct Decisions {
+    /// One per Service served, with `spec` and `status` (without conditions and node
+    /// reports, which the programmer does not read).
+    pub balancers: Vec<LoadBalancer>,
 }
 
 impl AllocatorHandle {
@@ -81,7 +95,9 @@ pub fn spawn_allocator(
     telemetry: Arc<Telemetry>,
 ) -> AllocatorHandle {
     let (stop, mut stop_rx) = mpsc::channel::<oneshot::Sender<()>>(1);
+    let (decisions_tx, decisions) = watch::channel(None);
     let reporter = Reporter { controller: "ballast-allocator".into(), instance: Some(node) };
+    let writer = spawn_writer(client.clone(), settings.clone(), leader.clone(), telemetry.clone());
     let mut a = Allocator {
         recorder: Recorder::new(client.clone(), reporter),
         client,
@@ -90,6 +106,8 @@ pub fn spawn_allocator(
         liveness: Liveness::default(),
         lives: BTreeMap::new(),
         last_owner: BTreeMap::new(),
+        decisions: decisions_tx,
+        writer,
         telemetry,
     };
     let mut leader = leader;
@@ -134,6 +152,8 @@ pub fn spawn_allocator(
                 } else {
                     info!("no longer the allocator");
                     a.last_owner.clear();
+                    // The objects in the API are the only truth again.
+                    a.decisions.send_replace(None);
                 }
             }
             if !leading {
@@ -143,7 +163,7 @@ pub fn spawn_allocator(
             retry_at = (errors > 0).then(|| tokio::time::Instant::now() + RETRY);
         }
     });
-    AllocatorHandle { stop }
+    AllocatorHandle { stop, decisions }
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {
@@ -166,25 +186,11 @@ struct Allocator {
     /// The owner this allocator last decided per Service (ahead of the watch cache, so a
     /// move is decided, logged and counted once).
     last_owner: BTreeMap<ServiceRef, (Ipv4Addr, String)>,
+    /// Where each pass's decisions go for this agent's node programmer.
+    decisions: watch::Sender<Option<Arc<Decisions>>>,
+    /// Where the Services' writes go.
+    writer: WriterHandle,
     telemetry: Arc<Telemetry>,
-}
-
-fn ours_conditions(s: &Service) -> Vec<Condition> {
-    s.status
-        .as_ref()
-        .and_then(|st| st.conditions.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|c| ConditionType::parse(&c.type_).is_some())
-        .collect()
-}
-
-fn has_finalizer<K: Resource>(o: &K) -> bool {
-    o.meta().finalizers.as_ref().is_some_and(|f| f.iter().any(|x| x == FINALIZER))
-}
-
-fn is_not_found(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(s) if s.code == 404)
 }
 
 impl Allocator {
@@ -227,14 +233,7 @@ impl Allocator {
                 continue;
             };
             let r = ServiceRef::of(&s);
-            let ip = s
-                .status
-                .as_ref()
-                .and_then(|st| st.load_balancer.as_ref())
-                .and_then(|lb| lb.ingress.as_ref())
-                .and_then(|i| i.first())
-                .and_then(|i| i.ip.as_ref())
-                .and_then(|ip| ip.parse().ok());
+            let ip = ingress_ip(&s);
             let problem_of = |c: &Condition| {
                 Reason::parse(&c.reason).map(|reason| super::desired::Problem { reason, message: c.message.clone() })
             };
@@ -314,59 +313,31 @@ impl Allocator {
         if !*leader.borrow() {
             return 0;
         }
+        self.decisions.send_replace(Some(Arc::new(decisions(&decided, &placed.holdings, &self.settings.class))));
 
-        // Finalizers first: a served Service must not disappear before its release.
-        let this = &*self;
-        // Collected first: streams over borrowing closures do not satisfy a spawned task's
-        // Send bound (rust-lang/rust#102211).
-        let mut missing: Vec<(&ServiceRef, &Service)> = Vec::new();
-        for (r, d) in &decided.services {
-            if let (Decision::Serve(_), Some(svc)) = (d, by_ref.get(r))
-                && !has_finalizer(*svc)
-            {
-                missing.push((r, *svc));
-            }
-        }
-        let mut pending: Vec<Pending<'_, (&ServiceRef, kube::Result<()>)>> = Vec::new();
-        for (r, svc) in missing {
-            pending.push(Box::pin(async move { (r, this.set_finalizer(svc, true).await) }));
-        }
-        let added: Vec<_> = futures_util::stream::iter(pending).buffer_unordered(API_CONCURRENCY).collect().await;
-        for (r, res) in added {
-            if let Err(e) = res {
-                warn!(service = %r, error = %e, "cannot add the finalizer; retrying");
-                errors += 1;
-            }
-        }
-
-        // Service status, LoadBalancer objects, releases.
-        let now = Time(Timestamp::now());
+        // Service status, LoadBalancer objects, releases: handed to the writer, which
+        // writes them at the API server's pace; the next pass does not wait for them.
         let mut next = BTreeMap::new();
-        let now_ref = &now;
-        let none: Vec<NodeReport> = Vec::new();
-        // Services are independent: their writes go out API_CONCURRENCY at a time; each
-        // Service's own writes stay in order.
-        let mut writes: Vec<(&ServiceRef, &Decision, &Service)> = Vec::new();
+        let arcs: BTreeMap<ServiceRef, Arc<Service>> =
+            snap.services.iter().map(|s| (ServiceRef::of(s), s.clone())).collect();
+        let mut batch = Batch { live: by_ref.keys().cloned().collect(), ..Batch::default() };
         for (r, d) in &decided.services {
-            if let Some(svc) = by_ref.get(r) {
-                writes.push((r, d, *svc));
-            }
+            let Some(svc) = arcs.get(r).cloned() else { continue };
+            let holding = placed.holdings.get(r).cloned();
+            let reports = reports.get(r).cloned().unwrap_or_default();
+            next.insert(r.clone(), Summary::of(d, holding.as_ref(), &reports));
+            let priority = match d {
+                Decision::Serve(s) if s.address.as_ref().ok().copied() != ingress_ip(&svc) => Priority::New,
+                _ => Priority::Refresh,
+            };
+            batch.submissions.push(Submission {
+                service: r.clone(),
+                want: Want { decision: d.clone(), holding, reports },
+                base: Base { service: svc, balancer: balancers.get(r).cloned() },
+                priority,
+            });
         }
-        let mut pending: Vec<Pending<'_, Written<'_>>> = Vec::new();
-        for (r, d, svc) in writes {
-            let balancer = balancers.get(r).map(Arc::as_ref);
-            let holding = placed.holdings.get(r);
-            let reports = reports.get(r).map_or(&none[..], Vec::as_slice);
-            pending.push(Box::pin(this.write_one(r, d, svc, balancer, holding, reports, now_ref)));
-        }
-        let results: Vec<_> = futures_util::stream::iter(pending).buffer_unordered(API_CONCURRENCY).collect().await;
-        for (r, summary, result) in results {
-            if let Err((what, e)) = result {
-                warn!(service = %r, what, error = %e, "writing to the API failed; retrying");
-                errors += 1;
-            }
-            next.insert(r.clone(), summary);
-        }
+        self.writer.submit(batch);
         // LoadBalancer objects whose Service is gone.
         for (r, b) in &balancers {
             if !by_ref.contains_key(r)
@@ -387,6 +358,7 @@ impl Allocator {
         }
 
         // Configs.
+        let now = Time(Timestamp::now());
         let cfg_api = Api::<LoadBalancerConfig>::all(self.client.clone());
         for c in o.configs.iter() {
             let name = c.name_any();
@@ -434,7 +406,8 @@ impl Allocator {
             }
         }
 
-        // Moves.
+        // Moves, then Events for what changed.
+        let mut planned = Vec::new();
         for m in &placed.moves {
             let to = m.to.as_deref().unwrap_or("no node");
             info!(address = %m.address, from = m.from, to, reason = m.why.label(), "address moved: {}", m.why);
@@ -444,7 +417,12 @@ impl Allocator {
                 if let Decision::Serve(s) = d
                     && s.address.as_ref().ok() == Some(&m.address)
                 {
-                    self.publish(r, &by_ref, false, Reason::AddressMoved, &note).await;
+                    planned.push(events::PlannedEvent {
+                        service: r.clone(),
+                        warning: false,
+                        reason: Reason::AddressMoved,
+                        note: note.clone(),
+                    });
                 }
             }
         }
@@ -457,7 +435,6 @@ impl Allocator {
             })
             .collect();
 
-        // Events for what changed.
         // A class mismatch is worth an Event when the service looks meant for ballast (it
         // carries a ballast annotation) and is not simply another ballast deployment's.
         let wants = |r: &ServiceRef| {
@@ -469,9 +446,17 @@ impl Allocator {
                 annotated && !class.is_some_and(|c| c.starts_with("ballast.dev/"))
             })
         };
-        for ev in events::transitions(&self.prev, &next, wants) {
-            self.publish(&ev.service, &by_ref, ev.warning, ev.reason, &ev.note).await;
+        planned.extend(events::transitions(&self.prev, &next, wants));
+        let (each, folded) = events::fold(planned, |r| next.get(r).and_then(|s| s.config.clone()));
+        let this = &*self;
+        let mut pending: Vec<Pending<'_, ()>> = Vec::new();
+        for ev in &each {
+            pending.push(Box::pin(this.publish(&ev.service, &by_ref, ev.warning, ev.reason, &ev.note)));
         }
+        for f in &folded {
+            pending.push(Box::pin(this.publish_folded(f, &configs)));
+        }
+        futures_util::stream::iter(pending).buffer_unordered(API_CONCURRENCY).collect::<Vec<()>>().await;
         self.prev = next;
 
         self.telemetry.set_pools(
@@ -484,47 +469,6 @@ impl Allocator {
         let served = decided.services.values().filter(|d| matches!(d, Decision::Serve(s) if s.address.is_ok())).count();
         debug!(services = served, errors, elapsed_us = started.elapsed().as_micros() as u64, "allocation pass done");
         errors
-    }
-
-    /// Writes what one Service's decision says: status and LoadBalancer object, or the
-    /// release.
-    #[allow(clippy::too_many_arguments)]
-    async fn write_one<'a>(
-        &'a self,
-        r: &'a ServiceRef,
-        d: &'a Decision,
-        svc: &'a Service,
-        balancer: Option<&'a LoadBalancer>,
-        holding: Option<&'a Holding>,
-        reports: &'a [NodeReport],
-        now: &'a Time,
-    ) -> Written<'a> {
-        let result = match d {
-            Decision::Serve(s) => {
-                let conditions = status::carry_transition_times(
-                    status::service_conditions(s, holding, reports, svc.metadata.generation, now),
-                    &ours_conditions(svc),
-                );
-                let phase = status::phase(s, holding, reports);
-                // The LoadBalancer object first: nodes program themselves from it, so by the
-                // time the Service shows its address the nodes are already at work.
-                let (spec, st) =
-                    status::load_balancer(&r.name, &self.settings.class, s, holding, conditions.clone(), phase);
-                let r1 =
-                    self.write_load_balancer(svc, balancer, spec, st).await.map_err(|e| ("LoadBalancer object", e));
-                let r2 = self
-                    .write_service_status(svc, &status::ingress(s), &conditions)
-                    .await
-                    .map_err(|e| ("service status", e));
-                r1.and(r2)
-            }
-            Decision::Deleting => self.release(svc, balancer).await.map_err(|e| ("release", e)),
-            Decision::NotOurs(_) if self.served_before(svc, balancer) => {
-                self.release(svc, balancer).await.map_err(|e| ("release", e))
-            }
-            Decision::NotOurs(_) => Ok(()),
-        };
-        (r, Summary::of(d, holding, reports), result)
     }
 
     async fn publish(
@@ -554,140 +498,48 @@ impl Allocator {
         }
     }
 
-    /// Whether this agent's class served a service it no longer serves. Another ballast
-    /// deployment (another class) may serve it: its LoadBalancer object names that class,
-    /// and such services are never touched.
-    fn served_before(&self, svc: &Service, balancer: Option<&LoadBalancer>) -> bool {
-        match balancer {
-            // Objects from agents that did not record a class are this deployment's.
-            Some(b) => b.spec.class == self.settings.class || b.spec.class.is_empty(),
-            None => {
-                let class_ours = match svc.spec.as_ref().and_then(|s| s.load_balancer_class.as_deref()) {
-                    Some(c) => c == self.settings.class,
-                    None => !self.settings.ignore_unclassed,
-                };
-                has_finalizer(svc) && class_ours
-            }
+    /// One Event for many Services' Normal Events of one reason, on their config (or, with
+    /// no config known, only the log line).
+    async fn publish_folded(&self, f: &events::Folded, configs: &BTreeMap<String, &LoadBalancerConfig>) {
+        let note = format!(
+            "{} Service(s) {} (for example {}); per-Service Events are left out in a pass this large",
+            f.services,
+            f.reason.as_str(),
+            f.example
+        );
+        info!(config = f.config.as_deref().unwrap_or("-"), reason = %f.reason, services = f.services, "{note}");
+        let Some(cfg) = f.config.as_deref().and_then(|c| configs.get(c)) else { return };
+        let event = Event {
+            type_: EventType::Normal,
+            reason: f.reason.as_str().into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        match self.recorder.publish(&event, &cfg.object_ref(&())).await {
+            Ok(()) => self.telemetry.api_write("event"),
+            Err(e) => warn!(config = cfg.name_any(), error = %e, "cannot record an event"),
         }
     }
+}
 
-    /// Adds or removes ballast's finalizer (merge patch guarded by the resourceVersion).
-    async fn set_finalizer(&self, svc: &Service, present: bool) -> kube::Result<()> {
-        let mut list: Vec<String> = svc.metadata.finalizers.clone().unwrap_or_default();
-        list.retain(|f| f != FINALIZER);
-        if present {
-            list.push(FINALIZER.to_string());
-        }
-        let patch = json!({"metadata": {"finalizers": list, "resourceVersion": svc.metadata.resource_version}});
-        let api = Api::<Service>::namespaced(self.client.clone(), &svc.namespace().unwrap_or_default());
-        api.patch(&svc.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await?;
-        self.telemetry.api_write("finalizer");
-        Ok(())
-    }
-
-    async fn write_service_status(
-        &self,
-        svc: &Service,
-        ingress: &[k8s_openapi::api::core::v1::LoadBalancerIngress],
-        conditions: &[Condition],
-    ) -> kube::Result<()> {
-        let cur = svc
-            .status
-            .as_ref()
-            .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|lb| lb.ingress.clone())
-            .unwrap_or_default();
-        if cur == ingress && status::same_conditions(&ours_conditions(svc), conditions) {
-            return Ok(());
-        }
-        let patch = json!({
-            "apiVersion": "v1",
-            "kind": "Service",
-            "status": { "loadBalancer": { "ingress": ingress }, "conditions": conditions },
-        });
-        let api = Api::<Service>::namespaced(self.client.clone(), &svc.namespace().unwrap_or_default());
-        api.patch_status(&svc.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(patch)).await?;
-        self.telemetry.api_write("service_status");
-        Ok(())
-    }
-
-    async fn write_load_balancer(
-        &self,
-        svc: &Service,
-        existing: Option<&LoadBalancer>,
-        spec: super::crd::LoadBalancerSpec,
-        st: super::crd::LoadBalancerStatus,
-    ) -> kube::Result<()> {
-        let ns = svc.namespace().unwrap_or_default();
-        let name = svc.name_any();
-        let api = Api::<LoadBalancer>::namespaced(self.client.clone(), &ns);
-        let mut st = st;
-        if let Some(old) = existing.and_then(|b| b.status.as_ref()) {
-            st.conditions = status::carry_transition_times(st.conditions, &old.conditions);
-        }
-        let same_spec = existing.is_some_and(|b| b.spec == spec);
-        let same_status = existing.and_then(|b| b.status.as_ref()).is_some_and(|old| {
-            // Compared without `nodes`, which the nodes write, and transition times.
-            let mut a = old.clone();
-            let mut b = st.clone();
-            let same_conds = status::same_conditions(&a.conditions, &b.conditions);
-            a.conditions.clear();
-            b.conditions.clear();
-            a.nodes.clear();
-            b.nodes.clear();
-            same_conds && a == b
-        });
-        let params = PatchParams::apply(MANAGER).force();
-        if !same_spec {
-            let owner = json!({"apiVersion": "v1", "kind": "Service", "name": name, "uid": svc.metadata.uid, "controller": true});
-            let patch = json!({
-                "apiVersion": format!("{GROUP}/v1alpha1"),
-                "kind": "LoadBalancer",
-                "metadata": { "name": name, "namespace": ns, "ownerReferences": [owner] },
-                "spec": spec,
-            });
-            api.patch(&name, &params, &Patch::Apply(patch)).await?;
-            self.telemetry.api_write("load_balancer");
-        }
-        if !same_status || !same_spec {
-            let patch = json!({"apiVersion": format!("{GROUP}/v1alpha1"), "kind": "LoadBalancer", "status": st});
-            api.patch_status(&name, &params, &Patch::Apply(patch)).await?;
-            self.telemetry.api_write("load_balancer_status");
-        }
-        Ok(())
-    }
-
-    /// Undoes what ballast wrote for a service it no longer serves (or that is being
-    /// deleted). The LoadBalancer object goes last: while it exists, a failed step is
-    /// retried; its deletion tells every node to stop serving the Service.
-    async fn release(&self, svc: &Service, balancer: Option<&LoadBalancer>) -> kube::Result<()> {
-        let ns = svc.namespace().unwrap_or_default();
-        let api = Api::<Service>::namespaced(self.client.clone(), &ns);
-        let mut current = std::borrow::Cow::Borrowed(svc);
-        if svc.metadata.deletion_timestamp.is_none() && !ours_conditions(svc).is_empty() {
-            // Applying an empty status as the allocator's field manager drops every field it
-            // owns: the ingress and its conditions.
-            let patch = json!({"apiVersion": "v1", "kind": "Service", "status": {}});
-            let updated =
-                api.patch_status(&svc.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(patch)).await?;
-            self.telemetry.api_write("service_status");
-            current = std::borrow::Cow::Owned(updated);
-        }
-        if has_finalizer(current.as_ref()) {
-            self.set_finalizer(current.as_ref(), false).await?;
-        }
-        if let Some(b) = balancer {
-            match Api::<LoadBalancer>::namespaced(self.client.clone(), &ns)
-                .delete(&b.name_any(), &DeleteParams::default())
-                .await
-            {
-                Ok(_) => self.telemetry.api_write("load_balancer"),
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
+/// The LoadBalancer objects `decided` and `holdings` make, as the programmer reads them.
+fn decisions(decided: &super::desired::Desired, holdings: &BTreeMap<ServiceRef, Holding>, class: &str) -> Decisions {
+    let balancers = decided
+        .services
+        .iter()
+        .filter_map(|(r, d)| {
+            let Decision::Serve(s) = d else { return None };
+            let holding = holdings.get(r);
+            let (spec, st) =
+                status::load_balancer(&r.name, class, s, holding, Vec::new(), status::phase(s, holding, &[]));
+            let mut b = LoadBalancer::new(&r.name, spec);
+            b.metadata.namespace = Some(r.namespace.clone());
+            b.status = Some(st);
+            Some(b)
+        })
+        .collect();
+    Decisions { balancers }
 }
 
 /// The address the allocation gave Service `r`.

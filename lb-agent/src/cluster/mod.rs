@@ -30,6 +30,8 @@ pub mod projection;
 pub mod reason;
 pub mod source;
 pub mod status;
+pub mod write_queue;
+pub mod writer;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -134,8 +136,17 @@ pub async fn run(
         status.wait_for(|s| s.started).await.context("the heartbeat task ended")?;
         anyhow::Ok(())
     };
+    // Waiting for a first list is progress, however long it takes with a large cluster:
+    // liveness must fail only for a stuck loop.
+    let beats = async {
+        loop {
+            telemetry.beat();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    };
     tokio::select! {
         r = ready => r?,
+        _ = beats => {}
         _ = int.recv() => { node.shutdown().await; return Ok(()) }
         _ = term.recv() => { node.shutdown().await; return Ok(()) }
     }

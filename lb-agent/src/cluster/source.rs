@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use super::{
-    allocator::AllocatorHandle,
+    allocator::{AllocatorHandle, Decisions},
     caches::Caches,
     crd::{GROUP, LoadBalancer, NodeReport},
     desired::Settings,
@@ -57,6 +57,7 @@ enum Verify {
 struct Closed {
     objects: bool,
     heartbeat: bool,
+    decisions: bool,
 }
 
 /// The Kubernetes source.
@@ -64,6 +65,8 @@ pub struct ClusterSource {
     client: Client,
     caches: Caches,
     objects: watch::Receiver<u64>,
+    /// This agent's allocator's latest decisions, while it leads.
+    decisions: watch::Receiver<Option<Arc<Decisions>>>,
     heartbeat: HeartbeatHandle,
     election: ElectionHandle,
     allocator: AllocatorHandle,
@@ -115,6 +118,7 @@ impl ClusterSource {
         let (listed_tx, listed_rx) = mpsc::channel(1);
         Self {
             objects: caches.object_changes(),
+            decisions: tasks.allocator.decisions.clone(),
             client,
             caches,
             heartbeat: tasks.heartbeat,
@@ -219,6 +223,13 @@ impl Source for ClusterSource {
                     }
                     return Wake::Changed;
                 }
+                r = self.decisions.changed(), if !self.closed.decisions => {
+                    if r.is_err() {
+                        self.closed.decisions = true;
+                        continue;
+                    }
+                    return Wake::Changed;
+                }
                 r = self.heartbeat.status.changed(), if !self.closed.heartbeat => {
                     if r.is_err() {
                         self.closed.heartbeat = true;
@@ -279,7 +290,13 @@ impl Source for ClusterSource {
             down: &self.down,
             owners,
         };
-        let p = programmer::node_desired(&snap.objects(), &self.settings.class, &me);
+        let mut objects = snap.objects();
+        // This agent's allocator decided ahead of what the API shows: serve that now.
+        let local = self.decisions.borrow_and_update().clone();
+        if let Some(d) = &local {
+            objects.balancers = d.balancers.iter().collect();
+        }
+        let p = programmer::node_desired(&objects, &self.settings.class, &me);
         self.served = p.served;
         p.desired
     }
