@@ -155,3 +155,23 @@ impl Drop for Agent {
         }
     }
 }
+
+/// The sum of metric `name`'s samples whose labels contain `labels`, scraped from the
+/// agent's `/metrics` on 127.0.0.1:`port` inside `ns`.
+pub fn scrape_metric(ns: &Netns, port: u16, name: &str, labels: &str) -> Result<f64> {
+    let text = ns.run(|| -> Result<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        Ok(body)
+    })??;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{')))
+        .filter(|l| l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}

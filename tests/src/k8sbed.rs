@@ -410,6 +410,12 @@ impl K8sBed {
         self.scope.explain(svc, &self.tb.lb, port, self.tb.pins.path(), &self.node_name())
     }
 
+    /// The sum of the agent's metric `name` over samples whose labels contain `labels`
+    /// (the agent serves metrics on its default loopback address).
+    pub fn metric(&self, name: &str, labels: &str) -> Result<f64> {
+        crate::agent::scrape_metric(&self.tb.lb, 9477, name, labels)
+    }
+
     /// The agent's log so far.
     pub fn agent_log(&self) -> String {
         self.agent.as_ref().map(|a| a.log_text()).unwrap_or_default()

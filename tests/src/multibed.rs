@@ -380,20 +380,6 @@ impl MultiBed {
 
     /// A metric's value on edge `i` (the sum over label sets matching `labels`).
     pub fn metric(&self, i: usize, name: &str, labels: &str) -> Result<f64> {
-        let text = self.seg.edges[i].ns.run(|| -> Result<String> {
-            use std::io::{Read, Write};
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", METRICS_PORT))?;
-            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
-            let mut body = String::new();
-            s.read_to_string(&mut body)?;
-            Ok(body)
-        })??;
-        Ok(text
-            .lines()
-            .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{')))
-            .filter(|l| l.contains(labels))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+        crate::agent::scrape_metric(&self.seg.edges[i].ns, METRICS_PORT, name, labels)
     }
 }

@@ -273,21 +273,32 @@ async fn measure_sync(bed: &mut K8sBed, n: usize) -> Result<String> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |k: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(k))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            / 1024.0
-    };
-    let (hwm, rss) = (field("VmHWM:"), field("VmRSS:"));
+    let (hwm, rss) = (proc_status_mib(pid, "VmHWM:"), proc_status_mib(pid, "VmRSS:"));
+    if let Ok(dir) = std::env::var("BALLAST_BENCH_LOGS") {
+        // For reading where the time went.
+        let _ = std::fs::write(std::path::Path::new(&dir).join(format!("fullsync-{n}.log")), bed.agent_log());
+    }
+    let cold_writes = settled_writes(bed).await;
     let map_mem = map_memory(bed.tb.pins.path());
     let addresses = bed.tb.marked_addresses().map(|a| a.len()).unwrap_or(0);
 
+    // Warm restart: everything is already right; the data path must stay whole, and
+    // nothing is written.
+    bed.stop_agent()?;
+    let kept = maps.read_state()?.services.len();
+    let t_warm = Instant::now();
+    bed.start_agent_within(Duration::from_secs(300), &["--max-services", &services, "--max-backends", &backends])?;
+    let warm_ready = t_warm.elapsed();
+    let warm_pid = bed.agent.as_ref().and_then(|a| a.pid()).context("agent pid")?;
+    let before = writes_made(bed);
+    tokio::time::sleep(Duration::from_secs(if n > 1_000 { 20 } else { 10 })).await;
+    let warm_writes = writes_made(bed) - before;
+    let warm_hwm = proc_status_mib(warm_pid, "VmHWM:");
+
+    let churn = churn(bed, &maps, n, &seen).await?;
+
     let secs = |d: Option<Duration>| d.map(|d| format!("{:.1}", d.as_secs_f64())).unwrap_or_default();
+    let status_s = to_status.map(|d| d.as_secs_f64()).unwrap_or(0.0);
     let mut out = String::new();
     writeln!(out, "### Full sync: {n} Services × {ENDPOINTS} endpoints, agent started cold\n")?;
     writeln!(out, "| measure | value |\n|---|---:|")?;
@@ -296,8 +307,14 @@ async fn measure_sync(bed: &mut K8sBed, n: usize) -> Result<String> {
         "| creating the Services and EndpointSlices (32 in parallel, not the agent) | {:.1} s |",
         created.as_secs_f64()
     )?;
-    writeln!(out, "| agent start → every Service has its address in status | {} s |", secs(to_status))?;
     writeln!(out, "| agent start → every Service in the BPF maps | {} s |", secs(to_maps))?;
+    writeln!(out, "| agent start → every Service has its address in status | {} s |", secs(to_status))?;
+    writeln!(
+        out,
+        "| API writes of the cold sync (heartbeats and leases left out) | {cold_writes:.0} ({:.1} per Service; {:.0} writes/s over the time to status) |",
+        cold_writes / n as f64,
+        cold_writes / status_s.max(0.001)
+    )?;
     writeln!(out, "| VIP addresses on the interface afterwards | {addresses} |")?;
     writeln!(out, "| agent peak memory (VmHWM) | {hwm:.0} MiB (RSS now {rss:.0} MiB) |")?;
     writeln!(
@@ -305,11 +322,150 @@ async fn measure_sync(bed: &mut K8sBed, n: usize) -> Result<String> {
         "| BPF map memory (bytes_memlock of the pinned maps, sized for {services} services and {backends} backends) | {:.0} MiB |",
         map_mem / 1024.0 / 1024.0
     )?;
+    writeln!(out, "| warm restart: Services in the maps while the agent was down | {kept} of {n} |")?;
+    writeln!(out, "| warm restart: agent start → ready | {:.1} s |", warm_ready.as_secs_f64())?;
     writeln!(
         out,
-        "\nThe agent runs as the ballast-agent ServiceAccount against the real kube-apiserver and etcd on this VM; start includes loading and verifying the XDP program. Time to address in status includes one status patch per Service."
+        "| warm restart: API writes in the following {} s | {warm_writes:.0} |",
+        if n > 1_000 { 20 } else { 10 }
+    )?;
+    writeln!(out, "| warm restart: agent peak memory (VmHWM) | {warm_hwm:.0} MiB |")?;
+    out.push_str(&churn);
+    writeln!(
+        out,
+        "\nThe agent runs as the ballast-agent ServiceAccount against the real kube-apiserver and etcd on this VM; start includes loading and verifying the XDP program. Times are polled independently from the agent's start: the BPF maps every 250 ms, the statuses through a watch. API writes are the agent's own count (`ballast_api_writes_total`)."
     )?;
     Ok(out)
+}
+
+/// A field of `/proc/PID/status` in MiB.
+fn proc_status_mib(pid: u32, key: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// CPU seconds (user + system) process `pid` has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command (which may hold spaces) start after its closing parenthesis.
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15, i.e. 11 and 12 after the command.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The agent's API writes so far, heartbeats and lease renewals left out (they are
+/// periodic, not caused by the Services).
+fn writes_made(bed: &K8sBed) -> f64 {
+    let m = |labels: &str| bed.metric("ballast_api_writes_total", labels).unwrap_or(0.0);
+    m("") - m("kind=\"heartbeat\"") - m("kind=\"allocator_lease\"")
+}
+
+/// The write count once it stopped growing for 3 s (writes still in flight after the last
+/// status count too).
+async fn settled_writes(bed: &K8sBed) -> f64 {
+    let mut last = writes_made(bed);
+    let started = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let now = writes_made(bed);
+        if now == last || started.elapsed() > Duration::from_secs(300) {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// Steady-state churn: EndpointSlice changes at a fixed rate over the synced Services, each
+/// replacing one endpoint; measures the time until the map holds the new endpoint, the
+/// writes the agent made and its CPU.
+async fn churn(bed: &K8sBed, maps: &Maps, n: usize, seen: &Seen) -> Result<String> {
+    let (rate, secs) = if n > 1_000 { (100, 60) } else { (50, 20) };
+    let pid = bed.agent.as_ref().and_then(|a| a.pid()).context("agent pid")?;
+    let vips: HashMap<String, Ipv4Addr> =
+        seen.lock().map(|m| m.iter().map(|(k, v)| (k.clone(), v.1)).collect()).unwrap_or_default();
+    let (writes0, cpu0) = (writes_made(bed), cpu_seconds(pid));
+    let interval = Duration::from_secs(1) / rate;
+    let total = (rate * secs) as usize;
+    let started = Instant::now();
+    let mut lat = Vec::with_capacity(total);
+    let mut pending: Vec<(Instant, ServiceKey, SocketAddrV4)> = Vec::new();
+    for k in 0..total {
+        let due = started + interval * k as u32;
+        while Instant::now() < due {
+            poll_pending(maps, &mut pending, &mut lat)?;
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        // Service k mod n; its first endpoint becomes an address no Service used before.
+        let i = (k * 7919) % n;
+        let name = format!("sync-{i}");
+        let Some(vip) = vips.get(&name) else { continue };
+        let base = u32::from(Ipv4Addr::new(10, 50, 0, 0)) + i as u32 * ENDPOINTS;
+        let fresh = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 51, 0, 0)) + k as u32);
+        let mut ips: Vec<String> = (1..ENDPOINTS).map(|j| Ipv4Addr::from(base + j).to_string()).collect();
+        ips.push(fresh.to_string());
+        let eps: Vec<(&str, bool, bool, bool)> = ips.iter().map(|e| (e.as_str(), true, true, false)).collect();
+        let t = Instant::now();
+        bed.slice(&name, &[("http", "TCP", 8080)], &eps).await?;
+        pending.push((
+            t,
+            ServiceKey { vip: vip.octets(), port: 80, proto: proto::TCP, _pad: 0 },
+            SocketAddrV4::new(fresh, 8080),
+        ));
+    }
+    let drain = Instant::now();
+    while !pending.is_empty() && drain.elapsed() < Duration::from_secs(30) {
+        poll_pending(maps, &mut pending, &mut lat)?;
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+    let missed = pending.len();
+    let elapsed = started.elapsed().as_secs_f64();
+    let (writes, cpu) = (writes_made(bed) - writes0, cpu_seconds(pid) - cpu0);
+    lat.sort();
+    let mut out = String::new();
+    let p = |q: f64| if lat.is_empty() { "-".to_string() } else { ms(pct(&lat, q)) };
+    writeln!(
+        out,
+        "| churn: {rate} EndpointSlice changes/s for {secs} s, change → new endpoint in the map, p50 / p99 / max | {} / {} / {} ms ({} of {total} seen{}) |",
+        p(0.5),
+        p(0.99),
+        lat.last().map(|d| ms(*d)).unwrap_or_default(),
+        lat.len(),
+        if missed > 0 { format!(", {missed} never") } else { String::new() }
+    )?;
+    writeln!(
+        out,
+        "| churn: changes/s achieved (the bench patches one slice at a time) | {:.0} |",
+        total as f64 / elapsed
+    )?;
+    writeln!(out, "| churn: API writes by the agent | {writes:.0} |")?;
+    writeln!(out, "| churn: agent CPU | {:.0} % of one CPU |", cpu / elapsed * 100.0)?;
+    Ok(out)
+}
+
+/// Moves every pending change whose endpoint is in the map into `lat`.
+fn poll_pending(
+    maps: &Maps,
+    pending: &mut Vec<(Instant, ServiceKey, SocketAddrV4)>,
+    lat: &mut Vec<Duration>,
+) -> Result<()> {
+    let now = Instant::now();
+    let mut keep = Vec::with_capacity(pending.len());
+    for (t, key, addr) in pending.drain(..) {
+        if maps.active_backends(&key)?.is_some_and(|b| b.contains(&addr)) {
+            lat.push(now.duration_since(t));
+        } else {
+            keep.push((t, key, addr));
+        }
+    }
+    *pending = keep;
+    Ok(())
 }
 
 /// Sum of `bytes_memlock` over the maps pinned in `dir`.

@@ -6,7 +6,8 @@
 //! by side with kube-proxy's modes, a userspace proxy and nginx on real veths; `rules`, the
 //! kernel LBs as the number of services grows; `lbhop`, the LB hop in packets per second
 //! on one CPU with in-kernel generated frames; `controlplane`,
-//! the controller's latencies against the real control plane; `multinode`, failover
+//! the controller's latencies against the real control plane and the full sync of many
+//! Services (`fullsync` alone: cold start, warm restart, churn); `multinode`, failover
 //! between edge nodes and the agents' steady-state API load.
 
 mod contenders;
@@ -69,6 +70,11 @@ fn main() -> anyhow::Result<()> {
         let _cp = controlplane::Started::up()?;
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build()?;
         section(rt.block_on(controlplane::run(quick))?);
+        section(rt.block_on(controlplane::full_sync(quick, smoke))?);
+    } else if only.as_deref() == Some("fullsync") {
+        // The full sync alone (part of `controlplane`), for measuring it at scale quickly.
+        let _cp = controlplane::Started::up()?;
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build()?;
         section(rt.block_on(controlplane::full_sync(quick, smoke))?);
     }
     if want("multinode") {
