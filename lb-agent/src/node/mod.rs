@@ -10,7 +10,6 @@ pub mod memory;
 pub mod real;
 mod report;
 
-use futures_util::StreamExt as _;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
@@ -107,8 +106,6 @@ pub fn mac_string(m: [u8; 6]) -> String {
 }
 
 /// How long a backend's route lookup is reused at most.
-/// Netlink requests in flight at once when many addresses or routes change together.
-const NETLINK_PIPELINE: usize = 64;
 const ROUTE_TTL: Duration = Duration::from_secs(10);
 
 /// The egress interface of each backend from `route get`, reused across passes while the
@@ -436,20 +433,16 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
         let mut egress = BTreeSet::new();
         self.routes.refresh(links, addrs);
         self.routes.oifs.retain(|ip, _| backends.contains(ip));
-        // Routes not known yet are asked for together: one round trip each, in sequence,
-        // would take seconds for a cold start with 100 000 backends.
-        let unknown: Vec<Ipv4Addr> = backends.iter().filter(|b| !self.routes.oifs.contains_key(b)).copied().collect();
-        let net = &self.net;
-        let found: Vec<_> = futures_util::stream::iter(unknown.iter().map(|b| net.route_to(*b)))
-            .buffered(NETLINK_PIPELINE)
-            .collect()
-            .await;
-        for (b, route) in unknown.into_iter().zip(found) {
-            self.routes.oifs.insert(b, route?.map(|r| r.oif));
-        }
         let mut unreachable = Vec::new();
         for b in backends {
-            let oif = self.routes.oifs.get(&b).copied().flatten();
+            let oif = match self.routes.oifs.get(&b) {
+                Some(oif) => *oif,
+                None => {
+                    let oif = self.net.route_to(b).await?.map(|r| r.oif);
+                    self.routes.oifs.insert(b, oif);
+                    oif
+                }
+            };
             match oif {
                 Some(oif) => {
                     egress.insert(oif);
@@ -512,26 +505,15 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
         now: Instant,
         report: &mut ApplyReport,
     ) {
-        let items: Vec<_> = add
-            .iter()
-            .map(|(i, v, l)| (*i, *v, *l, true))
-            .chain(renew.iter().map(|(i, v, l)| (*i, *v, *l, false)))
-            .collect();
-        // Pipelined: thousands of addresses one round trip at a time take seconds.
-        let net = &self.net;
-        let results: Vec<_> = futures_util::stream::iter(
-            items.iter().map(|(index, vip, lifetime, _)| net.set_address(*index, *vip, *lifetime)),
-        )
-        .buffered(NETLINK_PIPELINE)
-        .collect()
-        .await;
-        for ((index, vip, _, new), result) in items.into_iter().zip(results) {
+        let items =
+            add.iter().map(|(i, v, l)| (*i, *v, *l, true)).chain(renew.iter().map(|(i, v, l)| (*i, *v, *l, false)));
+        for (index, vip, lifetime, new) in items {
             let hold = self.holdings.get(&vip).map_or(Hold::Standby, |h| h.hold);
             if new && matches!(hold, Hold::Permanent | Hold::Exclusive) && self.vips_added.contains(&vip) {
                 warn!(%vip, "a VIP this agent added was removed from its interface by someone else; adding it back");
                 self.telemetry.drift("address");
             }
-            match result {
+            match self.net.set_address(index, vip, lifetime).await {
                 Ok(()) if new => {
                     self.vips_added.insert(vip);
                     report.added.push(vip);
