@@ -74,6 +74,18 @@ pub struct Decisions {
     pub balancers: Vec<LoadBalancer>,
 }
 
+impl Decisions {
+    /// Whether both hold the same objects (the generated `LoadBalancer` has no `PartialEq`).
+    fn same_as(&self, other: &Self) -> bool {
+        self.balancers.len() == other.balancers.len()
+            && self
+                .balancers
+                .iter()
+                .zip(&other.balancers)
+                .all(|(a, b)| a.metadata == b.metadata && a.spec == b.spec && a.status == b.status)
+    }
+}
+
 impl AllocatorHandle {
     /// Stops the task (after the pass in progress, if any).
     pub async fn stop(&self) {
@@ -274,7 +286,8 @@ impl Allocator {
             configs: o.configs.clone(),
         };
         let decided = desired(&inputs, &self.settings);
-        let by_ref: BTreeMap<ServiceRef, &Service> = o.services.iter().map(|s| (ServiceRef::of(s), *s)).collect();
+        let by_ref: BTreeMap<ServiceRef, Arc<Service>> =
+            snap.services.iter().map(|s| (ServiceRef::of(s), s.clone())).collect();
         let configs: BTreeMap<String, &LoadBalancerConfig> =
             o.configs.iter().filter_map(|c| Some((c.metadata.name.clone()?, *c))).collect();
         let nodes: BTreeMap<String, &K8sNode> =
@@ -313,16 +326,22 @@ impl Allocator {
         if !*leader.borrow() {
             return 0;
         }
-        self.decisions.send_replace(Some(Arc::new(decisions(&decided, &placed.holdings, &self.settings.class))));
+        // Only a change wakes the node programmer: an unchanged pass needs no node pass.
+        let made = decisions(&decided, &placed.holdings, &self.settings.class);
+        self.decisions.send_if_modified(|d| {
+            let changed = d.as_deref().is_none_or(|old| !old.same_as(&made));
+            if changed {
+                *d = Some(Arc::new(made));
+            }
+            changed
+        });
 
         // Service status, LoadBalancer objects, releases: handed to the writer, which
         // writes them at the API server's pace; the next pass does not wait for them.
         let mut next = BTreeMap::new();
-        let arcs: BTreeMap<ServiceRef, Arc<Service>> =
-            snap.services.iter().map(|s| (ServiceRef::of(s), s.clone())).collect();
         let mut batch = Batch { live: by_ref.keys().cloned().collect(), ..Batch::default() };
         for (r, d) in &decided.services {
-            let Some(svc) = arcs.get(r).cloned() else { continue };
+            let Some(svc) = by_ref.get(r).cloned() else { continue };
             let holding = placed.holdings.get(r).cloned();
             let reports = reports.get(r).cloned().unwrap_or_default();
             next.insert(r.clone(), Summary::of(d, holding.as_ref(), &reports));
@@ -474,7 +493,7 @@ impl Allocator {
     async fn publish(
         &self,
         r: &ServiceRef,
-        by_ref: &BTreeMap<ServiceRef, &Service>,
+        by_ref: &BTreeMap<ServiceRef, Arc<Service>>,
         warning: bool,
         reason: Reason,
         note: &str,

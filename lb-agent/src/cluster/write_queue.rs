@@ -5,7 +5,7 @@
 //! writer task ([`super::writer`]) does the IO and the clock comes in as arguments.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     time::{Duration, Instant},
 };
 
@@ -78,13 +78,6 @@ impl<K: Ord + Clone, W: PartialEq + Clone, J> WriteQueue<K, W, J> {
         true
     }
 
-    /// Forgets a key (its object is gone, or nothing is wanted of it any more).
-    pub fn forget(&mut self, key: &K) {
-        self.waiting.remove(key);
-        self.failures.remove(key);
-        self.written.remove(key);
-    }
-
     /// Keeps only the keys `keep` says (the rest are gone), except writes in flight.
     pub fn retain(&mut self, keep: impl Fn(&K) -> bool) {
         self.waiting.retain(|k, _| keep(k));
@@ -136,24 +129,9 @@ impl<K: Ord + Clone, W: PartialEq + Clone, J> WriteQueue<K, W, J> {
         self.waiting.iter().filter(|(k, _)| !self.in_flight.contains_key(*k)).map(|(_, w)| w.not_before).min()
     }
 
-    /// Writes waiting (for metrics and logs).
+    /// Writes waiting (for logs).
     pub fn waiting(&self) -> usize {
         self.waiting.len()
-    }
-
-    /// Writes in flight.
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.len()
-    }
-
-    /// Whether nothing waits and nothing is in flight.
-    pub fn is_idle(&self) -> bool {
-        self.waiting.is_empty() && self.in_flight.is_empty()
-    }
-
-    /// The keys in flight or waiting.
-    pub fn keys(&self) -> BTreeSet<K> {
-        self.waiting.keys().chain(self.in_flight.keys()).cloned().collect()
     }
 }
 

@@ -90,8 +90,6 @@ pub struct Batch {
 #[derive(Clone)]
 pub struct WriterHandle {
     tx: mpsc::UnboundedSender<Batch>,
-    /// Writes waiting and in flight.
-    pub backlog: watch::Receiver<usize>,
 }
 
 impl WriterHandle {
@@ -112,7 +110,6 @@ pub fn spawn_writer(
     telemetry: Arc<Telemetry>,
 ) -> WriterHandle {
     let (tx, mut rx) = mpsc::unbounded_channel::<Batch>();
-    let (backlog_tx, backlog) = watch::channel(0usize);
     let writes = Arc::new(Writes { client, settings, telemetry, status_written: Mutex::default() });
     tokio::spawn(async move {
         let mut q: WriteQueue<ServiceRef, Want, Base> = WriteQueue::default();
@@ -137,7 +134,6 @@ pub fn spawn_writer(
                     });
                 }
             }
-            backlog_tx.send_replace(q.waiting() + q.in_flight());
             let due = q.next_due().map(tokio::time::Instant::from_std);
             tokio::select! {
                 batch = rx.recv() => {
@@ -163,7 +159,7 @@ pub fn spawn_writer(
             }
         }
     });
-    WriterHandle { tx, backlog }
+    WriterHandle { tx }
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {
