@@ -134,7 +134,10 @@ pub fn spawn_writer(
                     });
                 }
             }
-            let due = q.next_due().map(tokio::time::Instant::from_std);
+            // With every slot taken, a due write waits for a slot, not for the clock: a
+            // timer already past would wake this loop again at once, and it spun a CPU.
+            let due = if *leader.borrow() && running.len() < CONCURRENCY { q.next_due() } else { None };
+            let due = due.map(tokio::time::Instant::from_std);
             tokio::select! {
                 batch = rx.recv() => {
                     let Some(batch) = batch else { return };
