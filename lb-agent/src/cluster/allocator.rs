@@ -54,6 +54,18 @@ type Pending<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Se
 const API_CONCURRENCY: usize = 16;
 /// How soon a pass that hit API errors is retried.
 const RETRY: Duration = Duration::from_secs(2);
+/// Passes shorter than this run back to back.
+const PACE_FREE: Duration = Duration::from_millis(20);
+/// The longest rest after a pass.
+const PACE_MAX: Duration = Duration::from_secs(2);
+
+/// How long to rest after a pass that took `took`: as long as it took (up to
+/// [`PACE_MAX`]), so the allocator uses at most about half a CPU. In a cold sync of
+/// thousands of Services every write's echo is a change; passes back to back took a whole
+/// CPU from the API server the writes wait for, and from the node programmer.
+fn rest_after(took: Duration) -> Duration {
+    if took < PACE_FREE { Duration::ZERO } else { took.min(PACE_MAX) }
+}
 
 /// The running allocator task.
 pub struct AllocatorHandle {
@@ -171,8 +183,14 @@ pub fn spawn_allocator(
             if !leading {
                 continue;
             }
+            let started = Instant::now();
             let errors = a.pass(&caches, &leader).await;
             retry_at = (errors > 0).then(|| tokio::time::Instant::now() + RETRY);
+            // Changes arriving meanwhile are kept by the watch channels for the next pass.
+            let rest = rest_after(started.elapsed());
+            if !rest.is_zero() {
+                tokio::time::sleep(rest).await;
+            }
         }
     });
     AllocatorHandle { stop, decisions }
