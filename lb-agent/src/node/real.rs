@@ -23,7 +23,12 @@ use crate::{
         plan::Limits,
         state::{MapOp, ProgrammedState},
     },
-    net::{IfAddr, Lifetime, Link, RouteTo, arp, netlink::Netlink, route_watch, sysctl},
+    net::{
+        IfAddr, Lifetime, Link, RouteTo, arp,
+        netlink::Netlink,
+        route_watch::{self, RouteGeneration},
+        sysctl,
+    },
     telemetry::Telemetry,
 };
 
@@ -107,8 +112,12 @@ impl NetIo for Netlink {
         Ok(Netlink::del_address(self, index, addr, prefix).await?)
     }
 
-    async fn route_to(&self, dst: Ipv4Addr) -> Result<Option<RouteTo>, IoError> {
-        Ok(Netlink::route_to(self, dst).await?)
+    async fn routes_to(&self, dsts: &[Ipv4Addr]) -> Result<Vec<Option<RouteTo>>, IoError> {
+        Ok(Netlink::routes_to(self, dsts).await?)
+    }
+
+    fn route_generation(&self) -> Option<u64> {
+        Netlink::route_generation(self)
     }
 
     fn enable_forwarding(&self, iface: &str) -> Result<Option<String>, IoError> {
@@ -121,18 +130,32 @@ impl NetIo for Netlink {
 }
 
 /// Sends gratuitous ARP through a packet socket (needs CAP_NET_RAW).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ArpAnnouncer;
+#[derive(Debug, Default)]
+pub struct ArpAnnouncer {
+    /// Opened on first use, and again after a failure to open it.
+    sender: std::sync::Mutex<Option<Arc<arp::FrameSender>>>,
+}
+
+impl ArpAnnouncer {
+    fn sender(&self) -> std::io::Result<Arc<arp::FrameSender>> {
+        // A panic while holding this lock left at worst no socket: open one.
+        let mut s = self.sender.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = s.as_ref() {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(arp::FrameSender::open()?);
+        *s = Some(f.clone());
+        Ok(f)
+    }
+}
 
 impl Announcer for ArpAnnouncer {
     fn announce(&self, link: &Link, vip: Ipv4Addr) -> Result<(), IoError> {
         // Interfaces without a hardware address (tunnels, loopback) have no ARP.
         let Some(mac) = link.mac else { return Ok(()) };
-        arp::send_frame(link.index, &arp::announcement(mac, vip)).map_err(|source| IoError::Announce {
-            vip,
-            iface: link.name.clone(),
-            source,
-        })
+        self.sender()
+            .and_then(|s| s.send(link.index, &arp::announcement(mac, vip)))
+            .map_err(|source| IoError::Announce { vip, iface: link.name.clone(), source })
     }
 
     async fn probe(
@@ -197,14 +220,16 @@ impl KernelNode {
         }
         // Cached next hops follow the kernel's route, neighbour and link changes.
         let epoch = RouteEpochMap::open(&opts.pin_dir).map_err(IoError::Maps)?;
+        let generation = RouteGeneration::default();
+        let nl = nl.with_generation(generation.clone());
         tokio::spawn(async move {
-            if let Err(e) = route_watch::follow(epoch).await {
+            if let Err(e) = route_watch::follow(epoch, generation).await {
                 warn!(error = %e, "cannot follow route changes; cached next hops expire by age only");
             }
         });
         telemetry.set_maps(Maps::open(&opts.pin_dir).map_err(IoError::Maps)?);
         let mode = opts.xdp_mode;
-        let mut node = Node::new(opts, telemetry, KernelDataplane { dp, mode }, nl, ArpAnnouncer).await?;
+        let mut node = Node::new(opts, telemetry, KernelDataplane { dp, mode }, nl, ArpAnnouncer::default()).await?;
         node._lock = Some(lock);
         Ok(node)
     }
