@@ -6,10 +6,21 @@
 //! and bumps the epoch whenever one of them can change what a FIB lookup returns, so a
 //! changed route, MTU or neighbour MAC is used from the next packet on.
 //!
+//! The agent's own cache of each backend's egress interface follows a second counter,
+//! [`RouteGeneration`], moved only by what can change a route (not by neighbours, nor by
+//! the local routes the kernel adds with each of ballast's VIPs).
+//!
 //! [`Relevance`] decides which notifications matter (pure, unit-tested); [`follow`] does
 //! the IO.
 
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::{
+    collections::HashMap,
+    net::Ipv4Addr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
 
 use futures_util::StreamExt;
 use rtnetlink::{
@@ -33,6 +44,59 @@ pub trait EpochSink {
 impl EpochSink for RouteEpochMap {
     fn bump(&mut self) -> Result<u32, MapsError> {
         RouteEpochMap::bump(self)
+    }
+}
+
+/// A counter of routing changes (routes, rules, links, addresses other than ballast's
+/// VIPs), shared between [`follow`] and whoever caches route lookups. Clones share it.
+#[derive(Clone, Debug, Default)]
+pub struct RouteGeneration(Arc<GenerationInner>);
+
+#[derive(Debug, Default)]
+struct GenerationInner {
+    count: AtomicU64,
+    following: AtomicBool,
+}
+
+impl RouteGeneration {
+    /// The current generation while the kernel's notifications are followed; `None`
+    /// before [`follow`] subscribed or after its socket closed, when a cache must expire
+    /// by age instead.
+    pub fn current(&self) -> Option<u64> {
+        // Relaxed is enough: a reader seeing a change one pass late looks the routes up
+        // one pass late, and no other memory is published through this counter.
+        self.0.following.load(Ordering::Relaxed).then(|| self.0.count.load(Ordering::Relaxed))
+    }
+
+    fn bump(&self) {
+        self.0.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn set_following(&self, on: bool) {
+        // A cache filled before the subscription may have missed changes: a new count.
+        self.bump();
+        self.0.following.store(on, Ordering::Relaxed);
+    }
+}
+
+/// The kernel's local table (`ip route show table local`): netlink-packet-route names
+/// only the main one.
+const RT_TABLE_LOCAL: u8 = 255;
+
+/// Whether notification `msg` can change the route the kernel picks towards some address:
+/// routes and rules (except the local table's, which the kernel adds with every address and
+/// the address notification already covers), links, and addresses other than ballast's VIPs.
+pub fn changes_routes(msg: &RouteNetlinkMessage) -> bool {
+    match msg {
+        RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r) => r.header.table != RT_TABLE_LOCAL,
+        RouteNetlinkMessage::NewRule(_)
+        | RouteNetlinkMessage::DelRule(_)
+        | RouteNetlinkMessage::NewLink(_)
+        | RouteNetlinkMessage::DelLink(_) => true,
+        RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => {
+            a.header.family == AddressFamily::Inet && super::netlink::to_ifaddr(a).is_none_or(|a| !a.ours)
+        }
+        _ => false,
     }
 }
 
@@ -120,10 +184,10 @@ fn bump<E: EpochSink>(sink: &mut E, pending: &mut bool) {
     }
 }
 
-/// Subscribes to the notifications and bumps `sink` for each that matters, until the
-/// netlink socket closes. Bumps once first: hops cached while no agent ran are looked up
-/// again.
-pub async fn follow<E: EpochSink>(mut sink: E) -> std::io::Result<()> {
+/// Subscribes to the notifications and bumps `sink` for each that matters, and
+/// `generation` for each that [`changes_routes`], until the netlink socket closes. Bumps
+/// once first: hops cached while no agent ran are looked up again.
+pub async fn follow<E: EpochSink>(mut sink: E, generation: RouteGeneration) -> std::io::Result<()> {
     let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
         MulticastGroup::Link,
         MulticastGroup::Ipv4Ifaddr,
@@ -135,12 +199,17 @@ pub async fn follow<E: EpochSink>(mut sink: E) -> std::io::Result<()> {
     let mut rel = Relevance::default();
     let mut pending = false;
     bump(&mut sink, &mut pending);
+    generation.set_following(true);
     info!("following route, neighbour and link changes");
     while let Some((m, _)) = messages.next().await {
         if let NetlinkPayload::InnerMessage(msg) = m.payload {
+            if changes_routes(&msg) {
+                generation.bump();
+            }
             on_message(&mut rel, &mut sink, &mut pending, &msg);
         }
     }
+    generation.set_following(false);
     warn!("the netlink notification socket closed; cached next hops now expire by age only");
     Ok(())
 }
@@ -149,7 +218,7 @@ pub async fn follow<E: EpochSink>(mut sink: E) -> std::io::Result<()> {
 mod tests {
     use rtnetlink::packet_route::{
         address::{AddressAttribute, AddressMessage, AddressProtocol},
-        route::RouteMessage,
+        route::{RouteHeader, RouteMessage},
     };
 
     use super::*;
@@ -228,6 +297,42 @@ mod tests {
         addr.attributes
             .push(AddressAttribute::Protocol(AddressProtocol::from(super::super::netlink::ADDRESS_PROTOCOL)));
         assert!(!r.relevant(&RouteNetlinkMessage::NewAddress(addr)), "a VIP renewal changes no hop");
+    }
+
+    #[test]
+    fn the_route_generation_ignores_neighbours_local_routes_and_our_vips() {
+        let mut local = RouteMessage::default();
+        local.header.table = RT_TABLE_LOCAL;
+        assert!(!changes_routes(&RouteNetlinkMessage::NewRoute(local.clone())), "added with each VIP");
+        assert!(!changes_routes(&RouteNetlinkMessage::DelRoute(local)));
+        let mut main = RouteMessage::default();
+        main.header.table = RouteHeader::RT_TABLE_MAIN;
+        assert!(changes_routes(&RouteNetlinkMessage::NewRoute(main.clone())));
+        assert!(changes_routes(&RouteNetlinkMessage::DelRoute(main)));
+        assert!(changes_routes(&RouteNetlinkMessage::NewRule(Default::default())));
+        assert!(changes_routes(&RouteNetlinkMessage::DelLink(Default::default())));
+        let n = neigh(3, [10, 0, 0, 5], Some([2, 0, 0, 0, 0, 1]), NeighbourState::Reachable);
+        assert!(!changes_routes(&RouteNetlinkMessage::NewNeighbour(n)), "a MAC is no route");
+        let mut addr = AddressMessage::default();
+        addr.header.family = AddressFamily::Inet;
+        addr.attributes.push(AddressAttribute::Local(Ipv4Addr::new(10, 0, 0, 1).into()));
+        assert!(changes_routes(&RouteNetlinkMessage::NewAddress(addr.clone())), "a new connected subnet");
+        addr.attributes
+            .push(AddressAttribute::Protocol(AddressProtocol::from(super::super::netlink::ADDRESS_PROTOCOL)));
+        assert!(!changes_routes(&RouteNetlinkMessage::DelAddress(addr)), "our VIP");
+    }
+
+    #[test]
+    fn the_generation_is_unknown_unless_followed_and_moves_when_following_starts() {
+        let g = RouteGeneration::default();
+        assert_eq!(g.current(), None, "nothing follows the kernel yet");
+        g.set_following(true);
+        let first = g.current();
+        assert!(first.is_some());
+        g.clone().bump();
+        assert_ne!(g.current(), first, "clones share the count");
+        g.set_following(false);
+        assert_eq!(g.current(), None, "the socket closed");
     }
 
     #[test]

@@ -146,8 +146,12 @@ impl<T: NetIo + Sync> NetIo for Faulty<T> {
         self.inner.del_address(index, addr, prefix).await
     }
 
-    async fn route_to(&self, dst: Ipv4Addr) -> Result<Option<RouteTo>, IoError> {
-        self.inner.route_to(dst).await
+    async fn routes_to(&self, dsts: &[Ipv4Addr]) -> Result<Vec<Option<RouteTo>>, IoError> {
+        self.inner.routes_to(dsts).await
+    }
+
+    fn route_generation(&self) -> Option<u64> {
+        self.inner.route_generation()
     }
 
     fn enable_forwarding(&self, iface: &str) -> Result<Option<String>, IoError> {

@@ -106,6 +106,8 @@ pub struct NetState {
     pub forwarding: BTreeMap<String, String>,
     /// Number of address writes (adds and renewals) so far.
     pub address_writes: usize,
+    /// Number of route lookups so far.
+    pub route_lookups: usize,
 }
 
 impl NetState {
@@ -192,10 +194,24 @@ impl NetIo for MemoryNet {
         Ok(())
     }
 
-    async fn route_to(&self, dst: Ipv4Addr) -> Result<Option<RouteTo>, IoError> {
-        let st = self.state();
-        let best = st.routes.iter().filter(|(net, p, _)| in_prefix(dst, *net, *p)).max_by_key(|(_, p, _)| *p);
-        Ok(best.map(|(_, _, oif)| RouteTo { oif: *oif, prefsrc: None }))
+    async fn routes_to(&self, dsts: &[Ipv4Addr]) -> Result<Vec<Option<RouteTo>>, IoError> {
+        let mut st = self.state();
+        st.route_lookups += dsts.len();
+        Ok(dsts
+            .iter()
+            .map(|dst| {
+                let best = st.routes.iter().filter(|(net, p, _)| in_prefix(*dst, *net, *p)).max_by_key(|(_, p, _)| *p);
+                best.map(|(_, _, oif)| RouteTo { oif: *oif, prefsrc: None })
+            })
+            .collect())
+    }
+
+    fn route_generation(&self) -> Option<u64> {
+        // Memory knows every change to its routes: their hash is their generation.
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.state().routes.hash(&mut h);
+        Some(h.finish())
     }
 
     fn enable_forwarding(&self, iface: &str) -> Result<Option<String>, IoError> {

@@ -22,7 +22,7 @@ use lb_common::{
     addr::{ADDR_LEASED, ADDR_SNAT, ADDR_VIP, AddrInfo, AddrKey},
     config::DataplaneConfig,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use self::io::{Announcer, DataplaneIo, IoError, NetIo};
 pub use self::report::{ApplyReport, NodeFailure};
@@ -105,33 +105,67 @@ pub fn mac_string(m: [u8; 6]) -> String {
     m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
-/// How long a backend's route lookup is reused at most.
+/// How long a backend's route lookup is reused when nothing tells us about route changes.
 const ROUTE_TTL: Duration = Duration::from_secs(10);
+/// How long it is reused at most while the kernel's route changes are followed: the
+/// notifications say when to look again, this bounds the harm of one that was lost.
+const ROUTE_TTL_FOLLOWED: Duration = Duration::from_secs(300);
 
 /// The egress interface of each backend from `route get`, reused across passes while the
-/// node's interfaces and addresses (its own VIPs aside) stay the same, for at most
-/// [`ROUTE_TTL`]. A lookup is a netlink round trip; one per backend per pass made a pass
-/// over 10 000 Services × 10 endpoints take seconds, and every Service event causes a pass.
+/// routes' generation (see [`NetIo::route_generation`]) and the node's interfaces and
+/// addresses (its own VIPs aside) stay the same. Lookups are round trips; redoing 100 000
+/// of them every few seconds made passes at 10 000 Services × 10 endpoints take seconds.
 struct RouteCache {
     links: Vec<Link>,
     addrs: Vec<IfAddr>,
+    generation: Option<u64>,
     since: Instant,
     oifs: HashMap<Ipv4Addr, Option<u32>>,
 }
 
 impl RouteCache {
     fn new() -> Self {
-        Self { links: Vec::new(), addrs: Vec::new(), since: Instant::now(), oifs: HashMap::new() }
+        Self { links: Vec::new(), addrs: Vec::new(), generation: None, since: Instant::now(), oifs: HashMap::new() }
     }
 
-    /// Forgets everything when the interfaces or addresses changed or the entries are old.
-    fn refresh(&mut self, links: &[Link], addrs: &[IfAddr]) {
+    /// Forgets everything when the routes' generation, the interfaces or the addresses
+    /// changed, or the entries are old.
+    fn refresh(&mut self, links: &[Link], addrs: &[IfAddr], generation: Option<u64>) {
         // Lifetimes tick down every second and carrier is not a routing input.
         let addrs: Vec<IfAddr> =
             addrs.iter().filter(|a| !a.ours).map(|a| IfAddr { lifetime: Lifetime::Forever, ..*a }).collect();
-        if self.links != links || self.addrs != addrs || self.since.elapsed() > ROUTE_TTL {
-            *self = Self { links: links.to_vec(), addrs, since: Instant::now(), oifs: HashMap::new() };
+        let ttl = if generation.is_some() { ROUTE_TTL_FOLLOWED } else { ROUTE_TTL };
+        if self.links != links || self.addrs != addrs || self.generation != generation || self.since.elapsed() > ttl {
+            *self = Self { links: links.to_vec(), addrs, generation, since: Instant::now(), oifs: HashMap::new() };
         }
+    }
+}
+
+/// Time spent per phase of a pass, for a debug line.
+struct Phases {
+    last: Instant,
+    spent: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    fn start() -> Self {
+        Self { last: Instant::now(), spent: Vec::new() }
+    }
+
+    /// The phase called `name` ended now.
+    fn mark(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.spent.push((name, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (name, d)) in self.spent.iter().enumerate() {
+            write!(f, "{}{name}={}ms", if i == 0 { "" } else { " " }, d.as_millis())?;
+        }
+        Ok(())
     }
 }
 
@@ -267,8 +301,11 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
     /// hold go first, before anything else can fail.
     pub async fn apply(&mut self, desired: &NodeDesired, now: Instant) -> Result<ApplyReport, NodeError> {
         let mut report = ApplyReport::default();
+        // Where a slow pass spends its time, at debug level (`LOG_LEVEL=info,lb_agent::node=debug`).
+        let mut phases = Phases::start();
         let links = self.net.links().await?;
         let addrs = self.net.addresses().await?;
+        phases.mark("list");
 
         // Which interface holds each VIP.
         let mut holdings: BTreeMap<Ipv4Addr, Holding> = BTreeMap::new();
@@ -303,7 +340,9 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
 
         // Where do backends live? Every interface a backend is routed through needs the
         // programs (replies come back there) and its address is a SNAT source.
+        phases.mark("holdings");
         let egress = self.egress(&usable, &links, &addrs, &mut report).await?;
+        phases.mark("routes");
         let ifaces = iface_table(&links, &addrs, &self.opts.pod_interfaces);
         let mut owned: BTreeMap<AddrKey, AddrInfo> = BTreeMap::new();
         for s in &usable {
@@ -327,6 +366,7 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
         let mut changes = self.address_changes(&addrs, &mut report);
         self.claim(&mut changes, &addrs, &links, now, &mut report).await;
         self.remove_addresses(&changes.remove, &mut report).await;
+        phases.mark("claim");
 
         let p = plan(&self.state, &DesiredState { services: usable.clone(), addrs: owned, ifaces }, self.dp.limits());
         for op in &p.ops {
@@ -343,8 +383,10 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
         for e in p.errors {
             report.failed.insert(e.service().clone(), NodeFailure::Maps(e));
         }
+        phases.mark("maps");
 
         self.set_addresses(&changes.add, &changes.renew, &links, now, &mut report).await;
+        phases.mark("addresses");
         let labels = usable
             .iter()
             .filter_map(|s| {
@@ -355,6 +397,8 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
             .collect();
         self.telemetry.set_services(labels);
         self.publish_owned(&addrs, &report);
+        phases.mark("telemetry");
+        debug!(services = desired.services.len(), map_ops = report.map_ops, phases = %phases, "node pass");
         Ok(report)
     }
 
@@ -431,19 +475,17 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
         let backends: BTreeSet<Ipv4Addr> =
             services.iter().flat_map(|s| s.backends.iter().map(|b| *b.addr.ip())).collect();
         let mut egress = BTreeSet::new();
-        self.routes.refresh(links, addrs);
+        self.routes.refresh(links, addrs, self.net.route_generation());
         self.routes.oifs.retain(|ip, _| backends.contains(ip));
+        // New backends are looked up together, so the round trips overlap.
+        let new: Vec<Ipv4Addr> = backends.iter().filter(|b| !self.routes.oifs.contains_key(b)).copied().collect();
+        if !new.is_empty() {
+            let found = self.net.routes_to(&new).await?;
+            self.routes.oifs.extend(new.into_iter().zip(found.into_iter().map(|r| r.map(|r| r.oif))));
+        }
         let mut unreachable = Vec::new();
         for b in backends {
-            let oif = match self.routes.oifs.get(&b) {
-                Some(oif) => *oif,
-                None => {
-                    let oif = self.net.route_to(b).await?.map(|r| r.oif);
-                    self.routes.oifs.insert(b, oif);
-                    oif
-                }
-            };
-            match oif {
+            match self.routes.oifs.get(&b).copied().flatten() {
                 Some(oif) => {
                     egress.insert(oif);
                 }

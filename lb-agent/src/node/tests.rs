@@ -317,24 +317,32 @@ fn long_address_lists_are_shortened_for_logs() {
 }
 
 #[test]
-fn route_lookups_are_reused_until_interfaces_or_addresses_change() {
+fn route_lookups_are_reused_until_routes_interfaces_or_addresses_change() {
     let backend = Ipv4Addr::new(10, 0, 0, 5);
     let links = vec![link(2, true)];
     let mut addrs = vec![addr([10, 0, 0, 1], false)];
     let mut c = RouteCache::new();
-    c.refresh(&links, &addrs);
+    c.refresh(&links, &addrs, Some(1));
     c.oifs.insert(backend, Some(2));
     // A VIP of ours appearing changes no route to a backend.
     addrs.push(addr([192, 0, 2, 10], true));
-    c.refresh(&links, &addrs);
+    c.refresh(&links, &addrs, Some(1));
     assert_eq!(c.oifs.get(&backend), Some(&Some(2)));
     // Another address (a new connected subnet) may.
     addrs.push(addr([10, 9, 0, 1], false));
-    c.refresh(&links, &addrs);
+    c.refresh(&links, &addrs, Some(1));
     assert!(c.oifs.is_empty());
     c.oifs.insert(backend, Some(2));
     // So may an interface going down.
-    c.refresh(&[link(2, false)], &addrs);
+    c.refresh(&[link(2, false)], &addrs, Some(1));
+    assert!(c.oifs.is_empty());
+    c.oifs.insert(backend, Some(2));
+    // And a route changing, which only the generation tells.
+    c.refresh(&[link(2, false)], &addrs, Some(2));
+    assert!(c.oifs.is_empty());
+    c.oifs.insert(backend, Some(2));
+    // Nobody following the kernel any more: that is a change too.
+    c.refresh(&[link(2, false)], &addrs, None);
     assert!(c.oifs.is_empty());
 }
 
@@ -395,4 +403,25 @@ async fn an_address_that_is_gone_is_not_announced_any_more() {
     let later = b.node.announce_due(now + Duration::from_secs(10)).await.unwrap();
     assert!(later.is_empty(), "a gratuitous ARP would draw the address's traffic to a node without it");
     assert_eq!(b.arp.sent(), vec![(LB0, A)]);
+}
+
+#[tokio::test]
+async fn backends_are_looked_up_once_and_again_after_a_route_change() {
+    let mut b = bed(OnExit::Detach).await;
+    b.net.state().link(3, "lb1", [2, 0, 0, 0, 0, 2]).address(3, Ipv4Addr::new(10, 9, 0, 1), 24);
+    let mut web = svc("web", A, 80);
+    web.backends.push(BackendSpec::active(SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, 7), 8080)));
+    let want = NodeDesired::permanent(vec![web]);
+    b.node.apply(&want, Instant::now()).await.unwrap();
+    b.node.apply(&want, Instant::now()).await.unwrap();
+    assert_eq!(b.net.state().route_lookups, 2, "each backend once, however many passes");
+    let r = b.node.apply(&want, Instant::now()).await.unwrap();
+    assert!(r.warnings.iter().any(|w| w.contains("10.1.0.7 is unreachable")), "{:?}", r.warnings);
+    // A route towards the second backend appears (no interface or address changed).
+    b.net.state().routes.push((Ipv4Addr::new(10, 1, 0, 0), 16, 3));
+    let r = b.node.apply(&want, Instant::now()).await.unwrap();
+    assert_eq!(b.net.state().route_lookups, 4, "looked up again after the change");
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    let (dp, _, _) = b.node.io();
+    assert!(dp.attached().iter().any(|(i, _)| *i == 3), "the new egress interface gets the programs");
 }
