@@ -9,7 +9,7 @@ use std::{
 };
 
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     model::NodeDesired,
@@ -166,9 +166,11 @@ where
     let t = node.telemetry().clone();
     let started = Instant::now();
     let desired = source.desired();
+    let asked = started.elapsed();
     let result = node.apply(&desired, Instant::now()).await;
     t.reconciles.inc();
     t.reconcile_seconds.observe(started.elapsed().as_secs_f64());
+    let applied = started.elapsed();
     let report = match result {
         Ok(r) => r,
         Err(e) => {
@@ -177,6 +179,12 @@ where
         }
     };
     source.report(&desired, &report).await;
+    debug!(
+        desired_ms = asked.as_millis() as u64,
+        apply_ms = (applied - asked).as_millis() as u64,
+        report_ms = (started.elapsed() - applied).as_millis() as u64,
+        "pass"
+    );
     if let Some(e) = report.errors.first() {
         t.reconcile_errors.inc();
         anyhow::bail!("{e}");
