@@ -37,8 +37,13 @@ pub struct AddressChanges {
 /// address on the node.
 pub fn address_changes(wanted: &BTreeMap<Ipv4Addr, Want>, present: &[IfAddr]) -> AddressChanges {
     let mut out = AddressChanges::default();
+    // Indexed once: a scan of every address per wanted VIP was 10^8 steps at 10 000 VIPs.
+    let mut by_addr: BTreeMap<Ipv4Addr, Vec<&IfAddr>> = BTreeMap::new();
+    for a in present {
+        by_addr.entry(a.addr).or_default().push(a);
+    }
     for (vip, want) in wanted {
-        let here: Vec<&IfAddr> = present.iter().filter(|a| a.addr == *vip).collect();
+        let here = by_addr.get(vip).map_or(&[][..], Vec::as_slice);
         if here.iter().any(|a| !a.ours) {
             out.foreign.push(*vip);
             continue;
@@ -50,8 +55,9 @@ pub fn address_changes(wanted: &BTreeMap<Ipv4Addr, Want>, present: &[IfAddr]) ->
             Some(_) => {}
         }
     }
+    let foreign: std::collections::BTreeSet<Ipv4Addr> = out.foreign.iter().copied().collect();
     for a in present.iter().filter(|a| a.ours) {
-        let keep = wanted.get(&a.addr).is_some_and(|w| w.index == a.index) && !out.foreign.contains(&a.addr);
+        let keep = wanted.get(&a.addr).is_some_and(|w| w.index == a.index) && !foreign.contains(&a.addr);
         if !keep {
             out.remove.push((a.index, a.addr, a.prefix));
         }
