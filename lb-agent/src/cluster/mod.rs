@@ -30,6 +30,7 @@ pub mod projection;
 pub mod reason;
 pub mod source;
 pub mod status;
+pub mod token_bucket;
 pub mod write_queue;
 pub mod writer;
 

@@ -30,6 +30,7 @@ use super::{
     ownership::Holding,
     reason::ConditionType,
     status,
+    token_bucket::TokenBucket,
     write_queue::{Priority, WriteQueue},
 };
 use crate::{model::ServiceRef, telemetry::Telemetry};
@@ -41,6 +42,11 @@ const TIMEOUT: Duration = Duration::from_secs(15);
 /// A LoadBalancer object whose status changed only in endpoint counts is rewritten at most
 /// this often (the next pass after it, at the latest the periodic resync, writes it).
 const COUNTS_EVERY: Duration = Duration::from_secs(10);
+/// Count-only LoadBalancer status writes per second over all objects (and at once): under
+/// endpoint churn across thousands of Services, one per object every [`COUNTS_EVERY`] was
+/// still one write per EndpointSlice change. Counts are also in metrics and `inspect`.
+const COUNT_WRITES_PER_SECOND: f64 = 5.0;
+const COUNT_WRITES_BURST: u32 = 20;
 
 /// What the allocator wants of one Service: compared between passes, so a state being
 /// written, or just written, is not queued again.
@@ -110,7 +116,13 @@ pub fn spawn_writer(
     telemetry: Arc<Telemetry>,
 ) -> WriterHandle {
     let (tx, mut rx) = mpsc::unbounded_channel::<Batch>();
-    let writes = Arc::new(Writes { client, settings, telemetry, status_written: Mutex::default() });
+    let writes = Arc::new(Writes {
+        client,
+        settings,
+        telemetry,
+        status_written: Mutex::default(),
+        count_writes: Mutex::new(TokenBucket::new(COUNT_WRITES_PER_SECOND, COUNT_WRITES_BURST, Instant::now())),
+    });
     tokio::spawn(async move {
         let mut q: WriteQueue<ServiceRef, Want, Base> = WriteQueue::default();
         let mut running: JoinSet<(ServiceRef, Want, Option<Base>)> = JoinSet::new();
@@ -188,6 +200,8 @@ struct Writes {
     telemetry: Arc<Telemetry>,
     /// When each LoadBalancer object's status was last written (for [`COUNTS_EVERY`]).
     status_written: Mutex<BTreeMap<ServiceRef, Instant>>,
+    /// The budget of count-only status writes (see [`COUNT_WRITES_PER_SECOND`]).
+    count_writes: Mutex<TokenBucket>,
 }
 
 /// ballast's own conditions on a Service.
@@ -402,8 +416,11 @@ impl Writes {
             api.patch(&name, &params, &Patch::Apply(patch)).await?;
             self.telemetry.api_write("load_balancer");
         }
-        // Counts alone wait while the last status write is recent.
-        let status_due = !(same_status || counts_only && recent);
+        // Counts alone wait while the last status write is recent, or for the budget (the
+        // write's echo will not show them, so a later pass submits them again).
+        let counts_wait =
+            counts_only && (recent || !self.count_writes.lock().map(|mut b| b.take(Instant::now())).unwrap_or(false));
+        let status_due = !(same_status || counts_wait);
         if !same_spec || status_due {
             let patch = json!({"apiVersion": format!("{GROUP}/v1alpha1"), "kind": "LoadBalancer", "status": st});
             api.patch_status(&name, &params, &Patch::Apply(patch)).await?;
