@@ -290,7 +290,7 @@ impl Lab {
             rt.block_on(async move {
                 let epoch = lb_agent::dataplane::maps::RouteEpochMap::open(&pin_dir)?;
                 tokio::select! {
-                    r = lb_agent::net::route_watch::follow(epoch) => r.context("route follower"),
+                    r = lb_agent::net::route_watch::follow(epoch, Default::default()) => r.context("route follower"),
                     _ = stopped => Ok(()),
                 }
             })
