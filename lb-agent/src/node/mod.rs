@@ -634,9 +634,11 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
     /// metric): those on an interface before this pass (`addrs`) or added by it, and not
     /// removed by it.
     fn publish_owned(&self, addrs: &[IfAddr], report: &ApplyReport) {
-        let present = |v: &Ipv4Addr| {
-            (addrs.iter().any(|a| a.ours && a.addr == *v) || report.added.contains(v)) && !report.removed.contains(v)
-        };
+        // Sets, not scans per holding: 10^8 comparisons at 10 000 VIPs.
+        let ours: BTreeSet<Ipv4Addr> =
+            addrs.iter().filter(|a| a.ours).map(|a| a.addr).chain(report.added.iter().copied()).collect();
+        let removed: BTreeSet<Ipv4Addr> = report.removed.iter().copied().collect();
+        let present = |v: &Ipv4Addr| ours.contains(v) && !removed.contains(v);
         let owned = self.holdings.iter().filter(|(v, h)| h.hold == Hold::Owner && present(v)).map(|(v, _)| *v);
         self.telemetry.set_owned(owned.collect());
     }
