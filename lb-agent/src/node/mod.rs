@@ -341,9 +341,9 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
             usable.push(s.clone());
         }
 
+        phases.mark("holdings");
         // Where do backends live? Every interface a backend is routed through needs the
         // programs (replies come back there) and its address is a SNAT source.
-        phases.mark("holdings");
         let egress = self.egress(&usable, &links, &addrs, &mut report).await?;
         phases.mark("routes");
         let ifaces = iface_table(&links, &addrs, &self.opts.pod_interfaces);
