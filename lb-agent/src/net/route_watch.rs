@@ -28,6 +28,7 @@ use rtnetlink::{
     packet_core::NetlinkPayload,
     packet_route::{
         AddressFamily, RouteNetlinkMessage,
+        address::AddressMessage,
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
     },
 };
@@ -93,11 +94,15 @@ pub fn changes_routes(msg: &RouteNetlinkMessage) -> bool {
         | RouteNetlinkMessage::DelRule(_)
         | RouteNetlinkMessage::NewLink(_)
         | RouteNetlinkMessage::DelLink(_) => true,
-        RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => {
-            a.header.family == AddressFamily::Inet && super::netlink::to_ifaddr(a).is_none_or(|a| !a.ours)
-        }
+        RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => foreign_ipv4(a),
         _ => false,
     }
+}
+
+/// Whether `a` is an IPv4 address other than one of ballast's VIPs (renewed every few
+/// seconds, never a SNAT source, changing no route).
+fn foreign_ipv4(a: &AddressMessage) -> bool {
+    a.header.family == AddressFamily::Inet && super::netlink::to_ifaddr(a).is_none_or(|a| !a.ours)
 }
 
 /// What the kernel's neighbour table holds, as far as a FIB lookup is concerned: for each
@@ -120,9 +125,7 @@ impl Relevance {
             | RouteNetlinkMessage::DelRule(_)
             | RouteNetlinkMessage::NewLink(_)
             | RouteNetlinkMessage::DelLink(_) => true,
-            RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => {
-                a.header.family == AddressFamily::Inet && super::netlink::to_ifaddr(a).is_none_or(|a| !a.ours)
-            }
+            RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => foreign_ipv4(a),
             RouteNetlinkMessage::NewNeighbour(n) => self.neighbour(n, false),
             RouteNetlinkMessage::DelNeighbour(n) => self.neighbour(n, true),
             _ => false,
@@ -217,7 +220,7 @@ pub async fn follow<E: EpochSink>(mut sink: E, generation: RouteGeneration) -> s
 #[cfg(test)]
 mod tests {
     use rtnetlink::packet_route::{
-        address::{AddressAttribute, AddressMessage, AddressProtocol},
+        address::{AddressAttribute, AddressProtocol},
         route::{RouteHeader, RouteMessage},
     };
 
