@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::TryStreamExt;
 use rtnetlink::{
     Handle, RouteMessageBuilder,
     packet_route::{
@@ -51,11 +51,6 @@ pub struct Netlink {
     generation: RouteGeneration,
 }
 
-/// How many route lookups [`Netlink::routes_to`] keeps in flight: one at a time, 10 000
-/// backends took seconds of round trips on a busy node; the kernel answers each in
-/// microseconds.
-const LOOKUPS_IN_FLIGHT: usize = 64;
-
 impl Netlink {
     /// Opens the connection.
     pub fn connect() -> Result<Self, NetError> {
@@ -73,21 +68,6 @@ impl Netlink {
     /// [`RouteGeneration::current`]).
     pub fn route_generation(&self) -> Option<u64> {
         self.generation.current()
-    }
-
-    /// [`Self::route_to`] for each of `dsts`, in order, with many lookups in flight.
-    pub async fn routes_to(&self, dsts: &[Ipv4Addr]) -> Result<Vec<Option<RouteTo>>, NetError> {
-        let mut found = Vec::with_capacity(dsts.len());
-        // Made up front, a chunk at a time: a lazy `map` closure in the stream would make
-        // this future !Send, and 100 000 futures at once would cost tens of MiB.
-        for chunk in dsts.chunks(LOOKUPS_IN_FLIGHT * 16) {
-            let lookups: Vec<_> = chunk.iter().map(|d| self.route_to(*d)).collect();
-            let mut answers = futures_util::stream::iter(lookups).buffered(LOOKUPS_IN_FLIGHT);
-            while let Some(a) = answers.try_next().await? {
-                found.push(a);
-            }
-        }
-        Ok(found)
     }
 
     /// Every interface.

@@ -146,8 +146,8 @@ impl<T: NetIo + Sync> NetIo for Faulty<T> {
         self.inner.del_address(index, addr, prefix).await
     }
 
-    async fn routes_to(&self, dsts: &[Ipv4Addr]) -> Result<Vec<Option<RouteTo>>, IoError> {
-        self.inner.routes_to(dsts).await
+    async fn route_to(&self, dst: Ipv4Addr) -> Result<Option<RouteTo>, IoError> {
+        self.inner.route_to(dst).await
     }
 
     fn route_generation(&self) -> Option<u64> {

@@ -101,8 +101,8 @@ pub trait NetIo {
     ) -> impl Future<Output = Result<(), IoError>> + Send;
     /// Removes `addr/prefix` from interface `index` (already gone is success).
     fn del_address(&self, index: u32, addr: Ipv4Addr, prefix: u8) -> impl Future<Output = Result<(), IoError>> + Send;
-    /// The route the kernel uses towards each of `dsts` (in order), if any.
-    fn routes_to(&self, dsts: &[Ipv4Addr]) -> impl Future<Output = Result<Vec<Option<RouteTo>>, IoError>> + Send;
+    /// The route the kernel uses towards `dst`, if any.
+    fn route_to(&self, dst: Ipv4Addr) -> impl Future<Output = Result<Option<RouteTo>, IoError>> + Send;
     /// A number that changes whenever routes may have changed, while this IO knows when
     /// they do; `None` when it does not (lookups are then reused for a short while only).
     fn route_generation(&self) -> Option<u64>;

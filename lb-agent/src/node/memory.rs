@@ -194,16 +194,11 @@ impl NetIo for MemoryNet {
         Ok(())
     }
 
-    async fn routes_to(&self, dsts: &[Ipv4Addr]) -> Result<Vec<Option<RouteTo>>, IoError> {
+    async fn route_to(&self, dst: Ipv4Addr) -> Result<Option<RouteTo>, IoError> {
         let mut st = self.state();
-        st.route_lookups += dsts.len();
-        Ok(dsts
-            .iter()
-            .map(|dst| {
-                let best = st.routes.iter().filter(|(net, p, _)| in_prefix(*dst, *net, *p)).max_by_key(|(_, p, _)| *p);
-                best.map(|(_, _, oif)| RouteTo { oif: *oif, prefsrc: None })
-            })
-            .collect())
+        st.route_lookups += 1;
+        let best = st.routes.iter().filter(|(net, p, _)| in_prefix(dst, *net, *p)).max_by_key(|(_, p, _)| *p);
+        Ok(best.map(|(_, _, oif)| RouteTo { oif: *oif, prefsrc: None }))
     }
 
     fn route_generation(&self) -> Option<u64> {

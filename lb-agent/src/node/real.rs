@@ -112,8 +112,8 @@ impl NetIo for Netlink {
         Ok(Netlink::del_address(self, index, addr, prefix).await?)
     }
 
-    async fn routes_to(&self, dsts: &[Ipv4Addr]) -> Result<Vec<Option<RouteTo>>, IoError> {
-        Ok(Netlink::routes_to(self, dsts).await?)
+    async fn route_to(&self, dst: Ipv4Addr) -> Result<Option<RouteTo>, IoError> {
+        Ok(Netlink::route_to(self, dst).await?)
     }
 
     fn route_generation(&self) -> Option<u64> {
