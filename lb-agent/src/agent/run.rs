@@ -102,6 +102,8 @@ where
                     Ok(_) => {}
                     Err(e) => warn!(error = %e, "drift check failed"),
                 }
+                // Addresses, routes and announcements are checked by whole passes only.
+                node.force_whole();
                 Wake::Changed
             }
             _ = gc.tick() => {
@@ -114,7 +116,10 @@ where
             }
             _ = links.tick() => {
                 match node.links().await {
-                    Ok(l) if source.links_changed(&l) => Wake::Changed,
+                    Ok(l) if source.links_changed(&l) => {
+                        node.force_whole();
+                        Wake::Changed
+                    }
                     Ok(_) => continue,
                     Err(e) => { warn!(error = %e, "cannot list interfaces"); continue }
                 }

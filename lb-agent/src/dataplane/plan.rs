@@ -123,6 +123,19 @@ fn next_generation(cur: &ProgrammedState, id: u32) -> u32 {
 
 /// Computes the operations that turn `cur` into `desired`.
 pub fn plan(cur: &ProgrammedState, desired: &DesiredState, limits: Limits) -> Plan {
+    plan_of(cur, &desired.services, Some(desired), limits)
+}
+
+/// The operations that make the maps serve `services` as given, and touch nothing else: no
+/// other service, and no address or interface entry. For a pass that knows only these
+/// services changed (their backends); its cost is theirs, not the whole table's.
+pub fn plan_services(cur: &ProgrammedState, services: &[ServiceSpec], limits: Limits) -> Plan {
+    plan_of(cur, services, None, limits)
+}
+
+/// [`plan`] when `whole` is given (services it does not name are deleted, addresses and
+/// interfaces diffed), else [`plan_services`].
+fn plan_of(cur: &ProgrammedState, services: &[ServiceSpec], whole: Option<&DesiredState>, limits: Limits) -> Plan {
     let mut early = Vec::new();
     let mut resets = Vec::new();
     let mut new_backends = Vec::new();
@@ -141,13 +154,18 @@ pub fn plan(cur: &ProgrammedState, desired: &DesiredState, limits: Limits) -> Pl
     );
     // Each service's allocated backends, indexed once (a scan per service would make a
     // full sync quadratic).
+    // (Of the services named only, when that is all the plan touches.)
+    let scope: Option<BTreeSet<u32>> =
+        whole.is_none().then(|| services.iter().filter_map(|s| cur.services.get(&s.key())).map(|v| v.id).collect());
     let mut by_service: BTreeMap<u32, Vec<(u32, Backend)>> = BTreeMap::new();
     for (bid, b) in cur.backends.iter().filter(|(_, b)| b.flags & BACKEND_IN_USE != 0) {
-        by_service.entry(b.service_id).or_default().push((*bid, *b));
+        if scope.as_ref().is_none_or(|ids| ids.contains(&b.service_id)) {
+            by_service.entry(b.service_id).or_default().push((*bid, *b));
+        }
     }
     let backends_of = |id: u32| by_service.get(&id).into_iter().flatten().copied();
 
-    let mut wanted: Vec<&ServiceSpec> = desired.services.iter().collect();
+    let mut wanted: Vec<&ServiceSpec> = services.iter().collect();
     wanted.sort_by_key(|s| s.key());
     let wanted_keys: BTreeSet<ServiceKey> = wanted.iter().map(|s| s.key()).collect();
 
@@ -243,7 +261,7 @@ pub fn plan(cur: &ProgrammedState, desired: &DesiredState, limits: Limits) -> Pl
         }
     }
 
-    for (key, v) in &cur.services {
+    for (key, v) in whole.map(|_| &cur.services).into_iter().flatten() {
         if wanted_keys.contains(key) {
             continue;
         }
@@ -259,8 +277,10 @@ pub fn plan(cur: &ProgrammedState, desired: &DesiredState, limits: Limits) -> Pl
         }
     }
 
-    diff(&cur.addrs, &desired.addrs, &mut early, &mut late, MapOp::SetAddr, MapOp::DeleteAddr);
-    diff(&cur.ifaces, &desired.ifaces, &mut early, &mut late, MapOp::SetIface, MapOp::DeleteIface);
+    if let Some(desired) = whole {
+        diff(&cur.addrs, &desired.addrs, &mut early, &mut late, MapOp::SetAddr, MapOp::DeleteAddr);
+        diff(&cur.ifaces, &desired.ifaces, &mut early, &mut late, MapOp::SetIface, MapOp::DeleteIface);
+    }
 
     let mut ops = early;
     ops.extend(resets);
@@ -490,6 +510,34 @@ mod tests {
         let p = run(&mut st, &desired(vec![svc("a", 1, &["10.0.0.1:1", "10.0.0.2:1"]), svc("b", 2, &many)]));
         assert_eq!(p.errors, vec![PlanError::BackendsExhausted { id: ServiceId::Static("b".into()), max: 8 }]);
         assert_eq!(st, before, "service a untouched, nothing half-written for b");
+    }
+
+    #[test]
+    fn a_plan_of_some_services_leaves_the_others_and_the_addresses_alone() {
+        let mut st = ProgrammedState::default();
+        let (web, api) = (svc("web", 80, &["10.0.0.1:1", "10.0.0.2:1"]), svc("api", 81, &["10.0.0.3:1"]));
+        let mut d = desired(vec![web.clone(), api.clone()]);
+        d.addrs.insert(AddrKey { addr: [192, 0, 2, 10] }, AddrInfo { flags: 1 });
+        run(&mut st, &d);
+        let web2 = svc("web", 80, &["10.0.0.2:1", "10.0.0.4:1"]);
+        let p = plan_services(&st, std::slice::from_ref(&web2), LIMITS);
+        // The same operations a whole plan makes for this change: nothing for api (not
+        // named, so not deleted) and nothing for the address (not diffed).
+        let whole = plan(&st, &DesiredState { services: vec![web2.clone(), api.clone()], ..d.clone() }, LIMITS);
+        assert_eq!(p, whole);
+        for op in &p.ops {
+            st.apply(op);
+        }
+        assert_eq!(set_of(&st, &web2), vec!["10.0.0.2:1".parse().unwrap(), "10.0.0.4:1".parse().unwrap()]);
+        assert_eq!(set_of(&st, &api), vec!["10.0.0.3:1".parse().unwrap()]);
+        assert_eq!(st.addrs.len(), 1);
+        // The other services' backend ids stay theirs: a plan of one allocates around them.
+        let api2 = svc("api", 81, &["10.0.0.3:1", "10.0.0.5:1"]);
+        for op in &plan_services(&st, std::slice::from_ref(&api2), LIMITS).ops {
+            st.apply(op);
+        }
+        assert_eq!(set_of(&st, &web2), vec!["10.0.0.2:1".parse().unwrap(), "10.0.0.4:1".parse().unwrap()]);
+        assert_eq!(set_of(&st, &api2), vec!["10.0.0.3:1".parse().unwrap(), "10.0.0.5:1".parse().unwrap()]);
     }
 
     #[test]

@@ -108,6 +108,8 @@ pub struct NetState {
     pub address_writes: usize,
     /// Number of route lookups so far.
     pub route_lookups: usize,
+    /// Number of times the addresses were listed so far.
+    pub address_listings: usize,
 }
 
 impl NetState {
@@ -170,7 +172,9 @@ impl NetIo for MemoryNet {
     }
 
     async fn addresses(&self) -> Result<Vec<IfAddr>, IoError> {
-        Ok(self.state().addrs.clone())
+        let mut st = self.state();
+        st.address_listings += 1;
+        Ok(st.addrs.clone())
     }
 
     async fn set_address(&self, index: u32, addr: Ipv4Addr, lifetime: Lifetime) -> Result<(), IoError> {

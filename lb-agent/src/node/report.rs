@@ -86,6 +86,15 @@ pub struct ApplyReport {
     pub warnings: Vec<String>,
 }
 
+impl NodeFailure {
+    /// Whether only a change can end it: to the services asked for or to the interfaces
+    /// (both make the next pass whole). The others (an address refused, an attachment, a
+    /// conflict on the segment, the maps) are tried again by every pass.
+    pub fn waits_for_a_change(&self) -> bool {
+        matches!(self, Self::NoSuchInterface { .. } | Self::VipOnOtherInterface { .. })
+    }
+}
+
 impl ApplyReport {
     /// Whether anything changed on the node.
     pub fn changed(&self) -> bool {

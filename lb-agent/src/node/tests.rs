@@ -412,11 +412,12 @@ async fn backends_are_looked_up_once_and_again_after_a_route_change() {
     let mut web = svc("web", A, 80);
     web.backends.push(BackendSpec::active(SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, 7), 8080)));
     let want = NodeDesired::permanent(vec![web]);
-    b.node.apply(&want, Instant::now()).await.unwrap();
-    b.node.apply(&want, Instant::now()).await.unwrap();
-    assert_eq!(b.net.state().route_lookups, 2, "each backend once, however many passes");
     let r = b.node.apply(&want, Instant::now()).await.unwrap();
     assert!(r.warnings.iter().any(|w| w.contains("10.1.0.7 is unreachable")), "{:?}", r.warnings);
+    b.node.apply(&want, Instant::now()).await.unwrap();
+    b.node.force_whole();
+    b.node.apply(&want, Instant::now()).await.unwrap();
+    assert_eq!(b.net.state().route_lookups, 2, "each backend once, however many passes");
     // A route towards the second backend appears (no interface or address changed).
     b.net.state().routes.push((Ipv4Addr::new(10, 1, 0, 0), 16, 3));
     let r = b.node.apply(&want, Instant::now()).await.unwrap();
@@ -424,4 +425,65 @@ async fn backends_are_looked_up_once_and_again_after_a_route_change() {
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);
     let (dp, _, _) = b.node.io();
     assert!(dp.attached().iter().any(|(i, _)| *i == 3), "the new egress interface gets the programs");
+}
+
+fn with_backends(mut s: ServiceSpec, backends: &[[u8; 4]]) -> ServiceSpec {
+    s.backends = backends.iter().map(|ip| BackendSpec::active(SocketAddrV4::new(Ipv4Addr::from(*ip), 8080))).collect();
+    s
+}
+
+#[tokio::test]
+async fn backend_changes_alone_are_applied_without_a_whole_pass_and_end_where_one_would() {
+    let mut fast = bed(OnExit::Detach).await;
+    let mut whole = bed(OnExit::Detach).await;
+    let holds = [(A, Hold::Owner), (B, Hold::Permanent)];
+    // A sequence of endpoint changes: replaced, added, removed, all gone, back.
+    let steps: Vec<Vec<[u8; 4]>> = vec![
+        vec![[10, 0, 0, 11], [10, 0, 0, 12]],
+        vec![[10, 0, 0, 12], [10, 0, 0, 13]],
+        vec![[10, 0, 0, 12], [10, 0, 0, 13], [10, 0, 0, 14], [10, 0, 0, 15]],
+        vec![[10, 0, 0, 15]],
+        vec![],
+        vec![[10, 0, 0, 11]],
+    ];
+    let mut after_first = 0;
+    for (i, eps) in steps.iter().enumerate() {
+        let d = desired(vec![with_backends(svc("web", A, 80), eps), svc("other", B, 80)], &holds);
+        let r = fast.node.apply(&d, Instant::now()).await.unwrap();
+        if i == 0 {
+            after_first = fast.net.state().address_listings;
+        }
+        assert!(r.errors.is_empty() && r.failed.is_empty(), "step {i}: {r:?}");
+        whole.node.force_whole();
+        whole.node.apply(&d, Instant::now()).await.unwrap();
+        assert_eq!(fast.node.programmed(), whole.node.programmed(), "step {i}: the maps differ from a whole pass's");
+        let (dp, _, _) = fast.node.io();
+        assert_eq!(dp.read_state().unwrap(), *fast.node.programmed(), "step {i}");
+    }
+    assert_eq!(
+        fast.net.state().address_listings,
+        after_first,
+        "only the first pass read the addresses; the others applied the changed backends alone"
+    );
+    assert!(whole.net.state().address_listings > after_first + steps.len() - 2);
+}
+
+#[tokio::test]
+async fn a_change_beyond_backends_takes_a_whole_pass() {
+    let mut b = bed(OnExit::Detach).await;
+    b.net.state().link(3, "lb1", [2, 0, 0, 0, 0, 2]).address(3, Ipv4Addr::new(10, 9, 0, 1), 24);
+    let holds = [(A, Hold::Permanent)];
+    b.node.apply(&desired(vec![svc("web", A, 80)], &holds), Instant::now()).await.unwrap();
+    let before = b.net.state().address_listings;
+    // A backend behind an interface no backend used so far: it needs the programs there.
+    let d = desired(vec![with_backends(svc("web", A, 80), &[[10, 0, 0, 11], [10, 9, 0, 7]])], &holds);
+    b.node.apply(&d, Instant::now()).await.unwrap();
+    assert_eq!(b.net.state().address_listings, before + 1);
+    let (dp, _, _) = b.node.io();
+    assert!(dp.attached().iter().any(|(i, _)| *i == 3), "the new egress interface gets the programs");
+    // A new service, and a new VIP: whole passes too.
+    let d2 = desired(vec![d.services[0].clone(), svc("api", B, 81)], &[(A, Hold::Permanent), (B, Hold::Permanent)]);
+    let r = b.node.apply(&d2, Instant::now()).await.unwrap();
+    assert_eq!(r.added, vec![B]);
+    assert_eq!(b.programmed_vips(), vec![A, B]);
 }

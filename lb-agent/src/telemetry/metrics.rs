@@ -157,6 +157,21 @@ impl Telemetry {
         }
     }
 
+    /// Updates the backend counts of the services with these `stats` rows: (row, count).
+    pub fn set_backend_counts(&self, counts: &[(u32, u32)]) {
+        if counts.is_empty() {
+            return;
+        }
+        let counts: std::collections::HashMap<u32, u32> = counts.iter().copied().collect();
+        if let Ok(mut s) = self.snapshot.lock() {
+            for l in &mut s.services {
+                if let Some(c) = counts.get(&l.id) {
+                    l.backends = *c;
+                }
+            }
+        }
+    }
+
     /// Pool usage per config.
     pub fn set_pools(&self, pools: Vec<PoolUsage>) {
         if let Ok(mut s) = self.snapshot.lock() {
