@@ -3,7 +3,10 @@
 //! each wait on their own signal. Objects are trimmed to what the agent reads as they
 //! arrive ([`super::projection`]).
 
-use std::sync::Arc;
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex},
+};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::{
@@ -24,10 +27,12 @@ use tracing::warn;
 
 use super::{
     crd::{LoadBalancer, LoadBalancerConfig},
+    endpoints::SERVICE_NAME_LABEL,
     liveness::LEASE_LABEL,
     programmer::Objects,
     projection::Trim,
 };
+use crate::model::ServiceRef;
 
 /// The caches.
 #[derive(Clone)]
@@ -48,12 +53,119 @@ pub struct Caches {
     pub leases: Store<Lease>,
     objects: watch::Receiver<u64>,
     lease_changes: watch::Receiver<u64>,
+    touched: Arc<Mutex<Touched>>,
 }
 
-/// Starts a reflector for `api`, counting every change in `changes`.
-fn reflect<K>(api: Api<K>, cfg: watcher::Config, changes: Arc<watch::Sender<u64>>) -> Store<K>
+/// The Services whose objects changed since the node programmer last looked (see
+/// [`Caches::take_touched`]), so it recomputes theirs alone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Touched {
+    /// Something every Service depends on changed (a Node, a Namespace, a config), or a
+    /// watch started over: everything must be recomputed.
+    pub all: bool,
+    /// The Services whose Service, EndpointSlice or LoadBalancer object changed.
+    pub services: BTreeSet<ServiceRef>,
+}
+
+impl Default for Touched {
+    /// Nothing seen yet counts as everything changed.
+    fn default() -> Self {
+        Self { all: true, services: BTreeSet::new() }
+    }
+}
+
+impl Touched {
+    fn record(&mut self, what: Touches) {
+        match what {
+            Touches::All => {
+                self.all = true;
+                self.services.clear();
+            }
+            Touches::Service(_) if self.all => {}
+            Touches::Service(r) => {
+                self.services.insert(r);
+            }
+            Touches::Nothing => {}
+        }
+    }
+}
+
+/// What a change of one object touches.
+#[derive(Debug)]
+pub enum Touches {
+    /// Every Service's data path.
+    All,
+    /// One Service's.
+    Service(ServiceRef),
+    /// No data path (a slice of no Service).
+    Nothing,
+}
+
+/// An object whose changes touch the data path of [`Touches`].
+pub trait Scope {
+    /// What a change of `self` touches.
+    fn touches(&self) -> Touches;
+}
+
+impl Scope for Service {
+    fn touches(&self) -> Touches {
+        Touches::Service(ServiceRef::of(self))
+    }
+}
+
+impl Scope for LoadBalancer {
+    fn touches(&self) -> Touches {
+        Touches::Service(ServiceRef::of_meta(&self.metadata))
+    }
+}
+
+impl Scope for EndpointSlice {
+    fn touches(&self) -> Touches {
+        let name = self.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL));
+        match (self.metadata.namespace.as_ref(), name) {
+            (Some(namespace), Some(name)) => {
+                Touches::Service(ServiceRef { namespace: namespace.clone(), name: name.clone() })
+            }
+            _ => Touches::Nothing,
+        }
+    }
+}
+
+impl Scope for Node {
+    fn touches(&self) -> Touches {
+        Touches::All
+    }
+}
+
+impl Scope for Namespace {
+    fn touches(&self) -> Touches {
+        Touches::All
+    }
+}
+
+impl Scope for LoadBalancerConfig {
+    fn touches(&self) -> Touches {
+        Touches::All
+    }
+}
+
+impl Scope for Lease {
+    fn touches(&self) -> Touches {
+        // Leases have their own signal and touch no Service's data path.
+        Touches::Nothing
+    }
+}
+
+/// Starts a reflector for `api`, counting every change in `changes` and recording what it
+/// touched in `touched`.
+fn reflect<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    changes: Arc<watch::Sender<u64>>,
+    touched: Arc<Mutex<Touched>>,
+) -> Store<K>
 where
-    K: Resource + Trim + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: Resource + Trim + Scope + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let (store, writer) = reflector::store();
@@ -64,7 +176,19 @@ where
         futures_util::pin_mut!(stream);
         while let Some(ev) = stream.next().await {
             match ev {
-                Ok(_) => changes.send_modify(|n| *n = n.wrapping_add(1)),
+                Ok(ev) => {
+                    // Recorded before the signal, so whoever it wakes finds it. (The
+                    // reflector stored the object before handing on the event.)
+                    let what = match &ev {
+                        watcher::Event::Apply(o) | watcher::Event::Delete(o) => o.touches(),
+                        // A (re)list: whatever it brings, or stopped bringing.
+                        watcher::Event::Init | watcher::Event::InitApply(_) | watcher::Event::InitDone => Touches::All,
+                    };
+                    if let Ok(mut t) = touched.lock() {
+                        t.record(what);
+                    }
+                    changes.send_modify(|n| *n = n.wrapping_add(1));
+                }
                 Err(e) => {
                     warn!(kind, error = %e, "watch failed; retrying with backoff (the data path keeps serving)")
                 }
@@ -86,16 +210,24 @@ impl Caches {
             cfg_watch = cfg_watch.labels(sel);
         }
         let all = watcher::Config::default;
+        let touched: Arc<Mutex<Touched>> = Arc::default();
+        let t = || touched.clone();
         Self {
-            services: reflect(Api::all(client.clone()), all(), objects_tx.clone()),
-            slices: reflect(Api::all(client.clone()), all(), objects_tx.clone()),
-            nodes: reflect(Api::all(client.clone()), all(), objects_tx.clone()),
-            namespaces: reflect(Api::all(client.clone()), all(), objects_tx.clone()),
-            configs: reflect(Api::all(client.clone()), cfg_watch, objects_tx.clone()),
-            balancers: reflect(Api::all(client.clone()), all(), objects_tx),
-            leases: reflect(Api::namespaced(client.clone(), namespace), all().labels(LEASE_LABEL), leases_tx),
+            services: reflect(Api::all(client.clone()), all(), objects_tx.clone(), t()),
+            slices: reflect(Api::all(client.clone()), all(), objects_tx.clone(), t()),
+            nodes: reflect(Api::all(client.clone()), all(), objects_tx.clone(), t()),
+            namespaces: reflect(Api::all(client.clone()), all(), objects_tx.clone(), t()),
+            configs: reflect(Api::all(client.clone()), cfg_watch, objects_tx.clone(), t()),
+            balancers: reflect(Api::all(client.clone()), all(), objects_tx, t()),
+            leases: reflect(
+                Api::namespaced(client.clone(), namespace),
+                all().labels(LEASE_LABEL),
+                leases_tx,
+                Arc::new(Mutex::new(Touched::default())),
+            ),
             objects,
             lease_changes,
+            touched,
         }
     }
 
@@ -119,6 +251,16 @@ impl Caches {
     /// A signal that fires when a Lease changes.
     pub fn lease_changes(&self) -> watch::Receiver<u64> {
         self.lease_changes.clone()
+    }
+
+    /// What changed since the last call, and starts over. For one reader only (the node
+    /// programmer): each change is handed out once.
+    pub fn take_touched(&self) -> Touched {
+        match self.touched.lock() {
+            Ok(mut t) => std::mem::replace(&mut *t, Touched { all: false, services: BTreeSet::new() }),
+            // A reflector panicked while holding the lock: assume the worst.
+            Err(_) => Touched::default(),
+        }
     }
 
     /// A snapshot of the objects.
@@ -161,5 +303,37 @@ impl Snapshot {
             configs: self.configs.iter().map(AsRef::as_ref).collect(),
             balancers: self.balancers.iter().map(AsRef::as_ref).collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str) -> ServiceRef {
+        ServiceRef { namespace: "ns".into(), name: name.into() }
+    }
+
+    #[test]
+    fn changes_are_recorded_per_service_until_one_touches_everything() {
+        let mut t = Touched { all: false, services: BTreeSet::new() };
+        t.record(Touches::Service(svc("web")));
+        t.record(Touches::Nothing);
+        t.record(Touches::Service(svc("api")));
+        assert_eq!(t.services, BTreeSet::from([svc("api"), svc("web")]));
+        assert!(!t.all);
+        t.record(Touches::All);
+        t.record(Touches::Service(svc("dns")));
+        assert_eq!(t, Touched::default(), "everything, and no list to keep");
+    }
+
+    #[test]
+    fn a_slice_touches_the_service_its_label_names() {
+        let mut slice = EndpointSlice::default();
+        slice.metadata.namespace = Some("ns".into());
+        assert!(matches!(slice.touches(), Touches::Nothing), "a slice of no Service");
+        slice.metadata.labels = Some([(SERVICE_NAME_LABEL.to_string(), "web".to_string())].into());
+        assert!(matches!(slice.touches(), Touches::Service(r) if r == svc("web")));
+        assert!(matches!(Node::default().touches(), Touches::All));
     }
 }

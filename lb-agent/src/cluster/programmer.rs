@@ -94,29 +94,59 @@ fn combine(a: Hold, b: Hold) -> Hold {
     }
 }
 
-/// What node `me` must serve, given the objects and the agent's `class`.
-pub fn node_desired(o: &Objects<'_>, class: &str, me: &Me<'_>) -> Programmed {
-    let services: BTreeMap<ServiceRef, &Service> = o.services.iter().map(|s| (ServiceRef::of(s), *s)).collect();
-    let configs: BTreeMap<&str, &LoadBalancerConfig> =
-        o.configs.iter().filter_map(|c| Some((c.metadata.name.as_deref()?, *c))).collect();
-    let my_node = o.nodes.iter().copied().find(|n| n.metadata.name.as_deref() == Some(me.name));
-    // The same refusals the allocator reports (see backend_policy): never program them.
-    let guard = Guard::new(&o.nodes, &o.configs);
-    let slices = endpoints::SliceIndex::new(o.slices.iter().copied());
-    let mut out = Programmed::default();
-    for b in &o.balancers {
-        if b.spec.class != class {
-            continue;
+/// What one LoadBalancer object makes this node serve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Served {
+    /// Its address.
+    pub vip: Ipv4Addr,
+    /// How this node holds it for this Service.
+    pub hold: Hold,
+    /// Its data-path services (one per port).
+    pub services: Vec<ServiceSpec>,
+}
+
+/// What every LoadBalancer object is read with: the configs, the Nodes and this node. Built
+/// once per pass, from the few objects that are not per Service.
+pub struct Context<'a> {
+    configs: BTreeMap<&'a str, &'a LoadBalancerConfig>,
+    nodes: &'a [&'a Node],
+    my_node: Option<&'a Node>,
+    guard: Guard<'a>,
+    class: &'a str,
+    me: &'a Me<'a>,
+}
+
+impl<'a> Context<'a> {
+    /// The context of node `me`, for the agent's `class`.
+    pub fn new(nodes: &'a [&'a Node], configs: &'a [&'a LoadBalancerConfig], class: &'a str, me: &'a Me<'a>) -> Self {
+        Self {
+            configs: configs.iter().filter_map(|c| Some((c.metadata.name.as_deref()?, *c))).collect(),
+            nodes,
+            my_node: nodes.iter().copied().find(|n| n.metadata.name.as_deref() == Some(me.name)),
+            // The same refusals the allocator reports (see backend_policy): never program them.
+            guard: Guard::new(nodes, configs),
+            class,
+            me,
+        }
+    }
+
+    /// What `b` makes this node serve, given its Service `svc` and the slices; `None` when
+    /// nothing (another class, no address yet, the Service gone or being deleted, the
+    /// config missing, this node not eligible, its interface down).
+    pub fn serve(&self, b: &LoadBalancer, svc: Option<&Service>, slices: &endpoints::SliceIndex<'_>) -> Option<Served> {
+        if b.spec.class != self.class {
+            return None;
         }
         let r = ServiceRef::of_meta(&b.metadata);
-        let Some(status) = b.status.as_ref() else { continue };
-        let Some(vip) = status.host.as_deref().and_then(|h| h.parse::<Ipv4Addr>().ok()) else { continue };
+        let status = b.status.as_ref()?;
+        let vip = status.host.as_deref().and_then(|h| h.parse::<Ipv4Addr>().ok())?;
         // A Service being deleted is released by the allocator; stop serving it at once.
-        let Some(svc) = services.get(&r).filter(|s| s.metadata.deletion_timestamp.is_none()) else { continue };
-        let Some(cfg) = b.spec.config.as_deref().and_then(|c| configs.get(c)) else { continue };
+        let svc = svc.filter(|s| s.metadata.deletion_timestamp.is_none())?;
+        let cfg = b.spec.config.as_deref().and_then(|c| self.configs.get(c))?;
+        let me = self.me;
         let iface = cfg.spec.interface.as_deref().unwrap_or(me.default_interface);
-        if ownership::node_allows(my_node, cfg).is_err() || me.down.contains(iface) {
-            continue;
+        if ownership::node_allows(self.my_node, cfg).is_err() || me.down.contains(iface) {
+            return None;
         }
         let owner = match me.owners {
             Some(o) => o.get(&r).cloned().flatten(),
@@ -127,10 +157,9 @@ pub fn node_desired(o: &Objects<'_>, class: &str, me: &Me<'_>) -> Programmed {
             AnnounceMode::L2 if owner.as_deref() == Some(me.name) && !me.fenced => Hold::Owner,
             AnnounceMode::L2 => Hold::Standby,
         };
-        out.desired.holds.entry(vip).and_modify(|h| *h = combine(*h, hold)).or_insert(hold);
         let to_nodes = cfg.spec.backend_mode == BackendMode::NodePort;
         let denied = backend_policy::denied(cfg);
-        let mut ids = Vec::new();
+        let mut services = Vec::new();
         for p in &status.ports {
             let Some(protocol) = Protocol::parse(&p.protocol) else { continue };
             let Some(sp) = svc.spec.iter().flat_map(|s| s.ports.iter().flatten()).find(|sp| {
@@ -140,14 +169,12 @@ pub fn node_desired(o: &Objects<'_>, class: &str, me: &Me<'_>) -> Programmed {
                 continue;
             };
             let backends = match cfg.spec.backend_mode {
-                BackendMode::Endpoints => endpoints::from_slices(svc, sp, &slices),
-                BackendMode::NodePort => endpoints::from_nodes(sp, o.nodes.iter().copied()),
+                BackendMode::Endpoints => endpoints::from_slices(svc, sp, slices),
+                BackendMode::NodePort => endpoints::from_nodes(sp, self.nodes.iter().copied()),
             };
-            let (backends, _) = guard.filter(backends, to_nodes, &denied);
-            let id = ServiceId::Port { service: r.clone(), port: p.service_port, protocol };
-            ids.push(id.clone());
-            out.desired.services.push(ServiceSpec {
-                id,
+            let (backends, _) = self.guard.filter(backends, to_nodes, &denied);
+            services.push(ServiceSpec {
+                id: ServiceId::Port { service: r.clone(), port: p.service_port, protocol },
                 vip,
                 port: p.port,
                 protocol,
@@ -155,7 +182,34 @@ pub fn node_desired(o: &Objects<'_>, class: &str, me: &Me<'_>) -> Programmed {
                 interface: Some(iface.to_string()),
             });
         }
-        out.served.insert(r, ids);
+        Some(Served { vip, hold, services })
+    }
+}
+
+/// What node `me` must serve, given the objects and the agent's `class`.
+pub fn node_desired(o: &Objects<'_>, class: &str, me: &Me<'_>) -> Programmed {
+    let services: BTreeMap<ServiceRef, &Service> = o.services.iter().map(|s| (ServiceRef::of(s), *s)).collect();
+    let ctx = Context::new(&o.nodes, &o.configs, class, me);
+    let slices = endpoints::SliceIndex::new(o.slices.iter().copied());
+    let served: BTreeMap<ServiceRef, Served> = o
+        .balancers
+        .iter()
+        .filter_map(|b| {
+            let r = ServiceRef::of_meta(&b.metadata);
+            let s = ctx.serve(b, services.get(&r).copied(), &slices)?;
+            Some((r, s))
+        })
+        .collect();
+    assemble(&served)
+}
+
+/// What the node must serve, from what each Service makes it serve.
+pub fn assemble(served: &BTreeMap<ServiceRef, Served>) -> Programmed {
+    let mut out = Programmed::default();
+    for (r, s) in served {
+        out.desired.holds.entry(s.vip).and_modify(|h| *h = combine(*h, s.hold)).or_insert(s.hold);
+        out.desired.services.extend(s.services.iter().cloned());
+        out.served.insert(r.clone(), s.services.iter().map(|s| s.id.clone()).collect());
     }
     out
 }

@@ -183,12 +183,12 @@ pub async fn run(quick: bool) -> Result<String> {
 /// A cold full sync: `n` Services with 10 ready endpoints each exist before the agent
 /// starts; measures the time until every one has an address in its status and until the
 /// BPF maps hold all of them, the agent's peak memory, and the maps' memory.
-pub async fn full_sync(quick: bool, smoke: bool) -> Result<String> {
-    let n: usize = match (smoke, quick) {
+pub async fn full_sync(quick: bool, smoke: bool, services: Option<usize>) -> Result<String> {
+    let n: usize = services.unwrap_or(match (smoke, quick) {
         (true, _) => 50,
         (false, true) => 1_000,
         (false, false) => 10_000,
-    };
+    });
     let mut bed = K8sBed::new("sync", 1).await?;
     bed.config("pool", K8sBed::pool(true, &["10.40.0.0/17"])).await?;
     // The endpoints are pods behind the one backend host, as on a node with a pod route.

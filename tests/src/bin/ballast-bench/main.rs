@@ -7,7 +7,7 @@
 //! kernel LBs as the number of services grows; `lbhop`, the LB hop in packets per second
 //! on one CPU with in-kernel generated frames; `controlplane`,
 //! the controller's latencies against the real control plane and the full sync of many
-//! Services (`fullsync` alone: cold start, warm restart, churn); `multinode`, failover
+//! Services (`fullsync` alone: cold start, warm restart, churn; `--services N` sets its size); `multinode`, failover
 //! between edge nodes and the agents' steady-state API load.
 
 mod contenders;
@@ -30,6 +30,8 @@ fn main() -> anyhow::Result<()> {
     let quick = smoke || args.iter().any(|a| a == "--quick");
     let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
     let only = value("--only");
+    // --services N: the full sync's size instead of the mode's (for measuring in between).
+    let sync_n = value("--services").map(|v| v.parse::<usize>()).transpose().context("--services: not a number")?;
     let want = |s: &str| only.as_deref().is_none_or(|o| o == s);
     let kinds = match value("--contenders") {
         Some(list) => list
@@ -70,12 +72,12 @@ fn main() -> anyhow::Result<()> {
         let _cp = controlplane::Started::up()?;
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build()?;
         section(rt.block_on(controlplane::run(quick))?);
-        section(rt.block_on(controlplane::full_sync(quick, smoke))?);
+        section(rt.block_on(controlplane::full_sync(quick, smoke, sync_n))?);
     } else if only.as_deref() == Some("fullsync") {
         // The full sync alone (part of `controlplane`), for measuring it at scale quickly.
         let _cp = controlplane::Started::up()?;
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build()?;
-        section(rt.block_on(controlplane::full_sync(quick, smoke))?);
+        section(rt.block_on(controlplane::full_sync(quick, smoke, sync_n))?);
     }
     if want("multinode") {
         let _cp = controlplane::Started::up()?;
