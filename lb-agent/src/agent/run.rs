@@ -12,7 +12,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    model::NodeDesired,
+    model::{NodeDesired, ServiceSpec},
     net::Link,
     node::{
         ApplyReport, Node, OnExit,
@@ -36,18 +36,31 @@ pub enum Wake {
     Changed,
 }
 
+/// What a source says this node must serve.
+#[derive(Clone, Debug)]
+pub enum Desired {
+    /// Everything.
+    Whole(NodeDesired),
+    /// Since the source's last answer, only the backends of these services changed: each
+    /// was asked for then, with the same address, port, protocol and interface, and every
+    /// address is held as then. Empty when nothing changed.
+    Backends(Vec<ServiceSpec>),
+}
+
 /// Where a node's desired state comes from.
 pub trait Source {
     /// Waits for the next reason to act. Must be cancel-safe: the loop drops it when a
     /// timer fires first, and a change it consumed must not be lost then.
     fn wait(&mut self) -> impl Future<Output = Wake>;
-    /// What this node must serve now.
-    fn desired(&mut self) -> NodeDesired;
+    /// What this node must serve now, or what changed since the last answer.
+    fn desired(&mut self) -> Desired;
+    /// Everything this node must serve now (the node could not apply changes alone).
+    fn whole(&mut self) -> NodeDesired;
     /// The node's interfaces as of now; returns whether a pass is needed (an interface the
     /// source cares about went down or came back).
     fn links_changed(&mut self, links: &[Link]) -> bool;
-    /// Hears what applying `desired` did.
-    fn report(&mut self, desired: &NodeDesired, report: &ApplyReport) -> impl Future<Output = ()>;
+    /// Hears what applying `applied` did.
+    fn report(&mut self, applied: &Desired, report: &ApplyReport) -> impl Future<Output = ()>;
     /// The agent stops, leaving things as `on_exit` says.
     fn stop(&mut self, on_exit: OnExit) -> impl Future<Output = ()>;
 }
@@ -159,8 +172,9 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// One full pass; returns the number of services asked for. Node-wide failures make it an
-/// error (retried) after the source heard about them.
+/// One pass; returns the number of services asked for (changed, when only backends
+/// changed). Node-wide failures make it an error (retried) after the source heard about
+/// them.
 async fn pass<S, D, N, A>(node: &mut Node<D, N, A>, source: &mut S) -> anyhow::Result<usize>
 where
     S: Source,
@@ -172,10 +186,23 @@ where
     let started = Instant::now();
     let desired = source.desired();
     let asked = started.elapsed();
-    let result = node.apply(&desired, Instant::now()).await;
+    let (applied, result) = match desired {
+        Desired::Whole(d) => {
+            let r = node.apply(&d, Instant::now()).await;
+            (Desired::Whole(d), r)
+        }
+        Desired::Backends(changed) => match node.apply_backends(&changed, Instant::now()).await {
+            Some(r) => (Desired::Backends(changed), Ok(r)),
+            None => {
+                let d = source.whole();
+                let r = node.apply(&d, Instant::now()).await;
+                (Desired::Whole(d), r)
+            }
+        },
+    };
     t.reconciles.inc();
     t.reconcile_seconds.observe(started.elapsed().as_secs_f64());
-    let applied = started.elapsed();
+    let applied_at = started.elapsed();
     let report = match result {
         Ok(r) => r,
         Err(e) => {
@@ -183,16 +210,22 @@ where
             return Err(e.into());
         }
     };
-    source.report(&desired, &report).await;
+    source.report(&applied, &report).await;
+    let services = match &applied {
+        Desired::Whole(d) => d.services.len(),
+        Desired::Backends(c) => c.len(),
+    };
     debug!(
+        whole = matches!(applied, Desired::Whole(_)),
+        services,
         desired_ms = asked.as_millis() as u64,
-        apply_ms = (applied - asked).as_millis() as u64,
-        report_ms = (started.elapsed() - applied).as_millis() as u64,
+        apply_ms = (applied_at - asked).as_millis() as u64,
+        report_ms = (started.elapsed() - applied_at).as_millis() as u64,
         "pass"
     );
     if let Some(e) = report.errors.first() {
         t.reconcile_errors.inc();
         anyhow::bail!("{e}");
     }
-    Ok(desired.services.len())
+    Ok(services)
 }

@@ -10,7 +10,7 @@ use anyhow::Context;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{error, info, warn};
 
-use super::run::{self, Source, Wake};
+use super::run::{self, Desired, Source, Wake};
 use crate::{
     config,
     model::{Hold, NodeDesired, ServiceSpec},
@@ -88,7 +88,11 @@ impl Source for StaticSource {
         }
     }
 
-    fn desired(&mut self) -> NodeDesired {
+    fn desired(&mut self) -> Desired {
+        Desired::Whole(self.whole())
+    }
+
+    fn whole(&mut self) -> NodeDesired {
         NodeDesired::holding(self.services.clone(), Hold::Exclusive)
     }
 
@@ -96,7 +100,7 @@ impl Source for StaticSource {
         false
     }
 
-    async fn report(&mut self, desired: &NodeDesired, r: &ApplyReport) {
+    async fn report(&mut self, _applied: &Desired, r: &ApplyReport) {
         for w in &r.warnings {
             warn!("{w}");
         }
@@ -106,7 +110,7 @@ impl Source for StaticSource {
         if std::mem::take(&mut self.announce) || r.changed() {
             let (added, removed) = (crate::node::brief(&r.added), crate::node::brief(&r.removed));
             info!(
-                services = desired.services.len(),
+                services = self.services.len(),
                 map_ops = r.map_ops,
                 vips_added = added,
                 vips_removed = removed,

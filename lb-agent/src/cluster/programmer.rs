@@ -105,6 +105,21 @@ pub struct Served {
     pub services: Vec<ServiceSpec>,
 }
 
+impl Served {
+    /// Whether `other` differs from this in backends alone: the same address held the same
+    /// way, the same data-path services with the same ports and interface.
+    pub fn differs_in_backends_only(&self, other: &Self) -> bool {
+        self.vip == other.vip
+            && self.hold == other.hold
+            && self.services.len() == other.services.len()
+            && self
+                .services
+                .iter()
+                .zip(&other.services)
+                .all(|(a, b)| a.id == b.id && a.key() == b.key() && a.interface == b.interface)
+    }
+}
+
 /// What every LoadBalancer object is read with: the configs, the Nodes and this node. Built
 /// once per pass, from the few objects that are not per Service.
 pub struct Context<'a> {

@@ -29,8 +29,8 @@ use super::{
     programmer::{self, Context, Me, Served},
 };
 use crate::{
-    agent::run::{Source, Wake},
-    model::{NodeDesired, ServiceId, ServiceRef},
+    agent::run::{Desired, Source, Wake},
+    model::{NodeDesired, ServiceId, ServiceRef, ServiceSpec},
     net::Link,
     node::{ApplyReport, NodeFailure, OnExit, brief},
     telemetry::Telemetry,
@@ -298,8 +298,15 @@ impl ClusterSource {
         Memo { served, decided: index_of(local.as_deref()), decisions: local, me: me_state }
     }
 
-    /// `memo` with the Services in `touched`, and those whose decision changed, recomputed.
-    fn update(&self, mut memo: Memo, mut touched: BTreeSet<ServiceRef>, local: Option<Arc<Decisions>>) -> Memo {
+    /// `memo` with the Services in `touched`, and those whose decision changed, recomputed;
+    /// and the changed data-path services if they differ in backends alone (`None`: the
+    /// change is more than that).
+    fn update(
+        &self,
+        mut memo: Memo,
+        mut touched: BTreeSet<ServiceRef>,
+        local: Option<Arc<Decisions>>,
+    ) -> (Memo, Option<Vec<ServiceSpec>>) {
         if let (Some(old), Some(new)) = (&memo.decisions, &local)
             && !Arc::ptr_eq(old, new)
         {
@@ -309,7 +316,7 @@ impl ClusterSource {
         }
         memo.decisions = local;
         if touched.is_empty() {
-            return memo;
+            return (memo, Some(Vec::new()));
         }
         let (nodes, configs) = (self.caches.nodes.state(), self.caches.configs.state());
         let nodes: Vec<_> = nodes.iter().map(AsRef::as_ref).collect();
@@ -325,6 +332,7 @@ impl ClusterSource {
         let all_slices = self.caches.slices.state();
         let slices = SliceIndex::new(all_slices.iter().map(AsRef::as_ref));
         let mut served = std::mem::take(&mut memo.served);
+        let mut backends = Some(Vec::new());
         for r in touched {
             let key = ObjectRef::new(&r.name).within(&r.namespace);
             let cached;
@@ -336,17 +344,25 @@ impl ClusterSource {
                 }
             };
             let svc = self.caches.services.get(&key);
-            match balancer.and_then(|b| ctx.serve(b, svc.as_deref(), &slices)) {
-                Some(s) => {
-                    served.insert(r, s);
+            let now = balancer.and_then(|b| ctx.serve(b, svc.as_deref(), &slices));
+            let before = match &now {
+                Some(s) => served.insert(r, s.clone()),
+                None => served.remove(&r),
+            };
+            match (before, now) {
+                (None, None) => {}
+                (Some(before), Some(now)) if before.differs_in_backends_only(&now) => {
+                    if let Some(b) = backends.as_mut() {
+                        b.extend(
+                            now.services.into_iter().zip(&before.services).filter(|(n, o)| n != *o).map(|(n, _)| n),
+                        );
+                    }
                 }
-                None => {
-                    served.remove(&r);
-                }
+                _ => backends = None,
             }
         }
         memo.served = served;
-        memo
+        (memo, backends)
     }
 }
 
@@ -405,7 +421,7 @@ impl Source for ClusterSource {
         }
     }
 
-    fn desired(&mut self) -> NodeDesired {
+    fn desired(&mut self) -> Desired {
         let touched = self.caches.take_touched();
         let status = *self.heartbeat.status.borrow();
         if let Verify::Fresh(fresh) = &self.verify {
@@ -434,10 +450,18 @@ impl Source for ClusterSource {
                     && memo.me == me_state
                     && memo.decisions.is_some() == local.is_some() =>
             {
-                self.memo = Some(self.update(memo, touched.services, local));
+                let (memo, backends) = self.update(memo, touched.services, local);
+                self.memo = Some(memo);
+                if let Some(changed) = backends {
+                    return Desired::Backends(changed);
+                }
             }
             _ => self.memo = Some(self.recompute(local, me_state)),
         }
+        Desired::Whole(self.whole())
+    }
+
+    fn whole(&mut self) -> NodeDesired {
         let p = programmer::assemble(self.memo.as_ref().map(|m| &m.served).unwrap_or(&BTreeMap::new()));
         self.served = p.served;
         p.desired
@@ -467,7 +491,7 @@ impl Source for ClusterSource {
         true
     }
 
-    async fn report(&mut self, desired: &NodeDesired, r: &ApplyReport) {
+    async fn report(&mut self, applied: &Desired, r: &ApplyReport) {
         for w in &r.warnings {
             warn!("{w}");
         }
@@ -479,8 +503,13 @@ impl Source for ClusterSource {
         self.logged = r.failed.clone();
         if r.changed() || !r.announced.is_empty() {
             let (added, removed) = (brief(&r.added), brief(&r.removed));
+            let (services, whole) = match applied {
+                Desired::Whole(d) => (d.services.len(), true),
+                Desired::Backends(c) => (c.len(), false),
+            };
             info!(
-                services = desired.services.len(),
+                services,
+                whole,
                 map_ops = r.map_ops,
                 vips_added = added,
                 vips_removed = removed,
@@ -488,7 +517,16 @@ impl Source for ClusterSource {
                 "data path updated"
             );
         }
-        let balancers = self.caches.balancers.state();
+        // After a change of backends alone, only the changed Services' reports can differ.
+        let balancers = match applied {
+            Desired::Whole(_) => self.caches.balancers.state(),
+            Desired::Backends(changed) => {
+                let refs: BTreeSet<&ServiceRef> = changed.iter().filter_map(|s| s.id.service()).collect();
+                refs.into_iter()
+                    .filter_map(|r| self.caches.balancers.get(&ObjectRef::new(&r.name).within(&r.namespace)))
+                    .collect()
+            }
+        };
         let refs: Vec<&LoadBalancer> = balancers.iter().map(AsRef::as_ref).collect();
         let changes = programmer::report_changes(&refs, &self.settings.class, &self.served, &r.failed, &self.node);
         self.write_reports(changes);

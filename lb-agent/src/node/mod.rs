@@ -217,18 +217,14 @@ struct Holding {
     services: Vec<ServiceId>,
 }
 
-/// What the last pass made the node serve, so the next one can apply only what changed
-/// since (see [`Node::apply_changes`]).
+/// What the last whole pass found, for the passes that apply changed backends alone (see
+/// [`Node::apply_backends`]).
 struct LastPass {
-    /// Every service asked for, by id.
-    services: BTreeMap<ServiceId, ServiceSpec>,
-    /// How each VIP was held.
-    holds: BTreeMap<Ipv4Addr, Hold>,
     /// The routes' generation the backends were looked up in.
     generation: Option<u64>,
-    /// When the last whole pass ran.
-    whole_at: Instant,
-    /// The services not (fully) served, and why.
+    /// When it ran.
+    at: Instant,
+    /// The services not (fully) served, and why (carried by the passes that follow).
     failed: BTreeMap<ServiceId, NodeFailure>,
 }
 
@@ -334,62 +330,49 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
     /// that cannot be served (missing interface, exhausted ids, address refused) is named in
     /// the report; the others are served regardless. Addresses this node must no longer
     /// hold go first, before anything else can fail.
-    ///
-    /// When only backends changed since the last pass, only they are applied (see
-    /// [`Self::apply_changes`]); otherwise, and after [`Self::force_whole`], the pass is
-    /// whole: it reads the interfaces and addresses and plans every service.
     pub async fn apply(&mut self, desired: &NodeDesired, now: Instant) -> Result<ApplyReport, NodeError> {
-        if let Some(report) = self.apply_changes(desired, now).await {
-            return Ok(report);
-        }
         let report = self.apply_whole(desired, now).await?;
-        let services = desired.services.iter().map(|s| (s.id.clone(), s.clone())).collect();
         self.last = report.errors.is_empty().then(|| LastPass {
-            services,
-            holds: desired.holds.clone(),
             generation: self.routes.generation,
-            whole_at: now,
+            at: now,
             failed: report.failed.clone(),
         });
         Ok(report)
     }
 
-    /// Makes the next pass whole: drift repair and interface changes call for one, and it
-    /// is how addresses, announcements and routes are checked again.
+    /// Makes the next [`Self::apply_backends`] refuse, so a whole pass follows: drift repair
+    /// and interface changes call for one, and it is how addresses, announcements and
+    /// routes are checked again.
     pub fn force_whole(&mut self) {
         self.last = None;
     }
 
-    /// The pass for a change that only touches backends: every service of the last pass is
-    /// still asked for, with the same address, port, protocol and interface, the VIPs are
-    /// held as before, the routes did not move, every new backend is routed through an
-    /// interface already in use, and no failure of the last pass needs another try. Then only the changed services are planned and written,
-    /// without reading the interfaces or the addresses: at 10 000 Services a whole pass
-    /// takes most of a second, and an endpoint change must reach the map in milliseconds.
-    /// `None` when the pass must be whole.
-    async fn apply_changes(&mut self, desired: &NodeDesired, now: Instant) -> Option<ApplyReport> {
+    /// Applies new backends of `changed` services alone: the caller vouches that they were
+    /// asked for by the last [`Self::apply`] (or this) with the same address, port, protocol
+    /// and interface, and that every address is held as then. Only these services are
+    /// planned and written; interfaces and addresses are not read. At 10 000 Services a
+    /// whole pass takes most of a second, and an endpoint change must reach the maps in
+    /// milliseconds.
+    ///
+    /// `None` when a whole pass must do it: none succeeded yet (or [`Self::force_whole`]),
+    /// the routes moved, held addresses are due for a check, a failure of the last pass
+    /// needs another try, a changed service is not served, or a new backend is routed
+    /// through an interface no backend used (it needs the programs and a SNAT address) or
+    /// not at all (a warning).
+    pub async fn apply_backends(&mut self, changed: &[ServiceSpec], now: Instant) -> Option<ApplyReport> {
         let started = Instant::now();
         let last = self.last.as_ref()?;
         let generation = self.net.route_generation();
         // Without notifications of route changes, lookups are trusted for ROUTE_TTL only.
-        let routes_fresh = generation.is_some() || now.saturating_duration_since(last.whole_at) < ROUTE_TTL;
+        let routes_fresh = generation.is_some() || now.saturating_duration_since(last.at) < ROUTE_TTL;
         let defense_due = self.next_defense.is_some_and(|t| now >= t);
-        if generation != last.generation || !routes_fresh || defense_due || desired.holds != last.holds {
+        if generation != last.generation || !routes_fresh || defense_due {
             return None;
         }
-        if desired.services.len() != last.services.len() || !last.failed.values().all(NodeFailure::waits_for_a_change) {
+        if !last.failed.values().all(NodeFailure::waits_for_a_change)
+            || changed.iter().any(|s| last.failed.contains_key(&s.id) || !self.state.services.contains_key(&s.key()))
+        {
             return None;
-        }
-        let mut changed: Vec<ServiceSpec> = Vec::new();
-        for s in &desired.services {
-            let before = last.services.get(&s.id)?;
-            if before == s {
-                continue;
-            }
-            if before.key() != s.key() || before.interface != s.interface || last.failed.contains_key(&s.id) {
-                return None;
-            }
-            changed.push(s.clone());
         }
         let new: BTreeSet<Ipv4Addr> = changed
             .iter()
@@ -400,8 +383,6 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
         let net = &self.net;
         let found = in_flight(&new, |b| net.route_to(*b)).await;
         for (b, r) in new.into_iter().zip(found) {
-            // A new interface needs the programs and a SNAT address; an unreachable
-            // backend, a warning: both are a whole pass's work.
             match r {
                 Ok(Some(r)) if self.egress_ifaces.contains(&r.oif) => {
                     self.routes.oifs.insert(b, Some(r.oif));
@@ -411,7 +392,7 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
         }
 
         let mut report = ApplyReport { failed: last.failed.clone(), ..ApplyReport::default() };
-        let p = plan_services(&self.state, &changed, self.dp.limits());
+        let p = plan_services(&self.state, changed, self.dp.limits());
         for op in &p.ops {
             if let Err(e) = self.dp.apply(op) {
                 warn!(error = %e, "a map write failed; the remaining map changes wait for the next pass");
@@ -422,31 +403,20 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
             self.state.apply(op);
             report.map_ops += 1;
         }
-        let refused: BTreeSet<ServiceId> = p.errors.iter().map(|e| e.service().clone()).collect();
         for e in p.errors {
             report.failed.insert(e.service().clone(), NodeFailure::Maps(e));
-        }
-        let mut counts = Vec::with_capacity(changed.len());
-        for s in changed {
-            if let Some(v) = self.state.services.get(&s.key()) {
-                counts.push((v.id, v.count));
-            }
-            if !refused.contains(&s.id)
-                && let Some(last) = self.last.as_mut()
-            {
-                last.services.insert(s.id.clone(), s);
-            }
         }
         if let Some(last) = self.last.as_mut() {
             last.failed.clone_from(&report.failed);
         }
+        let counts: Vec<(u32, u32)> =
+            changed.iter().filter_map(|s| self.state.services.get(&s.key())).map(|v| (v.id, v.count)).collect();
         self.telemetry.set_backend_counts(&counts);
         debug!(
-            services = desired.services.len(),
-            changed = counts.len(),
+            changed = changed.len(),
             map_ops = report.map_ops,
             took_us = started.elapsed().as_micros() as u64,
-            "node pass (changes only)"
+            "node pass (backends only)"
         );
         Some(report)
     }

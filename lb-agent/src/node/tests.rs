@@ -412,12 +412,11 @@ async fn backends_are_looked_up_once_and_again_after_a_route_change() {
     let mut web = svc("web", A, 80);
     web.backends.push(BackendSpec::active(SocketAddrV4::new(Ipv4Addr::new(10, 1, 0, 7), 8080)));
     let want = NodeDesired::permanent(vec![web]);
-    let r = b.node.apply(&want, Instant::now()).await.unwrap();
-    assert!(r.warnings.iter().any(|w| w.contains("10.1.0.7 is unreachable")), "{:?}", r.warnings);
     b.node.apply(&want, Instant::now()).await.unwrap();
-    b.node.force_whole();
     b.node.apply(&want, Instant::now()).await.unwrap();
     assert_eq!(b.net.state().route_lookups, 2, "each backend once, however many passes");
+    let r = b.node.apply(&want, Instant::now()).await.unwrap();
+    assert!(r.warnings.iter().any(|w| w.contains("10.1.0.7 is unreachable")), "{:?}", r.warnings);
     // A route towards the second backend appears (no interface or address changed).
     b.net.state().routes.push((Ipv4Addr::new(10, 1, 0, 0), 16, 3));
     let r = b.node.apply(&want, Instant::now()).await.unwrap();
@@ -437,6 +436,10 @@ async fn backend_changes_alone_are_applied_without_a_whole_pass_and_end_where_on
     let mut fast = bed(OnExit::Detach).await;
     let mut whole = bed(OnExit::Detach).await;
     let holds = [(A, Hold::Owner), (B, Hold::Permanent)];
+    let d = desired(vec![svc("web", A, 80), svc("other", B, 80)], &holds);
+    fast.node.apply(&d, Instant::now()).await.unwrap();
+    whole.node.apply(&d, Instant::now()).await.unwrap();
+    let listings = fast.net.state().address_listings;
     // A sequence of endpoint changes: replaced, added, removed, all gone, back.
     let steps: Vec<Vec<[u8; 4]>> = vec![
         vec![[10, 0, 0, 11], [10, 0, 0, 12]],
@@ -446,44 +449,43 @@ async fn backend_changes_alone_are_applied_without_a_whole_pass_and_end_where_on
         vec![],
         vec![[10, 0, 0, 11]],
     ];
-    let mut after_first = 0;
     for (i, eps) in steps.iter().enumerate() {
-        let d = desired(vec![with_backends(svc("web", A, 80), eps), svc("other", B, 80)], &holds);
-        let r = fast.node.apply(&d, Instant::now()).await.unwrap();
-        if i == 0 {
-            after_first = fast.net.state().address_listings;
-        }
+        let web = with_backends(svc("web", A, 80), eps);
+        let r = fast.node.apply_backends(std::slice::from_ref(&web), Instant::now()).await;
+        let r = r.unwrap_or_else(|| panic!("step {i}: refused"));
         assert!(r.errors.is_empty() && r.failed.is_empty(), "step {i}: {r:?}");
-        whole.node.force_whole();
-        whole.node.apply(&d, Instant::now()).await.unwrap();
+        whole.node.apply(&desired(vec![web, svc("other", B, 80)], &holds), Instant::now()).await.unwrap();
         assert_eq!(fast.node.programmed(), whole.node.programmed(), "step {i}: the maps differ from a whole pass's");
         let (dp, _, _) = fast.node.io();
         assert_eq!(dp.read_state().unwrap(), *fast.node.programmed(), "step {i}");
     }
-    assert_eq!(
-        fast.net.state().address_listings,
-        after_first,
-        "only the first pass read the addresses; the others applied the changed backends alone"
-    );
-    assert!(whole.net.state().address_listings > after_first + steps.len() - 2);
+    assert_eq!(fast.net.state().address_listings, listings, "the addresses were not read again");
+    // After a forced whole pass, or before any, changes alone are refused.
+    fast.node.force_whole();
+    assert!(fast.node.apply_backends(&[svc("web", A, 80)], Instant::now()).await.is_none());
 }
 
 #[tokio::test]
-async fn a_change_beyond_backends_takes_a_whole_pass() {
+async fn backend_changes_that_need_more_are_refused() {
     let mut b = bed(OnExit::Detach).await;
     b.net.state().link(3, "lb1", [2, 0, 0, 0, 0, 2]).address(3, Ipv4Addr::new(10, 9, 0, 1), 24);
-    let holds = [(A, Hold::Permanent)];
-    b.node.apply(&desired(vec![svc("web", A, 80)], &holds), Instant::now()).await.unwrap();
-    let before = b.net.state().address_listings;
+    let mut lost = svc("lost", B, 80);
+    lost.interface = Some("nope0".into());
+    b.node
+        .apply(&desired(vec![svc("web", A, 80), lost.clone()], &[(A, Hold::Permanent)]), Instant::now())
+        .await
+        .unwrap();
+    let now = Instant::now();
     // A backend behind an interface no backend used so far: it needs the programs there.
-    let d = desired(vec![with_backends(svc("web", A, 80), &[[10, 0, 0, 11], [10, 9, 0, 7]])], &holds);
-    b.node.apply(&d, Instant::now()).await.unwrap();
-    assert_eq!(b.net.state().address_listings, before + 1);
-    let (dp, _, _) = b.node.io();
-    assert!(dp.attached().iter().any(|(i, _)| *i == 3), "the new egress interface gets the programs");
-    // A new service, and a new VIP: whole passes too.
-    let d2 = desired(vec![d.services[0].clone(), svc("api", B, 81)], &[(A, Hold::Permanent), (B, Hold::Permanent)]);
-    let r = b.node.apply(&d2, Instant::now()).await.unwrap();
-    assert_eq!(r.added, vec![B]);
-    assert_eq!(b.programmed_vips(), vec![A, B]);
+    let far = with_backends(svc("web", A, 80), &[[10, 0, 0, 11], [10, 9, 0, 7]]);
+    assert!(b.node.apply_backends(std::slice::from_ref(&far), now).await.is_none());
+    // A service that is not served (its interface is missing).
+    assert!(b.node.apply_backends(&[with_backends(lost, &[[10, 0, 0, 12]])], now).await.is_none());
+    // A backend on the interface in use is fine, and the failure of the other is carried.
+    let near = with_backends(svc("web", A, 80), &[[10, 0, 0, 11], [10, 0, 0, 12]]);
+    let r = b.node.apply_backends(&[near], now).await.unwrap();
+    assert!(matches!(r.failed.get(&ServiceId::Static("lost".into())), Some(NodeFailure::NoSuchInterface { .. })));
+    // The routes moved: looked up again by a whole pass.
+    b.net.state().routes.push((Ipv4Addr::new(10, 0, 0, 0), 16, 3));
+    assert!(b.node.apply_backends(&[svc("web", A, 80)], now).await.is_none());
 }
