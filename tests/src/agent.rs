@@ -159,6 +159,12 @@ impl Drop for Agent {
 /// The sum of metric `name`'s samples whose labels contain `labels`, scraped from the
 /// agent's `/metrics` on 127.0.0.1:`port` inside `ns`.
 pub fn scrape_metric(ns: &Netns, port: u16, name: &str, labels: &str) -> Result<f64> {
+    scrape_sum(ns, port, name, |l| l.contains(labels))
+}
+
+/// The sum of metric `name`'s series whose line `keep` accepts, from one scrape (so
+/// series read together are consistent).
+pub fn scrape_sum(ns: &Netns, port: u16, name: &str, keep: impl Fn(&str) -> bool) -> Result<f64> {
     let text = ns.run(|| -> Result<String> {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
@@ -171,7 +177,7 @@ pub fn scrape_metric(ns: &Netns, port: u16, name: &str, labels: &str) -> Result<
     Ok(text
         .lines()
         .filter(|l| l.starts_with(name) && (l[name.len()..].starts_with(' ') || l[name.len()..].starts_with('{')))
-        .filter(|l| l.contains(labels))
+        .filter(|l| keep(l))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum())
 }

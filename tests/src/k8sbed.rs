@@ -416,6 +416,12 @@ impl K8sBed {
         crate::agent::scrape_metric(&self.tb.lb, 9477, name, labels)
     }
 
+    /// The sum of the agent's metric `name` over the series without any of `excluded` in
+    /// their labels, from one scrape.
+    pub fn metric_excluding(&self, name: &str, excluded: &[&str]) -> Result<f64> {
+        crate::agent::scrape_sum(&self.tb.lb, 9477, name, |l| !excluded.iter().any(|e| l.contains(e)))
+    }
+
     /// The agent's log so far.
     pub fn agent_log(&self) -> String {
         self.agent.as_ref().map(|a| a.log_text()).unwrap_or_default()

@@ -226,6 +226,8 @@ struct LastPass {
     at: Instant,
     /// The services not (fully) served, and why (carried by the passes that follow).
     failed: BTreeMap<ServiceId, NodeFailure>,
+    /// Whether it held addresses as [`Hold::Exclusive`], which whole passes defend.
+    defends: bool,
 }
 
 /// One node: the data path, its interfaces and addresses.
@@ -336,6 +338,7 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
             generation: self.routes.generation,
             at: now,
             failed: report.failed.clone(),
+            defends: self.holdings.values().any(|h| h.hold == Hold::Exclusive),
         });
         Ok(report)
     }
@@ -365,7 +368,7 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
         let generation = self.net.route_generation();
         // Without notifications of route changes, lookups are trusted for ROUTE_TTL only.
         let routes_fresh = generation.is_some() || now.saturating_duration_since(last.at) < ROUTE_TTL;
-        let defense_due = self.next_defense.is_some_and(|t| now >= t);
+        let defense_due = last.defends && self.next_defense.is_some_and(|t| now >= t);
         if generation != last.generation || !routes_fresh || defense_due {
             return None;
         }
