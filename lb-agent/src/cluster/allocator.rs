@@ -67,6 +67,18 @@ fn rest_after(took: Duration) -> Duration {
     if took < PACE_FREE { Duration::ZERO } else { took.min(PACE_MAX) }
 }
 
+/// How much longer to wait when only EndpointSlices changed: twice the last pass (at most
+/// [`SLICE_REST_MAX`]), so endpoint churn keeps the allocator to about a quarter of a CPU.
+/// Slices only move endpoint counts (written at a bounded rate anyway) and readiness
+/// conditions; nodes program endpoint changes from their own watch, without the
+/// allocator. Any other change ends the wait.
+fn slice_rest(last_pass: Duration) -> Duration {
+    if last_pass < PACE_FREE { Duration::ZERO } else { (last_pass * 2).min(SLICE_REST_MAX) }
+}
+
+/// The longest extra wait after EndpointSlice changes.
+const SLICE_REST_MAX: Duration = Duration::from_secs(4);
+
 /// The running allocator task.
 pub struct AllocatorHandle {
     stop: mpsc::Sender<oneshot::Sender<()>>,
@@ -137,6 +149,10 @@ pub fn spawn_allocator(
     let mut leader = leader;
     tokio::spawn(async move {
         let mut objects = caches.object_changes();
+        let slices = caches.slice_changes();
+        let mut last_pass = Duration::ZERO;
+        // The change counts (all objects, slices) as the last pass began.
+        let mut seen = (0u64, 0u64);
         let mut leases = caches.lease_changes();
         let mut resync = tokio::time::interval(resync_every);
         resync.tick().await;
@@ -149,6 +165,25 @@ pub fn spawn_allocator(
             tokio::select! {
                 r = objects.changed() => {
                     if r.is_err() { return }
+                    // Slices alone: wait longer, unless something else changes meanwhile.
+                    // Every slice change counts in both signals, so other changes are the
+                    // difference of what both counted since the last pass.
+                    let others = |o: &watch::Receiver<u64>, s: &watch::Receiver<u64>| {
+                        o.borrow().wrapping_sub(seen.0).wrapping_sub(s.borrow().wrapping_sub(seen.1))
+                    };
+                    if others(&objects, &slices) == 0 {
+                        let rest = tokio::time::sleep(slice_rest(last_pass));
+                        tokio::pin!(rest);
+                        loop {
+                            tokio::select! {
+                                _ = &mut rest => break,
+                                r = objects.changed() => {
+                                    if r.is_err() { return }
+                                    if others(&objects, &slices) != 0 { break }
+                                }
+                            }
+                        }
+                    }
                     // Let a burst of events settle into one pass.
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
@@ -184,10 +219,12 @@ pub fn spawn_allocator(
                 continue;
             }
             let started = Instant::now();
+            seen = (*objects.borrow_and_update(), *slices.borrow());
             let errors = a.pass(&caches, &leader).await;
             retry_at = (errors > 0).then(|| tokio::time::Instant::now() + RETRY);
             // Changes arriving meanwhile are kept by the watch channels for the next pass.
-            let rest = rest_after(started.elapsed());
+            last_pass = started.elapsed();
+            let rest = rest_after(last_pass);
             if !rest.is_zero() {
                 tokio::time::sleep(rest).await;
             }

@@ -52,6 +52,7 @@ pub struct Caches {
     /// ballast's Leases in the agent's namespace (heartbeats and the allocator's).
     pub leases: Store<Lease>,
     objects: watch::Receiver<u64>,
+    slice_changes: watch::Receiver<u64>,
     lease_changes: watch::Receiver<u64>,
     touched: Arc<Mutex<Touched>>,
 }
@@ -156,12 +157,12 @@ impl Scope for Lease {
     }
 }
 
-/// Starts a reflector for `api`, counting every change in `changes` and recording what it
-/// touched in `touched`.
+/// Starts a reflector for `api`, counting every change in each of `changes` and recording
+/// what it touched in `touched`.
 fn reflect<K>(
     api: Api<K>,
     cfg: watcher::Config,
-    changes: Arc<watch::Sender<u64>>,
+    changes: Vec<Arc<watch::Sender<u64>>>,
     touched: Arc<Mutex<Touched>>,
 ) -> Store<K>
 where
@@ -187,7 +188,9 @@ where
                     if let Ok(mut t) = touched.lock() {
                         t.record(what);
                     }
-                    changes.send_modify(|n| *n = n.wrapping_add(1));
+                    for c in &changes {
+                        c.send_modify(|n| *n = n.wrapping_add(1));
+                    }
                 }
                 Err(e) => {
                     warn!(kind, error = %e, "watch failed; retrying with backoff (the data path keeps serving)")
@@ -203,8 +206,10 @@ impl Caches {
     /// configs.
     pub fn start(client: &Client, namespace: &str, config_selector: Option<&str>) -> Self {
         let (objects_tx, objects) = watch::channel(0u64);
+        let (slices_tx, slice_changes) = watch::channel(0u64);
         let (leases_tx, lease_changes) = watch::channel(0u64);
-        let (objects_tx, leases_tx) = (Arc::new(objects_tx), Arc::new(leases_tx));
+        let (objects_tx, slices_tx, leases_tx) = (Arc::new(objects_tx), Arc::new(slices_tx), Arc::new(leases_tx));
+        let o = || vec![objects_tx.clone()];
         let mut cfg_watch = watcher::Config::default();
         if let Some(sel) = config_selector {
             cfg_watch = cfg_watch.labels(sel);
@@ -213,19 +218,20 @@ impl Caches {
         let touched: Arc<Mutex<Touched>> = Arc::default();
         let t = || touched.clone();
         Self {
-            services: reflect(Api::all(client.clone()), all(), objects_tx.clone(), t()),
-            slices: reflect(Api::all(client.clone()), all(), objects_tx.clone(), t()),
-            nodes: reflect(Api::all(client.clone()), all(), objects_tx.clone(), t()),
-            namespaces: reflect(Api::all(client.clone()), all(), objects_tx.clone(), t()),
-            configs: reflect(Api::all(client.clone()), cfg_watch, objects_tx.clone(), t()),
-            balancers: reflect(Api::all(client.clone()), all(), objects_tx, t()),
+            services: reflect(Api::all(client.clone()), all(), o(), t()),
+            slices: reflect(Api::all(client.clone()), all(), vec![objects_tx.clone(), slices_tx], t()),
+            nodes: reflect(Api::all(client.clone()), all(), o(), t()),
+            namespaces: reflect(Api::all(client.clone()), all(), o(), t()),
+            configs: reflect(Api::all(client.clone()), cfg_watch, o(), t()),
+            balancers: reflect(Api::all(client.clone()), all(), o(), t()),
             leases: reflect(
                 Api::namespaced(client.clone(), namespace),
                 all().labels(LEASE_LABEL),
-                leases_tx,
+                vec![leases_tx],
                 Arc::new(Mutex::new(Touched::default())),
             ),
             objects,
+            slice_changes,
             lease_changes,
             touched,
         }
@@ -246,6 +252,12 @@ impl Caches {
     /// objects change.
     pub fn object_changes(&self) -> watch::Receiver<u64> {
         self.objects.clone()
+    }
+
+    /// A signal that fires when an EndpointSlice changes (also counted by
+    /// [`Self::object_changes`]).
+    pub fn slice_changes(&self) -> watch::Receiver<u64> {
+        self.slice_changes.clone()
     }
 
     /// A signal that fires when a Lease changes.
