@@ -390,11 +390,15 @@ async fn churn(bed: &K8sBed, maps: &Maps, n: usize, seen: &Seen) -> Result<Strin
     let pid = bed.agent.as_ref().and_then(|a| a.pid()).context("agent pid")?;
     let vips: HashMap<String, Ipv4Addr> =
         seen.lock().map(|m| m.iter().map(|(k, v)| (k.clone(), v.1)).collect()).unwrap_or_default();
+    // An independent watch of the slices, as the agent's own: when each new endpoint
+    // reached a watcher tells the API server's part (etcd, its watch cache) from the agent's.
+    let delivered = slice_watch(bed).await?;
     let (writes0, cpu0) = (writes_made(bed), cpu_seconds(pid));
     let interval = Duration::from_secs(1) / rate;
     let total = (rate * secs) as usize;
     let started = Instant::now();
     let mut lat = Vec::with_capacity(total);
+    let mut resolved: Vec<(Instant, Ipv4Addr, Instant)> = Vec::with_capacity(total);
     let mut pending: Vec<(Instant, ServiceKey, SocketAddrV4)> = Vec::new();
     let mut write_time = Vec::with_capacity(total);
     for k in 0..total {
@@ -403,7 +407,7 @@ async fn churn(bed: &K8sBed, maps: &Maps, n: usize, seen: &Seen) -> Result<Strin
         // hundred microseconds over thousands of pending changes took a CPU from the
         // agent and the API server on this 2-vCPU VM.
         while Instant::now() < due {
-            poll_pending(maps, &mut pending, &mut lat)?;
+            poll_pending(maps, &mut pending, &mut lat, &mut resolved)?;
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         // Service k mod n; its first endpoint becomes an address no Service used before.
@@ -429,10 +433,22 @@ async fn churn(bed: &K8sBed, maps: &Maps, n: usize, seen: &Seen) -> Result<Strin
     }
     let drain = Instant::now();
     while !pending.is_empty() && drain.elapsed() < Duration::from_secs(30) {
-        poll_pending(maps, &mut pending, &mut lat)?;
+        poll_pending(maps, &mut pending, &mut lat, &mut resolved)?;
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let missed = pending.len();
+    // Per change: accepted → seen by the bench's watch, and seen there → in the map.
+    let seen_at: HashMap<Ipv4Addr, Instant> = delivered.lock().map(|m| m.clone()).unwrap_or_default();
+    let mut watch_lat = Vec::new();
+    let mut agent_lat = Vec::new();
+    for (accepted, fresh, in_map) in &resolved {
+        if let Some(w) = seen_at.get(fresh) {
+            watch_lat.push(w.saturating_duration_since(*accepted));
+            agent_lat.push(in_map.saturating_duration_since(*w));
+        }
+    }
+    watch_lat.sort();
+    agent_lat.sort();
     let elapsed = started.elapsed().as_secs_f64();
     let (writes, cpu) = (writes_made(bed) - writes0, cpu_seconds(pid) - cpu0);
     lat.sort();
@@ -450,6 +466,22 @@ async fn churn(bed: &K8sBed, maps: &Maps, n: usize, seen: &Seen) -> Result<Strin
     write_time.sort();
     let w = |q: f64| if write_time.is_empty() { "-".to_string() } else { ms(pct(&write_time, q)) };
     writeln!(out, "| churn: the API server's answer to each change, p50 / p99 | {} / {} ms |", w(0.5), w(0.99))?;
+    let q = |v: &[Duration], x: f64| if v.is_empty() { "-".to_string() } else { ms(pct(v, x)) };
+    writeln!(
+        out,
+        "| churn: of which change accepted → seen by an independent watch (the API server's watch delivery), p50 / p99 / max | {} / {} / {} ms |",
+        q(&watch_lat, 0.5),
+        q(&watch_lat, 0.99),
+        watch_lat.last().map(|d| ms(*d)).unwrap_or_default()
+    )?;
+    writeln!(
+        out,
+        "| churn: and seen by that watch → in the map (the agent's part), p50 / p99 / max | {} / {} / {} ms ({} changes) |",
+        q(&agent_lat, 0.5),
+        q(&agent_lat, 0.99),
+        agent_lat.last().map(|d| ms(*d)).unwrap_or_default(),
+        agent_lat.len()
+    )?;
     writeln!(
         out,
         "| churn: changes/s achieved (the bench patches one slice at a time) | {:.0} |",
@@ -460,23 +492,63 @@ async fn churn(bed: &K8sBed, maps: &Maps, n: usize, seen: &Seen) -> Result<Strin
     Ok(out)
 }
 
-/// Moves every pending change whose endpoint is in the map into `lat`.
+/// Moves every pending change whose endpoint is in the map into `lat` (and `resolved`:
+/// accepted, endpoint, in the map).
 fn poll_pending(
     maps: &Maps,
     pending: &mut Vec<(Instant, ServiceKey, SocketAddrV4)>,
     lat: &mut Vec<Duration>,
+    resolved: &mut Vec<(Instant, Ipv4Addr, Instant)>,
 ) -> Result<()> {
     let now = Instant::now();
     let mut keep = Vec::with_capacity(pending.len());
     for (t, key, addr) in pending.drain(..) {
         if maps.active_backends(&key)?.is_some_and(|b| b.contains(&addr)) {
             lat.push(now.duration_since(t));
+            resolved.push((t, *addr.ip(), now));
         } else {
             keep.push((t, key, addr));
         }
     }
     *pending = keep;
     Ok(())
+}
+
+/// When each endpoint address first appeared in an EndpointSlice of the bed's namespace,
+/// as a watch of them sees it (started now: addresses already there count from their
+/// first change after this).
+async fn slice_watch(bed: &K8sBed) -> Result<Arc<Mutex<HashMap<Ipv4Addr, Instant>>>> {
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    let seen: Arc<Mutex<HashMap<Ipv4Addr, Instant>>> = Arc::default();
+    let out = seen.clone();
+    let api: kube::Api<EndpointSlice> = kube::Api::namespaced(bed.cluster.admin.clone(), &bed.ns);
+    let stream = watcher(api, watcher::Config::default());
+    let (listed_tx, listed) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        futures_util::pin_mut!(stream);
+        let mut listed_tx = Some(listed_tx);
+        while let Some(Ok(ev)) = stream.next().await {
+            let now = Instant::now();
+            let slice: EndpointSlice = match ev {
+                watcher::Event::Apply(s) | watcher::Event::InitApply(s) => s,
+                watcher::Event::InitDone => {
+                    if let Some(tx) = listed_tx.take() {
+                        let _ = tx.send(());
+                    }
+                    continue;
+                }
+                _ => continue,
+            };
+            if let Ok(mut m) = seen.lock() {
+                for ip in slice.endpoints.iter().flat_map(|e| e.addresses.iter()).filter_map(|a| a.parse().ok()) {
+                    m.entry(ip).or_insert(now);
+                }
+            }
+        }
+    });
+    // The churn starts once the watch listed what exists, so its changes are watch events.
+    tokio::time::timeout(Duration::from_secs(120), listed).await.context("the bench's slice watch did not list")??;
+    Ok(out)
 }
 
 /// Sum of `bytes_memlock` over the maps pinned in `dir`.
