@@ -104,8 +104,11 @@ pub enum Touches {
 
 /// An object whose changes touch the data path of [`Touches`].
 pub trait Scope {
-    /// What a change of `self` touches.
-    fn touches(&self) -> Touches;
+    /// What a change of `self` touches: by default every Service's (Nodes, Namespaces and
+    /// configs are read by all).
+    fn touches(&self) -> Touches {
+        Touches::All
+    }
 }
 
 impl Scope for Service {
@@ -132,23 +135,11 @@ impl Scope for EndpointSlice {
     }
 }
 
-impl Scope for Node {
-    fn touches(&self) -> Touches {
-        Touches::All
-    }
-}
+impl Scope for Node {}
 
-impl Scope for Namespace {
-    fn touches(&self) -> Touches {
-        Touches::All
-    }
-}
+impl Scope for Namespace {}
 
-impl Scope for LoadBalancerConfig {
-    fn touches(&self) -> Touches {
-        Touches::All
-    }
-}
+impl Scope for LoadBalancerConfig {}
 
 impl Scope for Lease {
     fn touches(&self) -> Touches {

@@ -203,19 +203,23 @@ impl<'a> Context<'a> {
 
 /// What node `me` must serve, given the objects and the agent's `class`.
 pub fn node_desired(o: &Objects<'_>, class: &str, me: &Me<'_>) -> Programmed {
+    assemble(&serve_all(o, class, me))
+}
+
+/// What each LoadBalancer object of `o` makes node `me` serve (those that make it serve
+/// nothing are left out).
+pub fn serve_all(o: &Objects<'_>, class: &str, me: &Me<'_>) -> BTreeMap<ServiceRef, Served> {
     let services: BTreeMap<ServiceRef, &Service> = o.services.iter().map(|s| (ServiceRef::of(s), *s)).collect();
     let ctx = Context::new(&o.nodes, &o.configs, class, me);
     let slices = endpoints::SliceIndex::new(o.slices.iter().copied());
-    let served: BTreeMap<ServiceRef, Served> = o
-        .balancers
+    o.balancers
         .iter()
         .filter_map(|b| {
             let r = ServiceRef::of_meta(&b.metadata);
             let s = ctx.serve(b, services.get(&r).copied(), &slices)?;
             Some((r, s))
         })
-        .collect();
-    assemble(&served)
+        .collect()
 }
 
 /// What the node must serve, from what each Service makes it serve.

@@ -282,19 +282,7 @@ impl ClusterSource {
         if let Some(d) = &local {
             objects.balancers = d.balancers.iter().collect();
         }
-        let services: HashMap<ServiceRef, &k8s_openapi::api::core::v1::Service> =
-            objects.services.iter().map(|s| (ServiceRef::of(s), *s)).collect();
-        let ctx = Context::new(&objects.nodes, &objects.configs, &self.settings.class, &me);
-        let slices = SliceIndex::new(objects.slices.iter().copied());
-        let served = objects
-            .balancers
-            .iter()
-            .filter_map(|b| {
-                let r = ServiceRef::of_meta(&b.metadata);
-                let s = ctx.serve(b, services.get(&r).copied(), &slices)?;
-                Some((r, s))
-            })
-            .collect();
+        let served = programmer::serve_all(&objects, &self.settings.class, &me);
         Memo { served, decided: index_of(local.as_deref()), decisions: local, me: me_state }
     }
 

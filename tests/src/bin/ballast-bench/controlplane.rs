@@ -415,7 +415,9 @@ async fn churn(bed: &K8sBed, maps: &Maps, n: usize, seen: &Seen) -> Result<Strin
         let name = format!("sync-{i}");
         let Some(vip) = vips.get(&name) else { continue };
         let base = u32::from(Ipv4Addr::new(10, 50, 0, 0)) + i as u32 * ENDPOINTS;
-        let fresh = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 51, 0, 0)) + k as u32);
+        // Above every Service's own endpoints (10.50.0.0 + 10 per Service: up to 10.51.134.x
+        // at 10 000), inside the route the bed adds for them.
+        let fresh = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 51, 200, 0)) + k as u32);
         let mut ips: Vec<String> = (1..ENDPOINTS).map(|j| Ipv4Addr::from(base + j).to_string()).collect();
         ips.push(fresh.to_string());
         let eps: Vec<(&str, bool, bool, bool)> = ips.iter().map(|e| (e.as_str(), true, true, false)).collect();
