@@ -264,6 +264,13 @@ impl ClusterSource {
 }
 
 impl ClusterSource {
+    /// What the node must serve, from the memo.
+    fn assemble(&mut self) -> NodeDesired {
+        let p = programmer::assemble(self.memo.as_ref().map(|m| &m.served).unwrap_or(&BTreeMap::new()));
+        self.served = p.served;
+        p.desired
+    }
+
     /// Every Service's part, from the caches (and `local` decisions).
     fn recompute(&self, local: Option<Arc<Decisions>>, me_state: MeState) -> Memo {
         let snap = self.caches.snapshot();
@@ -455,13 +462,18 @@ impl Source for ClusterSource {
             }
             _ => self.memo = Some(self.recompute(local, me_state)),
         }
-        Desired::Whole(self.whole())
+        Desired::Whole(self.assemble())
     }
 
     fn whole(&mut self) -> NodeDesired {
-        let p = programmer::assemble(self.memo.as_ref().map(|m| &m.served).unwrap_or(&BTreeMap::new()));
-        self.served = p.served;
-        p.desired
+        // Asked for when the node could not apply changes alone: every resync, interface
+        // changes, route changes. Every Service is recomputed then, so a change whose event
+        // touched the wrong Service (a slice relabelled to another) is repaired by the next
+        // whole pass at the latest.
+        if let Some(memo) = self.memo.take() {
+            self.memo = Some(self.recompute(memo.decisions, memo.me));
+        }
+        self.assemble()
     }
 
     fn links_changed(&mut self, links: &[Link]) -> bool {
