@@ -235,3 +235,24 @@ fn only_failures_are_reported_and_a_fixed_one_is_cleared() {
     // Another node's entry is not this node's business.
     assert!(report_changes(&balancers, CLASS, &p.served, &BTreeMap::new(), "edge-2").is_empty());
 }
+
+#[test]
+fn only_a_change_of_backends_counts_as_one() {
+    let w = World::new();
+    let p = w.run("edge-1", false, &[]);
+    let before = Served { vip: VIP, hold: Hold::Owner, services: p.desired.services.clone() };
+    let mut backends = before.clone();
+    backends.services[0].backends.clear();
+    assert!(before.differs_in_backends_only(&backends));
+    let mut port = before.clone();
+    port.services[0].port += 1;
+    let mut hold = before.clone();
+    hold.hold = Hold::Standby;
+    let mut iface = before.clone();
+    iface.services[0].interface = Some("lb1".into());
+    let mut fewer = before.clone();
+    fewer.services.clear();
+    for (what, other) in [("port", port), ("hold", hold), ("interface", iface), ("ports", fewer)] {
+        assert!(!before.differs_in_backends_only(&other), "a change of {what} is more than backends");
+    }
+}
