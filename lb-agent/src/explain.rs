@@ -285,13 +285,12 @@ pub async fn explain(
     use k8s_openapi::api::{
         coordination::v1::Lease,
         core::v1::{Namespace, Node, Service},
-        discovery::v1::EndpointSlice,
     };
     use kube::{Api, api::ListParams};
 
     let lp = ListParams::default();
     let services = Api::<Service>::all(client.clone()).list(&lp).await?.items;
-    let slices = Api::<EndpointSlice>::all(client.clone()).list(&lp).await?.items;
+    let slices = Api::<crate::cluster::projection::CachedSlice>::all(client.clone()).list(&lp).await?.items;
     let nodes = Api::<Node>::all(client.clone()).list(&lp).await?.items;
     let mut cfg_lp = ListParams::default();
     if let Some(sel) = config_selector {

@@ -67,17 +67,18 @@ fn rest_after(took: Duration) -> Duration {
     if took < PACE_FREE { Duration::ZERO } else { took.min(PACE_MAX) }
 }
 
-/// How much longer to wait when only EndpointSlices changed: twice the last pass (at most
-/// [`SLICE_REST_MAX`]), so endpoint churn keeps the allocator to about a quarter of a CPU.
+/// How much longer to wait when only EndpointSlices changed: five times the last pass (at
+/// most [`SLICE_REST_MAX`]), so endpoint churn keeps the allocator to a sixth of a CPU and
+/// leaves the rest to the node programmer, which serves the churn.
 /// Slices only move endpoint counts (written at a bounded rate anyway) and readiness
 /// conditions; nodes program endpoint changes from their own watch, without the
 /// allocator. Any other change ends the wait.
 fn slice_rest(last_pass: Duration) -> Duration {
-    if last_pass < PACE_FREE { Duration::ZERO } else { (last_pass * 2).min(SLICE_REST_MAX) }
+    if last_pass < PACE_FREE { Duration::ZERO } else { (last_pass * 5).min(SLICE_REST_MAX) }
 }
 
 /// The longest extra wait after EndpointSlice changes.
-const SLICE_REST_MAX: Duration = Duration::from_secs(4);
+const SLICE_REST_MAX: Duration = Duration::from_secs(10);
 
 /// The running allocator task.
 pub struct AllocatorHandle {

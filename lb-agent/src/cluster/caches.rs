@@ -12,7 +12,6 @@ use futures_util::StreamExt;
 use k8s_openapi::api::{
     coordination::v1::Lease,
     core::v1::{Namespace, Node, Service},
-    discovery::v1::EndpointSlice,
 };
 use kube::{
     Api, Client, Resource,
@@ -30,7 +29,7 @@ use super::{
     endpoints::SERVICE_NAME_LABEL,
     liveness::LEASE_LABEL,
     programmer::Objects,
-    projection::Trim,
+    projection::{CachedSlice, Trim},
 };
 use crate::model::ServiceRef;
 
@@ -40,7 +39,7 @@ pub struct Caches {
     /// Every Service.
     pub services: Store<Service>,
     /// Every EndpointSlice.
-    pub slices: Store<EndpointSlice>,
+    pub slices: Store<CachedSlice>,
     /// Every Node.
     pub nodes: Store<Node>,
     /// Every Namespace (their labels decide `namespaceSelector`).
@@ -123,7 +122,7 @@ impl Scope for LoadBalancer {
     }
 }
 
-impl Scope for EndpointSlice {
+impl Scope for CachedSlice {
     fn touches(&self) -> Touches {
         let name = self.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL));
         match (self.metadata.namespace.as_ref(), name) {
@@ -284,7 +283,7 @@ pub struct Snapshot {
     /// Services.
     pub services: Vec<Arc<Service>>,
     /// EndpointSlices.
-    pub slices: Vec<Arc<EndpointSlice>>,
+    pub slices: Vec<Arc<CachedSlice>>,
     /// Nodes.
     pub nodes: Vec<Arc<Node>>,
     /// Namespaces.
@@ -332,7 +331,7 @@ mod tests {
 
     #[test]
     fn a_slice_touches_the_service_its_label_names() {
-        let mut slice = EndpointSlice::default();
+        let mut slice = CachedSlice::default();
         slice.metadata.namespace = Some("ns".into());
         assert!(matches!(slice.touches(), Touches::Nothing), "a slice of no Service");
         slice.metadata.labels = Some([(SERVICE_NAME_LABEL.to_string(), "web".to_string())].into());

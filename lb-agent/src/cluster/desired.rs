@@ -14,16 +14,14 @@ use std::{
     net::Ipv4Addr,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 
 use super::{
     backend_policy::{Guard, Refusal, parse_cidr},
     crd::{BackendMode, CONFIG_ANNOTATION, IP_ANNOTATION, IpMode, LoadBalancerConfig, SHARING_ANNOTATION},
     endpoints,
     pool::AddressPool,
+    projection::CachedSlice,
     reason::Reason,
 };
 pub use crate::model::ServiceRef;
@@ -46,7 +44,7 @@ pub struct Inputs<'a> {
     /// All Services.
     pub services: Vec<&'a Service>,
     /// All EndpointSlices.
-    pub slices: Vec<&'a EndpointSlice>,
+    pub slices: Vec<&'a CachedSlice>,
     /// All Nodes.
     pub nodes: Vec<&'a Node>,
     /// All Namespaces.
@@ -1009,7 +1007,7 @@ mod tests {
         web.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].target_port =
             Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(8080));
         let ips = ["10.42.0.7", "127.0.0.1", "169.254.169.254", "10.0.0.5", "192.0.2.11", "172.16.1.1"];
-        let slice = EndpointSlice {
+        let slice = CachedSlice::from(k8s_openapi::api::discovery::v1::EndpointSlice {
             metadata: ObjectMeta {
                 name: Some("web-x".into()),
                 namespace: Some("ns".into()),
@@ -1022,7 +1020,7 @@ mod tests {
                 .map(|ip| Endpoint { addresses: vec![ip.to_string()], ..Default::default() })
                 .collect(),
             ports: Some(vec![EndpointPort { protocol: Some("TCP".into()), port: Some(8080), ..Default::default() }]),
-        };
+        });
         let mut node = crate::cluster::fixtures::node("edge-1", &[], true);
         node.status.get_or_insert_with(NodeStatus::default).addresses =
             Some(vec![NodeAddress { type_: "InternalIP".into(), address: "10.0.0.5".into() }]);

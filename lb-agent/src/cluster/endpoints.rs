@@ -6,11 +6,9 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use k8s_openapi::api::{
-    core::v1::{Node, Service, ServicePort},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Node, Service, ServicePort};
 
+use super::projection::CachedSlice;
 use crate::model::BackendSpec;
 
 /// Label linking an EndpointSlice to its Service.
@@ -25,13 +23,13 @@ pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-b
 pub struct SliceIndex<'a> {
     /// Namespace → service name → slices (nested so lookups borrow `str`, not the keys'
     /// lifetime).
-    by_service: HashMap<&'a str, HashMap<&'a str, Vec<&'a EndpointSlice>>>,
+    by_service: HashMap<&'a str, HashMap<&'a str, Vec<&'a CachedSlice>>>,
 }
 
 impl<'a> SliceIndex<'a> {
     /// Indexes `slices`; slices without a namespace or service label belong to no Service.
-    pub fn new(slices: impl IntoIterator<Item = &'a EndpointSlice>) -> Self {
-        let mut by_service: HashMap<&str, HashMap<&str, Vec<&EndpointSlice>>> = HashMap::new();
+    pub fn new(slices: impl IntoIterator<Item = &'a CachedSlice>) -> Self {
+        let mut by_service: HashMap<&str, HashMap<&str, Vec<&CachedSlice>>> = HashMap::new();
         for s in slices {
             let Some(ns) = s.metadata.namespace.as_deref() else { continue };
             let Some(name) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else { continue };
@@ -41,7 +39,7 @@ impl<'a> SliceIndex<'a> {
     }
 
     /// The slices of `svc`.
-    pub fn of(&self, svc: &Service) -> &[&'a EndpointSlice] {
+    pub fn of(&self, svc: &Service) -> &[&'a CachedSlice] {
         let (Some(ns), Some(name)) = (svc.metadata.namespace.as_deref(), svc.metadata.name.as_deref()) else {
             return &[];
         };
@@ -172,8 +170,8 @@ mod tests {
         }
     }
 
-    fn slice(svc_name: &str, port_name: Option<&str>, proto: &str, target: i32, eps: Vec<Endpoint>) -> EndpointSlice {
-        EndpointSlice {
+    fn slice(svc_name: &str, port_name: Option<&str>, proto: &str, target: i32, eps: Vec<Endpoint>) -> CachedSlice {
+        CachedSlice::from(k8s_openapi::api::discovery::v1::EndpointSlice {
             metadata: ObjectMeta {
                 name: Some(format!("{svc_name}-x")),
                 namespace: Some("ns".into()),
@@ -188,7 +186,7 @@ mod tests {
                 port: Some(target),
                 ..Default::default()
             }]),
-        }
+        })
     }
 
     #[test]
@@ -200,7 +198,7 @@ mod tests {
         let mut unlabelled = mine.clone();
         unlabelled.metadata.labels = None;
         let index = SliceIndex::new([&mine, &other, &elsewhere, &unlabelled]);
-        let found: Vec<&EndpointSlice> = index.of(&svc()).to_vec();
+        let found: Vec<&CachedSlice> = index.of(&svc()).to_vec();
         assert_eq!(found, vec![&mine]);
         let backends = from_slices(&svc(), &port(None, "TCP", None), &index);
         assert_eq!(backends.len(), 1);

@@ -9,15 +9,13 @@ use std::{
     net::Ipv4Addr,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 
 use super::{
     backend_policy::{self, Guard},
     crd::{AnnounceMode, BackendMode, LoadBalancer, LoadBalancerConfig, NodeReason, NodeReport},
     endpoints, ownership,
+    projection::CachedSlice,
 };
 use crate::{
     model::{Hold, NodeDesired, Protocol, ServiceId, ServiceRef, ServiceSpec},
@@ -56,7 +54,7 @@ pub struct Objects<'a> {
     /// Services.
     pub services: Vec<&'a Service>,
     /// EndpointSlices.
-    pub slices: Vec<&'a EndpointSlice>,
+    pub slices: Vec<&'a CachedSlice>,
     /// Nodes.
     pub nodes: Vec<&'a Node>,
     /// Namespaces.

@@ -86,20 +86,30 @@ pub struct Plan {
 /// Ids in use, handing out the lowest free one. `floor` is a lower bound of the lowest
 /// free id, so allocating n ids costs O(n log n) in total rather than O(n²): a full sync of
 /// 100 000 services allocates hundreds of thousands of backend ids.
-struct IdPool {
+struct IdPool<F> {
+    /// Lists the ids taken before the plan; called at the first allocation only, so a plan
+    /// that allocates nothing (most changes of backends) never collects 100 000 ids.
+    fill: Option<F>,
     taken: BTreeSet<u32>,
     floor: u32,
     max: u32,
 }
 
-impl IdPool {
-    fn new(taken: BTreeSet<u32>, max: u32) -> Self {
-        Self { taken, floor: 0, max }
+impl<F: FnOnce() -> BTreeSet<u32>> IdPool<F> {
+    fn new(fill: F, max: u32) -> Self {
+        Self { fill: Some(fill), taken: BTreeSet::new(), floor: 0, max }
     }
 
     /// Lowest id below `max` not taken; marks it taken.
     fn allocate(&mut self) -> Option<u32> {
-        while self.floor < self.max && self.taken.contains(&self.floor) {
+        if let Some(fill) = self.fill.take() {
+            self.taken = fill();
+        }
+        // The first gap at or above the floor, found by walking the taken ids in order.
+        for id in self.taken.range(self.floor..) {
+            if *id != self.floor {
+                break;
+            }
             self.floor += 1;
         }
         if self.floor >= self.max {
@@ -109,7 +119,7 @@ impl IdPool {
         Some(self.floor)
     }
 
-    /// Gives `id` back.
+    /// Gives back `id`, which this pool allocated.
     fn release(&mut self, id: u32) {
         self.taken.remove(&id);
         self.floor = self.floor.min(id);
@@ -130,6 +140,11 @@ pub fn plan(cur: &ProgrammedState, desired: &DesiredState, limits: Limits) -> Pl
 /// other service, and no address or interface entry. For a pass that knows only these
 /// services changed (their backends); its cost is theirs, not the whole table's.
 pub fn plan_services(cur: &ProgrammedState, services: &[ServiceSpec], limits: Limits) -> Plan {
+    if services.is_empty() {
+        // Not even the backend index: passes woken by changes that alter no service (status
+        // echoes) cost nothing here.
+        return Plan::default();
+    }
     plan_of(cur, services, None, limits)
 }
 
@@ -147,9 +162,9 @@ fn plan_of(cur: &ProgrammedState, services: &[ServiceSpec], whole: Option<&Desir
     let mut errors = Vec::new();
 
     // Ids in use now stay reserved for the whole plan, even those it frees.
-    let mut service_ids = IdPool::new(cur.services.values().map(|v| v.id).collect(), limits.max_services);
+    let mut service_ids = IdPool::new(|| cur.services.values().map(|v| v.id).collect(), limits.max_services);
     let mut backend_ids = IdPool::new(
-        cur.backends.iter().filter(|(_, b)| b.flags & BACKEND_IN_USE != 0).map(|(id, _)| *id).collect(),
+        || cur.backends.iter().filter(|(_, b)| b.flags & BACKEND_IN_USE != 0).map(|(id, _)| *id).collect(),
         limits.max_backends,
     );
     // Each service's allocated backends, indexed once (a scan per service would make a
@@ -333,12 +348,27 @@ mod tests {
 
     #[test]
     fn ids_are_the_lowest_free_ones_and_released_ids_are_reused_first() {
-        let mut ids = IdPool::new(BTreeSet::from([0, 2]), 6);
+        let mut ids = IdPool::new(|| BTreeSet::from([0, 2]), 6);
         assert_eq!(ids.allocate(), Some(1));
         assert_eq!(ids.allocate(), Some(3));
         ids.release(1);
         assert_eq!(ids.allocate(), Some(1));
         assert_eq!((ids.allocate(), ids.allocate(), ids.allocate()), (Some(4), Some(5), None));
+    }
+
+    #[test]
+    fn ids_taken_are_listed_at_the_first_allocation_only() {
+        let listed = std::cell::Cell::new(0);
+        let mut ids = IdPool::new(
+            || {
+                listed.set(listed.get() + 1);
+                BTreeSet::from([0, 1, 2, 4])
+            },
+            8,
+        );
+        assert_eq!(listed.get(), 0, "a pool nobody allocates from lists nothing");
+        assert_eq!((ids.allocate(), ids.allocate(), ids.allocate()), (Some(3), Some(5), Some(6)));
+        assert_eq!(listed.get(), 1);
     }
 
     #[test]

@@ -32,8 +32,8 @@ fn service(name: &str) -> Service {
     }
 }
 
-fn slice(svc: &str, ip: &str) -> EndpointSlice {
-    EndpointSlice {
+fn slice(svc: &str, ip: &str) -> CachedSlice {
+    CachedSlice::from(k8s_openapi::api::discovery::v1::EndpointSlice {
         metadata: ObjectMeta {
             name: Some(format!("{svc}-x")),
             namespace: Some("ns".into()),
@@ -48,7 +48,7 @@ fn slice(svc: &str, ip: &str) -> EndpointSlice {
             protocol: Some("TCP".into()),
             ..Default::default()
         }]),
-    }
+    })
 }
 
 fn config(name: &str, mode: AnnounceMode) -> LoadBalancerConfig {
@@ -76,7 +76,7 @@ fn node(name: &str, labels: &[(&str, &str)]) -> Node {
 
 struct World {
     services: Vec<Service>,
-    slices: Vec<EndpointSlice>,
+    slices: Vec<CachedSlice>,
     nodes: Vec<Node>,
     configs: Vec<LoadBalancerConfig>,
     balancers: Vec<LoadBalancer>,
