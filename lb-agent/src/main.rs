@@ -393,10 +393,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// Caps glibc's malloc at two arenas. By default each thread that allocates gets its own
+/// (up to eight per CPU), and each keeps the memory freed into it: at 10 000 Services the
+/// agent's tokio and blocking threads held four to five arenas of up to 64 MiB each, most
+/// of its resident memory, for a live heap far smaller. Two arenas for two worker threads
+/// is what `MALLOC_ARENA_MAX=2` (the usual advice for glibc daemons) does, set from the
+/// binary so every way of running it gets it; the environment variable still wins.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets a tunable of glibc's allocator; it is called before the
+        // runtime starts any thread, and glibc serialises it against allocations anyway.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Run(args) => {
             let opts = node_options(&args)?;
+            limit_malloc_arenas();
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let telemetry = Arc::new(Telemetry::default());
             let resync = Duration::from_secs(args.resync_interval.max(1));

@@ -39,12 +39,21 @@ impl Trim for Service {
         trim_meta(&mut self.metadata);
         // Not a LoadBalancer: its type is all that matters (a change to LoadBalancer brings
         // the whole object back); its status and finalizers stay, for releasing a Service
-        // that used to be one.
-        if let Some(spec) = self.spec.as_mut()
-            && spec.type_.as_deref() != Some("LoadBalancer")
-        {
-            *spec = ServiceSpec { type_: spec.type_.take(), ..ServiceSpec::default() };
+        // that used to be one. A LoadBalancer keeps what the agent reads of its spec: the
+        // class, the requested address and the ports (selector, cluster IPs, families and
+        // policies are kube-proxy's).
+        if let Some(spec) = self.spec.as_mut() {
+            let lb = spec.type_.as_deref() == Some("LoadBalancer");
+            *spec = ServiceSpec {
+                type_: spec.type_.take(),
+                load_balancer_class: spec.load_balancer_class.take().filter(|_| lb),
+                load_balancer_ip: spec.load_balancer_ip.take().filter(|_| lb),
+                ports: spec.ports.take().filter(|_| lb),
+                ..ServiceSpec::default()
+            };
         }
+        // The endpoints controller's and kubectl's bookkeeping.
+        self.metadata.owner_references = None;
     }
 }
 
@@ -208,11 +217,17 @@ mod tests {
             type_: Some("LoadBalancer".into()),
             load_balancer_class: Some("ballast.dev/xdp".into()),
             selector: Some([("app".into(), "web".into())].into()),
+            cluster_ip: Some("10.96.0.10".into()),
+            ports: Some(vec![k8s_openapi::api::core::v1::ServicePort { port: 80, ..Default::default() }]),
             ..Default::default()
         };
         let mut lb = Service { metadata: meta(), spec: Some(spec.clone()), status: None };
         lb.trim();
-        assert_eq!(lb.spec, Some(spec.clone()), "a LoadBalancer's spec stays whole");
+        assert_eq!(
+            lb.spec,
+            Some(ServiceSpec { selector: None, cluster_ip: None, ..spec.clone() }),
+            "class and ports stay; kube-proxy's fields go"
+        );
         assert_eq!(lb.metadata.managed_fields, None);
         let annotations = lb.metadata.annotations.as_ref().map(|a| a.keys().cloned().collect::<Vec<_>>());
         assert_eq!(annotations, Some(vec!["ballast.dev/ip".to_string()]), "ballast's annotations stay");

@@ -86,43 +86,54 @@ pub struct Plan {
 /// Ids in use, handing out the lowest free one. `floor` is a lower bound of the lowest
 /// free id, so allocating n ids costs O(n log n) in total rather than O(n²): a full sync of
 /// 100 000 services allocates hundreds of thousands of backend ids.
-struct IdPool<F> {
-    /// Lists the ids taken before the plan; called at the first allocation only, so a plan
-    /// that allocates nothing (most changes of backends) never collects 100 000 ids.
+struct IdPool<F, I: Iterator> {
+    /// Lists the ids taken before the plan, ascending; called at the first allocation
+    /// only, so a plan that allocates nothing never lists 100 000 ids, and one that does
+    /// walks them once instead of collecting them into a set.
     fill: Option<F>,
-    taken: BTreeSet<u32>,
+    before: Option<std::iter::Peekable<I>>,
+    /// Ids this plan allocated and holds.
+    mine: BTreeSet<u32>,
+    /// Ids this plan allocated and gave back: free, and below `floor`.
+    released: BTreeSet<u32>,
+    /// Every id below it is taken (before the plan, or by it) or in `released`.
     floor: u32,
     max: u32,
 }
 
-impl<F: FnOnce() -> BTreeSet<u32>> IdPool<F> {
+impl<F: FnOnce() -> I, I: Iterator<Item = u32>> IdPool<F, I> {
     fn new(fill: F, max: u32) -> Self {
-        Self { fill: Some(fill), taken: BTreeSet::new(), floor: 0, max }
+        Self { fill: Some(fill), before: None, mine: BTreeSet::new(), released: BTreeSet::new(), floor: 0, max }
     }
 
     /// Lowest id below `max` not taken; marks it taken.
     fn allocate(&mut self) -> Option<u32> {
+        if let Some(id) = self.released.pop_first() {
+            self.mine.insert(id);
+            return Some(id);
+        }
         if let Some(fill) = self.fill.take() {
-            self.taken = fill();
+            self.before = Some(fill().peekable());
         }
-        // The first gap at or above the floor, found by walking the taken ids in order.
-        for id in self.taken.range(self.floor..) {
-            if *id != self.floor {
-                break;
-            }
+        while self.floor < self.max {
+            let id = self.floor;
             self.floor += 1;
+            let taken_before = self.before.as_mut().is_some_and(|b| {
+                while b.next_if(|t| *t < id).is_some() {}
+                b.next_if_eq(&id).is_some()
+            });
+            if !taken_before && self.mine.insert(id) {
+                return Some(id);
+            }
         }
-        if self.floor >= self.max {
-            return None;
-        }
-        self.taken.insert(self.floor);
-        Some(self.floor)
+        None
     }
 
     /// Gives back `id`, which this pool allocated.
     fn release(&mut self, id: u32) {
-        self.taken.remove(&id);
-        self.floor = self.floor.min(id);
+        if self.mine.remove(&id) {
+            self.released.insert(id);
+        }
     }
 }
 
@@ -162,9 +173,17 @@ fn plan_of(cur: &ProgrammedState, services: &[ServiceSpec], whole: Option<&Desir
     let mut errors = Vec::new();
 
     // Ids in use now stay reserved for the whole plan, even those it frees.
-    let mut service_ids = IdPool::new(|| cur.services.values().map(|v| v.id).collect(), limits.max_services);
+    let mut service_ids = IdPool::new(
+        || {
+            let mut ids: Vec<u32> = cur.services.values().map(|v| v.id).collect();
+            ids.sort_unstable();
+            ids.into_iter()
+        },
+        limits.max_services,
+    );
     let mut backend_ids = IdPool::new(
-        || cur.backends.iter().filter(|(_, b)| b.flags & BACKEND_IN_USE != 0).map(|(id, _)| *id).collect(),
+        // The map iterates in id order.
+        || cur.backends.iter().filter(|(_, b)| b.flags & BACKEND_IN_USE != 0).map(|(id, _)| *id),
         limits.max_backends,
     );
     // Each service's allocated backends, indexed once (a scan per service would make a
@@ -348,7 +367,7 @@ mod tests {
 
     #[test]
     fn ids_are_the_lowest_free_ones_and_released_ids_are_reused_first() {
-        let mut ids = IdPool::new(|| BTreeSet::from([0, 2]), 6);
+        let mut ids = IdPool::new(|| [0, 2].into_iter(), 6);
         assert_eq!(ids.allocate(), Some(1));
         assert_eq!(ids.allocate(), Some(3));
         ids.release(1);
@@ -362,7 +381,7 @@ mod tests {
         let mut ids = IdPool::new(
             || {
                 listed.set(listed.get() + 1);
-                BTreeSet::from([0, 1, 2, 4])
+                [0, 1, 2, 4].into_iter()
             },
             8,
         );

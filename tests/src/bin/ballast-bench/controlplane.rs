@@ -422,7 +422,19 @@ async fn churn(bed: &K8sBed, maps: &Maps, n: usize, seen: &Seen) -> Result<Strin
         ips.push(fresh.to_string());
         let eps: Vec<(&str, bool, bool, bool)> = ips.iter().map(|e| (e.as_str(), true, true, false)).collect();
         let sent = Instant::now();
-        bed.slice(&name, &[("http", "TCP", 8080)], &eps).await?;
+        // Polled while the write is in flight too: when writes take longer than the
+        // interval, polling only between them left every change unpolled until the drain
+        // after the run, and the latency measured the run's length (up to 88 s).
+        let write = bed.slice(&name, &[("http", "TCP", 8080)], &eps);
+        tokio::pin!(write);
+        loop {
+            tokio::select! {
+                r = &mut write => break r?,
+                () = tokio::time::sleep(Duration::from_millis(1)) => {
+                    poll_pending(maps, &mut pending, &mut lat, &mut resolved)?;
+                }
+            }
+        }
         // From the API server's answer: the write's own time is the API server's, and
         // stalls of it would otherwise count as the agent's.
         let t = Instant::now();
