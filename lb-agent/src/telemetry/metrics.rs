@@ -9,7 +9,10 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use lb_common::{service::ServiceKey, stats::DropReason};
+use lb_common::{
+    service::ServiceKey,
+    stats::{DropReason, ServiceStats},
+};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, LabelSetEncoder},
@@ -330,15 +333,22 @@ impl Collector for DataplaneCollector {
             global = maps.global_stats().ok();
         }
         let labelled = |s, extra| Labelled { service: s, extra };
-        let direction = |d| Some(("direction", d));
+        // A request and a reply series per service, of the pair `counts` picks.
+        let by_direction = |counts: fn(&ServiceStats) -> [u64; 2]| {
+            stats.iter().flat_map(move |(s, st)| {
+                let [request, reply] = counts(st);
+                [
+                    (labelled(s, Some(("direction", "request"))), request),
+                    (labelled(s, Some(("direction", "reply"))), reply),
+                ]
+            })
+        };
         counter(
             &mut e,
             "ballast_service_packets",
             "Packets translated, by direction",
             None,
-            stats.iter().flat_map(|(s, st)| {
-                [(labelled(s, direction("request")), st.packets), (labelled(s, direction("reply")), st.reply_packets)]
-            }),
+            by_direction(|st| [st.packets, st.reply_packets]),
         )?;
         // The encoder appends the unit: this is `ballast_service_bytes_total`.
         counter(
@@ -346,9 +356,7 @@ impl Collector for DataplaneCollector {
             "ballast_service",
             "Bytes (IP length) translated, by direction",
             Some(&Unit::Bytes),
-            stats.iter().flat_map(|(s, st)| {
-                [(labelled(s, direction("request")), st.bytes), (labelled(s, direction("reply")), st.reply_bytes)]
-            }),
+            by_direction(|st| [st.bytes, st.reply_bytes]),
         )?;
         counter(
             &mut e,

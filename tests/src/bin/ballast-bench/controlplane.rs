@@ -467,20 +467,24 @@ async fn churn(bed: &K8sBed, maps: &Maps, n: usize, seen: &Seen) -> Result<Strin
     let (writes, cpu) = (writes_made(bed) - writes0, cpu_seconds(pid) - cpu0);
     lat.sort();
     let mut out = String::new();
-    let p = |q: f64| if lat.is_empty() { "-".to_string() } else { ms(pct(&lat, q)) };
+    // A percentile of sorted durations, or "-" when there are none.
+    let q = |v: &[Duration], x: f64| if v.is_empty() { "-".to_string() } else { ms(pct(v, x)) };
     writeln!(
         out,
         "| churn: {rate} EndpointSlice changes/s for {secs} s, change accepted by the API server → new endpoint in the map, p50 / p99 / max | {} / {} / {} ms ({} of {total} seen{}) |",
-        p(0.5),
-        p(0.99),
+        q(&lat, 0.5),
+        q(&lat, 0.99),
         lat.last().map(|d| ms(*d)).unwrap_or_default(),
         lat.len(),
         if missed > 0 { format!(", {missed} never") } else { String::new() }
     )?;
     write_time.sort();
-    let w = |q: f64| if write_time.is_empty() { "-".to_string() } else { ms(pct(&write_time, q)) };
-    writeln!(out, "| churn: the API server's answer to each change, p50 / p99 | {} / {} ms |", w(0.5), w(0.99))?;
-    let q = |v: &[Duration], x: f64| if v.is_empty() { "-".to_string() } else { ms(pct(v, x)) };
+    writeln!(
+        out,
+        "| churn: the API server's answer to each change, p50 / p99 | {} / {} ms |",
+        q(&write_time, 0.5),
+        q(&write_time, 0.99)
+    )?;
     writeln!(
         out,
         "| churn: of which change accepted → seen by an independent watch (the API server's watch delivery), p50 / p99 / max | {} / {} / {} ms |",
