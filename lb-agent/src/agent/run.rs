@@ -12,11 +12,12 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    dataplane::state::ProgrammedState,
     model::{NodeDesired, ServiceSpec},
     net::Link,
     node::{
         ApplyReport, Node, OnExit,
-        io::{Announcer, DataplaneIo, NetIo},
+        io::{Announcer, DataplaneIo, IoError, NetIo},
     },
 };
 
@@ -59,6 +60,11 @@ pub trait Source {
     /// The node's interfaces as of now; returns whether a pass is needed (an interface the
     /// source cares about went down or came back).
     fn links_changed(&mut self, links: &[Link]) -> bool;
+    /// At a re-sync: checks what this node must serve against the source's objects from
+    /// scratch; returns whether a whole pass is needed for it. By default always.
+    fn recheck(&mut self) -> bool {
+        true
+    }
     /// Hears what applying `applied` did.
     fn report(&mut self, applied: &Desired, report: &ApplyReport) -> impl Future<Output = ()>;
     /// The agent stops, leaving things as `on_exit` says.
@@ -97,6 +103,9 @@ where
     resync.tick().await;
     let mut gc = tokio::time::interval(GC_INTERVAL);
     let mut links = tokio::time::interval(LINK_INTERVAL);
+    // The maps are read off the loop: at 10 000 Services the read takes hundreds of
+    // milliseconds, and endpoint changes must not wait for it.
+    let mut drift_read: Option<tokio::task::JoinHandle<Result<ProgrammedState, IoError>>> = None;
     loop {
         node.telemetry().beat();
         let announce_at = node.next_announcement().map(tokio::time::Instant::from_std);
@@ -110,14 +119,34 @@ where
                 w
             }
             _ = resync.tick() => {
-                match node.repair_drift().await {
-                    Ok(r) if !r.is_empty() => info!(repaired = ?r, "repaired drift"),
-                    Ok(_) => {}
-                    Err(e) => warn!(error = %e, "drift check failed"),
+                if drift_read.is_none() {
+                    drift_read = Some(tokio::task::spawn_blocking(node.begin_drift_check()));
                 }
-                // Addresses, routes and announcements are checked by whole passes only.
+                // Addresses, routes and announcements are checked by whole passes: one
+                // runs when the cheap checks find something to repair.
+                let whole = source.recheck()
+                    || node.needs_whole(Instant::now()).await.unwrap_or_else(|e| {
+                        warn!(error = %e, "cannot check interfaces and addresses; doing a whole pass");
+                        true
+                    });
+                if !whole {
+                    debug!("re-sync: nothing to repair");
+                    continue;
+                }
                 node.force_whole();
                 Wake::Changed
+            }
+            read = wait_for(&mut drift_read) => {
+                drift_read = None;
+                let read = read.unwrap_or_else(|e| Err(IoError::Task(e)));
+                match node.finish_drift_check(read).await {
+                    Ok(r) if !r.is_empty() => {
+                        info!(repaired = ?r, "repaired drift");
+                        Wake::Changed
+                    }
+                    Ok(_) => continue,
+                    Err(e) => { warn!(error = %e, "drift check failed"); continue }
+                }
             }
             _ = gc.tick() => {
                 match node.collect_flows() {
@@ -162,6 +191,14 @@ where
     node.shutdown().await;
     info!("stopped");
     Ok(())
+}
+
+/// The result of `task`, or never when there is none.
+async fn wait_for<T>(task: &mut Option<tokio::task::JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
+    match task {
+        Some(t) => t.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Sleeps until `at`, or forever.

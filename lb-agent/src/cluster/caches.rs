@@ -30,6 +30,7 @@ use super::{
     liveness::LEASE_LABEL,
     programmer::Objects,
     projection::{CachedSlice, Trim},
+    service_slices::ServiceSlices,
 };
 use crate::model::ServiceRef;
 
@@ -54,6 +55,8 @@ pub struct Caches {
     slice_changes: watch::Receiver<u64>,
     lease_changes: watch::Receiver<u64>,
     touched: Arc<Mutex<Touched>>,
+    /// The names of each Service's slices in [`Self::slices`].
+    slice_names: Arc<Mutex<ServiceSlices>>,
 }
 
 /// The Services whose objects changed since the node programmer last looked (see
@@ -99,6 +102,13 @@ pub enum Touches {
     Service(ServiceRef),
     /// No data path (a slice of no Service).
     Nothing,
+}
+
+impl Touches {
+    /// Whether this touches Service `r` alone.
+    fn is(&self, r: &ServiceRef) -> bool {
+        matches!(self, Self::Service(s) if s == r)
+    }
 }
 
 /// An object whose changes touch the data path of [`Touches`].
@@ -154,6 +164,7 @@ fn reflect<K>(
     cfg: watcher::Config,
     changes: Vec<Arc<watch::Sender<u64>>>,
     touched: Arc<Mutex<Touched>>,
+    mut follow: impl FnMut(&watcher::Event<K>) + Send + 'static,
 ) -> Store<K>
 where
     K: Resource + Trim + Scope + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
@@ -170,6 +181,7 @@ where
                 Ok(ev) => {
                     // Recorded before the signal, so whoever it wakes finds it. (The
                     // reflector stored the object before handing on the event.)
+                    follow(&ev);
                     let what = match &ev {
                         watcher::Event::Apply(o) | watcher::Event::Delete(o) => o.touches(),
                         // A (re)list: whatever it brings, or stopped bringing.
@@ -207,24 +219,42 @@ impl Caches {
         let all = watcher::Config::default;
         let touched: Arc<Mutex<Touched>> = Arc::default();
         let t = || touched.clone();
+        let slice_names: Arc<Mutex<ServiceSlices>> = Arc::default();
+        let names = slice_names.clone();
+        let follow_slices = move |ev: &watcher::Event<CachedSlice>| {
+            if let Ok(mut n) = names.lock() {
+                n.apply(ev);
+            }
+        };
         Self {
-            services: reflect(Api::all(client.clone()), all(), o(), t()),
-            slices: reflect(Api::all(client.clone()), all(), vec![objects_tx.clone(), slices_tx], t()),
-            nodes: reflect(Api::all(client.clone()), all(), o(), t()),
-            namespaces: reflect(Api::all(client.clone()), all(), o(), t()),
-            configs: reflect(Api::all(client.clone()), cfg_watch, o(), t()),
-            balancers: reflect(Api::all(client.clone()), all(), o(), t()),
+            services: reflect(Api::all(client.clone()), all(), o(), t(), |_| {}),
+            slices: reflect(Api::all(client.clone()), all(), vec![objects_tx.clone(), slices_tx], t(), follow_slices),
+            nodes: reflect(Api::all(client.clone()), all(), o(), t(), |_| {}),
+            namespaces: reflect(Api::all(client.clone()), all(), o(), t(), |_| {}),
+            configs: reflect(Api::all(client.clone()), cfg_watch, o(), t(), |_| {}),
+            balancers: reflect(Api::all(client.clone()), all(), o(), t(), |_| {}),
             leases: reflect(
                 Api::namespaced(client.clone(), namespace),
                 all().labels(LEASE_LABEL),
                 vec![leases_tx],
                 Arc::new(Mutex::new(Touched::default())),
+                |_| {},
             ),
             objects,
             slice_changes,
             lease_changes,
             touched,
+            slice_names,
         }
+    }
+
+    /// The cached slices of Service `r`, found without looking at the others'.
+    pub fn slices_of(&self, r: &ServiceRef) -> Vec<Arc<CachedSlice>> {
+        let Ok(names) = self.slice_names.lock() else {
+            // A reflector panicked while holding the lock: look at every slice instead.
+            return self.slices.state().into_iter().filter(|s| s.touches().is(r)).collect();
+        };
+        names.of(r).filter_map(|name| self.slices.get(&reflector::ObjectRef::new(name).within(&r.namespace))).collect()
     }
 
     /// Waits until every cache holds its first list.

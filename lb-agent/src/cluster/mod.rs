@@ -9,7 +9,7 @@
 //!   while its own heartbeat lives.
 //!
 //! [`desired`], [`ownership`], [`liveness`], [`programmer`], [`status`], [`events`],
-//! [`pool`], [`endpoints`], [`projection`] and [`reason`] are pure; [`caches`], [`leases`], [`allocator`]
+//! [`pool`], [`endpoints`], [`projection`], [`service_slices`] and [`reason`] are pure; [`caches`], [`leases`], [`allocator`]
 //! and [`source`] do the IO.
 
 pub mod allocator;
@@ -28,6 +28,7 @@ pub mod pool;
 pub mod programmer;
 pub mod projection;
 pub mod reason;
+pub mod service_slices;
 pub mod source;
 pub mod status;
 pub mod token_bucket;

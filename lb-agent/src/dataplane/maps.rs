@@ -139,7 +139,7 @@ impl Maps {
         for (id, item) in self.backends.iter().enumerate() {
             let b = item.map_err(access(map_names::BACKENDS, "read"))?;
             if b != Backend::default() {
-                st.backends.insert(id as u32, b);
+                st.apply(&MapOp::SetBackend(id as u32, b));
             }
         }
         for item in self.addrs.iter() {

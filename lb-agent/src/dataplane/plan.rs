@@ -186,18 +186,9 @@ fn plan_of(cur: &ProgrammedState, services: &[ServiceSpec], whole: Option<&Desir
         || cur.backends.iter().filter(|(_, b)| b.flags & BACKEND_IN_USE != 0).map(|(id, _)| *id),
         limits.max_backends,
     );
-    // Each service's allocated backends, indexed once (a scan per service would make a
-    // full sync quadratic).
-    // (Of the services named only, when that is all the plan touches.)
-    let scope: Option<BTreeSet<u32>> =
-        whole.is_none().then(|| services.iter().filter_map(|s| cur.services.get(&s.key())).map(|v| v.id).collect());
-    let mut by_service: BTreeMap<u32, Vec<(u32, Backend)>> = BTreeMap::new();
-    for (bid, b) in cur.backends.iter().filter(|(_, b)| b.flags & BACKEND_IN_USE != 0) {
-        if scope.as_ref().is_none_or(|ids| ids.contains(&b.service_id)) {
-            by_service.entry(b.service_id).or_default().push((*bid, *b));
-        }
-    }
-    let backends_of = |id: u32| by_service.get(&id).into_iter().flatten().copied();
+    // Each service's allocated backends, from the state's index (a scan per service would
+    // make a full sync quadratic, and a scan of all a plan of one service O(cluster)).
+    let backends_of = |id: u32| cur.backends_of(id).map(|(bid, b)| (bid, *b));
 
     let mut wanted: Vec<&ServiceSpec> = services.iter().collect();
     wanted.sort_by_key(|s| s.key());

@@ -1,6 +1,6 @@
 //! What the data path's maps hold, as plain data, and the operations that change it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::{
     addr::{AddrInfo, AddrKey, IfaceInfo},
@@ -22,6 +22,9 @@ pub struct ProgrammedState {
     pub addrs: BTreeMap<AddrKey, AddrInfo>,
     /// `ifaces` map.
     pub ifaces: BTreeMap<u32, IfaceInfo>,
+    /// The in-use backend ids of each service id, kept by [`Self::apply`], so a plan of a
+    /// few services does not walk 100 000 backends to find theirs.
+    by_service: BTreeMap<u32, BTreeSet<u32>>,
 }
 
 /// One change to the maps. A plan is a sequence of these whose order makes every
@@ -56,7 +59,18 @@ impl ProgrammedState {
         match op {
             MapOp::ResetService(_) => {}
             MapOp::SetBackend(id, b) => {
-                self.backends.insert(*id, *b);
+                if let Some(old) = self.backends.insert(*id, *b)
+                    && old.flags & BACKEND_IN_USE != 0
+                    && let Some(ids) = self.by_service.get_mut(&old.service_id)
+                {
+                    ids.remove(id);
+                    if ids.is_empty() {
+                        self.by_service.remove(&old.service_id);
+                    }
+                }
+                if b.flags & BACKEND_IN_USE != 0 {
+                    self.by_service.entry(b.service_id).or_default().insert(*id);
+                }
             }
             MapOp::SetSlot(k, id) => {
                 self.slots.insert(*k, *id);
@@ -85,6 +99,29 @@ impl ProgrammedState {
         }
     }
 
+    /// Takes the entries named in `keys` from `newer` (present there or absent), the rest
+    /// stays: a read of the maps that ran while `keys` were written compares with
+    /// `newer` only where it could not have seen a write.
+    pub fn overlay(&mut self, newer: &ProgrammedState, keys: &WrittenKeys) {
+        fn take<K: Ord + Copy, V: Copy>(mine: &mut BTreeMap<K, V>, newer: &BTreeMap<K, V>, keys: &BTreeSet<K>) {
+            for k in keys {
+                match newer.get(k) {
+                    Some(v) => mine.insert(*k, *v),
+                    None => mine.remove(k),
+                };
+            }
+        }
+        take(&mut self.services, &newer.services, &keys.services);
+        take(&mut self.slots, &newer.slots, &keys.slots);
+        take(&mut self.addrs, &newer.addrs, &keys.addrs);
+        take(&mut self.ifaces, &newer.ifaces, &keys.ifaces);
+        for id in &keys.backends {
+            if let Some(b) = newer.backends.get(id) {
+                self.apply(&MapOp::SetBackend(*id, *b));
+            }
+        }
+    }
+
     /// Backend ids of a service's active set, in round-robin order.
     pub fn active_set(&self, svc: &ServiceValue) -> Vec<u32> {
         (0..svc.count)
@@ -94,9 +131,45 @@ impl ProgrammedState {
 
     /// Allocated backend ids of service `id` (active and terminating).
     pub fn backends_of(&self, id: u32) -> impl Iterator<Item = (u32, &Backend)> {
-        self.backends
-            .iter()
-            .filter(move |(_, b)| b.flags & BACKEND_IN_USE != 0 && b.service_id == id)
-            .map(|(i, b)| (*i, b))
+        self.by_service.get(&id).into_iter().flatten().filter_map(|bid| Some((*bid, self.backends.get(bid)?)))
+    }
+}
+
+/// The keys of the entries a sequence of [`MapOp`]s wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WrittenKeys {
+    /// `services` keys.
+    pub services: BTreeSet<ServiceKey>,
+    /// `slots` keys.
+    pub slots: BTreeSet<SlotKey>,
+    /// `backends` ids.
+    pub backends: BTreeSet<u32>,
+    /// `addrs` keys.
+    pub addrs: BTreeSet<AddrKey>,
+    /// `ifaces` keys.
+    pub ifaces: BTreeSet<u32>,
+}
+
+impl WrittenKeys {
+    /// Records what `op` writes.
+    pub fn note(&mut self, op: &MapOp) {
+        match op {
+            MapOp::ResetService(_) => {}
+            MapOp::SetBackend(id, _) => {
+                self.backends.insert(*id);
+            }
+            MapOp::SetSlot(k, _) | MapOp::DeleteSlot(k) => {
+                self.slots.insert(*k);
+            }
+            MapOp::SetService(k, _) | MapOp::DeleteService(k) => {
+                self.services.insert(*k);
+            }
+            MapOp::SetAddr(k, _) | MapOp::DeleteAddr(k) => {
+                self.addrs.insert(*k);
+            }
+            MapOp::SetIface(k, _) | MapOp::DeleteIface(k) => {
+                self.ifaces.insert(*k);
+            }
+        }
     }
 }

@@ -157,7 +157,7 @@ impl Netlink {
     }
 }
 
-fn to_link(m: &LinkMessage) -> Link {
+pub(crate) fn to_link(m: &LinkMessage) -> Link {
     let mut name = String::new();
     let mut parent = None;
     let mut vlan_id = None;

@@ -22,7 +22,7 @@ use std::{
     },
 };
 
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use rtnetlink::{
     MulticastGroup,
     packet_core::NetlinkPayload,
@@ -34,7 +34,10 @@ use rtnetlink::{
 };
 use tracing::{debug, info, warn};
 
-use crate::dataplane::{MapsError, maps::RouteEpochMap};
+use crate::{
+    dataplane::{MapsError, maps::RouteEpochMap},
+    net::Link,
+};
 
 /// Where epoch bumps go: the pinned `route_epoch` map, or a stand-in in tests.
 pub trait EpochSink {
@@ -105,30 +108,84 @@ fn foreign_ipv4(a: &AddressMessage) -> bool {
     a.header.family == AddressFamily::Inet && super::netlink::to_ifaddr(a).is_none_or(|a| !a.ours)
 }
 
-/// What the kernel's neighbour table holds, as far as a FIB lookup is concerned: for each
-/// (interface, address), the MAC it returns, or nothing when the entry is not usable.
+/// What the kernel's neighbour and link tables hold, as far as a FIB lookup is concerned:
+/// for each (interface, address), the MAC it returns, or nothing when the entry is not
+/// usable; for each interface, what of it a route or a next hop depends on.
 #[derive(Debug, Default)]
 pub struct Relevance {
     neighbours: HashMap<(u32, Ipv4Addr), Option<[u8; 6]>>,
+    links: HashMap<u32, LinkState>,
+}
+
+/// What a notification can change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    /// The data path's cached next hops (routes, MTUs, MACs).
+    pub hops: bool,
+    /// The route the kernel picks towards some address ([`changes_routes`]).
+    pub routes: bool,
+}
+
+/// What of an interface the kernel's route choice (state) or a next hop (also MTU and
+/// MAC) depends on. Attaching a program, renaming or a statistics change sends the same
+/// notification, and counting those as route changes made the agent look up every
+/// backend's route again after each first pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct LinkState {
+    up: bool,
+    lower_up: bool,
+    mtu: u32,
+    mac: Option<[u8; 6]>,
+}
+
+impl LinkState {
+    fn of(l: &Link) -> Self {
+        Self { up: l.up, lower_up: l.lower_up, mtu: l.mtu, mac: l.mac }
+    }
 }
 
 impl Relevance {
-    /// Whether notification `msg` can change a cached next hop. Routes, rules and links
-    /// always can; addresses unless they are ballast's own VIPs (renewed every few seconds,
-    /// never a SNAT source); a neighbour only when the MAC a lookup returns appears,
-    /// changes or goes, not when it merely moves between reachable and stale.
+    /// Whether notification `msg` can change a cached next hop. Routes and rules always
+    /// can; links when they appear, go, or change state, MTU or MAC; addresses unless they
+    /// are ballast's own VIPs (renewed every few seconds, never a SNAT source); a neighbour
+    /// only when the MAC a lookup returns appears, changes or goes, not when it merely
+    /// moves between reachable and stale.
     pub fn relevant(&mut self, msg: &RouteNetlinkMessage) -> bool {
+        self.classify(msg).hops
+    }
+
+    /// What notification `msg` can change, updating what is known of links and neighbours.
+    pub fn classify(&mut self, msg: &RouteNetlinkMessage) -> Verdict {
+        let routes = changes_routes(msg);
         match msg {
             RouteNetlinkMessage::NewRoute(_)
             | RouteNetlinkMessage::DelRoute(_)
             | RouteNetlinkMessage::NewRule(_)
-            | RouteNetlinkMessage::DelRule(_)
-            | RouteNetlinkMessage::NewLink(_)
-            | RouteNetlinkMessage::DelLink(_) => true,
-            RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => foreign_ipv4(a),
-            RouteNetlinkMessage::NewNeighbour(n) => self.neighbour(n, false),
-            RouteNetlinkMessage::DelNeighbour(n) => self.neighbour(n, true),
-            _ => false,
+            | RouteNetlinkMessage::DelRule(_) => Verdict { hops: true, routes },
+            RouteNetlinkMessage::NewLink(l) => self.link(&super::netlink::to_link(l), false),
+            RouteNetlinkMessage::DelLink(l) => self.link(&super::netlink::to_link(l), true),
+            RouteNetlinkMessage::NewAddress(a) | RouteNetlinkMessage::DelAddress(a) => {
+                Verdict { hops: foreign_ipv4(a), routes }
+            }
+            RouteNetlinkMessage::NewNeighbour(n) => Verdict { hops: self.neighbour(n, false), routes },
+            RouteNetlinkMessage::DelNeighbour(n) => Verdict { hops: self.neighbour(n, true), routes },
+            _ => Verdict { hops: false, routes },
+        }
+    }
+
+    /// Records interfaces as listed, so their next notification is compared with this.
+    pub fn seed_links(&mut self, links: &[Link]) {
+        self.links.extend(links.iter().map(|l| (l.index, LinkState::of(l))));
+    }
+
+    fn link(&mut self, l: &Link, deleted: bool) -> Verdict {
+        let now = LinkState::of(l);
+        let before = if deleted { self.links.remove(&l.index) } else { self.links.insert(l.index, now) };
+        match before {
+            // Unknown before, or gone: it may carry routes.
+            None => Verdict { hops: true, routes: true },
+            Some(_) if deleted => Verdict { hops: true, routes: true },
+            Some(b) => Verdict { hops: b != now, routes: (b.up, b.lower_up) != (now.up, now.lower_up) },
         }
     }
 
@@ -167,10 +224,17 @@ impl Relevance {
 
 /// Applies one notification: bumps the epoch if it matters. A failed bump is logged and
 /// retried with the next notification (`pending`).
-pub fn on_message<E: EpochSink>(rel: &mut Relevance, sink: &mut E, pending: &mut bool, msg: &RouteNetlinkMessage) {
-    if rel.relevant(msg) || *pending {
+pub fn on_message<E: EpochSink>(
+    rel: &mut Relevance,
+    sink: &mut E,
+    pending: &mut bool,
+    msg: &RouteNetlinkMessage,
+) -> Verdict {
+    let v = rel.classify(msg);
+    if v.hops || *pending {
         bump(sink, pending);
     }
+    v
 }
 
 /// Bumps the epoch; on failure, leaves it `pending` for the next notification.
@@ -191,7 +255,7 @@ fn bump<E: EpochSink>(sink: &mut E, pending: &mut bool) {
 /// `generation` for each that [`changes_routes`], until the netlink socket closes. Bumps
 /// once first: hops cached while no agent ran are looked up again.
 pub async fn follow<E: EpochSink>(mut sink: E, generation: RouteGeneration) -> std::io::Result<()> {
-    let (conn, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
+    let (conn, handle, mut messages) = rtnetlink::new_multicast_connection(&[
         MulticastGroup::Link,
         MulticastGroup::Ipv4Ifaddr,
         MulticastGroup::Ipv4Route,
@@ -200,16 +264,21 @@ pub async fn follow<E: EpochSink>(mut sink: E, generation: RouteGeneration) -> s
     ])?;
     tokio::spawn(conn);
     let mut rel = Relevance::default();
+    // Listed after subscribing, so no change falls between the list and the notifications;
+    // without the list every interface's first notification counts as a change.
+    match handle.link().get().execute().try_collect::<Vec<_>>().await {
+        Ok(links) => rel.seed_links(&links.iter().map(super::netlink::to_link).collect::<Vec<_>>()),
+        Err(e) => warn!(error = %e, "cannot list interfaces; their first change counts as a route change"),
+    }
     let mut pending = false;
     bump(&mut sink, &mut pending);
     generation.set_following(true);
     info!("following route, neighbour and link changes");
     while let Some((m, _)) = messages.next().await {
-        if let NetlinkPayload::InnerMessage(msg) = m.payload {
-            if changes_routes(&msg) {
-                generation.bump();
-            }
-            on_message(&mut rel, &mut sink, &mut pending, &msg);
+        if let NetlinkPayload::InnerMessage(msg) = m.payload
+            && on_message(&mut rel, &mut sink, &mut pending, &msg).routes
+        {
+            generation.bump();
         }
     }
     generation.set_following(false);
@@ -323,6 +392,39 @@ mod tests {
         addr.attributes
             .push(AddressAttribute::Protocol(AddressProtocol::from(super::super::netlink::ADDRESS_PROTOCOL)));
         assert!(!changes_routes(&RouteNetlinkMessage::DelAddress(addr)), "our VIP");
+    }
+
+    fn link(index: u32, up: bool, mtu: u32) -> RouteNetlinkMessage {
+        use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+        let mut l = LinkMessage::default();
+        l.header.index = index;
+        if up {
+            l.header.flags = LinkFlags::Up | LinkFlags::LowerUp;
+        }
+        l.attributes.push(LinkAttribute::IfName(format!("eth{index}")));
+        l.attributes.push(LinkAttribute::Mtu(mtu));
+        RouteNetlinkMessage::NewLink(l)
+    }
+
+    #[test]
+    fn a_link_matters_when_it_appears_goes_or_changes_state_not_when_a_program_is_attached() {
+        let mut r = Relevance::default();
+        let both = Verdict { hops: true, routes: true };
+        assert_eq!(r.classify(&link(3, true, 1500)), both, "unknown before");
+        assert_eq!(
+            r.classify(&link(3, true, 1500)),
+            Verdict { hops: false, routes: false },
+            "the same link again, as when XDP is attached"
+        );
+        assert_eq!(r.classify(&link(3, true, 1400)), Verdict { hops: true, routes: false }, "an MTU is no route");
+        assert_eq!(r.classify(&link(3, false, 1400)), both, "down");
+        let RouteNetlinkMessage::NewLink(l) = link(3, false, 1400) else { unreachable!() };
+        assert_eq!(r.classify(&RouteNetlinkMessage::DelLink(l)), both, "gone");
+
+        let mut seeded = Relevance::default();
+        let RouteNetlinkMessage::NewLink(l) = link(4, true, 1500) else { unreachable!() };
+        seeded.seed_links(&[super::super::netlink::to_link(&l)]);
+        assert_eq!(seeded.classify(&link(4, true, 1500)), Verdict { hops: false, routes: false }, "listed at start");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::{
 
 use lb_common::config::DataplaneConfig;
 
-use super::io::{Announcer, DataplaneIo, IoError, NetIo};
+use super::io::{Announcer, DataplaneIo, IoError, NetIo, StateReader};
 use crate::{
     dataplane::{
         Hooks,
@@ -70,6 +70,10 @@ impl<T> Faulty<T> {
 impl<T: DataplaneIo> DataplaneIo for Faulty<T> {
     fn read_state(&self) -> Result<ProgrammedState, IoError> {
         self.inner.read_state()
+    }
+
+    fn state_reader(&self) -> StateReader {
+        self.inner.state_reader()
     }
 
     fn apply(&mut self, op: &MapOp) -> Result<(), IoError> {

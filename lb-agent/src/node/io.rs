@@ -51,6 +51,9 @@ pub enum IoError {
     /// A failure injected by [`super::faulty`] (tests).
     #[error("injected failure: {0}")]
     Injected(String),
+    /// The thread reading the maps off the loop panicked or was cancelled.
+    #[error("the map read did not finish: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 impl From<LoadError> for IoError {
@@ -59,10 +62,17 @@ impl From<LoadError> for IoError {
     }
 }
 
+/// A read of the maps that runs away from the agent's loop (on a blocking thread): at
+/// 10 000 Services reading every entry takes hundreds of milliseconds of system calls.
+pub type StateReader = Box<dyn FnOnce() -> Result<ProgrammedState, IoError> + Send>;
+
 /// The loaded data path: its maps and the interfaces its programs are attached to.
 pub trait DataplaneIo {
     /// What the maps hold (everything the agent owns).
     fn read_state(&self) -> Result<ProgrammedState, IoError>;
+    /// A [`Self::read_state`] that can run on another thread, of the maps as they are when
+    /// it runs.
+    fn state_reader(&self) -> StateReader;
     /// Applies one map operation.
     fn apply(&mut self, op: &MapOp) -> Result<(), IoError>;
     /// The id spaces the maps were created with.

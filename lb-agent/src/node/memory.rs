@@ -10,7 +10,7 @@ use std::{
 
 use lb_common::config::DataplaneConfig;
 
-use super::io::{Announcer, DataplaneIo, IoError, NetIo};
+use super::io::{Announcer, DataplaneIo, IoError, NetIo, StateReader};
 use crate::{
     dataplane::{
         Hooks,
@@ -52,6 +52,11 @@ impl MemoryDataplane {
 impl DataplaneIo for MemoryDataplane {
     fn read_state(&self) -> Result<ProgrammedState, IoError> {
         Ok(self.state.clone())
+    }
+
+    fn state_reader(&self) -> StateReader {
+        let state = self.state.clone();
+        Box::new(move || Ok(state))
     }
 
     fn apply(&mut self, op: &MapOp) -> Result<(), IoError> {

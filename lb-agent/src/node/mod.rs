@@ -24,14 +24,14 @@ use lb_common::{
 };
 use tracing::{debug, info, warn};
 
-use self::io::{Announcer, DataplaneIo, IoError, NetIo};
+use self::io::{Announcer, DataplaneIo, IoError, NetIo, StateReader};
 pub use self::report::{ApplyReport, NodeFailure};
 use crate::{
     dataplane::{
         Hooks, MapSizes, XdpAttachMode,
         flows::{self, GcReport},
         plan::{DesiredState, plan, plan_services},
-        state::ProgrammedState,
+        state::{MapOp, ProgrammedState, WrittenKeys},
     },
     model::{Hold, NodeDesired, ServiceId, ServiceSpec},
     net::{
@@ -130,7 +130,7 @@ const ROUTE_TTL_FOLLOWED: Duration = Duration::from_secs(300);
 /// addresses (its own VIPs aside) stay the same. Lookups are round trips; redoing 100 000
 /// of them every few seconds made passes at 10 000 Services × 10 endpoints take seconds.
 struct RouteCache {
-    links: Vec<Link>,
+    links: Vec<RoutingView>,
     addrs: Vec<IfAddr>,
     generation: Option<u64>,
     since: Instant,
@@ -145,13 +145,42 @@ impl RouteCache {
     /// Forgets everything when the routes' generation, the interfaces or the addresses
     /// changed, or the entries are old.
     fn refresh(&mut self, links: &[Link], addrs: &[IfAddr], generation: Option<u64>) {
-        // Lifetimes tick down every second and carrier is not a routing input.
-        let addrs: Vec<IfAddr> =
-            addrs.iter().filter(|a| !a.ours).map(|a| IfAddr { lifetime: Lifetime::Forever, ..*a }).collect();
-        let ttl = if generation.is_some() { ROUTE_TTL_FOLLOWED } else { ROUTE_TTL };
-        if self.links != links || self.addrs != addrs || self.generation != generation || self.since.elapsed() > ttl {
-            *self = Self { links: links.to_vec(), addrs, generation, since: Instant::now(), oifs: HashMap::new() };
+        if !self.still_valid(links, addrs, generation) {
+            let (links, addrs) = Self::inputs(links, addrs);
+            *self = Self { links, addrs, generation, since: Instant::now(), oifs: HashMap::new() };
         }
+    }
+
+    /// Whether the lookups still hold with these interfaces, addresses and generation.
+    fn still_valid(&self, links: &[Link], addrs: &[IfAddr], generation: Option<u64>) -> bool {
+        let ttl = if generation.is_some() { ROUTE_TTL_FOLLOWED } else { ROUTE_TTL };
+        let (links, addrs) = Self::inputs(links, addrs);
+        self.links == links && self.addrs == addrs && self.generation == generation && self.since.elapsed() <= ttl
+    }
+
+    /// What of the interfaces and addresses routes depend on.
+    fn inputs(links: &[Link], addrs: &[IfAddr]) -> (Vec<RoutingView>, Vec<IfAddr>) {
+        // Lifetimes tick down every second; ballast's own VIPs change no route.
+        let addrs = addrs.iter().filter(|a| !a.ours).map(|a| IfAddr { lifetime: Lifetime::Forever, ..*a }).collect();
+        (links.iter().map(RoutingView::of).collect(), addrs)
+    }
+}
+
+/// What of an interface can change the route towards an address. Attaching the data path
+/// to the interfaces towards the backends changes their XDP program, and comparing whole
+/// [`Link`]s made the pass after every first one look up all 100 000 backends again.
+#[derive(Debug, PartialEq, Eq)]
+struct RoutingView {
+    index: u32,
+    name: String,
+    up: bool,
+    lower_up: bool,
+    vlan: Option<(u32, u16)>,
+}
+
+impl RoutingView {
+    fn of(l: &Link) -> Self {
+        Self { index: l.index, name: l.name.clone(), up: l.up, lower_up: l.lower_up, vlan: l.vlan }
     }
 }
 
@@ -254,6 +283,9 @@ pub struct Node<D, N, A> {
     last: Option<LastPass>,
     /// Interfaces towards the backends, as of the last whole pass.
     egress_ifaces: BTreeSet<u32>,
+    /// While a read of the maps runs off the loop ([`Self::begin_drift_check`]): the keys
+    /// written since it started, which it may or may not have seen.
+    written_since_read: Option<WrittenKeys>,
     /// Held for the agent's lifetime: see [`instance_lock`].
     _lock: Option<std::os::unix::net::UnixListener>,
 }
@@ -293,6 +325,7 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
             next_defense: None,
             last: None,
             egress_ifaces: BTreeSet::new(),
+            written_since_read: None,
             _lock: None,
         };
         node.attach(&links, iface)?;
@@ -403,7 +436,7 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
                 self.last = None;
                 return Some(report);
             }
-            self.state.apply(op);
+            self.record(op);
             report.map_ops += 1;
         }
         for e in p.errors {
@@ -514,7 +547,7 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
                 report.errors.push(e);
                 break;
             }
-            self.state.apply(op);
+            self.record(op);
             report.map_ops += 1;
         }
         for e in p.errors {
@@ -778,12 +811,73 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
         Ok(self.net.links().await?)
     }
 
+    /// Records an applied operation.
+    fn record(&mut self, op: &MapOp) {
+        self.state.apply(op);
+        if let Some(w) = self.written_since_read.as_mut() {
+            w.note(op);
+        }
+    }
+
+    /// Whether a re-sync needs a whole pass, judged cheaply: none succeeded since the last
+    /// was asked for, a failure waits for a retry, the routes may have moved, addresses
+    /// held as [`Hold::Exclusive`] are due for a check, the interfaces or their addresses
+    /// changed, or an address this node must hold is missing (or one it must not, present).
+    /// At 10 000 Services a whole pass takes half a second of the loop, and endpoint
+    /// changes wait behind it.
+    pub async fn needs_whole(&mut self, now: Instant) -> Result<bool, NodeError> {
+        let Some(last) = self.last.as_ref() else { return Ok(true) };
+        let generation = self.net.route_generation();
+        // Without notifications of route changes, whole passes are how routes are checked.
+        if generation.is_none() || generation != last.generation {
+            return Ok(true);
+        }
+        if last.defends && self.next_defense.is_some_and(|t| now >= t) {
+            return Ok(true);
+        }
+        if !last.failed.values().all(NodeFailure::waits_for_a_change) {
+            return Ok(true);
+        }
+        let links = self.net.links().await?;
+        let addrs = self.net.addresses().await?;
+        if !self.routes.still_valid(&links, &addrs, generation) {
+            return Ok(true);
+        }
+        let changes = self.address_changes(&addrs, &mut ApplyReport::default());
+        Ok(!(changes.add.is_empty() && changes.remove.is_empty() && changes.renew.is_empty()))
+    }
+
+    /// Starts a check of the maps against what this agent wrote: returns the read, to run
+    /// off the loop, whose result goes to [`Self::finish_drift_check`]. Passes may run
+    /// meanwhile.
+    pub fn begin_drift_check(&mut self) -> StateReader {
+        self.written_since_read = Some(WrittenKeys::default());
+        self.dp.state_reader()
+    }
+
+    /// [`Self::repair_drift`] with the maps as `read` (begun by [`Self::begin_drift_check`])
+    /// found them. Entries written since the read began are taken as written: the read
+    /// may have come before or after the write.
+    pub async fn finish_drift_check(
+        &mut self,
+        read: Result<ProgrammedState, IoError>,
+    ) -> Result<Vec<String>, NodeError> {
+        let written = self.written_since_read.take().unwrap_or_default();
+        let mut actual = read?;
+        actual.overlay(&self.state, &written);
+        self.repair_from(actual).await
+    }
+
     /// Compares the maps and attachments with what this agent programmed and repairs any
     /// difference (someone deleted a map entry, detached a program, recreated an
     /// interface). Returns what was repaired; the next [`Self::apply`] rewrites the maps.
     pub async fn repair_drift(&mut self) -> Result<Vec<String>, NodeError> {
-        let mut repaired = Vec::new();
         let actual = self.dp.read_state()?;
+        self.repair_from(actual).await
+    }
+
+    async fn repair_from(&mut self, actual: ProgrammedState) -> Result<Vec<String>, NodeError> {
+        let mut repaired = Vec::new();
         if actual != self.state {
             let differs = |a: usize, b: usize, what: &str| (a != b).then(|| format!("{what} {a}→{b}"));
             let detail: Vec<String> = [
@@ -800,6 +894,7 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
             self.telemetry.drift("map");
             repaired.push(format!("maps: {detail}"));
             self.state = actual;
+            self.force_whole();
         }
         let links = self.net.links().await?;
         for (index, name) in self.dp.lost_attachments(&links) {
@@ -811,6 +906,7 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
             // Counted once repaired: whoever sees the count sees the program back.
             self.telemetry.drift("attachment");
             repaired.push(format!("attachment on {name}"));
+            self.force_whole();
         }
         Ok(repaired)
     }

@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    path::PathBuf,
     sync::Arc,
     time::Duration,
 };
@@ -13,7 +14,7 @@ use tracing::warn;
 
 use super::{
     Node, NodeError, NodeOptions,
-    io::{Announcer, DataplaneIo, IoError, NetIo},
+    io::{Announcer, DataplaneIo, IoError, NetIo, StateReader},
 };
 use crate::{
     dataplane::{
@@ -41,11 +42,19 @@ pub struct KernelDataplane {
     pub dp: Dataplane,
     /// XDP attach mode.
     pub mode: XdpAttachMode,
+    /// Where the maps are pinned.
+    pub pin_dir: PathBuf,
 }
 
 impl DataplaneIo for KernelDataplane {
     fn read_state(&self) -> Result<ProgrammedState, IoError> {
         Ok(self.dp.maps.read_state()?)
+    }
+
+    fn state_reader(&self) -> StateReader {
+        // The pinned maps opened again: the reader owns its handles.
+        let dir = self.pin_dir.clone();
+        Box::new(move || Ok(Maps::open(&dir)?.read_state()?))
     }
 
     fn apply(&mut self, op: &MapOp) -> Result<(), IoError> {
@@ -222,14 +231,22 @@ impl KernelNode {
         let epoch = RouteEpochMap::open(&opts.pin_dir).map_err(IoError::Maps)?;
         let generation = RouteGeneration::default();
         let nl = nl.with_generation(generation.clone());
+        let followed = generation.clone();
         tokio::spawn(async move {
             if let Err(e) = route_watch::follow(epoch, generation).await {
                 warn!(error = %e, "cannot follow route changes; cached next hops expire by age only");
             }
         });
+        // The first pass's route lookups are kept only if the generation does not move
+        // under them: following starts with a bump. A second past that, lookups expire by age.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+        while followed.current().is_none() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
         telemetry.set_maps(Maps::open(&opts.pin_dir).map_err(IoError::Maps)?);
-        let mode = opts.xdp_mode;
-        let mut node = Node::new(opts, telemetry, KernelDataplane { dp, mode }, nl, ArpAnnouncer::default()).await?;
+        let (mode, pin_dir) = (opts.xdp_mode, opts.pin_dir.clone());
+        let mut node =
+            Node::new(opts, telemetry, KernelDataplane { dp, mode, pin_dir }, nl, ArpAnnouncer::default()).await?;
         node._lock = Some(lock);
         Ok(node)
     }

@@ -489,3 +489,56 @@ async fn backend_changes_that_need_more_are_refused() {
     b.net.state().routes.push((Ipv4Addr::new(10, 0, 0, 0), 16, 3));
     assert!(b.node.apply_backends(&[svc("web", A, 80)], now).await.is_none());
 }
+
+#[tokio::test]
+async fn a_resync_needs_a_whole_pass_only_when_something_is_to_repair() {
+    let mut b = bed(OnExit::Detach).await;
+    assert!(b.node.needs_whole(Instant::now()).await.unwrap(), "no whole pass yet");
+    let d = desired(vec![svc("web", A, 80)], &[(A, Hold::Permanent)]);
+    b.node.apply(&d, Instant::now()).await.unwrap();
+    assert!(!b.node.needs_whole(Instant::now()).await.unwrap(), "everything as the last pass left it");
+    // Someone removes the VIP.
+    b.net.state().addrs.retain(|a| a.addr != A);
+    assert!(b.node.needs_whole(Instant::now()).await.unwrap(), "a held VIP is missing");
+    b.node.apply(&d, Instant::now()).await.unwrap();
+    assert!(!b.node.needs_whole(Instant::now()).await.unwrap());
+    // A new connected subnet may change where backends are routed.
+    b.net.state().address(LB0, Ipv4Addr::new(10, 1, 0, 1), 24);
+    assert!(b.node.needs_whole(Instant::now()).await.unwrap(), "a foreign address appeared");
+    b.node.apply(&d, Instant::now()).await.unwrap();
+    b.node.force_whole();
+    assert!(b.node.needs_whole(Instant::now()).await.unwrap(), "asked for");
+}
+
+#[tokio::test]
+async fn a_map_read_that_overlaps_writes_finds_no_drift_and_one_after_a_deletion_repairs_it() {
+    let mut b = bed(OnExit::Detach).await;
+    let holds = [(A, Hold::Permanent)];
+    b.node.apply(&desired(vec![svc("web", A, 80)], &holds), Instant::now()).await.unwrap();
+    // The read starts (here: a copy of the maps as they are now), then endpoints change.
+    let read = b.node.begin_drift_check();
+    let web = with_backends(svc("web", A, 80), &[[10, 0, 0, 12], [10, 0, 0, 13]]);
+    let r = b.node.apply_backends(std::slice::from_ref(&web), Instant::now()).await.unwrap();
+    assert!(r.map_ops > 0);
+    let repaired = b.node.finish_drift_check(tokio::task::spawn_blocking(read).await.unwrap()).await.unwrap();
+    assert!(repaired.is_empty(), "the writes during the read are no drift: {repaired:?}");
+    assert!(
+        b.node.apply_backends(std::slice::from_ref(&web), Instant::now()).await.is_some(),
+        "no whole pass asked for"
+    );
+
+    // Someone deletes the service's entry.
+    let (dp, _, _) = b.node.io();
+    let key = *dp.inner.state.services.keys().next().unwrap();
+    dp.inner.state.services.remove(&key);
+    let read = b.node.begin_drift_check();
+    let repaired = b.node.finish_drift_check(tokio::task::spawn_blocking(read).await.unwrap()).await.unwrap();
+    assert_eq!(repaired.len(), 1, "{repaired:?}");
+    assert!(
+        b.node.apply_backends(std::slice::from_ref(&web), Instant::now()).await.is_none(),
+        "a whole pass must rewrite it"
+    );
+    b.node.apply(&desired(vec![web], &holds), Instant::now()).await.unwrap();
+    let (dp, _, _) = b.node.io();
+    assert!(dp.inner.state.services.contains_key(&key), "written again");
+}
