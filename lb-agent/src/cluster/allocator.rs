@@ -6,7 +6,7 @@
 //! state. Nodes never wait for it: they program themselves from what it last wrote.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
@@ -97,17 +97,42 @@ pub struct Decisions {
     /// One per Service served, with `spec` and `status` (without conditions and node
     /// reports, which the programmer does not read).
     pub balancers: Vec<LoadBalancer>,
+    /// Where each Service's object is in `balancers`.
+    index: HashMap<ServiceRef, usize>,
+    /// Counts the decisions this allocator sent; [`Self::changed`] is relative to the
+    /// previous count.
+    pub seq: u64,
+    /// The Services whose object appeared, changed or went since decisions `seq - 1`, so the
+    /// node programmer recomputes those alone: comparing 10 000 objects on the node
+    /// programmer's loop held endpoint changes up at every allocation pass.
+    pub changed: BTreeSet<ServiceRef>,
 }
 
 impl Decisions {
-    /// Whether both hold the same objects (the generated `LoadBalancer` has no `PartialEq`).
-    fn same_as(&self, other: &Self) -> bool {
-        self.balancers.len() == other.balancers.len()
-            && self
-                .balancers
-                .iter()
-                .zip(&other.balancers)
-                .all(|(a, b)| a.metadata == b.metadata && a.spec == b.spec && a.status == b.status)
+    /// Decisions of `balancers`, indexed, with no changes recorded.
+    pub fn new(balancers: Vec<LoadBalancer>) -> Self {
+        let index = balancers.iter().enumerate().map(|(i, b)| (ServiceRef::of_meta(&b.metadata), i)).collect();
+        Self { balancers, index, seq: 0, changed: BTreeSet::new() }
+    }
+
+    /// Service `r`'s object.
+    pub fn get(&self, r: &ServiceRef) -> Option<&LoadBalancer> {
+        self.index.get(r).and_then(|i| self.balancers.get(*i))
+    }
+
+    /// The Services whose object differs between `old` and `self` (the generated
+    /// `LoadBalancer` has no `PartialEq`).
+    pub fn changes_from(&self, old: &Decisions) -> BTreeSet<ServiceRef> {
+        let same =
+            |a: &LoadBalancer, b: &LoadBalancer| a.metadata == b.metadata && a.spec == b.spec && a.status == b.status;
+        let mut out: BTreeSet<ServiceRef> = BTreeSet::new();
+        for (r, i) in &self.index {
+            if old.get(r).is_none_or(|o| !same(o, &self.balancers[*i])) {
+                out.insert(r.clone());
+            }
+        }
+        out.extend(old.index.keys().filter(|r| !self.index.contains_key(*r)).cloned());
+        out
     }
 }
 
@@ -145,6 +170,7 @@ pub fn spawn_allocator(
         last_owner: BTreeMap::new(),
         decisions: decisions_tx,
         writer,
+        seq: 0,
         telemetry,
     };
     let mut leader = leader;
@@ -234,6 +260,18 @@ pub fn spawn_allocator(
     AllocatorHandle { stop, decisions }
 }
 
+/// Runs CPU-heavy `f` without holding up the runtime's other tasks: on a multi-threaded
+/// runtime the worker hands its queue, and the timer and I/O drivers, to another thread
+/// meanwhile. At 10 000 Services an allocation pass computes for hundreds of milliseconds,
+/// and while it and another task held both workers, the node programmer's timers and watch
+/// events waited as long.
+fn cpu_heavy<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 async fn sleep_until(at: Option<tokio::time::Instant>) {
     match at {
         Some(t) => tokio::time::sleep_until(t).await,
@@ -258,6 +296,8 @@ struct Allocator {
     decisions: watch::Sender<Option<Arc<Decisions>>>,
     /// Where the Services' writes go.
     writer: WriterHandle,
+    /// The last [`Decisions::seq`] sent.
+    seq: u64,
     telemetry: Arc<Telemetry>,
 }
 
@@ -344,77 +384,88 @@ impl Allocator {
             namespaces: o.namespaces.clone(),
             configs: o.configs.clone(),
         };
-        let decided = desired(&inputs, &self.settings);
-        let by_ref: BTreeMap<ServiceRef, Arc<Service>> =
-            snap.services.iter().map(|s| (ServiceRef::of(s), s.clone())).collect();
-        let configs: BTreeMap<String, &LoadBalancerConfig> =
-            o.configs.iter().filter_map(|c| Some((c.metadata.name.clone()?, *c))).collect();
-        let nodes: BTreeMap<String, &K8sNode> =
-            o.nodes.iter().filter_map(|n| Some((n.metadata.name.clone()?, *n))).collect();
-        let balancers: BTreeMap<ServiceRef, Arc<LoadBalancer>> =
-            snap.balancers.iter().map(|b| (ServiceRef::of_meta(&b.metadata), b.clone())).collect();
-        // Owners: what this allocator decided last, else what the objects say.
-        let mut owners: BTreeMap<ServiceRef, (Ipv4Addr, String)> = balancers
-            .iter()
-            .filter(|(_, b)| b.spec.class == self.settings.class)
-            .filter_map(|(r, b)| {
-                let st = b.status.as_ref()?;
-                Some((r.clone(), (st.host.as_deref()?.parse().ok()?, st.node.clone()?)))
-            })
-            .collect();
-        owners.extend(self.last_owner.iter().map(|(r, o)| (r.clone(), o.clone())));
-        let placed =
-            place(&decided, PlaceInputs { configs: &configs, nodes: &nodes, owners: &owners, lives: &self.lives });
-        // Problems reported by nodes whose agents are alive (a dead agent's report is
-        // stale: it cleans it up when it comes back).
-        let lives = &self.lives;
-        let reports: BTreeMap<ServiceRef, Vec<NodeReport>> = balancers
-            .iter()
-            .map(|(r, b)| {
-                let live: Vec<NodeReport> = b
-                    .status
-                    .iter()
-                    .flat_map(|s| s.nodes.iter())
-                    .filter(|n| lives.get(&n.node).is_some_and(Life::is_live))
-                    .cloned()
-                    .collect();
-                (r.clone(), live)
-            })
-            .collect();
+        // Everything up to the writes is computation over every Service.
+        let (decided, by_ref, configs, balancers, placed, reports) = cpu_heavy(|| {
+            let decided = desired(&inputs, &self.settings);
+            let by_ref: BTreeMap<ServiceRef, Arc<Service>> =
+                snap.services.iter().map(|s| (ServiceRef::of(s), s.clone())).collect();
+            let configs: BTreeMap<String, &LoadBalancerConfig> =
+                o.configs.iter().filter_map(|c| Some((c.metadata.name.clone()?, *c))).collect();
+            let nodes: BTreeMap<String, &K8sNode> =
+                o.nodes.iter().filter_map(|n| Some((n.metadata.name.clone()?, *n))).collect();
+            let balancers: BTreeMap<ServiceRef, Arc<LoadBalancer>> =
+                snap.balancers.iter().map(|b| (ServiceRef::of_meta(&b.metadata), b.clone())).collect();
+            // Owners: what this allocator decided last, else what the objects say.
+            let mut owners: BTreeMap<ServiceRef, (Ipv4Addr, String)> = balancers
+                .iter()
+                .filter(|(_, b)| b.spec.class == self.settings.class)
+                .filter_map(|(r, b)| {
+                    let st = b.status.as_ref()?;
+                    Some((r.clone(), (st.host.as_deref()?.parse().ok()?, st.node.clone()?)))
+                })
+                .collect();
+            owners.extend(self.last_owner.iter().map(|(r, o)| (r.clone(), o.clone())));
+            let placed =
+                place(&decided, PlaceInputs { configs: &configs, nodes: &nodes, owners: &owners, lives: &self.lives });
+            // Problems reported by nodes whose agents are alive (a dead agent's report is
+            // stale: it cleans it up when it comes back).
+            let lives = &self.lives;
+            let reports: BTreeMap<ServiceRef, Vec<NodeReport>> = balancers
+                .iter()
+                .map(|(r, b)| {
+                    let live: Vec<NodeReport> = b
+                        .status
+                        .iter()
+                        .flat_map(|s| s.nodes.iter())
+                        .filter(|n| lives.get(&n.node).is_some_and(Life::is_live))
+                        .cloned()
+                        .collect();
+                    (r.clone(), live)
+                })
+                .collect();
+            (decided, by_ref, configs, balancers, placed, reports)
+        });
         let mut errors = 0;
         if !*leader.borrow() {
             return 0;
         }
         // Only a change wakes the node programmer: an unchanged pass needs no node pass.
-        let made = decisions(&decided, &placed.holdings, &self.settings.class);
-        self.decisions.send_if_modified(|d| {
-            let changed = d.as_deref().is_none_or(|old| !old.same_as(&made));
-            if changed {
-                *d = Some(Arc::new(made));
+        // Compared here, not under the channel's lock, which the node programmer reads.
+        let prev = self.decisions.borrow().clone();
+        let made = cpu_heavy(|| {
+            let mut made = decisions(&decided, &placed.holdings, &self.settings.class);
+            if let Some(old) = prev.as_deref() {
+                made.changed = made.changes_from(old);
             }
-            changed
+            made
         });
+        if prev.is_none() || !made.changed.is_empty() {
+            self.seq += 1;
+            self.decisions.send_replace(Some(Arc::new(Decisions { seq: self.seq, ..made })));
+        }
 
         // Service status, LoadBalancer objects, releases: handed to the writer, which
         // writes them at the API server's pace; the next pass does not wait for them.
         let mut next = BTreeMap::new();
         let mut batch = Batch { live: by_ref.keys().cloned().collect(), ..Batch::default() };
-        for (r, d) in &decided.services {
-            let Some(svc) = by_ref.get(r).cloned() else { continue };
-            let holding = placed.holdings.get(r).cloned();
-            let reports = reports.get(r).cloned().unwrap_or_default();
-            next.insert(r.clone(), Summary::of(d, holding.as_ref(), &reports));
-            let priority = match d {
-                Decision::Serve(s) if s.address.as_ref().ok().copied() != ingress_ip(&svc) => Priority::New,
-                _ => Priority::Refresh,
-            };
-            batch.submissions.push(Submission {
-                service: r.clone(),
-                want: Want { decision: d.clone(), holding, reports },
-                base: Base { service: svc, balancer: balancers.get(r).cloned() },
-                priority,
-            });
-        }
+        cpu_heavy(|| {
+            for (r, d) in &decided.services {
+                let Some(svc) = by_ref.get(r).cloned() else { continue };
+                let holding = placed.holdings.get(r).cloned();
+                let reports = reports.get(r).cloned().unwrap_or_default();
+                next.insert(r.clone(), Summary::of(d, holding.as_ref(), &reports));
+                let priority = match d {
+                    Decision::Serve(s) if s.address.as_ref().ok().copied() != ingress_ip(&svc) => Priority::New,
+                    _ => Priority::Refresh,
+                };
+                batch.submissions.push(Submission {
+                    service: r.clone(),
+                    want: Want { decision: d.clone(), holding, reports },
+                    base: Base { service: svc, balancer: balancers.get(r).cloned() },
+                    priority,
+                });
+            }
+        });
         self.writer.submit(batch);
         // LoadBalancer objects whose Service is gone.
         for (r, b) in &balancers {
@@ -617,7 +668,7 @@ fn decisions(decided: &super::desired::Desired, holdings: &BTreeMap<ServiceRef, 
             Some(b)
         })
         .collect();
-    Decisions { balancers }
+    Decisions::new(balancers)
 }
 
 /// The address the allocation gave Service `r`.

@@ -4,7 +4,7 @@
 //! objects, written by this node under its own field manager.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -72,8 +72,6 @@ struct Memo {
     served: BTreeMap<ServiceRef, Served>,
     /// The allocator's decisions it was computed from (`None`: the LoadBalancer objects).
     decisions: Option<Arc<Decisions>>,
-    /// Where each Service's object is in `decisions`.
-    decided: HashMap<ServiceRef, usize>,
     /// This node's state it was computed for.
     me: MeState,
 }
@@ -83,32 +81,6 @@ struct Memo {
 struct MeState {
     fenced: bool,
     down: BTreeSet<String>,
-}
-
-/// Where each Service's LoadBalancer object is in `d`.
-fn index_of(d: Option<&Decisions>) -> HashMap<ServiceRef, usize> {
-    d.map(|d| d.balancers.iter().enumerate().map(|(i, b)| (ServiceRef::of_meta(&b.metadata), i)).collect())
-        .unwrap_or_default()
-}
-
-/// The Services whose decided object differs between `old` and `new` (indexed by
-/// `old_at` and `new_at`).
-fn decided_changes(
-    old: &Decisions,
-    old_at: &HashMap<ServiceRef, usize>,
-    new: &Decisions,
-    new_at: &HashMap<ServiceRef, usize>,
-) -> BTreeSet<ServiceRef> {
-    let same =
-        |a: &LoadBalancer, b: &LoadBalancer| a.metadata == b.metadata && a.spec == b.spec && a.status == b.status;
-    let mut out: BTreeSet<ServiceRef> = BTreeSet::new();
-    for (r, i) in new_at {
-        if old_at.get(r).is_none_or(|j| !same(&old.balancers[*j], &new.balancers[*i])) {
-            out.insert(r.clone());
-        }
-    }
-    out.extend(old_at.keys().filter(|r| !new_at.contains_key(*r)).cloned());
-    out
 }
 
 /// The Kubernetes source.
@@ -291,7 +263,7 @@ impl ClusterSource {
             objects.balancers = d.balancers.iter().collect();
         }
         let served = programmer::serve_all(&objects, &self.settings.class, &me);
-        Memo { served, decided: index_of(local.as_deref()), decisions: local, me: me_state }
+        Memo { served, decisions: local, me: me_state }
     }
 
     /// `memo` with the Services in `touched`, and those whose decision changed, recomputed;
@@ -306,9 +278,13 @@ impl ClusterSource {
         if let (Some(old), Some(new)) = (&memo.decisions, &local)
             && !Arc::ptr_eq(old, new)
         {
-            let decided = index_of(Some(new));
-            touched.extend(decided_changes(old, &memo.decided, new, &decided));
-            memo.decided = decided;
+            // The allocator says what changed since its previous decisions; when this
+            // missed some, compare.
+            if new.seq == old.seq + 1 {
+                touched.extend(new.changed.iter().cloned());
+            } else {
+                touched.extend(new.changes_from(old));
+            }
         }
         memo.decisions = local;
         if touched.is_empty() {
@@ -335,7 +311,7 @@ impl ClusterSource {
             let key = ObjectRef::new(&r.name).within(&r.namespace);
             let cached;
             let balancer: Option<&LoadBalancer> = match &memo.decisions {
-                Some(d) => memo.decided.get(&r).and_then(|i| d.balancers.get(*i)),
+                Some(d) => d.get(&r),
                 None => {
                     cached = self.caches.balancers.get(&ObjectRef::new(&r.name).within(&r.namespace));
                     cached.as_deref()
@@ -585,15 +561,12 @@ mod tests {
 
     #[test]
     fn new_decisions_touch_the_services_whose_object_changed_appeared_or_went() {
-        let old = Decisions {
-            balancers: vec![decided("a", "192.0.2.1"), decided("b", "192.0.2.2"), decided("c", "192.0.2.3")],
-        };
+        let old = Decisions::new(vec![decided("a", "192.0.2.1"), decided("b", "192.0.2.2"), decided("c", "192.0.2.3")]);
         // b moved, c went, d came, a is the same (at another position).
-        let new = Decisions {
-            balancers: vec![decided("d", "192.0.2.4"), decided("b", "192.0.2.9"), decided("a", "192.0.2.1")],
-        };
-        let (old_at, new_at) = (index_of(Some(&old)), index_of(Some(&new)));
-        assert_eq!(decided_changes(&old, &old_at, &new, &new_at), BTreeSet::from([r("b"), r("c"), r("d")]));
-        assert!(decided_changes(&new, &new_at, &new, &new_at).is_empty());
+        let new = Decisions::new(vec![decided("d", "192.0.2.4"), decided("b", "192.0.2.9"), decided("a", "192.0.2.1")]);
+        assert_eq!(new.changes_from(&old), BTreeSet::from([r("b"), r("c"), r("d")]));
+        assert!(new.changes_from(&new).is_empty());
+        assert_eq!(new.get(&r("a")).and_then(|b| b.status.as_ref()?.host.clone()).as_deref(), Some("192.0.2.1"));
+        assert!(new.get(&r("c")).is_none());
     }
 }
