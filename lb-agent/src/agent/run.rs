@@ -124,13 +124,20 @@ where
                 }
                 // Addresses, routes and announcements are checked by whole passes: one
                 // runs when the cheap checks find something to repair.
-                let whole = source.recheck()
+                let started = Instant::now();
+                let recheck = source.recheck();
+                let rechecked = started.elapsed();
+                let whole = recheck
                     || node.needs_whole(Instant::now()).await.unwrap_or_else(|e| {
                         warn!(error = %e, "cannot check interfaces and addresses; doing a whole pass");
                         true
                     });
                 if !whole {
-                    debug!("re-sync: nothing to repair");
+                    debug!(
+                        recheck_ms = rechecked.as_millis() as u64,
+                        node_ms = (started.elapsed() - rechecked).as_millis() as u64,
+                        "re-sync: nothing to repair"
+                    );
                     continue;
                 }
                 node.force_whole();

@@ -115,6 +115,11 @@ impl Decisions {
         Self { balancers, index, seq: 0, changed: BTreeSet::new() }
     }
 
+    /// The Services decided.
+    pub fn services(&self) -> impl Iterator<Item = &ServiceRef> {
+        self.index.keys()
+    }
+
     /// Service `r`'s object.
     pub fn get(&self, r: &ServiceRef) -> Option<&LoadBalancer> {
         self.index.get(r).and_then(|i| self.balancers.get(*i))

@@ -103,6 +103,8 @@ pub struct ClusterSource {
     served: BTreeMap<ServiceRef, Vec<ServiceId>>,
     /// `None` until the first desired state, and whenever everything must be recomputed.
     memo: Option<Memo>,
+    /// Counts re-syncs, to pick the share of Services each rechecks.
+    recheck_round: u64,
     /// The reports this node wrote (or is writing), so a lagging cache does not cause
     /// the same write twice; a failed write is forgotten and retried.
     written: Arc<Mutex<BTreeMap<ServiceRef, Option<NodeReport>>>>,
@@ -157,6 +159,7 @@ impl ClusterSource {
             telemetry,
             served: BTreeMap::new(),
             memo: None,
+            recheck_round: 0,
             written: Arc::default(),
             logged: BTreeMap::new(),
             closed: Closed::default(),
@@ -290,35 +293,10 @@ impl ClusterSource {
         if touched.is_empty() {
             return (memo, Some(Vec::new()));
         }
-        let (nodes, configs) = (self.caches.nodes.state(), self.caches.configs.state());
-        let nodes: Vec<_> = nodes.iter().map(AsRef::as_ref).collect();
-        let configs: Vec<_> = configs.iter().map(AsRef::as_ref).collect();
-        let me = Me {
-            name: &self.node,
-            default_interface: &self.settings.default_interface,
-            fenced: memo.me.fenced,
-            down: &memo.me.down,
-            owners: None,
-        };
-        let ctx = Context::new(&nodes, &configs, &self.settings.class, &me);
-        // Only the touched Services' slices are read: filtering all 10 000 slices was most
-        // of a pass that changes a few.
-        let held: Vec<Arc<CachedSlice>> = touched.iter().flat_map(|r| self.caches.slices_of(r)).collect();
-        let slices = SliceIndex::new(held.iter().map(AsRef::as_ref));
+        let now_served = self.serve_each(&memo, &touched);
         let mut served = std::mem::take(&mut memo.served);
         let mut backends = Some(Vec::new());
-        for r in touched {
-            let key = ObjectRef::new(&r.name).within(&r.namespace);
-            let cached;
-            let balancer: Option<&LoadBalancer> = match &memo.decisions {
-                Some(d) => d.get(&r),
-                None => {
-                    cached = self.caches.balancers.get(&ObjectRef::new(&r.name).within(&r.namespace));
-                    cached.as_deref()
-                }
-            };
-            let svc = self.caches.services.get(&key);
-            let now = balancer.and_then(|b| ctx.serve(b, svc.as_deref(), &slices));
+        for (r, now) in touched.into_iter().zip(now_served) {
             let before = match &now {
                 Some(s) => served.insert(r, s.clone()),
                 None => served.remove(&r),
@@ -338,6 +316,54 @@ impl ClusterSource {
         memo.served = served;
         (memo, backends)
     }
+
+    /// What each of `refs` makes this node serve now, in order, from the caches and the
+    /// decisions `memo` was computed from, reading only their own objects.
+    fn serve_each(&self, memo: &Memo, refs: &BTreeSet<ServiceRef>) -> Vec<Option<Served>> {
+        let (nodes, configs) = (self.caches.nodes.state(), self.caches.configs.state());
+        let nodes: Vec<_> = nodes.iter().map(AsRef::as_ref).collect();
+        let configs: Vec<_> = configs.iter().map(AsRef::as_ref).collect();
+        let me = Me {
+            name: &self.node,
+            default_interface: &self.settings.default_interface,
+            fenced: memo.me.fenced,
+            down: &memo.me.down,
+            owners: None,
+        };
+        let ctx = Context::new(&nodes, &configs, &self.settings.class, &me);
+        // Only these Services' slices are read: filtering all 10 000 slices was most of a
+        // pass that changes a few.
+        let held: Vec<Arc<CachedSlice>> = refs.iter().flat_map(|r| self.caches.slices_of(r)).collect();
+        let slices = SliceIndex::new(held.iter().map(AsRef::as_ref));
+        refs.iter()
+            .map(|r| {
+                let key = ObjectRef::new(&r.name).within(&r.namespace);
+                let cached;
+                let balancer: Option<&LoadBalancer> = match &memo.decisions {
+                    Some(d) => d.get(r),
+                    None => {
+                        cached = self.caches.balancers.get(&ObjectRef::new(&r.name).within(&r.namespace));
+                        cached.as_deref()
+                    }
+                };
+                let svc = self.caches.services.get(&key);
+                balancer.and_then(|b| ctx.serve(b, svc.as_deref(), &slices))
+            })
+            .collect()
+    }
+}
+
+/// How many re-syncs it takes to check every Service against the caches: each checks one
+/// share of them, so a re-sync at 10 000 Services recomputes 1 000 on the loop, not all.
+const RECHECK_SHARES: u64 = 10;
+
+/// Which share `r` is checked in.
+fn share_of(r: &ServiceRef) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // Fixed keys: the same share for a Service at every re-sync of this process.
+    let mut h = std::hash::DefaultHasher::new();
+    r.hash(&mut h);
+    h.finish() % RECHECK_SHARES
 }
 
 impl Source for ClusterSource {
@@ -447,15 +473,29 @@ impl Source for ClusterSource {
     }
 
     fn recheck(&mut self) -> bool {
-        // Every Service's part from the caches, against the memo: a change whose event
-        // touched the wrong Service (a slice relabelled to another) shows here.
-        let Some(memo) = self.memo.take() else { return true };
-        let fresh = self.recompute(memo.decisions.clone(), memo.me.clone());
-        let differs = fresh.served != memo.served;
+        // One share of the Services recomputed from the caches, against the memo: a change
+        // whose event touched the wrong Service (a slice relabelled to another) shows here
+        // within RECHECK_SHARES re-syncs.
+        let Some(memo) = self.memo.as_ref() else { return true };
+        let share = self.recheck_round % RECHECK_SHARES;
+        self.recheck_round = self.recheck_round.wrapping_add(1);
+        let mine = |r: &&ServiceRef| share_of(r) == share;
+        // Every Service served here, or that could be: the memo's and the objects'.
+        let mut refs: BTreeSet<ServiceRef> = memo.served.keys().filter(mine).cloned().collect();
+        match &memo.decisions {
+            Some(d) => refs.extend(d.services().filter(mine).cloned()),
+            None => {
+                let all = self.caches.balancers.state();
+                refs.extend(all.iter().map(|b| ServiceRef::of_meta(&b.metadata)).filter(|r| mine(&r)));
+            }
+        }
+        let fresh = self.serve_each(memo, &refs);
+        let differs = refs.iter().zip(&fresh).any(|(r, now)| memo.served.get(r) != now.as_ref());
         if differs {
             info!("a re-sync found Services whose data path the last changes missed; doing a whole pass");
+            // Everything is recomputed by the next desired state.
+            self.memo = None;
         }
-        self.memo = Some(if differs { fresh } else { memo });
         differs
     }
 
