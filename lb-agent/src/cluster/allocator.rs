@@ -265,55 +265,16 @@ pub fn spawn_allocator(
     AllocatorHandle { stop, decisions }
 }
 
-/// Nice value of the thread that runs an allocation pass's computation.
-const COMPUTE_NICE: libc::c_int = 10;
-
 /// Runs CPU-heavy `f` without holding up the runtime's other tasks: on a multi-threaded
 /// runtime the worker hands its queue, and the timer and I/O drivers, to another thread
 /// meanwhile. At 10 000 Services an allocation pass computes for hundreds of milliseconds,
 /// and while it and another task held both workers, the node programmer's timers and watch
-/// events waited as long. It also runs on a thread of its own at a lower CPU priority:
-/// on a busy node (the 2-vCPU test VM also runs the API server and etcd) the node
-/// programmer's endpoint changes then go first, and statuses wait instead.
-fn cpu_heavy<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+/// events waited as long.
+fn cpu_heavy<R>(f: impl FnOnce() -> R) -> R {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(|| at_low_priority(f)),
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
         _ => f(),
     }
-}
-
-/// Runs `f` on a scoped thread at [`COMPUTE_NICE`], or here if no thread can be started.
-fn at_low_priority<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    // The slot gives `f` back if the thread cannot be spawned.
-    let slot = std::sync::Mutex::new(Some(f));
-    let run =
-        |slot: &std::sync::Mutex<Option<_>>| slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-    std::thread::scope(|s| {
-        let spawned = std::thread::Builder::new().name("lb-allocate".into()).spawn_scoped(s, || {
-            // SAFETY: setpriority(2) on the calling thread (Linux keeps nice per thread);
-            // it only reads its arguments. Raising nice needs no privilege; a failure only
-            // leaves the priority as it was.
-            unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, COMPUTE_NICE) };
-            run(&slot).map(|f| f())
-        });
-        let done = match spawned {
-            Ok(t) => match t.join() {
-                Ok(r) => r,
-                Err(panic) => std::panic::resume_unwind(panic),
-            },
-            Err(_) => None,
-        };
-        match done {
-            Some(r) => r,
-            // Not run on a thread of its own: run it here.
-            None => match run(&slot) {
-                Some(f) => f(),
-                // The thread returns None only when it found the slot empty, and only it
-                // or this line empties it.
-                None => unreachable!("the allocation closure is taken once, by whichever thread runs it"),
-            },
-        }
-    })
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {
@@ -720,40 +681,5 @@ fn owners_addr(decided: &super::desired::Desired, r: &ServiceRef) -> Option<Ipv4
     match decided.services.get(r)? {
         Decision::Serve(s) => s.address.as_ref().ok().copied(),
         _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The nice value of the calling thread.
-    fn nice() -> libc::c_int {
-        // SAFETY: getpriority(2) on the calling thread only reads its arguments.
-        unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
-    }
-
-    #[test]
-    fn a_pass_computes_at_a_lower_priority_and_leaves_the_callers_alone() {
-        let before = nice();
-        assert!(before < COMPUTE_NICE, "the test must run at a higher priority than a pass's (nice {before})");
-        let borrowed = [1, 2, 3];
-        let (sum, inside) = at_low_priority(|| (borrowed.iter().sum::<i32>(), nice()));
-        assert_eq!(sum, 6, "the closure's result comes back");
-        assert_eq!(inside, COMPUTE_NICE, "it ran at the lower priority");
-        assert_eq!(nice(), before, "the calling thread's priority is untouched");
-    }
-
-    #[test]
-    fn a_panic_in_a_pass_reaches_the_caller() {
-        let caught = std::panic::catch_unwind(|| at_low_priority(|| panic!("boom")));
-        assert!(caught.is_err());
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn on_the_multi_threaded_runtime_heavy_work_runs_off_the_worker() {
-        let worker = std::thread::current().id();
-        let ran_on = cpu_heavy(|| std::thread::current().id());
-        assert_ne!(ran_on, worker);
     }
 }
