@@ -83,27 +83,33 @@ pub struct Plan {
     pub errors: Vec<PlanError>,
 }
 
-/// Ids in use, handing out the lowest free one. `floor` is a lower bound of the lowest
-/// free id, so allocating n ids costs O(n log n) in total rather than O(n²): a full sync of
-/// 100 000 services allocates hundreds of thousands of backend ids.
+/// Ids free before the plan, handing out the lowest free one. Each id comes from `free`
+/// once, so allocating n ids costs O(n log n) in total: a full sync of 100 000 services
+/// allocates hundreds of thousands of backend ids.
 struct IdPool<F, I: Iterator> {
-    /// Lists the ids taken before the plan, ascending; called at the first allocation
-    /// only, so a plan that allocates nothing never lists 100 000 ids, and one that does
-    /// walks them once instead of collecting them into a set.
+    /// Lists the ids free before the plan, ascending; called at the first allocation only,
+    /// so a plan that allocates nothing lists nothing.
     fill: Option<F>,
-    before: Option<std::iter::Peekable<I>>,
+    free: Option<I>,
     /// Ids this plan allocated and holds.
     mine: BTreeSet<u32>,
-    /// Ids this plan allocated and gave back: free, and below `floor`.
+    /// Ids this plan allocated and gave back: free, and below what `free` yields next.
     released: BTreeSet<u32>,
-    /// Every id below it is taken (before the plan, or by it) or in `released`.
-    floor: u32,
     max: u32,
+}
+
+/// The ids not in `taken` (ascending), ascending.
+fn untaken(taken: impl Iterator<Item = u32>) -> impl Iterator<Item = u32> {
+    let mut taken = taken.peekable();
+    (0..=u32::MAX).filter(move |id| {
+        while taken.next_if(|t| t < id).is_some() {}
+        taken.next_if_eq(id).is_none()
+    })
 }
 
 impl<F: FnOnce() -> I, I: Iterator<Item = u32>> IdPool<F, I> {
     fn new(fill: F, max: u32) -> Self {
-        Self { fill: Some(fill), before: None, mine: BTreeSet::new(), released: BTreeSet::new(), floor: 0, max }
+        Self { fill: Some(fill), free: None, mine: BTreeSet::new(), released: BTreeSet::new(), max }
     }
 
     /// Lowest id below `max` not taken; marks it taken.
@@ -113,20 +119,11 @@ impl<F: FnOnce() -> I, I: Iterator<Item = u32>> IdPool<F, I> {
             return Some(id);
         }
         if let Some(fill) = self.fill.take() {
-            self.before = Some(fill().peekable());
+            self.free = Some(fill());
         }
-        while self.floor < self.max {
-            let id = self.floor;
-            self.floor += 1;
-            let taken_before = self.before.as_mut().is_some_and(|b| {
-                while b.next_if(|t| *t < id).is_some() {}
-                b.next_if_eq(&id).is_some()
-            });
-            if !taken_before && self.mine.insert(id) {
-                return Some(id);
-            }
-        }
-        None
+        let id = self.free.as_mut()?.next().filter(|id| *id < self.max)?;
+        self.mine.insert(id);
+        Some(id)
     }
 
     /// Gives back `id`, which this pool allocated.
@@ -177,15 +174,11 @@ fn plan_of(cur: &ProgrammedState, services: &[ServiceSpec], whole: Option<&Desir
         || {
             let mut ids: Vec<u32> = cur.services.values().map(|v| v.id).collect();
             ids.sort_unstable();
-            ids.into_iter()
+            untaken(ids.into_iter())
         },
         limits.max_services,
     );
-    let mut backend_ids = IdPool::new(
-        // The map iterates in id order.
-        || cur.backends.iter().filter(|(_, b)| b.flags & BACKEND_IN_USE != 0).map(|(id, _)| *id),
-        limits.max_backends,
-    );
+    let mut backend_ids = IdPool::new(|| cur.free_backend_ids(), limits.max_backends);
     // Each service's allocated backends, from the state's index (a scan per service would
     // make a full sync quadratic, and a scan of all a plan of one service O(cluster)).
     let backends_of = |id: u32| cur.backends_of(id).map(|(bid, b)| (bid, *b));
@@ -358,7 +351,7 @@ mod tests {
 
     #[test]
     fn ids_are_the_lowest_free_ones_and_released_ids_are_reused_first() {
-        let mut ids = IdPool::new(|| [0, 2].into_iter(), 6);
+        let mut ids = IdPool::new(|| untaken([0, 2].into_iter()), 6);
         assert_eq!(ids.allocate(), Some(1));
         assert_eq!(ids.allocate(), Some(3));
         ids.release(1);
@@ -367,12 +360,12 @@ mod tests {
     }
 
     #[test]
-    fn ids_taken_are_listed_at_the_first_allocation_only() {
+    fn free_ids_are_listed_at_the_first_allocation_only() {
         let listed = std::cell::Cell::new(0);
         let mut ids = IdPool::new(
             || {
                 listed.set(listed.get() + 1);
-                [0, 1, 2, 4].into_iter()
+                untaken([0, 1, 2, 4].into_iter())
             },
             8,
         );

@@ -25,6 +25,12 @@ pub struct ProgrammedState {
     /// The in-use backend ids of each service id, kept by [`Self::apply`], so a plan of a
     /// few services does not walk 100 000 backends to find theirs.
     by_service: BTreeMap<u32, BTreeSet<u32>>,
+    /// The backend ids below `backends_end` not in use, kept by [`Self::apply`], so a plan
+    /// that needs a new backend id finds the lowest free one without walking the 100 000
+    /// in use (an EndpointSlice change with a new endpoint did that on every change).
+    free_backends: BTreeSet<u32>,
+    /// One past the highest backend id in use (0 when none is).
+    backends_end: u32,
 }
 
 /// One change to the maps. A plan is a sequence of these whose order makes every
@@ -59,8 +65,10 @@ impl ProgrammedState {
         match op {
             MapOp::ResetService(_) => {}
             MapOp::SetBackend(id, b) => {
-                if let Some(old) = self.backends.insert(*id, *b)
-                    && old.flags & BACKEND_IN_USE != 0
+                let old = self.backends.insert(*id, *b);
+                let was = old.is_some_and(|o| o.flags & BACKEND_IN_USE != 0);
+                let is = b.flags & BACKEND_IN_USE != 0;
+                if let Some(old) = old.filter(|_| was)
                     && let Some(ids) = self.by_service.get_mut(&old.service_id)
                 {
                     ids.remove(id);
@@ -68,8 +76,13 @@ impl ProgrammedState {
                         self.by_service.remove(&old.service_id);
                     }
                 }
-                if b.flags & BACKEND_IN_USE != 0 {
+                if is {
                     self.by_service.entry(b.service_id).or_default().insert(*id);
+                }
+                match (was, is) {
+                    (false, true) => self.take_backend_id(*id),
+                    (true, false) => self.free_backend_id(*id),
+                    _ => {}
                 }
             }
             MapOp::SetSlot(k, id) => {
@@ -97,6 +110,33 @@ impl ProgrammedState {
                 self.ifaces.remove(k);
             }
         }
+    }
+
+    /// Backend id `id` came into use.
+    fn take_backend_id(&mut self, id: u32) {
+        if id >= self.backends_end {
+            self.free_backends.extend(self.backends_end..id);
+            self.backends_end = id + 1;
+        } else {
+            self.free_backends.remove(&id);
+        }
+    }
+
+    /// Backend id `id` is no longer in use.
+    fn free_backend_id(&mut self, id: u32) {
+        if id + 1 == self.backends_end {
+            self.backends_end = id;
+            while self.backends_end > 0 && self.free_backends.remove(&(self.backends_end - 1)) {
+                self.backends_end -= 1;
+            }
+        } else {
+            self.free_backends.insert(id);
+        }
+    }
+
+    /// The backend ids not in use, ascending (unbounded: the caller stops at the map's size).
+    pub fn free_backend_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.free_backends.iter().copied().chain(self.backends_end..=u32::MAX)
     }
 
     /// Takes the entries named in `keys` from `newer` (present there or absent), the rest
@@ -171,5 +211,53 @@ impl WrittenKeys {
                 self.ifaces.insert(*k);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(in_use: bool) -> Backend {
+        Backend {
+            ip: [10, 0, 0, 1],
+            port: 80,
+            flags: if in_use { BACKEND_IN_USE } else { 0 },
+            generation: 1,
+            service_id: 7,
+        }
+    }
+
+    /// The free ids below `bound`, as a scan of the entries finds them.
+    fn scanned(s: &ProgrammedState, bound: u32) -> Vec<u32> {
+        (0..bound).filter(|id| s.backends.get(id).is_none_or(|b| b.flags & BACKEND_IN_USE == 0)).collect()
+    }
+
+    #[test]
+    fn free_backend_ids_follow_every_write_as_a_scan_would_find_them() {
+        let mut s = ProgrammedState::default();
+        // Takes and frees in an order that grows, punches holes in and shrinks the range,
+        // rewrites an id in use, and frees the highest ids so the end moves down past holes.
+        let writes = [
+            (3, true),
+            (0, true),
+            (5, true),
+            (5, true),
+            (1, true),
+            (3, false),
+            (9, true),
+            (9, false),
+            (5, false),
+            (1, false),
+            (0, false),
+            (2, true),
+        ];
+        for (id, in_use) in writes {
+            s.apply(&MapOp::SetBackend(id, backend(in_use)));
+            let listed: Vec<u32> = s.free_backend_ids().take_while(|id| *id < 12).collect();
+            assert_eq!(listed, scanned(&s, 12), "after writing id {id} (in use: {in_use})");
+        }
+        assert_eq!(s.free_backend_ids().next(), Some(0), "the lowest free id comes first");
+        assert_eq!(s.backends_of(7).map(|(id, _)| id).collect::<Vec<_>>(), vec![2]);
     }
 }
