@@ -65,10 +65,10 @@ impl ProgrammedState {
         match op {
             MapOp::ResetService(_) => {}
             MapOp::SetBackend(id, b) => {
-                let old = self.backends.insert(*id, *b);
-                let was = old.is_some_and(|o| o.flags & BACKEND_IN_USE != 0);
+                // The entry it replaces, if that was in use.
+                let old = self.backends.insert(*id, *b).filter(|o| o.flags & BACKEND_IN_USE != 0);
                 let is = b.flags & BACKEND_IN_USE != 0;
-                if let Some(old) = old.filter(|_| was)
+                if let Some(old) = old
                     && let Some(ids) = self.by_service.get_mut(&old.service_id)
                 {
                     ids.remove(id);
@@ -79,7 +79,7 @@ impl ProgrammedState {
                 if is {
                     self.by_service.entry(b.service_id).or_default().insert(*id);
                 }
-                match (was, is) {
+                match (old.is_some(), is) {
                     (false, true) => self.take_backend_id(*id),
                     (true, false) => self.free_backend_id(*id),
                     _ => {}
@@ -125,6 +125,9 @@ impl ProgrammedState {
     /// Backend id `id` is no longer in use.
     fn free_backend_id(&mut self, id: u32) {
         if id + 1 == self.backends_end {
+            // Free ids just below move into the open range, so the two fields depend on
+            // the ids in use alone, not on the order of writes: states holding the same
+            // maps compare equal.
             self.backends_end = id;
             while self.backends_end > 0 && self.free_backends.remove(&(self.backends_end - 1)) {
                 self.backends_end -= 1;
@@ -256,6 +259,12 @@ mod tests {
             s.apply(&MapOp::SetBackend(id, backend(in_use)));
             let listed: Vec<u32> = s.free_backend_ids().take_while(|id| *id < 12).collect();
             assert_eq!(listed, scanned(&s, 12), "after writing id {id} (in use: {in_use})");
+            // The same entries written in id order make an equal state.
+            let mut fresh = ProgrammedState::default();
+            for (bid, b) in &s.backends {
+                fresh.apply(&MapOp::SetBackend(*bid, *b));
+            }
+            assert_eq!(fresh, s, "after writing id {id}: the state depends on the maps alone");
         }
         assert_eq!(s.free_backend_ids().next(), Some(0), "the lowest free id comes first");
         assert_eq!(s.backends_of(7).map(|(id, _)| id).collect::<Vec<_>>(), vec![2]);
