@@ -21,19 +21,23 @@ use k8s_openapi::{
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{DeleteParams, Patch, PatchParams},
-    runtime::events::{Event, EventType, Recorder, Reporter},
+    runtime::{
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::ObjectRef,
+    },
 };
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use super::{
-    caches::Caches,
+    caches::{Caches, Reader},
     crd::{
         CONFIG_ANNOTATION, CONFIG_FINALIZER, GROUP, IP_ANNOTATION, LoadBalancer, LoadBalancerConfig, MANAGER,
-        NodeReport, SHARING_ANNOTATION,
+        NodeReport, Phase, SHARING_ANNOTATION,
     },
-    desired::{Decision, Inputs, Settings, desired},
+    desired::{BackendRules, Decision, Desired, Inputs, Settings, desired, rebackend},
+    endpoints::SliceIndex,
     events::{self, Summary},
     liveness::{Life, Liveness, read_heartbeat},
     ownership::{Holding, PlaceInputs, place},
@@ -67,19 +71,6 @@ fn rest_after(took: Duration) -> Duration {
     if took < PACE_FREE { Duration::ZERO } else { took.min(PACE_MAX) }
 }
 
-/// How much longer to wait when only EndpointSlices changed: five times the last pass (at
-/// most [`SLICE_REST_MAX`]), so endpoint churn keeps the allocator to a sixth of a CPU and
-/// leaves the rest to the node programmer, which serves the churn.
-/// Slices only move endpoint counts (written at a bounded rate anyway) and readiness
-/// conditions; nodes program endpoint changes from their own watch, without the
-/// allocator. Any other change ends the wait.
-fn slice_rest(last_pass: Duration) -> Duration {
-    if last_pass < PACE_FREE { Duration::ZERO } else { (last_pass * 5).min(SLICE_REST_MAX) }
-}
-
-/// The longest extra wait after EndpointSlice changes.
-const SLICE_REST_MAX: Duration = Duration::from_secs(10);
-
 /// The running allocator task.
 pub struct AllocatorHandle {
     stop: mpsc::Sender<oneshot::Sender<()>>,
@@ -94,8 +85,8 @@ pub struct AllocatorHandle {
 /// the watch. Other nodes read the written objects.
 #[derive(Clone, Debug, Default)]
 pub struct Decisions {
-    /// One per Service served, with `spec` and `status` (without conditions and node
-    /// reports, which the programmer does not read).
+    /// One per Service served, with `spec` and `status` (without conditions, node reports,
+    /// counts, targets or phase, which the programmer does not read).
     pub balancers: Vec<LoadBalancer>,
     /// Where each Service's object is in `balancers`.
     index: HashMap<ServiceRef, usize>,
@@ -176,15 +167,12 @@ pub fn spawn_allocator(
         decisions: decisions_tx,
         writer,
         seq: 0,
+        kept: None,
         telemetry,
     };
     let mut leader = leader;
     tokio::spawn(async move {
         let mut objects = caches.object_changes();
-        let slices = caches.slice_changes();
-        let mut last_pass = Duration::ZERO;
-        // The change counts (all objects, slices) as the last pass began.
-        let mut seen = (0u64, 0u64);
         let mut leases = caches.lease_changes();
         let mut resync = tokio::time::interval(resync_every);
         resync.tick().await;
@@ -194,44 +182,29 @@ pub fn spawn_allocator(
         loop {
             let expiry = a.liveness.next_expiry(Instant::now()).map(tokio::time::Instant::from_std);
             let retry = retry_at;
-            tokio::select! {
+            // Whether this wake-up needs every Service decided again, whatever the caches
+            // say changed: heartbeats, the lease, the periodic re-sync, a retry.
+            let whole = tokio::select! {
                 r = objects.changed() => {
                     if r.is_err() { return }
-                    // Slices alone: wait longer, unless something else changes meanwhile.
-                    // Every slice change counts in both signals, so other changes are the
-                    // difference of what both counted since the last pass.
-                    let others = |o: &watch::Receiver<u64>, s: &watch::Receiver<u64>| {
-                        o.borrow().wrapping_sub(seen.0).wrapping_sub(s.borrow().wrapping_sub(seen.1))
-                    };
-                    if others(&objects, &slices) == 0 {
-                        let rest = tokio::time::sleep(slice_rest(last_pass));
-                        tokio::pin!(rest);
-                        loop {
-                            tokio::select! {
-                                _ = &mut rest => break,
-                                r = objects.changed() => {
-                                    if r.is_err() { return }
-                                    if others(&objects, &slices) != 0 { break }
-                                }
-                            }
-                        }
-                    }
                     // Let a burst of events settle into one pass.
                     tokio::time::sleep(Duration::from_millis(5)).await;
+                    false
                 }
                 r = leases.changed() => {
                     if r.is_err() { return }
                     if !a.observe(&caches) { continue }
+                    true
                 }
-                _ = sleep_until(expiry) => if !a.observe(&caches) { continue },
-                r = leader.changed() => if r.is_err() { return },
-                _ = resync.tick() => { a.observe(&caches); }
-                _ = sleep_until(retry) => {}
+                _ = sleep_until(expiry) => if !a.observe(&caches) { continue } else { true },
+                r = leader.changed() => if r.is_err() { return } else { true },
+                _ = resync.tick() => { a.observe(&caches); true }
+                _ = sleep_until(retry) => true,
                 msg = stop_rx.recv() => {
                     if let Some(done) = msg { let _ = done.send(()); }
                     return;
                 }
-            }
+            };
             // Whichever wake-up noticed it: a new allocator first learns what the statuses
             // already say, so it repeats no Events.
             let leading = *leader.borrow_and_update();
@@ -243,6 +216,7 @@ pub fn spawn_allocator(
                 } else {
                     info!("no longer the allocator");
                     a.last_owner.clear();
+                    a.kept = None;
                     // The objects in the API are the only truth again.
                     a.decisions.send_replace(None);
                 }
@@ -251,12 +225,19 @@ pub fn spawn_allocator(
                 continue;
             }
             let started = Instant::now();
-            seen = (*objects.borrow_and_update(), *slices.borrow());
+            objects.borrow_and_update();
+            // Taken before the pass reads the caches: what changes meanwhile waits for the next.
+            let touched = caches.take_touched(Reader::Allocator);
+            if !whole && !touched.all {
+                if touched.services.is_empty() || a.partial_pass(&caches, &touched.services).await {
+                    continue;
+                }
+                debug!(services = touched.services.len(), "these changes need a whole allocation pass");
+            }
             let errors = a.pass(&caches, &leader).await;
             retry_at = (errors > 0).then(|| tokio::time::Instant::now() + RETRY);
             // Changes arriving meanwhile are kept by the watch channels for the next pass.
-            last_pass = started.elapsed();
-            let rest = rest_after(last_pass);
+            let rest = rest_after(started.elapsed());
             if !rest.is_zero() {
                 tokio::time::sleep(rest).await;
             }
@@ -303,7 +284,20 @@ struct Allocator {
     writer: WriterHandle,
     /// The last [`Decisions::seq`] sent.
     seq: u64,
+    /// What the last whole pass decided, while leading.
+    kept: Option<Kept>,
     telemetry: Arc<Telemetry>,
+}
+
+/// What a whole pass decided, kept so that later changes confined to some Services'
+/// EndpointSlices or LoadBalancer objects are decided for those Services alone
+/// ([`Allocator::partial_pass`]): under endpoint churn at 10 000 Services, deciding
+/// everything again for each change took a CPU's second every few seconds.
+struct Kept {
+    /// Every Service's decision, the touched ones' backends brought up to date.
+    decided: Desired,
+    /// Where each Service's address is held.
+    holdings: BTreeMap<ServiceRef, Holding>,
 }
 
 impl Allocator {
@@ -412,22 +406,8 @@ impl Allocator {
             owners.extend(self.last_owner.iter().map(|(r, o)| (r.clone(), o.clone())));
             let placed =
                 place(&decided, PlaceInputs { configs: &configs, nodes: &nodes, owners: &owners, lives: &self.lives });
-            // Problems reported by nodes whose agents are alive (a dead agent's report is
-            // stale: it cleans it up when it comes back).
-            let lives = &self.lives;
-            let reports: BTreeMap<ServiceRef, Vec<NodeReport>> = balancers
-                .iter()
-                .map(|(r, b)| {
-                    let live: Vec<NodeReport> = b
-                        .status
-                        .iter()
-                        .flat_map(|s| s.nodes.iter())
-                        .filter(|n| lives.get(&n.node).is_some_and(Life::is_live))
-                        .cloned()
-                        .collect();
-                    (r.clone(), live)
-                })
-                .collect();
+            let reports: BTreeMap<ServiceRef, Vec<NodeReport>> =
+                balancers.iter().map(|(r, b)| (r.clone(), live_reports(Some(b), &self.lives))).collect();
             (decided, by_ref, configs, balancers, placed, reports)
         });
         let mut errors = 0;
@@ -452,22 +432,18 @@ impl Allocator {
         // Service status, LoadBalancer objects, releases: handed to the writer, which
         // writes them at the API server's pace; the next pass does not wait for them.
         let mut next = BTreeMap::new();
-        let mut batch = Batch { live: by_ref.keys().cloned().collect(), ..Batch::default() };
+        let mut batch = Batch { live: Some(by_ref.keys().cloned().collect()), ..Batch::default() };
         cpu_heavy(|| {
             for (r, d) in &decided.services {
                 let Some(svc) = by_ref.get(r).cloned() else { continue };
                 let holding = placed.holdings.get(r).cloned();
                 let reports = reports.get(r).cloned().unwrap_or_default();
                 next.insert(r.clone(), Summary::of(d, holding.as_ref(), &reports));
-                let priority = match d {
-                    Decision::Serve(s) if s.address.as_ref().ok().copied() != ingress_ip(&svc) => Priority::New,
-                    _ => Priority::Refresh,
-                };
                 batch.submissions.push(Submission {
                     service: r.clone(),
+                    priority: priority_of(d, &svc),
                     want: Want { decision: d.clone(), holding, reports },
                     base: Base { service: svc, balancer: balancers.get(r).cloned() },
-                    priority,
                 });
             }
         });
@@ -569,28 +545,7 @@ impl Allocator {
             })
             .collect();
 
-        // A class mismatch is worth an Event when the service looks meant for ballast (it
-        // carries a ballast annotation) and is not simply another ballast deployment's.
-        let wants = |r: &ServiceRef| {
-            by_ref.get(r).is_some_and(|s| {
-                let class = s.spec.as_ref().and_then(|sp| sp.load_balancer_class.as_deref());
-                let annotated = s.metadata.annotations.as_ref().is_some_and(|a| {
-                    [CONFIG_ANNOTATION, IP_ANNOTATION, SHARING_ANNOTATION].iter().any(|k| a.contains_key(*k))
-                });
-                annotated && !class.is_some_and(|c| c.starts_with("ballast.dev/"))
-            })
-        };
-        planned.extend(events::transitions(&self.prev, &next, wants));
-        let (each, folded) = events::fold(planned, |r| next.get(r).and_then(|s| s.config.clone()));
-        let this = &*self;
-        let mut pending: Vec<Pending<'_, ()>> = Vec::new();
-        for ev in &each {
-            pending.push(Box::pin(this.publish(&ev.service, &by_ref, ev.warning, ev.reason, &ev.note)));
-        }
-        for f in &folded {
-            pending.push(Box::pin(this.publish_folded(f, &configs)));
-        }
-        futures_util::stream::iter(pending).buffer_unordered(API_CONCURRENCY).collect::<Vec<()>>().await;
+        self.record_events(planned, &self.prev, &next, &by_ref, &configs).await;
         self.prev = next;
 
         self.telemetry.set_pools(
@@ -602,7 +557,94 @@ impl Allocator {
         );
         let served = decided.services.values().filter(|d| matches!(d, Decision::Serve(s) if s.address.is_ok())).count();
         debug!(services = served, errors, elapsed_us = started.elapsed().as_micros() as u64, "allocation pass done");
+        self.kept = Some(Kept { decided, holdings: placed.holdings });
         errors
+    }
+
+    /// Decides the Services in `touched` alone, when nothing changed since the last whole
+    /// pass but their EndpointSlices and LoadBalancer objects: their backends (hence counts
+    /// and readiness) and the nodes' reports on them, read from the caches. Their
+    /// addresses, ports and owners stay as the whole pass decided them, since they depend
+    /// on neither; nor does what this node's programmer is handed ([`Decisions`]). Returns
+    /// `false`, deciding nothing, when a whole pass is needed instead: none was kept, or a
+    /// touched Service is new to it or gone.
+    async fn partial_pass(&mut self, caches: &Caches, touched: &BTreeSet<ServiceRef>) -> bool {
+        let started = Instant::now();
+        let Some(kept) = self.kept.as_mut() else { return false };
+        let mut by_ref: BTreeMap<ServiceRef, Arc<Service>> = BTreeMap::new();
+        for r in touched {
+            let svc = caches.services.get(&ObjectRef::new(&r.name).within(&r.namespace));
+            match svc {
+                Some(svc) if kept.decided.services.contains_key(r) => by_ref.insert(r.clone(), svc),
+                _ => return false,
+            };
+        }
+        let (nodes, cfgs) = (caches.nodes.state(), caches.configs.state());
+        let nodes: Vec<&K8sNode> = nodes.iter().map(AsRef::as_ref).collect();
+        let configs: BTreeMap<String, &LoadBalancerConfig> =
+            cfgs.iter().filter_map(|c| Some((c.metadata.name.clone()?, c.as_ref()))).collect();
+        // The configs the whole pass found valid (a change of any config makes a whole pass).
+        let valid: Vec<&LoadBalancerConfig> = configs
+            .iter()
+            .filter(|(name, _)| kept.decided.configs.get(*name).is_some_and(|c| c.invalid.is_none()))
+            .map(|(_, c)| *c)
+            .collect();
+        let rules = BackendRules::new(&nodes, &valid);
+        let mut batch = Batch { live: None, submissions: Vec::with_capacity(touched.len()) };
+        let (mut before, mut next) = (BTreeMap::new(), BTreeMap::new());
+        for (r, svc) in &by_ref {
+            let Some(d) = kept.decided.services.get_mut(r) else { continue };
+            if let Decision::Serve(s) = d {
+                let held = caches.slices_of(r);
+                let slices = SliceIndex::new(held.iter().map(AsRef::as_ref));
+                let config = s.config.as_ref().ok().and_then(|n| configs.get(n)).copied();
+                *s = rebackend(s, svc, config, &rules, &slices);
+            }
+            let balancer = caches.balancers.get(&ObjectRef::new(&r.name).within(&r.namespace));
+            let holding = kept.holdings.get(r).cloned();
+            let reports = live_reports(balancer.as_deref(), &self.lives);
+            next.insert(r.clone(), Summary::of(d, holding.as_ref(), &reports));
+            if let Some(p) = self.prev.get(r) {
+                before.insert(r.clone(), p.clone());
+            }
+            batch.submissions.push(Submission {
+                service: r.clone(),
+                priority: priority_of(d, svc),
+                want: Want { decision: d.clone(), holding, reports },
+                base: Base { service: svc.clone(), balancer },
+            });
+        }
+        self.writer.submit(batch);
+        self.record_events(Vec::new(), &before, &next, &by_ref, &configs).await;
+        self.prev.extend(next);
+        debug!(
+            services = touched.len(),
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "allocation pass (backends and reports only) done"
+        );
+        true
+    }
+
+    /// Records `planned` and the Events of the transitions from `prev` to `next` (folded
+    /// when a pass has many), and returns once they are written.
+    async fn record_events(
+        &self,
+        mut planned: Vec<events::PlannedEvent>,
+        prev: &BTreeMap<ServiceRef, Summary>,
+        next: &BTreeMap<ServiceRef, Summary>,
+        by_ref: &BTreeMap<ServiceRef, Arc<Service>>,
+        configs: &BTreeMap<String, &LoadBalancerConfig>,
+    ) {
+        planned.extend(events::transitions(prev, next, |r| by_ref.get(r).is_some_and(|s| looks_meant_for_ballast(s))));
+        let (each, folded) = events::fold(planned, |r| next.get(r).and_then(|s| s.config.clone()));
+        let mut pending: Vec<Pending<'_, ()>> = Vec::new();
+        for ev in &each {
+            pending.push(Box::pin(self.publish(&ev.service, by_ref, ev.warning, ev.reason, &ev.note)));
+        }
+        for f in &folded {
+            pending.push(Box::pin(self.publish_folded(f, configs)));
+        }
+        futures_util::stream::iter(pending).buffer_unordered(API_CONCURRENCY).collect::<Vec<()>>().await;
     }
 
     async fn publish(
@@ -657,16 +699,22 @@ impl Allocator {
     }
 }
 
-/// The LoadBalancer objects `decided` and `holdings` make, as the programmer reads them.
-fn decisions(decided: &super::desired::Desired, holdings: &BTreeMap<ServiceRef, Holding>, class: &str) -> Decisions {
+/// The LoadBalancer objects `decided` and `holdings` make, as the programmer reads them:
+/// without endpoint counts, targets or phase, which it does not read, so decisions that
+/// differ in backends alone are the same and wake no node pass.
+fn decisions(decided: &Desired, holdings: &BTreeMap<ServiceRef, Holding>, class: &str) -> Decisions {
     let balancers = decided
         .services
         .iter()
         .filter_map(|(r, d)| {
             let Decision::Serve(s) = d else { return None };
             let holding = holdings.get(r);
-            let (spec, st) =
-                status::load_balancer(&r.name, class, s, holding, Vec::new(), status::phase(s, holding, &[]));
+            let (spec, mut st) = status::load_balancer(&r.name, class, s, holding, Vec::new(), Phase::Pending);
+            st.targets = Vec::new();
+            st.target_count = 0;
+            for p in &mut st.ports {
+                p.target_count = 0;
+            }
             let mut b = LoadBalancer::new(&r.name, spec);
             b.metadata.namespace = Some(r.namespace.clone());
             b.status = Some(st);
@@ -676,8 +724,37 @@ fn decisions(decided: &super::desired::Desired, holdings: &BTreeMap<ServiceRef, 
     Decisions::new(balancers)
 }
 
+/// The reports on a Service's LoadBalancer object `b` by nodes whose agents are alive (a
+/// dead agent's report is stale: it cleans it up when it comes back).
+fn live_reports(b: Option<&LoadBalancer>, lives: &BTreeMap<String, Life>) -> Vec<NodeReport> {
+    b.and_then(|b| b.status.as_ref())
+        .map(|s| s.nodes.iter().filter(|n| lives.get(&n.node).is_some_and(Life::is_live)).cloned().collect())
+        .unwrap_or_default()
+}
+
+/// How urgent writing decision `d` of `svc` is: a new address comes before refreshes.
+fn priority_of(d: &Decision, svc: &Service) -> Priority {
+    match d {
+        Decision::Serve(s) if s.address.as_ref().ok().copied() != ingress_ip(svc) => Priority::New,
+        _ => Priority::Refresh,
+    }
+}
+
+/// Whether a Service ballast does not serve looks meant for it: it carries a ballast
+/// annotation, and its class is not another ballast deployment's. A class mismatch is
+/// worth an Event then.
+fn looks_meant_for_ballast(s: &Service) -> bool {
+    let class = s.spec.as_ref().and_then(|sp| sp.load_balancer_class.as_deref());
+    let annotated = s
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| [CONFIG_ANNOTATION, IP_ANNOTATION, SHARING_ANNOTATION].iter().any(|k| a.contains_key(*k)));
+    annotated && !class.is_some_and(|c| c.starts_with("ballast.dev/"))
+}
+
 /// The address the allocation gave Service `r`.
-fn owners_addr(decided: &super::desired::Desired, r: &ServiceRef) -> Option<Ipv4Addr> {
+fn owners_addr(decided: &Desired, r: &ServiceRef) -> Option<Ipv4Addr> {
     match decided.services.get(r)? {
         Decision::Serve(s) => s.address.as_ref().ok().copied(),
         _ => None,

@@ -52,22 +52,34 @@ pub struct Caches {
     /// ballast's Leases in the agent's namespace (heartbeats and the allocator's).
     pub leases: Store<Lease>,
     objects: watch::Receiver<u64>,
-    slice_changes: watch::Receiver<u64>,
     lease_changes: watch::Receiver<u64>,
-    touched: Arc<Mutex<Touched>>,
+    /// What changed, for each [`Reader`].
+    touched: Arc<Mutex<[Touched; 2]>>,
     /// The names of each Service's slices in [`Self::slices`].
     slice_names: Arc<Mutex<ServiceSlices>>,
 }
 
-/// The Services whose objects changed since the node programmer last looked (see
+/// The Services whose objects changed since a reader last looked (see
 /// [`Caches::take_touched`]), so it recomputes theirs alone.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Touched {
     /// Something every Service depends on changed (a Node, a Namespace, a config), or a
     /// watch started over: everything must be recomputed.
     pub all: bool,
-    /// The Services whose Service, EndpointSlice or LoadBalancer object changed.
+    /// The Services whose Service, EndpointSlice or LoadBalancer object changed (as far as
+    /// the reader reads them one by one).
     pub services: BTreeSet<ServiceRef>,
+}
+
+/// Who reads what changed: each is handed every change once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reader {
+    /// The node programmer, which computes each Service's data path from its own objects.
+    NodeProgrammer = 0,
+    /// The allocator, which decides addresses over all Services at once: a Service's
+    /// change touches every decision, a change of its EndpointSlices or LoadBalancer
+    /// object only its own.
+    Allocator = 1,
 }
 
 impl Default for Touched {
@@ -118,11 +130,26 @@ pub trait Scope {
     fn touches(&self) -> Touches {
         Touches::All
     }
+
+    /// What a change of `self` touches for `reader`: by default the same for both.
+    fn touches_for(&self, reader: Reader) -> Touches {
+        let _ = reader;
+        self.touches()
+    }
 }
 
 impl Scope for Service {
     fn touches(&self) -> Touches {
         Touches::Service(ServiceRef::of(self))
+    }
+
+    fn touches_for(&self, reader: Reader) -> Touches {
+        match reader {
+            Reader::NodeProgrammer => self.touches(),
+            // Addresses are decided over every Service at once: one that changes (or goes)
+            // may free, take or share an address another one waits for.
+            Reader::Allocator => Touches::All,
+        }
     }
 }
 
@@ -158,12 +185,12 @@ impl Scope for Lease {
 }
 
 /// Starts a reflector for `api`, counting every change in each of `changes` and recording
-/// what it touched in `touched`.
+/// what it touched for each reader in `touched`.
 fn reflect<K>(
     api: Api<K>,
     cfg: watcher::Config,
     changes: Vec<Arc<watch::Sender<u64>>>,
-    touched: Arc<Mutex<Touched>>,
+    touched: Arc<Mutex<[Touched; 2]>>,
     mut follow: impl FnMut(&watcher::Event<K>) + Send + 'static,
 ) -> Store<K>
 where
@@ -182,13 +209,15 @@ where
                     // Recorded before the signal, so whoever it wakes finds it. (The
                     // reflector stored the object before handing on the event.)
                     follow(&ev);
-                    let what = match &ev {
-                        watcher::Event::Apply(o) | watcher::Event::Delete(o) => o.touches(),
+                    let what = |reader| match &ev {
+                        watcher::Event::Apply(o) | watcher::Event::Delete(o) => o.touches_for(reader),
                         // A (re)list: whatever it brings, or stopped bringing.
                         watcher::Event::Init | watcher::Event::InitApply(_) | watcher::Event::InitDone => Touches::All,
                     };
                     if let Ok(mut t) = touched.lock() {
-                        t.record(what);
+                        for reader in [Reader::NodeProgrammer, Reader::Allocator] {
+                            t[reader as usize].record(what(reader));
+                        }
                     }
                     for c in &changes {
                         c.send_modify(|n| *n = n.wrapping_add(1));
@@ -208,16 +237,15 @@ impl Caches {
     /// configs.
     pub fn start(client: &Client, namespace: &str, config_selector: Option<&str>) -> Self {
         let (objects_tx, objects) = watch::channel(0u64);
-        let (slices_tx, slice_changes) = watch::channel(0u64);
         let (leases_tx, lease_changes) = watch::channel(0u64);
-        let (objects_tx, slices_tx, leases_tx) = (Arc::new(objects_tx), Arc::new(slices_tx), Arc::new(leases_tx));
+        let (objects_tx, leases_tx) = (Arc::new(objects_tx), Arc::new(leases_tx));
         let o = || vec![objects_tx.clone()];
         let mut cfg_watch = watcher::Config::default();
         if let Some(sel) = config_selector {
             cfg_watch = cfg_watch.labels(sel);
         }
         let all = watcher::Config::default;
-        let touched: Arc<Mutex<Touched>> = Arc::default();
+        let touched: Arc<Mutex<[Touched; 2]>> = Arc::default();
         let t = || touched.clone();
         let slice_names: Arc<Mutex<ServiceSlices>> = Arc::default();
         let names = slice_names.clone();
@@ -228,7 +256,7 @@ impl Caches {
         };
         Self {
             services: reflect(Api::all(client.clone()), all(), o(), t(), |_| {}),
-            slices: reflect(Api::all(client.clone()), all(), vec![objects_tx.clone(), slices_tx], t(), follow_slices),
+            slices: reflect(Api::all(client.clone()), all(), o(), t(), follow_slices),
             nodes: reflect(Api::all(client.clone()), all(), o(), t(), |_| {}),
             namespaces: reflect(Api::all(client.clone()), all(), o(), t(), |_| {}),
             configs: reflect(Api::all(client.clone()), cfg_watch, o(), t(), |_| {}),
@@ -237,11 +265,10 @@ impl Caches {
                 Api::namespaced(client.clone(), namespace),
                 all().labels(LEASE_LABEL),
                 vec![leases_tx],
-                Arc::new(Mutex::new(Touched::default())),
+                Arc::default(),
                 |_| {},
             ),
             objects,
-            slice_changes,
             lease_changes,
             touched,
             slice_names,
@@ -269,15 +296,9 @@ impl Caches {
     }
 
     /// A signal that fires when Services, EndpointSlices, Nodes, configs or LoadBalancer
-    /// objects change.
+    /// objects change ([`Self::take_touched`] says what they touch).
     pub fn object_changes(&self) -> watch::Receiver<u64> {
         self.objects.clone()
-    }
-
-    /// A signal that fires when an EndpointSlice changes (also counted by
-    /// [`Self::object_changes`]).
-    pub fn slice_changes(&self) -> watch::Receiver<u64> {
-        self.slice_changes.clone()
     }
 
     /// A signal that fires when a Lease changes.
@@ -285,11 +306,11 @@ impl Caches {
         self.lease_changes.clone()
     }
 
-    /// What changed since the last call, and starts over. For one reader only (the node
-    /// programmer): each change is handed out once.
-    pub fn take_touched(&self) -> Touched {
+    /// What changed for `reader` since its last call, and starts over: each change is
+    /// handed to each reader once.
+    pub fn take_touched(&self, reader: Reader) -> Touched {
         match self.touched.lock() {
-            Ok(mut t) => std::mem::replace(&mut *t, Touched { all: false, services: BTreeSet::new() }),
+            Ok(mut t) => std::mem::replace(&mut t[reader as usize], Touched { all: false, services: BTreeSet::new() }),
             // A reflector panicked while holding the lock: assume the worst.
             Err(_) => Touched::default(),
         }

@@ -17,7 +17,7 @@ use std::{
 use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 
 use super::{
-    backend_policy::{Guard, Refusal, parse_cidr},
+    backend_policy::{CidrError, Guard, Refusal, parse_cidr},
     crd::{BackendMode, CONFIG_ANNOTATION, IP_ANNOTATION, IpMode, LoadBalancerConfig, SHARING_ANNOTATION},
     endpoints,
     pool::AddressPool,
@@ -274,6 +274,79 @@ fn annotation<'a>(s: &'a Service, key: &str) -> Option<&'a str> {
     s.metadata.annotations.as_ref()?.get(key).map(String::as_str)
 }
 
+/// A config's `backends.deniedCIDRs` as inclusive ranges with their entries, or the first
+/// entry that does not parse (which makes the config invalid).
+fn denied_ranges(c: &LoadBalancerConfig) -> Result<Vec<(u32, u32, String)>, CidrError> {
+    c.spec.backends.denied_cidrs.iter().map(|e| parse_cidr(e).map(|(lo, hi)| (lo, hi, e.clone()))).collect()
+}
+
+/// A config's `deniedCIDRs` as inclusive ranges, each with its entry.
+type Denied = [(u32, u32, String)];
+
+/// What every Service's backends are read with: the addresses that may not be backends
+/// (Nodes', valid pools') and the Nodes themselves (NodePort mode). Built once per pass.
+pub struct BackendRules<'a> {
+    guard: Guard<'a>,
+    nodes: &'a [&'a Node],
+}
+
+impl<'a> BackendRules<'a> {
+    /// From every Node and the configs that are valid.
+    pub fn new(nodes: &'a [&'a Node], valid: &[&'a LoadBalancerConfig]) -> Self {
+        Self { guard: Guard::new(nodes, valid), nodes }
+    }
+
+    /// `ports` of `svc` (the i-th for its i-th TCP or UDP port) with their backends, read
+    /// from `slices` or the Nodes as its config (`mode`, denied ranges) says, and the
+    /// endpoint addresses refused, sorted. Without a config every backend is refused
+    /// nothing but the guard's addresses.
+    fn read(
+        &self,
+        svc: &Service,
+        mut ports: Vec<PortPlan>,
+        config: Option<(BackendMode, &Denied)>,
+        slices: &endpoints::SliceIndex<'_>,
+    ) -> (Vec<PortPlan>, Vec<(Ipv4Addr, Refusal)>) {
+        let (mode, denied) = config.unwrap_or((BackendMode::Endpoints, &[]));
+        let mut refused: Vec<(Ipv4Addr, Refusal)> = Vec::new();
+        let service_ports = svc
+            .spec
+            .iter()
+            .flat_map(|s| s.ports.iter().flatten())
+            .filter(|p| matches!(p.protocol.as_deref().unwrap_or("TCP"), "TCP" | "UDP"));
+        for (plan, sp) in ports.iter_mut().zip(service_ports) {
+            let backends = match mode {
+                BackendMode::Endpoints => endpoints::from_slices(svc, sp, slices),
+                BackendMode::NodePort => endpoints::from_nodes(sp, self.nodes.iter().copied()),
+            };
+            let (ok, no) = self.guard.filter(backends, mode == BackendMode::NodePort, denied);
+            refused.extend(no);
+            plan.backends = ok;
+        }
+        refused.sort();
+        refused.dedup();
+        (ports, refused)
+    }
+}
+
+/// `s`, [`desired`]'s decision for Service `svc`, with its backends read again from
+/// `slices` (and the Nodes): what [`desired`] decides when nothing but the Service's
+/// EndpointSlices changed, since addresses, ports and configs do not depend on them. The
+/// allocator decides such changes for the Services they touch alone. `config` is the
+/// config `s` names, as it was when `s` was decided.
+pub fn rebackend(
+    s: &Served,
+    svc: &Service,
+    config: Option<&LoadBalancerConfig>,
+    rules: &BackendRules<'_>,
+    slices: &endpoints::SliceIndex<'_>,
+) -> Served {
+    let denied = config.map(|c| denied_ranges(c).unwrap_or_default()).unwrap_or_default();
+    let (ports, refused_backends) =
+        rules.read(svc, s.ports.clone(), config.map(|c| (c.spec.backend_mode, denied.as_slice())), slices);
+    Served { ports, refused_backends, ..s.clone() }
+}
+
 /// Decides the whole cluster.
 pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
     let mut out = Desired::default();
@@ -306,13 +379,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
                 (Ok(p), Ok(_), Ok(ns)) => (Ok(p), ns),
                 (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => (Err(e), None),
             };
-            let denied: Result<Vec<_>, _> = c
-                .spec
-                .backends
-                .denied_cidrs
-                .iter()
-                .map(|e| parse_cidr(e).map(|(lo, hi)| (lo, hi, e.clone())))
-                .collect();
+            let denied = denied_ranges(c);
             let (pool, denied) = match (pool, denied) {
                 (Ok(_), Err(e)) => (Err(problem(Reason::InvalidBackendPolicy, e.to_string())), Vec::new()),
                 (pool, denied) => (pool, denied.unwrap_or_default()),
@@ -654,45 +721,31 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
 
     // Outcomes.
     let valid: Vec<&LoadBalancerConfig> = configs.values().filter(|c| c.pool.is_ok()).map(|c| c.cfg).collect();
-    let guard = Guard::new(&inputs.nodes, &valid);
+    let rules = BackendRules::new(&inputs.nodes, &valid);
     let slices = endpoints::SliceIndex::new(inputs.slices.iter().copied());
     for c in candidates {
         let info = c.config.as_ref().ok().and_then(|n| configs.get(n));
-        let mode = info.map_or(BackendMode::Endpoints, |i| i.cfg.spec.backend_mode);
         let address = match (&c.config, assigned.remove(&c.r)) {
             (Err(p), _) => Err(p.clone()),
             (Ok(_), Some(Ok((a, ext)))) => Ok((a, ext)),
             (Ok(_), Some(Err(p))) => Err(p),
             (Ok(_), None) => Err(problem(Reason::InvalidConfig, "the config cannot hand out addresses")),
         };
-        let mut refused_backends: Vec<(Ipv4Addr, Refusal)> = Vec::new();
-        let mut allowed = |backends: Vec<BackendSpec>| -> Vec<BackendSpec> {
-            let denied = info.map_or(&[][..], |i| i.denied.as_slice());
-            let (ok, refused) = guard.filter(backends, mode == BackendMode::NodePort, denied);
-            refused_backends.extend(refused);
-            ok
-        };
         let ports = match &address {
-            Ok((_, ext)) => c
-                .svc
-                .spec
+            Ok((_, ext)) => ext
                 .iter()
-                .flat_map(|s| s.ports.iter().flatten())
-                .filter(|p| matches!(p.protocol.as_deref().unwrap_or("TCP"), "TCP" | "UDP"))
-                .zip(ext)
                 .zip(&c.ports)
-                .map(|((sp, ext), (port, proto, _))| PortPlan {
+                .map(|(ext, (port, proto, _))| PortPlan {
                     external_port: *ext,
                     service_port: *port,
                     protocol: *proto,
-                    backends: allowed(match mode {
-                        BackendMode::Endpoints => endpoints::from_slices(c.svc, sp, &slices),
-                        BackendMode::NodePort => endpoints::from_nodes(sp, inputs.nodes.iter().copied()),
-                    }),
+                    backends: Vec::new(),
                 })
                 .collect(),
             Err(_) => Vec::new(),
         };
+        let (ports, refused_backends) =
+            rules.read(c.svc, ports, info.map(|i| (i.cfg.spec.backend_mode, i.denied.as_slice())), &slices);
         let served = Served {
             frozen: c.frozen,
             address: address.map(|(a, _)| a),
@@ -703,11 +756,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
             interface: info
                 .and_then(|i| i.cfg.spec.interface.clone())
                 .unwrap_or_else(|| settings.default_interface.clone()),
-            refused_backends: {
-                refused_backends.sort();
-                refused_backends.dedup();
-                refused_backends
-            },
+            refused_backends,
         };
         out.services.insert(c.r, Decision::Serve(served));
     }
@@ -1167,5 +1216,84 @@ mod tests {
         let d = run(&[s], &[config("pool", true, POOL)]);
         assert_eq!(d.services.values().next(), Some(&Decision::Deleting));
         assert_eq!(d.configs["pool"].in_use, 0);
+    }
+
+    /// An EndpointSlice of Service `service` with `ips` (ready unless listed in
+    /// `terminating`) on TCP and UDP 8080.
+    fn slice(service: &str, ips: &[&str], terminating: &[&str]) -> CachedSlice {
+        use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+        CachedSlice::from(EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(format!("{service}-x")),
+                namespace: Some("ns".into()),
+                labels: Some([(endpoints::SERVICE_NAME_LABEL.to_string(), service.to_string())].into()),
+                ..Default::default()
+            },
+            address_type: "IPv4".into(),
+            endpoints: ips
+                .iter()
+                .map(|ip| Endpoint {
+                    addresses: vec![ip.to_string()],
+                    conditions: terminating.contains(ip).then_some(EndpointConditions {
+                        ready: Some(false),
+                        serving: Some(true),
+                        terminating: Some(true),
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+            ports: Some(
+                ["TCP", "UDP"]
+                    .iter()
+                    .map(|p| EndpointPort { protocol: Some(p.to_string()), port: Some(8080), ..Default::default() })
+                    .collect(),
+            ),
+        })
+    }
+
+    #[test]
+    fn backends_read_again_for_some_services_are_what_a_whole_decision_finds() {
+        let mut pool = config("pool", true, POOL);
+        pool.spec.backends.denied_cidrs = vec!["172.16.0.0/12".into()];
+        let mut nodes_cfg = config("nodes", false, &["198.51.100.0/30"]);
+        nodes_cfg.spec.backend_mode = BackendMode::NodePort;
+        let configs = [pool, nodes_cfg];
+        let services = [
+            svc("web", 1, &[(80, "TCP"), (53, "UDP")]),
+            annotate(svc("np", 2, &[(443, "TCP")]), CONFIG_ANNOTATION, "nodes"),
+            svc("idle", 3, &[(80, "TCP")]),
+        ];
+        let node = crate::cluster::fixtures::node("edge-1", &[], true);
+        let nodes = [&node];
+        let decide = |slices: &[CachedSlice]| {
+            let inputs = Inputs {
+                services: services.iter().collect(),
+                slices: slices.iter().collect(),
+                nodes: nodes.to_vec(),
+                configs: configs.iter().collect(),
+                ..Inputs::default()
+            };
+            desired(&inputs, &settings())
+        };
+        let before = decide(&[slice("web", &["10.42.0.1", "10.42.0.2"], &[]), slice("idle", &["10.42.1.1"], &[])]);
+        // Endpoints come, go, terminate, and land in a denied range; one Service loses all.
+        let now_slices = [slice("web", &["10.42.0.2", "10.42.0.3", "172.16.0.9", "10.42.0.4"], &["10.42.0.4"])];
+        let after = decide(&now_slices);
+        assert_ne!(before, after, "the change must change the decision");
+        let valid: Vec<&LoadBalancerConfig> = configs.iter().collect();
+        let rules = BackendRules::new(&nodes, &valid);
+        let index = endpoints::SliceIndex::new(now_slices.iter());
+        for svc in &services {
+            let r = ServiceRef::of(svc);
+            let (Decision::Serve(old), Decision::Serve(new)) = (&before.services[&r], &after.services[&r]) else {
+                panic!("{r} is served");
+            };
+            let config =
+                old.config.as_ref().ok().and_then(|n| configs.iter().find(|c| c.metadata.name.as_ref() == Some(n)));
+            assert_eq!(&rebackend(old, svc, config, &rules, &index), new, "{r}");
+        }
+        let web = served(&after, "web");
+        assert_eq!(web.refused_backends.len(), 1, "the denied endpoint is named");
+        assert_eq!(web.ports[0].ready(), 2, "the terminating endpoint takes no new flows");
     }
 }

@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use super::{
     allocator::{AllocatorHandle, Decisions},
-    caches::Caches,
+    caches::{Caches, Reader},
     crd::{GROUP, LoadBalancer, NodeReport},
     desired::Settings,
     endpoints::SliceIndex,
@@ -422,7 +422,7 @@ impl Source for ClusterSource {
     }
 
     fn desired(&mut self) -> Desired {
-        let touched = self.caches.take_touched();
+        let touched = self.caches.take_touched(Reader::NodeProgrammer);
         let status = *self.heartbeat.status.borrow();
         if let Verify::Fresh(fresh) = &self.verify {
             let balancers = self.caches.balancers.state();

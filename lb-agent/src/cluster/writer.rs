@@ -88,8 +88,8 @@ pub struct Submission {
 pub struct Batch {
     /// Submissions.
     pub submissions: Vec<Submission>,
-    /// Every Service the pass saw.
-    pub live: BTreeSet<ServiceRef>,
+    /// Every Service a whole pass saw; `None` from a pass that decided some Services only.
+    pub live: Option<BTreeSet<ServiceRef>>,
 }
 
 /// The running writer.
@@ -154,8 +154,10 @@ pub fn spawn_writer(
                 batch = rx.recv() => {
                     let Some(batch) = batch else { return };
                     let now = Instant::now();
-                    q.retain(|r| batch.live.contains(r));
-                    writes.forget_gone(&batch.live);
+                    if let Some(live) = &batch.live {
+                        q.retain(|r| live.contains(r));
+                        writes.forget_gone(live);
+                    }
                     for s in batch.submissions {
                         q.submit(s.service, s.want, s.base, s.priority, now);
                     }
