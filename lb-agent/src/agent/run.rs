@@ -16,8 +16,8 @@ use crate::{
     model::{NodeDesired, ServiceSpec},
     net::Link,
     node::{
-        ApplyReport, Node, OnExit,
-        io::{Announcer, DataplaneIo, IoError, NetIo},
+        ApplyReport, NetCheck, Node, OnExit,
+        io::{Announcer, DataplaneIo, IoError, NetIo, NetSnapshot},
     },
 };
 
@@ -61,9 +61,15 @@ pub trait Source {
     /// source cares about went down or came back).
     fn links_changed(&mut self, links: &[Link]) -> bool;
     /// At a re-sync: checks what this node must serve against the source's objects from
-    /// scratch; returns whether a whole pass is needed for it. By default always.
+    /// scratch, or one of [`Self::recheck_parts`] parts of it; returns whether a whole pass
+    /// is needed for it. By default always.
     fn recheck(&mut self) -> bool {
         true
+    }
+    /// How many parts [`Self::recheck`] splits a re-sync's check into: the loop calls it
+    /// this often per re-sync interval, so no call holds endpoint changes up for long.
+    fn recheck_parts(&self) -> u32 {
+        1
     }
     /// Hears what applying `applied` did.
     fn report(&mut self, applied: &Desired, report: &ApplyReport) -> impl Future<Output = ()>;
@@ -101,11 +107,17 @@ where
 
     let mut resync = tokio::time::interval(resync_every);
     resync.tick().await;
+    let mut recheck = tokio::time::interval(resync_every / source.recheck_parts().max(1));
+    recheck.tick().await;
     let mut gc = tokio::time::interval(GC_INTERVAL);
     let mut links = tokio::time::interval(LINK_INTERVAL);
     // The maps are read off the loop: at 10 000 Services the read takes hundreds of
     // milliseconds, and endpoint changes must not wait for it.
     let mut drift_read: Option<tokio::task::JoinHandle<Result<ProgrammedState, IoError>>> = None;
+    // So are interfaces and addresses (a dump of 10 000 addresses held the loop for up to
+    // 100 ms), with the whole pass they are compared with.
+    let mut net_read: Option<tokio::task::JoinHandle<NetSnapshot>> = None;
+    let mut net_since = Instant::now();
     loop {
         node.telemetry().beat();
         let announce_at = node.next_announcement().map(tokio::time::Instant::from_std);
@@ -118,26 +130,47 @@ where
                 }
                 w
             }
+            _ = recheck.tick() => {
+                let started = Instant::now();
+                if !source.recheck() {
+                    debug!(recheck_ms = started.elapsed().as_millis() as u64, "re-sync: the objects' part checked, nothing to repair");
+                    continue;
+                }
+                node.force_whole();
+                Wake::Changed
+            }
             _ = resync.tick() => {
                 if drift_read.is_none() {
                     drift_read = Some(tokio::task::spawn_blocking(node.begin_drift_check()));
                 }
                 // Addresses, routes and announcements are checked by whole passes: one
                 // runs when the cheap checks find something to repair.
+                match node.begin_net_check(Instant::now()) {
+                    NetCheck::Whole => {
+                        node.force_whole();
+                        Wake::Changed
+                    }
+                    NetCheck::Read { since, read } => {
+                        if net_read.is_none() {
+                            net_since = since;
+                            net_read = Some(tokio::spawn(read));
+                        }
+                        continue;
+                    }
+                }
+            }
+            read = wait_for(&mut net_read) => {
+                net_read = None;
                 let started = Instant::now();
-                let recheck = source.recheck();
-                let rechecked = started.elapsed();
-                let whole = recheck
-                    || node.needs_whole(Instant::now()).await.unwrap_or_else(|e| {
+                let whole = match read.unwrap_or_else(|e| Err(IoError::Task(e))) {
+                    Ok((l, a)) => node.finish_net_check(net_since, &l, &a),
+                    Err(e) => {
                         warn!(error = %e, "cannot check interfaces and addresses; doing a whole pass");
                         true
-                    });
+                    }
+                };
                 if !whole {
-                    debug!(
-                        recheck_ms = rechecked.as_millis() as u64,
-                        node_ms = (started.elapsed() - rechecked).as_millis() as u64,
-                        "re-sync: nothing to repair"
-                    );
+                    debug!(compare_ms = started.elapsed().as_millis() as u64, "re-sync: interfaces and addresses checked, nothing to repair");
                     continue;
                 }
                 node.force_whole();

@@ -10,7 +10,7 @@ use std::{
 
 use lb_common::config::DataplaneConfig;
 
-use super::io::{Announcer, DataplaneIo, IoError, NetIo, StateReader};
+use super::io::{Announcer, DataplaneIo, IoError, NetIo, NetSnapshot, StateReader};
 use crate::{
     dataplane::{
         Hooks,
@@ -137,6 +137,17 @@ impl<T: NetIo + Sync> NetIo for Faulty<T> {
             return Err(injected("list addresses"));
         }
         self.inner.addresses().await
+    }
+
+    fn snapshot(&self) -> impl Future<Output = NetSnapshot> + Send + 'static {
+        let fail = self.faults.set().netlink;
+        let read = self.inner.snapshot();
+        async move {
+            if fail {
+                return Err(injected("list links and addresses"));
+            }
+            read.await
+        }
     }
 
     async fn set_address(&self, index: u32, addr: Ipv4Addr, lifetime: Lifetime) -> Result<(), IoError> {

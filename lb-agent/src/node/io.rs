@@ -66,6 +66,9 @@ impl From<LoadError> for IoError {
 /// 10 000 Services reading every entry takes hundreds of milliseconds of system calls.
 pub type StateReader = Box<dyn FnOnce() -> Result<ProgrammedState, IoError> + Send>;
 
+/// Every interface and every IPv4 address, read at one moment (see [`NetIo::snapshot`]).
+pub type NetSnapshot = Result<(Vec<Link>, Vec<IfAddr>), IoError>;
+
 /// The loaded data path: its maps and the interfaces its programs are attached to.
 pub trait DataplaneIo {
     /// What the maps hold (everything the agent owns).
@@ -101,6 +104,9 @@ pub trait NetIo {
     fn links(&self) -> impl Future<Output = Result<Vec<Link>, IoError>> + Send;
     /// Every IPv4 address.
     fn addresses(&self) -> impl Future<Output = Result<Vec<IfAddr>, IoError>> + Send;
+    /// [`Self::links`] and [`Self::addresses`] by a future that owns what it needs, so it
+    /// can run on its own task.
+    fn snapshot(&self) -> impl Future<Output = NetSnapshot> + Send + 'static;
     /// Adds `addr/32` to interface `index`, marked as ballast's, or replaces it (updating
     /// its lifetime).
     fn set_address(

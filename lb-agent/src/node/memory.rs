@@ -10,7 +10,7 @@ use std::{
 
 use lb_common::config::DataplaneConfig;
 
-use super::io::{Announcer, DataplaneIo, IoError, NetIo, StateReader};
+use super::io::{Announcer, DataplaneIo, IoError, NetIo, NetSnapshot, StateReader};
 use crate::{
     dataplane::{
         Hooks,
@@ -180,6 +180,13 @@ impl NetIo for MemoryNet {
         let mut st = self.state();
         st.address_listings += 1;
         Ok(st.addrs.clone())
+    }
+
+    fn snapshot(&self) -> impl Future<Output = NetSnapshot> + Send + 'static {
+        let mut st = self.state();
+        st.address_listings += 1;
+        let read = (st.links.clone(), st.addrs.clone());
+        async move { Ok(read) }
     }
 
     async fn set_address(&self, index: u32, addr: Ipv4Addr, lifetime: Lifetime) -> Result<(), IoError> {

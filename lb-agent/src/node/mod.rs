@@ -24,7 +24,7 @@ use lb_common::{
 };
 use tracing::{debug, info, warn};
 
-use self::io::{Announcer, DataplaneIo, IoError, NetIo, StateReader};
+use self::io::{Announcer, DataplaneIo, IoError, NetIo, NetSnapshot, StateReader};
 pub use self::report::{ApplyReport, NodeFailure};
 use crate::{
     dataplane::{
@@ -244,6 +244,20 @@ struct Holding {
     hold: Hold,
     /// The services using it (they fail together when the address cannot be added).
     services: Vec<ServiceId>,
+}
+
+/// A re-sync's check of the interfaces and addresses ([`Node::begin_net_check`]).
+pub enum NetCheck<R> {
+    /// A whole pass is needed, whatever the kernel says.
+    Whole,
+    /// The kernel must be asked: `read` answers, to hand with `since` to
+    /// [`Node::finish_net_check`].
+    Read {
+        /// The whole pass the answer is compared with.
+        since: Instant,
+        /// The interfaces and addresses.
+        read: R,
+    },
 }
 
 /// What the last whole pass found, for the passes that apply changed backends alone (see
@@ -824,27 +838,51 @@ impl<D: DataplaneIo, N: NetIo, A: Announcer> Node<D, N, A> {
     /// held as [`Hold::Exclusive`] are due for a check, the interfaces or their addresses
     /// changed, or an address this node must hold is missing (or one it must not, present).
     /// At 10 000 Services a whole pass takes half a second of the loop, and endpoint
-    /// changes wait behind it.
+    /// changes wait behind it. [`Self::begin_net_check`] and [`Self::finish_net_check`] are
+    /// its halves, for reading the interfaces and addresses off the loop.
     pub async fn needs_whole(&mut self, now: Instant) -> Result<bool, NodeError> {
-        let Some(last) = self.last.as_ref() else { return Ok(true) };
+        match self.begin_net_check(now) {
+            NetCheck::Whole => Ok(true),
+            NetCheck::Read { since, read } => {
+                let (links, addrs) = read.await?;
+                Ok(self.finish_net_check(since, &links, &addrs))
+            }
+        }
+    }
+
+    /// The first half of [`Self::needs_whole`]: what it judges without the kernel, and
+    /// otherwise the read of the interfaces and addresses to judge the rest by, which owns
+    /// what it needs so it can run while passes go on (dumping 10 000 addresses took
+    /// 60–100 ms of the loop, during which endpoint changes waited).
+    pub fn begin_net_check(&mut self, now: Instant) -> NetCheck<impl Future<Output = NetSnapshot> + Send + 'static> {
+        let Some(last) = self.last.as_ref() else { return NetCheck::Whole };
         let generation = self.net.route_generation();
         // Without notifications of route changes, whole passes are how routes are checked.
         if generation.is_none() || generation != last.generation {
-            return Ok(true);
+            return NetCheck::Whole;
         }
         if last.defends && self.next_defense.is_some_and(|t| now >= t) {
-            return Ok(true);
+            return NetCheck::Whole;
         }
         if !last.failed.values().all(NodeFailure::waits_for_a_change) {
-            return Ok(true);
+            return NetCheck::Whole;
         }
-        let links = self.net.links().await?;
-        let addrs = self.net.addresses().await?;
-        if !self.routes.still_valid(&links, &addrs, generation) {
-            return Ok(true);
+        NetCheck::Read { since: last.at, read: self.net.snapshot() }
+    }
+
+    /// The second half of [`Self::needs_whole`]: whether interfaces `links` and addresses
+    /// `addrs`, read since the whole pass of `since`, call for a whole pass. A read that
+    /// another whole pass overtook calls for nothing: that pass checked everything.
+    pub fn finish_net_check(&mut self, since: Instant, links: &[Link], addrs: &[IfAddr]) -> bool {
+        let Some(last) = self.last.as_ref() else { return false };
+        if last.at != since {
+            return false;
         }
-        let changes = self.address_changes(&addrs, &mut ApplyReport::default());
-        Ok(!(changes.add.is_empty() && changes.remove.is_empty() && changes.renew.is_empty()))
+        if !self.routes.still_valid(links, addrs, last.generation) {
+            return true;
+        }
+        let changes = self.address_changes(addrs, &mut ApplyReport::default());
+        !(changes.add.is_empty() && changes.remove.is_empty() && changes.renew.is_empty())
     }
 
     /// Starts a check of the maps against what this agent wrote: returns the read, to run

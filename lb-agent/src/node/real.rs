@@ -14,7 +14,7 @@ use tracing::warn;
 
 use super::{
     Node, NodeError, NodeOptions,
-    io::{Announcer, DataplaneIo, IoError, NetIo, StateReader},
+    io::{Announcer, DataplaneIo, IoError, NetIo, NetSnapshot, StateReader},
 };
 use crate::{
     dataplane::{
@@ -111,6 +111,12 @@ impl NetIo for Netlink {
 
     async fn addresses(&self) -> Result<Vec<IfAddr>, IoError> {
         Ok(Netlink::addresses(self).await?)
+    }
+
+    fn snapshot(&self) -> impl Future<Output = NetSnapshot> + Send + 'static {
+        // A clone shares the connection.
+        let me = self.clone();
+        async move { Ok((Netlink::links(&me).await?, Netlink::addresses(&me).await?)) }
     }
 
     async fn set_address(&self, index: u32, addr: Ipv4Addr, lifetime: Lifetime) -> Result<(), IoError> {

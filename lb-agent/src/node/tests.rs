@@ -511,6 +511,29 @@ async fn a_resync_needs_a_whole_pass_only_when_something_is_to_repair() {
 }
 
 #[tokio::test]
+async fn a_read_of_interfaces_and_addresses_that_a_whole_pass_overtook_repairs_nothing() {
+    let mut b = bed(OnExit::Detach).await;
+    let d = desired(vec![svc("web", A, 80)], &[(A, Hold::Permanent)]);
+    b.node.apply(&d, Instant::now()).await.unwrap();
+    // Someone removes the VIP; a re-sync reads the addresses off the loop.
+    b.net.state().addrs.retain(|a| a.addr != A);
+    let NetCheck::Read { since, read } = b.node.begin_net_check(Instant::now()) else {
+        panic!("the kernel must be asked")
+    };
+    let (links, addrs) = read.await.unwrap();
+    // Meanwhile a whole pass puts it back: what the read found is stale.
+    b.node.apply(&d, Instant::now() + Duration::from_millis(1)).await.unwrap();
+    assert!(!b.node.finish_net_check(since, &links, &addrs), "the whole pass checked everything");
+    // A read of the same pass that finds the VIP missing calls for one.
+    b.net.state().addrs.retain(|a| a.addr != A);
+    let NetCheck::Read { since, read } = b.node.begin_net_check(Instant::now()) else {
+        panic!("the kernel must be asked")
+    };
+    let (links, addrs) = read.await.unwrap();
+    assert!(b.node.finish_net_check(since, &links, &addrs), "a held VIP is missing");
+}
+
+#[tokio::test]
 async fn a_map_read_that_overlaps_writes_finds_no_drift_and_one_after_a_deletion_repairs_it() {
     let mut b = bed(OnExit::Detach).await;
     let holds = [(A, Hold::Permanent)];
