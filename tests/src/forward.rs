@@ -41,6 +41,10 @@ impl Forward {
                         continue;
                     };
                     for s in [&inbound, &outbound] {
+                        // As the API server's own sockets: a watch sends many small writes,
+                        // and Nagle's algorithm against the agent's delayed ACKs held each
+                        // one after the first back for 40 ms.
+                        let _ = s.set_nodelay(true);
                         if let Ok(c) = s.try_clone() {
                             conns.lock().map(|mut v| v.push(c)).ok();
                         }

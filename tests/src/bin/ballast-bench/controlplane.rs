@@ -311,6 +311,10 @@ async fn measure_sync(bed: &mut K8sBed, n: usize) -> Result<String> {
     let warm_hwm = proc_status_mib(warm_pid, "VmHWM:");
 
     let churn = churn(bed, &maps, n, &seen).await?;
+    if let Ok(dir) = std::env::var("BALLAST_BENCH_LOGS") {
+        // The warm agent's log covers the churn run, for reading where its tail came from.
+        let _ = std::fs::write(std::path::Path::new(&dir).join(format!("churn-{n}.log")), bed.agent_log());
+    }
 
     let secs = |d: Option<Duration>| d.map(|d| format!("{:.1}", d.as_secs_f64())).unwrap_or_default();
     let status_s = to_status.map(|d| d.as_secs_f64()).unwrap_or(0.0);
@@ -476,6 +480,17 @@ async fn churn(bed: &K8sBed, maps: &Maps, n: usize, seen: &Seen) -> Result<Strin
             agent_lat.push(in_map.saturating_duration_since(*w));
         }
     }
+    if let Ok(dir) = std::env::var("BALLAST_BENCH_LOGS") {
+        // Each change's latency at its time, to set beside the agent's log.
+        let rows: String = resolved
+            .iter()
+            .map(|(accepted, fresh, in_map)| {
+                let at = chrono_like(*accepted);
+                format!("{at}\t{fresh}\t{:.3}\n", in_map.saturating_duration_since(*accepted).as_secs_f64() * 1e3)
+            })
+            .collect();
+        let _ = std::fs::write(std::path::Path::new(&dir).join(format!("churn-{n}.tsv")), rows);
+    }
     watch_lat.sort();
     agent_lat.sort();
     let elapsed = started.elapsed().as_secs_f64();
@@ -523,6 +538,12 @@ async fn churn(bed: &K8sBed, maps: &Maps, n: usize, seen: &Seen) -> Result<Strin
     writeln!(out, "| churn: API writes by the agent | {writes:.0} |")?;
     writeln!(out, "| churn: agent CPU | {:.0} % of one CPU |", cpu / elapsed * 100.0)?;
     Ok(out)
+}
+
+/// `at` as wall-clock time (RFC 3339, UTC), as the agent's log prints it.
+fn chrono_like(at: Instant) -> String {
+    let wall = std::time::SystemTime::now() - at.elapsed();
+    k8s_openapi::jiff::Timestamp::try_from(wall).map(|t| t.to_string()).unwrap_or_default()
 }
 
 /// Moves every pending change whose endpoint is in the map into `lat` (and `resolved`:
