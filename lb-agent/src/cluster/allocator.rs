@@ -6,7 +6,7 @@
 //! state. Nodes never wait for it: they program themselves from what it last wrote.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
@@ -34,13 +34,14 @@ use super::{
     caches::{Caches, Reader},
     crd::{
         CONFIG_ANNOTATION, CONFIG_FINALIZER, GROUP, IP_ANNOTATION, LoadBalancer, LoadBalancerConfig, MANAGER,
-        NodeReport, Phase, SHARING_ANNOTATION,
+        NodeReport, SHARING_ANNOTATION,
     },
     desired::{BackendRules, Decision, Desired, Inputs, Settings, desired, rebackend},
     endpoints::SliceIndex,
     events::{self, Summary},
     liveness::{Life, Liveness, read_heartbeat},
     ownership::{Holding, PlaceInputs, place},
+    programmer::{AssignedPort, Assignment},
     reason::{ConditionType, Reason},
     status,
     write_queue::Priority,
@@ -79,55 +80,49 @@ pub struct AllocatorHandle {
     pub decisions: watch::Receiver<Option<Arc<Decisions>>>,
 }
 
-/// The LoadBalancer objects the allocator's last pass decided (address, owner, ports), as
-/// they will read once written. The node programmer of the same agent programs its node
-/// from them at once: its data path does not wait for the writes and their echo through
-/// the watch. Other nodes read the written objects.
-#[derive(Clone, Debug, Default)]
+/// What the allocator's last pass assigned each Service (config, address, owner, ports), as
+/// its LoadBalancer object will read once written. The node programmer of the same agent
+/// programs its node from them at once: its data path does not wait for the writes and
+/// their echo through the watch. Other nodes read the written objects.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Decisions {
-    /// One per Service served, with `spec` and `status` (without conditions, node reports,
-    /// counts, targets or phase, which the programmer does not read).
-    pub balancers: Vec<LoadBalancer>,
-    /// Where each Service's object is in `balancers`.
-    index: HashMap<ServiceRef, usize>,
+    /// One per Service served.
+    assigned: BTreeMap<ServiceRef, Assignment>,
     /// Counts the decisions this allocator sent; [`Self::changed`] is relative to the
     /// previous count.
     pub seq: u64,
-    /// The Services whose object appeared, changed or went since decisions `seq - 1`, so the
-    /// node programmer recomputes those alone: comparing 10 000 objects on the node
+    /// The Services whose assignment appeared, changed or went since decisions `seq - 1`,
+    /// so the node programmer recomputes those alone: comparing 10 000 of them on the node
     /// programmer's loop held endpoint changes up at every allocation pass.
     pub changed: BTreeSet<ServiceRef>,
 }
 
 impl Decisions {
-    /// Decisions of `balancers`, indexed, with no changes recorded.
-    pub fn new(balancers: Vec<LoadBalancer>) -> Self {
-        let index = balancers.iter().enumerate().map(|(i, b)| (ServiceRef::of_meta(&b.metadata), i)).collect();
-        Self { balancers, index, seq: 0, changed: BTreeSet::new() }
+    /// Decisions of `assigned`, with no changes recorded.
+    pub fn new(assigned: BTreeMap<ServiceRef, Assignment>) -> Self {
+        Self { assigned, seq: 0, changed: BTreeSet::new() }
     }
 
     /// The Services decided.
     pub fn services(&self) -> impl Iterator<Item = &ServiceRef> {
-        self.index.keys()
+        self.assigned.keys()
     }
 
-    /// Service `r`'s object.
-    pub fn get(&self, r: &ServiceRef) -> Option<&LoadBalancer> {
-        self.index.get(r).and_then(|i| self.balancers.get(*i))
+    /// Every Service's assignment.
+    pub fn iter(&self) -> impl Iterator<Item = (&ServiceRef, &Assignment)> {
+        self.assigned.iter()
     }
 
-    /// The Services whose object differs between `old` and `self` (the generated
-    /// `LoadBalancer` has no `PartialEq`).
+    /// Service `r`'s assignment.
+    pub fn get(&self, r: &ServiceRef) -> Option<&Assignment> {
+        self.assigned.get(r)
+    }
+
+    /// The Services whose assignment differs between `old` and `self`.
     pub fn changes_from(&self, old: &Decisions) -> BTreeSet<ServiceRef> {
-        let same =
-            |a: &LoadBalancer, b: &LoadBalancer| a.metadata == b.metadata && a.spec == b.spec && a.status == b.status;
-        let mut out: BTreeSet<ServiceRef> = BTreeSet::new();
-        for (r, i) in &self.index {
-            if old.get(r).is_none_or(|o| !same(o, &self.balancers[*i])) {
-                out.insert(r.clone());
-            }
-        }
-        out.extend(old.index.keys().filter(|r| !self.index.contains_key(*r)).cloned());
+        let mut out: BTreeSet<ServiceRef> =
+            self.assigned.iter().filter(|(r, a)| old.get(r) != Some(*a)).map(|(r, _)| r.clone()).collect();
+        out.extend(old.assigned.keys().filter(|r| !self.assigned.contains_key(*r)).cloned());
         out
     }
 }
@@ -374,6 +369,8 @@ impl Allocator {
     /// One pass; returns the number of API errors (the pass is retried soon if any).
     async fn pass(&mut self, caches: &Caches, leader: &watch::Receiver<bool>) -> usize {
         let started = Instant::now();
+        // Replaced at the end: two whole decisions at once were 10 MB at 10 000 Services.
+        self.kept = None;
         let snap = caches.snapshot();
         let o = snap.objects();
         let inputs = Inputs {
@@ -418,7 +415,7 @@ impl Allocator {
         // Compared here, not under the channel's lock, which the node programmer reads.
         let prev = self.decisions.borrow().clone();
         let made = cpu_heavy(|| {
-            let mut made = decisions(&decided, &placed.holdings, &self.settings.class);
+            let mut made = decisions(&decided, &placed.holdings);
             if let Some(old) = prev.as_deref() {
                 made.changed = made.changes_from(old);
             }
@@ -699,29 +696,33 @@ impl Allocator {
     }
 }
 
-/// The LoadBalancer objects `decided` and `holdings` make, as the programmer reads them:
-/// without endpoint counts, targets or phase, which it does not read, so decisions that
-/// differ in backends alone are the same and wake no node pass.
-fn decisions(decided: &Desired, holdings: &BTreeMap<ServiceRef, Holding>, class: &str) -> Decisions {
-    let balancers = decided
+/// What `decided` and `holdings` assign each Service served, as the programmer reads it
+/// from its LoadBalancer object once written (a Service without an address or config has
+/// none). Endpoint counts are no part of it, so decisions that differ in backends alone
+/// are the same and wake no node pass.
+fn decisions(decided: &Desired, holdings: &BTreeMap<ServiceRef, Holding>) -> Decisions {
+    let assigned = decided
         .services
         .iter()
         .filter_map(|(r, d)| {
             let Decision::Serve(s) = d else { return None };
-            let holding = holdings.get(r);
-            let (spec, mut st) = status::load_balancer(&r.name, class, s, holding, Vec::new(), Phase::Pending);
-            st.targets = Vec::new();
-            st.target_count = 0;
-            for p in &mut st.ports {
-                p.target_count = 0;
-            }
-            let mut b = LoadBalancer::new(&r.name, spec);
-            b.metadata.namespace = Some(r.namespace.clone());
-            b.status = Some(st);
-            Some(b)
+            let a = Assignment {
+                config: s.config.as_ref().ok()?.clone(),
+                vip: *s.address.as_ref().ok()?,
+                owner: match holdings.get(r) {
+                    Some(Holding::Owner(n)) => Some(n.clone()),
+                    _ => None,
+                },
+                ports: s
+                    .ports
+                    .iter()
+                    .map(|p| AssignedPort { port: p.external_port, protocol: p.protocol, service_port: p.service_port })
+                    .collect(),
+            };
+            Some((r.clone(), a))
         })
         .collect();
-    Decisions::new(balancers)
+    Decisions::new(assigned)
 }
 
 /// The reports on a Service's LoadBalancer object `b` by nodes whose agents are alive (a

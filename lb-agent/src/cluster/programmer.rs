@@ -22,6 +22,60 @@ use crate::{
     node::NodeFailure,
 };
 
+/// What the allocator decided for one Service, as node programmers read it: the config its
+/// address comes from, the address, its owner (L2 mode) and the ports. Read from the
+/// Service's LoadBalancer object, or handed by this agent's allocator before that object
+/// is written ([`super::allocator::Decisions`]): a tenth of the size of the object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Assignment {
+    /// The LoadBalancerConfig.
+    pub config: String,
+    /// The address.
+    pub vip: Ipv4Addr,
+    /// The node that holds it (L2 mode).
+    pub owner: Option<String>,
+    /// The ports served.
+    pub ports: Vec<AssignedPort>,
+}
+
+/// One port of an [`Assignment`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AssignedPort {
+    /// The port clients connect to.
+    pub port: u16,
+    /// Its protocol.
+    pub protocol: Protocol,
+    /// The Service's port it stands for.
+    pub service_port: u16,
+}
+
+impl Assignment {
+    /// What LoadBalancer object `b` assigns, if it is of `class` and names a config and an
+    /// address (ports of other protocols are left out).
+    pub fn of(b: &LoadBalancer, class: &str) -> Option<Self> {
+        if b.spec.class != class {
+            return None;
+        }
+        let status = b.status.as_ref()?;
+        Some(Self {
+            config: b.spec.config.clone()?,
+            vip: status.host.as_deref()?.parse().ok()?,
+            owner: status.node.clone(),
+            ports: status
+                .ports
+                .iter()
+                .filter_map(|p| {
+                    Some(AssignedPort {
+                        port: p.port,
+                        protocol: Protocol::parse(&p.protocol)?,
+                        service_port: p.service_port,
+                    })
+                })
+                .collect(),
+        })
+    }
+}
+
 /// This node, as the programmer needs to know it.
 #[derive(Clone, Debug)]
 pub struct Me<'a> {
@@ -125,45 +179,44 @@ pub struct Context<'a> {
     nodes: &'a [&'a Node],
     my_node: Option<&'a Node>,
     guard: Guard<'a>,
-    class: &'a str,
     me: &'a Me<'a>,
 }
 
 impl<'a> Context<'a> {
-    /// The context of node `me`, for the agent's `class`.
-    pub fn new(nodes: &'a [&'a Node], configs: &'a [&'a LoadBalancerConfig], class: &'a str, me: &'a Me<'a>) -> Self {
+    /// The context of node `me`.
+    pub fn new(nodes: &'a [&'a Node], configs: &'a [&'a LoadBalancerConfig], me: &'a Me<'a>) -> Self {
         Self {
             configs: configs.iter().filter_map(|c| Some((c.metadata.name.as_deref()?, *c))).collect(),
             nodes,
             my_node: nodes.iter().copied().find(|n| n.metadata.name.as_deref() == Some(me.name)),
             // The same refusals the allocator reports (see backend_policy): never program them.
             guard: Guard::new(nodes, configs),
-            class,
             me,
         }
     }
 
-    /// What `b` makes this node serve, given its Service `svc` and the slices; `None` when
-    /// nothing (another class, no address yet, the Service gone or being deleted, the
-    /// config missing, this node not eligible, its interface down).
-    pub fn serve(&self, b: &LoadBalancer, svc: Option<&Service>, slices: &endpoints::SliceIndex<'_>) -> Option<Served> {
-        if b.spec.class != self.class {
-            return None;
-        }
-        let r = ServiceRef::of_meta(&b.metadata);
-        let status = b.status.as_ref()?;
-        let vip = status.host.as_deref().and_then(|h| h.parse::<Ipv4Addr>().ok())?;
+    /// What assignment `a` of Service `r` makes this node serve, given the Service `svc`
+    /// and the slices; `None` when nothing (the Service gone or being deleted, the config
+    /// missing, this node not eligible, its interface down).
+    pub fn serve(
+        &self,
+        r: &ServiceRef,
+        a: &Assignment,
+        svc: Option<&Service>,
+        slices: &endpoints::SliceIndex<'_>,
+    ) -> Option<Served> {
+        let vip = a.vip;
         // A Service being deleted is released by the allocator; stop serving it at once.
         let svc = svc.filter(|s| s.metadata.deletion_timestamp.is_none())?;
-        let cfg = b.spec.config.as_deref().and_then(|c| self.configs.get(c))?;
+        let cfg = self.configs.get(a.config.as_str())?;
         let me = self.me;
         let iface = cfg.spec.interface.as_deref().unwrap_or(me.default_interface);
         if ownership::node_allows(self.my_node, cfg).is_err() || me.down.contains(iface) {
             return None;
         }
         let owner = match me.owners {
-            Some(o) => o.get(&r).cloned().flatten(),
-            None => status.node.clone(),
+            Some(o) => o.get(r).cloned().flatten(),
+            None => a.owner.clone(),
         };
         let hold = match cfg.spec.announce.mode {
             AnnounceMode::None => Hold::Permanent,
@@ -173,8 +226,8 @@ impl<'a> Context<'a> {
         let to_nodes = cfg.spec.backend_mode == BackendMode::NodePort;
         let denied = backend_policy::denied(cfg);
         let mut services = Vec::new();
-        for p in &status.ports {
-            let Some(protocol) = Protocol::parse(&p.protocol) else { continue };
+        for p in &a.ports {
+            let protocol = p.protocol;
             let Some(sp) = svc.spec.iter().flat_map(|s| s.ports.iter().flatten()).find(|sp| {
                 u16::try_from(sp.port).ok() == Some(p.service_port)
                     && Protocol::parse(sp.protocol.as_deref().unwrap_or("TCP")) == Some(protocol)
@@ -207,15 +260,28 @@ pub fn node_desired(o: &Objects<'_>, class: &str, me: &Me<'_>) -> Programmed {
 /// What each LoadBalancer object of `o` makes node `me` serve (those that make it serve
 /// nothing are left out).
 pub fn serve_all(o: &Objects<'_>, class: &str, me: &Me<'_>) -> BTreeMap<ServiceRef, Served> {
-    let services: BTreeMap<ServiceRef, &Service> = o.services.iter().map(|s| (ServiceRef::of(s), *s)).collect();
-    let ctx = Context::new(&o.nodes, &o.configs, class, me);
-    let slices = endpoints::SliceIndex::new(o.slices.iter().copied());
-    o.balancers
+    let assigned: Vec<(ServiceRef, Assignment)> = o
+        .balancers
         .iter()
-        .filter_map(|b| {
-            let r = ServiceRef::of_meta(&b.metadata);
-            let s = ctx.serve(b, services.get(&r).copied(), &slices)?;
-            Some((r, s))
+        .filter_map(|b| Some((ServiceRef::of_meta(&b.metadata), Assignment::of(b, class)?)))
+        .collect();
+    serve_assigned(o, assigned.iter().map(|(r, a)| (r, a)), me)
+}
+
+/// What each of `assigned` makes node `me` serve, with the other objects of `o` (those that
+/// make it serve nothing are left out).
+pub fn serve_assigned<'a>(
+    o: &Objects<'_>,
+    assigned: impl Iterator<Item = (&'a ServiceRef, &'a Assignment)>,
+    me: &Me<'_>,
+) -> BTreeMap<ServiceRef, Served> {
+    let services: BTreeMap<ServiceRef, &Service> = o.services.iter().map(|s| (ServiceRef::of(s), *s)).collect();
+    let ctx = Context::new(&o.nodes, &o.configs, me);
+    let slices = endpoints::SliceIndex::new(o.slices.iter().copied());
+    assigned
+        .filter_map(|(r, a)| {
+            let s = ctx.serve(r, a, services.get(r).copied(), &slices)?;
+            Some((r.clone(), s))
         })
         .collect()
 }

@@ -26,7 +26,7 @@ use super::{
     endpoints::SliceIndex,
     leases::{ElectionHandle, Farewell, HeartbeatHandle},
     liveness::Interfaces,
-    programmer::{self, Context, Me, Served},
+    programmer::{self, Assignment, Context, Me, Served},
     projection::CachedSlice,
 };
 use crate::{
@@ -261,11 +261,11 @@ impl ClusterSource {
             down: &me_state.down,
             owners,
         };
-        let mut objects = snap.objects();
-        if let Some(d) = &local {
-            objects.balancers = d.balancers.iter().collect();
-        }
-        let served = programmer::serve_all(&objects, &self.settings.class, &me);
+        let objects = snap.objects();
+        let served = match &local {
+            Some(d) => programmer::serve_assigned(&objects, d.iter(), &me),
+            None => programmer::serve_all(&objects, &self.settings.class, &me),
+        };
         Memo { served, decisions: local, me: me_state }
     }
 
@@ -330,7 +330,7 @@ impl ClusterSource {
             down: &memo.me.down,
             owners: None,
         };
-        let ctx = Context::new(&nodes, &configs, &self.settings.class, &me);
+        let ctx = Context::new(&nodes, &configs, &me);
         // Only these Services' slices are read: filtering all 10 000 slices was most of a
         // pass that changes a few.
         let held: Vec<Arc<CachedSlice>> = refs.iter().flat_map(|r| self.caches.slices_of(r)).collect();
@@ -339,15 +339,19 @@ impl ClusterSource {
             .map(|r| {
                 let key = ObjectRef::new(&r.name).within(&r.namespace);
                 let cached;
-                let balancer: Option<&LoadBalancer> = match &memo.decisions {
+                let assigned: Option<&Assignment> = match &memo.decisions {
                     Some(d) => d.get(r),
                     None => {
-                        cached = self.caches.balancers.get(&ObjectRef::new(&r.name).within(&r.namespace));
-                        cached.as_deref()
+                        cached = self
+                            .caches
+                            .balancers
+                            .get(&ObjectRef::new(&r.name).within(&r.namespace))
+                            .and_then(|b| Assignment::of(&b, &self.settings.class));
+                        cached.as_ref()
                     }
                 };
                 let svc = self.caches.services.get(&key);
-                balancer.and_then(|b| ctx.serve(b, svc.as_deref(), &slices))
+                assigned.and_then(|a| ctx.serve(r, a, svc.as_deref(), &slices))
             })
             .collect()
     }
@@ -593,16 +597,9 @@ impl Source for ClusterSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::crd::{LoadBalancerSpec, LoadBalancerStatus};
 
-    fn decided(name: &str, host: &str) -> LoadBalancer {
-        let mut b = LoadBalancer::new(
-            name,
-            LoadBalancerSpec { service: name.into(), class: "ballast".into(), config: Some("pool".into()) },
-        );
-        b.metadata.namespace = Some("ns".into());
-        b.status = Some(LoadBalancerStatus { host: Some(host.into()), ..Default::default() });
-        b
+    fn decided(name: &str, host: &str) -> (ServiceRef, Assignment) {
+        (r(name), Assignment { config: "pool".into(), vip: host.parse().unwrap(), owner: None, ports: Vec::new() })
     }
 
     fn r(name: &str) -> ServiceRef {
@@ -611,12 +608,16 @@ mod tests {
 
     #[test]
     fn new_decisions_touch_the_services_whose_object_changed_appeared_or_went() {
-        let old = Decisions::new(vec![decided("a", "192.0.2.1"), decided("b", "192.0.2.2"), decided("c", "192.0.2.3")]);
-        // b moved, c went, d came, a is the same (at another position).
-        let new = Decisions::new(vec![decided("d", "192.0.2.4"), decided("b", "192.0.2.9"), decided("a", "192.0.2.1")]);
+        let old = Decisions::new(
+            [decided("a", "192.0.2.1"), decided("b", "192.0.2.2"), decided("c", "192.0.2.3")].into_iter().collect(),
+        );
+        // b moved, c went, d came, a is the same.
+        let new = Decisions::new(
+            [decided("d", "192.0.2.4"), decided("b", "192.0.2.9"), decided("a", "192.0.2.1")].into_iter().collect(),
+        );
         assert_eq!(new.changes_from(&old), BTreeSet::from([r("b"), r("c"), r("d")]));
         assert!(new.changes_from(&new).is_empty());
-        assert_eq!(new.get(&r("a")).and_then(|b| b.status.as_ref()?.host.clone()).as_deref(), Some("192.0.2.1"));
+        assert_eq!(new.get(&r("a")).map(|a| a.vip.to_string()).as_deref(), Some("192.0.2.1"));
         assert!(new.get(&r("c")).is_none());
     }
 }
