@@ -5,7 +5,7 @@
 //! writer task ([`super::writer`]) does the IO and the clock comes in as arguments.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     time::{Duration, Instant},
 };
 
@@ -47,8 +47,12 @@ pub struct WriteQueue<K, W, J> {
     in_flight: BTreeMap<K, W>,
     /// Failures in a row per object.
     failures: BTreeMap<K, u32>,
-    /// Last successful write per object, and when.
+    /// Last successful write per object, and when, for [`ECHO_WAIT`] after it.
     written: BTreeMap<K, (W, Instant)>,
+    /// The writes of `written` in the order they were made, so those older than
+    /// [`ECHO_WAIT`] are forgotten without a scan: kept for good, every Service's last
+    /// wanted state was a second copy of all decisions.
+    written_order: VecDeque<(Instant, K)>,
 }
 
 impl<K, W, J> Default for WriteQueue<K, W, J> {
@@ -59,6 +63,7 @@ impl<K, W, J> Default for WriteQueue<K, W, J> {
             in_flight: BTreeMap::new(),
             failures: BTreeMap::new(),
             written: BTreeMap::new(),
+            written_order: VecDeque::new(),
         }
     }
 }
@@ -67,6 +72,7 @@ impl<K: Ord + Clone, W: PartialEq + Clone, J> WriteQueue<K, W, J> {
     /// Wants `want` written for `key`, replacing whatever was waiting for it. Returns
     /// whether it was queued: not when the same is being written or was just written.
     pub fn submit(&mut self, key: K, want: W, job: J, priority: Priority, now: Instant) -> bool {
+        self.forget_old(now);
         if self.in_flight.get(&key) == Some(&want) {
             return false;
         }
@@ -81,6 +87,19 @@ impl<K: Ord + Clone, W: PartialEq + Clone, J> WriteQueue<K, W, J> {
         let priority = self.waiting.get(&key).map_or(priority, |w| w.priority.min(priority));
         self.put(key, Waiting { want, job, priority, not_before });
         true
+    }
+
+    /// Forgets the writes made [`ECHO_WAIT`] or longer before `now`.
+    fn forget_old(&mut self, now: Instant) {
+        while let Some((at, _)) = self.written_order.front()
+            && now.duration_since(*at) >= ECHO_WAIT
+        {
+            let Some((at, key)) = self.written_order.pop_front() else { break };
+            // Unless a later write of the key replaced it.
+            if self.written.get(&key).is_some_and(|(_, w)| *w == at) {
+                self.written.remove(&key);
+            }
+        }
     }
 
     /// Makes `w` the waiting write of `key`, in place of any other.
@@ -113,6 +132,7 @@ impl<K: Ord + Clone, W: PartialEq + Clone, J> WriteQueue<K, W, J> {
         self.waiting.retain(|k, _| keep(k));
         self.failures.retain(|k, _| keep(k));
         self.written.retain(|k, _| keep(k));
+        self.written_order.retain(|(_, k)| keep(k));
     }
 
     /// The next write to start: the most urgent due one whose object has no write in
@@ -134,6 +154,8 @@ impl<K: Ord + Clone, W: PartialEq + Clone, J> WriteQueue<K, W, J> {
         match retry {
             None => {
                 self.failures.remove(&key);
+                self.forget_old(now);
+                self.written_order.push_back((now, key.clone()));
                 self.written.insert(key, (want, now));
             }
             Some(job) => {
@@ -208,6 +230,25 @@ mod tests {
         q.finished("a", 2, None, t);
         assert!(!q.submit("a", 2, (), Priority::Refresh, t + Duration::from_secs(1)), "its echo may lag");
         assert!(q.submit("a", 2, (), Priority::Refresh, t + ECHO_WAIT), "later, a difference is drift");
+    }
+
+    #[test]
+    fn writes_are_remembered_only_while_their_echo_may_lag() {
+        let t = Instant::now();
+        let mut q = Q::default();
+        for (i, k) in ["a", "b", "c"].into_iter().enumerate() {
+            let at = t + Duration::from_secs(i as u64);
+            q.submit(k, 1, (), Priority::New, at);
+            let (k, w, _) = q.take(at).unwrap_or_else(|| panic!("due"));
+            q.finished(k, w, None, at);
+        }
+        // "a" again, later: its first write must not forget the second.
+        q.submit("a", 2, (), Priority::New, t + Duration::from_secs(3));
+        let (k, w, _) = q.take(t + Duration::from_secs(3)).unwrap_or_else(|| panic!("due"));
+        q.finished(k, w, None, t + Duration::from_secs(3));
+        q.submit("d", 1, (), Priority::New, t + ECHO_WAIT + Duration::from_secs(1));
+        assert_eq!(q.written.keys().copied().collect::<Vec<_>>(), vec!["a", "c"], "b is older than ECHO_WAIT");
+        assert!(!q.submit("a", 2, (), Priority::Refresh, t + ECHO_WAIT + Duration::from_secs(1)), "a's echo may lag");
     }
 
     #[test]
