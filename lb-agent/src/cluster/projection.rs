@@ -15,7 +15,10 @@ use k8s_openapi::{
 };
 use serde::Deserialize;
 
-use super::crd::{LoadBalancer, LoadBalancerConfig};
+use super::{
+    crd::{LoadBalancer, LoadBalancerConfig},
+    endpoints::SERVICE_NAME_LABEL,
+};
 
 /// The annotation `kubectl apply` leaves: a copy of the whole object, read by nobody here.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
@@ -141,8 +144,17 @@ impl k8s_openapi::Metadata for CachedSlice {
 impl Trim for CachedSlice {
     fn trim(&mut self) {
         trim_meta(&mut self.metadata);
-        // The EndpointSlice controller's owner reference to the Service: never read.
-        self.metadata.owner_references = None;
+        // Of its metadata a slice is read for its name, namespace and Service (the
+        // `kubernetes.io/service-name` label); the watch resumes from its resourceVersion.
+        // The EndpointSlice controller copies the Service's labels onto every slice and adds
+        // its own labels, annotations and owner reference: none is read.
+        let m = &mut self.metadata;
+        m.owner_references = None;
+        m.annotations = None;
+        m.generate_name = None;
+        if let Some(labels) = m.labels.as_mut() {
+            labels.retain(|k, _| k == SERVICE_NAME_LABEL);
+        }
     }
 }
 
@@ -258,10 +270,25 @@ mod tests {
             target_ref: Some(ObjectReference { name: Some("pod".into()), ..Default::default() }),
             ..Default::default()
         };
-        let slice = EndpointSlice { metadata: meta(), address_type: "IPv4".into(), endpoints: vec![ep], ports: None };
+        let mut metadata = meta();
+        metadata.labels = Some(
+            [
+                (SERVICE_NAME_LABEL.to_string(), "web".to_string()),
+                ("endpointslice.kubernetes.io/managed-by".into(), "endpointslice-controller.k8s.io".into()),
+                ("app".into(), "web".into()),
+            ]
+            .into(),
+        );
+        let slice = EndpointSlice { metadata, address_type: "IPv4".into(), endpoints: vec![ep], ports: None };
         let cached = CachedSlice::from(slice.clone());
         assert_eq!(cached.endpoints, vec![CachedEndpoint { addresses: vec!["10.0.0.1".into()], conditions: None }]);
         assert_eq!(cached.metadata.managed_fields, None);
+        assert_eq!(cached.metadata.annotations, None);
+        assert_eq!(
+            cached.metadata.labels,
+            Some([(SERVICE_NAME_LABEL.to_string(), "web".to_string())].into()),
+            "the Service it belongs to, and no other label"
+        );
         // What the watch decodes from the API server's JSON is what the conversion keeps.
         let json = serde_json::to_string(&slice).unwrap_or_default();
         let decoded: Result<CachedSlice, _> = serde_json::from_str(&json);
