@@ -164,7 +164,7 @@ impl Scope for CachedSlice {
         let name = self.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL));
         match (self.metadata.namespace.as_ref(), name) {
             (Some(namespace), Some(name)) => {
-                Touches::Service(ServiceRef { namespace: namespace.clone(), name: name.clone() })
+                Touches::Service(ServiceRef { namespace: namespace.as_str().into(), name: name.as_str().into() })
             }
             _ => Touches::Nothing,
         }

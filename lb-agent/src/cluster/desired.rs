@@ -540,7 +540,9 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
             config.as_ref().ok().and_then(|n| configs.get(n)).is_some_and(|c| c.cfg.spec.sharing.allow_cross_namespace);
         let key = match annotation(svc, SHARING_ANNOTATION).filter(|k| !k.is_empty()) {
             None => Sharing::Alone,
-            Some(k) => Sharing::Key { namespace: (!cross_namespace).then(|| r.namespace.clone()), key: k.to_string() },
+            Some(k) => {
+                Sharing::Key { namespace: (!cross_namespace).then(|| r.namespace.to_string()), key: k.to_string() }
+            }
         };
         candidates.push(Candidate {
             r,

@@ -56,7 +56,7 @@ fn key_of(s: &CachedSlice) -> Option<SliceKey> {
 
 fn service_of(s: &CachedSlice) -> Option<ServiceRef> {
     let name = s.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
-    Some(ServiceRef { namespace: s.metadata.namespace.clone()?, name: name.clone() })
+    Some(ServiceRef { namespace: s.metadata.namespace.as_deref()?.into(), name: name.as_str().into() })
 }
 
 impl ServiceSlices {
