@@ -6,7 +6,7 @@
 //! state. Nodes never wait for it: they program themselves from what it last wrote.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
     sync::Arc,
     time::{Duration, Instant, SystemTime},
@@ -36,7 +36,7 @@ use super::{
         CONFIG_ANNOTATION, CONFIG_FINALIZER, GROUP, IP_ANNOTATION, LoadBalancer, LoadBalancerConfig, MANAGER,
         NodeReport, SHARING_ANNOTATION,
     },
-    desired::{BackendRules, Decision, Desired, Inputs, Settings, desired, rebackend},
+    desired::{BackendRules, Decision, Desired, Inputs, Settings, desired, input_digest, rebackend, settled},
     endpoints::SliceIndex,
     events::{self, Summary},
     liveness::{Life, Liveness, read_heartbeat},
@@ -293,6 +293,8 @@ struct Kept {
     decided: Desired,
     /// Where each Service's address is held.
     holdings: BTreeMap<ServiceRef, Holding>,
+    /// What the decision read of each Service ([`input_digest`]).
+    digests: HashMap<ServiceRef, u64>,
 }
 
 impl Allocator {
@@ -554,27 +556,57 @@ impl Allocator {
         );
         let served = decided.services.values().filter(|d| matches!(d, Decision::Serve(s) if s.address.is_ok())).count();
         debug!(services = served, errors, elapsed_us = started.elapsed().as_micros() as u64, "allocation pass done");
-        self.kept = Some(Kept { decided, holdings: placed.holdings });
+        let digests = snap.services.iter().map(|s| (ServiceRef::of(s), input_digest(s))).collect();
+        self.kept = Some(Kept { decided, holdings: placed.holdings, digests });
         errors
     }
 
     /// Decides the Services in `touched` alone, when nothing changed since the last whole
-    /// pass but their EndpointSlices and LoadBalancer objects: their backends (hence counts
-    /// and readiness) and the nodes' reports on them, read from the caches. Their
-    /// addresses, ports and owners stay as the whole pass decided them, since they depend
-    /// on neither; nor does what this node's programmer is handed ([`Decisions`]). Returns
-    /// `false`, deciding nothing, when a whole pass is needed instead: none was kept, or a
-    /// touched Service is new to it or gone.
+    /// pass but their own objects, in ways that move no address: their EndpointSlices and
+    /// LoadBalancer objects, and Services whose [`input_digest`] stayed the same (their
+    /// status written back, a label added). Their backends (hence counts and readiness) and
+    /// the nodes' reports on them are read from the caches; their addresses, ports and
+    /// owners stay as the whole pass decided them, and so does what this node's programmer
+    /// is handed ([`Decisions`]). Services that are not ballast's come and go here too.
+    /// Returns `false`, deciding nothing, when a whole pass is needed instead: none was
+    /// kept, a Service ballast serves (or may) is new, changed or gone, or a LoadBalancer
+    /// object has no Service.
     async fn partial_pass(&mut self, caches: &Caches, touched: &BTreeSet<ServiceRef>) -> bool {
         let started = Instant::now();
         let Some(kept) = self.kept.as_mut() else { return false };
         let mut by_ref: BTreeMap<ServiceRef, Arc<Service>> = BTreeMap::new();
+        // Settled again (not ballast's): (Service, decision, digest).
+        let mut settled_now = Vec::new();
+        let mut gone = Vec::new();
         for r in touched {
-            let svc = caches.services.get(&ObjectRef::new(&r.name).within(&r.namespace));
-            match svc {
-                Some(svc) if kept.decided.services.contains_key(r) => by_ref.insert(r.clone(), svc),
-                _ => return false,
-            };
+            let key = ObjectRef::new(&r.name).within(&r.namespace);
+            let was_ours = kept.decided.services.get(r).is_some_and(|d| !matches!(d, Decision::NotOurs(_)));
+            match caches.services.get(&key) {
+                Some(svc) if kept.digests.get(r) == Some(&input_digest(&svc)) => {
+                    by_ref.insert(r.clone(), svc);
+                }
+                Some(svc) => match settled(&svc, &self.settings) {
+                    Some(d @ Decision::NotOurs(_)) if !was_ours => {
+                        settled_now.push((r.clone(), d, input_digest(&svc)));
+                        by_ref.insert(r.clone(), svc);
+                    }
+                    _ => return false,
+                },
+                // A stale LoadBalancer object is deleted by whole passes.
+                None if was_ours || caches.balancers.get(&ObjectRef::new(&r.name).within(&r.namespace)).is_some() => {
+                    return false;
+                }
+                None => gone.push(r.clone()),
+            }
+        }
+        for (r, d, digest) in settled_now {
+            kept.decided.services.insert(r.clone(), d);
+            kept.digests.insert(r, digest);
+        }
+        for r in &gone {
+            kept.decided.services.remove(r);
+            kept.digests.remove(r);
+            self.prev.remove(r);
         }
         let (nodes, cfgs) = (caches.nodes.state(), caches.configs.state());
         let nodes: Vec<&K8sNode> = nodes.iter().map(AsRef::as_ref).collect();

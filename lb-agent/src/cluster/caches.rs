@@ -76,9 +76,7 @@ pub struct Touched {
 pub enum Reader {
     /// The node programmer, which computes each Service's data path from its own objects.
     NodeProgrammer = 0,
-    /// The allocator, which decides addresses over all Services at once: a Service's
-    /// change touches every decision, a change of its EndpointSlices or LoadBalancer
-    /// object only its own.
+    /// The allocator.
     Allocator = 1,
 }
 
@@ -106,7 +104,7 @@ impl Touched {
 }
 
 /// What a change of one object touches.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum Touches {
     /// Every Service's data path.
     All,
@@ -130,26 +128,11 @@ pub trait Scope {
     fn touches(&self) -> Touches {
         Touches::All
     }
-
-    /// What a change of `self` touches for `reader`: by default the same for both.
-    fn touches_for(&self, reader: Reader) -> Touches {
-        let _ = reader;
-        self.touches()
-    }
 }
 
 impl Scope for Service {
     fn touches(&self) -> Touches {
         Touches::Service(ServiceRef::of(self))
-    }
-
-    fn touches_for(&self, reader: Reader) -> Touches {
-        match reader {
-            Reader::NodeProgrammer => self.touches(),
-            // Addresses are decided over every Service at once: one that changes (or goes)
-            // may free, take or share an address another one waits for.
-            Reader::Allocator => Touches::All,
-        }
     }
 }
 
@@ -209,14 +192,14 @@ where
                     // Recorded before the signal, so whoever it wakes finds it. (The
                     // reflector stored the object before handing on the event.)
                     follow(&ev);
-                    let what = |reader| match &ev {
-                        watcher::Event::Apply(o) | watcher::Event::Delete(o) => o.touches_for(reader),
+                    let what = match &ev {
+                        watcher::Event::Apply(o) | watcher::Event::Delete(o) => o.touches(),
                         // A (re)list: whatever it brings, or stopped bringing.
                         watcher::Event::Init | watcher::Event::InitApply(_) | watcher::Event::InitDone => Touches::All,
                     };
                     if let Ok(mut t) = touched.lock() {
-                        for reader in [Reader::NodeProgrammer, Reader::Allocator] {
-                            t[reader as usize].record(what(reader));
+                        for reader in &mut *t {
+                            reader.record(what.clone());
                         }
                     }
                     for c in &changes {

@@ -347,6 +347,60 @@ pub fn rebackend(
     Served { ports, refused_backends, ..s.clone() }
 }
 
+/// The decision for `svc` that depends on nothing but the Service itself: not ballast's
+/// (not a LoadBalancer, another class), or being deleted. `None` for a Service ballast
+/// serves, whose address [`desired`] decides with all the others' (and for one without a
+/// spec, which it leaves out).
+pub fn settled(svc: &Service, settings: &Settings) -> Option<Decision> {
+    let spec = svc.spec.as_ref()?;
+    if spec.type_.as_deref() != Some("LoadBalancer") {
+        return Some(Decision::NotOurs(problem(Reason::NotLoadBalancer, "the service is not of type LoadBalancer")));
+    }
+    match spec.load_balancer_class.as_deref() {
+        Some(c) if c != settings.class => {
+            return Some(Decision::NotOurs(problem(
+                Reason::ClassMismatch,
+                format!("loadBalancerClass {c} is not {}", settings.class),
+            )));
+        }
+        None if settings.ignore_unclassed => {
+            return Some(Decision::NotOurs(problem(
+                Reason::ClassMismatch,
+                format!("no loadBalancerClass, and the agent only serves {}", settings.class),
+            )));
+        }
+        _ => {}
+    }
+    svc.metadata.deletion_timestamp.is_some().then_some(Decision::Deleting)
+}
+
+/// A digest of what [`desired`] reads of Service `svc` to decide its address and ports:
+/// its identity and age, type, class, requested address, ports, ballast's annotations and
+/// whether it is being deleted; not its status, labels or other annotations. A Service
+/// whose digest did not change since a whole decision (its status written back, a label
+/// added) keeps that decision: only its backends are read again.
+pub fn input_digest(svc: &Service) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    svc.metadata.namespace.hash(&mut h);
+    svc.metadata.name.hash(&mut h);
+    svc.metadata.uid.hash(&mut h);
+    svc.metadata.creation_timestamp.as_ref().map(|t| t.0.as_second()).hash(&mut h);
+    svc.metadata.deletion_timestamp.is_some().hash(&mut h);
+    for key in [CONFIG_ANNOTATION, IP_ANNOTATION, SHARING_ANNOTATION] {
+        annotation(svc, key).hash(&mut h);
+    }
+    if let Some(spec) = svc.spec.as_ref() {
+        spec.type_.hash(&mut h);
+        spec.load_balancer_class.hash(&mut h);
+        spec.load_balancer_ip.hash(&mut h);
+        for p in spec.ports.iter().flatten() {
+            (&p.name, &p.protocol, p.port, p.node_port).hash(&mut h);
+        }
+    }
+    h.finish()
+}
+
 /// Decides the whole cluster.
 pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
     let mut out = Desired::default();
@@ -410,38 +464,8 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
         let Some(spec) = svc.spec.as_ref() else {
             continue;
         };
-        if spec.type_.as_deref() != Some("LoadBalancer") {
-            out.services.insert(
-                r,
-                Decision::NotOurs(problem(Reason::NotLoadBalancer, "the service is not of type LoadBalancer")),
-            );
-            continue;
-        }
-        match spec.load_balancer_class.as_deref() {
-            Some(c) if c != settings.class => {
-                out.services.insert(
-                    r,
-                    Decision::NotOurs(problem(
-                        Reason::ClassMismatch,
-                        format!("loadBalancerClass {c} is not {}", settings.class),
-                    )),
-                );
-                continue;
-            }
-            None if settings.ignore_unclassed => {
-                out.services.insert(
-                    r,
-                    Decision::NotOurs(problem(
-                        Reason::ClassMismatch,
-                        format!("no loadBalancerClass, and the agent only serves {}", settings.class),
-                    )),
-                );
-                continue;
-            }
-            _ => {}
-        }
-        if svc.metadata.deletion_timestamp.is_some() {
-            out.services.insert(r, Decision::Deleting);
+        if let Some(d) = settled(svc, settings) {
+            out.services.insert(r, d);
             continue;
         }
 
@@ -1297,5 +1321,38 @@ mod tests {
         let web = served(&after, "web");
         assert_eq!(web.refused_backends.len(), 1, "the denied endpoint is named");
         assert_eq!(web.ports[0].ready(), 2, "the terminating endpoint takes no new flows");
+    }
+
+    #[test]
+    fn only_what_decides_an_address_changes_a_services_digest() {
+        let web = annotate(svc("web", 1, &[(80, "TCP")]), SHARING_ANNOTATION, "k");
+        let digest = input_digest(&web);
+        let mut echo = with_status(web.clone(), "192.0.2.10", &[(80, "TCP")]);
+        echo.metadata.labels = Some([("team".into(), "a".into())].into());
+        echo.metadata.annotations.get_or_insert_with(Default::default).insert("note".into(), "x".into());
+        assert_eq!(input_digest(&echo), digest, "status, labels and others' annotations decide nothing");
+        let changes: [fn(&mut Service); 5] = [
+            |s| s.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].port = 81,
+            |s| s.spec.as_mut().unwrap().load_balancer_class = Some("other".into()),
+            |s| {
+                s.metadata
+                    .annotations
+                    .get_or_insert_with(Default::default)
+                    .insert(IP_ANNOTATION.into(), "192.0.2.11".into());
+            },
+            |s| s.metadata.deletion_timestamp = Some(Time(Timestamp::from_second(1_800_000_000).unwrap())),
+            |s| s.spec.as_mut().unwrap().type_ = Some("ClusterIP".into()),
+        ];
+        for (i, change) in changes.iter().enumerate() {
+            let mut changed = echo.clone();
+            change(&mut changed);
+            assert_ne!(input_digest(&changed), digest, "change {i}");
+        }
+        assert!(settled(&web, &settings()).is_none(), "ballast's: decided with the others");
+        let mut cluster_ip = web.clone();
+        cluster_ip.spec.as_mut().unwrap().type_ = Some("ClusterIP".into());
+        assert!(
+            matches!(settled(&cluster_ip, &settings()), Some(Decision::NotOurs(p)) if p.reason == Reason::NotLoadBalancer)
+        );
     }
 }
