@@ -393,28 +393,24 @@ fn main() -> ExitCode {
     }
 }
 
-/// Caps glibc's malloc at two arenas. By default each thread that allocates gets its own
-/// (up to eight per CPU), and each keeps the memory freed into it: at 10 000 Services the
-/// agent's tokio and blocking threads held four to five arenas of up to 64 MiB each, most
-/// of its resident memory, for a live heap far smaller. Two arenas for two worker threads
-/// is what `MALLOC_ARENA_MAX=2` (the usual advice for glibc daemons) does, set from the
-/// binary so every way of running it gets it; the environment variable still wins.
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets a tunable of glibc's allocator; it is called before the
-        // runtime starts any thread, and glibc serialises it against allocations anyway.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
-        }
-    }
-}
+/// The agent allocates through jemalloc. Under glibc's malloc, even capped at two arenas,
+/// a cold sync of 10 000 Services left the agent with 297 MB from the system for 194 MB in
+/// use (`malloc_stats`); jemalloc's size classes fragment less, and it gives freed pages
+/// back after a second (`dirty_decay_ms`): the same sync peaked 46 MiB lower. Two arenas,
+/// as the agent runs two worker threads; `_RJEM_MALLOC_CONF` overrides them.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's settings (read by jemalloc at its first allocation; the prefixed name is
+/// what tikv-jemallocator's build of it looks for).
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: &[u8] = b"narenas:2,dirty_decay_ms:1000,muzzy_decay_ms:1000\0";
 
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Run(args) => {
             let opts = node_options(&args)?;
-            limit_malloc_arenas();
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let telemetry = Arc::new(Telemetry::default());
             let resync = Duration::from_secs(args.resync_interval.max(1));
