@@ -9,9 +9,10 @@
 //! a hash of node and address, so owners spread evenly and nothing moves without reason.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use k8s_openapi::api::core::v1::Node;
@@ -79,7 +80,8 @@ impl fmt::Display for Ineligible {
 /// selected. A node without a Node object (an agent on a machine outside the cluster, such
 /// as a developer's host) counts as Ready without labels.
 pub fn node_allows(node: Option<&Node>, config: &LoadBalancerConfig) -> Result<(), Ineligible> {
-    let labels = node.and_then(|n| n.metadata.labels.clone()).unwrap_or_default();
+    let none = BTreeMap::new();
+    let labels = node.and_then(|n| n.metadata.labels.as_ref()).unwrap_or(&none);
     if labels.contains_key(EXCLUDE_LABEL) {
         return Err(Ineligible::Excluded);
     }
@@ -96,7 +98,7 @@ pub fn node_allows(node: Option<&Node>, config: &LoadBalancerConfig) -> Result<(
     }
     if let Some(sel) = &config.spec.announce.node_selector {
         // An invalid selector selects nothing (the config reports it as invalid).
-        let selected = Selector::try_from(sel.clone()).is_ok_and(|s| s.matches(&labels));
+        let selected = Selector::try_from(sel.clone()).is_ok_and(|s| s.matches(labels));
         if !selected {
             return Err(Ineligible::NotSelected);
         }
@@ -121,13 +123,18 @@ pub fn eligibility(node: Option<&Node>, life: &Life, config: &LoadBalancerConfig
     Ok(())
 }
 
-/// One address to place.
+/// Every node with an agent, and whether it may hold an address.
+pub type Candidates = BTreeMap<String, Result<(), Ineligible>>;
+
+/// An address to place.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Claim {
     /// The address.
     pub address: Ipv4Addr,
-    /// Every node with an agent, and whether it may hold this address.
-    pub candidates: BTreeMap<String, Result<(), Ineligible>>,
+    /// Every node with an agent, and whether it may hold this address. Shared by the
+    /// addresses of the same configs and owner: at 10 000 addresses, one map each was
+    /// 15 MB of a pass's peak.
+    pub candidates: Arc<Candidates>,
     /// Its owner so far (from the LoadBalancer objects), if any.
     pub current: Option<String>,
 }
@@ -153,12 +160,12 @@ fn tie_break(node: &str, address: Ipv4Addr) -> u64 {
 
 /// Places every claimed address: current owners that are still eligible keep theirs; the
 /// rest go, in address order, to the eligible node with the fewest addresses.
-pub fn assign(claims: &[Claim]) -> BTreeMap<Ipv4Addr, Placement> {
+pub fn assign<'a>(claims: impl IntoIterator<Item = &'a Claim>) -> BTreeMap<Ipv4Addr, Placement> {
     let mut load: BTreeMap<String, usize> = BTreeMap::new();
     let mut out = BTreeMap::new();
     let mut open = Vec::new();
     for c in claims {
-        for (n, e) in &c.candidates {
+        for (n, e) in c.candidates.iter() {
             if e.is_ok() {
                 load.entry(n.clone()).or_default();
             }
@@ -259,23 +266,33 @@ pub fn place(decided: &Desired, inp: PlaceInputs<'_>) -> Placed {
     }
     let mut claims = Vec::new();
     let mut out = Placed::default();
+    // The candidates of each set of configs and current owner, computed once.
+    let mut verdicts: HashMap<(Vec<&str>, Option<String>), Arc<Candidates>> = HashMap::new();
     for (addr, (configs, services)) in &by_addr {
         // The owner so far: what the LoadBalancer objects of its Services say.
         let current =
             services.iter().find_map(|r| inp.owners.get(*r).filter(|(a, _)| a == addr).map(|(_, n)| n.clone()));
-        let mut names: BTreeSet<&str> = inp.lives.keys().map(String::as_str).collect();
-        if let Some(c) = &current {
-            names.insert(c);
-        }
-        let candidates: BTreeMap<String, Result<(), Ineligible>> = names
-            .into_iter()
-            .map(|n| {
-                let life = inp.lives.get(n).cloned().unwrap_or(Life::Unknown);
-                let node = inp.nodes.get(n).copied();
-                let verdict = configs.iter().try_for_each(|c| eligibility(node, &life, c));
-                (n.to_string(), verdict)
+        let key = (configs.iter().map(|c| c.metadata.name.as_deref().unwrap_or_default()).collect(), current.clone());
+        let candidates = verdicts
+            .entry(key)
+            .or_insert_with(|| {
+                let mut names: BTreeSet<&str> = inp.lives.keys().map(String::as_str).collect();
+                if let Some(c) = &current {
+                    names.insert(c);
+                }
+                Arc::new(
+                    names
+                        .into_iter()
+                        .map(|n| {
+                            let life = inp.lives.get(n).cloned().unwrap_or(Life::Unknown);
+                            let node = inp.nodes.get(n).copied();
+                            let verdict = configs.iter().try_for_each(|c| eligibility(node, &life, c));
+                            (n.to_string(), verdict)
+                        })
+                        .collect(),
+                )
             })
-            .collect();
+            .clone();
         let l2 = configs.iter().any(|c| c.spec.announce.mode == AnnounceMode::L2);
         if l2 {
             claims.push((services.clone(), Claim { address: *addr, candidates, current }));
@@ -290,7 +307,7 @@ pub fn place(decided: &Desired, inp: PlaceInputs<'_>) -> Placed {
             }
         }
     }
-    let placements = assign(&claims.iter().map(|(_, c)| c.clone()).collect::<Vec<_>>());
+    let placements = assign(claims.iter().map(|(_, c)| c));
     for (services, claim) in &claims {
         let Some(p) = placements.get(&claim.address) else { continue };
         let holding = match &p.owner {
@@ -336,7 +353,7 @@ mod tests {
     fn claim(i: u8, nodes: &[&str], current: Option<&str>) -> Claim {
         Claim {
             address: addr(i),
-            candidates: nodes.iter().map(|n| (n.to_string(), Ok(()))).collect(),
+            candidates: Arc::new(nodes.iter().map(|n| (n.to_string(), Ok(()))).collect()),
             current: current.map(str::to_string),
         }
     }
@@ -375,7 +392,7 @@ mod tests {
     fn a_failed_nodes_addresses_spread_over_the_others_and_say_why() {
         let mut claims: Vec<Claim> = (1..=6).map(|i| claim(i, &NODES, Some(NODES[usize::from(i - 1) % 3]))).collect();
         for c in &mut claims {
-            c.candidates.insert("edge-1".into(), Err(Ineligible::HeartbeatExpired));
+            Arc::make_mut(&mut c.candidates).insert("edge-1".into(), Err(Ineligible::HeartbeatExpired));
         }
         let p = assign(&claims);
         let moved: Vec<_> = p.values().filter_map(|pl| pl.moved_from.clone()).collect();
@@ -407,7 +424,7 @@ mod tests {
     #[test]
     fn without_an_eligible_node_an_address_has_no_owner() {
         let mut c = claim(1, &["edge-1"], Some("edge-1"));
-        c.candidates.insert("edge-1".into(), Err(Ineligible::NotReady));
+        Arc::make_mut(&mut c.candidates).insert("edge-1".into(), Err(Ineligible::NotReady));
         let p = assign(&[c]);
         assert_eq!(p[&addr(1)], Placement { owner: None, moved_from: Some(("edge-1".into(), Ineligible::NotReady)) });
         // An owner whose heartbeat is gone altogether moved because no agent runs there.
