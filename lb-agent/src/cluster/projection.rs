@@ -190,6 +190,9 @@ impl Trim for LoadBalancerConfig {
 impl Trim for LoadBalancer {
     fn trim(&mut self) {
         trim_meta(&mut self.metadata);
+        if let Some(st) = self.status.as_mut() {
+            st.compact();
+        }
     }
 }
 
@@ -252,6 +255,31 @@ mod tests {
         };
         cluster_ip.trim();
         assert_eq!(cluster_ip.spec, Some(ServiceSpec { type_: Some("ClusterIP".into()), ..Default::default() }));
+    }
+
+    #[test]
+    fn cached_load_balancers_keep_a_digest_of_their_targets() {
+        use crate::cluster::crd::{LoadBalancerSpec, LoadBalancerStatus};
+        let status = |targets: &[&str]| LoadBalancerStatus {
+            targets: targets.iter().map(|t| t.to_string()).collect(),
+            target_count: targets.len() as u32,
+            ..Default::default()
+        };
+        let mut cached = LoadBalancer::new("web", LoadBalancerSpec::default());
+        cached.status = Some(status(&["10.0.0.1", "10.0.0.2"]));
+        cached.trim();
+        let st = cached.status.clone().unwrap_or_default();
+        assert!(st.targets.is_empty(), "the list is not kept");
+        let compacted = |targets: &[&str]| {
+            let mut s = status(targets);
+            s.compact();
+            s
+        };
+        assert_eq!(st, compacted(&["10.0.0.1", "10.0.0.2"]), "what the writer would write compares equal");
+        assert_ne!(st, compacted(&["10.0.0.1", "10.0.0.3"]), "other targets do not");
+        let mut again = st.clone();
+        again.compact();
+        assert_eq!(again, st, "compacting twice changes nothing");
     }
 
     #[test]

@@ -242,6 +242,7 @@ pub fn load_balancer(
                 .collect(),
             target_count: targets.len() as u32,
             targets,
+            targets_digest: None,
             phase,
             node: match holding {
                 Some(Holding::Owner(n)) => Some(n.clone()),
@@ -282,6 +283,7 @@ pub fn only_counts_differ(old: &LoadBalancerStatus, new: &LoadBalancerStatus) ->
     let strip = |s: &LoadBalancerStatus| {
         let mut s = s.clone();
         s.targets.clear();
+        s.targets_digest = None;
         s.target_count = 0;
         for p in &mut s.ports {
             p.target_count = 0;

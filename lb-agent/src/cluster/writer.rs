@@ -389,6 +389,9 @@ impl Writes {
             // Compared without `nodes`, which the nodes write, and transition times.
             let mut a = old.clone();
             let mut b = st.clone();
+            // Targets as the cache keeps them.
+            a.compact();
+            b.compact();
             let same_conds = status::same_conditions(&a.conditions, &b.conditions);
             a.conditions.clear();
             b.conditions.clear();
