@@ -8,6 +8,7 @@
 //! pure functions, unit-tested without IO.
 
 pub mod agent;
+pub mod bgp;
 pub mod cluster;
 pub mod config;
 pub mod dataplane;

@@ -17,5 +17,6 @@ pub mod multibed;
 pub mod netns;
 pub mod pins;
 pub mod preflight;
+pub mod router;
 pub mod servers;
 pub mod testbed;

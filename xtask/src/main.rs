@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: everything a developer or CI runs.
 
 mod controlplane;
+mod gobgp;
 mod setup;
 mod tasks;
 

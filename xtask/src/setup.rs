@@ -26,6 +26,8 @@ pub const PACKAGES: &[&str] = &[
     "nginx-light",
     "libnginx-mod-stream",
     "python3-matplotlib",
+    // The BGP tests' router (an implementation independent of the agent's GoBGP).
+    "bird2",
 ];
 
 fn ok(cmd: &mut Command) -> bool {
@@ -98,6 +100,9 @@ pub fn ensure(verbose: bool) -> Result<()> {
     } else {
         bail!("missing Debian packages {}: run `cargo xtask setup` as root", missing.join(" "));
     }
+
+    let gobgp = crate::gobgp::build()?;
+    say(&format!("gobgpd {} in {}", crate::gobgp::GOBGP, gobgp.display()));
 
     if bpffs_mounted() {
         say("bpf filesystem at /sys/fs/bpf");
