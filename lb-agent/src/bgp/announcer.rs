@@ -33,6 +33,8 @@ pub trait Backend: Send {
     /// The speaker, started if it is not running; `true` with it when it was (re)started,
     /// so it holds nothing.
     fn ensure(&mut self) -> impl Future<Output = Result<(&mut Self::S, bool), SpeakerError>> + Send;
+    /// The speaker if it runs, without starting it.
+    fn running(&mut self) -> Option<&mut Self::S>;
     /// Stops the speaker if it runs (`graceful`: peers keep its routes for the restart
     /// time).
     fn stop(&mut self, graceful: bool) -> impl Future<Output = ()> + Send;
@@ -75,6 +77,11 @@ impl Backend for DaemonBackend {
         }
     }
 
+    fn running(&mut self) -> Option<&mut GoBgpSpeaker> {
+        let (d, s) = self.running.as_mut()?;
+        d.running().then_some(s)
+    }
+
     async fn stop(&mut self, graceful: bool) {
         if let Some((d, _)) = self.running.take() {
             d.stop(graceful).await;
@@ -98,6 +105,10 @@ impl<S: Speaker + Default> Backend for MemoryBackend<S> {
         let fresh = !self.running;
         self.running = true;
         Ok((&mut self.speaker, fresh))
+    }
+
+    fn running(&mut self) -> Option<&mut S> {
+        self.running.then_some(&mut self.speaker)
     }
 
     async fn stop(&mut self, _graceful: bool) {
@@ -179,20 +190,16 @@ impl<B: Backend> Announcer<B> {
         errors
     }
 
-    /// Reads the sessions into the report.
+    /// Reads the sessions into the report. A speaker found stopped holds nothing any more;
+    /// the next sync starts it again.
     pub async fn observe(&mut self, errors: &[SpeakerError]) {
-        let sessions = if self.applied.speaker.is_some() {
-            match self.backend.ensure().await {
-                Ok((s, false)) => s.sessions().await.unwrap_or_default(),
-                // Restarted meanwhile: it holds nothing until the next sync.
-                Ok((_, true)) => {
-                    self.applied = Applied::default();
-                    BTreeMap::new()
-                }
-                Err(_) => BTreeMap::new(),
+        let sessions = match self.backend.running() {
+            Some(s) if self.applied.speaker.is_some() => s.sessions().await.unwrap_or_default(),
+            Some(_) => BTreeMap::new(),
+            None => {
+                self.applied = Applied::default();
+                BTreeMap::new()
             }
-        } else {
-            BTreeMap::new()
         };
         if let Ok(mut r) = self.report.lock() {
             for (a, s) in &sessions {
@@ -292,26 +299,14 @@ pub fn spawn<B: Backend + 'static>(backend: B) -> AnnouncerHandle {
 mod tests {
     use super::*;
     use crate::bgp::{
-        PeerSpec, RouteSpec, SpeakerSpec,
+        RouteSpec, fixtures,
         speaker::{FaultySpeaker, MemorySpeaker},
     };
 
     fn desired(routes: &[u8]) -> BgpDesired {
         BgpDesired {
-            speaker: Some(SpeakerSpec { asn: 64512, router_id: Ipv4Addr::new(10, 0, 0, 1), restart_time: 0 }),
-            peers: [(
-                Ipv4Addr::new(10, 0, 0, 254),
-                PeerSpec {
-                    asn: 64500,
-                    local_asn: 64512,
-                    port: 179,
-                    hold_time: 9,
-                    keepalive_time: 3,
-                    password: None,
-                    config: "bgp".into(),
-                },
-            )]
-            .into(),
+            speaker: Some(fixtures::speaker(64512)),
+            peers: [(Ipv4Addr::new(10, 0, 0, 254), fixtures::peer(64500))].into(),
             routes: routes.iter().map(|r| (Ipv4Addr::new(192, 0, 2, *r), RouteSpec::default())).collect(),
         }
     }

@@ -80,6 +80,30 @@ pub fn parse_community(s: &str) -> Option<u32> {
     Some(u32::from(a.parse::<u16>().ok()?) << 16 | u32::from(v.parse::<u16>().ok()?))
 }
 
+/// What the unit tests build their desired states from.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::*;
+
+    /// A speaker of AS `asn`.
+    pub fn speaker(asn: u32) -> SpeakerSpec {
+        SpeakerSpec { asn, router_id: Ipv4Addr::new(10, 0, 0, 1), restart_time: 0 }
+    }
+
+    /// A peer of AS `asn`.
+    pub fn peer(asn: u32) -> PeerSpec {
+        PeerSpec {
+            asn,
+            local_asn: 64512,
+            port: 179,
+            hold_time: 9,
+            keepalive_time: 3,
+            password: None,
+            config: "bgp".into(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -105,21 +105,7 @@ pub fn plan(applied: &Applied, desired: &BgpDesired) -> Vec<Change> {
 mod tests {
     use super::*;
 
-    fn speaker(asn: u32) -> SpeakerSpec {
-        SpeakerSpec { asn, router_id: Ipv4Addr::new(10, 0, 0, 1), restart_time: 120 }
-    }
-
-    fn peer(asn: u32) -> PeerSpec {
-        PeerSpec {
-            asn,
-            local_asn: 64512,
-            port: 179,
-            hold_time: 9,
-            keepalive_time: 3,
-            password: None,
-            config: "bgp".into(),
-        }
-    }
+    use crate::bgp::fixtures::{peer, speaker};
 
     fn ip(i: u8) -> Ipv4Addr {
         Ipv4Addr::new(192, 0, 2, i)
