@@ -174,6 +174,13 @@ pub fn judge(r: &ServiceRef, decided: &Desired, node: &NodeFacts) -> Verdict {
         (AnnounceMode::None, _, Ok(())) => {
             (true, format!("{vip} is held by every eligible node (announce mode None), this node ({me}) among them"))
         }
+        (AnnounceMode::BGP, _, Ok(())) => {
+            (true, format!("{vip} is held and announced over BGP by every eligible node, this node ({me}) among them"))
+        }
+        (AnnounceMode::BGP, _, Err(why)) => (
+            false,
+            format!("{vip} is announced over BGP by every eligible node; this node ({me}) may not announce it: {why}"),
+        ),
         (AnnounceMode::None, _, Err(why)) => (
             false,
             format!(

@@ -80,11 +80,64 @@ pub enum AnnounceMode {
     /// the network routes to the nodes itself; on a shared L2 segment several nodes would
     /// answer ARP for the same address.
     None,
+    /// Every eligible node holds every address and announces it as a /32 route to the
+    /// `bgp.peers`; routers spread flows across the nodes with ECMP.
+    BGP,
+}
+
+/// A BGP peer (a router).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.holdTime) || self.holdTime == 0 || self.holdTime >= 3").message("holdTime must be 0 or at least 3"))]
+#[x_kube(validation = Rule::new("!has(self.holdTime) || !has(self.keepaliveTime) || self.holdTime == 0 || self.keepaliveTime < self.holdTime").message("keepaliveTime must be shorter than holdTime"))]
+pub struct BgpPeer {
+    /// The router's IPv4 address.
+    #[schemars(regex(
+        pattern = r"^((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])$"
+    ))]
+    pub address: String,
+    /// The router's AS.
+    #[schemars(range(min = 1, max = 4294967295u32))]
+    pub asn: u32,
+    /// Its TCP port (default 179).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<u16>,
+    /// Hold time in seconds (default 90; 0 turns keepalives off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 65535))]
+    pub hold_time: Option<u16>,
+    /// Keepalive interval in seconds (default: a third of the hold time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 21845))]
+    pub keepalive_time: Option<u16>,
+}
+
+/// BGP mode's settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BgpSpec {
+    /// The nodes' AS.
+    #[schemars(range(min = 1, max = 4294967295u32))]
+    pub local_asn: u32,
+    /// Router ID (default: the node's InternalIP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_id: Option<String>,
+    /// The routers to announce to.
+    #[schemars(length(min = 1))]
+    pub peers: Vec<BgpPeer>,
+    /// Communities on every route, `AS:value`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub communities: Vec<String>,
+    /// LOCAL_PREF on every route (iBGP peers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_pref: Option<u32>,
 }
 
 /// Which nodes announce a config's addresses, and how.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.mode != 'BGP' || has(self.bgp)").message("mode BGP needs announce.bgp"))]
 pub struct AnnounceSpec {
     /// `L2` (default) or `None`.
     #[serde(default)]
@@ -92,6 +145,9 @@ pub struct AnnounceSpec {
     /// Only nodes with matching labels hold these addresses (default: every edge node).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<LabelSelector>,
+    /// BGP mode: the AS, the peers and the routes' attributes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<BgpSpec>,
 }
 
 impl AnnounceSpec {

@@ -18,7 +18,9 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 
 use super::{
     backend_policy::{CidrError, Guard, Refusal, parse_cidr},
-    crd::{BackendMode, CONFIG_ANNOTATION, IP_ANNOTATION, IpMode, LoadBalancerConfig, SHARING_ANNOTATION},
+    crd::{
+        AnnounceMode, BackendMode, CONFIG_ANNOTATION, IP_ANNOTATION, IpMode, LoadBalancerConfig, SHARING_ANNOTATION,
+    },
     endpoints,
     pool::AddressPool,
     projection::CachedSlice,
@@ -402,6 +404,50 @@ pub fn input_digest(svc: &Service) -> u64 {
 }
 
 /// Decides the whole cluster.
+/// What is wrong with a config's BGP settings, naming the field; `None` when valid or not
+/// in BGP mode. The schema refuses most of this already; configs written before it, or
+/// past it, are refused here.
+pub fn bgp_problem(c: &LoadBalancerConfig) -> Option<Problem> {
+    if c.spec.announce.mode != AnnounceMode::BGP {
+        return None;
+    }
+    let bad = |m: String| Some(problem(Reason::InvalidBgp, m));
+    let Some(b) = &c.spec.announce.bgp else { return bad("announce.mode is BGP but announce.bgp is missing".into()) };
+    if b.local_asn == 0 {
+        return bad("announce.bgp.localASN must not be 0".into());
+    }
+    if let Some(r) = &b.router_id
+        && r.parse::<Ipv4Addr>().is_err()
+    {
+        return bad(format!("announce.bgp.routerID {r:?} is not an IPv4 address"));
+    }
+    if b.peers.is_empty() {
+        return bad("announce.bgp.peers is empty".into());
+    }
+    for (i, p) in b.peers.iter().enumerate() {
+        if p.address.parse::<Ipv4Addr>().is_err() {
+            return bad(format!("announce.bgp.peers[{i}].address {:?} is not an IPv4 address", p.address));
+        }
+        if p.asn == 0 {
+            return bad(format!("announce.bgp.peers[{i}].asn must not be 0"));
+        }
+        let hold = p.hold_time.unwrap_or(90);
+        if hold != 0 && hold < 3 {
+            return bad(format!("announce.bgp.peers[{i}].holdTime must be 0 or at least 3"));
+        }
+        if let Some(k) = p.keepalive_time
+            && hold != 0
+            && k >= hold
+        {
+            return bad(format!("announce.bgp.peers[{i}].keepaliveTime must be shorter than holdTime"));
+        }
+    }
+    if let Some(c) = b.communities.iter().find(|c| crate::bgp::parse_community(c).is_none()) {
+        return bad(format!("announce.bgp.communities entry {c:?} is not AS:value (two 16-bit numbers)"));
+    }
+    None
+}
+
 pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
     let mut out = Desired::default();
 
@@ -425,6 +471,10 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
                     Err(problem(Reason::InvalidPortRange, format!("portRange {}-{} is empty", r.low, r.high)))
                 }
                 _ => pool,
+            };
+            let pool = match (pool, bgp_problem(c)) {
+                (Ok(_), Some(p)) => Err(p),
+                (pool, _) => pool,
             };
             let nodes = selector(&c.spec.announce.node_selector, Reason::InvalidNodeSelector, "announce.nodeSelector");
             let namespaces =

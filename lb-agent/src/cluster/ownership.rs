@@ -26,6 +26,11 @@ use super::{
 };
 use crate::model::ServiceRef;
 
+/// Label that drains a node: whatever its value, the node holds and announces nothing, so
+/// traffic leaves it before maintenance. (Cordoning is about pods and does not drain: an
+/// edge node being upgraded keeps serving until it is drained or stopped.)
+pub const DRAIN_LABEL: &str = "ballast.dev/drain";
+
 /// Why a node may not hold a config's addresses.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Ineligible {
@@ -40,6 +45,9 @@ pub enum Ineligible {
     NotReady,
     /// The Node carries `node.kubernetes.io/exclude-from-external-load-balancers`.
     Excluded,
+    /// The Node carries `ballast.dev/drain`: it gives its addresses up (L2) or withdraws
+    /// its routes (BGP) ahead of maintenance.
+    Drained,
     /// The config's `announce.nodeSelector` does not select it.
     NotSelected,
     /// The interface the addresses go on cannot carry traffic there (down, no carrier,
@@ -56,6 +64,7 @@ impl Ineligible {
             Self::Stopped => "agent_stopped",
             Self::NotReady => "node_not_ready",
             Self::Excluded => "excluded",
+            Self::Drained => "drained",
             Self::NotSelected => "not_selected",
             Self::InterfaceDown(_) => "interface_down",
         }
@@ -70,6 +79,7 @@ impl fmt::Display for Ineligible {
             Self::Stopped => f.write_str("its agent stopped"),
             Self::NotReady => f.write_str("the node is not Ready"),
             Self::Excluded => write!(f, "the node is labelled {EXCLUDE_LABEL}"),
+            Self::Drained => write!(f, "the node is labelled {DRAIN_LABEL}"),
             Self::NotSelected => f.write_str("the config's announce.nodeSelector does not select it"),
             Self::InterfaceDown(i) => write!(f, "its interface {i} is down"),
         }
@@ -84,6 +94,9 @@ pub fn node_allows(node: Option<&Node>, config: &LoadBalancerConfig) -> Result<(
     let labels = node.and_then(|n| n.metadata.labels.as_ref()).unwrap_or(&none);
     if labels.contains_key(EXCLUDE_LABEL) {
         return Err(Ineligible::Excluded);
+    }
+    if labels.contains_key(DRAIN_LABEL) {
+        return Err(Ineligible::Drained);
     }
     if let Some(n) = node {
         let ready = n

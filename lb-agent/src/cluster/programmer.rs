@@ -13,11 +13,12 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 
 use super::{
     backend_policy::{self, Guard},
-    crd::{AnnounceMode, BackendMode, LoadBalancer, LoadBalancerConfig, NodeReason, NodeReport},
+    crd::{AnnounceMode, BackendMode, BgpSpec, LoadBalancer, LoadBalancerConfig, NodeReason, NodeReport},
     endpoints, ownership,
     projection::CachedSlice,
 };
 use crate::{
+    bgp::{PeerSpec, RouteSpec, SpeakerSpec},
     model::{Hold, NodeDesired, Protocol, ServiceId, ServiceRef, ServiceSpec},
     node::NodeFailure,
 };
@@ -126,6 +127,59 @@ pub struct Programmed {
     pub desired: NodeDesired,
     /// The data-path services of each Service served here.
     pub served: BTreeMap<ServiceRef, Vec<ServiceId>>,
+    /// BGP mode: the routes this node announces once its data path serves them.
+    pub routes: BTreeMap<Ipv4Addr, RouteSpec>,
+}
+
+/// How a config's routes are announced.
+fn route_of(b: &BgpSpec) -> RouteSpec {
+    RouteSpec {
+        // Invalid communities make the config invalid; none gets here.
+        communities: b.communities.iter().filter_map(|c| crate::bgp::parse_community(c)).collect(),
+        local_pref: b.local_pref,
+    }
+}
+
+/// BGP mode: the speaker and peers of node `me` (`Node` object `node`), from every valid
+/// BGP config that selects it. The speaker's AS is the first such config's (by name); each
+/// peer keeps its own config's AS as the local one. A peer listed by two configs is taken
+/// from the first. `None` and no peers when no BGP config applies to the node.
+pub fn bgp_sessions(
+    configs: &[&LoadBalancerConfig],
+    node: Option<&Node>,
+    restart_time: u32,
+) -> (Option<SpeakerSpec>, BTreeMap<Ipv4Addr, PeerSpec>) {
+    let mut bgp: Vec<(&str, &BgpSpec)> = configs
+        .iter()
+        .filter(|c| c.spec.announce.mode == AnnounceMode::BGP && ownership::node_allows(node, c).is_ok())
+        .filter(|c| super::desired::bgp_problem(c).is_none())
+        .filter_map(|c| Some((c.metadata.name.as_deref()?, c.spec.announce.bgp.as_ref()?)))
+        .collect();
+    bgp.sort_by_key(|(n, _)| *n);
+    let Some((_, first)) = bgp.first() else { return (None, BTreeMap::new()) };
+    let internal_ip = node
+        .and_then(|n| n.status.as_ref()?.addresses.as_ref())
+        .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP")?.address.parse().ok());
+    let Some(router_id) = first.router_id.as_deref().and_then(|r| r.parse().ok()).or(internal_ip) else {
+        return (None, BTreeMap::new());
+    };
+    let mut peers = BTreeMap::new();
+    for (name, b) in &bgp {
+        for p in &b.peers {
+            let Ok(addr) = p.address.parse::<Ipv4Addr>() else { continue };
+            let hold = p.hold_time.unwrap_or(90);
+            peers.entry(addr).or_insert_with(|| PeerSpec {
+                asn: p.asn,
+                local_asn: b.local_asn,
+                port: p.port.unwrap_or(179),
+                hold_time: hold,
+                keepalive_time: p.keepalive_time.unwrap_or((hold / 3).max(1)),
+                password: None,
+                config: name.to_string(),
+            });
+        }
+    }
+    (Some(SpeakerSpec { asn: first.local_asn, router_id, restart_time }), peers)
 }
 
 /// Interfaces the programmer cares about: the default one and every config's.
@@ -155,6 +209,8 @@ pub struct Served {
     pub hold: Hold,
     /// Its data-path services (one per port).
     pub services: Vec<ServiceSpec>,
+    /// BGP mode: how this node announces the address (`None`: not announced here).
+    pub route: Option<RouteSpec>,
 }
 
 impl Served {
@@ -163,6 +219,7 @@ impl Served {
     pub fn differs_in_backends_only(&self, other: &Self) -> bool {
         self.vip == other.vip
             && self.hold == other.hold
+            && self.route == other.route
             && self.services.len() == other.services.len()
             && self
                 .services
@@ -220,6 +277,10 @@ impl<'a> Context<'a> {
         };
         let hold = match cfg.spec.announce.mode {
             AnnounceMode::None => Hold::Permanent,
+            // Held (the node answers for the address itself) and announced by routes,
+            // which the node withdraws when it may not serve.
+            AnnounceMode::BGP if me.fenced => Hold::Standby,
+            AnnounceMode::BGP => Hold::Permanent,
             AnnounceMode::L2 if owner.as_deref() == Some(me.name) && !me.fenced => Hold::Owner,
             AnnounceMode::L2 => Hold::Standby,
         };
@@ -248,7 +309,9 @@ impl<'a> Context<'a> {
                 interface: Some(iface.to_string()),
             });
         }
-        Some(Served { vip, hold, services })
+        let route = (cfg.spec.announce.mode == AnnounceMode::BGP && hold == Hold::Permanent)
+            .then(|| cfg.spec.announce.bgp.as_ref().map(route_of).unwrap_or_default());
+        Some(Served { vip, hold, services, route })
     }
 }
 
@@ -290,6 +353,9 @@ pub fn serve_assigned<'a>(
 pub fn assemble(served: &BTreeMap<ServiceRef, Served>) -> Programmed {
     let mut out = Programmed::default();
     for (r, s) in served {
+        if let Some(route) = &s.route {
+            out.routes.insert(s.vip, route.clone());
+        }
         out.desired.holds.entry(s.vip).and_modify(|h| *h = combine(*h, s.hold)).or_insert(s.hold);
         out.desired.services.extend(s.services.iter().cloned());
         out.served.insert(r.clone(), s.services.iter().map(|s| s.id.clone()).collect());

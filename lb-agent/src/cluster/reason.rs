@@ -118,6 +118,8 @@ reasons! {
     InvalidBackendPolicy,
     /// The namespace selector is not a valid label selector.
     InvalidNamespaceSelector,
+    /// `announce.bgp` is missing (BGP mode) or has a field out of range.
+    InvalidBgp,
     // Waiting on something else.
     /// No address yet (see AddressAllocated).
     NoAddress,

@@ -31,6 +31,10 @@ use super::{
 };
 use crate::{
     agent::run::{Desired, Source, Wake},
+    bgp::{
+        BgpDesired, RouteSpec,
+        announcer::{AnnouncerHandle, Exit},
+    },
     model::{NodeDesired, ServiceId, ServiceRef, ServiceSpec},
     net::Link,
     node::{ApplyReport, NodeFailure, OnExit, brief},
@@ -118,6 +122,24 @@ pub struct ClusterSource {
     /// Owners listed from the API server (`None`: the list failed).
     listed_tx: mpsc::Sender<Option<BTreeMap<ServiceRef, Option<String>>>>,
     listed_rx: mpsc::Receiver<Option<BTreeMap<ServiceRef, Option<String>>>>,
+    /// BGP mode: the announcer, and the routes of the last whole desired state.
+    bgp: Option<Bgp>,
+}
+
+/// The source's end of the BGP announcer.
+pub struct Bgp {
+    /// The announcer.
+    pub announcer: AnnouncerHandle,
+    /// Graceful-restart time given to peers, seconds.
+    pub restart_time: u32,
+    routes: BTreeMap<std::net::Ipv4Addr, RouteSpec>,
+}
+
+impl Bgp {
+    /// The source's end of `announcer`.
+    pub fn new(announcer: AnnouncerHandle, restart_time: u32) -> Self {
+        Self { announcer, restart_time, routes: BTreeMap::new() }
+    }
 }
 
 /// Everything the source runs besides the caches.
@@ -167,7 +189,38 @@ impl ClusterSource {
             listing: false,
             listed_tx,
             listed_rx,
+            bgp: None,
         }
+    }
+
+    /// Announces this node's addresses over BGP through `bgp` (BGP-mode configs).
+    pub fn with_bgp(mut self, bgp: Bgp) -> Self {
+        self.bgp = Some(bgp);
+        self
+    }
+
+    /// Tells the announcer what to announce after a whole pass: the BGP configs' sessions,
+    /// and the routes of the addresses whose data path was programmed without failure.
+    fn announce(&mut self, applied: &NodeDesired, failed: &BTreeMap<ServiceId, NodeFailure>) {
+        let Some(bgp) = &self.bgp else { return };
+        let failed_vips: BTreeSet<std::net::Ipv4Addr> =
+            applied.services.iter().filter(|s| failed.contains_key(&s.id)).map(|s| s.vip).collect();
+        let configs = self.caches.configs.state();
+        let configs: Vec<&super::crd::LoadBalancerConfig> = configs.iter().map(AsRef::as_ref).collect();
+        let node = self.caches.nodes.get(&ObjectRef::new(&self.node));
+        let (speaker, peers) = programmer::bgp_sessions(&configs, node.as_deref(), bgp.restart_time);
+        let routes = match &speaker {
+            Some(_) => {
+                bgp.routes.iter().filter(|(v, _)| !failed_vips.contains(v)).map(|(v, r)| (*v, r.clone())).collect()
+            }
+            None => BTreeMap::new(),
+        };
+        let want = BgpDesired { speaker, peers, routes };
+        bgp.announcer.desired.send_if_modified(|d| {
+            let changed = *d != want;
+            *d = want;
+            changed
+        });
     }
 
     /// Lists the LoadBalancer objects straight from the API server (a consistent read)
@@ -244,6 +297,9 @@ impl ClusterSource {
     fn assemble(&mut self) -> NodeDesired {
         let p = programmer::assemble(self.memo.as_ref().map(|m| &m.served).unwrap_or(&BTreeMap::new()));
         self.served = p.served;
+        if let Some(b) = self.bgp.as_mut() {
+            b.routes = p.routes;
+        }
         p.desired
     }
 
@@ -547,6 +603,9 @@ impl Source for ClusterSource {
             }
         }
         self.logged = r.failed.clone();
+        if let Desired::Whole(d) = applied {
+            self.announce(d, &r.failed);
+        }
         if r.changed() || !r.announced.is_empty() {
             let (added, removed) = (brief(&r.added), brief(&r.removed));
             let (services, whole) = match applied {
@@ -579,6 +638,11 @@ impl Source for ClusterSource {
     }
 
     async fn stop(&mut self, on_exit: OnExit) {
+        if let Some(b) = self.bgp.take() {
+            // A planned restart keeps the routes (graceful restart); anything else withdraws
+            // them first, while the data path still serves.
+            b.announcer.stop(if on_exit == OnExit::Keep { Exit::Keep } else { Exit::Withdraw }).await;
+        }
         self.allocator.stop().await;
         self.election.stop().await;
         match on_exit {
