@@ -14,6 +14,7 @@ use std::{
 };
 
 use crate::{
+    bgp::speaker::{Session, Speaker},
     cluster::{
         crd::{AnnounceMode, CONFIG_ANNOTATION, LoadBalancer, LoadBalancerConfig},
         desired::{Decision, Desired, Inputs, Settings, desired},
@@ -50,6 +51,19 @@ pub struct NodeFacts {
     pub eligible: Result<(), Ineligible>,
     /// The interface the address goes on here.
     pub interface: String,
+    /// BGP mode: this node's speaker, as its API answered.
+    pub bgp: BgpFacts,
+}
+
+/// This node's BGP speaker, as explain found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BgpFacts {
+    /// Not asked (not BGP mode).
+    NotAsked,
+    /// Its API does not answer: no speaker runs here.
+    NoSpeaker(String),
+    /// Each peer's session.
+    Sessions(BTreeMap<std::net::Ipv4Addr, Session>),
 }
 
 impl NodeFacts {
@@ -66,6 +80,7 @@ impl NodeFacts {
             owner: None,
             eligible: Err(Ineligible::NoAgent),
             interface: String::new(),
+            bgp: BgpFacts::NotAsked,
         }
     }
 }
@@ -188,6 +203,28 @@ pub fn judge(r: &ServiceRef, decided: &Desired, node: &NodeFacts) -> Verdict {
             ),
         ),
     };
+    let mut holder = holder;
+    if node.mode == AnnounceMode::BGP && holds_here {
+        match &node.bgp {
+            BgpFacts::NotAsked => {}
+            BgpFacts::NoSpeaker(why) => findings.push(finding(
+                "bgp speaker down",
+                format!("this node's BGP speaker (gobgpd) does not answer ({why}): {vip} is not announced from here"),
+                "check the agent's log: gobgpd must be installed (--gobgpd / GOBGPD) and the config's announce.bgp valid",
+            )),
+            BgpFacts::Sessions(sessions) => {
+                let states: Vec<String> = sessions.iter().map(|(a, s)| format!("{a} {}", s.state)).collect();
+                let _ = write!(holder, "; BGP sessions: {}", if states.is_empty() { "none".into() } else { states.join(", ") });
+                if !sessions.values().any(|s| s.up) {
+                    findings.push(finding(
+                        "no bgp session",
+                        format!("no BGP session of this node is established: routers do not send {vip}'s traffic here"),
+                        "check each peer's address, ASN and port in announce.bgp.peers against the router's neighbor configuration for this node, and that the router is reachable",
+                    ));
+                }
+            }
+        }
+    }
     let programs_here = node.eligible.is_ok() || holds_here;
     if programs_here && (!node.maps_pinned || !node.program_attached) {
         findings.push(finding(
@@ -279,6 +316,8 @@ pub struct Here {
     pub namespace: String,
     /// bpffs directory of the pinned maps.
     pub pin_dir: PathBuf,
+    /// The port of the BGP speaker's API on 127.0.0.1.
+    pub bgp_api_port: u16,
 }
 
 /// Reads the cluster (read-only) and this node, and judges `r`.
@@ -336,6 +375,15 @@ pub async fn explain(
             facts.mode = cfg.spec.announce.mode;
             let node = nodes.iter().find(|n| n.metadata.name.as_deref() == Some(here.node.as_str()));
             facts.eligible = eligibility(node, &life, cfg);
+        }
+        if facts.mode == AnnounceMode::BGP {
+            facts.bgp = match crate::bgp::gobgp::GoBgp::connect(here.bgp_api_port).await {
+                Ok(c) => match crate::bgp::gobgp::GoBgpSpeaker::new(c).sessions().await {
+                    Ok(s) => BgpFacts::Sessions(s),
+                    Err(e) => BgpFacts::NoSpeaker(e.to_string()),
+                },
+                Err(e) => BgpFacts::NoSpeaker(e.to_string()),
+            };
         }
         let nl = crate::net::netlink::Netlink::connect()?;
         let links = nl.links().await?;

@@ -6,7 +6,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_agent::{
     agent::{cleanup, static_mode},
-    cluster::{self, ClusterOptions, desired::Settings},
+    bgp::daemon::DaemonOptions,
+    cluster::{self, BgpOptions, ClusterOptions, desired::Settings},
     dataplane::{MapSizes, Maps, XdpAttachMode},
     explain, inspect, manifests,
     model::ServiceRef,
@@ -123,6 +124,9 @@ struct ExplainArgs {
     /// Namespace of the agents' Leases.
     #[arg(long, env = "POD_NAMESPACE", default_value = lb_agent::manifests::NAMESPACE)]
     namespace: String,
+    /// BGP mode: the port of the agent's gobgpd API on 127.0.0.1 (its sessions are shown).
+    #[arg(long, env = "BGP_API_PORT", default_value_t = 50051)]
+    bgp_api_port: u16,
     #[command(flatten)]
     cluster: ClusterArgs,
 }
@@ -242,6 +246,16 @@ struct RunArgs {
     /// Seconds a UDP flow may be idle before it can be reassigned.
     #[arg(long, default_value_t = 120)]
     udp_timeout: u64,
+    /// BGP mode: the `gobgpd` binary the agent runs (from PATH unless a path is given).
+    #[arg(long, env = "GOBGPD", default_value = "gobgpd")]
+    gobgpd: PathBuf,
+    /// BGP mode: gobgpd's gRPC port, on 127.0.0.1 only.
+    #[arg(long, env = "BGP_API_PORT", default_value_t = 50051)]
+    bgp_api_port: u16,
+    /// BGP mode: seconds routers keep this node's routes while it restarts with
+    /// `--on-exit keep` (BGP graceful restart); 0 turns graceful restart off. At most 4095.
+    #[arg(long, env = "BGP_RESTART_TIME", default_value_t = 120)]
+    bgp_restart_time: u32,
     /// Interfaces that lead to pods on this node, comma-separated names or prefixes
     /// ending in `*`: flows through them are translated in TC, which handles the partial
     /// checksums and GSO packets of pods' veths. Empty for none.
@@ -348,6 +362,10 @@ fn cluster_options(a: &RunArgs, resync: Duration) -> Result<ClusterOptions> {
             a.heartbeat_interval
         );
     }
+    // The graceful-restart capability carries the time in 12 bits (RFC 4724).
+    if a.bgp_restart_time > 4095 {
+        bail!("--bgp-restart-time must be at most 4095 seconds, got {}", a.bgp_restart_time);
+    }
     if a.restart_grace < a.heartbeat_duration {
         bail!(
             "--restart-grace ({}s) must not be shorter than --heartbeat-duration ({}s)",
@@ -365,6 +383,10 @@ fn cluster_options(a: &RunArgs, resync: Duration) -> Result<ClusterOptions> {
         heartbeat_interval: interval,
         heartbeat_duration: duration,
         restart_grace: Duration::from_secs(a.restart_grace),
+        bgp: BgpOptions {
+            daemon: DaemonOptions { program: a.gobgpd.clone(), api_port: a.bgp_api_port },
+            restart_time: a.bgp_restart_time,
+        },
     })
 }
 
@@ -433,6 +455,7 @@ fn run(command: Command) -> Result<()> {
                     node: a.node_name.clone().unwrap_or_else(hostname),
                     namespace: a.namespace.clone(),
                     pin_dir: a.bpffs.clone(),
+                    bgp_api_port: a.bgp_api_port,
                 };
                 explain::explain(client, &r, &settings, a.cluster.config_selector.as_deref(), &here).await
             })?;

@@ -55,6 +55,10 @@ pub fn run(args: &[String]) -> Result<()> {
     setup::ensure(false)?;
     cargo(&["build", "-p", "lb-agent"], false)?;
     let mut all = vec!["run".to_string()];
+    // BGP mode's speaker, as setup built it, unless the caller chose one.
+    if std::env::var_os("GOBGPD").is_none() && !args.iter().any(|a| a.starts_with("--gobgpd")) {
+        all.extend(["--gobgpd".to_string(), crate::gobgp::bin_dir().join("gobgpd").display().to_string()]);
+    }
     all.extend(args.iter().cloned());
     exec(bin("lb-agent", false), &all)
 }

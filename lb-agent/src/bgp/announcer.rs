@@ -192,8 +192,9 @@ impl<B: Backend> Announcer<B> {
 
     /// Reads the sessions into the report. A speaker found stopped holds nothing any more;
     /// the next sync starts it again.
-    pub async fn observe(&mut self, errors: &[SpeakerError]) {
-        let sessions = match self.backend.running() {
+    /// Peers of `want` the speaker does not list (not added yet) are reported down.
+    pub async fn observe(&mut self, want: &BgpDesired, errors: &[SpeakerError]) {
+        let mut sessions = match self.backend.running() {
             Some(s) if self.applied.speaker.is_some() => s.sessions().await.unwrap_or_default(),
             Some(_) => BTreeMap::new(),
             None => {
@@ -201,6 +202,11 @@ impl<B: Backend> Announcer<B> {
                 BTreeMap::new()
             }
         };
+        if want.speaker.is_some() {
+            for a in want.peers.keys() {
+                sessions.entry(*a).or_insert_with(|| Session { up: false, state: "not configured yet".into() });
+            }
+        }
         if let Ok(mut r) = self.report.lock() {
             for (a, s) in &sessions {
                 if r.sessions.get(a).map(|o| o.up) != Some(s.up) {
@@ -221,7 +227,7 @@ impl<B: Backend> Announcer<B> {
         loop {
             let want = desired.borrow_and_update().clone();
             let errors = self.sync(&want).await;
-            self.observe(&errors).await;
+            self.observe(&want, &errors).await;
             tokio::select! {
                 r = desired.changed() => if r.is_err() { break },
                 _ = tokio::time::sleep(POLL) => {}
@@ -323,13 +329,13 @@ mod tests {
         assert_eq!(errors.len(), 1, "{errors:?}");
         let routes = |h: &Arc<Mutex<Applied>>| h.lock().map(|h| h.routes.keys().copied().collect::<Vec<_>>()).ok();
         assert_eq!(routes(&held), Some(vec![Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(192, 0, 2, 3)]));
-        a.observe(&errors).await;
+        a.observe(&want, &errors).await;
         assert!(a.report.lock().is_ok_and(|r| r.error.as_deref().is_some_and(|e| e.contains("injected"))));
 
         faults.lock().unwrap_or_else(|e| e.into_inner()).announce.clear();
         assert!(a.sync(&want).await.is_empty());
         assert_eq!(routes(&held).map(|r| r.len()), Some(3), "the retry announced the one that failed");
-        a.observe(&[]).await;
+        a.observe(&want, &[]).await;
         assert!(a.report.lock().is_ok_and(|r| r.error.is_none() && r.routes.len() == 3));
     }
 

@@ -362,9 +362,13 @@ pub struct LoadBalancerStatus {
     /// Pending, Ready or Error.
     #[serde(default)]
     pub phase: Phase,
-    /// L2 mode: the node that holds the address and answers ARP for it.
+    /// L2 mode: the node that holds the address and answers ARP for it. BGP mode: how
+    /// many nodes announce it (`3 nodes`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// BGP mode: the nodes that announce the address (the router's next hops).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub announced_by: Vec<String>,
     /// The same conditions as on the Service.
     #[serde(default)]
     pub conditions: Vec<Condition>,

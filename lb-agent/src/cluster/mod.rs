@@ -80,6 +80,17 @@ pub struct ClusterOptions {
     pub heartbeat_duration: Duration,
     /// How long a planned restart (`ON_EXIT=keep`) may take before addresses move.
     pub restart_grace: Duration,
+    /// BGP mode: how to run the speaker.
+    pub bgp: BgpOptions,
+}
+
+/// How BGP mode runs its speaker (started only once a BGP config applies to the node).
+#[derive(Clone, Debug)]
+pub struct BgpOptions {
+    /// The `gobgpd` daemon.
+    pub daemon: crate::bgp::daemon::DaemonOptions,
+    /// Seconds peers keep this node's routes after a planned restart (graceful restart).
+    pub restart_time: u32,
 }
 
 /// Builds the API client from `kubeconfig`, else KUBECONFIG, ~/.kube/config or the in-cluster configuration.
@@ -165,15 +176,19 @@ pub async fn run(
         opts.resync,
         telemetry.clone(),
     );
-    let mut source = ClusterSource::new(
+    let source = ClusterSource::new(
         client,
         caches,
         Tasks { heartbeat, election, allocator },
         opts.settings.clone(),
         opts.node.clone(),
         opts.restart_grace,
-        telemetry,
+        telemetry.clone(),
     );
+    // Idle, without a daemon, until a BGP config applies to this node.
+    let announcer = crate::bgp::announcer::spawn(crate::bgp::announcer::DaemonBackend::new(opts.bgp.daemon.clone()));
+    telemetry.set_bgp(announcer.report.clone());
+    let mut source = source.with_bgp(source::Bgp::new(announcer, opts.bgp.restart_time));
     let links = node.links().await?;
     source.links_changed(&links);
     crate::agent::run::run(node, &mut source, opts.resync, on_exit).await

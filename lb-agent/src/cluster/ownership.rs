@@ -219,6 +219,8 @@ pub enum Holding {
     Owner(String),
     /// Announce mode None: by every eligible node.
     AllEligible,
+    /// BGP mode: held and announced by every eligible node, these (sorted).
+    Announced(Vec<String>),
     /// By no node: none is eligible. `why` says why not, node by node.
     Nobody {
         /// Why each node is not eligible.
@@ -310,8 +312,11 @@ pub fn place(decided: &Desired, inp: PlaceInputs<'_>) -> Placed {
         if l2 {
             claims.push((services.clone(), Claim { address: *addr, candidates, current }));
         } else {
-            let holding = if eligible(&candidates).is_empty() {
+            let nodes = eligible(&candidates);
+            let holding = if nodes.is_empty() {
                 Holding::Nobody { why: why_not(&candidates) }
+            } else if configs.iter().any(|c| c.spec.announce.mode == AnnounceMode::BGP) {
+                Holding::Announced(nodes.into_iter().map(str::to_string).collect())
             } else {
                 Holding::AllEligible
             };

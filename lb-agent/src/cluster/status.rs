@@ -111,6 +111,14 @@ pub fn service_conditions(
         (Some(Holding::Owner(n)), None) => {
             cond(AddressAssigned, true, Reason::Assigned, format!("{a} held by {n}"), generation, now)
         }
+        (Some(Holding::Announced(nodes)), None) => cond(
+            AddressAssigned,
+            true,
+            Reason::Assigned,
+            format!("{a} announced over BGP by {} node(s): {}", nodes.len(), nodes.join(", ")),
+            generation,
+            now,
+        ),
         (Some(Holding::AllEligible) | None, None) => cond(
             AddressAssigned,
             true,
@@ -246,7 +254,13 @@ pub fn load_balancer(
             phase,
             node: match holding {
                 Some(Holding::Owner(n)) => Some(n.clone()),
+                // The NODE column: how many nodes the router spreads flows over.
+                Some(Holding::Announced(nodes)) => Some(format!("{} nodes", nodes.len())),
                 _ => None,
+            },
+            announced_by: match holding {
+                Some(Holding::Announced(nodes)) => nodes.clone(),
+                _ => Vec::new(),
             },
             conditions,
             nodes: Vec::new(),

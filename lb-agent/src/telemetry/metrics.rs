@@ -27,6 +27,7 @@ use prometheus_client::{
 };
 
 use crate::{
+    bgp::announcer::BgpReport,
     dataplane::Maps,
     model::{Protocol, ServiceId},
 };
@@ -130,6 +131,8 @@ pub struct Telemetry {
     half_open: AtomicU64,
     ready: AtomicBool,
     heartbeat: AtomicU64,
+    /// BGP mode: what the announcer reports (`None`: no announcer runs).
+    bgp: Mutex<Option<Arc<Mutex<BgpReport>>>>,
 }
 
 impl Default for Telemetry {
@@ -149,6 +152,7 @@ impl Default for Telemetry {
             half_open: AtomicU64::new(0),
             ready: AtomicBool::new(false),
             heartbeat: AtomicU64::new(now_s()),
+            bgp: Mutex::default(),
         }
     }
 }
@@ -198,6 +202,13 @@ impl Telemetry {
     pub fn set_owned(&self, owned: Vec<std::net::Ipv4Addr>) {
         if let Ok(mut s) = self.snapshot.lock() {
             s.owned = owned;
+        }
+    }
+
+    /// Reports the BGP announcer's sessions and routes from `report`.
+    pub fn set_bgp(&self, report: Arc<Mutex<BgpReport>>) {
+        if let Ok(mut b) = self.bgp.lock() {
+            *b = Some(report);
         }
     }
 
@@ -439,6 +450,22 @@ impl Collector for DataplaneCollector {
             "Version of the running agent",
             [([("version", env!("CARGO_PKG_VERSION"))], 1)],
         )?;
+        // Copied out first: the announcer writes its report under this lock.
+        let bgp = t.bgp.lock().ok().and_then(|b| b.as_ref().and_then(|r| r.lock().ok().map(|r| r.clone())));
+        if let Some(bgp) = bgp {
+            gauge(
+                &mut e,
+                "ballast_bgp_session_up",
+                "1 while the BGP session with this peer is established, 0 otherwise",
+                bgp.sessions.iter().map(|(a, s)| ([("peer", a.to_string())], i64::from(s.up))),
+            )?;
+            scalar(
+                &mut e,
+                "ballast_bgp_routes_advertised",
+                "Addresses this node announces over BGP (each a /32)",
+                bgp.routes.len() as i64,
+            )?;
+        }
         scalar(
             &mut e,
             "ballast_ready",

@@ -240,7 +240,7 @@ fn only_failures_are_reported_and_a_fixed_one_is_cleared() {
 fn only_a_change_of_backends_counts_as_one() {
     let w = World::new();
     let p = w.run("edge-1", false, &[]);
-    let before = Served { vip: VIP, hold: Hold::Owner, services: p.desired.services.clone() };
+    let before = Served { vip: VIP, hold: Hold::Owner, services: p.desired.services.clone(), route: None };
     let mut backends = before.clone();
     backends.services[0].backends.clear();
     assert!(before.differs_in_backends_only(&backends));
