@@ -69,7 +69,7 @@ fn routes_reach_a_bird_router_and_are_withdrawn_by_a_change_and_by_a_stop() -> R
         for vip in [a, b] {
             router.wait_for(vip, &[NODE], Duration::from_secs(30))?;
         }
-        announcer.observe(&[]).await;
+        announcer.observe(&desired(&[], 64500), &[]).await;
         let up = report.lock().map(|r: std::sync::MutexGuard<'_, lb_agent::bgp::announcer::BgpReport>| {
             r.sessions.get(&ROUTER).map(|s| s.up)
         });
@@ -87,7 +87,7 @@ fn routes_reach_a_bird_router_and_are_withdrawn_by_a_change_and_by_a_stop() -> R
         anyhow::ensure!(errors.is_empty(), "{errors:?}");
         router.wait_for(a, &[], Duration::from_secs(15))?;
         tokio::time::sleep(Duration::from_secs(1)).await;
-        announcer.observe(&[]).await;
+        announcer.observe(&desired(&[], 64500), &[]).await;
         let up = report.lock().map(|r| r.sessions.get(&ROUTER).map(|s| s.up));
         anyhow::ensure!(matches!(up, Ok(Some(false))), "a refused session is reported as {up:?}");
 

@@ -78,16 +78,9 @@ pub fn plan(applied: &Applied, desired: &BgpDesired) -> Vec<Change> {
         }
         &empty
     };
-    for (a, p) in &base.peers {
-        if desired.peers.get(a) != Some(p) {
-            out.push(Change::DeletePeer(*a));
-        }
-    }
-    for (a, p) in &desired.peers {
-        if base.peers.get(a) != Some(p) {
-            out.push(Change::AddPeer(*a, p.clone()));
-        }
-    }
+    // Routes before peers: a session that comes up finds the whole table, so after a
+    // planned restart the peer's End-of-RIB never replaces its stale routes with an
+    // empty table.
     for a in base.routes.keys() {
         if !desired.routes.contains_key(a) {
             out.push(Change::Withdraw(*a));
@@ -96,6 +89,16 @@ pub fn plan(applied: &Applied, desired: &BgpDesired) -> Vec<Change> {
     for (a, r) in &desired.routes {
         if base.routes.get(a) != Some(r) {
             out.push(Change::Announce(*a, r.clone()));
+        }
+    }
+    for (a, p) in &base.peers {
+        if desired.peers.get(a) != Some(p) {
+            out.push(Change::DeletePeer(*a));
+        }
+    }
+    for (a, p) in &desired.peers {
+        if base.peers.get(a) != Some(p) {
+            out.push(Change::AddPeer(*a, p.clone()));
         }
     }
     out
@@ -143,10 +146,10 @@ mod tests {
         assert_eq!(
             plan(&a, &next),
             vec![
-                Change::DeletePeer(Ipv4Addr::new(10, 0, 0, 253)),
-                Change::AddPeer(Ipv4Addr::new(10, 0, 0, 253), peer(64999)),
                 Change::Withdraw(ip(1)),
                 Change::Announce(ip(4), RouteSpec::default()),
+                Change::DeletePeer(Ipv4Addr::new(10, 0, 0, 253)),
+                Change::AddPeer(Ipv4Addr::new(10, 0, 0, 253), peer(64999)),
             ],
             "the unchanged peer keeps its session, unchanged routes stay"
         );

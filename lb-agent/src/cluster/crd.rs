@@ -272,6 +272,25 @@ pub struct LoadBalancerConfigStatus {
     /// `Valid` (addresses parse, ranges are ordered) and `Default` (no competing default).
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// BGP mode: every node's session with every peer, each entry written by that node's
+    /// own agent when the session goes up or down.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["node", "peer"]))]
+    pub bgp_sessions: Vec<BgpSessionStatus>,
+}
+
+/// One node's BGP session with one peer.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BgpSessionStatus {
+    /// The node.
+    pub node: String,
+    /// The peer's address.
+    pub peer: String,
+    /// Whether the session is established (routes are exchanged).
+    pub established: bool,
+    /// The session's state when this entry was written (`established`, `active (...)`).
+    pub state: String,
 }
 
 /// One service port as served.

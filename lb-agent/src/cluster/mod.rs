@@ -14,6 +14,7 @@
 
 pub mod allocator;
 pub mod backend_policy;
+pub mod bgp_status;
 pub mod caches;
 pub mod crd;
 pub mod desired;
@@ -177,7 +178,7 @@ pub async fn run(
         telemetry.clone(),
     );
     let source = ClusterSource::new(
-        client,
+        client.clone(),
         caches,
         Tasks { heartbeat, election, allocator },
         opts.settings.clone(),
@@ -188,8 +189,24 @@ pub async fn run(
     // Idle, without a daemon, until a BGP config applies to this node.
     let announcer = crate::bgp::announcer::spawn(crate::bgp::announcer::DaemonBackend::new(opts.bgp.daemon.clone()));
     telemetry.set_bgp(announcer.report.clone());
-    let mut source = source.with_bgp(source::Bgp::new(announcer, opts.bgp.restart_time));
+    bgp_status::spawn(
+        client.clone(),
+        opts.node.clone(),
+        announcer.desired.subscribe(),
+        announcer.report.clone(),
+        telemetry.clone(),
+    );
     let links = node.links().await?;
+    let own_address = own_address(&links, &opts.settings.default_interface).await;
+    let mut source = source.with_bgp(source::Bgp::new(announcer, opts.bgp.restart_time, own_address));
     source.links_changed(&links);
     crate::agent::run::run(node, &mut source, opts.resync, on_exit).await
+}
+
+/// The node's own address on `interface` (not one ballast added): BGP's router ID when
+/// nothing else names one.
+async fn own_address(links: &[crate::net::Link], interface: &str) -> Option<std::net::Ipv4Addr> {
+    let index = links.iter().find(|l| l.name == interface)?.index;
+    let addrs = crate::net::netlink::Netlink::connect().ok()?.addresses().await.ok()?;
+    addrs.iter().find(|a| a.index == index && !a.ours && !a.secondary).map(|a| a.addr)
 }

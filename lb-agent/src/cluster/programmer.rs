@@ -143,10 +143,13 @@ fn route_of(b: &BgpSpec) -> RouteSpec {
 /// BGP mode: the speaker and peers of node `me` (`Node` object `node`), from every valid
 /// BGP config that selects it. The speaker's AS is the first such config's (by name); each
 /// peer keeps its own config's AS as the local one. A peer listed by two configs is taken
-/// from the first. `None` and no peers when no BGP config applies to the node.
+/// from the first. The router ID is the config's `routerID`, else the Node's InternalIP,
+/// else `own_address` (the node's address on its interface). `None` and no peers when no
+/// BGP config applies to the node.
 pub fn bgp_sessions(
     configs: &[&LoadBalancerConfig],
     node: Option<&Node>,
+    own_address: Option<Ipv4Addr>,
     restart_time: u32,
 ) -> (Option<SpeakerSpec>, BTreeMap<Ipv4Addr, PeerSpec>) {
     let mut bgp: Vec<(&str, &BgpSpec)> = configs
@@ -160,7 +163,8 @@ pub fn bgp_sessions(
     let internal_ip = node
         .and_then(|n| n.status.as_ref()?.addresses.as_ref())
         .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP")?.address.parse().ok());
-    let Some(router_id) = first.router_id.as_deref().and_then(|r| r.parse().ok()).or(internal_ip) else {
+    let Some(router_id) = first.router_id.as_deref().and_then(|r| r.parse().ok()).or(internal_ip).or(own_address)
+    else {
         return (None, BTreeMap::new());
     };
     let mut peers = BTreeMap::new();

@@ -132,13 +132,16 @@ pub struct Bgp {
     pub announcer: AnnouncerHandle,
     /// Graceful-restart time given to peers, seconds.
     pub restart_time: u32,
+    /// The node's own address on its interface: the router ID when neither the config
+    /// nor the Node object gives one.
+    pub own_address: Option<std::net::Ipv4Addr>,
     routes: BTreeMap<std::net::Ipv4Addr, RouteSpec>,
 }
 
 impl Bgp {
     /// The source's end of `announcer`.
-    pub fn new(announcer: AnnouncerHandle, restart_time: u32) -> Self {
-        Self { announcer, restart_time, routes: BTreeMap::new() }
+    pub fn new(announcer: AnnouncerHandle, restart_time: u32, own_address: Option<std::net::Ipv4Addr>) -> Self {
+        Self { announcer, restart_time, own_address, routes: BTreeMap::new() }
     }
 }
 
@@ -208,7 +211,7 @@ impl ClusterSource {
         let configs = self.caches.configs.state();
         let configs: Vec<&super::crd::LoadBalancerConfig> = configs.iter().map(AsRef::as_ref).collect();
         let node = self.caches.nodes.get(&ObjectRef::new(&self.node));
-        let (speaker, peers) = programmer::bgp_sessions(&configs, node.as_deref(), bgp.restart_time);
+        let (speaker, peers) = programmer::bgp_sessions(&configs, node.as_deref(), bgp.own_address, bgp.restart_time);
         let routes = match &speaker {
             Some(_) => {
                 bgp.routes.iter().filter(|(v, _)| !failed_vips.contains(v)).map(|(v, r)| (*v, r.clone())).collect()

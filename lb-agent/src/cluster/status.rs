@@ -286,6 +286,8 @@ pub fn config_status(c: &ConfigDesired, generation: Option<i64>, now: &Time) -> 
             condition("Valid", c.invalid.as_ref(), Reason::Valid, format!("{} address(es)", c.total)),
             condition("Default", c.default_conflict.as_ref(), Reason::NoConflict, "no competing default config".into()),
         ],
+        // The nodes write their own (the allocator's apply leaves them alone).
+        bgp_sessions: Vec::new(),
     }
 }
 

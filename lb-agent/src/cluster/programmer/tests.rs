@@ -256,3 +256,57 @@ fn only_a_change_of_backends_counts_as_one() {
         assert!(!before.differs_in_backends_only(&other), "a change of {what} is more than backends");
     }
 }
+
+fn bgp_config(name: &str, asn: u32, peers: &[(&str, u32)]) -> LoadBalancerConfig {
+    use crate::cluster::crd::{BgpPeer, BgpSpec};
+    let mut c = config(name, AnnounceMode::BGP);
+    c.spec.announce.bgp = Some(BgpSpec {
+        local_asn: asn,
+        router_id: None,
+        peers: peers
+            .iter()
+            .map(|(a, asn)| BgpPeer {
+                address: a.to_string(),
+                asn: *asn,
+                port: None,
+                hold_time: Some(9),
+                keepalive_time: None,
+            })
+            .collect(),
+        communities: vec!["64512:7".into()],
+        local_pref: None,
+    });
+    c
+}
+
+#[test]
+fn in_bgp_mode_every_eligible_node_holds_and_announces_and_a_fenced_or_drained_one_does_not() {
+    let mut w = World::new();
+    w.configs = vec![bgp_config("pool", 64512, &[("10.0.0.1", 64500)])];
+    let p = w.run("edge-2", false, &[]);
+    assert_eq!(p.desired.hold(VIP), Hold::Permanent);
+    assert_eq!(p.routes.get(&VIP).map(|r| r.communities.clone()), Some(vec![64512 << 16 | 7]));
+    let fenced = w.run("edge-2", true, &[]);
+    assert_eq!((fenced.desired.hold(VIP), fenced.routes.len()), (Hold::Standby, 0), "fenced: no route");
+    w.nodes[1] = node("edge-2", &[(ownership::DRAIN_LABEL, "true")]);
+    let drained = w.run("edge-2", false, &[]);
+    assert!(drained.routes.is_empty(), "drained: no route");
+}
+
+#[test]
+fn bgp_sessions_take_the_speaker_from_the_first_config_and_each_peer_from_its_own() {
+    let a = bgp_config("a", 64512, &[("10.0.0.1", 64500)]);
+    let b = bgp_config("b", 64513, &[("10.0.0.1", 1), ("10.0.0.2", 64501)]);
+    let l2 = config("c", AnnounceMode::L2);
+    let me = node("edge-1", &[]);
+    let own = Some(Ipv4Addr::new(10, 0, 0, 9));
+    let (speaker, peers) = bgp_sessions(&[&b, &l2, &a], Some(&me), own, 120);
+    let speaker = speaker.expect("a BGP config applies");
+    assert_eq!((speaker.asn, speaker.router_id, speaker.restart_time), (64512, Ipv4Addr::new(10, 0, 0, 9), 120));
+    let p1 = &peers[&Ipv4Addr::new(10, 0, 0, 1)];
+    assert_eq!((p1.asn, p1.local_asn, p1.config.as_str(), p1.hold_time, p1.keepalive_time), (64500, 64512, "a", 9, 3));
+    assert_eq!(peers[&Ipv4Addr::new(10, 0, 0, 2)].local_asn, 64513, "a peer keeps its own config's AS");
+    // No address to be identified by: no speaker rather than a made-up router ID.
+    assert_eq!(bgp_sessions(&[&a], Some(&me), None, 120).0, None);
+    assert_eq!(bgp_sessions(&[&l2], Some(&me), own, 120), (None, BTreeMap::new()));
+}
