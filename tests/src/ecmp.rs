@@ -5,7 +5,7 @@
 //! ```text
 //! client [10.20.0.2] ── [10.20.0.1] router [10.10.3.254] ── switch (br0) ── edge-1..n [10.10.3.1..]
 //!                                 (BIRD, AS 64500)                       └─ backends 10.10.3.11..
-//! VIPs from 10.99.0.10-10.99.0.59: off every segment, reachable only through the router's routes.
+//! VIPs from 10.99.0.10-10.99.0.209: off every segment, reachable only through the router's routes.
 //! ```
 
 use std::{
@@ -34,7 +34,7 @@ pub const ROUTER_ASN: u32 = 64500;
 /// The edges' AS.
 pub const NODE_ASN: u32 = 64512;
 /// The VIP range of the bed's config.
-pub const POOL: &str = "10.99.0.10-10.99.0.59";
+pub const POOL: &str = "10.99.0.10-10.99.0.209";
 /// BGP hold time on both sides, seconds (the shortest BIRD and GoBGP accept).
 pub const HOLD: u16 = 3;
 

@@ -82,19 +82,20 @@ impl Router {
     pub fn next_hops(&self, vip: Ipv4Addr) -> Result<Vec<Ipv4Addr>> {
         let out = crate::cmd::run("ip", &["-n", &self.ns, "-j", "route", "show", &format!("{vip}/32")])?;
         let v: serde_json::Value = serde_json::from_str(&out)?;
-        let mut hops = Vec::new();
+        Ok(v.as_array().into_iter().flatten().map(hops_of).collect::<Result<Vec<_>>>()?.concat())
+    }
+
+    /// Every /32 route the router learned over BGP, with its next hops (one `ip` call).
+    pub fn routes(&self) -> Result<std::collections::BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>> {
+        let out = crate::cmd::run("ip", &["-n", &self.ns, "-j", "route", "show", "proto", "bird"])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        let mut routes = std::collections::BTreeMap::new();
         for r in v.as_array().into_iter().flatten() {
-            if let Some(g) = r["gateway"].as_str() {
-                hops.push(g.parse()?);
-            }
-            for h in r["nexthops"].as_array().into_iter().flatten() {
-                if let Some(g) = h["gateway"].as_str() {
-                    hops.push(g.parse()?);
-                }
+            if let Some(Ok(dst)) = r["dst"].as_str().map(str::parse::<Ipv4Addr>) {
+                routes.insert(dst, hops_of(r)?);
             }
         }
-        hops.sort();
-        Ok(hops)
+        Ok(routes)
     }
 
     /// Waits until the route to `vip` has exactly `want` as next hops.
@@ -121,6 +122,21 @@ impl Router {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("bird.log")).unwrap_or_default()
     }
+}
+
+/// The next hops of one route of `ip -j route`, sorted.
+fn hops_of(r: &serde_json::Value) -> Result<Vec<Ipv4Addr>> {
+    let mut hops = Vec::new();
+    if let Some(g) = r["gateway"].as_str() {
+        hops.push(g.parse()?);
+    }
+    for h in r["nexthops"].as_array().into_iter().flatten() {
+        if let Some(g) = h["gateway"].as_str() {
+            hops.push(g.parse()?);
+        }
+    }
+    hops.sort();
+    Ok(hops)
 }
 
 impl Drop for Router {

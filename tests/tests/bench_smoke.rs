@@ -164,3 +164,16 @@ fn the_multinode_section_measures_failover_and_api_load() {
         assert!(measured(r.split('|').nth(2).unwrap_or("")), "no API request rate with {services} Services: {r}");
     }
 }
+
+#[test]
+fn the_bgp_section_measures_routes_withdrawal_and_connections_through_every_node_count() {
+    let text = bench(&["--smoke", "--only", "bgp"]);
+    for measure in ["its route with all 3 next hops", "its next hop gone"] {
+        let r = text.lines().find(|l| l.starts_with("| ") && l.contains(measure)).unwrap_or_default();
+        assert!(measured(r.split('|').nth(2).unwrap_or("")), "{measure}:\n{text}");
+    }
+    for nodes in ["1", "2", "3"] {
+        let r = text.lines().find(|l| l.starts_with(&format!("| {nodes} | "))).unwrap_or_default();
+        assert!(measured(r.split('|').nth(2).unwrap_or("")), "no conn/s through {nodes} node(s):\n{text}");
+    }
+}

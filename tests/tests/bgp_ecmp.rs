@@ -121,3 +121,33 @@ async fn three_nodes_share_a_service_by_ecmp_and_leave_the_route_as_they_stop_or
     ensure!(answered == CONNECTIONS, "{answered}/{CONNECTIONS} answered after the failure{}", e.bed.logs());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_server_refuses_invalid_bgp_settings_naming_the_field() -> Result<()> {
+    use ballast_tests::k8sbed::ApiScope;
+    let scope = ApiScope::new("bgp-cel").await?;
+    let mut no_bgp = EcmpBed::spec(&[(ROUTER_IP, ROUTER_ASN)]);
+    no_bgp.announce.bgp = None;
+    let mut keepalive = EcmpBed::spec(&[(ROUTER_IP, ROUTER_ASN)]);
+    if let Some(b) = keepalive.announce.bgp.as_mut() {
+        b.peers[0].keepalive_time = Some(HOLD);
+    }
+    let mut address = EcmpBed::spec(&[(ROUTER_IP, ROUTER_ASN)]);
+    if let Some(b) = address.announce.bgp.as_mut() {
+        b.peers[0].address = "router-1".into();
+    }
+    for (tag, spec, says) in [
+        ("nobgp", no_bgp, "mode BGP needs announce.bgp"),
+        ("keepalive", keepalive, "keepaliveTime must be shorter than holdTime"),
+        ("address", address, "peers[0].address"),
+    ] {
+        let err = match scope.config(tag, spec).await {
+            Ok(name) => anyhow::bail!("{tag}: config {name} was accepted"),
+            Err(e) => format!("{e:#}"),
+        };
+        ensure!(err.contains(says), "{tag}: the refusal does not say {says:?}: {err}");
+    }
+    // The valid one is accepted.
+    scope.config("valid", EcmpBed::spec(&[(ROUTER_IP, ROUTER_ASN)])).await?;
+    Ok(())
+}

@@ -118,10 +118,12 @@ pub struct BgpPeer {
 #[serde(rename_all = "camelCase")]
 pub struct BgpSpec {
     /// The nodes' AS.
+    #[serde(rename = "localASN")]
     #[schemars(range(min = 1, max = 4294967295u32))]
     pub local_asn: u32,
-    /// Router ID (default: the node's InternalIP).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Router ID (default: the node's InternalIP, else its address on the interface). Give
+    /// it only when one node announces: every node would use the same.
+    #[serde(default, rename = "routerID", skip_serializing_if = "Option::is_none")]
     pub router_id: Option<String>,
     /// The routers to announce to.
     #[schemars(length(min = 1))]
@@ -139,7 +141,7 @@ pub struct BgpSpec {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.mode != 'BGP' || has(self.bgp)").message("mode BGP needs announce.bgp"))]
 pub struct AnnounceSpec {
-    /// `L2` (default) or `None`.
+    /// `L2` (default), `BGP` or `None`.
     #[serde(default)]
     pub mode: AnnounceMode,
     /// Only nodes with matching labels hold these addresses (default: every edge node).

@@ -403,7 +403,6 @@ pub fn input_digest(svc: &Service) -> u64 {
     h.finish()
 }
 
-/// Decides the whole cluster.
 /// What is wrong with a config's BGP settings, naming the field; `None` when valid or not
 /// in BGP mode. The schema refuses most of this already; configs written before it, or
 /// past it, are refused here.
@@ -448,6 +447,7 @@ pub fn bgp_problem(c: &LoadBalancerConfig) -> Option<Problem> {
     None
 }
 
+/// Decides the whole cluster.
 pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
     let mut out = Desired::default();
 

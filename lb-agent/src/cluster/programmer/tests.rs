@@ -310,3 +310,30 @@ fn bgp_sessions_take_the_speaker_from_the_first_config_and_each_peer_from_its_ow
     assert_eq!(bgp_sessions(&[&a], Some(&me), None, 120).0, None);
     assert_eq!(bgp_sessions(&[&l2], Some(&me), own, 120), (None, BTreeMap::new()));
 }
+
+#[test]
+fn an_invalid_bgp_config_is_refused_naming_the_field_and_no_node_peers_for_it() {
+    use crate::cluster::{desired::bgp_problem, reason::Reason};
+    let good = bgp_config("a", 64512, &[("10.0.0.1", 64500)]);
+    assert_eq!(bgp_problem(&good), None);
+    let cases: [(&str, fn(&mut crate::cluster::crd::BgpSpec)); 5] = [
+        ("announce.bgp.localASN", |b| b.local_asn = 0),
+        ("announce.bgp.routerID", |b| b.router_id = Some("edge-1".into())),
+        ("announce.bgp.peers[0].address", |b| b.peers[0].address = "router".into()),
+        ("announce.bgp.peers[0].keepaliveTime", |b| b.peers[0].keepalive_time = Some(9)),
+        ("announce.bgp.communities", |b| b.communities = vec!["70000:1".into()]),
+    ];
+    for (field, breaks) in cases {
+        let mut c = good.clone();
+        if let Some(b) = c.spec.announce.bgp.as_mut() {
+            breaks(b);
+        }
+        let p = bgp_problem(&c).unwrap_or_else(|| panic!("{field}: accepted"));
+        assert_eq!(p.reason, Reason::InvalidBgp);
+        assert!(p.message.starts_with(field), "{field}: {}", p.message);
+        assert_eq!(bgp_sessions(&[&c], Some(&node("edge-1", &[])), Some(Ipv4Addr::new(10, 0, 0, 9)), 0).0, None);
+    }
+    let mut missing = good.clone();
+    missing.spec.announce.bgp = None;
+    assert_eq!(bgp_problem(&missing).map(|p| p.reason), Some(Reason::InvalidBgp));
+}

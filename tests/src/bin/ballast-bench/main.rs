@@ -8,8 +8,10 @@
 //! on one CPU with in-kernel generated frames; `controlplane`,
 //! the controller's latencies against the real control plane and the full sync of many
 //! Services (`fullsync` alone: cold start, warm restart, churn; `--services N` sets its size); `multinode`, failover
-//! between edge nodes and the agents' steady-state API load.
+//! between edge nodes and the agents' steady-state API load; `bgp`, BGP mode behind an
+//! ECMP router (Service → route, failed node → withdrawn, conn/s through 1–3 nodes).
 
+mod bgp;
 mod contenders;
 mod controlplane;
 mod datapath;
@@ -88,6 +90,13 @@ fn main() -> anyhow::Result<()> {
         let (md, d) = rt.block_on(multinode::api_load(quick, smoke))?;
         section(md);
         data.insert("api_load".into(), d);
+    }
+    if want("bgp") {
+        let _cp = controlplane::Started::up()?;
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build()?;
+        let (md, d) = rt.block_on(bgp::run(quick, smoke))?;
+        section(md);
+        data.insert("bgp".into(), d);
     }
     if let Some(path) = value("--report") {
         let plots = value("--plots").context("--report needs --plots DIR")?;
