@@ -316,7 +316,8 @@ fn an_invalid_bgp_config_is_refused_naming_the_field_and_no_node_peers_for_it() 
     use crate::cluster::{desired::bgp_problem, reason::Reason};
     let good = bgp_config("a", 64512, &[("10.0.0.1", 64500)]);
     assert_eq!(bgp_problem(&good), None);
-    let cases: [(&str, fn(&mut crate::cluster::crd::BgpSpec)); 5] = [
+    type Breaks = fn(&mut crate::cluster::crd::BgpSpec);
+    let cases: [(&str, Breaks); 5] = [
         ("announce.bgp.localASN", |b| b.local_asn = 0),
         ("announce.bgp.routerID", |b| b.router_id = Some("edge-1".into())),
         ("announce.bgp.peers[0].address", |b| b.peers[0].address = "router".into()),
