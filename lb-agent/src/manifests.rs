@@ -69,11 +69,11 @@ pub fn cluster_role() -> ClusterRole {
 pub fn lease_role(namespace: &str) -> Role {
     Role {
         metadata: ObjectMeta { name: Some(AGENT.into()), namespace: Some(namespace.into()), ..Default::default() },
-        rules: Some(vec![rule(
-            "coordination.k8s.io",
-            &["leases"],
-            &["get", "list", "watch", "create", "update", "patch"],
-        )]),
+        rules: Some(vec![
+            rule("coordination.k8s.io", &["leases"], &["get", "list", "watch", "create", "update", "patch"]),
+            // BGP passwords: Secrets in this namespace only.
+            rule("", &["secrets"], &["get", "list", "watch"]),
+        ]),
     }
 }
 

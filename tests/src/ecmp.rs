@@ -56,6 +56,11 @@ impl EcmpBed {
     /// `edges` edge nodes (agents not started) and `backends` backends, a router peering
     /// with every edge, a client behind it, and a BGP config for the edges.
     pub async fn new(tag: &str, edges: usize, backends: usize) -> Result<Self> {
+        Self::with_password(tag, edges, backends, None).await
+    }
+
+    /// [`Self::new`] with a router that wants `password` (TCP MD5) on every session.
+    pub async fn with_password(tag: &str, edges: usize, backends: usize, password: Option<&str>) -> Result<Self> {
         let bed = MultiBed::new(tag, edges, backends).await?;
         let router_ns = Netns::new("rt")?;
         let client = Netns::new("rtc")?;
@@ -68,12 +73,21 @@ impl EcmpBed {
         client.ip("route add default via 10.20.0.1")?;
         // A client on a real wire sends full checksums.
         client.exec("ethtool -K c0 tx off")?;
+        // A client making thousands of connections a second to one address runs out of
+        // ephemeral ports held in TIME_WAIT, and connect() slows down long before: reuse
+        // them, as a load generator would.
+        client.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
+        client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
         router_ns.sysctl("net.ipv4.ip_forward", "1")?;
         for e in &bed.seg.edges {
             e.ns.ip(&format!("route add 10.20.0.0/24 via {ROUTER_IP}"))?;
         }
-        let neighbors: Vec<Neighbor> =
-            bed.seg.edges.iter().map(|e| Neighbor { address: e.ip, asn: NODE_ASN }).collect();
+        let neighbors: Vec<Neighbor> = bed
+            .seg
+            .edges
+            .iter()
+            .map(|e| Neighbor { address: e.ip, asn: NODE_ASN, password: password.map(Into::into) })
+            .collect();
         let router = Router::start(&router_ns, ROUTER_IP, ROUTER_ASN, &neighbors)?;
         let config = bed.pool(Self::spec(&[(ROUTER_IP, ROUTER_ASN)])).await?;
         Ok(Self { router, bed, router_ns, client, config })
@@ -96,6 +110,7 @@ impl EcmpBed {
                         port: None,
                         hold_time: Some(HOLD),
                         keepalive_time: Some(1),
+                        password_secret: None,
                     })
                     .collect(),
                 communities: Vec::new(),
@@ -107,9 +122,14 @@ impl EcmpBed {
 
     /// Replaces the config's peers (a live edit: the agents keep running).
     pub async fn set_peers(&self, peers: &[(Ipv4Addr, u32)]) -> Result<()> {
+        self.set_announce(Self::spec(peers)).await
+    }
+
+    /// Replaces the config's `announce` with `spec`'s (a live edit).
+    pub async fn set_announce(&self, spec: LoadBalancerConfigSpec) -> Result<()> {
         use kube::api::{Patch, PatchParams};
         let api = kube::Api::<lb_agent::cluster::crd::LoadBalancerConfig>::all(self.bed.cluster.admin.clone());
-        let spec = serde_json::to_value(Self::spec(peers))?;
+        let spec = serde_json::to_value(spec)?;
         let patch = serde_json::json!({ "spec": { "announce": spec["announce"] } });
         api.patch(&self.config, &PatchParams::default(), &Patch::Merge(patch)).await?;
         Ok(())
@@ -240,11 +260,16 @@ impl EcmpBed {
 
     /// This node-by-peer table of the config's status: (node, peer) → established.
     pub async fn sessions(&self) -> Result<BTreeMap<(String, Ipv4Addr), bool>> {
+        Ok(self.session_states().await?.into_iter().map(|(k, (up, _))| (k, up)).collect())
+    }
+
+    /// The same with each session's state in words.
+    pub async fn session_states(&self) -> Result<BTreeMap<(String, Ipv4Addr), (bool, String)>> {
         let api = kube::Api::<lb_agent::cluster::crd::LoadBalancerConfig>::all(self.bed.cluster.admin.clone());
         let c = api.get(&self.config).await?;
         let mut out = BTreeMap::new();
         for s in c.status.map(|s| s.bgp_sessions).unwrap_or_default() {
-            out.insert((s.node, s.peer.parse()?), s.established);
+            out.insert((s.node, s.peer.parse()?), (s.established, s.state));
         }
         Ok(out)
     }

@@ -32,6 +32,8 @@ pub struct Neighbor {
     pub address: Ipv4Addr,
     /// Its AS.
     pub asn: u32,
+    /// The session's TCP MD5 password.
+    pub password: Option<String>,
 }
 
 /// BIRD running in `ns`; stopped on drop.
@@ -53,9 +55,10 @@ impl Router {
              protocol kernel {{ ipv4 {{ import none; export all; }}; merge paths yes; learn off; }}\n"
         );
         for (i, n) in neighbors.iter().enumerate() {
+            let password = n.password.as_ref().map(|p| format!("password \"{p}\"; ")).unwrap_or_default();
             conf.push_str(&format!(
                 "protocol bgp node{i} {{ local as {asn}; neighbor {addr} as {peer}; hold time 3; keepalive time 1; \
-                 connect retry time 1; error wait time 1, 2; ipv4 {{ import all; export none; }}; }}\n",
+                 connect retry time 1; error wait time 1, 2; {password}ipv4 {{ import all; export none; }}; }}\n",
                 addr = n.address,
                 peer = n.asn
             ));

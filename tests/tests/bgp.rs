@@ -57,7 +57,7 @@ fn routes_reach_a_bird_router_and_are_withdrawn_by_a_change_and_by_a_stop() -> R
     veth(&router_ns, "r0", &node_ns, "n0")?;
     router_ns.ip(&format!("addr add {ROUTER}/24 dev r0"))?;
     node_ns.ip(&format!("addr add {NODE}/24 dev n0"))?;
-    let router = Router::start(&router_ns, ROUTER, 64500, &[Neighbor { address: NODE, asn: 64512 }])?;
+    let router = Router::start(&router_ns, ROUTER, 64500, &[Neighbor { address: NODE, asn: 64512, password: None }])?;
     let (a, b) = (Ipv4Addr::new(198, 51, 100, 1), Ipv4Addr::new(198, 51, 100, 2));
 
     in_ns(&node_ns, async || {

@@ -151,3 +151,42 @@ async fn the_api_server_refuses_invalid_bgp_settings_naming_the_field() -> Resul
     scope.config("valid", EcmpBed::spec(&[(ROUTER_IP, ROUTER_ASN)])).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_that_wants_a_password_gets_it_from_the_secret_the_config_names() -> Result<()> {
+    use k8s_openapi::{ByteString, api::core::v1::Secret};
+    use kube::api::PostParams;
+    use lb_agent::cluster::crd::SecretName;
+    let mut e = EcmpBed::with_password("bgp-md5", 1, 1, Some("s3cret")).await?;
+    e.start(0, &[])?;
+    e.create_services(0, 1).await?;
+    let vip = e.bed.wait_ip("svc-0").await?;
+    let node = e.bed.edges[0].name.clone();
+
+    // Named but not there yet: the peer is refused, and the status names the Secret.
+    let mut spec = EcmpBed::spec(&[(ROUTER_IP, ROUTER_ASN)]);
+    if let Some(b) = spec.announce.bgp.as_mut() {
+        b.peers[0].password_secret = Some(SecretName { name: "router-password".into() });
+    }
+    e.set_announce(spec).await?;
+    e.until("the status names the missing Secret", SETTLE, || async {
+        let s = e.session_states().await?;
+        Ok(s.get(&(node.clone(), ROUTER_IP)).filter(|(up, why)| !up && why.contains("\"router-password\"")).map(|_| ()))
+    })
+    .await?;
+    ensure!(e.router.next_hops(vip)?.is_empty(), "a route without the router's password");
+
+    // The Secret appears: the session comes up with the password, and the route with it.
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta { name: Some("router-password".into()), ..Default::default() },
+        type_: Some("kubernetes.io/basic-auth".into()),
+        data: Some([("password".to_string(), ByteString(b"s3cret".to_vec()))].into()),
+        ..Default::default()
+    };
+    kube::Api::<Secret>::namespaced(e.bed.cluster.admin.clone(), &e.bed.ns)
+        .create(&PostParams::default(), &secret)
+        .await?;
+    tokio::task::block_in_place(|| e.wait_hops(vip, &[0], SETTLE))?;
+    ensure!(tokio::task::block_in_place(|| e.connections(vip, 5)) == 5, "connections through the node");
+    Ok(())
+}

@@ -206,6 +206,9 @@ impl<B: Backend> Announcer<B> {
             for a in want.peers.keys() {
                 sessions.entry(*a).or_insert_with(|| Session { up: false, state: "not configured yet".into() });
             }
+            for (a, r) in &want.refused {
+                sessions.insert(*a, Session { up: false, state: r.why.clone() });
+            }
         }
         if let Ok(mut r) = self.report.lock() {
             for (a, s) in &sessions {
@@ -311,6 +314,7 @@ mod tests {
 
     fn desired(routes: &[u8]) -> BgpDesired {
         BgpDesired {
+            refused: BTreeMap::new(),
             speaker: Some(fixtures::speaker(64512)),
             peers: [(Ipv4Addr::new(10, 0, 0, 254), fixtures::peer(64500))].into(),
             routes: routes.iter().map(|r| (Ipv4Addr::new(192, 0, 2, *r), RouteSpec::default())).collect(),

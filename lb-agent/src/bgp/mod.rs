@@ -70,8 +70,19 @@ pub struct BgpDesired {
     pub speaker: Option<SpeakerSpec>,
     /// Peers by address.
     pub peers: BTreeMap<Ipv4Addr, PeerSpec>,
+    /// Peers configured but left out, and why (reported as sessions down).
+    pub refused: BTreeMap<Ipv4Addr, RefusedPeer>,
     /// Routes: each address as a /32.
     pub routes: BTreeMap<Ipv4Addr, RouteSpec>,
+}
+
+/// A configured peer the node cannot peer with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefusedPeer {
+    /// The config it comes from.
+    pub config: String,
+    /// Why, naming the culprit.
+    pub why: String,
 }
 
 /// A BGP community written `AS:value`.

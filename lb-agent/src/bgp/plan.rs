@@ -116,6 +116,7 @@ mod tests {
 
     fn desired(asn: u32, peers: &[(u8, u32)], routes: &[u8]) -> BgpDesired {
         BgpDesired {
+            refused: BTreeMap::new(),
             speaker: Some(speaker(asn)),
             peers: peers.iter().map(|(a, asn)| (Ipv4Addr::new(10, 0, 0, *a), peer(*asn))).collect(),
             routes: routes.iter().map(|r| (ip(*r), RouteSpec::default())).collect(),

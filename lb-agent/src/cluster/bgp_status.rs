@@ -45,6 +45,14 @@ pub fn session_entries(
             state: s.map_or_else(|| "not configured yet".into(), |s| s.state.clone()),
         });
     }
+    for (addr, r) in &desired.refused {
+        out.entry(r.config.clone()).or_default().push(BgpSessionStatus {
+            node: node.to_string(),
+            peer: addr.to_string(),
+            established: false,
+            state: r.why.clone(),
+        });
+    }
     out
 }
 
@@ -123,6 +131,7 @@ mod tests {
     fn entries_follow_the_sessions_and_only_up_or_down_is_worth_a_write() {
         let (a, b) = (Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 2));
         let desired = BgpDesired {
+            refused: BTreeMap::new(),
             speaker: Some(fixtures::speaker(64512)),
             peers: [(a, fixtures::peer(64500)), (b, fixtures::peer(64501))].into(),
             routes: BTreeMap::new(),

@@ -11,7 +11,7 @@ use std::{
 use futures_util::StreamExt;
 use k8s_openapi::api::{
     coordination::v1::Lease,
-    core::v1::{Namespace, Node, Service},
+    core::v1::{Namespace, Node, Secret, Service},
 };
 use kube::{
     Api, Client, Resource,
@@ -51,6 +51,9 @@ pub struct Caches {
     pub balancers: Store<LoadBalancer>,
     /// ballast's Leases in the agent's namespace (heartbeats and the allocator's).
     pub leases: Store<Lease>,
+    /// BGP password Secrets: those of type `kubernetes.io/basic-auth` in the agent's
+    /// namespace (no other Secret is read).
+    pub secrets: Store<Secret>,
     objects: watch::Receiver<u64>,
     lease_changes: watch::Receiver<u64>,
     /// What changed, for each [`Reader`].
@@ -160,6 +163,8 @@ impl Scope for Namespace {}
 
 impl Scope for LoadBalancerConfig {}
 
+impl Scope for Secret {}
+
 impl Scope for Lease {
     fn touches(&self) -> Touches {
         // Leases have their own signal and touch no Service's data path.
@@ -249,6 +254,15 @@ impl Caches {
                 all().labels(LEASE_LABEL),
                 vec![leases_tx],
                 Arc::default(),
+                |_| {},
+            ),
+            // Not waited for by `ready`: only BGP peers with a password need them, and an
+            // agent without the right to read them must still serve.
+            secrets: reflect(
+                Api::namespaced(client.clone(), namespace),
+                all().fields(&format!("type={}", super::secrets::PASSWORD_SECRET_TYPE)),
+                o(),
+                t(),
                 |_| {},
             ),
             objects,

@@ -111,6 +111,18 @@ pub struct BgpPeer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 21845))]
     pub keepalive_time: Option<u16>,
+    /// The session's TCP MD5 password: a `kubernetes.io/basic-auth` Secret in the agents'
+    /// namespace, its `password` key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret: Option<SecretName>,
+}
+
+/// A Secret in the agents' namespace, by name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SecretName {
+    /// Its name.
+    #[schemars(length(min = 1))]
+    pub name: String,
 }
 
 /// BGP mode's settings.

@@ -29,6 +29,7 @@ pub mod pool;
 pub mod programmer;
 pub mod projection;
 pub mod reason;
+pub mod secrets;
 pub mod service_slices;
 pub mod source;
 pub mod status;

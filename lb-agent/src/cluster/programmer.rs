@@ -18,7 +18,7 @@ use super::{
     projection::CachedSlice,
 };
 use crate::{
-    bgp::{PeerSpec, RouteSpec, SpeakerSpec},
+    bgp::{BgpDesired, PeerSpec, RefusedPeer, RouteSpec, SpeakerSpec},
     model::{Hold, NodeDesired, Protocol, ServiceId, ServiceRef, ServiceSpec},
     node::NodeFailure,
 };
@@ -141,17 +141,19 @@ fn route_of(b: &BgpSpec) -> RouteSpec {
 }
 
 /// BGP mode: the speaker and peers of node `me` (`Node` object `node`), from every valid
-/// BGP config that selects it. The speaker's AS is the first such config's (by name); each
-/// peer keeps its own config's AS as the local one. A peer listed by two configs is taken
-/// from the first. The router ID is the config's `routerID`, else the Node's InternalIP,
-/// else `own_address` (the node's address on its interface). `None` and no peers when no
-/// BGP config applies to the node.
+/// BGP config that selects it (no routes: those come from the Services). The speaker's AS
+/// is the first such config's (by name); each peer keeps its own config's AS as the local
+/// one. A peer listed by two configs is taken from the first. The router ID is the config's
+/// `routerID`, else the Node's InternalIP, else `own_address` (the node's address on its
+/// interface). `password` reads a peer's password Secret; a peer whose Secret cannot be
+/// read is refused, naming it. No speaker and no peers when no BGP config applies.
 pub fn bgp_sessions(
     configs: &[&LoadBalancerConfig],
     node: Option<&Node>,
     own_address: Option<Ipv4Addr>,
     restart_time: u32,
-) -> (Option<SpeakerSpec>, BTreeMap<Ipv4Addr, PeerSpec>) {
+    password: &dyn Fn(&str) -> Result<String, super::secrets::PasswordError>,
+) -> BgpDesired {
     let mut bgp: Vec<(&str, &BgpSpec)> = configs
         .iter()
         .filter(|c| c.spec.announce.mode == AnnounceMode::BGP && ownership::node_allows(node, c).is_ok())
@@ -159,31 +161,47 @@ pub fn bgp_sessions(
         .filter_map(|c| Some((c.metadata.name.as_deref()?, c.spec.announce.bgp.as_ref()?)))
         .collect();
     bgp.sort_by_key(|(n, _)| *n);
-    let Some((_, first)) = bgp.first() else { return (None, BTreeMap::new()) };
+    let Some((_, first)) = bgp.first() else { return BgpDesired::default() };
     let internal_ip = node
         .and_then(|n| n.status.as_ref()?.addresses.as_ref())
         .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP")?.address.parse().ok());
     let Some(router_id) = first.router_id.as_deref().and_then(|r| r.parse().ok()).or(internal_ip).or(own_address)
     else {
-        return (None, BTreeMap::new());
+        return BgpDesired::default();
     };
-    let mut peers = BTreeMap::new();
+    let mut out = BgpDesired {
+        speaker: Some(SpeakerSpec { asn: first.local_asn, router_id, restart_time }),
+        ..BgpDesired::default()
+    };
     for (name, b) in &bgp {
         for p in &b.peers {
             let Ok(addr) = p.address.parse::<Ipv4Addr>() else { continue };
+            if out.peers.contains_key(&addr) || out.refused.contains_key(&addr) {
+                continue;
+            }
+            let password = match p.password_secret.as_ref().map(|s| password(&s.name)).transpose() {
+                Ok(pw) => pw,
+                Err(e) => {
+                    out.refused.insert(addr, RefusedPeer { config: name.to_string(), why: e.to_string() });
+                    continue;
+                }
+            };
             let hold = p.hold_time.unwrap_or(90);
-            peers.entry(addr).or_insert_with(|| PeerSpec {
-                asn: p.asn,
-                local_asn: b.local_asn,
-                port: p.port.unwrap_or(179),
-                hold_time: hold,
-                keepalive_time: p.keepalive_time.unwrap_or((hold / 3).max(1)),
-                password: None,
-                config: name.to_string(),
-            });
+            out.peers.insert(
+                addr,
+                PeerSpec {
+                    asn: p.asn,
+                    local_asn: b.local_asn,
+                    port: p.port.unwrap_or(179),
+                    hold_time: hold,
+                    keepalive_time: p.keepalive_time.unwrap_or((hold / 3).max(1)),
+                    password,
+                    config: name.to_string(),
+                },
+            );
         }
     }
-    (Some(SpeakerSpec { asn: first.local_asn, router_id, restart_time }), peers)
+    out
 }
 
 /// Interfaces the programmer cares about: the default one and every config's.

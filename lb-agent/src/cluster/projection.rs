@@ -187,6 +187,14 @@ impl Trim for LoadBalancerConfig {
     }
 }
 
+impl Trim for k8s_openapi::api::core::v1::Secret {
+    fn trim(&mut self) {
+        trim_meta(&mut self.metadata);
+        // `stringData` is write-only; the API server never returns it.
+        self.string_data = None;
+    }
+}
+
 impl Trim for LoadBalancer {
     fn trim(&mut self) {
         trim_meta(&mut self.metadata);

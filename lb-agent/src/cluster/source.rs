@@ -32,7 +32,7 @@ use super::{
 use crate::{
     agent::run::{Desired, Source, Wake},
     bgp::{
-        BgpDesired, RouteSpec,
+        RouteSpec,
         announcer::{AnnouncerHandle, Exit},
     },
     model::{NodeDesired, ServiceId, ServiceRef, ServiceSpec},
@@ -211,14 +211,14 @@ impl ClusterSource {
         let configs = self.caches.configs.state();
         let configs: Vec<&super::crd::LoadBalancerConfig> = configs.iter().map(AsRef::as_ref).collect();
         let node = self.caches.nodes.get(&ObjectRef::new(&self.node));
-        let (speaker, peers) = programmer::bgp_sessions(&configs, node.as_deref(), bgp.own_address, bgp.restart_time);
-        let routes = match &speaker {
-            Some(_) => {
-                bgp.routes.iter().filter(|(v, _)| !failed_vips.contains(v)).map(|(v, r)| (*v, r.clone())).collect()
-            }
-            None => BTreeMap::new(),
-        };
-        let want = BgpDesired { speaker, peers, routes };
+        let secrets = &self.caches.secrets;
+        let password = |name: &str| super::secrets::bgp_password(secrets, name);
+        let mut want =
+            programmer::bgp_sessions(&configs, node.as_deref(), bgp.own_address, bgp.restart_time, &password);
+        if want.speaker.is_some() {
+            want.routes =
+                bgp.routes.iter().filter(|(v, _)| !failed_vips.contains(v)).map(|(v, r)| (*v, r.clone())).collect();
+        }
         bgp.announcer.desired.send_if_modified(|d| {
             let changed = *d != want;
             *d = want;

@@ -271,6 +271,7 @@ fn bgp_config(name: &str, asn: u32, peers: &[(&str, u32)]) -> LoadBalancerConfig
                 port: None,
                 hold_time: Some(9),
                 keepalive_time: None,
+                password_secret: None,
             })
             .collect(),
         communities: vec!["64512:7".into()],
@@ -293,6 +294,14 @@ fn in_bgp_mode_every_eligible_node_holds_and_announces_and_a_fenced_or_drained_o
     assert!(drained.routes.is_empty(), "drained: no route");
 }
 
+/// The password lookup of tests: Secret `bgp` holds `s3cret`, no other exists.
+fn password(name: &str) -> Result<String, crate::cluster::secrets::PasswordError> {
+    match name {
+        "bgp" => Ok("s3cret".into()),
+        _ => Err(crate::cluster::secrets::PasswordError::NotFound(name.into())),
+    }
+}
+
 #[test]
 fn bgp_sessions_take_the_speaker_from_the_first_config_and_each_peer_from_its_own() {
     let a = bgp_config("a", 64512, &[("10.0.0.1", 64500)]);
@@ -300,15 +309,31 @@ fn bgp_sessions_take_the_speaker_from_the_first_config_and_each_peer_from_its_ow
     let l2 = config("c", AnnounceMode::L2);
     let me = node("edge-1", &[]);
     let own = Some(Ipv4Addr::new(10, 0, 0, 9));
-    let (speaker, peers) = bgp_sessions(&[&b, &l2, &a], Some(&me), own, 120);
-    let speaker = speaker.expect("a BGP config applies");
+    let d = bgp_sessions(&[&b, &l2, &a], Some(&me), own, 120, &password);
+    let speaker = d.speaker.expect("a BGP config applies");
     assert_eq!((speaker.asn, speaker.router_id, speaker.restart_time), (64512, Ipv4Addr::new(10, 0, 0, 9), 120));
-    let p1 = &peers[&Ipv4Addr::new(10, 0, 0, 1)];
+    let p1 = &d.peers[&Ipv4Addr::new(10, 0, 0, 1)];
     assert_eq!((p1.asn, p1.local_asn, p1.config.as_str(), p1.hold_time, p1.keepalive_time), (64500, 64512, "a", 9, 3));
-    assert_eq!(peers[&Ipv4Addr::new(10, 0, 0, 2)].local_asn, 64513, "a peer keeps its own config's AS");
+    assert_eq!(d.peers[&Ipv4Addr::new(10, 0, 0, 2)].local_asn, 64513, "a peer keeps its own config's AS");
     // No address to be identified by: no speaker rather than a made-up router ID.
-    assert_eq!(bgp_sessions(&[&a], Some(&me), None, 120).0, None);
-    assert_eq!(bgp_sessions(&[&l2], Some(&me), own, 120), (None, BTreeMap::new()));
+    assert_eq!(bgp_sessions(&[&a], Some(&me), None, 120, &password).speaker, None);
+    assert_eq!(bgp_sessions(&[&l2], Some(&me), own, 120, &password), BgpDesired::default());
+}
+
+#[test]
+fn a_peers_password_comes_from_its_secret_and_a_missing_secret_refuses_that_peer_alone() {
+    use crate::cluster::crd::SecretName;
+    let mut c = bgp_config("a", 64512, &[("10.0.0.1", 64500), ("10.0.0.2", 64501)]);
+    if let Some(b) = c.spec.announce.bgp.as_mut() {
+        b.peers[0].password_secret = Some(SecretName { name: "bgp".into() });
+        b.peers[1].password_secret = Some(SecretName { name: "missing".into() });
+    }
+    let d = bgp_sessions(&[&c], Some(&node("edge-1", &[])), Some(Ipv4Addr::new(10, 0, 0, 9)), 0, &password);
+    assert_eq!(d.peers[&Ipv4Addr::new(10, 0, 0, 1)].password.as_deref(), Some("s3cret"));
+    let refused = &d.refused[&Ipv4Addr::new(10, 0, 0, 2)];
+    assert!(!d.peers.contains_key(&Ipv4Addr::new(10, 0, 0, 2)));
+    assert_eq!(refused.config, "a");
+    assert!(refused.why.contains("\"missing\""), "the refusal names the Secret: {}", refused.why);
 }
 
 #[test]
@@ -332,7 +357,8 @@ fn an_invalid_bgp_config_is_refused_naming_the_field_and_no_node_peers_for_it() 
         let p = bgp_problem(&c).unwrap_or_else(|| panic!("{field}: accepted"));
         assert_eq!(p.reason, Reason::InvalidBgp);
         assert!(p.message.starts_with(field), "{field}: {}", p.message);
-        assert_eq!(bgp_sessions(&[&c], Some(&node("edge-1", &[])), Some(Ipv4Addr::new(10, 0, 0, 9)), 0).0, None);
+        let d = bgp_sessions(&[&c], Some(&node("edge-1", &[])), Some(Ipv4Addr::new(10, 0, 0, 9)), 0, &password);
+        assert_eq!(d.speaker, None);
     }
     let mut missing = good.clone();
     missing.spec.announce.bgp = None;
