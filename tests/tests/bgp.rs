@@ -21,6 +21,7 @@ const NODE: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 
 fn desired(routes: &[Ipv4Addr], peer_asn: u32) -> BgpDesired {
     BgpDesired {
+        refused: Default::default(),
         speaker: Some(SpeakerSpec { asn: 64512, router_id: NODE, restart_time: 0 }),
         peers: [(
             ROUTER,
