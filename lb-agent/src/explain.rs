@@ -536,4 +536,24 @@ mod tests {
         let missing = NodeFacts { map_backends: BTreeMap::new(), ..healthy(&[]) };
         assert_eq!(reason(&served(Ok(VIP), &["10.0.0.1:8080"]), &missing), "map out of sync");
     }
+
+    #[test]
+    fn in_bgp_mode_the_sessions_are_shown_and_none_established_or_no_speaker_is_a_finding() {
+        let d = served(Ok(Ipv4Addr::new(192, 0, 2, 10)), &["10.0.0.1:8080"]);
+        let session = |up, state: &str| Session { up, state: state.into() };
+        let router = Ipv4Addr::new(10, 0, 0, 254);
+        let bgp =
+            |s: BgpFacts| NodeFacts { mode: AnnounceMode::BGP, owner: None, bgp: s, ..healthy(&["10.0.0.1:8080"]) };
+
+        let v = judge(&r(), &d, &bgp(BgpFacts::Sessions([(router, session(true, "established"))].into())));
+        assert!(v.served, "{v:?}");
+        assert!(v.holder.as_deref().is_some_and(|h| h.contains("BGP sessions: 10.0.0.254 established")), "{v:?}");
+
+        let down = judge(&r(), &d, &bgp(BgpFacts::Sessions([(router, session(false, "active"))].into())));
+        assert!(!down.served);
+        assert_eq!(down.findings.iter().map(|f| f.reason).collect::<Vec<_>>(), ["no bgp session"]);
+
+        let none = judge(&r(), &d, &bgp(BgpFacts::NoSpeaker("connection refused".into())));
+        assert_eq!(none.findings.iter().map(|f| f.reason).collect::<Vec<_>>(), ["bgp speaker down"]);
+    }
 }
