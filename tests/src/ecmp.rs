@@ -105,12 +105,9 @@ impl EcmpBed {
                 peers: peers
                     .iter()
                     .map(|(a, asn)| BgpPeer {
-                        address: a.to_string(),
-                        asn: *asn,
-                        port: None,
                         hold_time: Some(HOLD),
                         keepalive_time: Some(1),
-                        password_secret: None,
+                        ..BgpPeer::new(a.to_string(), *asn)
                     })
                     .collect(),
                 communities: Vec::new(),

@@ -117,6 +117,13 @@ pub struct BgpPeer {
     pub password_secret: Option<SecretName>,
 }
 
+impl BgpPeer {
+    /// A peer at `address` of AS `asn`, everything else at its default.
+    pub fn new(address: impl Into<String>, asn: u32) -> Self {
+        Self { address: address.into(), asn, port: None, hold_time: None, keepalive_time: None, password_secret: None }
+    }
+}
+
 /// A Secret in the agents' namespace, by name.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct SecretName {

@@ -263,17 +263,7 @@ fn bgp_config(name: &str, asn: u32, peers: &[(&str, u32)]) -> LoadBalancerConfig
     c.spec.announce.bgp = Some(BgpSpec {
         local_asn: asn,
         router_id: None,
-        peers: peers
-            .iter()
-            .map(|(a, asn)| BgpPeer {
-                address: a.to_string(),
-                asn: *asn,
-                port: None,
-                hold_time: Some(9),
-                keepalive_time: None,
-                password_secret: None,
-            })
-            .collect(),
+        peers: peers.iter().map(|(a, asn)| BgpPeer { hold_time: Some(9), ..BgpPeer::new(*a, *asn) }).collect(),
         communities: vec!["64512:7".into()],
         local_pref: None,
     });
