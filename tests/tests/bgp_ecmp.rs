@@ -98,6 +98,9 @@ async fn three_nodes_share_a_service_by_ecmp_and_leave_the_route_as_they_stop_or
     let _ = tokio::task::block_in_place(|| e.bed.stop(2))?;
     tokio::task::block_in_place(|| e.wait_hops(vip, &[0, 1], Duration::from_secs(2)))
         .context("a graceful stop must withdraw without waiting for the hold time")?;
+    let gone = e.bed.edges[2].name.clone();
+    let s = e.sessions().await?;
+    ensure!(!s.keys().any(|(n, _)| *n == gone), "a node stopped for good still lists its sessions: {s:?}");
     e.start(2, &[])?;
     tokio::task::block_in_place(|| e.wait_hops(vip, &[0, 1, 2], SETTLE))?;
     tokio::task::block_in_place(|| e.wait_session(2, 1, SETTLE))?;

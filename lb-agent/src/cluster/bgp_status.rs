@@ -65,6 +65,22 @@ pub fn worth_writing(old: Option<&Vec<BgpSessionStatus>>, new: Option<&Vec<BgpSe
     key(old) != key(new)
 }
 
+/// Removes this node's entries from `configs` (a node that stops for good): applying no
+/// entries with the node's field manager drops all it wrote.
+pub async fn clear(client: &Client, node: &str, configs: &[String]) {
+    let api = Api::<LoadBalancerConfig>::all(client.clone());
+    let params = PatchParams::apply(&node_manager(node)).force();
+    let patch = json!({ "apiVersion": format!("{GROUP}/v1alpha1"), "kind": "LoadBalancerConfig", "status": {} });
+    for config in configs {
+        match api.patch_status(config, &params, &Patch::Apply(&patch)).await {
+            // Deleted meanwhile: nothing to remove from.
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => warn!(config, error = %e, "cannot remove this node's BGP sessions from the config's status"),
+        }
+    }
+}
+
 /// How often the report is compared with what was written.
 const EVERY: Duration = Duration::from_secs(2);
 

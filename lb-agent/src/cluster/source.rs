@@ -645,6 +645,18 @@ impl Source for ClusterSource {
             // A planned restart keeps the routes (graceful restart); anything else withdraws
             // them first, while the data path still serves.
             b.announcer.stop(if on_exit == OnExit::Keep { Exit::Keep } else { Exit::Withdraw }).await;
+            if on_exit == OnExit::Detach {
+                // Gone for good: its sessions leave the configs' status with it.
+                let configs: Vec<String> = self
+                    .caches
+                    .configs
+                    .state()
+                    .iter()
+                    .filter(|c| c.spec.announce.mode == super::crd::AnnounceMode::BGP)
+                    .filter_map(|c| c.metadata.name.clone())
+                    .collect();
+                super::bgp_status::clear(&self.client, &self.node, &configs).await;
+            }
         }
         self.allocator.stop().await;
         self.election.stop().await;
