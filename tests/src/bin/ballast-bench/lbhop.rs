@@ -359,11 +359,24 @@ impl Hop {
         self.place("bench_reflect")?;
         let first = if traffic == Traffic::Tcp { TcpFlags::Syn } else { TcpFlags::Ack };
         self.kit.set_template(template(&self.tb, traffic, dst, flows, first)?, true)?;
-        let before = self.kit.delivered()?;
-        self.kit.blast(&self.tb.client, flows)?;
-        let answered = self.kit.delivered()? - before;
+        // The first pass may find the backends' neighbour entries unresolved (the data
+        // path hands such packets to the kernel, which resolves them and drops most of a
+        // burst meanwhile; on a loaded machine most of all): the same flows are sent again,
+        // a few times, until nearly all are answered.
+        let mut answered = 0;
+        for attempt in 0..4 {
+            if attempt > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            let before = self.kit.delivered()?;
+            self.kit.blast(&self.tb.client, flows)?;
+            answered = self.kit.delivered()? - before;
+            if answered >= u64::from(flows) * 9 / 10 {
+                break;
+            }
+        }
         if answered < u64::from(flows) * 9 / 10 {
-            bail!("only {answered} of {flows} first packets were answered through the hop");
+            bail!("only {answered} of {flows} first packets were answered through the hop, after 4 passes");
         }
         self.kit.set_template(template(&self.tb, traffic, dst, flows, TcpFlags::Ack)?, true)?;
         self.kit.blast(&self.tb.client, flows)?;
