@@ -26,7 +26,8 @@ use crate::{
     telemetry::Telemetry,
 };
 
-/// This node's entries per config: one per peer of `desired`, as `report` sees it.
+/// This node's entries per config: one per session of `report` (which also lists the
+/// peers not added yet and those refused, as down) that a peer of `desired` accounts for.
 pub fn session_entries(
     node: &str,
     desired: &BgpDesired,
@@ -36,21 +37,14 @@ pub fn session_entries(
     if desired.speaker.is_none() {
         return out;
     }
-    for (addr, p) in &desired.peers {
-        let s = report.sessions.get(addr);
-        out.entry(p.config.clone()).or_default().push(BgpSessionStatus {
+    for (addr, s) in &report.sessions {
+        let config = desired.peers.get(addr).map(|p| &p.config).or(desired.refused.get(addr).map(|r| &r.config));
+        let Some(config) = config else { continue };
+        out.entry(config.clone()).or_default().push(BgpSessionStatus {
             node: node.to_string(),
             peer: addr.to_string(),
-            established: s.is_some_and(|s| s.up),
-            state: s.map_or_else(|| "not configured yet".into(), |s| s.state.clone()),
-        });
-    }
-    for (addr, r) in &desired.refused {
-        out.entry(r.config.clone()).or_default().push(BgpSessionStatus {
-            node: node.to_string(),
-            peer: addr.to_string(),
-            established: false,
-            state: r.why.clone(),
+            established: s.up,
+            state: s.state.clone(),
         });
     }
     out
@@ -65,18 +59,34 @@ pub fn worth_writing(old: Option<&Vec<BgpSessionStatus>>, new: Option<&Vec<BgpSe
     key(old) != key(new)
 }
 
-/// Removes this node's entries from `configs` (a node that stops for good): applying no
-/// entries with the node's field manager drops all it wrote.
+/// Applies `entries` as node `node`'s in `config`'s status; applying none removes all it
+/// wrote there (they are all its field manager owns). `false`: the config was deleted
+/// meanwhile and has nothing left to report into.
+async fn apply(
+    api: &Api<LoadBalancerConfig>,
+    node: &str,
+    config: &str,
+    entries: Option<&Vec<BgpSessionStatus>>,
+) -> Result<bool, kube::Error> {
+    let status = match entries {
+        Some(e) => json!({ "bgpSessions": e }),
+        None => json!({}),
+    };
+    let patch = json!({ "apiVersion": format!("{GROUP}/v1alpha1"), "kind": "LoadBalancerConfig", "status": status });
+    let params = PatchParams::apply(&node_manager(node)).force();
+    match api.patch_status(config, &params, &Patch::Apply(patch)).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes this node's entries from `configs` (a node that stops for good).
 pub async fn clear(client: &Client, node: &str, configs: &[String]) {
     let api = Api::<LoadBalancerConfig>::all(client.clone());
-    let params = PatchParams::apply(&node_manager(node)).force();
-    let patch = json!({ "apiVersion": format!("{GROUP}/v1alpha1"), "kind": "LoadBalancerConfig", "status": {} });
     for config in configs {
-        match api.patch_status(config, &params, &Patch::Apply(&patch)).await {
-            // Deleted meanwhile: nothing to remove from.
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => warn!(config, error = %e, "cannot remove this node's BGP sessions from the config's status"),
+        if let Err(e) = apply(&api, node, config, None).await {
+            warn!(config, error = %e, "cannot remove this node's BGP sessions from the config's status");
         }
     }
 }
@@ -94,7 +104,6 @@ pub fn spawn(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let api = Api::<LoadBalancerConfig>::all(client);
-        let params = PatchParams::apply(&node_manager(&node)).force();
         let mut written: BTreeMap<String, Vec<BgpSessionStatus>> = BTreeMap::new();
         loop {
             tokio::time::sleep(EVERY).await;
@@ -111,23 +120,16 @@ pub fn spawn(
                 if !worth_writing(old, new) {
                     continue;
                 }
-                // Applying without entries removes this node's: they are all it owns there.
-                let status = match new {
-                    Some(e) => json!({ "bgpSessions": e }),
-                    None => json!({}),
-                };
-                let patch = json!({ "apiVersion": format!("{GROUP}/v1alpha1"), "kind": "LoadBalancerConfig", "status": status });
-                match api.patch_status(&config, &params, &Patch::Apply(patch)).await {
-                    Ok(_) => {
+                match apply(&api, &node, &config, new).await {
+                    Ok(false) => {
+                        written.remove(&config);
+                    }
+                    Ok(true) => {
                         telemetry.api_write("bgp_sessions");
                         match new {
                             Some(e) => written.insert(config, e.clone()),
                             None => written.remove(&config),
                         };
-                    }
-                    // A config deleted meanwhile has nothing left to report into.
-                    Err(kube::Error::Api(e)) if e.code == 404 => {
-                        written.remove(&config);
                     }
                     Err(e) => warn!(config, error = %e, "cannot write this node's BGP sessions; retrying"),
                 }

@@ -162,9 +162,7 @@ pub fn bgp_sessions(
         .collect();
     bgp.sort_by_key(|(n, _)| *n);
     let Some((_, first)) = bgp.first() else { return BgpDesired::default() };
-    let internal_ip = node
-        .and_then(|n| n.status.as_ref()?.addresses.as_ref())
-        .and_then(|a| a.iter().find(|a| a.type_ == "InternalIP")?.address.parse().ok());
+    let internal_ip = node.and_then(endpoints::internal_ip);
     let Some(router_id) = first.router_id.as_deref().and_then(|r| r.parse().ok()).or(internal_ip).or(own_address)
     else {
         return BgpDesired::default();
