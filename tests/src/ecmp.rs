@@ -10,7 +10,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::Ipv4Addr,
     time::{Duration, Instant},
 };
 
@@ -22,7 +22,6 @@ use crate::{
     multibed::MultiBed,
     netns::{Netns, veth},
     router::{Neighbor, Router, gobgpd_bin},
-    servers::LineClient,
 };
 
 /// The router's address on the edges' segment (their BGP peer).
@@ -152,11 +151,7 @@ impl EcmpBed {
 
     /// One request to `vip:80` from the client behind the router; the backend that answered.
     pub fn ask(&self, vip: Ipv4Addr) -> Result<String> {
-        let to = SocketAddrV4::new(vip, 80);
-        self.client.run(|| -> Result<String> {
-            let mut c = LineClient::connect_within(to, Duration::from_secs(1), Duration::from_secs(1))?;
-            c.ask("hello")
-        })?
+        crate::multibed::ask_from(&self.client, vip, Duration::from_secs(1))
     }
 
     /// New flows each edge's data path assigned so far (all its Services), by edge.

@@ -152,11 +152,7 @@ impl Segment {
     /// One request to `vip:80` from the client: connect within `connect`, answer within 1 s.
     /// Returns the backend that answered.
     pub fn ask(&self, vip: Ipv4Addr, connect: Duration) -> Result<String> {
-        let to = SocketAddrV4::new(vip, 80);
-        self.client.run(|| -> Result<String> {
-            let mut c = LineClient::connect_within(to, connect, Duration::from_secs(1))?;
-            c.ask("hello")
-        })?
+        ask_from(&self.client, vip, connect)
     }
 
     /// Tries [`Self::ask`] every 50 ms until it succeeds or `timeout` passes; returns how
@@ -172,6 +168,16 @@ impl Segment {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// One request to `vip:80` from a client in `client`: connect within `connect`, answer
+/// within 1 s. Returns the backend that answered.
+pub fn ask_from(client: &Netns, vip: Ipv4Addr, connect: Duration) -> Result<String> {
+    let to = SocketAddrV4::new(vip, 80);
+    client.run(|| -> Result<String> {
+        let mut c = LineClient::connect_within(to, connect, Duration::from_secs(1))?;
+        c.ask("hello")
+    })?
 }
 
 /// One edge node's agent and its way to the API server.

@@ -25,6 +25,14 @@ mod stats;
 
 use anyhow::Context as _;
 
+/// Runs `f` with the test control plane up (started for it unless running) and a runtime
+/// for the sections that talk to it.
+fn against_api(f: impl FnOnce(&tokio::runtime::Runtime) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    let _cp = controlplane::Started::up()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build()?;
+    f(&rt)
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     // --smoke: the smallest load that still runs every step (the smoke test's).
@@ -71,32 +79,36 @@ fn main() -> anyhow::Result<()> {
         section(datapath::scale(quick)?);
     }
     if want("controlplane") {
-        let _cp = controlplane::Started::up()?;
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build()?;
-        section(rt.block_on(controlplane::run(quick))?);
-        section(rt.block_on(controlplane::full_sync(quick, smoke, sync_n))?);
+        against_api(|rt| {
+            section(rt.block_on(controlplane::run(quick))?);
+            section(rt.block_on(controlplane::full_sync(quick, smoke, sync_n))?);
+            Ok(())
+        })?;
     } else if only.as_deref() == Some("fullsync") {
         // The full sync alone (part of `controlplane`), for measuring it at scale quickly.
-        let _cp = controlplane::Started::up()?;
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build()?;
-        section(rt.block_on(controlplane::full_sync(quick, smoke, sync_n))?);
+        against_api(|rt| {
+            section(rt.block_on(controlplane::full_sync(quick, smoke, sync_n))?);
+            Ok(())
+        })?;
     }
     if want("multinode") {
-        let _cp = controlplane::Started::up()?;
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build()?;
-        let (md, d) = rt.block_on(multinode::failover(quick, smoke))?;
-        section(md);
-        data.insert("failover".into(), d);
-        let (md, d) = rt.block_on(multinode::api_load(quick, smoke))?;
-        section(md);
-        data.insert("api_load".into(), d);
+        against_api(|rt| {
+            let (md, d) = rt.block_on(multinode::failover(quick, smoke))?;
+            section(md);
+            data.insert("failover".into(), d);
+            let (md, d) = rt.block_on(multinode::api_load(quick, smoke))?;
+            section(md);
+            data.insert("api_load".into(), d);
+            Ok(())
+        })?;
     }
     if want("bgp") {
-        let _cp = controlplane::Started::up()?;
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build()?;
-        let (md, d) = rt.block_on(bgp::run(quick, smoke))?;
-        section(md);
-        data.insert("bgp".into(), d);
+        against_api(|rt| {
+            let (md, d) = rt.block_on(bgp::run(quick, smoke))?;
+            section(md);
+            data.insert("bgp".into(), d);
+            Ok(())
+        })?;
     }
     if let Some(path) = value("--report") {
         let plots = value("--plots").context("--report needs --plots DIR")?;
