@@ -48,8 +48,11 @@ pub mod map_names {
     pub const NEXT_HOPS: &str = "next_hops";
     /// 0 → `RouteEpoch`: bumped by the agent when routes or neighbours change.
     pub const ROUTE_EPOCH: &str = "route_epoch";
+    /// Written (never read by the programs) to wait for the programs running on other
+    /// CPUs to finish: see `MapOp::WaitForReaders` in the agent.
+    pub const READER_FENCE: &str = "reader_fence";
     /// Every map the agent pins, in a fixed order.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         SERVICES,
         SLOTS,
         BACKENDS,
@@ -63,6 +66,7 @@ pub mod map_names {
         CPU_STATE,
         NEXT_HOPS,
         ROUTE_EPOCH,
+        READER_FENCE,
     ];
 }
 

@@ -47,6 +47,11 @@ impl SlotKey {
     pub const fn sets_of(id: u32) -> [u32; 2] {
         [id * 2, id * 2 + 1]
     }
+
+    /// The service id owning this position's set (the inverse of [`Self::sets_of`]).
+    pub const fn service(&self) -> u32 {
+        self.set / 2
+    }
 }
 
 /// The backend at one position of a set.

@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_COMMON_LRU, BPF_F_NO_PREALLOC},
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
@@ -39,6 +39,14 @@ pub static BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
 /// `backends` by the loader.
 #[btf_map(name = "next_hops")]
 pub static NEXT_HOPS: Array<BackendHop, { MAX_BACKENDS as usize }> = Array::new();
+
+/// Never read by the programs. Writing its one entry makes the kernel wait until every
+/// program that was running on any CPU has finished (an RCU grace period: the kernel does
+/// that after each write to a map of maps, so userspace knows no program still uses the old
+/// value). The agent writes it before it rewrites a backend set or frees a backend id that a
+/// packet may still be reading (see the agent's `MapOp::WaitForReaders`).
+#[btf_map(name = "reader_fence")]
+pub static READER_FENCE: ArrayOfMaps<Array<u32, 1>, 1> = ArrayOfMaps::new();
 
 /// The route epoch (one entry): bumped by the agent when routes or neighbours change.
 #[btf_map(name = "route_epoch")]

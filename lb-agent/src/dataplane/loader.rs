@@ -230,7 +230,7 @@ fn on_bpffs(path: &Path) -> Result<bool, std::io::Error> {
 
 /// Shape of each map as created from `sizes`: (name, type, key size, value size, max
 /// entries).
-fn expected_shapes(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 13] {
+fn expected_shapes(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u32); 14] {
     use std::mem::size_of;
     let cpus = nr_cpus() as u32;
     // Per-CPU LRU lists make the kernel round the capacity up to a multiple of the CPUs.
@@ -250,6 +250,8 @@ fn expected_shapes(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u
         (map_names::CPU_STATE, MapType::PerCpuArray, 4, size_of::<CpuState>(), 1),
         (map_names::NEXT_HOPS, MapType::Array, 4, size_of::<BackendHop>(), sizes.backends),
         (map_names::ROUTE_EPOCH, MapType::Array, 4, size_of::<RouteEpoch>(), 1),
+        // Its values are inner maps' ids.
+        (map_names::READER_FENCE, MapType::ArrayOfMaps, 4, 4, 1),
     ]
 }
 

@@ -5,7 +5,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
+use aya::maps::{Array, ArrayOfMaps, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues};
 use lb_common::{
     addr::{AddrInfo, AddrKey, IfaceInfo, NodeLease},
     backend::Backend,
@@ -19,7 +19,7 @@ use lb_common::{
 use super::{
     flows::FlowTable,
     plan::Limits,
-    state::{MapOp, ProgrammedState},
+    state::{MapOp, ProgrammedState, Readers},
 };
 
 /// A map operation that failed.
@@ -64,6 +64,7 @@ pub struct Maps {
     next_hops: Array<MapData, BackendHop>,
     route_epoch: RouteEpochMap,
     lease: LeaseMap,
+    reader_fence: ReaderFence,
     services_max: u32,
 }
 
@@ -98,6 +99,7 @@ impl Maps {
             next_hops: open(dir, map_names::NEXT_HOPS)?,
             route_epoch: RouteEpochMap::open(dir)?,
             lease: LeaseMap::open(dir)?,
+            reader_fence: ReaderFence::open(dir)?,
         })
     }
 
@@ -128,6 +130,7 @@ impl Maps {
     /// Reads everything the agent owns.
     pub fn read_state(&self) -> Result<ProgrammedState, MapsError> {
         let mut st = ProgrammedState::default();
+        st.readers = Readers::Unknown;
         for item in self.services.iter() {
             let (k, v) = item.map_err(access(map_names::SERVICES, "iterate"))?;
             st.services.insert(k, v);
@@ -192,6 +195,7 @@ impl Maps {
                 ignore_missing(self.ifaces.remove(k)).map_err(access(map_names::IFACES, format!("delete {k}")))?;
                 self.route_epoch.bump().map(drop)
             }
+            MapOp::WaitForReaders => self.reader_fence.wait(),
         }
     }
 
@@ -353,6 +357,38 @@ impl LeaseMap {
     /// The lease.
     pub fn read(&self) -> Result<NodeLease, MapsError> {
         self.0.get(&0, 0).map_err(access(map_names::LEASE, "read"))
+    }
+}
+
+/// The `reader_fence` map: a map of maps the programs never read. The kernel follows
+/// every write to a map of maps with an RCU grace period before the system call returns
+/// (so userspace knows no program still uses the old value); XDP and TC programs run
+/// inside RCU read-side sections, so when a write returns, every program that was running
+/// on any CPU has finished.
+pub struct ReaderFence {
+    outer: ArrayOfMaps<MapData, Array<MapData, u32>>,
+    /// The map written into the outer one, created at the first wait (an `inspect` that
+    /// never waits creates nothing).
+    inner: Option<Array<MapData, u32>>,
+}
+
+impl ReaderFence {
+    /// Opens the map pinned in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, MapsError> {
+        Ok(Self { outer: open(dir, map_names::READER_FENCE)?, inner: None })
+    }
+
+    /// Returns when every program that was running when it was called has finished (a
+    /// grace period: milliseconds).
+    pub fn wait(&mut self) -> Result<(), MapsError> {
+        let inner = match &mut self.inner {
+            Some(inner) => inner,
+            // The shape the kernel object declares as the inner map: 1 × u32, no flags.
+            None => {
+                self.inner.insert(Array::create(1, 0).map_err(access(map_names::READER_FENCE, "create the inner map"))?)
+            }
+        };
+        self.outer.set(0, inner, 0).map_err(access(map_names::READER_FENCE, "wait for readers"))
     }
 }
 

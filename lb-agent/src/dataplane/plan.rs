@@ -9,6 +9,9 @@
 //! * A removed backend's id gets a new generation only after the service stopped
 //!   pointing at it; flows that remember the old generation end, no others do.
 //! * Ids freed by this plan are not reused by it.
+//! * A set a service switched away from is not rewritten, and the ids of the backends it
+//!   stopped using are not freed, until packets that read the service before the switch
+//!   are done (`MapOp::WaitForReaders`, see [`fence`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -305,10 +308,34 @@ fn plan_of(cur: &ProgrammedState, services: &[ServiceSpec], whole: Option<&Desir
     ops.extend(new_backends);
     ops.extend(slots);
     ops.extend(switches);
-    ops.extend(frees);
+    // Deletions before frees: one wait for readers serves both.
     ops.extend(deletes);
+    ops.extend(frees);
     ops.extend(late);
-    Plan { ops, errors }
+    Plan { ops: fence(cur, ops), errors }
+}
+
+/// Puts a [`MapOp::WaitForReaders`] before each operation that would change an entry that
+/// packets may still be reading (see [`super::state::Readers`]): a set a service switched
+/// away from, or the id of a backend it stopped using. In a plan that only adds services
+/// or backends, none; in one that switches and frees, one, between the two.
+fn fence(cur: &ProgrammedState, ops: Vec<MapOp>) -> Vec<MapOp> {
+    let mut readers = cur.readers.clone();
+    let mut fenced = Vec::with_capacity(ops.len() + 1);
+    for op in ops {
+        if cur.disturbed_service(&op).is_some_and(|id| readers.may_read(id)) {
+            readers.after(None, &MapOp::WaitForReaders);
+            fenced.push(MapOp::WaitForReaders);
+        }
+        // A plan writes each service entry once: the current one is the one replaced.
+        let old = match &op {
+            MapOp::SetService(k, _) | MapOp::DeleteService(k) => cur.services.get(k),
+            _ => None,
+        };
+        readers.after(old, &op);
+        fenced.push(op);
+    }
+    fenced
 }
 
 /// Frees a backend id: a new generation ends the flows that still point at it.
@@ -345,6 +372,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
+    use crate::dataplane::state::Readers;
     use crate::model::{BackendSpec, Protocol};
 
     const LIMITS: Limits = Limits { max_services: 4, max_backends: 8 };
@@ -517,13 +545,14 @@ mod tests {
         run(&mut st, &desired(vec![svc("web", 80, &["10.0.0.1:1"]), svc("api", 81, &["10.0.0.2:1"])]));
         let p = run(&mut st, &desired(vec![svc("api", 81, &["10.0.0.2:1"])]));
         assert!(matches!(p.ops[0], MapOp::DeleteService(_)), "{:?}", p.ops);
+        assert_eq!(p.ops[1], MapOp::WaitForReaders, "packets that found web finish first");
         assert!(
-            p.ops[1..]
+            p.ops[2..]
                 .iter()
                 .all(|op| matches!(op, MapOp::SetBackend(_, b) if b.flags == 0) || matches!(op, MapOp::DeleteSlot(_)))
         );
         assert_eq!(st.services.len(), 1);
-        assert!(st.slots.keys().all(|k| k.set / 2 == st.services.values().next().unwrap().id));
+        assert!(st.slots.keys().all(|k| k.service() == st.services.values().next().unwrap().id));
         assert_eq!(st.backends.values().filter(|b| b.flags != 0).count(), 1);
     }
 
@@ -584,5 +613,101 @@ mod tests {
         d.addrs.clear();
         let p = run(&mut st, &d);
         assert_eq!(p.ops, vec![MapOp::DeleteAddr(AddrKey { addr: [192, 0, 2, 10] })]);
+    }
+
+    /// What packets that read a service entry before it was replaced may still read: the
+    /// set it named and the backend ids in it. Kept from the operations alone, apart from
+    /// the planner's own bookkeeping of readers.
+    #[derive(Default)]
+    struct InFlight {
+        sets: BTreeSet<u32>,
+        backends: BTreeSet<u32>,
+    }
+
+    impl InFlight {
+        /// Checks `op` against what packets may be reading, then records its effect.
+        fn step(&mut self, st: &mut ProgrammedState, op: &MapOp, step: &str) {
+            match op {
+                MapOp::SetSlot(k, _) | MapOp::DeleteSlot(k) => {
+                    assert!(!self.sets.contains(&k.set), "{step}: {op:?} rewrites a set packets may be reading");
+                }
+                MapOp::SetBackend(id, b) if b.flags & BACKEND_IN_USE == 0 => {
+                    assert!(!self.backends.contains(id), "{step}: {op:?} frees a backend packets may be reading");
+                }
+                MapOp::SetService(k, _) | MapOp::DeleteService(k) => {
+                    if let Some(old) = st.services.get(k).copied() {
+                        self.sets.insert(old.set);
+                        self.backends.extend(st.active_set(&old));
+                    }
+                }
+                MapOp::WaitForReaders => *self = Self::default(),
+                _ => {}
+            }
+            st.apply(op);
+        }
+    }
+
+    #[test]
+    fn nothing_a_packet_may_still_read_is_rewritten_or_freed_before_a_wait() {
+        let (a, b, c, d) = ("10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80", "10.0.0.4:80");
+        // Flips, growth, shrinking, replacement, deletion and re-creation, on two services.
+        let steps: Vec<Vec<ServiceSpec>> = vec![
+            vec![svc("web", 80, &[a, b]), svc("api", 81, &[c])],
+            vec![svc("web", 80, &[c, b, a]), svc("api", 81, &[c])],
+            vec![svc("web", 80, &[a, b]), svc("api", 81, &[c, d])],
+            vec![svc("web", 80, &[c, b, a]), svc("api", 81, &[d])],
+            vec![svc("web", 80, &[d])],
+            vec![svc("web", 80, &[a]), svc("api", 81, &[a, b])],
+            vec![svc("web", 80, &[b]), svc("db", 82, &[c])],
+            vec![],
+            vec![svc("web", 80, &[a, b])],
+        ];
+        let mut st = ProgrammedState::default();
+        let mut in_flight = InFlight::default();
+        for (i, services) in steps.iter().enumerate() {
+            for op in &plan(&st, &desired(services.clone()), LIMITS).ops {
+                in_flight.step(&mut st, op, &format!("step {i}"));
+            }
+        }
+        // The same for plans of some services, and from maps another agent wrote.
+        st.readers = Readers::Unknown;
+        in_flight.sets = st.services.values().map(|v| v.set).collect();
+        in_flight.backends =
+            st.backends.iter().filter(|(_, b)| b.flags & BACKEND_IN_USE != 0).map(|(id, _)| *id).collect();
+        for (i, web) in [vec![b, c], vec![a], vec![a, d]].into_iter().enumerate() {
+            for op in &plan_services(&st, &[svc("web", 80, &web)], LIMITS).ops {
+                in_flight.step(&mut st, op, &format!("partial step {i}"));
+            }
+        }
+    }
+
+    #[test]
+    fn waits_come_only_where_a_switch_left_readers_behind() {
+        let waits = |p: &Plan| p.ops.iter().filter(|op| **op == MapOp::WaitForReaders).count();
+        let mut st = ProgrammedState::default();
+        let (a, b, c) = ("10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80");
+        // New services: nobody read anything before.
+        assert_eq!(waits(&run(&mut st, &desired(vec![svc("web", 80, &[a, b]), svc("api", 81, &[c])]))), 0);
+        // Growing switches sets and frees nothing: no wait yet.
+        assert_eq!(waits(&run(&mut st, &desired(vec![svc("web", 80, &[a, b, c]), svc("api", 81, &[c])]))), 0);
+        // Rewriting the set web left: one wait first. Then the switch, then one more
+        // before the freed backend, which also settles the switch for the next plan.
+        let p = run(&mut st, &desired(vec![svc("web", 80, &[a]), svc("api", 81, &[c])]));
+        assert_eq!(p.ops[0], MapOp::WaitForReaders, "{:?}", p.ops);
+        let switch = p.ops.iter().position(|op| matches!(op, MapOp::SetService(..))).unwrap();
+        let free = p.ops.iter().position(|op| matches!(op, MapOp::SetBackend(_, b) if b.flags == 0)).unwrap();
+        assert!(p.ops[switch..free].contains(&MapOp::WaitForReaders), "{:?}", p.ops);
+        assert_eq!(waits(&p), 2);
+        assert_eq!(st.readers, Readers::default());
+        // A change to api alone does not wait for web's readers, and deleting web while
+        // replacing api's backend waits once for both.
+        assert_eq!(waits(&run(&mut st, &desired(vec![svc("web", 80, &[a]), svc("api", 81, &[c, b])]))), 0);
+        let p = run(&mut st, &desired(vec![svc("api", 81, &[a, b])]));
+        assert_eq!(
+            waits(&p),
+            2,
+            "one for api's earlier switch, one after this plan's switch and deletion: {:?}",
+            p.ops
+        );
     }
 }

@@ -10,7 +10,9 @@ use lb_common::{
 
 /// The contents of the maps the agent owns (everything but flows, counters and cursors).
 /// Read from the pinned maps at start, then kept in step with every applied [`MapOp`].
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Two states are equal when their maps are: [`Self::readers`] is about packets in
+/// flight, not about what the maps hold.
+#[derive(Clone, Debug, Default)]
 pub struct ProgrammedState {
     /// `services` map.
     pub services: BTreeMap<ServiceKey, ServiceValue>,
@@ -31,7 +33,25 @@ pub struct ProgrammedState {
     free_backends: BTreeSet<u32>,
     /// One past the highest backend id in use (0 when none is).
     backends_end: u32,
+    /// Services whose replaced entries packets may still be reading.
+    pub readers: Readers,
 }
+
+impl PartialEq for ProgrammedState {
+    fn eq(&self, other: &Self) -> bool {
+        // Every field but `readers`: the indexes too, which must depend on the maps alone.
+        self.services == other.services
+            && self.slots == other.slots
+            && self.backends == other.backends
+            && self.addrs == other.addrs
+            && self.ifaces == other.ifaces
+            && self.by_service == other.by_service
+            && self.free_backends == other.free_backends
+            && self.backends_end == other.backends_end
+    }
+}
+
+impl Eq for ProgrammedState {}
 
 /// One change to the maps. A plan is a sequence of these whose order makes every
 /// intermediate state valid for packets.
@@ -57,6 +77,55 @@ pub enum MapOp {
     SetIface(u32, IfaceInfo),
     /// Remove an interface entry.
     DeleteIface(u32),
+    /// Wait until no packet that started before is still being processed (see
+    /// [`Readers`]). Changes nothing in the maps.
+    WaitForReaders,
+}
+
+/// Which services packets may still be reading the old entries of. A packet reads a
+/// service's entry, then a slot of the set it names, then a backend; a packet on another
+/// CPU that read the entry just before a switch goes on reading the old set for a moment.
+/// Until [`MapOp::WaitForReaders`], that set must not be rewritten and its backends' ids
+/// must not be freed: the packet would find a hole, or another service's backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Readers {
+    /// The maps were read, not written by this agent: another agent may have switched any
+    /// service just before it stopped.
+    Unknown,
+    /// The ids of the services switched to another set, or deleted, since the last wait.
+    Behind(BTreeSet<u32>),
+}
+
+impl Default for Readers {
+    fn default() -> Self {
+        Self::Behind(BTreeSet::new())
+    }
+}
+
+impl Readers {
+    /// Whether packets may still be reading the old entries of service `id`.
+    pub fn may_read(&self, id: u32) -> bool {
+        match self {
+            Self::Unknown => true,
+            Self::Behind(ids) => ids.contains(&id),
+        }
+    }
+
+    /// Records the effect of `op`, which replaced the service entry `old` if it writes one.
+    pub fn after(&mut self, old: Option<&ServiceValue>, op: &MapOp) {
+        let behind = match op {
+            MapOp::SetService(_, new) => old.filter(|old| old.set != new.set),
+            MapOp::DeleteService(_) => old,
+            MapOp::WaitForReaders => {
+                *self = Self::default();
+                None
+            }
+            _ => None,
+        };
+        if let (Some(old), Self::Behind(ids)) = (behind, self) {
+            ids.insert(old.id);
+        }
+    }
 }
 
 impl ProgrammedState {
@@ -92,10 +161,12 @@ impl ProgrammedState {
                 self.slots.remove(k);
             }
             MapOp::SetService(k, v) => {
-                self.services.insert(*k, *v);
+                let old = self.services.insert(*k, *v);
+                self.readers.after(old.as_ref(), op);
             }
             MapOp::DeleteService(k) => {
-                self.services.remove(k);
+                let old = self.services.remove(k);
+                self.readers.after(old.as_ref(), op);
             }
             MapOp::SetAddr(k, v) => {
                 self.addrs.insert(*k, *v);
@@ -109,6 +180,21 @@ impl ProgrammedState {
             MapOp::DeleteIface(k) => {
                 self.ifaces.remove(k);
             }
+            MapOp::WaitForReaders => self.readers.after(None, op),
+        }
+    }
+
+    /// The service whose old entries `op` would change under a packet still reading them:
+    /// a write to one of its sets (packets read the one it switched away from), a free of
+    /// one of its backends' ids, a reset of its id's cursor.
+    pub fn disturbed_service(&self, op: &MapOp) -> Option<u32> {
+        match op {
+            MapOp::ResetService(id) => Some(*id),
+            MapOp::SetSlot(k, _) | MapOp::DeleteSlot(k) => Some(k.service()),
+            MapOp::SetBackend(id, b) if b.flags & BACKEND_IN_USE == 0 => {
+                self.backends.get(id).filter(|old| old.flags & BACKEND_IN_USE != 0).map(|old| old.service_id)
+            }
+            _ => None,
         }
     }
 
@@ -197,7 +283,7 @@ impl WrittenKeys {
     /// Records what `op` writes.
     pub fn note(&mut self, op: &MapOp) {
         match op {
-            MapOp::ResetService(_) => {}
+            MapOp::ResetService(_) | MapOp::WaitForReaders => {}
             MapOp::SetBackend(id, _) => {
                 self.backends.insert(*id);
             }
