@@ -514,6 +514,8 @@ async fn while_the_api_server_is_unreachable_traffic_flows_and_changes_apply_on_
     let web = SocketAddrV4::new(ip, 80);
     // Cut the agent off from the API server.
     let port = bed.forward.as_ref().unwrap().port;
+    let failed_requests = |log: &str| log.matches("failed with error").count();
+    let failed_before = failed_requests(&bed.agent_log());
     bed.forward = None;
     bed.service("later", &[(8080, "TCP", "http")], &[]).await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -521,6 +523,12 @@ async fn while_the_api_server_is_unreachable_traffic_flows_and_changes_apply_on_
         let a = bed.tb.client.run(move || tcp_ask(web, &format!("during outage {i}"))).unwrap().unwrap();
         assert!(a.starts_with("backend-"), "served during the outage: {a}");
     }
+    // Past the end of the node's heartbeat lease (3 s): the agent keeps retrying at its
+    // pace, not in a loop that takes a CPU and floods the log (it did: once the lease had
+    // ended, the heartbeat retried without pause, hundreds of thousands of times a minute).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let failed = failed_requests(&bed.agent_log()) - failed_before;
+    assert!(failed < 300, "{failed} failed API requests in an outage of about 10 s");
     // The API comes back on the same address: the agent catches up.
     bed.forward = Some(
         tokio::task::block_in_place(|| {

@@ -159,7 +159,11 @@ pub fn spawn_heartbeat(
         let mut last_ok: Option<Instant> = None;
         let mut failing = false;
         loop {
-            let deadline = last_ok.map(|t| tokio::time::Instant::from_std(t + s.duration));
+            // The end of a lease still running: once it has ended, only the ticks retry (a
+            // deadline in the past would wake the loop at once, forever, and hammer an API
+            // server that is already unreachable).
+            let deadline =
+                last_ok.map(|t| t + s.duration).filter(|d| *d > Instant::now()).map(tokio::time::Instant::from_std);
             tokio::select! {
                 _ = tick.tick() => {}
                 r = ifaces.changed() => if r.is_err() { return },
