@@ -26,7 +26,6 @@ use tracing::warn;
 
 use super::{
     crd::{LoadBalancer, LoadBalancerConfig},
-    endpoints::SERVICE_NAME_LABEL,
     liveness::LEASE_LABEL,
     programmer::Objects,
     projection::{CachedSlice, Trim},
@@ -147,7 +146,7 @@ impl Scope for LoadBalancer {
 
 impl Scope for CachedSlice {
     fn touches(&self) -> Touches {
-        let name = self.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL));
+        let name = self.service.as_ref();
         match (self.metadata.namespace.as_ref(), name) {
             (Some(namespace), Some(name)) => {
                 Touches::Service(ServiceRef { namespace: namespace.as_str().into(), name: name.as_str().into() })
@@ -382,7 +381,7 @@ mod tests {
         let mut slice = CachedSlice::default();
         slice.metadata.namespace = Some("ns".into());
         assert!(matches!(slice.touches(), Touches::Nothing), "a slice of no Service");
-        slice.metadata.labels = Some([(SERVICE_NAME_LABEL.to_string(), "web".to_string())].into());
+        slice.service = Some("web".into());
         assert!(matches!(slice.touches(), Touches::Service(r) if r == svc("web")));
         assert!(matches!(Node::default().touches(), Touches::All));
     }

@@ -32,7 +32,7 @@ impl<'a> SliceIndex<'a> {
         let mut by_service: HashMap<&str, HashMap<&str, Vec<&CachedSlice>>> = HashMap::new();
         for s in slices {
             let Some(ns) = s.metadata.namespace.as_deref() else { continue };
-            let Some(name) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else { continue };
+            let Some(name) = s.service.as_ref() else { continue };
             by_service.entry(ns).or_default().entry(name.as_str()).or_default().push(s);
         }
         Self { by_service }
@@ -83,10 +83,7 @@ pub fn from_slices(svc: &Service, port: &ServicePort, slices: &SliceIndex<'_>) -
             if !(active || serving && terminating) {
                 continue;
             }
-            for a in &ep.addresses {
-                let Ok(ip) = a.parse::<Ipv4Addr>() else {
-                    continue;
-                };
+            if let Some(ip) = ep.address {
                 let e = out.entry(SocketAddrV4::new(ip, target_port)).or_insert(active);
                 *e |= active;
             }
@@ -196,7 +193,7 @@ mod tests {
         let mut elsewhere = mine.clone();
         elsewhere.metadata.namespace = Some("other".into());
         let mut unlabelled = mine.clone();
-        unlabelled.metadata.labels = None;
+        unlabelled.service = None;
         let index = SliceIndex::new([&mine, &other, &elsewhere, &unlabelled]);
         let found: Vec<&CachedSlice> = index.of(&svc()).to_vec();
         assert_eq!(found, vec![&mine]);

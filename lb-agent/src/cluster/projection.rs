@@ -13,6 +13,8 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
+use std::net::Ipv4Addr;
+
 use serde::Deserialize;
 
 use super::{
@@ -61,16 +63,21 @@ impl Trim for Service {
 }
 
 /// An EndpointSlice as the caches keep it: its metadata, address type, ports, and each
-/// endpoint's addresses and conditions. The watch decodes the API server's answer straight
-/// into this, so pod references, hints, topology and node names are never allocated: a
-/// k8s-openapi `Endpoint` is 352 bytes before its strings, this one 32, and at 10 000
-/// Services × 10 endpoints that was most of the agent's memory.
+/// endpoint's first address and conditions. The watch decodes the API server's answer
+/// straight into this, so pod references, hints, topology and node names are never
+/// allocated: a k8s-openapi `Endpoint` is 352 bytes before its strings, this one 12 with
+/// none, and at 10 000 Services × 10 endpoints that was most of the agent's memory.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CachedSlice {
-    /// Metadata (trimmed like every object's).
+    /// Metadata (trimmed like every object's, and without labels: see [`Self::service`]).
     #[serde(default, deserialize_with = "null_as_default")]
     pub metadata: ObjectMeta,
+    /// The Service it belongs to: its `kubernetes.io/service-name` label, the one label
+    /// read, taken out of the labels map when the slice is trimmed (a map for one entry
+    /// cost half a kilobyte per slice).
+    #[serde(skip)]
+    pub service: Option<String>,
     /// `IPv4`, `IPv6` or `FQDN`.
     #[serde(default, deserialize_with = "null_as_default")]
     pub address_type: String,
@@ -84,11 +91,26 @@ pub struct CachedSlice {
 /// One endpoint of a [`CachedSlice`].
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 pub struct CachedEndpoint {
-    /// Its addresses.
-    #[serde(default, deserialize_with = "null_as_default")]
-    pub addresses: Vec<String>,
+    /// Its first address, if that is IPv4. The API documents an endpoint's addresses as
+    /// fungible, to be used by the first one alone; a slice of another address type yields
+    /// no backends anyway.
+    #[serde(rename = "addresses", default, deserialize_with = "first_ipv4")]
+    pub address: Option<Ipv4Addr>,
     /// Ready, serving, terminating.
     pub conditions: Option<EndpointConditions>,
+}
+
+/// The first of a list of addresses, if it is IPv4.
+fn first_ipv4<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Ipv4Addr>, D::Error> {
+    let all: Option<Vec<String>> = Option::deserialize(d)?;
+    Ok(all.as_ref().and_then(|a| a.first()).and_then(|a| a.parse().ok()))
+}
+
+impl CachedEndpoint {
+    /// The endpoint as the API server describes it.
+    pub fn of(e: k8s_openapi::api::discovery::v1::Endpoint) -> Self {
+        Self { address: e.addresses.first().and_then(|a| a.parse().ok()), conditions: e.conditions }
+    }
 }
 
 /// A field the API server may send as `null` (a slice of a Service without endpoints has
@@ -105,12 +127,9 @@ impl From<EndpointSlice> for CachedSlice {
     fn from(s: EndpointSlice) -> Self {
         let mut c = Self {
             metadata: s.metadata,
+            service: None,
             address_type: s.address_type,
-            endpoints: s
-                .endpoints
-                .into_iter()
-                .map(|e| CachedEndpoint { addresses: e.addresses, conditions: e.conditions })
-                .collect(),
+            endpoints: s.endpoints.into_iter().map(CachedEndpoint::of).collect(),
             ports: s.ports,
         };
         c.trim();
@@ -152,8 +171,8 @@ impl Trim for CachedSlice {
         m.owner_references = None;
         m.annotations = None;
         m.generate_name = None;
-        if let Some(labels) = m.labels.as_mut() {
-            labels.retain(|k, _| k == SERVICE_NAME_LABEL);
+        if let Some(mut labels) = m.labels.take() {
+            self.service = labels.remove(SERVICE_NAME_LABEL);
         }
     }
 }
@@ -291,6 +310,17 @@ mod tests {
     }
 
     #[test]
+    fn an_endpoint_is_its_first_address_if_that_is_ipv4() {
+        let decode = |addresses: &str| {
+            serde_json::from_str::<CachedEndpoint>(&format!(r#"{{"addresses":{addresses}}}"#)).map(|e| e.address)
+        };
+        assert_eq!(decode(r#"["10.0.0.1","10.0.0.2"]"#).ok(), Some(Some(Ipv4Addr::new(10, 0, 0, 1))));
+        assert_eq!(decode(r#"["fd00::1"]"#).ok(), Some(None));
+        assert_eq!(decode(r#"["web.example."]"#).ok(), Some(None));
+        assert_eq!(decode("null").ok(), Some(None));
+    }
+
+    #[test]
     fn a_slice_without_endpoints_may_say_null() {
         let json = r#"{"apiVersion":"discovery.k8s.io/v1","kind":"EndpointSlice","metadata":{"name":"kubernetes"},
             "addressType":"IPv4","endpoints":null,"ports":null}"#;
@@ -317,14 +347,14 @@ mod tests {
         );
         let slice = EndpointSlice { metadata, address_type: "IPv4".into(), endpoints: vec![ep], ports: None };
         let cached = CachedSlice::from(slice.clone());
-        assert_eq!(cached.endpoints, vec![CachedEndpoint { addresses: vec!["10.0.0.1".into()], conditions: None }]);
+        assert_eq!(
+            cached.endpoints,
+            vec![CachedEndpoint { address: Some(Ipv4Addr::new(10, 0, 0, 1)), conditions: None }]
+        );
         assert_eq!(cached.metadata.managed_fields, None);
         assert_eq!(cached.metadata.annotations, None);
-        assert_eq!(
-            cached.metadata.labels,
-            Some([(SERVICE_NAME_LABEL.to_string(), "web".to_string())].into()),
-            "the Service it belongs to, and no other label"
-        );
+        assert_eq!(cached.service.as_deref(), Some("web"), "the Service it belongs to");
+        assert_eq!(cached.metadata.labels, None, "and no label");
         // What the watch decodes from the API server's JSON is what the conversion keeps.
         let json = serde_json::to_string(&slice).unwrap_or_default();
         let decoded: Result<CachedSlice, _> = serde_json::from_str(&json);

@@ -8,7 +8,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use kube::runtime::watcher;
 
-use super::{endpoints::SERVICE_NAME_LABEL, projection::CachedSlice};
+use super::projection::CachedSlice;
 use crate::model::ServiceRef;
 
 /// A slice's identity: namespace and name.
@@ -36,7 +36,7 @@ impl Index {
     fn put(&mut self, s: &CachedSlice) {
         let Some(key) = key_of(s) else { return };
         self.remove(&key);
-        let Some(name) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else { return };
+        let Some(name) = s.service.as_ref() else { return };
         // The namespace is shared with the key.
         let r = ServiceRef { namespace: key.0.clone(), name: name.as_str().into() };
         let names = self.by_service.entry(r.clone()).or_default();
@@ -94,7 +94,7 @@ mod tests {
         let mut s = CachedSlice::default();
         s.metadata.namespace = Some("ns".into());
         s.metadata.name = Some(name.into());
-        s.metadata.labels = service.map(|svc| [(SERVICE_NAME_LABEL.to_string(), svc.to_string())].into());
+        s.service = service.map(Into::into);
         s
     }
 

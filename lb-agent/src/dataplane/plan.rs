@@ -319,23 +319,26 @@ fn plan_of(cur: &ProgrammedState, services: &[ServiceSpec], whole: Option<&Desir
 /// packets may still be reading (see [`super::state::Readers`]): a set a service switched
 /// away from, or the id of a backend it stopped using. In a plan that only adds services
 /// or backends, none; in one that switches and frees, one, between the two.
-fn fence(cur: &ProgrammedState, ops: Vec<MapOp>) -> Vec<MapOp> {
+fn fence(cur: &ProgrammedState, mut ops: Vec<MapOp>) -> Vec<MapOp> {
     let mut readers = cur.readers.clone();
-    let mut fenced = Vec::with_capacity(ops.len() + 1);
-    for op in ops {
-        if cur.disturbed_service(&op).is_some_and(|id| readers.may_read(id)) {
+    let mut waits = Vec::new();
+    for (i, op) in ops.iter().enumerate() {
+        if cur.disturbed_service(op).is_some_and(|id| readers.may_read(id)) {
             readers.after(None, &MapOp::WaitForReaders);
-            fenced.push(MapOp::WaitForReaders);
+            waits.push(i);
         }
         // A plan writes each service entry once: the current one is the one replaced.
-        let old = match &op {
+        let old = match op {
             MapOp::SetService(k, _) | MapOp::DeleteService(k) => cur.services.get(k),
             _ => None,
         };
-        readers.after(old, &op);
-        fenced.push(op);
+        readers.after(old, op);
     }
-    fenced
+    // At most two waits: inserted in place, not by copying a full sync's 200 000 operations.
+    for i in waits.into_iter().rev() {
+        ops.insert(i, MapOp::WaitForReaders);
+    }
+    ops
 }
 
 /// Frees a backend id: a new generation ends the flows that still point at it.
