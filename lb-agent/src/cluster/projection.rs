@@ -68,24 +68,48 @@ impl Trim for Service {
 /// allocated: a k8s-openapi `Endpoint` is 352 bytes before its strings, this one 12 with
 /// none, and at 10 000 Services × 10 endpoints that was most of the agent's memory.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(from = "WireSlice")]
 pub struct CachedSlice {
     /// Metadata (trimmed like every object's, and without labels: see [`Self::service`]).
-    #[serde(default, deserialize_with = "null_as_default")]
     pub metadata: ObjectMeta,
     /// The Service it belongs to: its `kubernetes.io/service-name` label, the one label
-    /// read, taken out of the labels map when the slice is trimmed (a map for one entry
-    /// cost half a kilobyte per slice).
-    #[serde(skip)]
+    /// read, taken out of the labels map as the slice is decoded (a map for one entry cost
+    /// half a kilobyte per slice).
     pub service: Option<String>,
     /// `IPv4`, `IPv6` or `FQDN`.
-    #[serde(default, deserialize_with = "null_as_default")]
     pub address_type: String,
     /// Endpoints.
-    #[serde(default, deserialize_with = "null_as_default")]
     pub endpoints: Vec<CachedEndpoint>,
     /// Ports.
     pub ports: Option<Vec<EndpointPort>>,
+}
+
+/// The fields of an EndpointSlice that are decoded, as the API server sends them; made a
+/// [`CachedSlice`] (trimmed) at once, so no decoded slice lacks its [`CachedSlice::service`].
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireSlice {
+    #[serde(default, deserialize_with = "null_as_default")]
+    metadata: ObjectMeta,
+    #[serde(default, deserialize_with = "null_as_default")]
+    address_type: String,
+    #[serde(default, deserialize_with = "null_as_default")]
+    endpoints: Vec<CachedEndpoint>,
+    ports: Option<Vec<EndpointPort>>,
+}
+
+impl From<WireSlice> for CachedSlice {
+    fn from(w: WireSlice) -> Self {
+        let mut c = Self {
+            metadata: w.metadata,
+            service: None,
+            address_type: w.address_type,
+            endpoints: w.endpoints,
+            ports: w.ports,
+        };
+        c.trim();
+        c
+    }
 }
 
 /// One endpoint of a [`CachedSlice`].
@@ -358,15 +382,7 @@ mod tests {
         // What the watch decodes from the API server's JSON is what the conversion keeps.
         let json = serde_json::to_string(&slice).unwrap_or_default();
         let decoded: Result<CachedSlice, _> = serde_json::from_str(&json);
-        assert_eq!(
-            decoded
-                .map(|mut d| {
-                    d.trim();
-                    d
-                })
-                .ok(),
-            Some(cached)
-        );
+        assert_eq!(decoded.ok(), Some(cached), "decoded, it is trimmed already");
 
         let conditions = vec![NodeCondition { type_: "Ready".into(), status: "True".into(), ..Default::default() }];
         let addresses = vec![NodeAddress { type_: "InternalIP".into(), address: "10.0.0.5".into() }];
