@@ -120,7 +120,7 @@ pub fn judge(r: &ServiceRef, decided: &Desired, node: &NodeFacts) -> Verdict {
     let Some(d) = decided.services.get(r) else {
         return verdict(false, format!("{r} does not exist"), None, findings);
     };
-    let s = match d {
+    let s = match d.as_ref() {
         Decision::NotOurs(p) => {
             let fix = if p.reason == Reason::NotLoadBalancer {
                 "set spec.type: LoadBalancer".to_string()
@@ -359,7 +359,7 @@ pub async fn explain(
     let decided = desired(&inputs, settings);
 
     let mut facts = NodeFacts { maps_pinned: maps_pinned(&here.pin_dir), ..NodeFacts::named(&here.node) };
-    if let Some(Decision::Serve(s)) = decided.services.get(r)
+    if let Some(Decision::Serve(s)) = decided.services.get(r).map(AsRef::as_ref)
         && let Ok(vip) = s.address
     {
         let cfg = s.config.as_ref().ok().and_then(|c| configs.iter().find(|x| x.metadata.name.as_deref() == Some(c)));
@@ -419,7 +419,7 @@ pub async fn explain(
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::{net::Ipv4Addr, sync::Arc};
 
     use super::*;
     use crate::{
@@ -450,7 +450,7 @@ mod tests {
             refused_backends: vec![],
             frozen: None,
         };
-        Desired { services: BTreeMap::from([(r(), Decision::Serve(s))]), ..Desired::default() }
+        Desired { services: BTreeMap::from([(r(), Arc::new(Decision::Serve(s)))]), ..Desired::default() }
     }
 
     /// The owner (edge-1), everything in place.
@@ -507,13 +507,13 @@ mod tests {
         let not_ours = Desired {
             services: BTreeMap::from([(
                 r(),
-                Decision::NotOurs(Problem { reason: Reason::ClassMismatch, message: "class x".into() }),
+                Arc::new(Decision::NotOurs(Problem { reason: Reason::ClassMismatch, message: "class x".into() })),
             )]),
             ..Desired::default()
         };
         assert_eq!(reason(&not_ours, &nothing), "no class match");
         let mut no_pool = served(Err(problem(Reason::NoDefaultConfig)), &[]);
-        if let Some(Decision::Serve(s)) = no_pool.services.get_mut(&r()) {
+        if let Some(Decision::Serve(s)) = no_pool.services.get_mut(&r()).map(Arc::make_mut) {
             s.config = Err(problem(Reason::NoDefaultConfig));
         }
         assert_eq!(reason(&no_pool, &nothing), "no pool");

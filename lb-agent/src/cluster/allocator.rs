@@ -431,7 +431,11 @@ impl Allocator {
         // Service status, LoadBalancer objects, releases: handed to the writer, which
         // writes them at the API server's pace; the next pass does not wait for them.
         let mut next = BTreeMap::new();
-        let mut batch = Batch { live: Some(by_ref.keys().cloned().collect()), ..Batch::default() };
+        // Sized at once: grown by doubling, 10 000 submissions held up to 16 384 slots.
+        let mut batch = Batch {
+            live: Some(by_ref.keys().cloned().collect()),
+            submissions: Vec::with_capacity(decided.services.len()),
+        };
         cpu_heavy(|| {
             for (r, d) in &decided.services {
                 let Some(svc) = by_ref.get(r).cloned() else { continue };
@@ -523,7 +527,7 @@ impl Allocator {
             self.telemetry.moved(m.why.label());
             let note = format!("{} moved from {} to {to}: on {}, {}", m.address, m.from, m.from, m.why);
             for (r, d) in &decided.services {
-                if let Decision::Serve(s) = d
+                if let Decision::Serve(s) = d.as_ref()
                     && s.address.as_ref().ok() == Some(&m.address)
                 {
                     planned.push(events::PlannedEvent {
@@ -554,7 +558,8 @@ impl Allocator {
                 .map(|(name, c)| PoolUsage { config: name.clone(), total: c.total, in_use: c.in_use })
                 .collect(),
         );
-        let served = decided.services.values().filter(|d| matches!(d, Decision::Serve(s) if s.address.is_ok())).count();
+        let served =
+            decided.services.values().filter(|d| matches!(d.as_ref(), Decision::Serve(s) if s.address.is_ok())).count();
         debug!(services = served, errors, elapsed_us = started.elapsed().as_micros() as u64, "allocation pass done");
         let digests = snap.services.iter().map(|s| (ServiceRef::of(s), input_digest(s))).collect();
         self.kept = Some(Kept { decided, holdings: placed.holdings, digests });
@@ -580,7 +585,7 @@ impl Allocator {
         let mut gone = Vec::new();
         for r in touched {
             let key = ObjectRef::new(&r.name).within(&r.namespace);
-            let was_ours = kept.decided.services.get(r).is_some_and(|d| !matches!(d, Decision::NotOurs(_)));
+            let was_ours = kept.decided.services.get(r).is_some_and(|d| !matches!(d.as_ref(), Decision::NotOurs(_)));
             match caches.services.get(&key) {
                 Some(svc) if kept.digests.get(r) == Some(&input_digest(&svc)) => {
                     by_ref.insert(r.clone(), svc);
@@ -600,7 +605,7 @@ impl Allocator {
             }
         }
         for (r, d, digest) in settled_now {
-            kept.decided.services.insert(r.clone(), d);
+            kept.decided.services.insert(r.clone(), Arc::new(d));
             kept.digests.insert(r, digest);
         }
         for r in &gone {
@@ -623,11 +628,12 @@ impl Allocator {
         let (mut before, mut next) = (BTreeMap::new(), BTreeMap::new());
         for (r, svc) in &by_ref {
             let Some(d) = kept.decided.services.get_mut(r) else { continue };
-            if let Decision::Serve(s) = d {
+            if let Decision::Serve(s) = d.as_ref() {
                 let held = caches.slices_of(r);
                 let slices = SliceIndex::new(held.iter().map(AsRef::as_ref));
                 let config = s.config.as_ref().ok().and_then(|n| configs.get(n)).copied();
-                *s = rebackend(s, svc, config, &rules, &slices);
+                // A new decision, not one changed in place: the writer's queue may share this one.
+                *d = Arc::new(Decision::Serve(rebackend(s, svc, config, &rules, &slices)));
             }
             let balancer = caches.balancers.get(&ObjectRef::new(&r.name).within(&r.namespace));
             let holding = kept.holdings.get(r).cloned();
@@ -737,7 +743,7 @@ fn decisions(decided: &Desired, holdings: &BTreeMap<ServiceRef, Holding>) -> Dec
         .services
         .iter()
         .filter_map(|(r, d)| {
-            let Decision::Serve(s) = d else { return None };
+            let Decision::Serve(s) = d.as_ref() else { return None };
             let a = Assignment {
                 config: s.config.as_ref().ok()?.clone(),
                 vip: *s.address.as_ref().ok()?,
@@ -788,7 +794,7 @@ fn looks_meant_for_ballast(s: &Service) -> bool {
 
 /// The address the allocation gave Service `r`.
 fn owners_addr(decided: &Desired, r: &ServiceRef) -> Option<Ipv4Addr> {
-    match decided.services.get(r)? {
+    match decided.services.get(r)?.as_ref() {
         Decision::Serve(s) => s.address.as_ref().ok().copied(),
         _ => None,
     }

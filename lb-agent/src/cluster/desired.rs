@@ -12,6 +12,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Service};
@@ -148,8 +149,9 @@ pub struct ConfigDesired {
 /// The whole decision.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    /// Per service.
-    pub services: BTreeMap<ServiceRef, Decision>,
+    /// Per service. Shared with the writer's queue, which holds every Service's decision
+    /// until its status is written (a second copy of 10 000 decisions during a cold sync).
+    pub services: BTreeMap<ServiceRef, Arc<Decision>>,
     /// Per config name.
     pub configs: BTreeMap<String, ConfigDesired>,
 }
@@ -515,7 +517,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
             continue;
         };
         if let Some(d) = settled(svc, settings) {
-            out.services.insert(r, d);
+            out.services.insert(r, Arc::new(d));
             continue;
         }
 
@@ -834,7 +836,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
                 .unwrap_or_else(|| settings.default_interface.clone()),
             refused_backends,
         };
-        out.services.insert(c.r, Decision::Serve(served));
+        out.services.insert(c.r, Arc::new(Decision::Serve(served)));
     }
 
     // Config statuses.
@@ -851,7 +853,7 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
         let users = out
             .services
             .values()
-            .filter(|d| matches!(d, Decision::Serve(s) if s.address.is_ok() && s.config.as_ref() == Ok(name)))
+            .filter(|d| matches!(d.as_ref(), Decision::Serve(s) if s.address.is_ok() && s.config.as_ref() == Ok(name)))
             .count() as u64;
         out.configs.insert(
             name.clone(),
@@ -957,7 +959,7 @@ mod tests {
     }
 
     fn served<'a>(d: &'a Desired, name: &str) -> &'a Served {
-        match &d.services[&ServiceRef { namespace: "ns".into(), name: name.into() }] {
+        match d.services[&ServiceRef { namespace: "ns".into(), name: name.into() }].as_ref() {
             Decision::Serve(s) => s,
             other => panic!("{name}: {other:?}"),
         }
@@ -1036,11 +1038,13 @@ mod tests {
         let quiet = in_namespace(annotate(svc("quiet", 3, &[(8443, "TCP")]), SHARING_ANNOTATION, "k"), "other");
         let d = run(&[victim.clone(), thief.clone(), quiet.clone()], &cfg);
         assert_eq!(addr(&d, "victim"), Ok("192.0.2.10".into()));
-        let of =
-            |d: &Desired, name: &str| match &d.services[&ServiceRef { namespace: "other".into(), name: name.into() }] {
-                Decision::Serve(s) => s.address.as_ref().map(|a| a.to_string()).map_err(|p| p.reason.as_str()),
-                other => panic!("{other:?}"),
-            };
+        let of = |d: &Desired, name: &str| match d.services
+            [&ServiceRef { namespace: "other".into(), name: name.into() }]
+            .as_ref()
+        {
+            Decision::Serve(s) => s.address.as_ref().map(|a| a.to_string()).map_err(|p| p.reason.as_str()),
+            other => panic!("{other:?}"),
+        };
         assert_eq!(of(&d, "thief"), Err("AddressInUse"), "a copied key from another namespace gets nothing");
         assert_eq!(of(&d, "quiet"), Ok("192.0.2.11".into()), "its own address, not the victim's");
         cfg[0].spec.sharing.allow_cross_namespace = true;
@@ -1110,7 +1114,8 @@ mod tests {
         };
         let d = desired(&inputs, &settings());
         assert_eq!(addr(&d, "mine"), Ok("192.0.2.10".into()));
-        let Decision::Serve(theirs) = &d.services[&ServiceRef { namespace: "other".into(), name: "theirs".into() }]
+        let Decision::Serve(theirs) =
+            d.services[&ServiceRef { namespace: "other".into(), name: "theirs".into() }].as_ref()
         else {
             panic!()
         };
@@ -1251,13 +1256,13 @@ mod tests {
         };
         let d = desired(&inputs, &settings());
         let r = |n: &str| ServiceRef { namespace: "ns".into(), name: n.into() };
-        assert!(matches!(&d.services[&r("other")], Decision::NotOurs(p) if p.reason == Reason::ClassMismatch));
-        assert!(matches!(&d.services[&r("ours")], Decision::Serve(_)));
-        assert!(matches!(&d.services[&r("plain")], Decision::Serve(_)));
-        assert!(matches!(&d.services[&r("cip")], Decision::NotOurs(p) if p.reason == Reason::NotLoadBalancer));
+        assert!(matches!(d.services[&r("other")].as_ref(), Decision::NotOurs(p) if p.reason == Reason::ClassMismatch));
+        assert!(matches!(d.services[&r("ours")].as_ref(), Decision::Serve(_)));
+        assert!(matches!(d.services[&r("plain")].as_ref(), Decision::Serve(_)));
+        assert!(matches!(d.services[&r("cip")].as_ref(), Decision::NotOurs(p) if p.reason == Reason::NotLoadBalancer));
         let strict = Settings { ignore_unclassed: true, ..settings() };
         let d = desired(&inputs, &strict);
-        assert!(matches!(&d.services[&r("plain")], Decision::NotOurs(p) if p.reason == Reason::ClassMismatch));
+        assert!(matches!(d.services[&r("plain")].as_ref(), Decision::NotOurs(p) if p.reason == Reason::ClassMismatch));
     }
 
     #[test]
@@ -1290,7 +1295,7 @@ mod tests {
         let mut s = svc("a", 1, &[(80, "TCP")]);
         s.metadata.deletion_timestamp = Some(Time(Timestamp::from_second(1_800_000_000).unwrap()));
         let d = run(&[s], &[config("pool", true, POOL)]);
-        assert_eq!(d.services.values().next(), Some(&Decision::Deleting));
+        assert_eq!(d.services.values().next().map(AsRef::as_ref), Some(&Decision::Deleting));
         assert_eq!(d.configs["pool"].in_use, 0);
     }
 
@@ -1361,7 +1366,9 @@ mod tests {
         let index = endpoints::SliceIndex::new(now_slices.iter());
         for svc in &services {
             let r = ServiceRef::of(svc);
-            let (Decision::Serve(old), Decision::Serve(new)) = (&before.services[&r], &after.services[&r]) else {
+            let (Decision::Serve(old), Decision::Serve(new)) =
+                (before.services[&r].as_ref(), after.services[&r].as_ref())
+            else {
                 panic!("{r} is served");
             };
             let config =

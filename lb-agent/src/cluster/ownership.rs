@@ -270,7 +270,7 @@ pub fn place(decided: &Desired, inp: PlaceInputs<'_>) -> Placed {
     // Address → (the configs of its Services, its Services).
     let mut by_addr: BTreeMap<Ipv4Addr, (Vec<&LoadBalancerConfig>, Vec<&ServiceRef>)> = BTreeMap::new();
     for (r, d) in &decided.services {
-        let Decision::Serve(s) = d else { continue };
+        let Decision::Serve(s) = d.as_ref() else { continue };
         let (Ok(a), Ok(cfg)) = (&s.address, &s.config) else { continue };
         let Some(cfg) = inp.configs.get(cfg) else { continue };
         let e = by_addr.entry(*a).or_default();
@@ -520,7 +520,10 @@ mod tests {
         let configs: BTreeMap<String, &LoadBalancerConfig> =
             [("c".to_string(), &l2), ("routed".to_string(), &routed)].into();
         let decided = Desired {
-            services: [serve("web", 1, "c"), serve("dns", 1, "c"), serve("api", 2, "routed")].into(),
+            services: [serve("web", 1, "c"), serve("dns", 1, "c"), serve("api", 2, "routed")]
+                .into_iter()
+                .map(|(r, d)| (r, Arc::new(d)))
+                .collect(),
             ..Desired::default()
         };
         let (n1, n2) = (node(&[], true), node(&[], true));

@@ -52,8 +52,8 @@ const COUNT_WRITES_BURST: u32 = 20;
 /// written, or just written, is not queued again.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Want {
-    /// The decision.
-    pub decision: Decision,
+    /// The decision (shared with the allocator's).
+    pub decision: Arc<Decision>,
     /// Where its address is held.
     pub holding: Option<Holding>,
     /// Live nodes' reports on it.
@@ -248,7 +248,7 @@ impl Writes {
     /// Writes what one Service's decision says: status and LoadBalancer object, or the
     /// release.
     async fn write_one(&self, r: &ServiceRef, want: &Want, base: &Base) -> Result<(), (&'static str, kube::Error)> {
-        let (d, svc, balancer) = (&want.decision, base.service.as_ref(), base.balancer.as_deref());
+        let (d, svc, balancer) = (want.decision.as_ref(), base.service.as_ref(), base.balancer.as_deref());
         let (holding, reports, now) = (want.holding.as_ref(), &want.reports[..], &Time(Timestamp::now()));
         match d {
             // The finalizer first: a served Service must not disappear before its release.
