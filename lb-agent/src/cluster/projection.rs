@@ -5,6 +5,8 @@
 //! most numerous objects, are not even deserialized whole: [`CachedSlice`] is all the
 //! watch decodes of them. Pure.
 
+use std::net::Ipv4Addr;
+
 use k8s_openapi::{
     api::{
         coordination::v1::Lease,
@@ -13,8 +15,6 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use std::net::Ipv4Addr;
-
 use serde::Deserialize;
 
 use super::{
@@ -124,16 +124,21 @@ pub struct CachedEndpoint {
     pub conditions: Option<EndpointConditions>,
 }
 
-/// The first of a list of addresses, if it is IPv4.
+/// The first of `addresses`, if it is IPv4.
+fn first_ipv4_of(addresses: &[String]) -> Option<Ipv4Addr> {
+    addresses.first().and_then(|a| a.parse().ok())
+}
+
+/// [`first_ipv4_of`] the list being decoded.
 fn first_ipv4<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Ipv4Addr>, D::Error> {
     let all: Option<Vec<String>> = Option::deserialize(d)?;
-    Ok(all.as_ref().and_then(|a| a.first()).and_then(|a| a.parse().ok()))
+    Ok(all.as_deref().and_then(first_ipv4_of))
 }
 
 impl CachedEndpoint {
     /// The endpoint as the API server describes it.
     pub fn of(e: k8s_openapi::api::discovery::v1::Endpoint) -> Self {
-        Self { address: e.addresses.first().and_then(|a| a.parse().ok()), conditions: e.conditions }
+        Self { address: first_ipv4_of(&e.addresses), conditions: e.conditions }
     }
 }
 
@@ -149,15 +154,13 @@ where
 
 impl From<EndpointSlice> for CachedSlice {
     fn from(s: EndpointSlice) -> Self {
-        let mut c = Self {
+        // The same way in as a decoded slice.
+        Self::from(WireSlice {
             metadata: s.metadata,
-            service: None,
             address_type: s.address_type,
             endpoints: s.endpoints.into_iter().map(CachedEndpoint::of).collect(),
             ports: s.ports,
-        };
-        c.trim();
-        c
+        })
     }
 }
 
