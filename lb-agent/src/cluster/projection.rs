@@ -312,25 +312,52 @@ mod tests {
     }
 
     #[test]
-    fn cached_load_balancers_keep_a_digest_of_their_targets() {
+    fn cached_load_balancers_keep_digests_of_their_targets_and_conditions() {
+        use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+
         use crate::cluster::crd::{LoadBalancerSpec, LoadBalancerStatus};
-        let status = |targets: &[&str]| LoadBalancerStatus {
+        let condition = |status: &str, message: &str, at: i64| k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+            type_: "EndpointsReady".into(),
+            status: status.into(),
+            reason: "EndpointsReady".into(),
+            message: message.into(),
+            observed_generation: Some(1),
+            last_transition_time: Time(Timestamp::from_second(at).unwrap_or_default()),
+        };
+        let status = |targets: &[&str], conditions: Vec<_>| LoadBalancerStatus {
             targets: targets.iter().map(|t| t.to_string()).collect(),
             target_count: targets.len() as u32,
+            conditions,
             ..Default::default()
         };
+        let ready = || vec![condition("True", "2 of 2 ready", 10)];
         let mut cached = LoadBalancer::new("web", LoadBalancerSpec::default());
-        cached.status = Some(status(&["10.0.0.1", "10.0.0.2"]));
+        cached.status = Some(status(&["10.0.0.1", "10.0.0.2"], ready()));
         cached.trim();
         let st = cached.status.clone().unwrap_or_default();
-        assert!(st.targets.is_empty(), "the list is not kept");
-        let compacted = |targets: &[&str]| {
-            let mut s = status(targets);
+        assert!(st.targets.is_empty() && st.conditions.is_empty(), "the lists are not kept");
+        let compacted = |targets: &[&str], conditions| {
+            let mut s = status(targets, conditions);
             s.compact();
             s
         };
-        assert_eq!(st, compacted(&["10.0.0.1", "10.0.0.2"]), "what the writer would write compares equal");
-        assert_ne!(st, compacted(&["10.0.0.1", "10.0.0.3"]), "other targets do not");
+        assert_eq!(st, compacted(&["10.0.0.1", "10.0.0.2"], ready()), "what the writer would write compares equal");
+        assert_eq!(
+            st,
+            compacted(&["10.0.0.1", "10.0.0.2"], vec![condition("True", "2 of 2 ready", 99)]),
+            "transition times aside"
+        );
+        assert_ne!(st, compacted(&["10.0.0.1", "10.0.0.3"], ready()), "other targets do not");
+        assert_ne!(
+            st,
+            compacted(&["10.0.0.1", "10.0.0.2"], vec![condition("False", "2 of 2 ready", 10)]),
+            "nor another condition status"
+        );
+        assert_ne!(
+            st,
+            compacted(&["10.0.0.1", "10.0.0.2"], vec![condition("True", "1 of 2 ready", 10)]),
+            "nor another message"
+        );
         let mut again = st.clone();
         again.compact();
         assert_eq!(again, st, "compacting twice changes nothing");

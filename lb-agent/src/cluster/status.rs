@@ -251,6 +251,7 @@ pub fn load_balancer(
             target_count: targets.len() as u32,
             targets,
             targets_digest: None,
+            conditions_digest: None,
             phase,
             node: match holding {
                 Some(Holding::Owner(n)) => Some(n.clone()),
@@ -292,19 +293,19 @@ pub fn config_status(c: &ConfigDesired, generation: Option<i64>, now: &Time) -> 
 }
 
 /// Whether two LoadBalancer statuses differ in endpoint counts and backend addresses only
-/// (`targets`, `targetCount`, the ports' `targetCount`), conditions and node reports
-/// aside. Such a change is written at a bounded rate: endpoint churn must not turn into
-/// one API write per EndpointSlice change.
+/// (`targets`, `targetCount`, the ports' `targetCount`), node reports and condition
+/// transition times aside. Such a change is written at a bounded rate: endpoint churn must
+/// not turn into one API write per EndpointSlice change.
 pub fn only_counts_differ(old: &LoadBalancerStatus, new: &LoadBalancerStatus) -> bool {
     let strip = |s: &LoadBalancerStatus| {
         let mut s = s.clone();
-        s.targets.clear();
+        // Conditions as digests, as the cache keeps them.
+        s.compact();
         s.targets_digest = None;
         s.target_count = 0;
         for p in &mut s.ports {
             p.target_count = 0;
         }
-        s.conditions.clear();
         s.nodes.clear();
         s
     };
@@ -332,8 +333,25 @@ mod tests {
         let mut moved = counts.clone();
         moved.host = Some("192.0.2.2".into());
         assert!(!only_counts_differ(&old, &moved), "a new address is a real change");
-        let mut owner = counts;
+        let mut owner = counts.clone();
         owner.node = Some("edge-2".into());
         assert!(!only_counts_differ(&old, &owner), "a new owner is a real change");
+
+        // Conditions count, their transition times do not; the cache's compacted copy
+        // compares like the object it was made from.
+        let at = |secs| Time(k8s_openapi::jiff::Timestamp::from_second(secs).unwrap_or_default());
+        let ready = |message: &str, t| {
+            cond(ConditionType::EndpointsReady, true, Reason::EndpointsReady, message, Some(1), &at(t))
+        };
+        let mut before = old.clone();
+        before.conditions = vec![ready("1 of 1 ready", 10)];
+        let mut cached = before.clone();
+        cached.compact();
+        let mut later = counts.clone();
+        later.conditions = vec![ready("1 of 1 ready", 20)];
+        assert!(only_counts_differ(&before, &later) && only_counts_differ(&cached, &later));
+        let mut said_else = counts;
+        said_else.conditions = vec![ready("2 of 2 ready", 10)];
+        assert!(!only_counts_differ(&cached, &said_else), "a condition saying something else is a real change");
     }
 }

@@ -380,29 +380,23 @@ impl Writes {
         let ns = svc.namespace().unwrap_or_default();
         let name = svc.name_any();
         let api = Api::<LoadBalancer>::namespaced(self.client.clone(), &ns);
-        let mut st = st;
-        if let Some(old) = existing.and_then(|b| b.status.as_ref()) {
-            st.conditions = status::carry_transition_times(st.conditions, &old.conditions);
-        }
+        // Its conditions are the Service's, transition times carried over from there: the
+        // cache keeps only a digest of the object's own.
         let same_spec = existing.is_some_and(|b| b.spec == spec);
         let same_status = existing.and_then(|b| b.status.as_ref()).is_some_and(|old| {
-            // Compared without `nodes`, which the nodes write, and transition times.
+            // Compared as the cache keeps them (targets and conditions as digests, which
+            // leave transition times out), without `nodes`, which the nodes write.
             let mut a = old.clone();
             let mut b = st.clone();
-            // Targets as the cache keeps them.
             a.compact();
             b.compact();
-            let same_conds = status::same_conditions(&a.conditions, &b.conditions);
-            a.conditions.clear();
-            b.conditions.clear();
             a.nodes.clear();
             b.nodes.clear();
-            same_conds && a == b
+            a == b
         });
         let r = ServiceRef::of(svc);
-        let counts_only = existing.and_then(|b| b.status.as_ref()).is_some_and(|old| {
-            status::only_counts_differ(old, &st) && status::same_conditions(&old.conditions, &st.conditions)
-        });
+        let counts_only =
+            existing.and_then(|b| b.status.as_ref()).is_some_and(|old| status::only_counts_differ(old, &st));
         let recent = self
             .status_written
             .lock()
