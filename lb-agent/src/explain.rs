@@ -330,12 +330,12 @@ pub async fn explain(
 ) -> anyhow::Result<Verdict> {
     use k8s_openapi::api::{
         coordination::v1::Lease,
-        core::v1::{Namespace, Node, Service},
+        core::v1::{Namespace, Node},
     };
     use kube::{Api, api::ListParams};
 
     let lp = ListParams::default();
-    let services = Api::<Service>::all(client.clone()).list(&lp).await?.items;
+    let services = Api::<crate::cluster::projection::CachedService>::all(client.clone()).list(&lp).await?.items;
     let slices = Api::<crate::cluster::projection::CachedSlice>::all(client.clone()).list(&lp).await?.items;
     let nodes = Api::<Node>::all(client.clone()).list(&lp).await?.items;
     let mut cfg_lp = ListParams::default();

@@ -1,5 +1,5 @@
 //! The allocator: decides addresses ([`super::desired`]), where each is held
-//! ([`super::ownership`]) and what every Service's status says, and writes it: Service
+//! ([`super::ownership`]) and what every Service's status says, and writes it: CachedService
 //! status, LoadBalancer objects, config status, finalizers and Events. Every agent runs
 //! this task and keeps observing heartbeats, but only the agent holding the
 //! `ballast-allocator` Lease decides and writes, so there is exactly one writer of shared
@@ -14,7 +14,7 @@ use std::{
 
 use futures_util::StreamExt;
 use k8s_openapi::{
-    api::core::v1::{Node as K8sNode, Service},
+    api::core::v1::Node as K8sNode,
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
     jiff::Timestamp,
 };
@@ -42,6 +42,7 @@ use super::{
     liveness::{Life, Liveness, read_heartbeat},
     ownership::{Holding, PlaceInputs, place},
     programmer::{AssignedPort, Assignment},
+    projection::CachedService,
     reason::{ConditionType, Reason},
     status,
     write_queue::Priority,
@@ -339,7 +340,7 @@ impl Allocator {
             let Some(alloc) = conds.iter().find(|c| c.type_ == ConditionType::AddressAllocated.as_str()) else {
                 continue;
             };
-            let r = ServiceRef::of(&s);
+            let r = ServiceRef::of_meta(&s.metadata);
             let ip = ingress_ip(&s);
             let problem_of = |c: &Condition| {
                 Reason::parse(&c.reason).map(|reason| super::desired::Problem { reason, message: c.message.clone() })
@@ -385,8 +386,8 @@ impl Allocator {
         // Everything up to the writes is computation over every Service.
         let (decided, by_ref, configs, balancers, placed, reports) = cpu_heavy(|| {
             let decided = desired(&inputs, &self.settings);
-            let by_ref: BTreeMap<ServiceRef, Arc<Service>> =
-                snap.services.iter().map(|s| (ServiceRef::of(s), s.clone())).collect();
+            let by_ref: BTreeMap<ServiceRef, Arc<CachedService>> =
+                snap.services.iter().map(|s| (ServiceRef::of_meta(&s.metadata), s.clone())).collect();
             let configs: BTreeMap<String, &LoadBalancerConfig> =
                 o.configs.iter().filter_map(|c| Some((c.metadata.name.clone()?, *c))).collect();
             let nodes: BTreeMap<String, &K8sNode> =
@@ -561,7 +562,7 @@ impl Allocator {
         let served =
             decided.services.values().filter(|d| matches!(d.as_ref(), Decision::Serve(s) if s.address.is_ok())).count();
         debug!(services = served, errors, elapsed_us = started.elapsed().as_micros() as u64, "allocation pass done");
-        let digests = snap.services.iter().map(|s| (ServiceRef::of(s), input_digest(s))).collect();
+        let digests = snap.services.iter().map(|s| (ServiceRef::of_meta(&s.metadata), input_digest(s))).collect();
         self.kept = Some(Kept { decided, holdings: placed.holdings, digests });
         errors
     }
@@ -579,7 +580,7 @@ impl Allocator {
     async fn partial_pass(&mut self, caches: &Caches, touched: &BTreeSet<ServiceRef>) -> bool {
         let started = Instant::now();
         let Some(kept) = self.kept.as_mut() else { return false };
-        let mut by_ref: BTreeMap<ServiceRef, Arc<Service>> = BTreeMap::new();
+        let mut by_ref: BTreeMap<ServiceRef, Arc<CachedService>> = BTreeMap::new();
         // Settled again (not ballast's): (Service, decision, digest).
         let mut settled_now = Vec::new();
         let mut gone = Vec::new();
@@ -667,7 +668,7 @@ impl Allocator {
         mut planned: Vec<events::PlannedEvent>,
         prev: &BTreeMap<ServiceRef, Summary>,
         next: &BTreeMap<ServiceRef, Summary>,
-        by_ref: &BTreeMap<ServiceRef, Arc<Service>>,
+        by_ref: &BTreeMap<ServiceRef, Arc<CachedService>>,
         configs: &BTreeMap<String, &LoadBalancerConfig>,
     ) {
         planned.extend(events::transitions(prev, next, |r| by_ref.get(r).is_some_and(|s| looks_meant_for_ballast(s))));
@@ -685,7 +686,7 @@ impl Allocator {
     async fn publish(
         &self,
         r: &ServiceRef,
-        by_ref: &BTreeMap<ServiceRef, Arc<Service>>,
+        by_ref: &BTreeMap<ServiceRef, Arc<CachedService>>,
         warning: bool,
         reason: Reason,
         note: &str,
@@ -772,7 +773,7 @@ fn live_reports(b: Option<&LoadBalancer>, lives: &BTreeMap<String, Life>) -> Vec
 }
 
 /// How urgent writing decision `d` of `svc` is: a new address comes before refreshes.
-fn priority_of(d: &Decision, svc: &Service) -> Priority {
+fn priority_of(d: &Decision, svc: &CachedService) -> Priority {
     match d {
         Decision::Serve(s) if s.address.as_ref().ok().copied() != ingress_ip(svc) => Priority::New,
         _ => Priority::Refresh,
@@ -782,7 +783,7 @@ fn priority_of(d: &Decision, svc: &Service) -> Priority {
 /// Whether a Service ballast does not serve looks meant for it: it carries a ballast
 /// annotation, and its class is not another ballast deployment's. A class mismatch is
 /// worth an Event then.
-fn looks_meant_for_ballast(s: &Service) -> bool {
+fn looks_meant_for_ballast(s: &CachedService) -> bool {
     let class = s.spec.as_ref().and_then(|sp| sp.load_balancer_class.as_deref());
     let annotated = s
         .metadata

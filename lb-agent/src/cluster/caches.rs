@@ -11,7 +11,7 @@ use std::{
 use futures_util::StreamExt;
 use k8s_openapi::api::{
     coordination::v1::Lease,
-    core::v1::{Namespace, Node, Secret, Service},
+    core::v1::{Namespace, Node, Secret},
 };
 use kube::{
     Api, Client, Resource,
@@ -28,7 +28,7 @@ use super::{
     crd::{LoadBalancer, LoadBalancerConfig},
     liveness::LEASE_LABEL,
     programmer::Objects,
-    projection::{CachedSlice, Trim},
+    projection::{CachedService, CachedSlice, Trim},
     service_slices::ServiceSlices,
 };
 use crate::model::ServiceRef;
@@ -37,7 +37,7 @@ use crate::model::ServiceRef;
 #[derive(Clone)]
 pub struct Caches {
     /// Every Service.
-    pub services: Store<Service>,
+    pub services: Store<CachedService>,
     /// Every EndpointSlice.
     pub slices: Store<CachedSlice>,
     /// Every Node.
@@ -132,7 +132,7 @@ pub trait Scope {
     }
 }
 
-impl Scope for Service {
+impl Scope for CachedService {
     fn touches(&self) -> Touches {
         Touches::Service(ServiceRef::of(self))
     }
@@ -328,7 +328,7 @@ impl Caches {
 /// The objects at one moment.
 pub struct Snapshot {
     /// Services.
-    pub services: Vec<Arc<Service>>,
+    pub services: Vec<Arc<CachedService>>,
     /// EndpointSlices.
     pub slices: Vec<Arc<CachedSlice>>,
     /// Nodes.

@@ -15,7 +15,7 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::core::v1::{Namespace, Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node};
 
 use super::{
     backend_policy::{CidrError, Guard, Refusal, parse_cidr},
@@ -24,7 +24,7 @@ use super::{
     },
     endpoints,
     pool::AddressPool,
-    projection::CachedSlice,
+    projection::{CachedService, CachedSlice},
     reason::Reason,
 };
 pub use crate::model::ServiceRef;
@@ -45,7 +45,7 @@ pub struct Settings {
 #[derive(Default)]
 pub struct Inputs<'a> {
     /// All Services.
-    pub services: Vec<&'a Service>,
+    pub services: Vec<&'a CachedService>,
     /// All EndpointSlices.
     pub slices: Vec<&'a CachedSlice>,
     /// All Nodes.
@@ -170,7 +170,7 @@ struct ConfigInfo<'a> {
 /// One candidate service being allocated.
 struct Candidate<'a> {
     r: ServiceRef,
-    svc: &'a Service,
+    svc: &'a CachedService,
     config: Result<String, Problem>,
     requested: Result<Option<Ipv4Addr>, Problem>,
     current: Option<Ipv4Addr>,
@@ -255,7 +255,7 @@ fn selector(
 /// pool holds its address (several defaults) or the only default (invalid). `None` if there
 /// is none: the config is gone, and so is the address.
 fn frozen_on(
-    svc: &Service,
+    svc: &CachedService,
     current: Ipv4Addr,
     configs: &BTreeMap<String, ConfigInfo<'_>>,
     defaults: &[&String],
@@ -274,7 +274,7 @@ fn frozen_on(
     }
 }
 
-fn annotation<'a>(s: &'a Service, key: &str) -> Option<&'a str> {
+fn annotation<'a>(s: &'a CachedService, key: &str) -> Option<&'a str> {
     s.metadata.annotations.as_ref()?.get(key).map(String::as_str)
 }
 
@@ -306,7 +306,7 @@ impl<'a> BackendRules<'a> {
     /// nothing but the guard's addresses.
     fn read(
         &self,
-        svc: &Service,
+        svc: &CachedService,
         mut ports: Vec<PortPlan>,
         config: Option<(BackendMode, &Denied)>,
         slices: &endpoints::SliceIndex<'_>,
@@ -340,7 +340,7 @@ impl<'a> BackendRules<'a> {
 /// config `s` names, as it was when `s` was decided.
 pub fn rebackend(
     s: &Served,
-    svc: &Service,
+    svc: &CachedService,
     config: Option<&LoadBalancerConfig>,
     rules: &BackendRules<'_>,
     slices: &endpoints::SliceIndex<'_>,
@@ -355,7 +355,7 @@ pub fn rebackend(
 /// (not a LoadBalancer, another class), or being deleted. `None` for a Service ballast
 /// serves, whose address [`desired`] decides with all the others' (and for one without a
 /// spec, which it leaves out).
-pub fn settled(svc: &Service, settings: &Settings) -> Option<Decision> {
+pub fn settled(svc: &CachedService, settings: &Settings) -> Option<Decision> {
     let spec = svc.spec.as_ref()?;
     if spec.type_.as_deref() != Some("LoadBalancer") {
         return Some(Decision::NotOurs(problem(Reason::NotLoadBalancer, "the service is not of type LoadBalancer")));
@@ -383,7 +383,7 @@ pub fn settled(svc: &Service, settings: &Settings) -> Option<Decision> {
 /// whether it is being deleted; not its status, labels or other annotations. A Service
 /// whose digest did not change since a whole decision (its status written back, a label
 /// added) keeps that decision: only its backends are read again.
-pub fn input_digest(svc: &Service) -> u64 {
+pub fn input_digest(svc: &CachedService) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::hash::DefaultHasher::new();
     svc.metadata.namespace.hash(&mut h);
@@ -504,9 +504,9 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
     let namespace_labels = |ns: &str| labels.get(ns).copied().unwrap_or(&no_labels);
 
     // Services, oldest first: older services win conflicts.
-    let mut services: Vec<&Service> = inputs.services.clone();
+    let mut services: Vec<&CachedService> = inputs.services.clone();
     services.sort_by(|a, b| {
-        let key = |s: &Service| (s.metadata.creation_timestamp.clone().map(|t| t.0), ServiceRef::of(s));
+        let key = |s: &CachedService| (s.metadata.creation_timestamp.clone().map(|t| t.0), ServiceRef::of(s));
         key(a).cmp(&key(b))
     });
 
@@ -868,14 +868,16 @@ mod tests {
     use k8s_openapi::{
         api::core::v1::{
             LoadBalancerIngress, LoadBalancerStatus, PortStatus, ServicePort, ServiceSpec as K8sServiceSpec,
-            ServiceStatus,
         },
         apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
         jiff::Timestamp,
     };
 
     use super::*;
-    use crate::cluster::crd::{LoadBalancerConfigSpec, PortRange};
+    use crate::cluster::{
+        crd::{LoadBalancerConfigSpec, PortRange},
+        projection::CachedServiceStatus,
+    };
 
     fn settings() -> Settings {
         Settings { class: "ballast.dev/xdp".into(), ignore_unclassed: false, default_interface: "eth0".into() }
@@ -900,8 +902,8 @@ mod tests {
     }
 
     /// A LoadBalancer service created `age` seconds after the epoch with TCP `ports`.
-    fn svc(name: &str, age: i64, ports: &[(i32, &str)]) -> Service {
-        Service {
+    fn svc(name: &str, age: i64, ports: &[(i32, &str)]) -> CachedService {
+        k8s_openapi::api::core::v1::Service {
             metadata: ObjectMeta {
                 name: Some(name.into()),
                 namespace: Some("ns".into()),
@@ -926,15 +928,16 @@ mod tests {
             }),
             status: None,
         }
+        .into()
     }
 
-    fn annotate(mut s: Service, k: &str, v: &str) -> Service {
+    fn annotate(mut s: CachedService, k: &str, v: &str) -> CachedService {
         s.metadata.annotations.get_or_insert_with(Default::default).insert(k.into(), v.into());
         s
     }
 
-    fn with_status(mut s: Service, ip: &str, ports: &[(i32, &str)]) -> Service {
-        s.status = Some(ServiceStatus {
+    fn with_status(mut s: CachedService, ip: &str, ports: &[(i32, &str)]) -> CachedService {
+        s.status = Some(CachedServiceStatus {
             load_balancer: Some(LoadBalancerStatus {
                 ingress: Some(vec![LoadBalancerIngress {
                     ip: Some(ip.into()),
@@ -947,12 +950,12 @@ mod tests {
                     ..Default::default()
                 }]),
             }),
-            conditions: None,
+            conditions: Vec::new(),
         });
         s
     }
 
-    fn run(services: &[Service], configs: &[LoadBalancerConfig]) -> Desired {
+    fn run(services: &[CachedService], configs: &[LoadBalancerConfig]) -> Desired {
         let inputs =
             Inputs { services: services.iter().collect(), configs: configs.iter().collect(), ..Inputs::default() };
         desired(&inputs, &settings())
@@ -987,11 +990,11 @@ mod tests {
     #[test]
     fn exhaustion_is_reported_and_a_released_address_goes_to_the_waiting_service() {
         let cfg = [config("pool", true, POOL)];
-        let s: Vec<Service> = (0..4).map(|i| svc(&format!("s{i}"), i, &[(80, "TCP")])).collect();
+        let s: Vec<CachedService> = (0..4).map(|i| svc(&format!("s{i}"), i, &[(80, "TCP")])).collect();
         let d = run(&s, &cfg);
         assert_eq!(addr(&d, "s3"), Err("PoolExhausted"));
         // s1 goes away: s3 gets its address.
-        let held: Vec<Service> = [0, 2, 3]
+        let held: Vec<CachedService> = [0, 2, 3]
             .iter()
             .map(|i| {
                 let ip = ["192.0.2.10", "192.0.2.11", "192.0.2.12"];
@@ -1017,7 +1020,7 @@ mod tests {
         assert_eq!(addr(&d, "e"), Err("InvalidRequestedAddress"));
     }
 
-    fn in_namespace(mut s: Service, ns: &str) -> Service {
+    fn in_namespace(mut s: CachedService, ns: &str) -> CachedService {
         s.metadata.namespace = Some(ns.into());
         s
     }
@@ -1388,7 +1391,7 @@ mod tests {
         echo.metadata.labels = Some([("team".into(), "a".into())].into());
         echo.metadata.annotations.get_or_insert_with(Default::default).insert("note".into(), "x".into());
         assert_eq!(input_digest(&echo), digest, "status, labels and others' annotations decide nothing");
-        let changes: [fn(&mut Service); 5] = [
+        let changes: [fn(&mut CachedService); 5] = [
             |s| s.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].port = 81,
             |s| s.spec.as_mut().unwrap().load_balancer_class = Some("other".into()),
             |s| {

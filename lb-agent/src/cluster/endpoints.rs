@@ -6,9 +6,9 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use k8s_openapi::api::core::v1::{Node, Service, ServicePort};
+use k8s_openapi::api::core::v1::{Node, ServicePort};
 
-use super::projection::CachedSlice;
+use super::projection::{CachedService, CachedSlice};
 use crate::model::BackendSpec;
 
 /// Label linking an EndpointSlice to its Service.
@@ -39,7 +39,7 @@ impl<'a> SliceIndex<'a> {
     }
 
     /// The slices of `svc`.
-    pub fn of(&self, svc: &Service) -> &[&'a CachedSlice] {
+    pub fn of(&self, svc: &CachedService) -> &[&'a CachedSlice] {
         let (Some(ns), Some(name)) = (svc.metadata.namespace.as_deref(), svc.metadata.name.as_deref()) else {
             return &[];
         };
@@ -54,7 +54,7 @@ fn protocol_of(p: Option<&String>) -> &str {
 /// Backends of `port` of `svc` from its EndpointSlices (found in `slices`). Ready
 /// endpoints take new flows; serving-but-terminating ones keep their flows and take no new
 /// ones; others are left out. Sorted by address, so the round-robin order is stable.
-pub fn from_slices(svc: &Service, port: &ServicePort, slices: &SliceIndex<'_>) -> Vec<BackendSpec> {
+pub fn from_slices(svc: &CachedService, port: &ServicePort, slices: &SliceIndex<'_>) -> Vec<BackendSpec> {
     let port_name = port.name.as_deref().unwrap_or("");
     let protocol = protocol_of(port.protocol.as_ref());
     let mut out: BTreeMap<SocketAddrV4, bool> = BTreeMap::new();
@@ -133,7 +133,7 @@ pub fn internal_ip(n: &Node) -> Option<Ipv4Addr> {
 mod tests {
     use k8s_openapi::{
         api::{
-            core::v1::{NodeAddress, NodeCondition, NodeStatus, ServiceSpec},
+            core::v1::{NodeAddress, NodeCondition, NodeStatus},
             discovery::v1::{Endpoint, EndpointConditions, EndpointPort},
         },
         apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -141,10 +141,10 @@ mod tests {
 
     use super::*;
 
-    fn svc() -> Service {
-        Service {
+    fn svc() -> CachedService {
+        CachedService {
             metadata: ObjectMeta { name: Some("web".into()), namespace: Some("ns".into()), ..Default::default() },
-            spec: Some(ServiceSpec::default()),
+            spec: Some(Default::default()),
             ..Default::default()
         }
     }

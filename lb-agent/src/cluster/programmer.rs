@@ -9,13 +9,13 @@ use std::{
     net::Ipv4Addr,
 };
 
-use k8s_openapi::api::core::v1::{Namespace, Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node};
 
 use super::{
     backend_policy::{self, Guard},
     crd::{AnnounceMode, BackendMode, BgpSpec, LoadBalancer, LoadBalancerConfig, NodeReason, NodeReport},
     endpoints, ownership,
-    projection::CachedSlice,
+    projection::{CachedService, CachedSlice},
 };
 use crate::{
     bgp::{BgpDesired, PeerSpec, RefusedPeer, RouteSpec, SpeakerSpec},
@@ -107,7 +107,7 @@ pub fn owners(balancers: &[&LoadBalancer], class: &str) -> BTreeMap<ServiceRef, 
 #[derive(Clone, Debug, Default)]
 pub struct Objects<'a> {
     /// Services.
-    pub services: Vec<&'a Service>,
+    pub services: Vec<&'a CachedService>,
     /// EndpointSlices.
     pub slices: Vec<&'a CachedSlice>,
     /// Nodes.
@@ -279,7 +279,7 @@ impl<'a> Context<'a> {
         &self,
         r: &ServiceRef,
         a: &Assignment,
-        svc: Option<&Service>,
+        svc: Option<&CachedService>,
         slices: &endpoints::SliceIndex<'_>,
     ) -> Option<Served> {
         let vip = a.vip;
@@ -358,7 +358,7 @@ pub fn serve_assigned<'a>(
     assigned: impl Iterator<Item = (&'a ServiceRef, &'a Assignment)>,
     me: &Me<'_>,
 ) -> BTreeMap<ServiceRef, Served> {
-    let services: BTreeMap<ServiceRef, &Service> = o.services.iter().map(|s| (ServiceRef::of(s), *s)).collect();
+    let services: BTreeMap<ServiceRef, &CachedService> = o.services.iter().map(|s| (ServiceRef::of(*s), *s)).collect();
     let ctx = Context::new(&o.nodes, &o.configs, me);
     let slices = endpoints::SliceIndex::new(o.slices.iter().copied());
     assigned

@@ -5,21 +5,22 @@
 //! most numerous objects, are not even deserialized whole: [`CachedSlice`] is all the
 //! watch decodes of them. Pure.
 
-use std::net::Ipv4Addr;
+use std::{borrow::Cow, net::Ipv4Addr};
 
 use k8s_openapi::{
     api::{
         coordination::v1::Lease,
-        core::v1::{Namespace, Node, NodeStatus, Service, ServiceSpec},
+        core::v1::{LoadBalancerStatus, Namespace, Node, NodeStatus, Service, ServicePort},
         discovery::v1::{EndpointConditions, EndpointPort, EndpointSlice},
     },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time},
 };
 use serde::Deserialize;
 
 use super::{
     crd::{LoadBalancer, LoadBalancerConfig},
     endpoints::SERVICE_NAME_LABEL,
+    reason::{ConditionType, Reason},
 };
 
 /// The annotation `kubectl apply` leaves: a copy of the whole object, read by nobody here.
@@ -39,26 +40,147 @@ fn trim_meta(m: &mut ObjectMeta) {
     }
 }
 
-impl Trim for Service {
-    fn trim(&mut self) {
-        trim_meta(&mut self.metadata);
+/// A Service as the caches keep it: its metadata, what the agent reads of its spec (the
+/// type, and for a LoadBalancer the class, requested address and ports: selector, cluster
+/// IPs, families and policies are kube-proxy's), and of its status the load balancer
+/// ingress and ballast's own conditions ([`CachedCondition`]). The watch decodes a Service
+/// and keeps this of it: a k8s-openapi `ServiceSpec` is 416 bytes, mostly empty options,
+/// and each of the four conditions ballast writes was five strings.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(from = "Service")]
+pub struct CachedService {
+    /// Metadata (trimmed like every object's).
+    pub metadata: ObjectMeta,
+    /// What the agent reads of the spec.
+    pub spec: Option<CachedServiceSpec>,
+    /// What the agent reads of the status.
+    pub status: Option<CachedServiceStatus>,
+}
+
+/// The fields of a Service's spec the agent reads (named as in `ServiceSpec`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CachedServiceSpec {
+    /// `type`.
+    pub type_: Option<String>,
+    /// `loadBalancerClass` (LoadBalancer Services only).
+    pub load_balancer_class: Option<String>,
+    /// `loadBalancerIP` (LoadBalancer Services only).
+    pub load_balancer_ip: Option<String>,
+    /// `ports` (LoadBalancer Services only).
+    pub ports: Option<Vec<ServicePort>>,
+}
+
+/// The fields of a Service's status the agent reads.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CachedServiceStatus {
+    /// `loadBalancer`: the ingress addresses.
+    pub load_balancer: Option<LoadBalancerStatus>,
+    /// ballast's conditions (those of other controllers are not read).
+    pub conditions: Vec<CachedCondition>,
+}
+
+/// One of ballast's conditions on a Service. Its type, status and reason come from small
+/// sets, so they are kept without an allocation when they are the values ballast writes
+/// (anything else, written by someone else, is kept as it is).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CachedCondition {
+    /// `type`.
+    pub type_: ConditionType,
+    /// `status`: `True`, `False` or `Unknown`.
+    pub status: Cow<'static, str>,
+    /// `reason`.
+    pub reason: Cow<'static, str>,
+    /// `message`.
+    pub message: String,
+    /// `observedGeneration`.
+    pub observed_generation: Option<i64>,
+    /// `lastTransitionTime`.
+    pub last_transition_time: Time,
+}
+
+/// `s` without an allocation when it is one of `known`.
+fn known_or_owned(s: String, known: impl IntoIterator<Item = &'static str>) -> Cow<'static, str> {
+    match known.into_iter().find(|k| *k == s) {
+        Some(k) => Cow::Borrowed(k),
+        None => Cow::Owned(s),
+    }
+}
+
+impl CachedCondition {
+    /// The condition as kept, if it is one of ballast's types.
+    pub fn of(c: Condition) -> Option<Self> {
+        Some(Self {
+            type_: ConditionType::parse(&c.type_)?,
+            status: known_or_owned(c.status, ["True", "False", "Unknown"]),
+            reason: known_or_owned(c.reason, Reason::ALL.iter().map(|r| r.as_str())),
+            message: c.message,
+            observed_generation: c.observed_generation,
+            last_transition_time: c.last_transition_time,
+        })
+    }
+
+    /// The condition as the API writes it.
+    pub fn to_condition(&self) -> Condition {
+        Condition {
+            type_: self.type_.as_str().to_string(),
+            status: self.status.to_string(),
+            reason: self.reason.to_string(),
+            message: self.message.clone(),
+            observed_generation: self.observed_generation,
+            last_transition_time: self.last_transition_time.clone(),
+        }
+    }
+}
+
+impl From<Service> for CachedService {
+    fn from(s: Service) -> Self {
+        let lb = s.spec.as_ref().is_some_and(|sp| sp.type_.as_deref() == Some("LoadBalancer"));
         // Not a LoadBalancer: its type is all that matters (a change to LoadBalancer brings
         // the whole object back); its status and finalizers stay, for releasing a Service
-        // that used to be one. A LoadBalancer keeps what the agent reads of its spec: the
-        // class, the requested address and the ports (selector, cluster IPs, families and
-        // policies are kube-proxy's).
-        if let Some(spec) = self.spec.as_mut() {
-            let lb = spec.type_.as_deref() == Some("LoadBalancer");
-            *spec = ServiceSpec {
-                type_: spec.type_.take(),
-                load_balancer_class: spec.load_balancer_class.take().filter(|_| lb),
-                load_balancer_ip: spec.load_balancer_ip.take().filter(|_| lb),
-                ports: spec.ports.take().filter(|_| lb),
-                ..ServiceSpec::default()
-            };
-        }
+        // that used to be one.
+        let spec = s.spec.map(|sp| CachedServiceSpec {
+            type_: sp.type_,
+            load_balancer_class: sp.load_balancer_class.filter(|_| lb),
+            load_balancer_ip: sp.load_balancer_ip.filter(|_| lb),
+            ports: sp.ports.filter(|_| lb),
+        });
+        let status = s.status.map(|st| CachedServiceStatus {
+            load_balancer: st.load_balancer,
+            conditions: st.conditions.into_iter().flatten().filter_map(CachedCondition::of).collect(),
+        });
+        let mut c = Self { metadata: s.metadata, spec, status };
+        c.trim();
+        c
+    }
+}
+
+impl Trim for CachedService {
+    fn trim(&mut self) {
+        trim_meta(&mut self.metadata);
         // The endpoints controller's and kubectl's bookkeeping.
         self.metadata.owner_references = None;
+    }
+}
+
+// Lets kube watch, list and cache it as the Service it is.
+impl k8s_openapi::Resource for CachedService {
+    const API_VERSION: &'static str = <Service as k8s_openapi::Resource>::API_VERSION;
+    const GROUP: &'static str = <Service as k8s_openapi::Resource>::GROUP;
+    const KIND: &'static str = <Service as k8s_openapi::Resource>::KIND;
+    const VERSION: &'static str = <Service as k8s_openapi::Resource>::VERSION;
+    const URL_PATH_SEGMENT: &'static str = <Service as k8s_openapi::Resource>::URL_PATH_SEGMENT;
+    type Scope = <Service as k8s_openapi::Resource>::Scope;
+}
+
+impl k8s_openapi::Metadata for CachedService {
+    type Ty = ObjectMeta;
+
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
     }
 }
 
@@ -282,33 +404,80 @@ mod tests {
 
     #[test]
     fn services_keep_what_the_allocator_reads() {
+        use k8s_openapi::{
+            api::core::v1::{LoadBalancerIngress, ServiceSpec, ServiceStatus},
+            jiff::Timestamp,
+        };
         let spec = ServiceSpec {
             type_: Some("LoadBalancer".into()),
             load_balancer_class: Some("ballast.dev/xdp".into()),
             selector: Some([("app".into(), "web".into())].into()),
             cluster_ip: Some("10.96.0.10".into()),
-            ports: Some(vec![k8s_openapi::api::core::v1::ServicePort { port: 80, ..Default::default() }]),
+            ports: Some(vec![ServicePort { port: 80, ..Default::default() }]),
             ..Default::default()
         };
-        let mut lb = Service { metadata: meta(), spec: Some(spec.clone()), status: None };
-        lb.trim();
+        let at = Time(Timestamp::from_second(1_700_000_000).unwrap_or_default());
+        let condition = |type_: &str, reason: &str| Condition {
+            type_: type_.into(),
+            status: "True".into(),
+            reason: reason.into(),
+            message: "m".into(),
+            observed_generation: Some(2),
+            last_transition_time: at.clone(),
+        };
+        let ingress = LoadBalancerStatus {
+            ingress: Some(vec![LoadBalancerIngress { ip: Some("192.0.2.1".into()), ..Default::default() }]),
+        };
+        let status = ServiceStatus {
+            load_balancer: Some(ingress.clone()),
+            conditions: Some(vec![
+                condition("AddressAllocated", "AddressAllocated"),
+                condition("EndpointsReady", "SomethingNew"),
+                condition("Ready", "Whatever"),
+            ]),
+        };
+        let full = Service { metadata: meta(), spec: Some(spec.clone()), status: Some(status) };
+        let lb = CachedService::from(full.clone());
         assert_eq!(
             lb.spec,
-            Some(ServiceSpec { selector: None, cluster_ip: None, ..spec.clone() }),
+            Some(CachedServiceSpec {
+                type_: Some("LoadBalancer".into()),
+                load_balancer_class: Some("ballast.dev/xdp".into()),
+                load_balancer_ip: None,
+                ports: spec.ports.clone(),
+            }),
             "class and ports stay; kube-proxy's fields go"
         );
         assert_eq!(lb.metadata.managed_fields, None);
         let annotations = lb.metadata.annotations.as_ref().map(|a| a.keys().cloned().collect::<Vec<_>>());
         assert_eq!(annotations, Some(vec!["ballast.dev/ip".to_string()]), "ballast's annotations stay");
         assert_eq!(lb.metadata.finalizers, Some(vec!["ballast.dev/finalizer".into()]));
+        let st = lb.status.clone().unwrap_or_default();
+        assert_eq!(st.load_balancer, Some(ingress));
+        assert_eq!(
+            st.conditions.iter().map(CachedCondition::to_condition).collect::<Vec<_>>(),
+            vec![condition("AddressAllocated", "AddressAllocated"), condition("EndpointsReady", "SomethingNew")],
+            "ballast's conditions come back as written, reasons it does not know included; others' are not kept"
+        );
+        assert!(
+            matches!(st.conditions[0].reason, Cow::Borrowed(_)) && matches!(st.conditions[1].reason, Cow::Owned(_)),
+            "a reason ballast writes takes no allocation"
+        );
+        // The watch decodes the API server's JSON into the same.
+        let json = serde_json::to_string(&full).unwrap_or_default();
+        let decoded: Result<CachedService, _> = serde_json::from_str(&json);
+        assert_eq!(decoded.ok(), Some(lb));
 
-        let mut cluster_ip = Service {
+        let cluster_ip = CachedService::from(Service {
             metadata: meta(),
             spec: Some(ServiceSpec { type_: Some("ClusterIP".into()), ..spec }),
             status: None,
-        };
-        cluster_ip.trim();
-        assert_eq!(cluster_ip.spec, Some(ServiceSpec { type_: Some("ClusterIP".into()), ..Default::default() }));
+        });
+        assert_eq!(
+            cluster_ip.spec,
+            Some(CachedServiceSpec { type_: Some("ClusterIP".into()), ..Default::default() }),
+            "of another type, only the type is kept"
+        );
     }
 
     #[test]

@@ -9,7 +9,6 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::core::v1::Service,
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
     jiff::Timestamp,
 };
@@ -28,7 +27,7 @@ use super::{
     crd::{FINALIZER, GROUP, LoadBalancer, MANAGER, NodeReport},
     desired::{Decision, Settings},
     ownership::Holding,
-    reason::ConditionType,
+    projection::{CachedCondition, CachedService},
     status,
     token_bucket::TokenBucket,
     write_queue::{Priority, WriteQueue},
@@ -65,7 +64,7 @@ pub struct Want {
 #[derive(Clone, Debug)]
 pub struct Base {
     /// The Service.
-    pub service: Arc<Service>,
+    pub service: Arc<CachedService>,
     /// Its LoadBalancer object, if any.
     pub balancer: Option<Arc<LoadBalancer>>,
 }
@@ -206,19 +205,13 @@ struct Writes {
     count_writes: Mutex<TokenBucket>,
 }
 
-/// ballast's own conditions on a Service.
-pub(super) fn ours_conditions(s: &Service) -> Vec<Condition> {
-    s.status
-        .as_ref()
-        .and_then(|st| st.conditions.clone())
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|c| ConditionType::parse(&c.type_).is_some())
-        .collect()
+/// ballast's own conditions on a Service (the cache keeps no others).
+pub(super) fn ours_conditions(s: &CachedService) -> Vec<Condition> {
+    s.status.iter().flat_map(|st| &st.conditions).map(CachedCondition::to_condition).collect()
 }
 
 /// The first address in a Service's status.
-pub(super) fn ingress_ip(s: &Service) -> Option<std::net::Ipv4Addr> {
+pub(super) fn ingress_ip(s: &CachedService) -> Option<std::net::Ipv4Addr> {
     s.status
         .as_ref()
         .and_then(|st| st.load_balancer.as_ref())
@@ -271,7 +264,7 @@ impl Writes {
         &self,
         r: &ServiceRef,
         d: &Decision,
-        svc: &Service,
+        svc: &CachedService,
         balancer: Option<&LoadBalancer>,
         holding: Option<&Holding>,
         reports: &[NodeReport],
@@ -303,7 +296,7 @@ impl Writes {
     /// Whether this agent's class served a service it no longer serves. Another ballast
     /// deployment (another class) may serve it: its LoadBalancer object names that class,
     /// and such services are never touched.
-    fn served_before(&self, svc: &Service, balancer: Option<&LoadBalancer>) -> bool {
+    fn served_before(&self, svc: &CachedService, balancer: Option<&LoadBalancer>) -> bool {
         match balancer {
             // Objects from agents that did not record a class are this deployment's.
             Some(b) => b.spec.class == self.settings.class || b.spec.class.is_empty(),
@@ -319,14 +312,14 @@ impl Writes {
 
     /// Adds ballast's finalizer by server-side apply: the finalizer list is a set, so this
     /// owns only its own entry and never conflicts with other writers of the list.
-    async fn add_finalizer(&self, svc: &Service) -> kube::Result<()> {
+    async fn add_finalizer(&self, svc: &CachedService) -> kube::Result<()> {
         let name = svc.name_any();
         let patch = json!({
             "apiVersion": "v1",
             "kind": "Service",
             "metadata": { "name": name, "finalizers": [FINALIZER] },
         });
-        let api = Api::<Service>::namespaced(self.client.clone(), &svc.namespace().unwrap_or_default());
+        let api = Api::<CachedService>::namespaced(self.client.clone(), &svc.namespace().unwrap_or_default());
         api.patch(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(patch)).await?;
         self.telemetry.api_write("finalizer");
         Ok(())
@@ -334,11 +327,11 @@ impl Writes {
 
     /// Removes ballast's finalizer (merge patch guarded by the resourceVersion: the list
     /// may hold entries ballast's field manager does not own, written before it applied).
-    async fn remove_finalizer(&self, svc: &Service) -> kube::Result<()> {
+    async fn remove_finalizer(&self, svc: &CachedService) -> kube::Result<()> {
         let mut list: Vec<String> = svc.metadata.finalizers.clone().unwrap_or_default();
         list.retain(|f| f != FINALIZER);
         let patch = json!({"metadata": {"finalizers": list, "resourceVersion": svc.metadata.resource_version}});
-        let api = Api::<Service>::namespaced(self.client.clone(), &svc.namespace().unwrap_or_default());
+        let api = Api::<CachedService>::namespaced(self.client.clone(), &svc.namespace().unwrap_or_default());
         api.patch(&svc.name_any(), &PatchParams::default(), &Patch::Merge(patch)).await?;
         self.telemetry.api_write("finalizer");
         Ok(())
@@ -346,7 +339,7 @@ impl Writes {
 
     async fn write_service_status(
         &self,
-        svc: &Service,
+        svc: &CachedService,
         ingress: &[k8s_openapi::api::core::v1::LoadBalancerIngress],
         conditions: &[Condition],
     ) -> kube::Result<()> {
@@ -364,7 +357,7 @@ impl Writes {
             "kind": "Service",
             "status": { "loadBalancer": { "ingress": ingress }, "conditions": conditions },
         });
-        let api = Api::<Service>::namespaced(self.client.clone(), &svc.namespace().unwrap_or_default());
+        let api = Api::<CachedService>::namespaced(self.client.clone(), &svc.namespace().unwrap_or_default());
         api.patch_status(&svc.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(patch)).await?;
         self.telemetry.api_write("service_status");
         Ok(())
@@ -372,7 +365,7 @@ impl Writes {
 
     async fn write_load_balancer(
         &self,
-        svc: &Service,
+        svc: &CachedService,
         existing: Option<&LoadBalancer>,
         spec: super::crd::LoadBalancerSpec,
         st: super::crd::LoadBalancerStatus,
@@ -434,9 +427,9 @@ impl Writes {
     /// Undoes what ballast wrote for a service it no longer serves (or that is being
     /// deleted). The LoadBalancer object goes last: while it exists, a failed step is
     /// retried; its deletion tells every node to stop serving the Service.
-    async fn release(&self, svc: &Service, balancer: Option<&LoadBalancer>) -> kube::Result<()> {
+    async fn release(&self, svc: &CachedService, balancer: Option<&LoadBalancer>) -> kube::Result<()> {
         let ns = svc.namespace().unwrap_or_default();
-        let api = Api::<Service>::namespaced(self.client.clone(), &ns);
+        let api = Api::<CachedService>::namespaced(self.client.clone(), &ns);
         let mut current = std::borrow::Cow::Borrowed(svc);
         if svc.metadata.deletion_timestamp.is_none() && !ours_conditions(svc).is_empty() {
             // Applying an empty status as the allocator's field manager drops every field it

@@ -25,9 +25,9 @@ impl ServiceRef {
         }
     }
 
-    /// The reference of a Service.
-    pub fn of(s: &k8s_openapi::api::core::v1::Service) -> Self {
-        Self::of_meta(&s.metadata)
+    /// The reference of a Service (or of any namespaced object, as its name and namespace).
+    pub fn of(o: &impl k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>) -> Self {
+        Self::of_meta(o.metadata())
     }
 }
 

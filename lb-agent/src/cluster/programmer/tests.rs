@@ -15,8 +15,8 @@ use crate::cluster::crd::{LoadBalancerSpec, LoadBalancerStatus, PortMapping};
 
 const CLASS: &str = "ballast.dev/xdp";
 
-fn service(name: &str) -> Service {
-    Service {
+fn service(name: &str) -> CachedService {
+    k8s_openapi::api::core::v1::Service {
         metadata: ObjectMeta { name: Some(name.into()), namespace: Some("ns".into()), ..Default::default() },
         spec: Some(K8sServiceSpec {
             type_: Some("LoadBalancer".into()),
@@ -30,6 +30,7 @@ fn service(name: &str) -> Service {
         }),
         status: None,
     }
+    .into()
 }
 
 fn slice(svc: &str, ip: &str) -> CachedSlice {
@@ -75,7 +76,7 @@ fn node(name: &str, labels: &[(&str, &str)]) -> Node {
 }
 
 struct World {
-    services: Vec<Service>,
+    services: Vec<CachedService>,
     slices: Vec<CachedSlice>,
     nodes: Vec<Node>,
     configs: Vec<LoadBalancerConfig>,

@@ -194,6 +194,7 @@ pub async fn full_sync(quick: bool, smoke: bool, services: Option<usize>) -> Res
     // The endpoints are pods behind the one backend host, as on a node with a pod route.
     bed.tb.lb.ip("route add 10.50.0.0/15 via 10.10.2.11")?;
     let result = measure_sync(&mut bed, n).await;
+    let agent_pid = bed.agent.as_ref().and_then(|a| a.pid());
     // Delete while the agent runs, so it releases addresses and finalizers; then the
     // slices. Also after a failure: thousands of leftover Services would slow every
     // later agent's start on this control plane (and the sections after this one). One
@@ -201,6 +202,7 @@ pub async fn full_sync(quick: bool, smoke: bool, services: Option<usize>) -> Res
     // request timeout: at 10 000 it stopped after about a third, so it is repeated while
     // any is unmarked.
     let t_del = Instant::now();
+    let mut deleted = None;
     let patience = Duration::from_secs(120) + Duration::from_millis(100) * n as u32;
     loop {
         // (remaining, of which not yet marked for deletion); a failed list counts as one.
@@ -210,6 +212,7 @@ pub async fn full_sync(quick: bool, smoke: bool, services: Option<usize>) -> Res
         };
         if left == 0 {
             eprintln!("bench: {n} services deleted in {:.0} s", t_del.elapsed().as_secs_f64());
+            deleted = Some(t_del.elapsed());
             break;
         }
         if t_del.elapsed() > patience {
@@ -224,8 +227,18 @@ pub async fn full_sync(quick: bool, smoke: bool, services: Option<usize>) -> Res
     let slices: kube::Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
         kube::Api::namespaced(bed.cluster.admin.clone(), &bed.ns);
     let _ = slices.delete_collection(&kube::api::DeleteParams::default(), &Default::default()).await;
+    // Deleting every Service is a change that frees addresses, decided by whole passes one
+    // after another: the warm agent's peak through it is its own row.
+    let deletion = match (deleted, agent_pid) {
+        (Some(took), Some(pid)) => format!(
+            "| deleting every Service (the agent releasing each address and finalizer): time, agent peak memory (VmHWM of the warm agent) | {:.0} s, {:.0} MiB |\n",
+            took.as_secs_f64(),
+            proc_status_mib(pid, "VmHWM:")
+        ),
+        _ => String::new(),
+    };
     let _ = bed.stop_agent();
-    result
+    Ok(result? + &deletion + &sync_note()?)
 }
 
 /// Endpoints per Service in the full sync.
@@ -350,6 +363,12 @@ async fn measure_sync(bed: &mut K8sBed, n: usize) -> Result<String> {
     )?;
     writeln!(out, "| warm restart: agent peak memory (VmHWM) | {warm_hwm:.0} MiB |")?;
     out.push_str(&churn);
+    Ok(out)
+}
+
+/// What [`full_sync`]'s table says of how it was measured.
+fn sync_note() -> Result<String> {
+    let mut out = String::new();
     writeln!(
         out,
         "\nThe agent runs as the ballast-agent ServiceAccount against the real kube-apiserver and etcd on this VM; start includes loading and verifying the XDP program. Times are polled independently from the agent's start: the BPF maps every 250 ms, the statuses through a watch. API writes are the agent's own count (`ballast_api_writes_total`)."
@@ -537,6 +556,13 @@ async fn churn(bed: &K8sBed, maps: &Maps, n: usize, seen: &Seen) -> Result<Strin
     )?;
     writeln!(out, "| churn: API writes by the agent | {writes:.0} |")?;
     writeln!(out, "| churn: agent CPU | {:.0} % of one CPU |", cpu / elapsed * 100.0)?;
+    // The warm agent's peak since its start, the churn run included: its periodic whole
+    // passes (every `--resync-interval`) run among the churn's changes.
+    writeln!(
+        out,
+        "| churn: agent peak memory (VmHWM of the warm agent, through the churn run) | {:.0} MiB |",
+        proc_status_mib(pid, "VmHWM:")
+    )?;
     Ok(out)
 }
 
