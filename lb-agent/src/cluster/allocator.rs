@@ -431,7 +431,9 @@ impl Allocator {
 
         // Service status, LoadBalancer objects, releases: handed to the writer, which
         // writes them at the API server's pace; the next pass does not wait for them.
-        let mut next = BTreeMap::new();
+        // Collected in order, then built at once: a map built in one go has full nodes, one
+        // grown by inserts half-empty ones (it is kept until the next whole pass).
+        let mut summaries = Vec::with_capacity(decided.services.len());
         // Sized at once: grown by doubling, 10 000 submissions held up to 16 384 slots.
         let mut batch = Batch {
             live: Some(by_ref.keys().cloned().collect()),
@@ -442,7 +444,7 @@ impl Allocator {
                 let Some(svc) = by_ref.get(r).cloned() else { continue };
                 let holding = placed.holdings.get(r).cloned();
                 let reports = reports.get(r).cloned().unwrap_or_default();
-                next.insert(r.clone(), Summary::of(d, holding.as_ref(), &reports));
+                summaries.push((r.clone(), Summary::of(d, holding.as_ref(), &reports)));
                 batch.submissions.push(Submission {
                     service: r.clone(),
                     priority: priority_of(d, &svc),
@@ -452,6 +454,7 @@ impl Allocator {
             }
         });
         self.writer.submit(batch);
+        let next: BTreeMap<ServiceRef, Summary> = summaries.into_iter().collect();
         // LoadBalancer objects whose Service is gone.
         for (r, b) in &balancers {
             if !by_ref.contains_key(r)

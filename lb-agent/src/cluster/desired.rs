@@ -505,12 +505,18 @@ pub fn desired(inputs: &Inputs<'_>, settings: &Settings) -> Desired {
 
     // Services, oldest first: older services win conflicts.
     let mut services: Vec<&CachedService> = inputs.services.clone();
-    services.sort_by(|a, b| {
-        let key = |s: &CachedService| (s.metadata.creation_timestamp.clone().map(|t| t.0), ServiceRef::of(s));
-        key(a).cmp(&key(b))
-    });
+    // Compared by reference: a key that built a ServiceRef allocated twice per comparison.
+    fn age_and_name(s: &CachedService) -> (Option<k8s_openapi::jiff::Timestamp>, &str, &str) {
+        let m = &s.metadata;
+        (
+            m.creation_timestamp.as_ref().map(|t| t.0),
+            m.namespace.as_deref().unwrap_or_default(),
+            m.name.as_deref().unwrap_or_default(),
+        )
+    }
+    services.sort_by(|a, b| age_and_name(a).cmp(&age_and_name(b)));
 
-    let mut candidates: Vec<Candidate<'_>> = Vec::new();
+    let mut candidates: Vec<Candidate<'_>> = Vec::with_capacity(services.len());
     for svc in services {
         let r = ServiceRef::of(svc);
         let Some(spec) = svc.spec.as_ref() else {

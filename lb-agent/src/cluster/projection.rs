@@ -485,14 +485,15 @@ mod tests {
         use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 
         use crate::cluster::crd::{LoadBalancerSpec, LoadBalancerStatus};
-        let condition = |status: &str, message: &str, at: i64| k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
-            type_: "EndpointsReady".into(),
-            status: status.into(),
-            reason: "EndpointsReady".into(),
-            message: message.into(),
-            observed_generation: Some(1),
-            last_transition_time: Time(Timestamp::from_second(at).unwrap_or_default()),
-        };
+        let condition =
+            |status: &str, message: &str, at: i64| k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                type_: "EndpointsReady".into(),
+                status: status.into(),
+                reason: "EndpointsReady".into(),
+                message: message.into(),
+                observed_generation: Some(1),
+                last_transition_time: Time(Timestamp::from_second(at).unwrap_or_default()),
+            };
         let status = |targets: &[&str], conditions: Vec<_>| LoadBalancerStatus {
             targets: targets.iter().map(|t| t.to_string()).collect(),
             target_count: targets.len() as u32,
