@@ -417,8 +417,12 @@ fn main() -> ExitCode {
 
 /// The agent allocates through jemalloc. Under glibc's malloc, even capped at two arenas,
 /// a cold sync of 10 000 Services left the agent with 297 MB from the system for 194 MB in
-/// use (`malloc_stats`); jemalloc's size classes fragment less, and it gives freed pages
-/// back after a second (`dirty_decay_ms`): the same sync peaked 46 MiB lower. Two arenas,
+/// use (`malloc_stats`); jemalloc's size classes fragment less: the same sync peaked 46 MiB
+/// lower. Freed pages go back to the system at once (`dirty_decay_ms:0`), not after a
+/// second: a whole pass frees tens of MB, and passes back to back (deleting thousands of
+/// Services) kept the last one's pages while the next allocated its own. At 10 000
+/// Services that took the peak through deleting them all from 162 to 146 MiB and through
+/// endpoint churn from 137 to 132 MiB, at no measurable cost in CPU or latency. Two arenas,
 /// as the agent runs two worker threads; `_RJEM_MALLOC_CONF` overrides them.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -427,7 +431,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// what tikv-jemallocator's build of it looks for).
 #[allow(non_upper_case_globals)]
 #[unsafe(export_name = "_rjem_malloc_conf")]
-pub static malloc_conf: &[u8] = b"narenas:2,dirty_decay_ms:1000,muzzy_decay_ms:1000\0";
+pub static malloc_conf: &[u8] = b"narenas:2,dirty_decay_ms:0,muzzy_decay_ms:0\0";
 
 fn run(command: Command) -> Result<()> {
     match command {
