@@ -40,6 +40,34 @@ fn trim_meta(m: &mut ObjectMeta) {
     }
 }
 
+/// Lets kube watch, list and cache `$cached` as the `$object` it is a projection of: kube
+/// implements its `Resource` for every type with these two, and the type must keep its
+/// object's metadata in a `metadata` field.
+macro_rules! cached_as {
+    ($cached:ty, $object:ty) => {
+        impl k8s_openapi::Resource for $cached {
+            const API_VERSION: &'static str = <$object as k8s_openapi::Resource>::API_VERSION;
+            const GROUP: &'static str = <$object as k8s_openapi::Resource>::GROUP;
+            const KIND: &'static str = <$object as k8s_openapi::Resource>::KIND;
+            const VERSION: &'static str = <$object as k8s_openapi::Resource>::VERSION;
+            const URL_PATH_SEGMENT: &'static str = <$object as k8s_openapi::Resource>::URL_PATH_SEGMENT;
+            type Scope = <$object as k8s_openapi::Resource>::Scope;
+        }
+
+        impl k8s_openapi::Metadata for $cached {
+            type Ty = ObjectMeta;
+
+            fn metadata(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+
+            fn metadata_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
 /// A Service as the caches keep it: its metadata, what the agent reads of its spec (the
 /// type, and for a LoadBalancer the class, requested address and ports: selector, cluster
 /// IPs, families and policies are kube-proxy's), and of its status the load balancer
@@ -162,27 +190,7 @@ impl Trim for CachedService {
     }
 }
 
-// Lets kube watch, list and cache it as the Service it is.
-impl k8s_openapi::Resource for CachedService {
-    const API_VERSION: &'static str = <Service as k8s_openapi::Resource>::API_VERSION;
-    const GROUP: &'static str = <Service as k8s_openapi::Resource>::GROUP;
-    const KIND: &'static str = <Service as k8s_openapi::Resource>::KIND;
-    const VERSION: &'static str = <Service as k8s_openapi::Resource>::VERSION;
-    const URL_PATH_SEGMENT: &'static str = <Service as k8s_openapi::Resource>::URL_PATH_SEGMENT;
-    type Scope = <Service as k8s_openapi::Resource>::Scope;
-}
-
-impl k8s_openapi::Metadata for CachedService {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+cached_as!(CachedService, Service);
 
 /// An EndpointSlice as the caches keep it: its metadata, address type, ports, and each
 /// endpoint's first address and conditions. The watch decodes the API server's answer
@@ -286,28 +294,7 @@ impl From<EndpointSlice> for CachedSlice {
     }
 }
 
-// Lets kube watch, list and cache it as the EndpointSlice it is (kube implements its
-// `Resource` for every type that has these two).
-impl k8s_openapi::Resource for CachedSlice {
-    const API_VERSION: &'static str = <EndpointSlice as k8s_openapi::Resource>::API_VERSION;
-    const GROUP: &'static str = <EndpointSlice as k8s_openapi::Resource>::GROUP;
-    const KIND: &'static str = <EndpointSlice as k8s_openapi::Resource>::KIND;
-    const VERSION: &'static str = <EndpointSlice as k8s_openapi::Resource>::VERSION;
-    const URL_PATH_SEGMENT: &'static str = <EndpointSlice as k8s_openapi::Resource>::URL_PATH_SEGMENT;
-    type Scope = <EndpointSlice as k8s_openapi::Resource>::Scope;
-}
-
-impl k8s_openapi::Metadata for CachedSlice {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+cached_as!(CachedSlice, EndpointSlice);
 
 impl Trim for CachedSlice {
     fn trim(&mut self) {
