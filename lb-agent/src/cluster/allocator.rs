@@ -1,5 +1,5 @@
 //! The allocator: decides addresses ([`super::desired`]), where each is held
-//! ([`super::ownership`]) and what every Service's status says, and writes it: CachedService
+//! ([`super::ownership`]) and what every Service's status says, and writes it: Service
 //! status, LoadBalancer objects, config status, finalizers and Events. Every agent runs
 //! this task and keeps observing heartbeats, but only the agent holding the
 //! `ballast-allocator` Lease decides and writes, so there is exactly one writer of shared
