@@ -13,11 +13,7 @@ use std::{
 };
 
 use futures_util::StreamExt;
-use k8s_openapi::{
-    api::core::v1::Node as K8sNode,
-    apimachinery::pkg::apis::meta::v1::{Condition, Time},
-    jiff::Timestamp,
-};
+use k8s_openapi::{api::core::v1::Node as K8sNode, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{DeleteParams, Patch, PatchParams},
@@ -42,11 +38,11 @@ use super::{
     liveness::{Life, Liveness, read_heartbeat},
     ownership::{Holding, PlaceInputs, place},
     programmer::{AssignedPort, Assignment},
-    projection::CachedService,
+    projection::{CachedCondition, CachedService},
     reason::{ConditionType, Reason},
     status,
     write_queue::Priority,
-    writer::{Base, Batch, Submission, Want, WriterHandle, ingress_ip, is_not_found, ours_conditions, spawn_writer},
+    writer::{Base, Batch, Submission, Want, WriterHandle, ingress_ip, is_not_found, spawn_writer},
 };
 use crate::{
     model::ServiceRef,
@@ -336,20 +332,19 @@ impl Allocator {
             if !ours {
                 continue;
             }
-            let conds = ours_conditions(&s);
-            let Some(alloc) = conds.iter().find(|c| c.type_ == ConditionType::AddressAllocated.as_str()) else {
+            // Read as cached: typed, without converting each back into the API's strings.
+            let conds = s.conditions();
+            let Some(alloc) = conds.iter().find(|c| c.type_ == ConditionType::AddressAllocated) else {
                 continue;
             };
             let r = ServiceRef::of_meta(&s.metadata);
             let ip = ingress_ip(&s);
-            let problem_of = |c: &Condition| {
+            let problem_of = |c: &CachedCondition| {
                 Reason::parse(&c.reason).map(|reason| super::desired::Problem { reason, message: c.message.clone() })
             };
             let unplaced = conds
                 .iter()
-                .find(|c| {
-                    c.type_ == ConditionType::AddressAssigned.as_str() && c.reason == Reason::NoEligibleNode.as_str()
-                })
+                .find(|c| c.type_ == ConditionType::AddressAssigned && c.reason == Reason::NoEligibleNode.as_str())
                 .map(|c| c.message.trim_start_matches("no node may hold ").to_string());
             let b = balancers.get(&r).copied();
             out.insert(

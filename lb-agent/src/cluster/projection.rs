@@ -182,6 +182,13 @@ impl From<Service> for CachedService {
     }
 }
 
+impl CachedService {
+    /// ballast's conditions in its status (the cache keeps no others).
+    pub fn conditions(&self) -> &[CachedCondition] {
+        self.status.as_ref().map_or(&[], |st| st.conditions.as_slice())
+    }
+}
+
 impl Trim for CachedService {
     fn trim(&mut self) {
         trim_meta(&mut self.metadata);

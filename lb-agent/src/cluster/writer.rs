@@ -207,7 +207,7 @@ struct Writes {
 
 /// ballast's own conditions on a Service (the cache keeps no others).
 pub(super) fn ours_conditions(s: &CachedService) -> Vec<Condition> {
-    s.status.iter().flat_map(|st| &st.conditions).map(CachedCondition::to_condition).collect()
+    s.conditions().iter().map(CachedCondition::to_condition).collect()
 }
 
 /// The first address in a Service's status.
@@ -431,7 +431,7 @@ impl Writes {
         let ns = svc.namespace().unwrap_or_default();
         let api = Api::<CachedService>::namespaced(self.client.clone(), &ns);
         let mut current = std::borrow::Cow::Borrowed(svc);
-        if svc.metadata.deletion_timestamp.is_none() && !ours_conditions(svc).is_empty() {
+        if svc.metadata.deletion_timestamp.is_none() && !svc.conditions().is_empty() {
             // Applying an empty status as the allocator's field manager drops every field it
             // owns: the ingress and its conditions.
             let patch = json!({"apiVersion": "v1", "kind": "Service", "status": {}});
