@@ -32,8 +32,20 @@ pub struct FlowKey {
     pub dport: u16,
     /// IP protocol.
     pub proto: u8,
-    /// Always zero; keys are compared bytewise.
-    pub _pad: [u8; 3],
+    /// Always zero; keys are compared bytewise. Two fields, not `[u8; 3]`: LLVM's BPF
+    /// backend zeroes a 3-byte array through a call to `memset` (a BPF-to-BPF call per key
+    /// built), and a `u8` and an aligned `u16` through two stores.
+    pub _pad: u8,
+    /// Always zero, as `_pad`.
+    pub _pad2: u16,
+}
+
+impl FlowKey {
+    /// The key of a packet from `src:sport` to `dst:dport` (ports in host order).
+    #[inline(always)]
+    pub const fn new(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, proto: u8) -> Self {
+        Self { src, dst, sport, dport, proto, _pad: 0, _pad2: 0 }
+    }
 }
 
 /// How to rewrite and forward the packets of one direction of a flow: one cache line.
@@ -118,7 +130,7 @@ pub const fn touch_interval_ns(timeout_ns: u64) -> u64 {
 impl FlowValue {
     /// The key under which the opposite direction of this flow is stored.
     pub const fn peer_key(&self, proto: u8) -> FlowKey {
-        FlowKey { src: self.dst, dst: self.src, sport: self.dport, dport: self.sport, proto, _pad: [0; 3] }
+        FlowKey::new(self.dst, self.src, self.dport, self.sport, proto)
     }
 
     /// Idle timeout of this entry: the closing timeout for a closed TCP connection, else
@@ -145,6 +157,7 @@ impl FlowValue {
 }
 
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 16);
+const _: () = assert!(core::mem::offset_of!(FlowKey, _pad2) == 14);
 const _: () = assert!(core::mem::size_of::<FlowValue>() == 64);
 const _: () = assert!(core::mem::offset_of!(FlowValue, flags) == 24);
 const _: () = assert!(core::mem::offset_of!(FlowValue, last_seen_ns) == 32);

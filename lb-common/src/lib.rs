@@ -40,7 +40,7 @@ pub mod map_names {
     pub const IFACES: &str = "ifaces";
     /// service id → `ServiceStats` (per CPU).
     pub const STATS: &str = "stats";
-    /// service id → `RoundRobin`.
+    /// service id → `RoundRobin` (per CPU).
     pub const RR: &str = "rr";
     /// 0 → `NodeLease`: until when this node may answer ARP for the VIPs it owns.
     pub const LEASE: &str = "lease";

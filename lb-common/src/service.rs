@@ -62,7 +62,8 @@ pub struct Slot {
     pub backend_id: u32,
 }
 
-/// Per-service round-robin cursor, advanced atomically for every new flow.
+/// One CPU's round-robin cursor of one service (the `rr` map is per CPU), advanced for
+/// every new flow that CPU assigns.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RoundRobin {

@@ -7,9 +7,10 @@
 //!   inserted together on promotion and removed together, so its pairs stay whole.
 //!
 //! A SNAT port is in use while a reply entry `B:bp → S:sp` exists in either table. The
-//! reservation inserts into `half_open` first and then checks `flows`; promotion inserts
-//! into `flows` first and then removes from `half_open`. Whatever the interleaving, a port
-//! is never held by two flows to the same backend.
+//! reservation looks in `half_open`, then in `flows`, then inserts into `half_open` (and
+//! checks `flows` again when another CPU may have promoted a flow holding the port
+//! meanwhile); promotion inserts into `flows` first and then removes from `half_open`.
+//! Whatever the interleaving, a port is never held by two flows to the same backend.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_get_smp_processor_id};
 use lb_common::{
@@ -243,7 +244,8 @@ pub fn reserve_port(rkey: &mut FlowKey, reply: &FlowValue, now: u64) -> Option<u
     let range = config!(snat_port_max) as u32 - min + 1;
     let cpus = config!(cpus).max(1);
     // One slice of the range per CPU, unless the range is too small to cut.
-    let (base, slice) = if range / cpus >= SNAT_TRIES {
+    let sliced = range / cpus >= SNAT_TRIES;
+    let (base, slice) = if sliced {
         // SAFETY: helper without arguments.
         let cpu = unsafe { bpf_get_smp_processor_id() } % cpus;
         (min + cpu * (range / cpus), range / cpus)
@@ -254,29 +256,35 @@ pub fn reserve_port(rkey: &mut FlowKey, reply: &FlowValue, now: u64) -> Option<u
         let off = st.snat_cursor % slice;
         st.snat_cursor = (off + 1) % slice;
         rkey.dport = (base + off) as u16;
+        // Whether another CPU may have put this port into `flows` after we looked there.
+        // In its own slice only this CPU reserves ports, and a promotion inserts into
+        // `flows` before it removes from `half_open`, which is looked at first: only a
+        // half-open flow reclaimed here can be promoted by another CPU meanwhile.
+        let mut racing = !sliced;
         // A cheap look before the insert: a failed insert costs as much as a good one.
-        if let Some(e) = FLOWS.get_ptr_mut(*rkey) {
+        if let Some(e) = HALF_OPEN.get_ptr_mut(*rkey) {
             // SAFETY: `e` points into a live entry; it is only read, and end_flow reads
             // what it needs before it removes anything.
+            let v = unsafe { &*e };
+            if !reclaimable(Table::HalfOpen, rkey, v, now) {
+                continue;
+            }
+            end_flow(Table::HalfOpen, rkey, v);
+            racing = true;
+        }
+        if let Some(e) = FLOWS.get_ptr_mut(*rkey) {
+            // SAFETY: as above.
             let v = unsafe { &*e };
             if !reclaimable(Table::Established, rkey, v, now) {
                 continue;
             }
             end_flow(Table::Established, rkey, v);
         }
-        if let Some(e) = HALF_OPEN.get_ptr_mut(*rkey) {
-            // SAFETY: as above.
-            let v = unsafe { &*e };
-            if !reclaimable(Table::HalfOpen, rkey, v, now) {
-                continue;
-            }
-            end_flow(Table::HalfOpen, rkey, v);
-        }
         if HALF_OPEN.insert(*rkey, reply, BPF_NOEXIST as u64).is_err() {
             continue;
         }
-        if FLOWS.get_ptr_mut(*rkey).is_some() {
-            // Another CPU reserved this port and promoted its flow in between.
+        if racing && FLOWS.get_ptr_mut(*rkey).is_some() {
+            // Another CPU promoted a flow holding this port in between.
             let _ = HALF_OPEN.remove(*rkey);
             continue;
         }

@@ -114,14 +114,7 @@ fn translate_error(ctx: &XdpContext, ip_off: usize, tagged: bool, vip: bool) -> 
     }
     // The quoted packet went *out*; the entry for the opposite direction is keyed by its
     // swapped tuple and holds how that direction is rewritten.
-    let key = FlowKey {
-        src: iip.dst,
-        dst: iip.src,
-        sport: be16(l4_dport),
-        dport: be16(l4_sport),
-        proto: iip.proto,
-        _pad: [0; 3],
-    };
+    let key = FlowKey::new(iip.dst, iip.src, be16(l4_dport), be16(l4_sport), iip.proto);
     let Some(f) = flow_table::usable(key) else {
         return not_ours();
     };
@@ -199,7 +192,7 @@ fn translate_error(ctx: &XdpContext, ip_off: usize, tagged: bool, vip: bool) -> 
             s.packets += 1;
         }
     }
-    transmit(ctx, tagged, &hop)
+    transmit(ctx, tagged, ctx.ingress_ifindex() as u32, &hop)
 }
 
 /// Sums 16-bit words of `b[from..to]` (even bounds) for a checksum computed from scratch.

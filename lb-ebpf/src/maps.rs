@@ -84,9 +84,11 @@ pub static IFACES: HashMap<u32, IfaceInfo, { MAX_IFACES as usize }> = HashMap::n
 #[btf_map(name = "stats")]
 pub static STATS: PerCpuArray<ServiceStats, { MAX_SERVICES as usize + 1 }> = PerCpuArray::new();
 
-/// Per-service round-robin cursors.
+/// Per-service round-robin cursors, one per CPU: each CPU rotates through a service's
+/// backends in exact order, and no new flow waits for a cursor's cache line to come back
+/// from another CPU.
 #[btf_map(name = "rr")]
-pub static RR: Array<RoundRobin, { MAX_SERVICES as usize }> = Array::new();
+pub static RR: PerCpuArray<RoundRobin, { MAX_SERVICES as usize }> = PerCpuArray::new();
 
 /// The node's lease (one entry): until when the kernel may answer ARP for owned VIPs.
 #[btf_map(name = "lease")]

@@ -58,14 +58,7 @@ fn process(ctx: &TcContext) -> Option<i32> {
     // SAFETY: only checks presence.
     unsafe { ADDRS.get(AddrKey { addr: ip.dst }) }?;
     let ports: UdpHdr = ctx.load(L4_OFF).ok()?;
-    let key = FlowKey {
-        src: ip.src,
-        dst: ip.dst,
-        sport: be16(ports.sport),
-        dport: be16(ports.dport),
-        proto: ip.proto,
-        _pad: [0; 3],
-    };
+    let key = FlowKey::new(ip.src, ip.dst, be16(ports.sport), be16(ports.dport), ip.proto);
     let (table, fp) = flow_table::lookup(key)?;
     // SAFETY: `fp` points into a live entry; copied out at once.
     let f = unsafe { *fp };

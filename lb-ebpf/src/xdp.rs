@@ -41,7 +41,7 @@ use lb_common::{
 };
 
 use crate::{
-    arp, atomic,
+    arp,
     fib::{Hop, NextHop},
     flow_table::{self, Promotion, Table},
     hdr::*,
@@ -68,6 +68,9 @@ pub struct L4Packet {
     pub ip_len: u16,
     /// Don't Fragment is set.
     pub df: bool,
+    /// Device the packet came in on. Read once: the context rewrites each read into a
+    /// chain of loads (receive queue, device, ifindex).
+    pub ingress: u32,
 }
 
 /// Entry point.
@@ -183,13 +186,14 @@ fn l4(ctx: &XdpContext, ip_off: usize, tagged: bool, vip: bool) -> u32 {
         (be16(uh.sport), be16(uh.dport))
     };
     let p = L4Packet {
-        key: FlowKey { src: ip.src, dst: ip.dst, sport, dport, proto: ip.proto, _pad: [0; 3] },
+        key: FlowKey::new(ip.src, ip.dst, sport, dport, ip.proto),
         ip_off,
         tagged,
         tcp_flags,
         ttl: ip.ttl,
         ip_len: be16(ip.tot_len),
         df: be16(ip.frag_off) & IP_DF != 0,
+        ingress: ctx.ingress_ifindex() as u32,
     };
     let now = now_ns();
     if let Some((table, f)) = flow_table::lookup(p.key) {
@@ -301,7 +305,7 @@ fn established(ctx: &XdpContext, p: &L4Packet, table: Table, fp: *mut FlowValue,
         // Back the way the client's first packet came: learned from it, no lookup.
         reply_hop(f)
     } else {
-        match next_hop::towards(ctx, ctx.ingress_ifindex() as u32, f.backend_id, f.generation, f.dst, now) {
+        match next_hop::towards(ctx, p.ingress, f.backend_id, f.generation, f.dst, now) {
             Hop::Ready(hop) => hop,
             // The TC companion translates this packet and has the kernel resolve the
             // neighbour; a later packet finds it resolved.
@@ -378,8 +382,13 @@ fn new_flow(ctx: &XdpContext, p: &L4Packet, now: u64) -> u32 {
     let Some(rr) = RR.get_ptr_mut(svc.id) else {
         return XDP_DROP;
     };
-    // SAFETY: array slots are never freed; `next` is only accessed atomically.
-    let n = unsafe { atomic::fetch_add(&raw mut (*rr).next, 1) };
+    // SAFETY: this CPU's slot of a per-CPU array: only this CPU touches it while the
+    // program runs (preemption is disabled), and array slots are never freed.
+    let n = unsafe {
+        let n = (*rr).next;
+        (*rr).next = n.wrapping_add(1);
+        n
+    };
     let slot = SlotKey { set: svc.set, index: n % svc.count };
     // SAFETY: the value is copied out immediately.
     let Some(backend_id) = (unsafe { SLOTS.get(slot) }).map(|s| s.backend_id) else {
@@ -394,7 +403,7 @@ fn new_flow(ctx: &XdpContext, p: &L4Packet, now: u64) -> u32 {
         count_drop(svc.id, DropReason::NoBackends);
         return reject(ctx, p);
     }
-    let ingress = ctx.ingress_ifindex() as u32;
+    let ingress = p.ingress;
     let (hop, resolved) = match next_hop::towards(ctx, ingress, backend_id, be.generation, be.ip, now) {
         Hop::Ready(hop) => (hop, true),
         Hop::NoNeigh(hop) => (hop, false),
@@ -457,7 +466,7 @@ fn new_flow(ctx: &XdpContext, p: &L4Packet, now: u64) -> u32 {
         vlan,
         mtu: back.mtu,
     };
-    let mut rkey = FlowKey { src: be.ip, dst: hop.snat_ip, sport: be.port, dport: 0, proto: p.key.proto, _pad: [0; 3] };
+    let mut rkey = FlowKey::new(be.ip, hop.snat_ip, be.port, 0, p.key.proto);
     let Some(port) = flow_table::reserve_port(&mut rkey, &v, now) else {
         count_drop(svc.id, DropReason::SnatExhausted);
         return reject(ctx, p);
@@ -541,7 +550,7 @@ fn forward(ctx: &XdpContext, p: &L4Packet, t: &FlowValue, hop: &NextHop) -> u32 
     if rewrite(ctx, p, t).is_none() {
         return XDP_DROP;
     }
-    transmit(ctx, p.tagged, hop)
+    transmit(ctx, p.tagged, p.ingress, hop)
 }
 
 /// Rewrites addresses, ports and TTL in place, patching the IP and L4 checksums
@@ -581,9 +590,9 @@ fn rewrite(ctx: &XdpContext, p: &L4Packet, t: &FlowValue) -> Option<()> {
 }
 
 /// Writes the next hop's Ethernet header (adding, changing or removing the VLAN tag) and
-/// sends the frame: back out of the ingress device (XDP_TX) or to another one.
+/// sends the frame: back out of the ingress device `ingress` (XDP_TX) or to another one.
 #[inline(always)]
-pub fn transmit(ctx: &XdpContext, tagged: bool, hop: &NextHop) -> u32 {
+pub fn transmit(ctx: &XdpContext, tagged: bool, ingress: u32, hop: &NextHop) -> u32 {
     let want_tag = hop.vlan != 0;
     let mut pcp = 0u16;
     if tagged && let Some(tag) = ptr_at::<VlanHdr>(ctx.data(), ctx.data_end(), ETH_HLEN) {
@@ -621,7 +630,7 @@ pub fn transmit(ctx: &XdpContext, tagged: bool, hop: &NextHop) -> u32 {
     } else {
         eth.proto = to_be16(ETH_P_IP);
     }
-    if hop.tx_ifindex == ctx.ingress_ifindex() as u32 && hop.flags & IFACE_TX_REDIRECT == 0 {
+    if hop.tx_ifindex == ingress && hop.flags & IFACE_TX_REDIRECT == 0 {
         XDP_TX
     } else {
         // SAFETY: plain helper call; the kernel validates the ifindex.

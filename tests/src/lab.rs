@@ -125,9 +125,12 @@ impl Lab {
         Self::with_config(DataplaneConfig::default(), MapSizes { flow_entries: 4096, ..MapSizes::default() })
     }
 
-    /// Builds the namespace and loads the data path.
+    /// Builds the namespace and loads the data path. Keeps the calling thread on CPU 0:
+    /// test runs execute on the caller's CPU, and a new flow's backend and SNAT port come
+    /// from that CPU's cursors, so a thread that moved would see another rotation.
     pub fn with_config(config: DataplaneConfig, sizes: MapSizes) -> Result<Self> {
         crate::preflight::require();
+        crate::cpu::pin_current_thread(0)?;
         let ns = Netns::new("lab")?;
         let peer = Netns::new("labpeer")?;
         veth(&ns, "cl", &peer, "p-cl")?;

@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod cluster;
 pub mod cmd;
+pub mod cpu;
 pub mod ecmp;
 pub mod forward;
 pub mod frames;

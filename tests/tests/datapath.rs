@@ -54,14 +54,7 @@ fn vip(port: u16) -> SocketAddrV4 {
 }
 
 fn key(src: SocketAddrV4, dst: SocketAddrV4, proto: u8) -> FlowKey {
-    FlowKey {
-        src: src.ip().octets(),
-        dst: dst.ip().octets(),
-        sport: src.port(),
-        dport: dst.port(),
-        proto,
-        _pad: [0; 3],
-    }
+    FlowKey::new(src.ip().octets(), dst.ip().octets(), src.port(), dst.port(), proto)
 }
 
 /// The SNAT source the data path chose for a client flow, read from its flow entry.
@@ -137,6 +130,7 @@ fn tcp_flow_is_translated_both_ways_with_exact_checksums() {
 fn new_flows_rotate_over_backends_and_flows_stick() {
     let mut lab = Lab::new().unwrap();
     lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 80), be(1, 80), be(2, 80)])]).unwrap();
+    // On one CPU (the lab keeps its runs on one), in exact order from the first backend.
     let chosen: Vec<_> = (0..7).map(|i| syn_to(&mut lab, 41000 + i, 80)).collect();
     assert_eq!(chosen, vec![be(0, 80), be(1, 80), be(2, 80), be(0, 80), be(1, 80), be(2, 80), be(0, 80)]);
     // Later packets of each flow stay on its backend, whatever the cursor says.
@@ -950,20 +944,10 @@ fn half_open_flows_expire_after_their_short_timeout() {
     assert_eq!(out.verdict, xdp::REDIRECT);
 }
 
-/// Keeps the calling test thread on CPU 0, for behaviour the data path keeps per CPU.
-fn pin_to_cpu0() {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; the call only reads it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set), 0, "pin the test thread to CPU 0");
-    }
-}
-
 #[test]
 fn a_full_flow_table_refuses_new_flows_with_a_reset_and_keeps_the_old_ones() {
-    // Each CPU learns by itself that the table is full (no shared write per new flow).
-    pin_to_cpu0();
+    // Each CPU learns by itself that the table is full (no shared write per new flow);
+    // the lab keeps every run on one CPU.
     // Room for two confirmed flows.
     let sizes = MapSizes { flow_entries: 4, ..MapSizes::default() };
     let mut lab = Lab::with_config(DataplaneConfig::default(), sizes).unwrap();
@@ -989,8 +973,7 @@ fn a_full_flow_table_refuses_new_flows_with_a_reset_and_keeps_the_old_ones() {
 
 #[test]
 fn generated_answers_are_rate_limited_per_cpu() {
-    // The limit is per CPU: keep every run on one.
-    pin_to_cpu0();
+    // The limit is per CPU; the lab keeps every run on one.
     // One answer a second with a burst of 5.
     let config = DataplaneConfig {
         reply_interval_ns: 1_000_000_000,

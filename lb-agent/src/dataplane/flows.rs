@@ -153,8 +153,7 @@ mod tests {
     const S: u64 = 1_000_000_000;
 
     fn pair(last_fwd: u64, last_rev: u64, flags: u32) -> BTreeMap<FlowKey, FlowValue> {
-        let fk =
-            FlowKey { src: [1, 1, 1, 1], dst: [2, 2, 2, 2], sport: 1000, dport: 80, proto: proto::TCP, _pad: [0; 3] };
+        let fk = FlowKey::new([1, 1, 1, 1], [2, 2, 2, 2], 1000, 80, proto::TCP);
         let fv = FlowValue {
             src: [3, 3, 3, 3],
             dst: [4, 4, 4, 4],

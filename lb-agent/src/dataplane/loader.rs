@@ -245,7 +245,7 @@ fn expected_shapes(sizes: &MapSizes) -> [(&'static str, MapType, usize, usize, u
         (map_names::ADDRS, MapType::Hash, size_of::<AddrKey>(), size_of::<AddrInfo>(), sizes.addrs),
         (map_names::IFACES, MapType::Hash, 4, size_of::<IfaceInfo>(), sizes.ifaces),
         (map_names::STATS, MapType::PerCpuArray, 4, size_of::<ServiceStats>(), sizes.services + 1),
-        (map_names::RR, MapType::Array, 4, size_of::<RoundRobin>(), sizes.services),
+        (map_names::RR, MapType::PerCpuArray, 4, size_of::<RoundRobin>(), sizes.services),
         (map_names::LEASE, MapType::Array, 4, size_of::<NodeLease>(), 1),
         (map_names::CPU_STATE, MapType::PerCpuArray, 4, size_of::<CpuState>(), 1),
         (map_names::NEXT_HOPS, MapType::Array, 4, size_of::<BackendHop>(), sizes.backends),

@@ -60,7 +60,7 @@ pub struct Maps {
     addrs: HashMap<MapData, AddrKey, AddrInfo>,
     ifaces: HashMap<MapData, u32, IfaceInfo>,
     stats: PerCpuArray<MapData, ServiceStats>,
-    rr: Array<MapData, RoundRobin>,
+    rr: PerCpuArray<MapData, RoundRobin>,
     next_hops: Array<MapData, BackendHop>,
     route_epoch: RouteEpochMap,
     lease: LeaseMap,
@@ -84,7 +84,7 @@ fn open<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &'static str) -> Re
 impl Maps {
     /// Opens the maps pinned in `dir` (the agent may or may not be running).
     pub fn open(dir: &Path) -> Result<Self, MapsError> {
-        let rr: Array<MapData, RoundRobin> = open(dir, map_names::RR)?;
+        let rr: PerCpuArray<MapData, RoundRobin> = open(dir, map_names::RR)?;
         Ok(Self {
             services: open(dir, map_names::SERVICES)?,
             slots: open(dir, map_names::SLOTS)?,
@@ -163,7 +163,9 @@ impl Maps {
                 let zero = PerCpuValues::try_from(vec![ServiceStats::default(); nr_cpus()])
                     .map_err(|e| access(map_names::STATS, "build zero row")(MapError::IoError(e)))?;
                 self.stats.set(*id, zero, 0).map_err(access(map_names::STATS, format!("reset {id}")))?;
-                self.rr.set(*id, RoundRobin::default(), 0).map_err(access(map_names::RR, format!("reset {id}")))
+                let start = PerCpuValues::try_from(vec![RoundRobin::default(); nr_cpus()])
+                    .map_err(|e| access(map_names::RR, "build zero row")(MapError::IoError(e)))?;
+                self.rr.set(*id, start, 0).map_err(access(map_names::RR, format!("reset {id}")))
             }
             MapOp::SetBackend(id, b) => {
                 self.backends.set(*id, b, 0).map_err(access(map_names::BACKENDS, format!("set {id}")))

@@ -169,14 +169,7 @@ fn open_flow(lab: &mut Lab, c: SocketAddrV4, vip: SocketAddrV4) -> Result<(Socke
 
 /// The backend and SNAT source of flow `c → vip`.
 fn flow_of(lab: &Lab, c: SocketAddrV4, vip: SocketAddrV4) -> Result<(SocketAddrV4, SocketAddrV4)> {
-    let key = FlowKey {
-        src: c.ip().octets(),
-        dst: vip.ip().octets(),
-        sport: c.port(),
-        dport: vip.port(),
-        proto: lb_common::proto::TCP,
-        _pad: [0; 3],
-    };
+    let key = FlowKey::new(c.ip().octets(), vip.ip().octets(), c.port(), vip.port(), lb_common::proto::TCP);
     let f = lab.dp.maps.flow(&key)?.with_context(|| format!("no flow for {c}"))?;
     Ok((SocketAddrV4::new(f.dst.into(), f.dport), SocketAddrV4::new(f.src.into(), f.sport)))
 }
