@@ -98,6 +98,8 @@ def rules(data, out):
 
 def lbhop(rows, out):
     """Mpps on one CPU per contender, one group per (traffic, services)."""
+    # The generator's floor rows carry ns only (they are in the table, not the plot).
+    rows = [r for r in rows if r["lb"] != "floor"]
     if not rows:
         return []
     groups = []

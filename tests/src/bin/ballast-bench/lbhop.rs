@@ -188,10 +188,10 @@ impl Kit {
         let mut ctx = [0u8; 24];
         ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
         ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
-        let cpu = std::thread::available_parallelism().map_or(0, |c| c.get() - 1);
+        let cpu = measured_cpu();
         let p = self.prog("bench_gen")?;
         ns.run(move || -> Result<Duration> {
-            pin_to(cpu)?;
+            ballast_tests::cpu::pin_current_thread(cpu)?;
             let t = Instant::now();
             p.test_run(TestRunOptions {
                 data_in: Some(&frame),
@@ -206,16 +206,28 @@ impl Kit {
     }
 }
 
-/// Pins the calling thread to `cpu`.
-fn pin_to(cpu: usize) -> Result<()> {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes within it; sched_setaffinity(0)
-    // only affects the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
-        }
+/// The CPU the generator, and with it the whole hop, runs on: the last one.
+fn measured_cpu() -> usize {
+    std::thread::available_parallelism().map_or(0, |c| c.get() - 1)
+}
+
+/// Keeps the agent's threads on the CPUs but the measured one: it is the control plane,
+/// and the kernel contenders' control plane (kube-proxy) does not run during their
+/// measurements either. Its periodic re-syncs of 10 000 services would otherwise take
+/// turns on the measured CPU and count as the hop's time.
+fn keep_off_measured_cpu(agent: &Agent) -> Result<()> {
+    let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
+    if cpus < 2 {
+        return Ok(());
+    }
+    let pid = agent.pid().context("the agent has no process")?;
+    let list = format!("0-{}", cpus - 2);
+    let out = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", &list, &pid.to_string()])
+        .output()
+        .context("running taskset")?;
+    if !out.status.success() {
+        bail!("taskset -a -p -c {list} {pid}: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(())
 }
@@ -328,7 +340,9 @@ fn setup(kind: Kind, n: usize, flows: u32) -> Result<Hop> {
                 &(2 * n + 16).max(1024).to_string(),
             ]
             .map(String::from);
-            agent = Some(start_ballast(&mut tb, &svcs, &extra)?.0);
+            let a = start_ballast(&mut tb, &svcs, &extra)?.0;
+            keep_off_measured_cpu(&a)?;
+            agent = Some(a);
         }
         Kind::Iptables => {
             apply(&tb.lb, &["iptables-restore"], &iptables_rules(&svcs))?;
@@ -392,6 +406,16 @@ impl Hop {
         self.kit.attach(&self.tb.switch, "s-lb", program)
     }
 
+    /// Turns the bed into the generator's floor: every frame is counted and dropped by
+    /// `bench_sink` on `lb0` as it arrives, so the hop itself (the LB's work, the transfer
+    /// out of `lb1`, the sink behind it) is left out. Plain routing's bed only.
+    fn floor_only(&mut self) -> Result<()> {
+        self.kit.detach("bench_pass")?;
+        self.kit.detach("bench_sink")?;
+        self.kit.detach("bench_reflect")?;
+        self.kit.attach(&self.tb.lb, "lb0", "bench_sink")
+    }
+
     /// One measurement: frames delivered per second, ns per frame sent, and the share of
     /// frames delivered.
     fn measure(&mut self, traffic: Traffic, flows: u32, frames: u32) -> Result<(f64, f64, f64)> {
@@ -441,6 +465,7 @@ pub fn run(o: &Opts, kinds: &[Kind]) -> Result<(String, Value)> {
     // conntrack's table must hold the established flows plus a new-flow run's worth.
     let _ = std::fs::write("/proc/sys/net/netfilter/nf_conntrack_max", "1048576");
     let mut cells = Vec::new();
+    let mut floors = Vec::new();
     for kind in KINDS.into_iter().filter(|k| kinds.contains(k)) {
         for &n in &o.sizes {
             if kind == Kind::Routing && n != o.sizes[0] {
@@ -499,17 +524,54 @@ pub fn run(o: &Opts, kinds: &[Kind]) -> Result<(String, Value)> {
                     error: result.err().map(|e| format!("{e:#}")),
                 });
             }
+            if kind == Kind::Routing {
+                floors = measure_floors(hop, o);
+            }
         }
     }
-    Ok((markdown(o, &cells), data(&cells)))
+    Ok((markdown(o, &cells, &floors), data(&cells, &floors)))
 }
 
-fn markdown(o: &Opts, cells: &[Cell]) -> String {
+/// The generator's own cost per frame, for each traffic: what every contender's ns per
+/// frame includes and the hop does not (the XDP paper's generator ran on another machine).
+fn measure_floors(hop: &mut Hop, o: &Opts) -> Vec<(Traffic, Series)> {
+    eprintln!("bench: LB hop, the generator's floor");
+    if let Err(e) = hop.floor_only() {
+        eprintln!("bench: the generator's floor is not measured: {e:#}");
+        return Vec::new();
+    }
+    let mut floors = Vec::new();
+    for traffic in Traffic::ALL {
+        let frames = if traffic == Traffic::NewUdp { o.new_frames } else { o.frames };
+        let mut ns = Series::default();
+        let measured = (|| -> Result<()> {
+            hop.measure(traffic, o.flows, frames / 4)?;
+            for _ in 0..o.runs {
+                ns.push(hop.measure(traffic, o.flows, frames)?.1);
+            }
+            Ok(())
+        })();
+        match measured {
+            Ok(()) => floors.push((traffic, ns)),
+            Err(e) => eprintln!("bench: the generator's floor for {} is not measured: {e:#}", traffic.label()),
+        }
+    }
+    floors
+}
+
+/// A cell's ns per frame less the generator's floor for its traffic: the hop's own cost.
+fn hop_ns(c: &Cell, floors: &[(Traffic, Series)]) -> Option<f64> {
+    let floor = floors.iter().find(|(t, _)| *t == c.traffic)?.1.median();
+    let ns = c.ns.median();
+    (ns > floor).then_some(ns - floor)
+}
+
+fn markdown(o: &Opts, cells: &[Cell], floors: &[(Traffic, Series)]) -> String {
     let mut md = String::new();
     let _ = writeln!(
         md,
         "### LB hop, packets per second on one CPU (BPF_PROG_RUN live frames)\n\n\
-         Frames are generated in the kernel on the client's veth (`bench_gen`, XDP live-frames mode, batches of 64) and reach the LB's `lb0` as XDP frames; `bench_sink` counts and drops them on the switch port behind `lb1`. The generator, the LB and the sink all run on one pinned CPU, so ns per frame is that CPU's time for the whole hop (generator and veth transfers included; plain routing shows that floor). {} runs of {} frames after a warm-up (a quarter as many); median (range). Established cases cycle through {} flows opened before the runs (a reflector answered each one, so ballast confirmed them and conntrack saw them replied); the new-flow case sends a new UDP tuple in every frame. IPVS is not measured: this kernel has none. Kernel contenders have an XDP_PASS program (`bench_pass`) on `lb0` and `lb1`: a veth receives frames its peer sends with XDP only into an XDP program.\n",
+         Frames are generated in the kernel on the client's veth (`bench_gen`, XDP live-frames mode, batches of 64) and reach the LB's `lb0` as XDP frames; `bench_sink` counts and drops them on the switch port behind `lb1`. The generator, the LB and the sink all run on one pinned CPU, so ns per frame is that CPU's time for the whole hop (generator and veth transfers included; plain routing shows that floor). {} runs of {} frames after a warm-up (a quarter as many); median (range). Established cases cycle through {} flows opened before the runs (a reflector answered each one, so ballast confirmed them and conntrack saw them replied); the new-flow case sends a new UDP tuple in every frame. IPVS is not measured: this kernel has none. ballast's agent (the control plane) runs on the other CPUs, as kube-proxy does not run during the kernel contenders' runs at all. Kernel contenders have an XDP_PASS program (`bench_pass`) on `lb0` and `lb1`: a veth receives frames its peer sends with XDP only into an XDP program.\n",
         o.runs, o.frames, o.flows
     );
     let _ = writeln!(
@@ -517,16 +579,22 @@ fn markdown(o: &Opts, cells: &[Cell]) -> String {
         "New-flow runs send {} frames each, a second apart, to a UDP service of their own (its backends' own port, so the established flows' SNAT ports stay out of the way): fewer than the SNAT ports towards its four backends, which every NAT load balancer runs out of under a sustained stream of new tuples (ballast reclaims a half-open flow's port after a second; conntrack keeps an unreplied UDP entry for 30 s). *Mpps* counts frames delivered to the sink; *ns per frame* is the CPU time per frame sent; *delivered* is the share that arrived.\n",
         o.new_frames
     );
+    let floor_text: Vec<String> = floors.iter().map(|(t, ns)| format!("{} {} ns", t.label(), ns.cell(0))).collect();
     let _ = writeln!(
         md,
-        "| LB | services | traffic | Mpps | ns per frame | delivered % | vs iptables (same services, traffic) |"
+        "*The generator's floor*: the same frames, counted and dropped by `bench_sink` on `lb0` as they arrive (plain routing's bed), cost {} per frame. *Hop ns* is a cell's ns per frame less that floor: the CPU time of the hop alone (the LB's work, the transfer out of `lb1`, the sink), which is what the XDP paper measured on a load balancer whose generator ran on another machine; *hop rate vs iptables* compares those, 1 / hop ns.\n",
+        if floor_text.is_empty() { "not measured".to_string() } else { floor_text.join(", ") }
     );
-    let _ = writeln!(md, "|---|---:|---|---:|---:|---:|---:|");
+    let _ = writeln!(
+        md,
+        "| LB | services | traffic | Mpps | ns per frame | delivered % | vs iptables (same services, traffic) | hop ns | hop rate vs iptables |"
+    );
+    let _ = writeln!(md, "|---|---:|---|---:|---:|---:|---:|---:|---:|");
     for c in cells {
         if let Some(e) = &c.error {
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | not measured: {} | | | |",
+                "| {} | {} | {} | not measured: {} | | | | | |",
                 c.kind.label(),
                 c.services,
                 c.traffic.label(),
@@ -542,9 +610,19 @@ fn markdown(o: &Opts, cells: &[Cell]) -> String {
             Some(b) if b > 0.0 && c.kind != Kind::Iptables => format!("{:.2}x", c.mpps.median() / b),
             _ => "-".into(),
         };
+        let own = hop_ns(c, floors);
+        let ipt_own = cells
+            .iter()
+            .find(|x| x.kind == Kind::Iptables && x.services == c.services && x.traffic == c.traffic)
+            .and_then(|x| hop_ns(x, floors));
+        let own_ratio = match (own, ipt_own) {
+            (Some(o), Some(i)) if c.kind != Kind::Iptables => format!("{:.2}x", i / o),
+            _ => "-".into(),
+        };
+        let own = own.map_or_else(|| "-".to_string(), |v| format!("{v:.0}"));
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {ratio} |",
+            "| {} | {} | {} | {} | {} | {} | {ratio} | {own} | {own_ratio} |",
             c.kind.label(),
             c.services,
             c.traffic.label(),
@@ -556,7 +634,9 @@ fn markdown(o: &Opts, cells: &[Cell]) -> String {
     md
 }
 
-fn data(cells: &[Cell]) -> Value {
+fn data(cells: &[Cell], floors: &[(Traffic, Series)]) -> Value {
+    let floors: Vec<Value> =
+        floors.iter().map(|(t, ns)| json!({"lb": "floor", "traffic": t.short(), "ns": ns.0})).collect();
     let rows: Vec<Value> = cells
         .iter()
         .filter(|c| c.error.is_none())
@@ -570,6 +650,7 @@ fn data(cells: &[Cell]) -> Value {
                 "delivered": c.delivered.0,
             })
         })
+        .chain(floors)
         .collect();
     Value::Array(rows)
 }
