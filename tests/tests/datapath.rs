@@ -70,6 +70,27 @@ fn backend_of(lab: &Lab, k: FlowKey) -> SocketAddrV4 {
 }
 
 /// Sends a client SYN and returns the backend the output frame is addressed to.
+#[test]
+fn each_cpu_rotates_over_the_backends_with_a_cursor_of_its_own() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(cpus >= 2, "this test needs two CPUs to run new flows on; the machine has {cpus}");
+    let mut lab = Lab::new().unwrap();
+    lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 80), be(1, 80), be(2, 80)])]).unwrap();
+    let mut on = |cpu: usize, cport: u16| {
+        ballast_tests::cpu::pin_current_thread(cpu).unwrap();
+        syn_to(&mut lab, cport, 80)
+    };
+    // CPU 1's first flow starts at the first backend although CPU 0 has moved on, and
+    // neither CPU's turns skip a backend because of the other's: no cursor is shared.
+    assert_eq!(on(0, 41100), be(0, 80));
+    assert_eq!(on(0, 41101), be(1, 80));
+    assert_eq!(on(1, 41102), be(0, 80));
+    assert_eq!(on(0, 41103), be(2, 80));
+    assert_eq!(on(1, 41104), be(1, 80));
+    assert_eq!(on(1, 41105), be(2, 80));
+    assert_eq!(on(0, 41106), be(0, 80));
+}
+
 fn syn_to(lab: &mut Lab, cport: u16, vport: u16) -> SocketAddrV4 {
     let out = lab.xdp(&Frame::tcp(client(cport), vip(vport)).macs(GW_MAC, LB_CL_MAC).bytes(), lab.cl).unwrap();
     assert_eq!(out.verdict, xdp::REDIRECT, "{:?}", parse(&out.frame));

@@ -456,6 +456,8 @@ struct Cell {
     mpps: Series,
     ns: Series,
     delivered: Series,
+    /// ballast's XDP program's own time per frame (bpf_stats), ballast's cells only.
+    prog_ns: Series,
     error: Option<String>,
 }
 
@@ -464,6 +466,8 @@ pub fn run(o: &Opts, kinds: &[Kind]) -> Result<(String, Value)> {
     ballast_tests::preflight::require();
     // conntrack's table must hold the established flows plus a new-flow run's worth.
     let _ = std::fs::write("/proc/sys/net/netfilter/nf_conntrack_max", "1048576");
+    // The kernel's run-time accounting, for ballast's program's own share of the hop.
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
     let mut cells = Vec::new();
     let mut floors = Vec::new();
     for kind in KINDS.into_iter().filter(|k| kinds.contains(k)) {
@@ -483,6 +487,7 @@ pub fn run(o: &Opts, kinds: &[Kind]) -> Result<(String, Value)> {
                             mpps: Series::default(),
                             ns: Series::default(),
                             delivered: Series::default(),
+                            prog_ns: Series::default(),
                             error: Some(format!("{e:#}")),
                         });
                     }
@@ -492,6 +497,7 @@ pub fn run(o: &Opts, kinds: &[Kind]) -> Result<(String, Value)> {
             let Some(hop) = hop.as_mut() else { continue };
             for traffic in Traffic::ALL {
                 let (mut mpps, mut ns, mut delivered) = (Series::default(), Series::default(), Series::default());
+                let mut prog_ns = Series::default();
                 let frames = if traffic == Traffic::NewUdp { o.new_frames } else { o.frames };
                 let result = (|| -> Result<()> {
                     // Plain routing keeps no per-flow state: nothing to establish.
@@ -507,7 +513,14 @@ pub fn run(o: &Opts, kinds: &[Kind]) -> Result<(String, Value)> {
                             // The last run's half-open ports come free after a second.
                             std::thread::sleep(Duration::from_millis(1100));
                         }
+                        let before = crate::sidebyside::bpf_stats();
                         let (pps, per, share) = hop.measure(traffic, o.flows, frames)?;
+                        if let (Some((t0, c0)), Some((t1, c1))) = (before, crate::sidebyside::bpf_stats())
+                            && kind == Kind::Ballast
+                            && c1 > c0
+                        {
+                            prog_ns.push((t1 - t0) / (c1 - c0));
+                        }
                         mpps.push(pps / 1e6);
                         ns.push(per);
                         delivered.push(share * 100.0);
@@ -521,6 +534,7 @@ pub fn run(o: &Opts, kinds: &[Kind]) -> Result<(String, Value)> {
                     mpps,
                     ns,
                     delivered,
+                    prog_ns,
                     error: result.err().map(|e| format!("{e:#}")),
                 });
             }
@@ -582,19 +596,19 @@ fn markdown(o: &Opts, cells: &[Cell], floors: &[(Traffic, Series)]) -> String {
     let floor_text: Vec<String> = floors.iter().map(|(t, ns)| format!("{} {} ns", t.label(), ns.cell(0))).collect();
     let _ = writeln!(
         md,
-        "*The generator's floor*: the same frames, counted and dropped by `bench_sink` on `lb0` as they arrive (plain routing's bed), cost {} per frame. *Hop ns* is a cell's ns per frame less that floor: the CPU time of the hop alone (the LB's work, the transfer out of `lb1`, the sink), which is what the XDP paper measured on a load balancer whose generator ran on another machine; *hop rate vs iptables* compares those, 1 / hop ns.\n",
+        "*The generator's floor*: the same frames, counted and dropped by `bench_sink` on `lb0` as they arrive (plain routing's bed), cost {} per frame. *Hop ns* is a cell's ns per frame less that floor: the CPU time of the hop alone (the LB's work, the transfer out of `lb1`, the sink), which is what the XDP paper measured on a load balancer whose generator ran on another machine; *hop rate vs iptables* compares those, 1 / hop ns. For ballast, *program ns* is its XDP program's own run time per frame (`kernel.bpf_stats_enabled`), the rest of its hop being the veth transfers and the sink.\n",
         if floor_text.is_empty() { "not measured".to_string() } else { floor_text.join(", ") }
     );
     let _ = writeln!(
         md,
-        "| LB | services | traffic | Mpps | ns per frame | delivered % | vs iptables (same services, traffic) | hop ns | hop rate vs iptables |"
+        "| LB | services | traffic | Mpps | ns per frame | delivered % | vs iptables (same services, traffic) | hop ns | hop rate vs iptables | program ns per frame (bpf_stats) |"
     );
-    let _ = writeln!(md, "|---|---:|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     for c in cells {
         if let Some(e) = &c.error {
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | not measured: {} | | | | | |",
+                "| {} | {} | {} | not measured: {} | | | | | | |",
                 c.kind.label(),
                 c.services,
                 c.traffic.label(),
@@ -620,9 +634,10 @@ fn markdown(o: &Opts, cells: &[Cell], floors: &[(Traffic, Series)]) -> String {
             _ => "-".into(),
         };
         let own = own.map_or_else(|| "-".to_string(), |v| format!("{v:.0}"));
+        let prog = if c.prog_ns.0.is_empty() { "-".to_string() } else { c.prog_ns.cell(0) };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {ratio} | {own} | {own_ratio} |",
+            "| {} | {} | {} | {} | {} | {} | {ratio} | {own} | {own_ratio} | {prog} |",
             c.kind.label(),
             c.services,
             c.traffic.label(),
@@ -648,6 +663,7 @@ fn data(cells: &[Cell], floors: &[(Traffic, Series)]) -> Value {
                 "mpps": c.mpps.0,
                 "ns": c.ns.0,
                 "delivered": c.delivered.0,
+                "prog_ns": c.prog_ns.0,
             })
         })
         .chain(floors)

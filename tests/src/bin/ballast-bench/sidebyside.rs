@@ -193,8 +193,9 @@ fn measure(kind: Kind, o: &Opts, cpus: f64) -> Result<Row> {
     Ok(r)
 }
 
-/// Sum of run time (ns) and run count of ballast's programs, from `bpftool prog show`.
-fn bpf_stats() -> Option<(f64, f64)> {
+/// Sum of run time (ns) and run count of ballast's programs, from `bpftool prog show`
+/// (with `kernel.bpf_stats_enabled` on).
+pub fn bpf_stats() -> Option<(f64, f64)> {
     let out = cmd("bpftool", &["-j", "prog", "show"]).ok()?;
     let v: Value = serde_json::from_str(&out).ok()?;
     let mut t = (0.0, 0.0);
