@@ -1,7 +1,9 @@
 //! Keeping a thread on one CPU, for what the data path does per CPU: a new flow's backend
-//! comes from that CPU's round-robin cursor and its SNAT port from that CPU's slice. A
-//! packet a thread sends through a veth is handled by the receiving side's XDP program on
-//! the sending thread's CPU, and `BPF_PROG_TEST_RUN` runs on the caller's CPU.
+//! comes from that CPU's round-robin cursor and its SNAT port from that CPU's slice.
+//! `BPF_PROG_TEST_RUN` runs the program on the caller's CPU, so pinning the caller fixes
+//! the CPU. Real packets give no such promise: a veth's receive queue may already be
+//! polled on another CPU when a pinned thread sends, and its frames are then handled
+//! there.
 
 use anyhow::{Result, bail};
 

@@ -80,11 +80,6 @@ impl Netns {
         })
     }
 
-    /// Runs `f` as [`Self::run`] does, on a thread kept on `cpu` (see [`crate::cpu`]).
-    pub fn run_on_cpu<T: Send>(&self, cpu: usize, f: impl FnOnce() -> T + Send) -> Result<T> {
-        self.run(|| crate::cpu::pin_current_thread(cpu).map(|()| f()))?
-    }
-
     /// Interface index of `dev` in this namespace.
     pub fn ifindex(&self, dev: &str) -> Result<u32> {
         let out = self.ip(&format!("-j link show dev {dev}"))?;

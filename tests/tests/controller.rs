@@ -450,12 +450,13 @@ async fn a_service_and_its_endpoint_slice_carry_real_tcp_and_udp_traffic() {
     let (_servers, ip) = serve_traffic(&bed).await;
     let web = SocketAddrV4::new(ip, 80);
     let dns = SocketAddrV4::new(ip, 53);
-    // From one CPU: the round robin is exact per CPU (see ballast_tests::cpu).
     let tcp: Vec<String> =
-        (0..6).map(|i| bed.tb.client.run_on_cpu(0, move || tcp_ask(web, &format!("r{i}"))).unwrap().unwrap()).collect();
-    let names: BTreeSet<&str> = tcp.iter().map(|a| a.split(' ').next().unwrap()).collect();
-    assert_eq!(names.len(), 3, "{tcp:?}");
-    assert_eq!(tcp[0].split(' ').next(), tcp[3].split(' ').next(), "round robin: {tcp:?}");
+        (0..6).map(|i| bed.tb.client.run(move || tcp_ask(web, &format!("r{i}"))).unwrap().unwrap()).collect();
+    let names: Vec<&str> = tcp.iter().map(|a| a.split(' ').next().unwrap()).collect();
+    // Round robin, exact on each CPU: however the CPUs split 6 connections, every backend
+    // gets one to three of them.
+    assert_eq!(names.iter().collect::<BTreeSet<_>>().len(), 3, "{tcp:?}");
+    assert!(names.iter().all(|n| names.iter().filter(|m| *m == n).count() <= 3), "round robin: {tcp:?}");
     for i in 0..3 {
         let (answer, from) = bed.tb.client.run(move || udp_ask(dns, &format!("q{i}"))).unwrap().unwrap();
         assert!(answer.starts_with("backend-"), "{answer}");
