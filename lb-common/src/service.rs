@@ -63,7 +63,8 @@ pub struct Slot {
 }
 
 /// One CPU's round-robin cursor of one service (the `rr` map is per CPU), advanced for
-/// every new flow that CPU assigns.
+/// every new flow that CPU assigns. CPU `c` picks position `(next + c) % count`, so CPUs
+/// start their rotations at different backends.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RoundRobin {

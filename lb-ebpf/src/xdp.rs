@@ -25,7 +25,7 @@ use aya_ebpf::{
         BPF_NOEXIST,
         xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     },
-    helpers::generated::{bpf_redirect, bpf_xdp_adjust_head},
+    helpers::generated::{bpf_get_smp_processor_id, bpf_redirect, bpf_xdp_adjust_head},
     macros::xdp,
     programs::XdpContext,
 };
@@ -389,7 +389,12 @@ fn new_flow(ctx: &XdpContext, p: &L4Packet, now: u64) -> u32 {
         (*rr).next = n.wrapping_add(1);
         n
     };
-    let slot = SlotKey { set: svc.set, index: n % svc.count };
+    // Each CPU starts its rotation at its own backend (CPU c at position c): with a NIC
+    // spreading new connections over many CPUs, the first ones would otherwise all go to
+    // the set's first backend.
+    // SAFETY: helper without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let slot = SlotKey { set: svc.set, index: n.wrapping_add(cpu) % svc.count };
     // SAFETY: the value is copied out immediately.
     let Some(backend_id) = (unsafe { SLOTS.get(slot) }).map(|s| s.backend_id) else {
         count_drop(svc.id, DropReason::NoBackends);

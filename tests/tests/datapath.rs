@@ -80,14 +80,14 @@ fn each_cpu_rotates_over_the_backends_with_a_cursor_of_its_own() {
         ballast_tests::cpu::pin_current_thread(cpu).unwrap();
         syn_to(&mut lab, cport, 80)
     };
-    // CPU 1's first flow starts at the first backend although CPU 0 has moved on, and
-    // neither CPU's turns skip a backend because of the other's: no cursor is shared.
+    // CPU c starts at position c; neither CPU's turns skip a backend because of the
+    // other's: no cursor is shared (one would give 0 1 2 0 1 2 0).
     assert_eq!(on(0, 41100), be(0, 80));
     assert_eq!(on(0, 41101), be(1, 80));
-    assert_eq!(on(1, 41102), be(0, 80));
+    assert_eq!(on(1, 41102), be(1, 80));
     assert_eq!(on(0, 41103), be(2, 80));
-    assert_eq!(on(1, 41104), be(1, 80));
-    assert_eq!(on(1, 41105), be(2, 80));
+    assert_eq!(on(1, 41104), be(2, 80));
+    assert_eq!(on(1, 41105), be(0, 80));
     assert_eq!(on(0, 41106), be(0, 80));
 }
 
@@ -151,7 +151,8 @@ fn tcp_flow_is_translated_both_ways_with_exact_checksums() {
 fn new_flows_rotate_over_backends_and_flows_stick() {
     let mut lab = Lab::new().unwrap();
     lab.program(vec![svc(80, Protocol::Tcp, &[be(0, 80), be(1, 80), be(2, 80)])]).unwrap();
-    // On one CPU (the lab keeps its runs on one), in exact order from the first backend.
+    // On one CPU (the lab keeps its runs on CPU 0, which starts at position 0), in exact
+    // order.
     let chosen: Vec<_> = (0..7).map(|i| syn_to(&mut lab, 41000 + i, 80)).collect();
     assert_eq!(chosen, vec![be(0, 80), be(1, 80), be(2, 80), be(0, 80), be(1, 80), be(2, 80), be(0, 80)]);
     // Later packets of each flow stay on its backend, whatever the cursor says.
