@@ -70,6 +70,14 @@ fn backend_of(lab: &Lab, k: FlowKey) -> SocketAddrV4 {
 }
 
 /// Sends a client SYN and returns the backend the output frame is addressed to.
+fn syn_to(lab: &mut Lab, cport: u16, vport: u16) -> SocketAddrV4 {
+    let out = lab.xdp(&Frame::tcp(client(cport), vip(vport)).macs(GW_MAC, LB_CL_MAC).bytes(), lab.cl).unwrap();
+    assert_eq!(out.verdict, xdp::REDIRECT, "{:?}", parse(&out.frame));
+    let p = parse(&out.frame).unwrap();
+    let Some(etherparse::TransportHeader::Tcp(t)) = p.l4 else { panic!("not TCP") };
+    SocketAddrV4::new(Ipv4Addr::from(p.ip.destination), t.destination_port)
+}
+
 #[test]
 fn each_cpu_rotates_over_the_backends_with_a_cursor_of_its_own() {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -89,14 +97,6 @@ fn each_cpu_rotates_over_the_backends_with_a_cursor_of_its_own() {
     assert_eq!(on(1, 41104), be(2, 80));
     assert_eq!(on(1, 41105), be(0, 80));
     assert_eq!(on(0, 41106), be(0, 80));
-}
-
-fn syn_to(lab: &mut Lab, cport: u16, vport: u16) -> SocketAddrV4 {
-    let out = lab.xdp(&Frame::tcp(client(cport), vip(vport)).macs(GW_MAC, LB_CL_MAC).bytes(), lab.cl).unwrap();
-    assert_eq!(out.verdict, xdp::REDIRECT, "{:?}", parse(&out.frame));
-    let p = parse(&out.frame).unwrap();
-    let Some(etherparse::TransportHeader::Tcp(t)) = p.l4 else { panic!("not TCP") };
-    SocketAddrV4::new(Ipv4Addr::from(p.ip.destination), t.destination_port)
 }
 
 /// The IP part (header and payload) of a frame without VLAN tag.

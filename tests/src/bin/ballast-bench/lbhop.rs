@@ -216,12 +216,12 @@ fn measured_cpu() -> usize {
 /// measurements either. Its periodic re-syncs of 10 000 services would otherwise take
 /// turns on the measured CPU and count as the hop's time.
 fn keep_off_measured_cpu(agent: &Agent) -> Result<()> {
-    let cpus = std::thread::available_parallelism().map_or(1, |c| c.get());
-    if cpus < 2 {
+    let measured = measured_cpu();
+    if measured == 0 {
         return Ok(());
     }
     let pid = agent.pid().context("the agent has no process")?;
-    let list = format!("0-{}", cpus - 2);
+    let list = format!("0-{}", measured - 1);
     let out = std::process::Command::new("taskset")
         .args(["-a", "-p", "-c", &list, &pid.to_string()])
         .output()
@@ -507,10 +507,7 @@ pub fn run(o: &Opts, kinds: &[Kind]) -> Result<(String, Value)> {
                     // A discarded warm-up, then the runs.
                     hop.measure(traffic, o.flows, frames / 4)?;
                     for _ in 0..o.runs {
-                        if traffic == Traffic::NewUdp {
-                            // The last run's half-open ports come free after a second.
-                            std::thread::sleep(Duration::from_millis(1100));
-                        }
+                        wait_for_free_ports(traffic);
                         let (pps, per, share) = hop.measure(traffic, o.flows, frames)?;
                         mpps.push(pps / 1e6);
                         ns.push(per);
@@ -521,9 +518,7 @@ pub fn run(o: &Opts, kinds: &[Kind]) -> Result<(String, Value)> {
                         // in one more run: the accounting costs every program on the way
                         // (generator and sink too) two clock reads per frame, so the timed
                         // runs go without it.
-                        if traffic == Traffic::NewUdp {
-                            std::thread::sleep(Duration::from_millis(1100));
-                        }
+                        wait_for_free_ports(traffic);
                         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
                         let before = crate::sidebyside::bpf_stats();
                         hop.measure(traffic, o.flows, frames)?;
@@ -553,6 +548,13 @@ pub fn run(o: &Opts, kinds: &[Kind]) -> Result<(String, Value)> {
         }
     }
     Ok((markdown(o, &cells, &floors), data(&cells, &floors)))
+}
+
+/// Before a new-flow run: the last run's half-open SNAT ports come free after a second.
+fn wait_for_free_ports(traffic: Traffic) {
+    if traffic == Traffic::NewUdp {
+        std::thread::sleep(Duration::from_millis(1100));
+    }
 }
 
 /// The generator's own cost per frame, for each traffic: what every contender's ns per
