@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::tasks::root;
+use crate::{gocache::ScratchCache, tasks::root};
 
 /// The Kubernetes release the tests run against.
 pub const KUBERNETES: &str = "v1.37.2";
@@ -58,6 +58,7 @@ pub fn build() -> Result<PathBuf> {
     }
     fs::create_dir_all(&dir)?;
     eprintln!("building kube-apiserver {KUBERNETES} and etcd {ETCD} with Go (first time only; several minutes)");
+    let cache = ScratchCache::new("controlplane")?;
     for (pkg, out) in
         [("k8s.io/kubernetes/cmd/kube-apiserver", "kube-apiserver"), ("go.etcd.io/etcd/server/v3", "etcd")]
     {
@@ -69,6 +70,7 @@ pub fn build() -> Result<PathBuf> {
             .env("CGO_ENABLED", "0")
             .env("GOTOOLCHAIN", "local")
             .env("GOFLAGS", "-mod=mod")
+            .env("GOCACHE", cache.path())
             .status()
             .context("running go (is Go installed?)")?;
         if !status.success() {

@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context, Result, bail};
 
-use crate::tasks::root;
+use crate::{gocache::ScratchCache, tasks::root};
 
 /// The GoBGP release the agent's API messages follow (`lb-agent/src/bgp/api.rs`).
 pub const GOBGP: &str = "v4.8.0";
@@ -23,10 +23,12 @@ pub fn build() -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&dir)?;
     eprintln!("building gobgpd and gobgp {GOBGP} with Go (first time only; about a minute)");
+    let cache = ScratchCache::new("gobgp")?;
     let status = Command::new("go")
         .arg("install")
         .args(["gobgpd", "gobgp"].map(|c| format!("github.com/osrg/gobgp/v4/cmd/{c}@{GOBGP}")))
         .env("GOBIN", &dir)
+        .env("GOCACHE", cache.path())
         .env("CGO_ENABLED", "0")
         .env("GOTOOLCHAIN", "local")
         .status()

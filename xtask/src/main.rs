@@ -2,6 +2,7 @@
 
 mod controlplane;
 mod gobgp;
+mod gocache;
 mod setup;
 mod tasks;
 
