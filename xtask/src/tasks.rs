@@ -80,6 +80,9 @@ pub fn demo() -> Result<()> {
 pub fn test(filter: Option<&str>) -> Result<()> {
     require_root("the test suite")?;
     setup::ensure(false)?;
+    // Built before the Rust builds fill the disk: its Go build cache (about 3 GB, removed
+    // afterwards) and the test binaries then never need room at the same time.
+    crate::controlplane::build()?;
     cargo(&["fmt", "--all", "--", "--check"], false)?;
     cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"], false)?;
     clippy_ebpf()?;
