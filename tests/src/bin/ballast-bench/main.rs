@@ -10,6 +10,8 @@
 //! Services (`fullsync` alone: cold start, warm restart, churn; `--services N` sets its size); `multinode`, failover
 //! between edge nodes and the agents' steady-state API load; `bgp`, BGP mode behind an
 //! ECMP router (Service → route, failed node → withdrawn, conn/s through 1–3 nodes).
+//! `--flows N` sets the LB hop's number of established flows, `--services N` its one service
+//! count (and the full sync's size).
 
 mod bgp;
 mod contenders;
@@ -40,8 +42,12 @@ fn main() -> anyhow::Result<()> {
     let quick = smoke || args.iter().any(|a| a == "--quick");
     let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
     let only = value("--only");
-    // --services N: the full sync's size instead of the mode's (for measuring in between).
+    // --services N: the full sync's size, and the LB hop's only service count, instead of
+    // the mode's (for measuring in between).
     let sync_n = value("--services").map(|v| v.parse::<usize>()).transpose().context("--services: not a number")?;
+    // --flows N: the LB hop's concurrent established flows instead of the mode's (how its
+    // cost grows with the flow table).
+    let hop_flows = value("--flows").map(|v| v.parse::<u32>()).transpose().context("--flows: not a number")?;
     let want = |s: &str| only.as_deref().is_none_or(|o| o == s);
     let kinds = match value("--contenders") {
         Some(list) => list
@@ -68,7 +74,14 @@ fn main() -> anyhow::Result<()> {
         data.insert("rules".into(), d);
     }
     if want("lbhop") {
-        let (md, d) = lbhop::run(&lbhop::Opts::new(quick, smoke), &kinds)?;
+        let mut opts = lbhop::Opts::new(quick, smoke);
+        if let Some(n) = hop_flows {
+            opts.flows = n.max(1);
+        }
+        if let Some(n) = sync_n {
+            opts.sizes = vec![n.max(1)];
+        }
+        let (md, d) = lbhop::run(&opts, &kinds)?;
         section(md);
         data.insert("lbhop".into(), d);
     }
