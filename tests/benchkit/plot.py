@@ -98,8 +98,9 @@ def rules(data, out):
 
 def lbhop(rows, out):
     """Mpps on one CPU per contender, one group per (traffic, services)."""
-    # The generator's floor rows carry ns only (they are in the table, not the plot).
-    rows = [r for r in rows if r["lb"] != "floor"]
+    # The generator's floor rows carry ns only, and the established-cost sweep's points
+    # ("active") are a table of their own: both are in the report, not the plot.
+    rows = [r for r in rows if r["lb"] != "floor" and "active" not in r]
     if not rows:
         return []
     groups = []

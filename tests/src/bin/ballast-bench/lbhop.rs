@@ -40,7 +40,7 @@ use serde_json::{Value, json};
 
 use crate::{
     contenders::{Kind, Svc, apply, iptables_rules, nft_rules, start_ballast},
-    stats::Series,
+    stats::{Series, fmt_num},
 };
 
 /// Sizes of one run of the section.
@@ -58,17 +58,36 @@ pub struct Opts {
     pub flows: u32,
     /// Service counts.
     pub sizes: Vec<usize>,
+    /// Active flows for the established-cost sweep: with all `flows` established, the
+    /// established cases are measured again cycling through only the first of them, so
+    /// the cost per frame can be read against the number of flows in use (at the first
+    /// service count; counts not below `flows` are left out).
+    pub sweep: Vec<u32>,
 }
 
 impl Opts {
     /// The full run, the quick one, or the smoke test's.
     pub fn new(quick: bool, smoke: bool) -> Self {
         if smoke {
-            Self { runs: 1, frames: 20_000, new_frames: 5_000, flows: 2_000, sizes: vec![1, 10] }
+            Self { runs: 1, frames: 20_000, new_frames: 5_000, flows: 2_000, sizes: vec![1, 10], sweep: vec![1, 100] }
         } else if quick {
-            Self { runs: 3, frames: 1_000_000, new_frames: 40_000, flows: 100_000, sizes: vec![1, 10_000] }
+            Self {
+                runs: 3,
+                frames: 1_000_000,
+                new_frames: 40_000,
+                flows: 100_000,
+                sizes: vec![1, 10_000],
+                sweep: vec![1, 1_000],
+            }
         } else {
-            Self { runs: 5, frames: 2_000_000, new_frames: 40_000, flows: 100_000, sizes: vec![1, 10_000] }
+            Self {
+                runs: 5,
+                frames: 2_000_000,
+                new_frames: 40_000,
+                flows: 100_000,
+                sizes: vec![1, 10_000],
+                sweep: vec![1, 1_000, 10_000],
+            }
         }
     }
 }
@@ -442,6 +461,63 @@ impl Hop {
             got as f64 / f64::from(frames),
         ))
     }
+
+    /// conntrack's timeouts for young flows while `traffic` runs. Opening 100 000 flows
+    /// through iptables with 10 000 services takes it over 30 s (each first packet walks
+    /// the service rules), longer than conntrack keeps a UDP flow younger than 2 s (30 s)
+    /// or a half-open TCP one (60 s): the first flows would expire before the pass that
+    /// confirms them, and every later frame of theirs would be a new flow. While
+    /// established flows are opened and measured both are 300 s; the new-flow case runs
+    /// with the kernel's default 30 s for UDP (it is what bounds conntrack's SNAT ports).
+    fn conntrack_timeouts(&self, traffic: Traffic) -> Result<()> {
+        let udp = if traffic == Traffic::NewUdp { "30" } else { "300" };
+        self.tb.lb.sysctl("net.netfilter.nf_conntrack_udp_timeout", udp)?;
+        self.tb.lb.sysctl("net.netfilter.nf_conntrack_tcp_timeout_syn_recv", "300")
+    }
+
+    /// ballast's program's own time per frame of `traffic`, from the kernel's run-time
+    /// accounting in one more run: the accounting costs every program on the way
+    /// (generator and sink too) two clock reads per frame, so the timed runs go without it.
+    fn program_ns(&mut self, traffic: Traffic, flows: u32, frames: u32) -> Result<Option<f64>> {
+        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
+        let before = crate::sidebyside::bpf_stats();
+        self.measure(traffic, flows, frames)?;
+        let after = crate::sidebyside::bpf_stats();
+        drop(stats);
+        Ok(match (before, after) {
+            (Some((t0, c0)), Some((t1, c1))) if c1 > c0 => Some((t1 - t0) / (c1 - c0)),
+            _ => None,
+        })
+    }
+
+    /// The established cost with `active` of the established flows in use: the runs,
+    /// cycling through the first `active` flows, and for ballast its program's time.
+    fn sweep_point(&mut self, kind: Kind, traffic: Traffic, active: u32, o: &Opts) -> Result<SweepPoint> {
+        let mut point = SweepPoint { kind, traffic, active, ns: Series::default(), prog_ns: Series::default() };
+        // A warm-up brings the active flows' entries into the caches, as a steady stream would.
+        self.measure(traffic, active, o.frames / 4)?;
+        for _ in 0..o.runs {
+            point.ns.push(self.measure(traffic, active, o.frames)?.1);
+        }
+        if kind == Kind::Ballast
+            && let Some(v) = self.program_ns(traffic, active, o.frames)?
+        {
+            point.prog_ns.push(v);
+        }
+        Ok(point)
+    }
+}
+
+/// One point of the established-cost sweep.
+struct SweepPoint {
+    kind: Kind,
+    traffic: Traffic,
+    /// The established flows the frames cycle through.
+    active: u32,
+    /// ns per frame of each run.
+    ns: Series,
+    /// ballast's program's time per frame (bpf_stats), ballast's points only.
+    prog_ns: Series,
 }
 
 fn mac_str(m: [u8; 6]) -> String {
@@ -468,6 +544,7 @@ pub fn run(o: &Opts, kinds: &[Kind]) -> Result<(String, Value)> {
     let _ = std::fs::write("/proc/sys/net/netfilter/nf_conntrack_max", "1048576");
     let mut cells = Vec::new();
     let mut floors = Vec::new();
+    let mut sweep = Vec::new();
     for kind in KINDS.into_iter().filter(|k| kinds.contains(k)) {
         for &n in &o.sizes {
             if kind == Kind::Routing && n != o.sizes[0] {
@@ -498,6 +575,9 @@ pub fn run(o: &Opts, kinds: &[Kind]) -> Result<(String, Value)> {
                 let mut prog_ns = Series::default();
                 let frames = if traffic == Traffic::NewUdp { o.new_frames } else { o.frames };
                 let result = (|| -> Result<()> {
+                    if matches!(kind, Kind::Iptables | Kind::Nftables) {
+                        hop.conntrack_timeouts(traffic)?;
+                    }
                     // Plain routing keeps no per-flow state: nothing to establish.
                     if traffic == Traffic::NewUdp || kind == Kind::Routing {
                         hop.place("bench_sink")?;
@@ -514,23 +594,24 @@ pub fn run(o: &Opts, kinds: &[Kind]) -> Result<(String, Value)> {
                         delivered.push(share * 100.0);
                     }
                     if kind == Kind::Ballast {
-                        // ballast's program's own time, from the kernel's run-time accounting
-                        // in one more run: the accounting costs every program on the way
-                        // (generator and sink too) two clock reads per frame, so the timed
-                        // runs go without it.
                         wait_for_free_ports(traffic);
-                        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
-                        let before = crate::sidebyside::bpf_stats();
-                        hop.measure(traffic, o.flows, frames)?;
-                        if let (Some((t0, c0)), Some((t1, c1))) = (before, crate::sidebyside::bpf_stats())
-                            && c1 > c0
-                        {
-                            prog_ns.push((t1 - t0) / (c1 - c0));
-                        }
-                        drop(stats);
+                        prog_ns.0.extend(hop.program_ns(traffic, o.flows, frames)?);
                     }
                     Ok(())
                 })();
+                // The sweep's points are a table of their own: one not measured leaves a gap
+                // there, not an error over the cell measured already.
+                if result.is_ok() && n == o.sizes[0] && traffic != Traffic::NewUdp {
+                    for &active in o.sweep.iter().filter(|&&a| a < o.flows) {
+                        match hop.sweep_point(kind, traffic, active, o) {
+                            Ok(point) => sweep.push(point),
+                            Err(e) => eprintln!(
+                                "bench: LB hop, {} over {active} flows is not measured: {e:#}",
+                                traffic.label()
+                            ),
+                        }
+                    }
+                }
                 cells.push(Cell {
                     kind,
                     services: n,
@@ -547,7 +628,7 @@ pub fn run(o: &Opts, kinds: &[Kind]) -> Result<(String, Value)> {
             }
         }
     }
-    Ok((markdown(o, &cells, &floors), data(&cells, &floors)))
+    Ok((markdown(o, &cells, &floors, &sweep), data(&cells, &floors, &sweep)))
 }
 
 /// Before a new-flow run: the last run's half-open SNAT ports come free after a second.
@@ -586,12 +667,85 @@ fn measure_floors(hop: &mut Hop, o: &Opts) -> Vec<(Traffic, Series)> {
 
 /// A cell's ns per frame less the generator's floor for its traffic: the hop's own cost.
 fn hop_ns(c: &Cell, floors: &[(Traffic, Series)]) -> Option<f64> {
-    let floor = floors.iter().find(|(t, _)| *t == c.traffic)?.1.median();
-    let ns = c.ns.median();
+    less_floor(&c.ns, c.traffic, floors)
+}
+
+/// The median of `ns` less the generator's floor for `traffic`.
+fn less_floor(ns: &Series, traffic: Traffic, floors: &[(Traffic, Series)]) -> Option<f64> {
+    let floor = floors.iter().find(|(t, _)| *t == traffic)?.1.median();
+    let ns = ns.median();
     (ns > floor).then_some(ns - floor)
 }
 
-fn markdown(o: &Opts, cells: &[Cell], floors: &[(Traffic, Series)]) -> String {
+/// The established-cost sweep's table: a row per LB and traffic, a column per number of
+/// flows in use, the last one (all flows) from the main table.
+fn sweep_markdown(o: &Opts, cells: &[Cell], floors: &[(Traffic, Series)], sweep: &[SweepPoint]) -> String {
+    let mut md = String::new();
+    if sweep.is_empty() {
+        return md;
+    }
+    let mut actives: Vec<u32> = o.sweep.iter().copied().filter(|&a| a < o.flows).collect();
+    actives.push(o.flows);
+    let _ = writeln!(
+        md,
+        "\n*Established cost against the flows in use* ({} service): with all {} flows established, the established cases are measured again cycling through only the first 1, … of them ({} runs each after a warm-up), so the tables hold every flow throughout and only the working set changes; the last column is the table's above. Each cell is hop ns (ns per frame less the generator's floor), and for ballast its program's ns per frame (bpf_stats) after the slash; *growth* is the last column over the first.\n",
+        o.sizes[0],
+        fmt_num(f64::from(o.flows), 0),
+        o.runs
+    );
+    let heads: Vec<String> = actives
+        .iter()
+        .map(|&a| format!("{} flow{}", fmt_num(f64::from(a), 0), if a == 1 { "" } else { "s" }))
+        .collect();
+    let _ = writeln!(md, "| LB | traffic | {} | growth |", heads.join(" | "));
+    let _ = writeln!(md, "|---|---|{}---:|", "---:|".repeat(actives.len()));
+    let mut rows: Vec<(Kind, Traffic)> = Vec::new();
+    for p in sweep {
+        if !rows.contains(&(p.kind, p.traffic)) {
+            rows.push((p.kind, p.traffic));
+        }
+    }
+    for (kind, traffic) in rows {
+        // (hop ns, program ns) at each number of flows in use.
+        let values: Vec<(Option<f64>, Option<f64>)> = actives
+            .iter()
+            .map(|&a| {
+                let (ns, prog) = if a == o.flows {
+                    match cells.iter().find(|c| {
+                        c.kind == kind && c.services == o.sizes[0] && c.traffic == traffic && c.error.is_none()
+                    }) {
+                        Some(c) => (&c.ns, &c.prog_ns),
+                        None => return (None, None),
+                    }
+                } else {
+                    match sweep.iter().find(|p| p.kind == kind && p.traffic == traffic && p.active == a) {
+                        Some(p) => (&p.ns, &p.prog_ns),
+                        None => return (None, None),
+                    }
+                };
+                (less_floor(ns, traffic, floors), (!prog.is_empty()).then(|| prog.median()))
+            })
+            .collect();
+        let text: Vec<String> = values
+            .iter()
+            .map(|(hop, prog)| {
+                let hop = hop.map_or_else(|| "-".to_string(), |v| fmt_num(v, 0));
+                match prog {
+                    Some(p) => format!("{hop} / {}", fmt_num(*p, 0)),
+                    None => hop,
+                }
+            })
+            .collect();
+        let growth = match (values.first(), values.last()) {
+            (Some((Some(a), _)), Some((Some(b), _))) if *a > 0.0 => format!("{:.2}x", b / a),
+            _ => "-".into(),
+        };
+        let _ = writeln!(md, "| {} | {} | {} | {growth} |", kind.label(), traffic.label(), text.join(" | "));
+    }
+    md
+}
+
+fn markdown(o: &Opts, cells: &[Cell], floors: &[(Traffic, Series)], sweep: &[SweepPoint]) -> String {
     let mut md = String::new();
     let _ = writeln!(
         md,
@@ -601,7 +755,7 @@ fn markdown(o: &Opts, cells: &[Cell], floors: &[(Traffic, Series)]) -> String {
     );
     let _ = writeln!(
         md,
-        "New-flow runs send {} frames each, a second apart, to a UDP service of their own (its backends' own port, so the established flows' SNAT ports stay out of the way): fewer than the SNAT ports towards its four backends, which every NAT load balancer runs out of under a sustained stream of new tuples (ballast reclaims a half-open flow's port after a second; conntrack keeps an unreplied UDP entry for 30 s). *Mpps* counts frames delivered to the sink; *ns per frame* is the CPU time per frame sent; *delivered* is the share that arrived.\n",
+        "New-flow runs send {} frames each, a second apart, to a UDP service of their own (its backends' own port, so the established flows' SNAT ports stay out of the way): fewer than the SNAT ports towards its four backends, which every NAT load balancer runs out of under a sustained stream of new tuples (ballast reclaims a half-open flow's port after a second; conntrack keeps an unreplied UDP entry for 30 s). For the established cases conntrack keeps young UDP and half-open TCP flows for 300 s instead of 30 s and 60 s: with 10 000 services, iptables takes over 30 s to open the 100 000 flows, and the first ones would expire before the pass that confirms them (every later frame of theirs a new flow). *Mpps* counts frames delivered to the sink; *ns per frame* is the CPU time per frame sent; *delivered* is the share that arrived.\n",
         o.new_frames
     );
     let floor_text: Vec<String> = floors.iter().map(|(t, ns)| format!("{} {} ns", t.label(), ns.cell(0))).collect();
@@ -657,12 +811,26 @@ fn markdown(o: &Opts, cells: &[Cell], floors: &[(Traffic, Series)]) -> String {
             c.delivered.cell(1)
         );
     }
+    md.push_str(&sweep_markdown(o, cells, floors, sweep));
     md
 }
 
-fn data(cells: &[Cell], floors: &[(Traffic, Series)]) -> Value {
+fn data(cells: &[Cell], floors: &[(Traffic, Series)], sweep: &[SweepPoint]) -> Value {
     let floors: Vec<Value> =
         floors.iter().map(|(t, ns)| json!({"lb": "floor", "traffic": t.short(), "ns": ns.0})).collect();
+    // The sweep's points carry the flows in use ("active"); the plot leaves them out.
+    let sweep: Vec<Value> = sweep
+        .iter()
+        .map(|p| {
+            json!({
+                "lb": p.kind.short(),
+                "traffic": p.traffic.short(),
+                "active": p.active,
+                "ns": p.ns.0,
+                "prog_ns": p.prog_ns.0,
+            })
+        })
+        .collect();
     let rows: Vec<Value> = cells
         .iter()
         .filter(|c| c.error.is_none())
@@ -678,6 +846,7 @@ fn data(cells: &[Cell], floors: &[(Traffic, Series)]) -> Value {
             })
         })
         .chain(floors)
+        .chain(sweep)
         .collect();
     Value::Array(rows)
 }
