@@ -56,7 +56,11 @@ fn the_per_packet_section_measures_every_case() {
 #[test]
 fn the_lb_hop_section_measures_every_contender_and_traffic_in_packets_per_second() {
     let text = bench(&["--smoke", "--only", "lbhop"]);
-    let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| LB |")).collect();
+    // The main table, then the established cost against the flows in use.
+    let (main, sweep) = text
+        .split_once("*Established cost against the flows in use*")
+        .unwrap_or_else(|| panic!("no table of the established cost against the flows in use:\n{text}"));
+    let rows: Vec<&str> = main.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| LB |")).collect();
     for lb in ["plain routing (no LB)", "ballast (XDP)", "iptables (kube-proxy)", "nftables (kube-proxy)"] {
         for traffic in ["UDP, established flows", "TCP, established flows", "UDP, a new flow per frame"] {
             let found: Vec<&&str> =
@@ -73,6 +77,23 @@ fn the_lb_hop_section_measures_every_contender_and_traffic_in_packets_per_second
     assert!(!floor.contains("not measured") && floor.contains("UDP, established flows"), "{floor}");
     let ballast = rows.iter().find(|r| r.starts_with("| ballast (XDP) |") && r.contains("UDP, established")).unwrap();
     assert!(measured(ballast.split('|').nth(10).unwrap_or("")), "no program ns for ballast:\n{ballast}");
+    // The sweep: a row per contender and established traffic, a column per number of flows
+    // in use (the smoke run's 1 and 100, and all 2 000); ballast's program time at each.
+    assert!(sweep.contains("| LB | traffic | 1 flow | 100 flows | 2 000 flows | growth |"), "{sweep}");
+    for lb in ["plain routing (no LB)", "ballast (XDP)", "iptables (kube-proxy)", "nftables (kube-proxy)"] {
+        for traffic in ["UDP, established flows", "TCP, established flows"] {
+            let r = sweep
+                .lines()
+                .find(|l| l.starts_with(&format!("| {lb} | {traffic} |")))
+                .unwrap_or_else(|| panic!("no sweep row for {lb}, {traffic}:\n{sweep}"));
+            if lb == "ballast (XDP)" {
+                for cell in r.split('|').skip(3).take(3) {
+                    let program = cell.split_once(" / ").map_or("", |(_, p)| p);
+                    assert!(measured(program), "no program ns for ballast over some flows:\n{r}");
+                }
+            }
+        }
+    }
 }
 
 #[test]
