@@ -670,6 +670,11 @@ fn hop_ns(c: &Cell, floors: &[(Traffic, Series)]) -> Option<f64> {
     less_floor(&c.ns, c.traffic, floors)
 }
 
+/// The measured cell of `kind` with `services` and `traffic`, if there is one.
+fn find_cell(cells: &[Cell], kind: Kind, services: usize, traffic: Traffic) -> Option<&Cell> {
+    cells.iter().find(|c| c.kind == kind && c.services == services && c.traffic == traffic && c.error.is_none())
+}
+
 /// The median of `ns` less the generator's floor for `traffic`.
 fn less_floor(ns: &Series, traffic: Traffic, floors: &[(Traffic, Series)]) -> Option<f64> {
     let floor = floors.iter().find(|(t, _)| *t == traffic)?.1.median();
@@ -688,8 +693,9 @@ fn sweep_markdown(o: &Opts, cells: &[Cell], floors: &[(Traffic, Series)], sweep:
     actives.push(o.flows);
     let _ = writeln!(
         md,
-        "\n*Established cost against the flows in use* ({} service): with all {} flows established, the established cases are measured again cycling through only the first 1, … of them ({} runs each after a warm-up), so the tables hold every flow throughout and only the working set changes; the last column is the table's above. Each cell is hop ns (ns per frame less the generator's floor), and for ballast its program's ns per frame (bpf_stats) after the slash; *growth* is the last column over the first.\n",
+        "\n*Established cost against the flows in use* ({} service{}): with all {} flows established, the established cases are measured again cycling through only the first 1, … of them ({} runs each after a warm-up), so the tables hold every flow throughout and only the working set changes; the last column is the table's above. Each cell is hop ns (ns per frame less the generator's floor), and for ballast its program's ns per frame (bpf_stats) after the slash; *growth* is the last column over the first.\n",
         o.sizes[0],
+        if o.sizes[0] == 1 { "" } else { "s" },
         fmt_num(f64::from(o.flows), 0),
         o.runs
     );
@@ -711,9 +717,7 @@ fn sweep_markdown(o: &Opts, cells: &[Cell], floors: &[(Traffic, Series)], sweep:
             .iter()
             .map(|&a| {
                 let (ns, prog) = if a == o.flows {
-                    match cells.iter().find(|c| {
-                        c.kind == kind && c.services == o.sizes[0] && c.traffic == traffic && c.error.is_none()
-                    }) {
+                    match find_cell(cells, kind, o.sizes[0], traffic) {
                         Some(c) => (&c.ns, &c.prog_ns),
                         None => return (None, None),
                     }
@@ -781,19 +785,13 @@ fn markdown(o: &Opts, cells: &[Cell], floors: &[(Traffic, Series)], sweep: &[Swe
             );
             continue;
         }
-        let ipt = cells
-            .iter()
-            .find(|x| x.kind == Kind::Iptables && x.services == c.services && x.traffic == c.traffic)
-            .map(|x| x.mpps.median());
-        let ratio = match ipt {
+        let ipt = find_cell(cells, Kind::Iptables, c.services, c.traffic);
+        let ratio = match ipt.map(|x| x.mpps.median()) {
             Some(b) if b > 0.0 && c.kind != Kind::Iptables => format!("{:.2}x", c.mpps.median() / b),
             _ => "-".into(),
         };
         let own = hop_ns(c, floors);
-        let ipt_own = cells
-            .iter()
-            .find(|x| x.kind == Kind::Iptables && x.services == c.services && x.traffic == c.traffic)
-            .and_then(|x| hop_ns(x, floors));
+        let ipt_own = ipt.and_then(|x| hop_ns(x, floors));
         let own_ratio = match (own, ipt_own) {
             (Some(o), Some(i)) if c.kind != Kind::Iptables => format!("{:.2}x", i / o),
             _ => "-".into(),
